@@ -1,0 +1,1 @@
+"""d-utils: Docker/OCI images as plain folders, run unprivileged with bubblewrap."""

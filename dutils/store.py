@@ -1,0 +1,127 @@
+"""On-disk facts shared by d-pull and d-run: the blob cache, the pull folder, atomic writes, locks.
+
+Standard library only: d-run imports this on its start-up path.
+"""
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import Error
+
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+CACHE_ENV = "D_UTILS_CACHE"
+RECORD = "image.json"  # what was pulled; the rest of the pull's state lives in STATE
+STATE = ".d-pull"
+
+
+def check_digest(digest: str) -> str:
+    """Return `digest` if it is `sha256:<64 hex>`; a digest also names files, so nothing else passes."""
+    if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+        raise Error(f"unsupported or malformed digest {digest!r}", "only sha256 digests are supported")
+    return digest
+
+
+def cache_dir(override: str | None = None) -> Path:
+    """The blob cache: --cache, then $D_UTILS_CACHE, then $XDG_CACHE_HOME/d-utils, then ~/.cache/d-utils."""
+    chosen = override or os.environ.get(CACHE_ENV)
+    if chosen:
+        return Path(chosen).absolute()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).absolute() / "d-utils"
+
+
+def blob_path(cache: Path, digest: str) -> Path:
+    """Where a verified blob lives: its name is its digest, so its presence is the proof."""
+    return cache / "blobs" / "sha256" / check_digest(digest).removeprefix("sha256:")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, value: object) -> None:
+    write_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
+
+
+@contextlib.contextmanager
+def locked(path: Path, busy_message: str | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `path`: wait for it, or fail with `busy_message` if one is given."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        flags = fcntl.LOCK_EX | (fcntl.LOCK_NB if busy_message else 0)
+        try:
+            fcntl.flock(handle, flags)
+        except BlockingIOError:
+            raise Error(busy_message or "") from None
+        yield
+
+
+@dataclass(frozen=True)
+class Record:
+    """What a pull folder holds: written when a pull starts, `complete` set by its last task."""
+
+    reference: str
+    digest: str
+    platform: str
+    complete: bool = False
+    config_xxh64: str = ""  # fingerprint of the config.json we wrote, to notice the user's edits
+
+
+class PullDir:
+    """The paths of one pull folder: DIR/rootfs, DIR/config.json, DIR/volumes, the record, the state."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).absolute()
+        self.rootfs = self.root / "rootfs"
+        self.config = self.root / "config.json"
+        self.volumes = self.root / "volumes"
+        self.record_path = self.root / RECORD
+        self.state = self.root / STATE
+
+    def read_record(self) -> Record | None:
+        """The record, or None when this folder was never the target of a pull."""
+        try:
+            return Record(**json.loads(self.record_path.read_text()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as err:
+            raise Error(f"{self.record_path}: damaged pull record ({err})", "delete the folder and pull again") from None
+
+    def write_record(self, record: Record) -> None:
+        write_json(self.record_path, asdict(record))
+
+    def require_complete(self) -> Record:
+        """The record of a finished pull, or an error saying how to finish it."""
+        record = self.read_record()
+        if record is None:
+            raise Error(f"{self.root} is not a folder made by d-pull", "run d-pull IMAGE DIR first")
+        if not record.complete or not self.config.exists() or not self.rootfs.is_dir():
+            raise Error(f"the pull into {self.root} is incomplete", f"run the same d-pull again: d-pull {record.reference} {self.root}")
+        return record
+
+
+def touch(path: Path) -> None:
+    """Mark a cache entry as used now, so that pruning by age keeps it."""
+    with contextlib.suppress(OSError):
+        now = time.time()
+        os.utime(path, (now, now))
