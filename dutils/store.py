@@ -105,7 +105,9 @@ class PullDir:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError) as err:
-            raise Error(f"{self.record_path}: damaged pull record ({err})", "delete the folder and pull again") from None
+            raise Error(
+                f"{self.record_path}: damaged pull record ({err})", "delete the folder and pull again"
+            ) from None
 
     def write_record(self, record: Record) -> None:
         write_json(self.record_path, asdict(record))
@@ -116,7 +118,10 @@ class PullDir:
         if record is None:
             raise Error(f"{self.root} is not a folder made by d-pull", "run d-pull IMAGE DIR first")
         if not record.complete or not self.config.exists() or not self.rootfs.is_dir():
-            raise Error(f"the pull into {self.root} is incomplete", f"run the same d-pull again: d-pull {record.reference} {self.root}")
+            raise Error(
+                f"the pull into {self.root} is incomplete",
+                f"run the same d-pull again: d-pull {record.reference} {self.root}",
+            )
         return record
 
 

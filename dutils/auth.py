@@ -1,0 +1,106 @@
+"""Credentials for a registry: flags, docker/containers auth files, credential helpers. No network here."""
+
+import base64
+import binascii
+import json
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import Error
+from .reference import DOCKER_HUB
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str = field(repr=False)  # never printed: repr shows the user name only
+
+
+def find_credentials(registry: str, username: str | None = None, password: str | None = None) -> Credentials | None:
+    """The credentials for `registry`: the ones given on the command line, else the first auth file that has some."""
+    if username is not None:
+        return Credentials(username, password or "")
+    for path in auth_files():
+        config = read_auth_file(path)
+        found = credentials_from_config(config, registry, path)
+        if found:
+            return found
+    return None
+
+
+def auth_files() -> list[Path]:
+    """Where docker and podman/skopeo keep credentials, most specific first."""
+    home = Path.home()
+    docker = Path(os.environ.get("DOCKER_CONFIG") or home / ".docker") / "config.json"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    candidates = [
+        os.environ.get("REGISTRY_AUTH_FILE"),
+        f"{runtime}/containers/auth.json" if runtime else None,
+        home / ".config" / "containers" / "auth.json",
+        docker,
+    ]
+    return [Path(c) for c in candidates if c]
+
+
+def read_auth_file(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise Error(f"cannot read credentials file {path}: {err}", "fix or remove the file") from None
+    return config if isinstance(config, dict) else {}
+
+
+def lookup_keys(registry: str) -> list[str]:
+    """The spellings under which tools record a registry's credentials."""
+    if registry == DOCKER_HUB:
+        return ["https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io"]
+    return [registry, f"https://{registry}", f"http://{registry}", f"https://{registry}/v1/", f"https://{registry}/v2/"]
+
+
+def credentials_from_config(config: dict, registry: str, path: Path) -> Credentials | None:
+    keys = lookup_keys(registry)
+    helpers = config.get("credHelpers") or {}
+    for key in keys:
+        if key in helpers:
+            return run_credential_helper(helpers[key], key)
+    auths = config.get("auths") or {}
+    for key in keys:
+        if key in auths:
+            return decode_auth_entry(auths[key], path)
+    if config.get("credsStore"):
+        return run_credential_helper(config["credsStore"], keys[0])
+    return None
+
+
+def decode_auth_entry(entry: dict, path: Path) -> Credentials | None:
+    if entry.get("username"):
+        return Credentials(entry["username"], entry.get("password", ""))
+    if not entry.get("auth"):
+        return None
+    try:
+        username, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        raise Error(f"{path}: an 'auth' entry is not base64 of user:password", "log in again") from None
+    return Credentials(username, password)
+
+
+def run_credential_helper(helper: str, server: str) -> Credentials | None:
+    """Ask `docker-credential-HELPER get`, the protocol docker uses; no answer means an anonymous pull."""
+    program = f"docker-credential-{helper}"
+    try:
+        done = subprocess.run([program, "get"], input=server, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise Error(f"credential helper {program} is not installed", "install it or edit your docker config") from None
+    except subprocess.TimeoutExpired:
+        raise Error(f"credential helper {program} did not answer within 60 s") from None
+    if done.returncode != 0:
+        return None
+    try:
+        answer = json.loads(done.stdout)
+        return Credentials(answer["Username"], answer["Secret"])
+    except (ValueError, KeyError, TypeError):
+        raise Error(f"credential helper {program} gave an answer that is not Username/Secret JSON") from None

@@ -1,0 +1,90 @@
+"""Image references, parsed without I/O: `alpine` is `docker.io/library/alpine:latest`."""
+
+import re
+from dataclasses import dataclass
+
+from .errors import Error
+from .store import check_digest
+
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_API = "registry-1.docker.io"
+COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+TAG = re.compile(r"[\w][\w.-]{0,127}")
+HOST = re.compile(r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?\.?)+(?::[0-9]+)?|\[[0-9a-fA-F:]+\](?::[0-9]+)?")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A fully qualified reference: registry host, repository path, and a tag and/or a digest."""
+
+    registry: str
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @property
+    def api_host(self) -> str:
+        """The host that serves the registry API (Docker Hub's differs from its name)."""
+        return DOCKER_HUB_API if self.registry == DOCKER_HUB else self.registry
+
+    @property
+    def wanted(self) -> str:
+        """What to ask the registry for: the digest when there is one, else the tag."""
+        return self.digest or self.tag or "latest"
+
+    @property
+    def scope(self) -> str:
+        return f"repository:{self.repository}:pull"
+
+    @property
+    def name(self) -> str:
+        """The last path component: the default folder name, as in the original tool."""
+        return self.repository.rsplit("/", 1)[-1]
+
+    @property
+    def is_local(self) -> bool:
+        host = self.registry.rsplit(":", 1)[0] if not self.registry.endswith("]") else self.registry
+        return host in ("localhost", "[::1]") or host.startswith("127.")
+
+    def __str__(self) -> str:
+        text = f"{self.registry}/{self.repository}"
+        if self.tag:
+            text += f":{self.tag}"
+        if self.digest:
+            text += f"@{self.digest}"
+        return text
+
+
+def parse_reference(text: str) -> Reference:
+    """Parse NAME[:TAG][@DIGEST] the way Docker does, or raise Error saying what is wrong."""
+    rest, _, digest = text.partition("@")
+    if digest:
+        check_digest(digest)
+    first, slash, remainder = rest.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        registry, path = first, remainder
+        if not HOST.fullmatch(registry):
+            raise invalid(text, f"bad registry host {registry!r}")
+    else:
+        registry, path = DOCKER_HUB, rest
+    registry = DOCKER_HUB if registry in ("index.docker.io", DOCKER_HUB_API) else registry
+    path, tag = split_tag(path)
+    if tag is not None and not TAG.fullmatch(tag):
+        raise invalid(text, f"bad tag {tag!r}")
+    components = path.split("/")
+    if not path or not all(COMPONENT.fullmatch(c) for c in components):
+        raise invalid(text, "repository names are lowercase letters, digits and separators . _ - /")
+    if registry == DOCKER_HUB and len(components) == 1:
+        path = f"library/{path}"
+    return Reference(registry, path, tag if tag or digest else "latest", digest or None)
+
+
+def split_tag(path: str) -> tuple[str, str | None]:
+    """`repo:tag` -> (repo, tag); the tag is after the last `:` of the last path component."""
+    head, slash, last = path.rpartition("/")
+    name, colon, tag = last.partition(":")
+    return head + slash + name, tag if colon else None
+
+
+def invalid(text: str, why: str) -> Error:
+    return Error(f"invalid image reference {text!r}: {why}", "use NAME[:TAG] or NAME@sha256:DIGEST, e.g. alpine:3.20")
