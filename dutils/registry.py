@@ -10,11 +10,12 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import requests
+from urllib3.exceptions import HTTPError as TransferError
 
 from .auth import Credentials
 from .errors import Error
@@ -29,7 +30,12 @@ ACCEPT = ", ".join([OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST])
 MAX_MANIFEST = 4 << 20
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 TRANSPORT_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+CHUNK = 1 << 20
 TIMEOUT = (15, 60)  # connect, read: a stalled blob download is retried rather than waited on forever
+
+
+class Interrupted(Exception):
+    """A transfer that broke off midway; the caller resumes it from the bytes it has."""
 
 
 @dataclass(frozen=True)
@@ -74,10 +80,10 @@ class Registry:
 
     def ping(self) -> None:
         """Find out how the registry wants us to authenticate, and do it now (the `auth` task)."""
-        response = self.request("GET", "/v2/", expected={200, 401}, what="registry")
+        response = self.request("GET", "/v2/", expected={200, 401}, what="the registry")
         if response.status_code == 401:
             self.authenticate(response, self.authorization)
-            self.request("GET", "/v2/", expected={200}, what="registry")
+            self.request("GET", "/v2/", expected={200}, what="the registry")
 
     def get_manifest(self, wanted: str) -> tuple[bytes, str]:
         """The manifest bytes and media type for a tag or digest."""
@@ -107,6 +113,26 @@ class Registry:
             what=f"blob {digest}",
             headers=headers,
         )
+
+    def read_blob(self, digest: str, start: int) -> tuple[int, Iterator[bytes]]:
+        """(first byte offset, chunks) of a blob from `start`; a broken transfer raises Interrupted.
+
+        The offset is 0 when the server ignored our Range. `read1` hands over whatever has arrived, so bytes
+        received before a connection breaks are kept rather than lost with a half-filled buffer.
+        """
+        response = self.open_blob(digest, start)
+        offset = content_range_start(response) if response.status_code == 206 else 0
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                while chunk := response.raw.read1(CHUNK):
+                    yield chunk
+            except (TransferError, OSError) as err:
+                raise Interrupted(describe(err)) from None
+            finally:
+                response.close()
+
+        return offset, chunks()
 
     # -- one request, with auth, redirects and retries
 
@@ -149,8 +175,11 @@ class Registry:
         raise Error(f"too many redirects from {self.ref.registry} for {url}")
 
     def wait_before_retry(self, failures: int, what: str, reason: str, after: float | None) -> int:
-        if failures + 1 >= self.retry.attempts:
-            raise Error(f"{what} from {self.ref.registry} failed {failures + 1} times: {reason}", "try again later")
+        if failures + 1 >= self.retry.attempts or "[Errno -2]" in reason:  # -2: the host name does not exist
+            raise Error(
+                f"giving up on {what} at {self.ref.registry} after {failures + 1} attempts: {reason}",
+                "check the registry name and your network, then run the same command again",
+            )
         delay = self.retry.delay(failures, after)
         self.notify(
             f"{what}: {reason}; retrying in {delay:.0f} s" + (" (the registry asked us to wait)" if after else "")
@@ -196,12 +225,20 @@ class Registry:
 
     # -- errors
 
+    def repository_exists(self) -> bool:
+        """Whether the repository is known, to tell an unknown image from an unknown tag."""
+        try:
+            response = self.request("GET", f"/v2/{self.ref.repository}/tags/list?n=1", expected={200, 404}, what="tags")
+        except Error:
+            return True  # cannot tell: say the less drastic thing
+        return not (response.status_code == 404 and "NAME_UNKNOWN" in error_codes(response))
+
     def failure(self, response: requests.Response, what: str) -> Error:
         codes = error_codes(response)
         status = response.status_code
         response.close()
         where = f"{self.ref.registry}/{self.ref.repository}"
-        if status == 404 and "NAME_UNKNOWN" in codes:
+        if status == 404 and ("NAME_UNKNOWN" in codes or what.startswith("manifest") and not self.repository_exists()):
             return Error(f"unknown image {where}", "check the image name")
         if status == 404 and what.startswith("manifest"):
             return Error(f"unknown {what} in {where}", "check the tag or digest")
@@ -212,6 +249,14 @@ class Registry:
             )
         detail = f" ({', '.join(codes)})" if codes else ""
         return Error(f"{what} from {self.ref.registry}: unexpected HTTP {status}{detail}")
+
+
+def content_range_start(response: requests.Response) -> int:
+    found = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+    if not found:
+        response.close()
+        raise Interrupted("a partial response without a valid Content-Range")
+    return int(found.group(1))
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:

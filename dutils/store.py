@@ -8,6 +8,8 @@ import fcntl
 import json
 import os
 import re
+import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -84,6 +86,7 @@ class Record:
     digest: str
     platform: str
     complete: bool = False
+    config_digest: str = ""  # the image config that config.json was made from: the base for merging edits
     config_xxh64: str = ""  # fingerprint of the config.json we wrote, to notice the user's edits
 
 
@@ -130,3 +133,21 @@ def touch(path: Path) -> None:
     with contextlib.suppress(OSError):
         now = time.time()
         os.utime(path, (now, now))
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a tree, also one whose read-only folders an ordinary user could not otherwise empty."""
+
+    def allow_and_retry(function, failed: str, _exc_info: object) -> None:
+        parent = os.path.dirname(failed)
+        os.chmod(parent, os.stat(parent).st_mode | stat.S_IRWXU)
+        if function is not os.rmdir and os.path.isdir(failed) and not os.path.islink(failed):
+            os.chmod(failed, stat.S_IRWXU)
+            shutil.rmtree(failed, onerror=allow_and_retry)
+        else:
+            function(failed)
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, onerror=allow_and_retry)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

@@ -1,0 +1,101 @@
+"""The `fetch` stage: one blob into the content-addressed cache, resumable, verified while it streams."""
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+
+from .errors import Error
+from .manifest import Blob
+from .progress import Progress
+from .registry import Interrupted, Registry
+from .store import blob_path, locked, touch
+
+
+def fetch_blob(registry: Registry, blob: Blob, cache: Path, progress: Progress) -> Path:
+    """Return the cached, verified blob, downloading what is missing of it.
+
+    Bytes go to `<digest>.partial`, which survives interruptions (and reboots) and is resumed with a Range
+    request; the file takes its final name only once size and digest are verified. A lock per blob makes
+    concurrent pulls wait for one download instead of making their own.
+    """
+    final = blob_path(cache, blob.digest)
+    if final.exists():
+        touch(final)
+        return final
+    with locked(final.with_name(final.name + ".lock")):
+        if final.exists():  # another process finished it while we waited
+            return final
+        partial = final.with_name(final.name + ".partial")
+        hasher, have = hash_existing(partial, blob.size)
+        progress.expect(blob.size - have)
+        hasher = download(registry, blob, partial, hasher, have, progress)
+        if hasher.hexdigest() != blob.digest.removeprefix("sha256:"):
+            partial.unlink()
+            raise Error(
+                f"blob {blob.digest} from {registry.ref.registry} does not match its digest",
+                "the registry or something in between corrupted it; the bad copy was deleted, run again",
+            )
+        os.replace(partial, final)
+    progress.step(f"fetched {blob.digest[:19]} ({blob.size} bytes)")
+    return final
+
+
+def hash_existing(partial: Path, size: int) -> tuple["hashlib._Hash", int]:
+    """The hash state and length of what an earlier, interrupted download left behind."""
+    hasher = hashlib.sha256()
+    try:
+        with open(partial, "rb") as existing:
+            while chunk := existing.read(1 << 20):
+                hasher.update(chunk)
+        have = partial.stat().st_size
+    except FileNotFoundError:
+        return hasher, 0
+    if have > size:  # cannot be a prefix of this blob: start again
+        partial.unlink()
+        return hashlib.sha256(), 0
+    return hasher, have
+
+
+def download(
+    registry: Registry, blob: Blob, partial: Path, hasher: "hashlib._Hash", have: int, progress: Progress
+) -> "hashlib._Hash":
+    """Append the rest of the blob to `partial`, resuming after every broken connection; return the full hash."""
+    failures = 0
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with open(partial, "ab") as out:
+        while have < blob.size:
+            before = have
+            try:
+                offset, chunks = registry.read_blob(blob.digest, have)
+                if offset != have:  # the server ignored our Range: start over from its first byte
+                    out.truncate(0)
+                    hasher, have = hashlib.sha256(), 0
+                for chunk in chunks:
+                    have = append(out, chunk, have, blob, hasher)
+                    progress.advance(len(chunk))
+                out.flush()
+                if have < blob.size:
+                    raise Interrupted("the connection closed early")
+            except Interrupted as err:
+                out.flush()
+                failures = 0 if have > before else failures
+                failures = registry.wait_before_retry(failures, f"blob {blob.digest[:19]}", str(err), None)
+            except OSError as err:
+                raise write_error(partial, err) from None
+    return hasher
+
+
+def append(out, chunk: bytes, have: int, blob: Blob, hasher: "hashlib._Hash") -> int:
+    if have + len(chunk) > blob.size:
+        out.close()
+        with contextlib.suppress(OSError):
+            os.unlink(out.name)
+        raise Error(f"blob {blob.digest} is larger than the {blob.size} bytes its manifest says")
+    out.write(chunk)
+    hasher.update(chunk)
+    return have + len(chunk)
+
+
+def write_error(path: Path, err: OSError) -> Error:
+    return Error(f"cannot write {path}: {err.strerror}", "free some space or choose another cache with --cache")

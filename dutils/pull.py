@@ -1,0 +1,141 @@
+"""d-pull: download an image into DIR/rootfs and DIR/config.json, resumably (the doit pipeline, in-process)."""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import Error
+
+USAGE = "d-pull [OPTIONS] IMAGE [DIR]"
+DESCRIPTION = """\
+Download IMAGE from an OCI/Docker registry into DIR: DIR/rootfs (the flattened image) and DIR/config.json
+(the image's run configuration, yours to edit). Running the same command again resumes an interrupted pull
+and fetches nothing when DIR is complete. Run the result with d-run DIR."""
+EPILOG = """\
+examples:
+  d-pull alpine ./alpine                 docker.io/library/alpine:latest into ./alpine
+  d-pull --platform linux/arm64/v8 debian:bookworm
+  d-pull localhost:5000/tools/app@sha256:...
+
+environment:
+  D_UTILS_CACHE     blob cache folder (default $XDG_CACHE_HOME/d-utils, else ~/.cache/d-utils)
+  REGISTRY_AUTH_FILE, DOCKER_CONFIG   where credentials are looked up, as docker and podman do"""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="d-pull",
+        usage=USAGE,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    parser.add_argument(
+        "image", metavar="IMAGE", help="NAME[:TAG] or NAME@sha256:DIGEST; NAME may start with a registry host"
+    )
+    parser.add_argument(
+        "dir", metavar="DIR", nargs="?", help="folder to pull into (default: ./NAME, the image's last name component)"
+    )
+    parser.add_argument(
+        "--platform", metavar="OS/ARCH[/VARIANT]", help="which image of a multi-platform index (default: this host's)"
+    )
+    parser.add_argument(
+        "--cache", metavar="FOLDER", help="blob cache folder (default: $D_UTILS_CACHE or ~/.cache/d-utils)"
+    )
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="replace DIR's image when the tag now names another one (keeps config.json edits)",
+    )
+    parser.add_argument(
+        "--insecure", action="store_true", help="use plain HTTP (automatic for localhost and 127.0.0.0/8)"
+    )
+    parser.add_argument("--ca-bundle", metavar="FILE", help="trust the CA certificates in FILE for the registry's TLS")
+    parser.add_argument("--username", metavar="USER", help="log in as USER; the password is read from standard input")
+    parser.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input (default with --username)"
+    )
+    parser.add_argument(
+        "-j", "--jobs", type=positive, default=3, metavar="N", help="blobs downloaded at once (default: 3)"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and doit's own output")
+    return parser.parse_args(argv)
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return pull(args)
+    except Error as err:
+        print(f"d-pull: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nd-pull: interrupted; run the same command again to resume", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(130)  # download threads may be blocked in a read: leave without waiting for them
+
+
+def pull(args: argparse.Namespace) -> int:
+    from . import pipeline  # doit and requests load here, not for --help
+    from .manifest import parse_platform
+    from .progress import progress_for
+    from .reference import parse_reference
+    from .store import cache_dir
+
+    ref = parse_reference(args.image)
+    folder = Path(args.dir or ref.name)
+    progress = progress_for(sys.stderr, args.quiet)
+    options = pipeline.Options(
+        cache=cache_dir(args.cache),
+        insecure=args.insecure,
+        ca_bundle=args.ca_bundle,
+        update=args.update,
+        progress=progress,
+        username=args.username,
+        password=read_password(args),
+    )
+    if args.platform:
+        options.platform = parse_platform(args.platform)
+    task = pipeline.Pull(args.image, folder, options)
+    try:
+        failures = pipeline.run_pulls([task], jobs=args.jobs, debug=args.debug)
+    finally:
+        progress.close()
+    if failures:
+        for message in failures:
+            print(f"d-pull: error: {message}", file=sys.stderr)
+        return 1
+    if task.skipped.total():
+        print(f"d-pull: warning: {task.skipped.describe()}", file=sys.stderr)
+    if not args.quiet:
+        status = "pulled" if task.changed else "up to date:"
+        print(f"{status} {task.ref} ({task.image.digest}) in {folder}", file=sys.stderr)
+    return 0
+
+
+def read_password(args: argparse.Namespace) -> str | None:
+    """The password comes from standard input only: argv is visible to every user of the machine."""
+    if not (args.username or args.password_stdin):
+        return None
+    if not args.username:
+        raise Error("--password-stdin needs --username")
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass(f"password for {args.username}: ")
+    return sys.stdin.readline().rstrip("\n")
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BrokenPipeError:
+        sys.exit(1)
