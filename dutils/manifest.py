@@ -128,10 +128,12 @@ def manifest_type(manifest: dict, header_type: str) -> str:
 
 def choose_platform(index: dict, wanted: Platform, ref: Reference) -> dict:
     entries = [e for e in index.get("manifests", []) if isinstance(e, dict)]
-    for entry in entries:
+    # unknown/unknown entries are attestations (provenance, SBOMs), never a runnable image
+    runnable = [e for e in entries if describe_platform(e.get("platform") or {}) != "unknown/unknown"]
+    for entry in runnable:
         if wanted.matches(entry.get("platform") or {}):
             return entry
-    offered = sorted({describe_platform(e.get("platform") or {}) for e in entries} - {"unknown/unknown"})
+    offered = sorted({describe_platform(e.get("platform") or {}) for e in runnable})
     raise Error(
         f"{ref} has no image for platform {wanted}",
         f"it offers {', '.join(offered) or 'none'}; choose one with --platform",
