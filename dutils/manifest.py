@@ -13,6 +13,7 @@ from .store import blob_path, check_digest, write_atomic
 
 INDEXES = (OCI_INDEX, DOCKER_LIST)
 MANIFESTS = (OCI_MANIFEST, DOCKER_MANIFEST)
+SCHEMA1 = "application/vnd.docker.distribution.manifest.v1"
 MACHINE_TO_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "armv6l": "arm", "i686": "386"}
 
 
@@ -109,7 +110,7 @@ def parse_manifest(body: bytes, media_type: str, ref: Reference) -> dict:
     if not isinstance(manifest, dict):
         raise Error(f"the manifest of {ref} is not a JSON object")
     kind = manifest_type(manifest, media_type)
-    if manifest.get("schemaVersion") == 1 or "v1+" in kind:
+    if manifest.get("schemaVersion") == 1 or kind.startswith(SCHEMA1):
         raise Error(
             f"{ref} has a Docker schema 1 manifest, which is obsolete", "push the image again with a current tool"
         )
@@ -121,7 +122,7 @@ def parse_manifest(body: bytes, media_type: str, ref: Reference) -> dict:
 def manifest_type(manifest: dict, header_type: str) -> str:
     """The media type: the manifest's own field, the HTTP header, or what its shape says (OCI allows omitting it)."""
     kind = manifest.get("mediaType") or header_type
-    if kind in INDEXES + MANIFESTS or "v1+" in kind:
+    if kind in INDEXES + MANIFESTS or kind.startswith(SCHEMA1):
         return kind
     return OCI_INDEX if "manifests" in manifest else OCI_MANIFEST if "layers" in manifest else kind
 
