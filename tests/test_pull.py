@@ -1,0 +1,157 @@
+"""d-pull end to end against a real docker-registry: what a user sees, from first pull to errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def d_pull(*args: str, cache: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [BIN / "d-pull", "--cache", str(cache), *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def d_run(folder: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([BIN / "d-run", str(folder), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, *words: str) -> None:
+    assert done.returncode == 1, done
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("d-pull: error: "), done.stderr
+    assert "Traceback" not in done.stderr
+    assert all(word in lines[-1] for word in words), lines[-1]
+
+
+@pytest.fixture(scope="module")
+def pulled(images, tmp_path_factory) -> Path:
+    """The standard busybox image, pulled once for the tests that only read it."""
+    base = tmp_path_factory.mktemp("pulled")
+    done = d_pull(images["busybox"], str(base / "bb"), cache=base / "cache")
+    assert done.returncode == 0, done.stderr
+    return base / "bb"
+
+
+def test_pull_makes_a_plain_folder(pulled, images):
+    assert (pulled / "rootfs" / "bin" / "busybox").is_file()
+    config = json.loads((pulled / "config.json").read_text())
+    assert config["Cmd"] == ["sh"] and config["net"] is False and config["rw"] is False
+    record = json.loads((pulled / "image.json").read_text())
+    assert record["reference"] == images["busybox"] and record["complete"] is True
+    assert record["digest"].startswith("sha256:")
+
+
+def test_pulled_image_runs(pulled):
+    hi = d_run(pulled, "echo", "hi")
+    assert (hi.returncode, hi.stdout) == (0, "hi\n"), hi.stderr
+    assert d_run(pulled, "sh", "-c", "exit 7").returncode == 7
+
+
+def test_config_reaches_the_container(pulled):
+    env = d_run(pulled, "env").stdout.splitlines()
+    assert "GREETING=hello" in env
+    assert d_run(pulled, "pwd").stdout == "/home/app\n"
+
+
+def test_default_folder_is_the_image_name(images, tmp_path):
+    done = subprocess.run(
+        [BIN / "d-pull", "-q", "--cache", str(tmp_path / "cache"), images["busybox-plain"]],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # --quiet
+    assert (tmp_path / images["busybox-plain"].rsplit("/", 1)[1].split(":")[0] / "rootfs" / "bin" / "sh").exists()
+
+
+def test_second_pull_fetches_nothing_and_says_so(images, registry, tmp_path):
+    cache = tmp_path / "cache"
+    assert d_pull(images["busybox"], str(tmp_path / "bb"), cache=cache).returncode == 0
+    served = registry.blob_gets()
+    again = d_pull(images["busybox"], str(tmp_path / "bb"), cache=cache)
+    assert again.returncode == 0, again.stderr
+    assert "up to date" in again.stderr
+    assert registry.blob_gets() == served
+
+
+def test_cache_is_shared_between_folders(images, registry, tmp_path):
+    cache = tmp_path / "cache"
+    assert d_pull(images["busybox"], str(tmp_path / "one"), cache=cache).returncode == 0
+    served = registry.blob_gets()
+    assert d_pull(images["busybox"], str(tmp_path / "two"), cache=cache).returncode == 0
+    assert registry.blob_gets() == served
+    assert (tmp_path / "two" / "rootfs" / "bin" / "busybox").read_bytes() == Path("/bin/busybox").read_bytes()
+
+
+@pytest.mark.parametrize("name", ["busybox-docker", "busybox-oci", "busybox-plain"])
+def test_images_pushed_by_skopeo_and_plain_layers_pull_alike(name, images, pulled, tmp_path):
+    done = d_pull(images[name], str(tmp_path / "x"), cache=tmp_path / "cache")
+    assert done.returncode == 0, done.stderr
+    assert d_run(tmp_path / "x", "cat", "/etc/os-release").stdout == (pulled / "rootfs/etc/os-release").read_text()
+
+
+def test_whiteouts_of_the_upper_layer_hide_files(pulled):
+    rootfs = pulled / "rootfs"
+    assert not any(p.name.startswith(".wh.") for p in rootfs.rglob("*"))
+    assert not (rootfs / "etc" / "removed-by-layer-2").exists()
+    assert (rootfs / "etc" / "added-by-layer-2").exists()
+
+
+@pytest.mark.parametrize(("platform", "arch"), [(None, "amd64"), ("linux/arm64/v8", "arm64"), ("linux/amd64", "amd64")])
+def test_index_is_narrowed_to_a_platform(platform, arch, images, tmp_path):
+    args = [images["multi"], str(tmp_path / "m")] + (["--platform", platform] if platform else [])
+    done = d_pull(*args, cache=tmp_path / "cache")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "m" / "rootfs" / "etc" / "arch").read_text().strip() == arch
+    assert json.loads((tmp_path / "m" / "image.json").read_text())["platform"].startswith(f"linux/{arch}")
+
+
+def test_platform_not_offered_lists_the_offers(images, tmp_path):
+    done = d_pull(images["multi"], str(tmp_path / "m"), "--platform", "linux/s390x", cache=tmp_path / "cache")
+    assert_one_line_error(done, "linux/amd64", "linux/arm64/v8")
+    assert not (tmp_path / "m").exists()
+
+
+def test_pull_by_digest_is_verified(images, registry, tmp_path):
+    pulled = d_pull(images["busybox"], str(tmp_path / "a"), cache=tmp_path / "cache")
+    assert pulled.returncode == 0
+    digest = json.loads((tmp_path / "a" / "image.json").read_text())["digest"]
+    by_digest = images["busybox"].rsplit(":", 1)[0] + "@" + digest
+    assert d_pull(by_digest, str(tmp_path / "b"), cache=tmp_path / "cache").returncode == 0
+    wrong = by_digest[:-8] + "00000000"
+    assert_one_line_error(d_pull(wrong, str(tmp_path / "c"), cache=tmp_path / "cache"), "unknown manifest")
+
+
+def test_unknown_image_tag_and_registry_are_one_line_errors(images, registry, tmp_path):
+    cache = tmp_path / "cache"
+    assert_one_line_error(d_pull(f"{registry.host}/no-such-image", str(tmp_path / "a"), cache=cache), "unknown image")
+    tag = images["busybox"].rsplit(":", 1)[0] + ":no-such-tag"
+    assert_one_line_error(d_pull(tag, str(tmp_path / "b"), cache=cache), "unknown manifest", "no-such-tag")
+    assert_one_line_error(d_pull("127.0.0.1:9/x", str(tmp_path / "c"), cache=cache), "127.0.0.1:9", "refused")
+    assert_one_line_error(d_pull("Not/Valid", str(tmp_path / "d"), cache=cache), "invalid image reference")
+    assert not any((tmp_path / name).exists() for name in "abcd")  # nothing left behind by a failed start
+
+
+def test_a_folder_not_made_by_d_pull_is_never_touched(images, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    before = sorted(os.listdir(mine))
+    assert_one_line_error(d_pull(images["busybox"], str(mine), cache=tmp_path / "cache"), "not made by d-pull")
+    assert sorted(os.listdir(mine)) == before and (mine / "notes.txt").read_text() == "precious"
+
+
+def test_help_describes_every_argument():
+    text = subprocess.run([BIN / "d-pull", "--help"], capture_output=True, text=True, check=True).stdout
+    for word in ["IMAGE", "DIR", "--platform", "--cache", "--update", "--insecure", "--ca-bundle", "--username"]:
+        assert word in text
+    for word in ["--password-stdin", "--jobs", "--quiet", "--debug", "D_UTILS_CACHE"]:
+        assert word in text
