@@ -1,4 +1,5 @@
-"""Credentials for a registry: flags, docker/containers auth files, credential helpers. No network here."""
+"""Who we are and where to ask: credentials (flags, docker/containers auth files, credential helpers) and
+pull-through mirrors (flags, $D_UTILS_MIRRORS, a config file). No network here."""
 
 import base64
 import binascii
@@ -10,6 +11,8 @@ from pathlib import Path
 
 from .errors import Error
 from .reference import DOCKER_HUB
+
+MIRRORS_ENV = "D_UTILS_MIRRORS"
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,7 @@ def find_credentials(registry: str, username: str | None = None, password: str |
     if username is not None:
         return Credentials(username, password or "")
     for path in auth_files():
-        config = read_auth_file(path)
+        config = read_json_file(path)
         found = credentials_from_config(config, registry, path)
         if found:
             return found
@@ -44,13 +47,13 @@ def auth_files() -> list[Path]:
     return [Path(c) for c in candidates if c]
 
 
-def read_auth_file(path: Path) -> dict:
+def read_json_file(path: Path) -> dict:
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as err:
-        raise Error(f"cannot read credentials file {path}: {err}", "fix or remove the file") from None
+        raise Error(f"cannot read {path}: {err}", "fix or remove the file") from None
     return config if isinstance(config, dict) else {}
 
 
@@ -104,3 +107,23 @@ def run_credential_helper(helper: str, server: str) -> Credentials | None:
         return Credentials(answer["Username"], answer["Secret"])
     except (ValueError, KeyError, TypeError):
         raise Error(f"credential helper {program} gave an answer that is not Username/Secret JSON") from None
+
+
+def mirrors_file() -> Path:
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "d-utils" / "mirrors.json"
+
+
+def find_mirrors(registry: str, given: list[str]) -> list[str]:
+    """Pull-through mirrors to try, in order, before `registry` itself.
+
+    From the --mirror flags, else $D_UTILS_MIRRORS ("docker.io=host:port,ghcr.io=host2"), else the file
+    ~/.config/d-utils/mirrors.json ({"docker.io": ["host:port"]}). Only what the user configured is used.
+    """
+    if given:
+        return given
+    setting = os.environ.get(MIRRORS_ENV)
+    if setting:
+        pairs = (item.partition("=") for item in setting.split(","))
+        return [mirror.strip() for name, _, mirror in pairs if name.strip() == registry and mirror.strip()]
+    mirrors = read_json_file(mirrors_file()).get(registry, [])
+    return [m for m in mirrors if isinstance(m, str)] if isinstance(mirrors, list) else []

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 from doit import create_after
 from doit.cmd_base import ModuleTaskLoader
@@ -25,14 +26,22 @@ from doit.reporter import ZeroReporter
 
 from . import config as image_config
 from .apply import Skipped, apply_layer
-from .auth import find_credentials
+from .auth import find_credentials, find_mirrors
 from .errors import Error
 from .fetch import fetch_blob
 from .manifest import Blob, Image, Platform, host_platform, load_image, resolve_image
 from .progress import Lines, Progress
-from .reference import parse_reference
-from .registry import Registry
+from .reference import Reference, parse_reference
+from .registry import Registry, RetryPolicy
 from .store import PullDir, Record, blob_path, cache_dir, locked, remove_tree, write_atomic, write_json
+
+T = TypeVar("T")
+MIRROR_RETRY = RetryPolicy(attempts=2)  # a failing mirror costs little: the origin is there
+
+
+def mirror_ref(ref: Reference, mirror: str) -> Reference:
+    """The same repository on a pull-through mirror (which stores Docker Hub's under library/ too)."""
+    return replace(ref, registry=mirror.removeprefix("https://").removeprefix("http://").rstrip("/"))
 
 
 @dataclass
@@ -46,6 +55,7 @@ class Options:
     username: str | None = None
     password: str | None = None
     update: bool = False
+    mirrors: list[str] = field(default_factory=list)  # --mirror flags; else $D_UTILS_MIRRORS or mirrors.json
     progress: Progress = field(default_factory=Lines)
 
 
@@ -58,7 +68,7 @@ class Pull:
         self.key = os.fspath(folder)
         self.options = options
         self.command = command  # for a `run:` task, as a dodo.py may declare
-        self.registry: Registry | None = None
+        self.registries: list[Registry] = []  # mirrors first, the image's own registry last
         self.image: Image | None = None
         self.skipped = Skipped()
         self.changed = False  # whether any fetch, apply or config work was done
@@ -69,15 +79,43 @@ class Pull:
 
     def authenticate(self) -> None:
         self.claim_folder()
-        credentials = find_credentials(self.ref.registry, self.options.username, self.options.password)
-        self.registry = Registry(
-            self.ref,
-            credentials,
-            plain_http=self.options.insecure or self.ref.is_local,
+        origin = self.connect(self.ref, RetryPolicy())
+        mirrors = [
+            self.connect(mirror_ref(self.ref, m), MIRROR_RETRY)
+            for m in find_mirrors(self.ref.registry, self.options.mirrors)
+        ]
+        self.registries = [m for m in mirrors if self.usable_mirror(m)]
+        origin.ping()
+        self.registries.append(origin)
+
+    def connect(self, ref: Reference, retry: RetryPolicy) -> Registry:
+        return Registry(
+            ref,
+            find_credentials(ref.registry, self.options.username, self.options.password)
+            if ref == self.ref
+            else find_credentials(ref.registry),
+            plain_http=self.options.insecure or ref.is_local,
             verify=self.options.ca_bundle or True,
+            retry=retry,
             notify=self.options.progress.note,
         )
-        self.registry.ping()
+
+    def usable_mirror(self, mirror: Registry) -> bool:
+        try:
+            mirror.ping()
+        except Error as err:
+            self.options.progress.note(f"not using mirror {mirror.ref.registry}: {err}")
+            return False
+        return True
+
+    def from_any_registry(self, operation: Callable[[Registry], T]) -> T:
+        """Run `operation` against each mirror in turn, and against the image's own registry last."""
+        for mirror in self.registries[:-1]:
+            try:
+                return operation(mirror)
+            except Error as err:
+                self.options.progress.note(f"mirror {mirror.ref.registry}: {err}; asking {self.ref.registry}")
+        return operation(self.registries[-1])
 
     def claim_folder(self) -> None:
         """Refuse a folder d-pull did not make, then lock ours for the rest of this process."""
@@ -103,7 +141,9 @@ class Pull:
     # -- manifest
 
     def resolve(self) -> None:
-        self.image = resolve_image(self.registry, self.ref, self.options.platform, self.options.cache)
+        self.image = self.from_any_registry(
+            lambda registry: resolve_image(registry, registry.ref, self.options.platform, self.options.cache)
+        )
         record = self.folder.read_record()
         if record and (record.digest != self.image.digest or record.reference != str(self.ref)):
             if record.complete and not self.options.update:
@@ -132,7 +172,7 @@ class Pull:
 
     def fetch(self, blob: Blob) -> None:
         self.changed = True
-        fetch_blob(self.registry, blob, self.options.cache, self.options.progress)
+        self.from_any_registry(lambda registry: fetch_blob(registry, blob, self.options.cache, self.options.progress))
 
     def cached(self, blob: Blob) -> bool:
         return blob_path(self.options.cache, blob.digest).exists()

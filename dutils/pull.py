@@ -20,6 +20,8 @@ examples:
 
 environment:
   D_UTILS_CACHE     blob cache folder (default $XDG_CACHE_HOME/d-utils, else ~/.cache/d-utils)
+  D_UTILS_MIRRORS   pull-through mirrors, e.g. docker.io=mirror.example:5000,ghcr.io=other:5000
+                    (else ~/.config/d-utils/mirrors.json: {"docker.io": ["mirror.example:5000"]})
   REGISTRY_AUTH_FILE, DOCKER_CONFIG   where credentials are looked up, as docker and podman do"""
 
 
@@ -52,6 +54,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--insecure", action="store_true", help="use plain HTTP (automatic for localhost and 127.0.0.0/8)"
     )
     parser.add_argument("--ca-bundle", metavar="FILE", help="trust the CA certificates in FILE for the registry's TLS")
+    parser.add_argument(
+        "--mirror",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="pull-through mirror to try before the registry (repeatable; default: $D_UTILS_MIRRORS, mirrors.json)",
+    )
     parser.add_argument("--username", metavar="USER", help="log in as USER; the password is read from standard input")
     parser.add_argument(
         "--password-stdin", action="store_true", help="read the password from standard input (default with --username)"
@@ -98,6 +107,7 @@ def pull(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         ca_bundle=args.ca_bundle,
         update=args.update,
+        mirrors=args.mirror,
         progress=progress,
         username=args.username,
         password=read_password(args),
