@@ -1,6 +1,7 @@
 """The `fetch` stage: one blob into the content-addressed cache, resumable, verified while it streams."""
 
 import contextlib
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -82,7 +83,7 @@ def download(
                 failures = 0 if have > before else failures
                 failures = registry.wait_before_retry(failures, f"blob {blob.digest[:19]}", str(err), None)
             except OSError as err:
-                raise write_error(partial, err) from None
+                raise write_error(partial, err, blob.size - have) from None
     return hasher
 
 
@@ -97,5 +98,10 @@ def append(out, chunk: bytes, have: int, blob: Blob, hasher: "hashlib._Hash") ->
     return have + len(chunk)
 
 
-def write_error(path: Path, err: OSError) -> Error:
-    return Error(f"cannot write {path}: {err.strerror}", "free some space or choose another cache with --cache")
+def write_error(path: Path, err: OSError, missing: int) -> Error:
+    if err.errno == errno.ENOSPC:
+        return Error(
+            f"disk full while downloading into {path.parent}: {missing} more bytes are needed for this blob",
+            "free some space and run the same command again; what was downloaded is kept",
+        )
+    return Error(f"cannot write {path}: {err.strerror}", "choose another cache with --cache")

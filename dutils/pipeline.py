@@ -33,7 +33,17 @@ from .manifest import Blob, Image, Platform, host_platform, load_image, resolve_
 from .progress import Lines, Progress
 from .reference import Reference, parse_reference
 from .registry import Registry, RetryPolicy
-from .store import PullDir, Record, blob_path, cache_dir, locked, remove_tree, write_atomic, write_json
+from .store import (
+    PullDir,
+    Record,
+    blob_path,
+    cache_dir,
+    locked,
+    make_folder,
+    remove_tree,
+    write_atomic,
+    write_json,
+)
 
 T = TypeVar("T")
 MIRROR_RETRY = RetryPolicy(attempts=2)  # a failing mirror costs little: the origin is there
@@ -126,6 +136,7 @@ class Pull:
         if not ours and root.is_dir() and any(root.iterdir()):
             raise Error(f"{root} exists and was not made by d-pull", "choose a new folder; this one is left untouched")
         self.made_root = not root.exists()
+        make_folder(self.folder.state, "folder")
         lock = locked(self.folder.state / "lock", f"another d-pull is writing {root}")
         lock.__enter__()  # released when the process ends
         self.lock = lock
@@ -356,6 +367,7 @@ class Reporter(ZeroReporter):
 def run_pulls(pulls: list[Pull], jobs: int, debug: bool) -> list[str]:
     """Run the pipeline in this process; return the failures, one line each (none means every pull finished)."""
     for pull in pulls:
+        make_folder(pull.options.cache, "cache folder (--cache or $D_UTILS_CACHE)")
         pull.claim_folder()  # before doit writes its database into the folder
     reporter = Reporter(debug)
     namespace: dict[str, object] = dict(task_creators(pulls))

@@ -45,6 +45,17 @@ def blob_path(cache: Path, digest: str) -> Path:
     return cache / "blobs" / "sha256" / check_digest(digest).removeprefix("sha256:")
 
 
+def make_folder(path: Path, what: str) -> Path:
+    """Create `path` (and parents) or say in one line why it cannot be, and where else to go."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise Error(f"cannot write to the {what} {path}: {err.strerror}", f"choose another {what}") from None
+    return path
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
