@@ -27,6 +27,7 @@ from doit.reporter import ZeroReporter
 from . import config as image_config
 from .apply import Skipped, apply_layer
 from .auth import find_credentials, find_mirrors
+from .cache import in_use, prune_if_due
 from .errors import Error
 from .fetch import fetch_blob
 from .manifest import Blob, Image, Platform, host_platform, load_image, resolve_image
@@ -41,6 +42,7 @@ from .store import (
     locked,
     make_folder,
     remove_tree,
+    touch,
     write_atomic,
     write_json,
 )
@@ -82,7 +84,8 @@ class Pull:
         self.image: Image | None = None
         self.skipped = Skipped()
         self.changed = False  # whether any fetch, apply or config work was done
-        self.lock: object | None = None
+        self.holds = contextlib.ExitStack()  # the folder's lock and a share of the cache's, for as long as we pull
+        self.claimed = False
         self.made_root = False
 
     # -- auth
@@ -128,8 +131,8 @@ class Pull:
         return operation(self.registries[-1])
 
     def claim_folder(self) -> None:
-        """Refuse a folder d-pull did not make, then lock ours for the rest of this process."""
-        if self.lock:
+        """Refuse a folder d-pull did not make, then lock ours (and share the cache) until `release`."""
+        if self.claimed:
             return
         root = self.folder.root
         ours = self.folder.read_record() is not None or self.folder.state.is_dir()
@@ -137,13 +140,18 @@ class Pull:
             raise Error(f"{root} exists and was not made by d-pull", "choose a new folder; this one is left untouched")
         self.made_root = not root.exists()
         make_folder(self.folder.state, "folder")
-        lock = locked(self.folder.state / "lock", f"another d-pull is writing {root}")
-        lock.__enter__()  # released when the process ends
-        self.lock = lock
+        self.holds.enter_context(locked(self.folder.state / "lock", f"another d-pull is writing {root}"))
+        self.holds.enter_context(in_use(self.options.cache))
+        self.claimed = True
+
+    def release(self) -> None:
+        self.forget_if_unstarted()
+        self.holds.close()
+        self.claimed = False
 
     def forget_if_unstarted(self) -> None:
         """After a failure before anything was recorded (a typo, say), leave no trace of this pull."""
-        if self.lock and self.folder.read_record() is None:
+        if self.claimed and self.folder.read_record() is None:
             remove_tree(self.folder.state)
             if self.made_root:
                 with contextlib.suppress(OSError):
@@ -186,7 +194,9 @@ class Pull:
         self.from_any_registry(lambda registry: fetch_blob(registry, blob, self.options.cache, self.options.progress))
 
     def cached(self, blob: Blob) -> bool:
-        return blob_path(self.options.cache, blob.digest).exists()
+        path = blob_path(self.options.cache, blob.digest)
+        touch(path)  # used now: pruning goes by last use
+        return path.exists()
 
     # -- apply
 
@@ -384,7 +394,9 @@ def run_pulls(pulls: list[Pull], jobs: int, debug: bool) -> list[str]:
         code = DoitMain(ModuleTaskLoader(namespace)).run(["run"])
     finally:
         for pull in pulls:
-            pull.forget_if_unstarted()
+            pull.release()
+    for cache in {pull.options.cache for pull in pulls}:
+        prune_if_due(cache)
     if code and not reporter.failures:
         reporter.failures.append(f"the pull stopped with doit status {code} (run with --debug for details)")
     return reporter.failures

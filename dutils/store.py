@@ -77,11 +77,11 @@ def write_json(path: Path, value: object) -> None:
 
 
 @contextlib.contextmanager
-def locked(path: Path, busy_message: str | None = None) -> Iterator[None]:
-    """Hold an exclusive lock on `path`: wait for it, or fail with `busy_message` if one is given."""
+def locked(path: Path, busy_message: str | None = None, kind: int = fcntl.LOCK_EX) -> Iterator[None]:
+    """Hold a lock (`kind`: fcntl.LOCK_EX or LOCK_SH) on `path`: wait for it, or fail with `busy_message`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as handle:
-        flags = fcntl.LOCK_EX | (fcntl.LOCK_NB if busy_message else 0)
+        flags = kind | (fcntl.LOCK_NB if busy_message else 0)
         try:
             fcntl.flock(handle, flags)
         except BlockingIOError:

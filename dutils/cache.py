@@ -1,0 +1,95 @@
+"""d-cache: the blob cache's lifecycle. List it; prune what no pull has used for a while, never what one is using.
+
+Every pull holds a shared lock on the cache while it runs; pruning takes it exclusively.
+"""
+
+import argparse
+import contextlib
+import fcntl
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import Error
+from .progress import human
+from .store import cache_dir, locked
+
+MAX_AGE = 30 * 86400  # seconds: entries unused this long are pruned after a pull, as in the original tool
+PRUNE_EVERY = 86400
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: Path
+    size: int
+    used: float  # the mtime: set when written, refreshed whenever a pull uses the blob
+
+
+def cache_lock(cache: Path) -> Path:
+    return cache / "lock"
+
+
+def list_entries(cache: Path) -> list[Entry]:
+    """Blobs, partial downloads and their locks, oldest use first."""
+    entries = []
+    for path in (cache / "blobs" / "sha256").glob("*"):
+        with contextlib.suppress(FileNotFoundError):
+            info = path.stat()
+            entries.append(Entry(path, info.st_size, info.st_mtime))
+    return sorted(entries, key=lambda e: e.used)
+
+
+def prune(cache: Path, max_age: float) -> list[Entry]:
+    """Remove entries unused for `max_age` seconds (0: all). Waits for running pulls to finish."""
+    with locked(cache_lock(cache)):
+        return remove_older(cache, max_age)
+
+
+def remove_older(cache: Path, max_age: float) -> list[Entry]:
+    now = time.time()
+    removed = [e for e in list_entries(cache) if now - e.used >= max_age]
+    for entry in removed:
+        entry.path.unlink(missing_ok=True)
+    (cache / "pruned").touch()
+    return removed
+
+
+def prune_if_due(cache: Path) -> None:
+    """After a pull: at most once a day, and only when no other pull is running (never wait for one)."""
+    marker = cache / "pruned"
+    if marker.exists() and time.time() - marker.stat().st_mtime < PRUNE_EVERY:
+        return
+    with contextlib.suppress(Error, OSError), locked(cache_lock(cache), "busy"):
+        remove_older(cache, MAX_AGE)
+
+
+def in_use(cache: Path) -> contextlib.AbstractContextManager[None]:
+    """Held by a pull for as long as it runs, so that pruning never removes a blob under it."""
+    return locked(cache_lock(cache), kind=fcntl.LOCK_SH)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="d-cache", description="List or prune d-pull's blob cache.")
+    parser.add_argument("--cache", metavar="FOLDER", help="the cache (default: $D_UTILS_CACHE or ~/.cache/d-utils)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("list", help="every cached blob with its size and when a pull last used it")
+    pruning = commands.add_parser("prune", help="remove blobs no pull has used recently (waits for running pulls)")
+    age = pruning.add_mutually_exclusive_group()
+    age.add_argument("--days", type=float, default=MAX_AGE / 86400, help="unused for this many days (default 30)")
+    age.add_argument("--all", action="store_true", help="everything")
+    args = parser.parse_args(argv)
+    cache = cache_dir(args.cache)
+    try:
+        if args.command == "list":
+            entries = list_entries(cache)
+            for e in entries:
+                print(f"{human(e.size):>10}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.used))}  {e.path.name}")
+            print(f"{len(entries)} entries, {human(sum(e.size for e in entries))} in {cache}")
+        else:
+            removed = prune(cache, 0 if args.all else args.days * 86400)
+            print(f"removed {len(removed)} entries, {human(sum(e.size for e in removed))} from {cache}")
+    except OSError as err:
+        print(f"d-cache: error: {cache}: {err.strerror}", file=sys.stderr)
+        return 1
+    return 0
