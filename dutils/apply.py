@@ -1,0 +1,236 @@
+"""The apply stage: one layer blob, streamed and verified, applied onto DIR/rootfs as an OCI changeset.
+
+One loop over the tar entries: a whiteout hides lower-layer entries, any other entry replaces what was at its
+path (a directory over a directory keeps the children). Paths are resolved by rootfs.Tree, which keeps every
+change inside the rootfs. Files are written under a scratch name and renamed when complete, so running the
+same layer again over a killed run gives exactly the tree of one clean run.
+"""
+
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+import stat
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import BinaryIO
+
+import zstandard
+from isal import igzip, igzip_lib
+
+from .errors import Error
+from .rootfs import OWNER_RWX, PARTIAL, WHITEOUT, Place, Tree, clean, lstat_or_none
+
+OCI = "application/vnd.oci.image.layer.v1.tar"
+OCI_NONDISTRIBUTABLE = "application/vnd.oci.image.layer.nondistributable.v1.tar"
+DOCKER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+DOCKER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+COMPRESSION = {
+    OCI: "tar",
+    OCI + "+gzip": "gzip",
+    OCI + "+zstd": "zstd",
+    OCI_NONDISTRIBUTABLE: "tar",
+    OCI_NONDISTRIBUTABLE + "+gzip": "gzip",
+    OCI_NONDISTRIBUTABLE + "+zstd": "zstd",
+    DOCKER: "gzip",
+    DOCKER_FOREIGN: "gzip",
+}
+DECOMPRESSORS: dict[str, Callable[[BinaryIO], BinaryIO]] = {
+    "tar": lambda raw: raw,
+    "gzip": lambda raw: igzip.IGzipFile(fileobj=raw, mode="rb"),
+    "zstd": lambda raw: zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True),
+}
+CORRUPT_DATA = (OSError, EOFError, igzip_lib.IsalError, zstandard.ZstdError)
+OPAQUE = WHITEOUT + WHITEOUT + ".opq"
+XATTR = "SCHILY.xattr."  # pax records of extended attributes
+CHUNK = 1 << 20
+
+
+@dataclass
+class Skipped:
+    """What an ordinary user cannot reproduce; the caller warns once with the totals."""
+
+    devices: int = 0
+    xattrs: int = 0
+    owners: int = 0  # entries owned by someone other than root, now owned by the user
+
+    def __add__(self, other: "Skipped") -> "Skipped":
+        return Skipped(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def total(self) -> int:
+        return self.devices + self.xattrs + self.owners
+
+    def describe(self) -> str:
+        counts = [(self.devices, "device nodes"), (self.xattrs, "privileged extended attributes")]
+        parts = [f"{count} {what} skipped" for count, what in counts if count]
+        if self.owners:
+            parts.append(f"{self.owners} entries owned by other users in the image now belong to you")
+        return "as an ordinary user: " + ", ".join(parts)
+
+
+class VerifyingReader:
+    """The uncompressed layer, hashed as it is read; decompression failures become one-line errors."""
+
+    def __init__(self, raw: BinaryIO, compression: str, layer: str) -> None:
+        self.stream = DECOMPRESSORS[compression](raw)
+        self.compression, self.layer = compression, layer
+        self.sha256 = hashlib.sha256()
+
+    def read(self, size: int = CHUNK) -> bytes:
+        try:
+            data = self.stream.read(size)
+        except CORRUPT_DATA as err:
+            raise Error(f"{self.layer}: corrupt {self.compression} data ({err})") from None
+        self.sha256.update(data)
+        return data
+
+    def check(self, diff_id: str) -> None:
+        """Read what follows the tar's end marker too, then compare the whole stream with `diff_id`."""
+        while self.read(CHUNK):
+            pass
+        digest = f"sha256:{self.sha256.hexdigest()}"
+        if digest != diff_id:
+            raise Error(f"{self.layer}: uncompressed content is {digest}, the image config says {diff_id}")
+
+
+def apply_layer(blob: Path, media_type: str, diff_id: str, rootfs: Path) -> Skipped:
+    """Apply the verified layer `blob` onto `rootfs`; safe to run again after an interruption."""
+    layer = f"layer sha256:{blob.name}"
+    if media_type not in COMPRESSION:
+        raise Error(f"{layer}: unsupported layer media type {media_type!r}")
+    skipped = Skipped()
+    try:
+        with blob.open("rb") as raw, Tree(rootfs, diff_id) as tree:
+            stream = VerifyingReader(raw, COMPRESSION[media_type], layer)
+            apply_members(stream, tree, skipped, layer)
+            stream.check(diff_id)
+            tree.finish()
+    except OSError as err:  # the blob or the rootfs itself; a member's failures are reported as its own
+        raise Error(f"{layer}: {describe(err)}") from None
+    return skipped
+
+
+def apply_members(stream: VerifyingReader, tree: Tree, skipped: Skipped, layer: str) -> None:
+    try:
+        with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:  # type: ignore[call-overload]
+            for member in tar:
+                try:
+                    apply_member(tar, member, tree, skipped)
+                except OSError as err:
+                    raise Error(f"{layer}: member {member.name}: {describe(err)}") from None
+                except RecursionError:  # removing a subtree deeper than Python's stack
+                    raise Error(f"{layer}: member {member.name}: directory tree too deep") from None
+    except tarfile.TarError as err:
+        raise Error(f"{layer}: corrupt tar data ({err})") from None
+
+
+def apply_member(tar: tarfile.TarFile, member: tarfile.TarInfo, tree: Tree, skipped: Skipped) -> None:
+    base = clean(member.name).rpartition("/")[2]
+    if base.startswith(WHITEOUT):
+        apply_whiteout(member.name, base, tree)
+        return
+    with tree.parent(member.name) as place:
+        if not place.path and not member.isdir():
+            raise IsADirectoryError(errno.EISDIR, "refusing to turn the root into a non-directory")
+        if member.islnk():
+            tree.hard_link(place, member.linkname)  # no metadata: it is the target's
+        elif member.isdev() and tree.rootless:
+            tree.clear(place)  # the layer says something else is there: the old entry goes at least
+            skipped.devices += 1
+        elif member.isdir():
+            make_dir(place, member, tree)
+            set_metadata(place.fd, place.name, member, tree, skipped)
+            tree.set_dir_later(place, stat.S_IMODE(member.mode), mtime_ns(member))
+        elif member.issym() or member.isfifo() or member.isdev():
+            tree.clear(place)
+            make_node(place, member)
+            set_metadata(place.fd, place.name, member, tree, skipped)
+        else:  # a regular file; as in tar, so is any unknown type
+            write_file(tar, member, tree, place, skipped)
+
+
+def make_dir(place: Place, member: tarfile.TarInfo, tree: Tree) -> None:
+    """A directory over a directory keeps the children; over anything else it replaces it."""
+    st = lstat_or_none(place.name, place.fd)
+    if st is None or not stat.S_ISDIR(st.st_mode):
+        tree.clear(place)
+        os.mkdir(place.name, OWNER_RWX, dir_fd=place.fd)
+    os.chmod(place.name, OWNER_RWX, dir_fd=place.fd, follow_symlinks=False)  # writable for its attributes
+
+
+def make_node(place: Place, member: tarfile.TarInfo) -> None:
+    if member.issym():
+        os.symlink(member.linkname, place.name, dir_fd=place.fd)  # any target: it is never followed here
+    elif member.isfifo():
+        os.mkfifo(place.name, 0o600, dir_fd=place.fd)
+    else:
+        kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+        device = os.makedev(member.devmajor, member.devminor)
+        os.mknod(place.name, kind | 0o600, device, dir_fd=place.fd)
+
+
+def write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, tree: Tree, place: Place, skipped: Skipped) -> None:
+    """Write under a scratch name, complete with metadata, then rename: a killed run leaves no half file."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(PARTIAL, dir_fd=place.fd)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    with open(os.open(PARTIAL, flags, 0o600, dir_fd=place.fd), "wb") as out:
+        shutil.copyfileobj(tar.extractfile(member), out, CHUNK)
+    set_metadata(place.fd, PARTIAL, member, tree, skipped)
+    tree.clear(place)
+    os.rename(PARTIAL, place.name, src_dir_fd=place.fd, dst_dir_fd=place.fd)
+
+
+def set_metadata(fd: int, name: str, member: tarfile.TarInfo, tree: Tree, skipped: Skipped) -> None:
+    """Owner first (chown clears setuid bits), then attributes and mode, times last."""
+    if not tree.rootless:
+        os.chown(name, member.uid, member.gid, dir_fd=fd, follow_symlinks=False)
+    elif member.uid or member.gid:
+        skipped.owners += 1
+    set_xattrs(fd, name, member, skipped)
+    if not member.issym():  # a symlink has no mode of its own
+        os.chmod(name, stat.S_IMODE(member.mode), dir_fd=fd, follow_symlinks=False)
+    os.utime(name, ns=(mtime_ns(member),) * 2, dir_fd=fd, follow_symlinks=False)
+
+
+def set_xattrs(fd: int, name: str, member: tarfile.TarInfo, skipped: Skipped) -> None:
+    for key, value in member.pax_headers.items():
+        if key.startswith(XATTR):
+            try:  # by path: setxattr takes no directory fd, but /proc resolves this one without following
+                os.setxattr(
+                    f"/proc/self/fd/{fd}/{name}",
+                    key.removeprefix(XATTR),
+                    value.encode("utf-8", "surrogateescape"),
+                    follow_symlinks=False,
+                )
+            except OSError as err:
+                if err.errno not in (errno.EPERM, errno.EOPNOTSUPP):  # privileged (trusted.*, security.*)
+                    raise
+                skipped.xattrs += 1
+
+
+def mtime_ns(member: tarfile.TarInfo) -> int:
+    return round(member.mtime * 1_000_000_000)
+
+
+def apply_whiteout(name: str, base: str, tree: Tree) -> None:
+    if base == OPAQUE:
+        place = tree.find(name)
+        if place is not None:
+            with place:
+                tree.hide_children(place)
+        return
+    hidden = base.removeprefix(WHITEOUT)
+    if hidden in ("", ".", "..") or hidden.startswith(WHITEOUT):
+        raise OSError(errno.EINVAL, f"refusing to white out {hidden!r}")
+    place = tree.find(f"{name.rpartition('/')[0]}/{hidden}")
+    if place is not None:
+        with place:
+            tree.hide(place)
+
+
+def describe(err: OSError) -> str:
+    return f"{err.strerror}: {err.filename}" if err.filename else str(err.strerror or err)

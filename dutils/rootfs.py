@@ -1,0 +1,288 @@
+"""The rootfs as a tree that a layer changes safely: resolve in root, clobber, put directories back.
+
+Every path a layer names is resolved from the root down, one component at a time, through directory fds
+opened with O_NOFOLLOW: a symlink met on the way is re-rooted at the rootfs (as filepath-securejoin does) and
+`..` stops at the root, so no member reaches outside. The last component is never followed: it is lstat-ed,
+replaced or created relative to its parent's fd.
+
+Each directory the layer enters is recorded (mode and times, before any change) and put back when the layer
+is finished: adding children then leaves lower directories' mtimes alone, and an ordinary user may give
+read-only directories owner rwx while writing into them. The records go to a journal beside the rootfs
+before the change they cover, so an application killed half-way and run again puts back exactly what the
+first run found.
+"""
+
+import contextlib
+import errno
+import json
+import os
+import stat
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+from .store import write_atomic
+
+WHITEOUT = ".wh."
+PARTIAL = ".wh..d-utils-partial"  # a file being written; no layer can name it: it would be a whiteout
+MAX_LINKS = 40  # symlinks followed while resolving one name, as the kernel's limit
+OWNER_RWX = 0o700
+DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def join(path: str, name: str) -> str:
+    return f"{path}/{name}" if path else name
+
+
+def clean(name: str) -> str:
+    """A member name as a path below the root: `..` clamped at the root, `.` and leading `/` dropped."""
+    return os.path.normpath("/" + name).lstrip("/")
+
+
+def lstat_or_none(name: str, fd: int) -> os.stat_result | None:
+    try:
+        return os.lstat(name, dir_fd=fd)
+    except FileNotFoundError:
+        return None
+
+
+class Place:
+    """Where an entry goes: `name` in the open directory `fd`; `path` is its resolved path below the root."""
+
+    def __init__(self, fd: int, name: str, path: str) -> None:
+        self.fd, self.name, self.path = fd, name, path
+
+    def __enter__(self) -> "Place":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        os.close(self.fd)
+
+
+class Absent(Exception):
+    """A component of a name does not exist (only raised while looking for existing entries)."""
+
+
+def make_dir(fd: int, name: str) -> None:
+    os.mkdir(name, 0o755, dir_fd=fd)
+    os.chmod(name, 0o755, dir_fd=fd, follow_symlinks=False)  # whatever the umask
+
+
+def stop_absent(fd: int, name: str) -> None:
+    raise Absent(name)
+
+
+class Tree:
+    """One layer's changes to `rootfs`; `finish()` puts directory modes and times back."""
+
+    def __init__(self, rootfs: Path, layer: str) -> None:
+        self.rootless = os.geteuid() != 0  # decided once: an ordinary user cannot chown or mknod
+        self.kept: set[str] = set()  # paths this layer wrote, and their ancestors: whiteouts spare them
+        self.saved: dict[str, tuple[int, int, int]] = {}  # path -> (mode, atime_ns, mtime_ns) for finish()
+        rootfs.mkdir(parents=True, exist_ok=True)
+        self.top = os.open(rootfs.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.root_name = rootfs.name
+        self.journal_path = rootfs.parent / f".{rootfs.name}.d-utils-journal"
+        root_stat = os.lstat(self.root_name, dir_fd=self.top)
+        header = {"layer": layer, "root": [root_stat.st_dev, root_stat.st_ino]}
+        self.journal = self._open_journal(header)
+        self.root = self._enter(self.top, self.root_name, "", root_stat)
+
+    def __enter__(self) -> "Tree":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for fd in (self.root, self.top, self.journal):
+            os.close(fd)
+
+    def _open_journal(self, header: dict) -> int:
+        """Keep what a killed run of this same layer on this same rootfs saved; start afresh otherwise."""
+        records = [header]
+        with contextlib.suppress(FileNotFoundError):
+            lines = self.journal_path.read_text().splitlines()
+            found = []
+            for line in lines:
+                try:
+                    found.append(json.loads(line))
+                except ValueError:
+                    break  # cut short by the kill: the change it covers never ran
+            if found[:1] == [header]:
+                records = found
+        for path, *values in records[1:]:
+            self.saved.setdefault(path, tuple(values))
+        # Rewritten whole, so that appends never continue a line cut short.
+        write_atomic(self.journal_path, "".join(json.dumps(record) + "\n" for record in records).encode())
+        return os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+
+    def _enter(self, fd: int, name: str, path: str, st: os.stat_result) -> int:
+        """Open directory `name` for use, saving its metadata first and giving an ordinary user rwx on it."""
+        if path not in self.saved:
+            self.saved[path] = (stat.S_IMODE(st.st_mode), st.st_atime_ns, st.st_mtime_ns)
+            os.write(self.journal, (json.dumps([path, *self.saved[path]]) + "\n").encode())
+        if self.rootless and st.st_mode & OWNER_RWX != OWNER_RWX:
+            os.chmod(name, stat.S_IMODE(st.st_mode) | OWNER_RWX, dir_fd=fd, follow_symlinks=False)
+        return os.open(name, DIR_FLAGS, dir_fd=fd)
+
+    def _walk(self, name: str, on_absent: Callable[[int, str], None]) -> Place:
+        """Open the parent of `name` inside the root, resolving symlinks there; the last part is not followed."""
+        path = clean(name)
+        if not path:
+            return Place(os.dup(self.top), self.root_name, "")
+        *dirs, base = path.split("/")
+        todo, done, links = deque(dirs), [], 0
+        fd = os.dup(self.root)
+        try:
+            while todo:
+                part = todo.popleft()
+                if part in ("", "."):
+                    continue
+                if part == "..":
+                    done[-1:] = []
+                    fd = swap(fd, self._open_dirs(done))
+                    continue
+                st = lstat_or_none(part, fd)
+                if st is None:
+                    on_absent(fd, part)
+                    st = os.lstat(part, dir_fd=fd)
+                if stat.S_ISLNK(st.st_mode):
+                    links += 1
+                    if links > MAX_LINKS:
+                        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), join("/".join(done), part))
+                    target = os.readlink(part, dir_fd=fd)
+                    if target.startswith("/"):
+                        done = []
+                        fd = swap(fd, self._open_dirs(done))
+                    todo.extendleft(reversed(target.split("/")))
+                    continue
+                if not stat.S_ISDIR(st.st_mode):
+                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), join("/".join(done), part))
+                done.append(part)
+                fd = swap(fd, self._enter(fd, part, "/".join(done), st))
+        except BaseException:
+            os.close(fd)
+            raise
+        return Place(fd, base, join("/".join(done), base))
+
+    def _open_dirs(self, parts: list[str]) -> int:
+        """Open the already resolved directory `parts` afresh from the root."""
+        fd = os.dup(self.root)
+        try:
+            for part in parts:
+                fd = swap(fd, os.open(part, DIR_FLAGS, dir_fd=fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def parent(self, name: str) -> Place:
+        """Where entry `name` goes, its missing parent directories made."""
+        place = self._walk(name, make_dir)
+        self.kept.update(ancestors(place.path))
+        return place
+
+    def find(self, name: str) -> Place | None:
+        """Where entry `name` is, or None when one of its parents is missing; nothing is made."""
+        try:
+            return self._walk(name, stop_absent)
+        except (Absent, NotADirectoryError):
+            return None
+
+    def clear(self, place: Place) -> None:
+        """Remove whatever is at `place`: a file, a link, or a directory with everything in it."""
+        st = lstat_or_none(place.name, place.fd)
+        if st is None:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(place.name, dir_fd=place.fd)
+            return
+        if self.rootless and st.st_mode & OWNER_RWX != OWNER_RWX:  # it goes away: no need to save it
+            os.chmod(place.name, stat.S_IMODE(st.st_mode) | OWNER_RWX, dir_fd=place.fd, follow_symlinks=False)
+        with Place(os.open(place.name, DIR_FLAGS, dir_fd=place.fd), "", place.path) as inside:
+            for child in children(inside.fd):
+                self.clear(Place(inside.fd, child, join(place.path, child)))
+        os.rmdir(place.name, dir_fd=place.fd)
+
+    def hide(self, place: Place) -> None:
+        """A whiteout: remove what lower layers have at `place`, sparing what this layer wrote."""
+        if place.path not in self.kept:
+            self.clear(place)
+            return
+        st = lstat_or_none(place.name, place.fd)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            with Place(self._enter(place.fd, place.name, place.path, st), "", place.path) as inside:
+                self.hide_children(inside)
+
+    def hide_children(self, directory: Place) -> None:
+        """An opaque whiteout: hide every lower-layer entry below the open directory `directory.fd`."""
+        for child in children(directory.fd):
+            self.hide(Place(directory.fd, child, join(directory.path, child)))
+
+    def hard_link(self, place: Place, target_name: str) -> None:
+        """Make `place` another name of the entry `target_name` (resolved inside the root, not followed)."""
+        target = self.find(target_name)
+        if target is None or target.name.startswith(WHITEOUT):
+            raise FileNotFoundError(errno.ENOENT, "hard link target not found", target_name)
+        with target:
+            source = lstat_or_none(target.name, target.fd)
+            if source is None:
+                raise FileNotFoundError(errno.ENOENT, "hard link target not found", target_name)
+            if stat.S_ISDIR(source.st_mode):
+                raise IsADirectoryError(errno.EISDIR, "hard link target is a directory", target_name)
+            existing = lstat_or_none(place.name, place.fd)
+            if existing and (existing.st_dev, existing.st_ino) == (source.st_dev, source.st_ino):
+                return  # already done, by an earlier run of this layer
+            self.clear(place)
+            os.link(target.name, place.name, src_dir_fd=target.fd, dst_dir_fd=place.fd, follow_symlinks=False)
+
+    def set_dir_later(self, place: Place, mode: int, mtime_ns: int) -> None:
+        """This layer's mode and mtime for a directory, applied by finish() once its children are written."""
+        self.saved[place.path] = (mode, mtime_ns, mtime_ns)
+
+    def finish(self) -> None:
+        """Put the saved modes and times on directories, deepest first so that parents stay enterable."""
+        for path in sorted(self.saved, key=depth, reverse=True):
+            mode, atime_ns, mtime_ns = self.saved[path]
+            place = self._locate(path)
+            if place is None:
+                continue
+            with place:
+                st = lstat_or_none(place.name, place.fd)
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    os.chmod(place.name, mode, dir_fd=place.fd, follow_symlinks=False)
+                    os.utime(place.name, ns=(atime_ns, mtime_ns), dir_fd=place.fd, follow_symlinks=False)
+        self.journal_path.unlink()
+
+    def _locate(self, path: str) -> Place | None:
+        """The directory entry at the resolved `path`, or None when something on the way is not a directory."""
+        if not path:
+            return Place(os.dup(self.top), self.root_name, "")
+        *dirs, base = path.split("/")
+        try:
+            return Place(self._open_dirs(dirs), base, path)
+        except OSError as err:
+            if err.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                return None
+            raise
+
+
+def swap(old_fd: int, new_fd: int) -> int:
+    os.close(old_fd)
+    return new_fd
+
+
+def ancestors(path: str) -> list[str]:
+    parts = path.split("/")
+    return ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+
+
+def depth(path: str) -> int:
+    return path.count("/") + 1 if path else 0
+
+
+def children(fd: int) -> list[str]:
+    """The names in the directory open as `fd` (an O_PATH fd cannot be listed: open it for reading)."""
+    listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+    try:
+        return os.listdir(listing)
+    finally:
+        os.close(listing)
