@@ -1,4 +1,4 @@
-"""Sandboxes for this repository, materialised with doit: `doit` pulls them, `doit run:DIR` runs one.
+"""Sandboxes for this repository, materialised with doit: `doit` pulls them, `doit d-run:DIR` runs one.
 
 A working example of the public API: declare `Pull`s, put their task creators in this module's namespace.
 Set D_UTILS_REGISTRY to pull from another registry (a local mirror, or a test registry on 127.0.0.1).
@@ -7,7 +7,7 @@ Set D_UTILS_REGISTRY to pull from another registry (a local mirror, or a test re
 import os
 from pathlib import Path
 
-from dutils.pipeline import Options, Pull, task_creators
+from dutils.pipeline import Options, Pull, sandbox_tasks
 
 REGISTRY = os.environ.get("D_UTILS_REGISTRY", "docker.io/library")
 OPTIONS = Options(cache=Path("cache").absolute())  # the repository's own cache; its contents are git-ignored
@@ -25,4 +25,4 @@ DOIT_CONFIG = {
     "verbosity": 0,
 }
 
-globals().update(task_creators(SANDBOXES))
+globals().update(sandbox_tasks(SANDBOXES))

@@ -1,11 +1,11 @@
 """A pull as doit tasks: the whole pipeline in one file, and the only module that imports doit.
 
     auth:<dir> -> manifest:<dir> -> fetch:<digest> (one per blob, shared by all pulls)
-               -> apply:<dir>/<n> (in order) -> config:<dir> [-> run:<dir>]
+               -> apply:<dir>/<n> (in order) -> config:<dir> [-> d-run:<dir>]
 
 Every task's up-to-date check rests on facts on disk (a verified blob under its digest, the list of applied
 layers, the record), never on doit's database alone: after a kill -9 that database holds nothing of the run.
-`task_creators` is the public API: a dodo.py puts its result in its namespace to declare sandboxes.
+`sandbox_tasks` is the public API: a dodo.py puts its result in its namespace to declare sandboxes.
 """
 
 import contextlib
@@ -280,7 +280,7 @@ def action(function: Callable, *args: object) -> Callable[[], TaskFailed | None]
     return run
 
 
-def task_creators(pulls: list[Pull]) -> dict[str, Callable]:
+def sandbox_tasks(pulls: list[Pull]) -> dict[str, Callable]:
     """The task creators for these pulls, to put in a doit namespace (a dodo.py's globals, or d-pull's loader)."""
 
     def task_auth() -> Iterator[dict]:
@@ -347,7 +347,7 @@ def task_creators(pulls: list[Pull]) -> dict[str, Callable]:
     creators = {"task_auth": task_auth, "task_manifest": task_manifest, "task_fetch": task_fetch}
     creators |= {"task_apply": task_apply, "task_config": task_config}
     if any(p.command for p in pulls):
-        creators["task_run"] = task_run
+        creators["task_d-run"] = task_run  # `run` is doit's own command
     return creators
 
 
@@ -380,7 +380,7 @@ def run_pulls(pulls: list[Pull], jobs: int, debug: bool) -> list[str]:
         make_folder(pull.options.cache, "cache folder (--cache or $D_UTILS_CACHE)")
         pull.claim_folder()  # before doit writes its database into the folder
     reporter = Reporter(debug)
-    namespace: dict[str, object] = dict(task_creators(pulls))
+    namespace: dict[str, object] = dict(sandbox_tasks(pulls))
     namespace["DOIT_CONFIG"] = {
         "dep_file": os.fspath(pulls[0].folder.state / "doit.json"),
         "backend": "json",
