@@ -137,14 +137,14 @@ def apply_member(tar: tarfile.TarFile, member: tarfile.TarInfo, tree: Tree, skip
             raise IsADirectoryError(errno.EISDIR, "refusing to turn the root into a non-directory")
         if member.islnk():
             tree.hard_link(place, member.linkname)  # no metadata: it is the target's
-        elif member.isdev() and tree.rootless:
+        elif (member.ischr() or member.isblk()) and tree.rootless:
             tree.clear(place)  # the layer says something else is there: the old entry goes at least
             skipped.devices += 1
         elif member.isdir():
             make_dir(place, member, tree)
             set_metadata(place.fd, place.name, member, tree, skipped)
             tree.set_dir_later(place, stat.S_IMODE(member.mode), mtime_ns(member))
-        elif member.issym() or member.isfifo() or member.isdev():
+        elif member.issym() or member.isdev():  # isdev() includes fifos
             tree.clear(place)
             make_node(place, member)
             set_metadata(place.fd, place.name, member, tree, skipped)
@@ -221,7 +221,7 @@ def apply_whiteout(name: str, base: str, tree: Tree) -> None:
         place = tree.find(name)
         if place is not None:
             with place:
-                tree.hide_children(place)
+                tree.hide_children(place.fd, place.path.rpartition("/")[0])
         return
     hidden = base.removeprefix(WHITEOUT)
     if hidden in ("", ".", "..") or hidden.startswith(WHITEOUT):

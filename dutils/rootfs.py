@@ -210,12 +210,12 @@ class Tree:
         st = lstat_or_none(place.name, place.fd)
         if st is not None and stat.S_ISDIR(st.st_mode):
             with Place(self._enter(place.fd, place.name, place.path, st), "", place.path) as inside:
-                self.hide_children(inside)
+                self.hide_children(inside.fd, inside.path)
 
-    def hide_children(self, directory: Place) -> None:
-        """An opaque whiteout: hide every lower-layer entry below the open directory `directory.fd`."""
-        for child in children(directory.fd):
-            self.hide(Place(directory.fd, child, join(directory.path, child)))
+    def hide_children(self, fd: int, path: str) -> None:
+        """An opaque whiteout: hide every lower-layer entry below the open directory `fd` at `path`."""
+        for child in children(fd):
+            self.hide(Place(fd, child, join(path, child)))
 
     def hard_link(self, place: Place, target_name: str) -> None:
         """Make `place` another name of the entry `target_name` (resolved inside the root, not followed)."""
