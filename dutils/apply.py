@@ -6,7 +6,6 @@ change inside the rootfs. Files are written under a scratch name and renamed whe
 same layer again over a killed run gives exactly the tree of one clean run.
 """
 
-import contextlib
 import errno
 import hashlib
 import os
@@ -115,7 +114,7 @@ def apply_layer(blob: Path, media_type: str, diff_id: str, rootfs: Path) -> Skip
 
 def apply_members(stream: VerifyingReader, tree: Tree, skipped: Skipped, layer: str) -> None:
     try:
-        with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:  # type: ignore[call-overload]
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 try:
                     apply_member(tar, member, tree, skipped)
@@ -142,12 +141,14 @@ def apply_member(tar: tarfile.TarFile, member: tarfile.TarInfo, tree: Tree, skip
             skipped.devices += 1
         elif member.isdir():
             make_dir(place, member, tree)
-            set_metadata(place.fd, place.name, member, tree, skipped)
+            # Owner rwx until finish(): children may follow, in this layer's later entries.
+            set_metadata(place.fd, place.name, member, stat.S_IMODE(member.mode) | OWNER_RWX, tree, skipped)
             tree.set_dir_later(place, stat.S_IMODE(member.mode), mtime_ns(member))
         elif member.issym() or member.isdev():  # isdev() includes fifos
             tree.clear(place)
             make_node(place, member)
-            set_metadata(place.fd, place.name, member, tree, skipped)
+            mode = None if member.issym() else stat.S_IMODE(member.mode)  # a symlink has no mode of its own
+            set_metadata(place.fd, place.name, member, mode, tree, skipped)
         else:  # a regular file; as in tar, so is any unknown type
             write_file(tar, member, tree, place, skipped)
 
@@ -158,7 +159,8 @@ def make_dir(place: Place, member: tarfile.TarInfo, tree: Tree) -> None:
     if st is None or not stat.S_ISDIR(st.st_mode):
         tree.clear(place)
         os.mkdir(place.name, OWNER_RWX, dir_fd=place.fd)
-    os.chmod(place.name, OWNER_RWX, dir_fd=place.fd, follow_symlinks=False)  # writable for its attributes
+    elif st.st_mode & OWNER_RWX != OWNER_RWX:  # writable while its attributes are set
+        os.chmod(place.name, stat.S_IMODE(st.st_mode) | OWNER_RWX, dir_fd=place.fd, follow_symlinks=False)
 
 
 def make_node(place: Place, member: tarfile.TarInfo) -> None:
@@ -174,25 +176,28 @@ def make_node(place: Place, member: tarfile.TarInfo) -> None:
 
 def write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, tree: Tree, place: Place, skipped: Skipped) -> None:
     """Write under a scratch name, complete with metadata, then rename: a killed run leaves no half file."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(PARTIAL, dir_fd=place.fd)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    with open(os.open(PARTIAL, flags, 0o600, dir_fd=place.fd), "wb") as out:
+    try:
+        fd = os.open(PARTIAL, flags, 0o600, dir_fd=place.fd)
+    except FileExistsError:  # left by a killed run
+        os.unlink(PARTIAL, dir_fd=place.fd)
+        fd = os.open(PARTIAL, flags, 0o600, dir_fd=place.fd)
+    with os.fdopen(fd, "wb", buffering=0) as out:
         shutil.copyfileobj(tar.extractfile(member), out, CHUNK)
-    set_metadata(place.fd, PARTIAL, member, tree, skipped)
+    set_metadata(place.fd, PARTIAL, member, stat.S_IMODE(member.mode), tree, skipped)
     tree.clear(place)
     os.rename(PARTIAL, place.name, src_dir_fd=place.fd, dst_dir_fd=place.fd)
 
 
-def set_metadata(fd: int, name: str, member: tarfile.TarInfo, tree: Tree, skipped: Skipped) -> None:
-    """Owner first (chown clears setuid bits), then attributes and mode, times last."""
+def set_metadata(fd: int, name: str, member: tarfile.TarInfo, mode: int | None, tree: Tree, skipped: Skipped) -> None:
+    """Owner first (chown clears setuid bits), then attributes and mode (None for symlinks), times last."""
     if not tree.rootless:
         os.chown(name, member.uid, member.gid, dir_fd=fd, follow_symlinks=False)
     elif member.uid or member.gid:
         skipped.owners += 1
     set_xattrs(fd, name, member, skipped)
-    if not member.issym():  # a symlink has no mode of its own
-        os.chmod(name, stat.S_IMODE(member.mode), dir_fd=fd, follow_symlinks=False)
+    if mode is not None:
+        os.chmod(name, mode, dir_fd=fd, follow_symlinks=False)
     os.utime(name, ns=(mtime_ns(member),) * 2, dir_fd=fd, follow_symlinks=False)
 
 

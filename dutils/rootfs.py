@@ -63,7 +63,7 @@ class Absent(Exception):
     """A component of a name does not exist (only raised while looking for existing entries)."""
 
 
-def make_dir(fd: int, name: str) -> None:
+def make_missing_dir(fd: int, name: str) -> None:
     os.mkdir(name, 0o755, dir_fd=fd)
     os.chmod(name, 0o755, dir_fd=fd, follow_symlinks=False)  # whatever the umask
 
@@ -79,6 +79,7 @@ class Tree:
         self.rootless = os.geteuid() != 0  # decided once: an ordinary user cannot chown or mknod
         self.kept: set[str] = set()  # paths this layer wrote, and their ancestors: whiteouts spare them
         self.saved: dict[str, tuple[int, int, int]] = {}  # path -> (mode, atime_ns, mtime_ns) for finish()
+        self.last: tuple[list[str], int, str] | None = None  # the last parent resolved: names, fd, path
         rootfs.mkdir(parents=True, exist_ok=True)
         self.top = os.open(rootfs.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.root_name = rootfs.name
@@ -92,6 +93,7 @@ class Tree:
         return self
 
     def __exit__(self, *_: object) -> None:
+        self.forget()
         for fd in (self.root, self.top, self.journal):
             os.close(fd)
 
@@ -129,6 +131,8 @@ class Tree:
         if not path:
             return Place(os.dup(self.top), self.root_name, "")
         *dirs, base = path.split("/")
+        if self.last and self.last[0] == dirs:  # the common case: the same parent as the previous entry
+            return Place(os.dup(self.last[1]), base, join(self.last[2], base))
         todo, done, links = deque(dirs), [], 0
         fd = os.dup(self.root)
         try:
@@ -161,7 +165,15 @@ class Tree:
         except BaseException:
             os.close(fd)
             raise
+        self.forget()
+        self.last = (dirs, os.dup(fd), "/".join(done))
         return Place(fd, base, join("/".join(done), base))
+
+    def forget(self) -> None:
+        """Drop the remembered parent: a directory or symlink went away, names may resolve differently."""
+        if self.last:
+            os.close(self.last[1])
+            self.last = None
 
     def _open_dirs(self, parts: list[str]) -> int:
         """Open the already resolved directory `parts` afresh from the root."""
@@ -176,7 +188,7 @@ class Tree:
 
     def parent(self, name: str) -> Place:
         """Where entry `name` goes, its missing parent directories made."""
-        place = self._walk(name, make_dir)
+        place = self._walk(name, make_missing_dir)
         self.kept.update(ancestors(place.path))
         return place
 
@@ -192,6 +204,8 @@ class Tree:
         st = lstat_or_none(place.name, place.fd)
         if st is None:
             return
+        if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
+            self.forget()
         if not stat.S_ISDIR(st.st_mode):
             os.unlink(place.name, dir_fd=place.fd)
             return
