@@ -172,8 +172,11 @@ class Pull:
                     "run with --update to replace it; your config.json edits and volumes/ are kept",
                 )
             self.start_over()
-            record = replace(record, reference=str(self.ref), digest=self.image.digest, complete=False)
-        self.folder.write_record(record or Record(str(self.ref), self.image.digest, self.image.platform))
+            record = replace(record, reference=str(self.ref), digest=self.image.digest, platform=self.image.platform)
+        record = record or Record(str(self.ref), self.image.digest, self.image.platform)
+        finished = self.folder.rootfs.is_dir() and self.applied() == [layer.digest for layer in self.image.layers]
+        # complete only while every layer is applied: d-run refuses a rootfs that is being rebuilt
+        self.folder.write_record(replace(record, complete=record.complete and finished))
 
     def start_over(self) -> None:
         """Drop the rootfs of another image (or of an unfinished pull of one); config.json and volumes/ stay."""
@@ -230,7 +233,7 @@ class Pull:
 
     def is_complete(self) -> bool:
         record = self.folder.read_record()
-        return bool(record and record.complete and self.image and record.digest == self.image.digest)
+        return bool(record and record.complete and record.digest == self.image.digest and self.folder.config.exists())
 
     def write_config(self) -> None:
         """config.json last: with the record marked complete, it is what says the pull is finished."""
