@@ -1,0 +1,509 @@
+"""apply: real layers (built with tests/images.py) applied as root and as a real ordinary user, compared
+feature by feature, after simulated kills, and with umoci's unpacking of the same image."""
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+from images import Image, Tar, write_oci_layout
+from malicious import MEDIA, USER, Layer, apply_all, apply_as_user, as_root, make_workspace, write_layer
+
+from dutils.apply import Skipped, apply_layer
+from dutils.errors import Error
+
+UNICODE = "données/ünïcödé-名前 €.txt"
+DEEP = "/".join(["deep"] + [f"level-{n}-with-a-rather-long-name" for n in range(6)])
+LONG = DEEP + "/and-a-file-whose-path-needs-a-pax-header.txt"
+DEVICES = ["dev/null", "dev/loop0", "dev/zero"]
+
+
+def catalogue() -> list[Tar]:
+    """Five layers that use every feature of the changeset format, each layer building on the ones below."""
+    deep = Tar()
+    for depth in range(1, DEEP.count("/") + 2):
+        deep = deep.dir("/".join(DEEP.split("/")[:depth]))
+    base = (
+        deep.dir(".", 0o755)
+        .dir("etc")
+        .file("etc/passwd", b"root:x:0:0::/root:/bin/sh\n")
+        .file("etc/shadow", b"secret\n", mode=0o640, gid=42)
+        .dir("usr")
+        .dir("usr/bin")
+        .file("usr/bin/tool", b"#!/bin/sh\necho tool\n", mode=0o755)
+        .file("usr/bin/su", b"su", mode=0o4755)
+        .file("usr/bin/wall", b"wall", mode=0o2755, gid=5)
+        .hardlink("usr/bin/tool-again", "usr/bin/tool")
+        .symlink("bin", "usr/bin")
+        .symlink("etc/tool-link", "/usr/bin/tool")
+        .symlink("dangling", "/nowhere/at/all")
+        .dir("tmp", 0o1777)
+        .dir("ro", 0o555)
+        .file("ro/inside", b"in a read-only dir")
+        .dir("locked", 0o000)
+        .dir("locked/sub", 0o700)
+        .file("locked/sub/secret", b"s", mode=0o000)
+        .file("zero-mode", b"nobody reads me", mode=0o000)
+        .dir("run")
+        .fifo("run/fifo")
+        .dir("dev")
+        .device("dev/null", "char", 1, 3)
+        .device("dev/loop0", "block", 7, 0)
+        .dir("données")
+        .file(UNICODE, b"utf-8 name\n")
+        .file(LONG, b"deep\n")
+        .dir("old-dir")
+        .dir("old-dir/sub")
+        .file("old-dir/sub/f", b"f")
+        .file("old-file", b"old")
+        .dir("opaque")
+        .file("opaque/lower", b"lower")
+        .dir("opaque/lower-dir", 0o555)
+        .file("opaque/lower-dir/x", b"x")
+        .file("gone", b"bye")
+        .dir("gone-dir", 0o500)
+        .file("gone-dir/child", b"c")
+        .file("shared", b"v1")
+        .hardlink("shared-link", "shared")
+        .dir("chmod-me", 0o755)
+        .file("chmod-me/keep", b"keep")
+        .dir("opaque2")
+        .dir("opaque2/sub")
+        .file("opaque2/sub/lower", b"lower")
+    )
+    second = (
+        Tar()
+        .whiteout("gone")
+        .whiteout("gone-dir")
+        .file("opaque/upper", b"upper")  # before the marker: entry order must not matter
+        .opaque("opaque")
+        .file("old-dir", b"a file over a directory")
+        .dir("old-file", 0o750)
+        .file("old-file/inside", b"a directory over a file")
+        .dir("chmod-me", 0o700)
+        .hardlink("etc/passwd-again", "etc/passwd")
+        .file("ro/added", b"into a read-only dir of a lower layer")
+        .file("locked/sub/added", b"into a mode-0000 dir of a lower layer")
+    )
+    third = (
+        Tar()
+        .file("bin", b"a file over a symlink")
+        .symlink("etc/shadow", "passwd")
+        .file("shared", b"v2")  # a new inode: shared-link keeps v1
+        .file("usr/bin/su", b"su v2", mode=0o4750)
+        .file("both", b"written, then whited out in the same layer: kept")
+        .whiteout("both")
+    )
+    fourth = (
+        Tar()
+        .opaque("opaque2")
+        .dir("opaque2/sub", 0o755)
+        .file("opaque2/sub/upper", b"upper")
+        .whiteout("usr/bin/wall")
+        .fifo("run/fifo2")
+        .symlink("opaque2/link", "../etc")
+    )
+    fifth = (
+        Tar()
+        .dir(".", 0o755)
+        .file("ro/late", b"late")
+        .device("dev/zero", "char", 1, 5)
+        .hardlink("usr/bin/tool-third", "usr/bin/tool-again")
+        .file("locked/late", b"late", mode=0o600)
+        .dir("etc", 0o755)
+        .file("etc/hostname", b"catalogue\n")
+    )
+    return [base, second, third, fourth, fifth]
+
+
+# -- comparing trees
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str
+    mode: int
+    owner: tuple[int, int] | None
+    payload: object  # content, link target or device number
+    mtime_ns: int | None
+
+
+def snapshot(root: Path) -> tuple[dict[str, Entry], set[frozenset[str]]]:
+    """Every entry below `root` (and root itself, as "."), and the groups of paths that share an inode."""
+    entries, inodes = {}, {}
+    for directory, dirs, files in os.walk(root):
+        for path in [Path(directory)] if Path(directory) == root else []:
+            entries["."] = describe(path)
+        for name in dirs + files:
+            path = Path(directory, name)
+            relative = str(path.relative_to(root))
+            entries[relative] = describe(path)
+            st = path.lstat()
+            if not stat.S_ISDIR(st.st_mode):
+                inodes.setdefault(st.st_ino, set()).add(relative)
+    return entries, {frozenset(group) for group in inodes.values() if len(group) > 1}
+
+
+def describe(path: Path) -> Entry:
+    st = path.lstat()
+    kind = stat.filemode(st.st_mode)[0]
+    payload = {
+        "-": lambda: path.read_bytes(),
+        "l": lambda: os.readlink(path),
+        "c": lambda: (os.major(st.st_rdev), os.minor(st.st_rdev)),
+        "b": lambda: (os.major(st.st_rdev), os.minor(st.st_rdev)),
+    }.get(kind, lambda: None)()
+    return Entry(kind, stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid), payload, st.st_mtime_ns)
+
+
+def without(tree: tuple[dict[str, Entry], set], **fields: None) -> tuple[dict[str, Entry], set]:
+    entries, groups = tree
+    return {path: replace(entry, **fields) for path, entry in entries.items()}, groups
+
+
+# -- features
+
+
+@pytest.fixture
+def blobs(tmp_path: Path) -> Path:
+    (tmp_path / "blobs").mkdir()
+    return tmp_path / "blobs"
+
+
+def apply_catalogue(blobs: Path, rootfs: Path, compression: str = "gzip") -> Skipped:
+    return apply_all([write_layer(blobs, tar.to_bytes(), compression) for tar in catalogue()], rootfs)
+
+
+def tar_mtime(tar: Tar, name: str) -> int:
+    with tarfile.open(fileobj=io.BytesIO(tar.to_bytes())) as archive:
+        return int(archive.getmember(name).mtime) * 1_000_000_000
+
+
+@as_root
+def test_catalogue_as_root_has_every_feature(blobs: Path, tmp_path: Path) -> None:
+    rootfs = tmp_path / "pull" / "rootfs"
+    skipped = apply_catalogue(blobs, rootfs)
+    assert skipped == Skipped()
+    entries, groups = snapshot(rootfs)
+
+    for path in ["gone", "gone-dir", "opaque/lower", "opaque/lower-dir", "opaque2/sub/lower", "usr/bin/wall"]:
+        assert path not in entries, path
+    assert not [path for path in entries if ".wh." in path]
+    assert list(tmp_path.joinpath("pull").iterdir()) == [rootfs]  # no journal left once done
+    assert entries["opaque/upper"].payload == b"upper"
+    assert entries["opaque2/sub/upper"].payload == b"upper"
+    assert entries["both"].payload.startswith(b"written")
+    assert entries["old-dir"].payload == b"a file over a directory"
+    assert (entries["old-file"].kind, entries["old-file"].mode) == ("d", 0o750)
+    assert entries["old-file/inside"].payload == b"a directory over a file"
+    assert entries["chmod-me"].mode == 0o700 and "chmod-me/keep" in entries
+    assert {"etc/passwd", "etc/passwd-again"} in groups
+    assert {"usr/bin/tool", "usr/bin/tool-again", "usr/bin/tool-third"} in groups
+    assert (entries["shared"].payload, entries["shared-link"].payload) == (b"v2", b"v1")
+    assert entries["bin"].payload == b"a file over a symlink"
+    assert (entries["etc/shadow"].kind, entries["etc/shadow"].payload) == ("l", "passwd")
+    assert entries["etc/tool-link"].payload == "/usr/bin/tool"
+    assert entries["dangling"].payload == "/nowhere/at/all"
+    assert (entries["usr/bin/su"].mode, entries["usr/bin/su"].payload) == (0o4750, b"su v2")
+    assert entries["tmp"].mode == 0o1777
+    assert entries["ro"].mode == 0o555 and {"ro/inside", "ro/added", "ro/late"} <= entries.keys()
+    assert entries["locked"].mode == 0 and entries["locked/sub/secret"].mode == 0
+    assert entries["locked/sub/added"].payload.startswith(b"into a mode-0000")
+    assert entries["zero-mode"].mode == 0
+    assert entries["run/fifo"].kind == entries["run/fifo2"].kind == "p"
+    assert entries["dev/null"].kind == "c" and entries["dev/null"].payload == (1, 3)
+    assert entries["dev/loop0"].kind == "b" and entries["dev/zero"].payload == (1, 5)
+    assert entries[UNICODE].payload == b"utf-8 name\n" and entries[LONG].payload == b"deep\n"
+    assert entries["usr/bin/su"].owner == (0, 0) and entries["opaque"].owner == (0, 0)
+    first = catalogue()[0]
+    assert entries["ro"].mtime_ns == tar_mtime(first, "ro")  # children added later leave it alone
+    assert entries["etc/passwd"].mtime_ns == tar_mtime(first, "etc/passwd")
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_every_compression_gives_the_same_tree(compression: str, blobs: Path, tmp_path: Path) -> None:
+    apply_catalogue(blobs, tmp_path / "gzip" / "rootfs")
+    apply_catalogue(blobs, tmp_path / compression / "rootfs", compression)
+    assert snapshot(tmp_path / compression / "rootfs") == snapshot(tmp_path / "gzip" / "rootfs")
+
+
+@pytest.mark.parametrize(
+    ("media_type", "compression"),
+    [
+        ("application/vnd.oci.image.layer.nondistributable.v1.tar", "none"),
+        ("application/vnd.oci.image.layer.nondistributable.v1.tar+gzip", "gzip"),
+        ("application/vnd.oci.image.layer.nondistributable.v1.tar+zstd", "zstd"),
+        ("application/vnd.docker.image.rootfs.diff.tar.gzip", "gzip"),
+        ("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip", "gzip"),
+    ],
+)
+def test_every_layer_media_type_is_read(media_type: str, compression: str, blobs: Path, tmp_path: Path) -> None:
+    layer = write_layer(blobs, Tar().file("hello", b"hi").to_bytes(), compression)
+    apply_layer(layer.blob, media_type, layer.diff_id, tmp_path / "rootfs")
+    assert (tmp_path / "rootfs" / "hello").read_bytes() == b"hi"
+
+
+def test_unknown_media_type_is_named(blobs: Path, tmp_path: Path) -> None:
+    layer = write_layer(blobs, Tar().file("hello").to_bytes())
+    with pytest.raises(Error, match=r"layer sha256:[0-9a-f]{64}: unsupported .*application/x-rar"):
+        apply_layer(layer.blob, "application/x-rar", layer.diff_id, tmp_path / "rootfs")
+
+
+def corrupt(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + bytes(b ^ 0x55 for b in data[middle : middle + 64]) + data[middle + 64 :]
+
+
+@pytest.mark.parametrize(
+    ("compression", "damage", "message"),
+    [
+        ("gzip", corrupt, "corrupt gzip data"),
+        ("gzip", lambda data: data[: len(data) // 2], "corrupt gzip data"),
+        ("zstd", lambda data: data[:4] + b"\xff" * 8 + data[12:], "corrupt zstd data"),  # no checksum by default
+        ("none", lambda data: data[:700], "corrupt tar data"),
+        ("none", lambda data: b"\x01" * 1024, "corrupt tar data"),
+    ],
+)
+def test_corrupt_layers_fail_with_one_line_naming_the_layer(
+    compression: str, damage, message: str, blobs: Path, tmp_path: Path
+) -> None:
+    tar = Tar().file("a", os.urandom(50_000)).file("b", b"b" * 50_000).to_bytes()
+    layer = write_layer(blobs, tar, compression)
+    layer.blob.write_bytes(damage(layer.blob.read_bytes()))
+    with pytest.raises(Error, match=f"^layer sha256:{layer.blob.name}: {message}") as caught:
+        apply_layer(layer.blob, layer.media_type, layer.diff_id, tmp_path / "rootfs")
+    assert "\n" not in str(caught.value)
+
+
+def test_diff_id_mismatch_is_an_error_naming_the_layer(blobs: Path, tmp_path: Path) -> None:
+    layer = write_layer(blobs, Tar().file("hello").to_bytes())
+    other = "sha256:" + "0" * 64
+    with pytest.raises(Error, match=f"layer sha256:{layer.blob.name}: uncompressed content is sha256:.*{other}"):
+        apply_layer(layer.blob, layer.media_type, other, tmp_path / "rootfs")
+
+
+def test_missing_parents_are_made_0755_whatever_the_umask(blobs: Path, tmp_path: Path) -> None:
+    layer = write_layer(blobs, Tar().file("a/b/c", b"c").to_bytes())
+    old = os.umask(0o077)
+    try:
+        apply_layer(layer.blob, layer.media_type, layer.diff_id, tmp_path / "rootfs")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "rootfs" / "a" / "b").stat().st_mode) == 0o755
+
+
+def xattr_layer() -> bytes:
+    info = tarfile.TarInfo("labelled")
+    info.size = 2
+    info.pax_headers = {"SCHILY.xattr.user.comment": "hello", "SCHILY.xattr.trusted.secret": "x"}
+    return Tar().raw(info, b"hi").to_bytes()
+
+
+@as_root
+def test_extended_attributes_are_set_as_root(blobs: Path, tmp_path: Path) -> None:
+    layer = write_layer(blobs, xattr_layer())
+    assert apply_all([layer], tmp_path / "rootfs") == Skipped()
+    assert os.getxattr(tmp_path / "rootfs" / "labelled", "user.comment") == b"hello"
+    assert os.getxattr(tmp_path / "rootfs" / "labelled", "trusted.secret") == b"x"
+
+
+def test_memory_stays_flat_as_a_layer_grows(tmp_path: Path) -> None:
+    """A 512 MiB file is streamed through: the applying process never holds it."""
+    size = 512 << 20
+    raw, sha256 = tmp_path / "big.tar", hashlib.sha256()
+    with raw.open("wb") as out, tarfile.open(fileobj=out, mode="w|") as archive:
+        info = tarfile.TarInfo("big")
+        info.size = size
+        archive.addfile(info, io.BufferedReader(Zeros(size)))
+    with raw.open("rb") as tar:
+        while chunk := tar.read(1 << 20):
+            sha256.update(chunk)
+    script = (
+        "import resource, sys; from pathlib import Path; from dutils.apply import apply_layer;"
+        f"apply_layer(Path(sys.argv[1]), '{MEDIA['none']}', sys.argv[2], Path(sys.argv[3]));"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(raw), f"sha256:{sha256.hexdigest()}", str(tmp_path / "rootfs")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert int(done.stdout) < 120_000  # KiB: the interpreter and its imports, not the layer
+    assert (tmp_path / "rootfs" / "big").stat().st_size == size
+
+
+class Zeros(io.RawIOBase):
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        count = min(len(buffer), self.left)
+        buffer[:count] = bytes(count)
+        self.left -= count
+        return count
+
+
+# -- interrupted applies
+
+
+def members(tar: bytes) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        return [(m, archive.extractfile(m).read() if m.isfile() else None) for m in archive.getmembers()]
+
+
+def first_members(tar: bytes, count: int) -> bytes:
+    """The layer as a kill after `count` entries leaves it: only those entries get applied."""
+    prefix = Tar()
+    for info, data in members(tar)[:count]:
+        prefix = prefix.raw(info, data or b"")
+    return prefix.to_bytes()
+
+
+def cut_inside_a_file(tar: bytes) -> bytes:
+    """The layer cut in the middle of a file's content, as a kill while writing it leaves things."""
+    info = next(info for info, data in members(tar) if info.isfile() and info.size > 4)
+    return tar[: info.offset_data + info.size // 2]
+
+
+def killed_runs() -> list:
+    """(layer index, what a killed run of it got to apply) at several cut points in three layers."""
+    cases = []
+    for index in (0, 1, 4):
+        total = len(members(catalogue()[index].to_bytes()))
+        for count in sorted({0, 1, total // 2, total - 1}):
+            cases.append(pytest.param(index, count, id=f"layer{index}-killed-after-{count}-entries"))
+        cases.append(pytest.param(index, None, id=f"layer{index}-killed-inside-a-file"))
+    return cases
+
+
+def kill_and_rerun(directory: Path, index: int, count: int | None, rootfs: Path) -> list[tuple[Layer, Path]]:
+    """The steps of a pull killed while applying layer `index`, then run again: the killed run's error
+    stops it before it finishes, as a kill would."""
+    tars = [tar.to_bytes() for tar in catalogue()]
+    layers = [write_layer(directory, tar) for tar in tars]
+    killed = cut_inside_a_file(tars[index]) if count is None else first_members(tars[index], count)
+    broken = replace(write_layer(directory, killed), diff_id=layers[index].diff_id)
+    return [(layer, rootfs) for layer in [*layers[:index], broken, layers[index]]]
+
+
+def apply_steps(steps: list[tuple[Layer, Path]]) -> list[str]:
+    errors = []
+    for layer, rootfs in steps:
+        try:
+            apply_layer(layer.blob, layer.media_type, layer.diff_id, rootfs)
+        except Error as err:
+            errors.append(str(err))
+    return errors
+
+
+@pytest.mark.parametrize(("index", "count"), killed_runs())
+def test_rerun_after_a_kill_gives_the_clean_tree(index: int, count: int | None, tmp_path: Path) -> None:
+    apply_all(
+        [write_layer(tmp_path, tar.to_bytes()) for tar in catalogue()[: index + 1]], tmp_path / "clean" / "rootfs"
+    )
+    errors = apply_steps(kill_and_rerun(tmp_path, index, count, tmp_path / "rerun" / "rootfs"))
+    assert len(errors) == 1  # the killed run only
+    assert snapshot(tmp_path / "rerun" / "rootfs") == snapshot(tmp_path / "clean" / "rootfs")
+    assert sorted(os.listdir(tmp_path / "rerun")) == ["rootfs"]  # no journal or scratch file left
+
+
+# -- as a real ordinary user, and against umoci
+
+
+@pytest.fixture(scope="module")
+def workspace():
+    workspace = make_workspace()
+    yield workspace
+    shutil.rmtree(workspace)
+
+
+def user_folder(workspace: Path, name: str) -> Path:
+    folder = workspace / "pull" / name
+    folder.mkdir()
+    shutil.chown(folder, USER, USER)
+    return folder
+
+
+@as_root
+@pytest.mark.parametrize(("index", "count"), killed_runs())
+def test_rerun_after_a_kill_gives_the_clean_tree_as_an_ordinary_user(
+    index: int, count: int | None, workspace: Path, request
+) -> None:
+    folder = user_folder(workspace, request.node.callspec.id)
+    clean = [(write_layer(workspace, tar.to_bytes()), folder / "clean") for tar in catalogue()[: index + 1]]
+    rerun = kill_and_rerun(workspace, index, count, folder / "rerun")
+    results = apply_as_user(workspace, clean + rerun)
+    assert [result for result in results if isinstance(result, str)] == [results[len(clean) + index]]
+    assert snapshot(folder / "rerun") == snapshot(folder / "clean")
+    assert sorted(os.listdir(folder)) == ["clean", "rerun"]
+
+
+@as_root
+def test_extended_attributes_as_an_ordinary_user(workspace: Path) -> None:
+    folder = user_folder(workspace, "xattrs")
+    [skipped] = apply_as_user(workspace, [(write_layer(workspace, xattr_layer()), folder / "rootfs")])
+    assert skipped == {"devices": 0, "xattrs": 1, "owners": 0}  # trusted.* needs privilege
+    assert os.getxattr(folder / "rootfs" / "labelled", "user.comment") == b"hello"
+    assert "trusted.secret" not in os.listxattr(folder / "rootfs" / "labelled")
+
+
+def blob_of(layout: Path, digest: str) -> Path:
+    return layout / "blobs" / "sha256" / digest.removeprefix("sha256:")
+
+
+def layout_layers(layout: Path) -> list[Layer]:
+    """The layers of the layout's only image, as umoci reads them."""
+    [descriptor] = json.loads((layout / "index.json").read_text())["manifests"]
+    manifest = json.loads(blob_of(layout, descriptor["digest"]).read_text())
+    diff_ids = json.loads(blob_of(layout, manifest["config"]["digest"]).read_text())["rootfs"]["diff_ids"]
+    return [
+        Layer(blob_of(layout, layer["digest"]), layer["mediaType"], diff_id)
+        for layer, diff_id in zip(manifest["layers"], diff_ids, strict=True)
+    ]
+
+
+@pytest.fixture(scope="module")
+def umoci(workspace: Path) -> dict[str, Path]:
+    """The catalogue as an OCI layout, unpacked by umoci as root and with --rootless."""
+    layout = workspace / "layout"
+    write_oci_layout(layout, Image(layers=catalogue(), config={}, compression="gzip"), "catalogue")
+    subprocess.run(["chmod", "-R", "a+rX", str(layout)], check=True)
+    trees = {"layout": layout}
+    for mode, flags in [("root", []), ("rootless", ["--rootless"])]:
+        trees[mode] = workspace / f"umoci-{mode}"
+        command = ["umoci", "raw", "unpack", *flags, "--image", f"{layout}:catalogue", str(trees[mode])]
+        subprocess.run(command, check=True, capture_output=True, timeout=120)
+    return trees
+
+
+@as_root
+def test_tree_as_root_matches_umoci(umoci: dict[str, Path], tmp_path: Path) -> None:
+    apply_all(layout_layers(umoci["layout"]), tmp_path / "rootfs")
+    assert snapshot(tmp_path / "rootfs") == snapshot(umoci["root"])  # owners and mtimes included
+
+
+@as_root
+def test_tree_as_an_ordinary_user_matches_umoci_rootless(umoci: dict[str, Path], workspace: Path) -> None:
+    rootfs = user_folder(workspace, "catalogue") / "rootfs"
+    results = apply_as_user(workspace, [(layer, rootfs) for layer in layout_layers(umoci["layout"])])
+    total = sum((Skipped(**result) for result in results), Skipped())
+    assert total == Skipped(devices=len(DEVICES), owners=2)  # etc/shadow and usr/bin/wall had other groups
+    ours, theirs = without(snapshot(rootfs), owner=None), without(snapshot(umoci["rootless"]), owner=None)
+    for device in DEVICES:  # umoci leaves an empty file where we skip the device node
+        assert (theirs[0][device].kind, theirs[0].pop(device).payload) == ("-", b"")
+        assert device not in ours[0]
+    assert ours == theirs
+    assert all(stat.S_IMODE(os.lstat(rootfs / path).st_mode) == 0 for path in ["locked", "zero-mode"])
