@@ -13,7 +13,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from collections.abc import Callable
@@ -200,6 +199,7 @@ import json, sys
 from pathlib import Path
 from dutils.apply import apply_layer
 from dutils.errors import Error
+print("ready", flush=True)
 results = []
 for blob, media_type, diff_id, rootfs in json.loads(sys.argv[1]):
     try:
@@ -210,13 +210,19 @@ print(json.dumps(results))
 """
 
 
-def apply_as_user(workspace: Path, steps: list[tuple[Layer, Path]]) -> list[dict | str]:
-    """Apply each layer onto its rootfs as the ordinary user: Skipped fields, or the error's line."""
+def user_command(workspace: Path, steps: list[tuple[Layer, Path]]) -> tuple[list[str], dict[str, str]]:
+    """The python command (and its environment) that applies each layer onto its rootfs, printing "ready"
+    once started, then a JSON list with, for each layer, Skipped's fields or the error's line."""
     jobs = [[str(layer.blob), layer.media_type, layer.diff_id, str(rootfs)] for layer, rootfs in steps]
-    command = ["runuser", "-u", USER, "--", unprivileged_python(), "-c", RUN_AS_USER, json.dumps(jobs)]
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(workspace / "src"), "LANG": "C.UTF-8"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=workspace, env=env)
-    if done.returncode != 0:
-        sys.stderr.write(done.stderr)
+    return [unprivileged_python(), "-c", RUN_AS_USER, json.dumps(jobs)], env
+
+
+def apply_as_user(workspace: Path, steps: list[tuple[Layer, Path]]) -> list[dict | str]:
+    """Apply each layer onto its rootfs as the ordinary user, through runuser."""
+    command, env = user_command(workspace, steps)
+    done = subprocess.run(
+        ["runuser", "-u", USER, "--", *command], capture_output=True, text=True, timeout=120, cwd=workspace, env=env
+    )
     assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout)
+    return json.loads(done.stdout.splitlines()[-1])

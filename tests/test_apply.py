@@ -10,12 +10,13 @@ import stat
 import subprocess
 import sys
 import tarfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 from images import Image, Tar, write_oci_layout
-from malicious import MEDIA, USER, Layer, apply_all, apply_as_user, as_root, make_workspace, write_layer
+from malicious import MEDIA, USER, Layer, apply_all, apply_as_user, as_root, make_workspace, user_command, write_layer
 
 from dutils.apply import Skipped, apply_layer
 from dutils.errors import Error
@@ -507,3 +508,36 @@ def test_tree_as_an_ordinary_user_matches_umoci_rootless(umoci: dict[str, Path],
         assert device not in ours[0]
     assert ours == theirs
     assert all(stat.S_IMODE(os.lstat(rootfs / path).st_mode) == 0 for path in ["locked", "zero-mode"])
+
+
+@as_root
+def test_rerun_after_sigkill_gives_the_clean_tree_as_an_ordinary_user(workspace: Path) -> None:
+    """Real kills at moments spread over a long apply (entries, whiteouts, restoring modes at the end)."""
+    lower, upper = Tar().dir("."), Tar()
+    for n in range(200):
+        lower.dir(f"d{n}", 0o555).file(f"d{n}/old", b"old").dir(f"d{n}/gone", 0o500).file(f"d{n}/gone/f")
+        upper.dir(f"d{n}/new", 0o500).file(f"d{n}/new/f", b"new" * 500, mode=0o400).whiteout(f"d{n}/gone")
+        upper.file(f"d{n}/old", b"replaced", mode=0).dir(f"d{n}", 0o555)
+    lower_layer, upper_layer = (write_layer(workspace, tar.to_bytes()) for tar in (lower, upper))
+    folder = user_folder(workspace, "sigkill")
+    delays = [0.01, 0.05, 0.1, 0.2, 0.4]
+    targets = [folder / "clean", *(folder / f"killed-{delay}" for delay in delays)]
+    apply_as_user(workspace, [(lower_layer, rootfs) for rootfs in targets] + [(upper_layer, targets[0])])
+
+    interrupted = 0
+    for delay, rootfs in zip(delays, targets[1:], strict=True):
+        command, env = user_command(workspace, [(upper_layer, rootfs)])
+        with subprocess.Popen(
+            command, user=USER, group=USER, extra_groups=[], env=env, cwd=workspace, stdout=subprocess.PIPE, text=True
+        ) as child:
+            assert child.stdout.readline() == "ready\n"
+            time.sleep(delay)
+            child.kill()
+            child.wait(timeout=30)
+        interrupted += (folder / f".{rootfs.name}.d-utils-journal").exists()
+    assert interrupted >= 2  # most kills land mid-apply; the rest found it done and are harmless
+
+    apply_as_user(workspace, [(upper_layer, rootfs) for rootfs in targets[1:]])
+    for rootfs in targets[1:]:
+        assert snapshot(rootfs) == snapshot(targets[0]), rootfs.name
+    assert sorted(os.listdir(folder)) == sorted(rootfs.name for rootfs in targets)
