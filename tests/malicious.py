@@ -6,13 +6,10 @@ aim at it by absolute name and by symlink. Either the apply is refused with an e
 (`refused`), or the member is neutralised: its write lands inside the rootfs, at `inside` when given.
 """
 
-import functools
 import hashlib
 import json
 import os
-import pwd
 import shutil
-import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable
@@ -22,7 +19,6 @@ from pathlib import Path
 import pytest
 from images import Tar, compress
 
-import dutils
 from dutils.apply import Skipped, apply_layer
 
 MEDIA = {
@@ -158,7 +154,7 @@ def outside_state(roots: list[Path]) -> dict[str, tuple]:
     return state
 
 
-# -- running as a real ordinary user
+# -- running as a real ordinary user (conftest's `unprivileged` fixture: d-utils in a venv of Debian's python)
 
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: to chown, make devices and runuser")
@@ -166,32 +162,11 @@ as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: to chown, ma
 
 def make_workspace() -> Path:
     """A folder the ordinary user can reach (pytest's tmp_path is private to root) with a pull folder it owns."""
-    try:
-        pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", USER], check=True)
     workspace = Path(tempfile.mkdtemp(prefix="d-utils-apply-"))
     workspace.chmod(0o755)
     (workspace / "pull").mkdir()
     shutil.chown(workspace / "pull", USER, USER)
-    shutil.copytree(Path(dutils.__file__).parent, workspace / "src" / "dutils")
-    subprocess.run(["chmod", "-R", "a+rX", str(workspace / "src")], check=True)
     return workspace
-
-
-@functools.cache
-def unprivileged_python() -> str:
-    """Debian's python with isal and zstandard in a venv the ordinary user can run, kept between runs."""
-    venv = Path(tempfile.gettempdir()) / f"d-utils-test-venv-{USER}"
-    python = venv / "bin" / "python3"
-    check = [str(python), "-c", "import isal, zstandard"]
-    if not python.exists() or subprocess.run(check, capture_output=True).returncode != 0:
-        shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True, timeout=120)
-        pip = [str(venv / "bin" / "pip"), "install", "-q", "isal", "zstandard"]
-        subprocess.run(pip, check=True, timeout=300, capture_output=True)
-        subprocess.run(["chmod", "-R", "a+rX", str(venv)], check=True)
-    return str(python)
 
 
 RUN_AS_USER = """
@@ -210,19 +185,17 @@ print(json.dumps(results))
 """
 
 
-def user_command(workspace: Path, steps: list[tuple[Layer, Path]]) -> tuple[list[str], dict[str, str]]:
-    """The python command (and its environment) that applies each layer onto its rootfs, printing "ready"
-    once started, then a JSON list with, for each layer, Skipped's fields or the error's line."""
+def user_command(user, steps: list[tuple[Layer, Path]]) -> list[str]:
+    """The command that applies each layer onto its rootfs, printing "ready" once started, then a JSON list
+    with, for each layer, Skipped's fields or the error's line."""
     jobs = [[str(layer.blob), layer.media_type, layer.diff_id, str(rootfs)] for layer, rootfs in steps]
-    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(workspace / "src"), "LANG": "C.UTF-8"}
-    return [unprivileged_python(), "-c", RUN_AS_USER, json.dumps(jobs)], env
+    return [str(user.bin / "python"), "-c", RUN_AS_USER, json.dumps(jobs)]
 
 
-def apply_as_user(workspace: Path, steps: list[tuple[Layer, Path]]) -> list[dict | str]:
-    """Apply each layer onto its rootfs as the ordinary user, through runuser."""
-    command, env = user_command(workspace, steps)
-    done = subprocess.run(
-        ["runuser", "-u", USER, "--", *command], capture_output=True, text=True, timeout=120, cwd=workspace, env=env
-    )
+def apply_as_user(user, workspace: Path, steps: list[tuple[Layer, Path]]) -> list[dict | str]:
+    """Apply each layer onto its rootfs as the ordinary user `user` (conftest's Unprivileged)."""
+    path = {"PATH": f"{user.bin}:/usr/sbin:/usr/bin:/sbin:/bin"}  # where runuser is, for subprocess to find
+    command = user_command(user, steps)
+    done = user.run(command, capture_output=True, text=True, timeout=120, cwd=workspace, env=path)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.splitlines()[-1])

@@ -425,7 +425,7 @@ def test_rerun_after_a_kill_gives_the_clean_tree(index: int, count: int | None, 
 
 
 @pytest.fixture(scope="module")
-def workspace():
+def workspace(unprivileged):
     workspace = make_workspace()
     yield workspace
     shutil.rmtree(workspace)
@@ -441,21 +441,21 @@ def user_folder(workspace: Path, name: str) -> Path:
 @as_root
 @pytest.mark.parametrize(("index", "count"), killed_runs())
 def test_rerun_after_a_kill_gives_the_clean_tree_as_an_ordinary_user(
-    index: int, count: int | None, workspace: Path, request
+    index: int, count: int | None, workspace: Path, unprivileged, request
 ) -> None:
     folder = user_folder(workspace, request.node.callspec.id)
     clean = [(write_layer(workspace, tar.to_bytes()), folder / "clean") for tar in catalogue()[: index + 1]]
     rerun = kill_and_rerun(workspace, index, count, folder / "rerun")
-    results = apply_as_user(workspace, clean + rerun)
+    results = apply_as_user(unprivileged, workspace, clean + rerun)
     assert [result for result in results if isinstance(result, str)] == [results[len(clean) + index]]
     assert snapshot(folder / "rerun") == snapshot(folder / "clean")
     assert sorted(os.listdir(folder)) == ["clean", "rerun"]
 
 
 @as_root
-def test_extended_attributes_as_an_ordinary_user(workspace: Path) -> None:
+def test_extended_attributes_as_an_ordinary_user(workspace: Path, unprivileged) -> None:
     folder = user_folder(workspace, "xattrs")
-    [skipped] = apply_as_user(workspace, [(write_layer(workspace, xattr_layer()), folder / "rootfs")])
+    [skipped] = apply_as_user(unprivileged, workspace, [(write_layer(workspace, xattr_layer()), folder / "rootfs")])
     assert skipped == {"devices": 0, "xattrs": 1, "owners": 0}  # trusted.* needs privilege
     assert os.getxattr(folder / "rootfs" / "labelled", "user.comment") == b"hello"
     assert "trusted.secret" not in os.listxattr(folder / "rootfs" / "labelled")
@@ -497,9 +497,9 @@ def test_tree_as_root_matches_umoci(umoci: dict[str, Path], tmp_path: Path) -> N
 
 
 @as_root
-def test_tree_as_an_ordinary_user_matches_umoci_rootless(umoci: dict[str, Path], workspace: Path) -> None:
+def test_tree_as_an_ordinary_user_matches_umoci_rootless(umoci: dict[str, Path], workspace: Path, unprivileged) -> None:
     rootfs = user_folder(workspace, "catalogue") / "rootfs"
-    results = apply_as_user(workspace, [(layer, rootfs) for layer in layout_layers(umoci["layout"])])
+    results = apply_as_user(unprivileged, workspace, [(layer, rootfs) for layer in layout_layers(umoci["layout"])])
     total = sum((Skipped(**result) for result in results), Skipped())
     assert total == Skipped(devices=len(DEVICES), owners=2)  # etc/shadow and usr/bin/wall had other groups
     ours, theirs = without(snapshot(rootfs), owner=None), without(snapshot(umoci["rootless"]), owner=None)
@@ -511,7 +511,7 @@ def test_tree_as_an_ordinary_user_matches_umoci_rootless(umoci: dict[str, Path],
 
 
 @as_root
-def test_rerun_after_sigkill_gives_the_clean_tree_as_an_ordinary_user(workspace: Path) -> None:
+def test_rerun_after_sigkill_gives_the_clean_tree_as_an_ordinary_user(workspace: Path, unprivileged) -> None:
     """Real kills at moments spread over a long apply (entries, whiteouts, restoring modes at the end)."""
     lower, upper = Tar().dir("."), Tar()
     for n in range(200):
@@ -522,13 +522,20 @@ def test_rerun_after_sigkill_gives_the_clean_tree_as_an_ordinary_user(workspace:
     folder = user_folder(workspace, "sigkill")
     delays = [0.01, 0.05, 0.1, 0.2, 0.4]
     targets = [folder / "clean", *(folder / f"killed-{delay}" for delay in delays)]
-    apply_as_user(workspace, [(lower_layer, rootfs) for rootfs in targets] + [(upper_layer, targets[0])])
+    apply_as_user(unprivileged, workspace, [(lower_layer, rootfs) for rootfs in targets] + [(upper_layer, targets[0])])
 
     interrupted = 0
     for delay, rootfs in zip(delays, targets[1:], strict=True):
-        command, env = user_command(workspace, [(upper_layer, rootfs)])
+        command = user_command(unprivileged, [(upper_layer, rootfs)])
         with subprocess.Popen(
-            command, user=USER, group=USER, extra_groups=[], env=env, cwd=workspace, stdout=subprocess.PIPE, text=True
+            command,
+            user=USER,
+            group=USER,
+            extra_groups=[],
+            env=unprivileged.env,
+            cwd=workspace,
+            stdout=subprocess.PIPE,
+            text=True,
         ) as child:
             assert child.stdout.readline() == "ready\n"
             time.sleep(delay)
@@ -537,7 +544,7 @@ def test_rerun_after_sigkill_gives_the_clean_tree_as_an_ordinary_user(workspace:
         interrupted += (folder / f".{rootfs.name}.d-utils-journal").exists()
     assert interrupted >= 2  # most kills land mid-apply; the rest found it done and are harmless
 
-    apply_as_user(workspace, [(upper_layer, rootfs) for rootfs in targets[1:]])
+    apply_as_user(unprivileged, workspace, [(upper_layer, rootfs) for rootfs in targets[1:]])
     for rootfs in targets[1:]:
         assert snapshot(rootfs) == snapshot(targets[0]), rootfs.name
     assert sorted(os.listdir(folder)) == sorted(rootfs.name for rootfs in targets)

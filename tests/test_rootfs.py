@@ -112,7 +112,7 @@ def test_malicious_layer_changes_nothing_outside_the_rootfs(row: Row, tmp_path: 
 
 
 @as_root
-def test_malicious_layers_change_nothing_outside_as_an_ordinary_user() -> None:
+def test_malicious_layers_change_nothing_outside_as_an_ordinary_user(unprivileged) -> None:
     """The same table, applied by a real unprivileged user who could write to every marker."""
     workspace = make_workspace()
     try:
@@ -129,7 +129,7 @@ def test_malicious_layers_change_nothing_outside_as_an_ordinary_user() -> None:
             shutil.chown(path, USER, USER)
         before = outside_state([workspace])
 
-        results = apply_as_user(workspace, steps)
+        results = apply_as_user(unprivileged, workspace, steps)
 
         assert outside_state([workspace]) == before
         for row, last in checks:
