@@ -13,9 +13,10 @@ import hashlib
 import io
 import json
 import posixpath
+import subprocess
 import tarfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urljoin
 
@@ -55,6 +56,7 @@ APPLETS = (  # linked in /bin
     " ifconfig whoami stat mount umount grep head tail test [ uname readlink printf ps sed wc tr cut sort date"
     " seq tee find xargs basename dirname mktemp nproc df du which"
 )
+OS_RELEASE = b'NAME="BusyBox"\nID=busybox\nPRETTY_NAME="BusyBox (d-utils test image)"\n'
 
 
 def sha256(data: bytes) -> str:
@@ -127,6 +129,11 @@ class Tar:
 @functools.cache
 def busybox_layer() -> bytes:
     """A small but complete root: the host's static busybox with its applets, users root and app (1000)."""
+    return busybox_tar().to_bytes()
+
+
+def busybox_tar() -> Tar:
+    """The builder of busybox_layer(), for a test that adds members to the same root."""
     tar = Tar()
     for name, mode in [("bin", 0o755), ("etc", 0o755), ("home", 0o755), ("root", 0o700), ("tmp", 0o1777)]:
         tar.dir(name, mode)
@@ -138,8 +145,7 @@ def busybox_layer() -> bytes:
         tar.symlink(f"bin/{applet}", "/bin/busybox")  # absolute, as real images have them
     tar.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n")
     tar.file("etc/group", b"root:x:0:\napp:x:1000:\n")
-    tar.file("etc/os-release", b'NAME="BusyBox"\nID=busybox\nPRETTY_NAME="BusyBox test image"\n')
-    return tar.to_bytes()
+    return tar.file("etc/os-release", OS_RELEASE)
 
 
 def compress(tar: bytes, compression: str) -> bytes:
@@ -315,3 +321,58 @@ def write_oci_layout(path: Path, image: Image, tag: str) -> None:
     entries = [entry for entry in entries if entry.get("annotations", {}).get(name) != tag]
     entries.append(image.index_entry() | {"annotations": {name: tag}})
     index_path.write_bytes(index(entries))
+
+
+# -- the standard set every test can use (conftest's `images` fixture)
+
+BUSYBOX_CONFIG = {
+    "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "GREETING=hello"],
+    "Cmd": ["sh"],
+    "WorkingDir": "/home/app",
+    "Hostname": "",
+}
+
+
+def busybox_image() -> Image:
+    """busybox over two layers: the second adds etc/added-by-layer-2 and whites out etc/removed-by-layer-2."""
+    lower = busybox_tar().file("etc/removed-by-layer-2", b"seen only without layer 2\n")
+    upper = Tar().file("etc/added-by-layer-2", b"added by layer 2\n").whiteout("etc/removed-by-layer-2")
+    return Image(layers=[lower, upper], config=BUSYBOX_CONFIG)
+
+
+def platform_images() -> list[Image]:
+    """busybox for linux/amd64 and linux/arm64/v8, each with /etc/arch naming its architecture."""
+    return [
+        Image(
+            layers=[busybox_layer(), Tar().file("etc/arch", f"{arch}\n".encode())],
+            config=BUSYBOX_CONFIG,
+            arch=arch,
+            variant=variant,
+        )
+        for arch, variant in [("amd64", ""), ("arm64", "v8")]
+    ]
+
+
+def skopeo_push(layout: Path, tag: str, destination: str, manifest_format: str) -> None:
+    """Copies layout:tag to the plain-HTTP `destination` (HOST/REPO:TAG) with skopeo, as "oci" or "v2s2"."""
+    command = ["skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false", "--format", manifest_format]
+    subprocess.run(
+        [*command, f"oci:{layout}:{tag}", f"docker://{destination}"], check=True, capture_output=True, timeout=TIMEOUT
+    )
+
+
+def push_standard_set(registry: str, workdir: Path) -> dict[str, str]:
+    """Pushes the standard images; returns name -> reference. `workdir` holds the OCI layout skopeo reads."""
+    references = {name: f"{registry}/{name}:latest" for name in STANDARD_NAMES}
+    push(registry, "busybox", "latest", busybox_image())
+    push(registry, "busybox-plain", "latest", replace(busybox_image(), compression="none"))
+    write_oci_layout(workdir / "layout", busybox_image(), "latest")
+    skopeo_push(workdir / "layout", "latest", references["busybox-docker"], "v2s2")
+    skopeo_push(workdir / "layout", "latest", references["busybox-oci"], "oci")
+    amd64, arm64 = platform_images()
+    attestation = push_attestation(registry, "multi", amd64.manifest_digest)
+    push_index(registry, "multi", "latest", [amd64, arm64], extra=[attestation])
+    return references
+
+
+STANDARD_NAMES = ["busybox", "busybox-plain", "busybox-docker", "busybox-oci", "multi"]

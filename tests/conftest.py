@@ -1,0 +1,83 @@
+"""Shared fixtures: a real registry with the standard images, and an ordinary user with d-utils installed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from images import push_standard_set
+from registry import Registry
+
+REPO = Path(__file__).parents[1]
+USER = "dutest"
+RUNUSER = "/usr/sbin/runuser"  # absolute: the user's PATH, which runs it, has no sbin
+DEBIAN_PYTHON = "/usr/bin/python3"  # the pyenv python3 lives in /root, which an ordinary user cannot read
+
+
+@pytest.fixture(scope="session")
+def registry() -> Iterator[Registry]:
+    with Registry() as started:
+        yield started
+
+
+@pytest.fixture(scope="session")
+def images(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """name -> reference of the standard images (see images.push_standard_set)."""
+    return push_standard_set(registry.host, tmp_path_factory.mktemp("standard-images"))
+
+
+class Unprivileged:
+    """d-utils installed (not editable) in a venv of Debian's python, run as the ordinary user `dutest` when
+    the tests run as root, else as the current user."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.bin = root / "venv" / "bin"
+        self.as_root = os.geteuid() == 0
+        self.home = Path(f"/home/{USER}") if self.as_root else Path.home()
+        self.env = {"HOME": str(self.home), "PATH": f"{self.bin}:/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+
+    def install(self) -> None:
+        source = self.root / "src"
+        ignore = shutil.ignore_patterns(".*", "*.egg-info", "__pycache__", "build", "cache", "tests", "bench")
+        shutil.copytree(REPO, source, ignore=ignore)  # pip must not build inside a tree others work in
+        subprocess.run([DEBIAN_PYTHON, "-m", "venv", str(self.root / "venv")], check=True, timeout=120)
+        pip = [str(self.bin / "pip"), "install", "-q", str(source)]
+        subprocess.run(pip, check=True, capture_output=True, timeout=600)
+        shutil.rmtree(source)
+        subprocess.run(["chmod", "-R", "a+rX", str(self.root)], check=True)
+
+    def run(self, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+        """subprocess.run(argv) as the ordinary user, in their home unless `cwd` says otherwise (never in the
+        working tree, whose dutils would shadow the installed one); `env` entries are added to a sane environment."""
+        env = self.env | kwargs.pop("env", {})
+        kwargs.setdefault("cwd", self.home)
+        prefix = [RUNUSER, "-u", USER, "--"] if self.as_root else []
+        return subprocess.run([*prefix, *map(str, argv)], env=env, **kwargs)
+
+
+def ensure_user() -> bool:
+    """Makes the ordinary user unless it exists; True when made here."""
+    if subprocess.run(["id", "-u", USER], capture_output=True).returncode == 0:
+        return False
+    subprocess.run(["useradd", "-m", "-s", "/bin/sh", USER], check=True)
+    return True
+
+
+@pytest.fixture(scope="session")
+def unprivileged() -> Iterator[Unprivileged]:
+    made_user = os.geteuid() == 0 and ensure_user()
+    user = Unprivileged(Path(tempfile.mkdtemp(prefix="d-utils-unprivileged-")))
+    try:
+        user.root.chmod(0o755)
+        user.install()
+        yield user
+    finally:
+        shutil.rmtree(user.root, ignore_errors=True)
+        if made_user:
+            subprocess.run(["userdel", "-r", USER], capture_output=True)
