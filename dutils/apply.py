@@ -127,7 +127,9 @@ def apply_members(stream: VerifyingReader, tree: Tree, skipped: Skipped, layer: 
 
 
 def apply_member(tar: tarfile.TarFile, member: tarfile.TarInfo, tree: Tree, skipped: Skipped) -> None:
-    base = clean(member.name).rpartition("/")[2]
+    parents, _, base = clean(member.name).rpartition("/")
+    if any(part.startswith(WHITEOUT) for part in parents.split("/")):
+        return  # inside a reserved name (AUFS metadata such as .wh..wh.plnk/ in old layers): not content
     if base.startswith(WHITEOUT):
         apply_whiteout(member.name, base, tree)
         return
@@ -228,8 +230,10 @@ def apply_whiteout(name: str, base: str, tree: Tree) -> None:
             with place:
                 tree.hide_children(place.fd, place.path.rpartition("/")[0])
         return
+    if base.startswith(WHITEOUT + WHITEOUT):
+        return  # AUFS metadata (.wh..wh.aufs, .wh..wh.plnk), as Docker skips it
     hidden = base.removeprefix(WHITEOUT)
-    if hidden in ("", ".", "..") or hidden.startswith(WHITEOUT):
+    if hidden in ("", ".", ".."):
         raise OSError(errno.EINVAL, f"refusing to white out {hidden!r}")
     place = tree.find(f"{name.rpartition('/')[0]}/{hidden}")
     if place is not None:

@@ -291,6 +291,21 @@ def test_diff_id_mismatch_is_an_error_naming_the_layer(blobs: Path, tmp_path: Pa
         apply_layer(layer.blob, layer.media_type, other, tmp_path / "rootfs")
 
 
+def test_reserved_whiteout_names_never_appear(blobs: Path, tmp_path: Path) -> None:
+    """AUFS metadata of old layers is skipped, as Docker does; nothing else may make a .wh. name either."""
+    tar = (
+        Tar()
+        .dir(".wh..wh.plnk")
+        .file(".wh..wh.plnk/123.456", b"aufs hard link store")
+        .file(".wh..wh.aufs")
+        .file("a/.wh.dir/f", b"inside a whiteout name")
+        .file(".wh..d-utils-partial/f", b"inside our scratch name")
+        .file("kept", b"kept")
+    )
+    apply_all([write_layer(blobs, tar.to_bytes())], tmp_path / "rootfs")
+    assert sorted(str(path.relative_to(tmp_path / "rootfs")) for path in (tmp_path / "rootfs").rglob("*")) == ["kept"]
+
+
 def test_missing_parents_are_made_0755_whatever_the_umask(blobs: Path, tmp_path: Path) -> None:
     layer = write_layer(blobs, Tar().file("a/b/c", b"c").to_bytes())
     old = os.umask(0o077)
