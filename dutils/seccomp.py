@@ -1,0 +1,89 @@
+"""The seccomp filter d-run hands to `bwrap --seccomp FD`, as a classic-BPF program built with `struct`.
+
+It does two things, for the native and the compat (32-bit) system-call tables of the host:
+- `ioctl(fd, TIOCSTI | TIOCLINUX, ...)` fails with EPERM, so a sandboxed program cannot push keystrokes
+  into the user's terminal (CVE-2017-5226) even when d-run leaves it the terminal for job control;
+- the chown family succeeds without doing anything: bwrap maps a single user and group, so any real
+  change of owner would fail, and that failure is what stops dpkg and apt (debootwrap does the same).
+"""
+
+import errno
+import struct
+from typing import NamedTuple
+
+# Classic BPF opcodes (linux/bpf_common.h) and seccomp return values (linux/seccomp.h).
+LD_W_ABS = 0x20  # BPF_LD | BPF_W | BPF_ABS
+AND_K = 0x54  # BPF_ALU | BPF_AND | BPF_K
+JEQ_K = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
+RET_K = 0x06  # BPF_RET | BPF_K
+RET_ALLOW = 0x7FFF0000
+RET_ERRNO = 0x00050000  # low 16 bits: the errno; 0 makes the call return success without running it
+
+# Offsets in struct seccomp_data: int nr; u32 arch; u64 ip; u64 args[6].
+NR, ARCH, ARG1_LOW = 0, 4, 24  # ARG1_LOW: the low half of args[1] on little-endian machines
+
+# The tty layer truncates the request to 32 bits, so comparing the low half catches every spelling.
+TIOCSTI, TIOCLINUX = 0x5412, 0x541C
+
+
+class Table(NamedTuple):
+    """One system-call table: its AUDIT_ARCH value, ioctl numbers and chown-family numbers."""
+
+    arch: int
+    ioctl: tuple[int, ...]
+    chown: tuple[int, ...]
+    nr_mask: int = 0xFFFFFFFF
+
+
+X32_BIT = 0x40000000
+# x86_64 also carries the x32 ABI (numbers with X32_BIT set): masking the bit folds it into the
+# native table, where x32's own ioctl number, 514, is otherwise unused.
+X86_64 = Table(0xC000003E, ioctl=(16, 514), chown=(92, 93, 94, 260), nr_mask=0xFFFFFFFF ^ X32_BIT)
+I386 = Table(0x40000003, ioctl=(54,), chown=(16, 95, 182, 198, 207, 212, 298))
+AARCH64 = Table(0xC00000B7, ioctl=(29,), chown=(54, 55))  # only fchownat and fchown exist there
+ARM = Table(0x40000028, ioctl=(54,), chown=(16, 95, 182, 198, 207, 212, 325))
+
+TABLES = {"x86_64": (X86_64, I386), "aarch64": (AARCH64, ARM)}
+
+
+def insn(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
+    """One `struct sock_filter` in the kernel's (native) byte order."""
+    return struct.pack("=HBBI", code, jt, jf, k)
+
+
+def table_section(table: Table) -> list[bytes]:
+    """The rules for one table: entered with the arch checked, always ends in a return."""
+    out = [insn(LD_W_ABS, NR)]
+    if table.nr_mask != 0xFFFFFFFF:
+        out.append(insn(AND_K, table.nr_mask))
+    for number in table.chown:
+        out += [insn(JEQ_K, number, jf=1), insn(RET_K, RET_ERRNO | 0)]
+    for number in table.ioctl:
+        out += [
+            insn(JEQ_K, number, jf=5),  # not this ioctl number: skip the five below
+            insn(LD_W_ABS, ARG1_LOW),
+            insn(JEQ_K, TIOCSTI, jt=2),
+            insn(JEQ_K, TIOCLINUX, jt=1),
+            insn(RET_K, RET_ALLOW),
+            insn(RET_K, RET_ERRNO | errno.EPERM),
+        ]
+    out.append(insn(RET_K, RET_ALLOW))
+    return out
+
+
+def filter_program(machine: str) -> bytes | None:
+    """The packed filter for a host of `os.uname().machine`, or None where its tables are not known.
+
+    A call made through a table the host has but this filter does not list fails with ENOSYS,
+    rather than slipping past the rules.
+    """
+    tables = TABLES.get(machine)
+    if tables is None:
+        return None
+    program = [insn(LD_W_ABS, ARCH)]
+    for table in tables:
+        section = table_section(table)
+        program.append(insn(JEQ_K, table.arch, jf=len(section)))
+        program += section
+    program.append(insn(RET_K, RET_ERRNO | errno.ENOSYS))
+    return b"".join(program)
