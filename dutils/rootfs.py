@@ -59,17 +59,13 @@ class Place:
         os.close(self.fd)
 
 
-class Absent(Exception):
-    """A component of a name does not exist (only raised while looking for existing entries)."""
-
-
 def make_missing_dir(fd: int, name: str) -> None:
     os.mkdir(name, 0o755, dir_fd=fd)
     os.chmod(name, 0o755, dir_fd=fd, follow_symlinks=False)  # whatever the umask
 
 
 def stop_absent(fd: int, name: str) -> None:
-    raise Absent(name)
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
 
 
 class Tree:
@@ -196,7 +192,7 @@ class Tree:
         """Where entry `name` is, or None when one of its parents is missing; nothing is made."""
         try:
             return self._walk(name, stop_absent)
-        except (Absent, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError):
             return None
 
     def clear(self, place: Place) -> None:
