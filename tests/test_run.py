@@ -1,0 +1,793 @@
+"""d-run: the bwrap command line from pure pieces, then real containers (real bwrap, the busybox test
+image) run as root and as the ordinary user, each flag and config key checked from inside."""
+
+import io
+import json
+import os
+import pty
+import pwd
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+from images import busybox_layer
+
+import dutils
+from dutils import seccomp
+from dutils.errors import Error
+from dutils.run import (
+    Identity,
+    ImageConfig,
+    Mount,
+    Sandbox,
+    bwrap_argv,
+    container_command,
+    container_env,
+    default_hostname,
+    image_path,
+    merged_mounts,
+    parse_config,
+    parse_env,
+    parse_env_file,
+    parse_volume,
+    resolve_user,
+    userns_error,
+)
+from dutils.store import PullDir, Record
+
+USER = "dutest"
+BIN = Path(sys.executable).parent
+HOST_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LANG": "C.UTF-8"}
+IMAGE_CONFIG = {  # as d-pull writes it for the busybox test image
+    "User": "",
+    "Hostname": "",
+    "WorkingDir": "",
+    "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
+    "Volumes": None,
+    "Entrypoint": None,
+    "Cmd": ["sh"],
+    "net": False,
+    "rw": False,
+}
+# The host's python3 inside the busybox image, for what busybox cannot do (ioctl).
+HOST_PYTHON = ["-v", "/usr:/usr:ro", "-v", "/lib:/lib:ro", "-v", "/lib64:/lib64:ro"]
+PASSWD = "root:x:0:0:root:/root:/bin/sh\n# a comment\napp:x:1000:1000::/home/app:/bin/sh\nodd line\n"
+GROUP = "root:x:0:\nbad:x:notanumber:\napp:x:1000:\nstaff:x:50:app\n"
+
+
+# ----- pure pieces ------------------------------------------------------------------------------------
+
+
+def sandbox(**fields) -> Sandbox:
+    base = {"rootfs": "/pull/rootfs", "command": ("sh",), "identity": Identity(0, 0, "/root"), "hostname": "box"}
+    return Sandbox(**(base | fields))
+
+
+def test_argv_has_the_safe_defaults():
+    argv = bwrap_argv(sandbox(env={"PATH": "/bin"}))
+    for option in ["--unshare-all", "--unshare-user", "--die-with-parent", "--new-session", "--clearenv"]:
+        assert option in argv
+    assert "--share-net" not in argv
+    assert argv[argv.index("--bind") : argv.index("--bind") + 3] == ["--bind", "/pull/rootfs", "/"]
+    joined = " ".join(argv)
+    assert "--proc /proc --dev /dev --tmpfs /tmp" in joined and "--remount-ro /" in joined
+    assert argv.index("--clearenv") < argv.index("--setenv")
+    assert argv[argv.index("--") :] == ["--", "sh"]
+
+
+def test_argv_makes_the_root_read_only_after_every_mount():
+    argv = bwrap_argv(sandbox(mounts=(Mount("/data", "/host/data"), Mount("/etc/x", "/host/x", read_only=True))))
+    remount = argv.index("--remount-ro")
+    assert argv[remount + 1] == "/"
+    assert max(i for i, word in enumerate(argv) if word in ("--bind", "--ro-bind", "--ro-bind-data")) < remount
+    assert argv[argv.index("--ro-bind") : argv.index("--ro-bind") + 3] == ["--ro-bind", "/host/x", "/etc/x"]
+    assert "--remount-ro" not in bwrap_argv(sandbox(writable=True))
+
+
+def test_argv_follows_the_sandbox():
+    box = sandbox(
+        identity=Identity(1000, 50, "/home/app"),
+        network=True,
+        hostname="web",
+        workdir="/srv",
+        seccomp_fd=7,
+        new_session=False,
+        data_files=((5, "/etc/hosts"),),
+        command=("-x", "--", "--help"),
+    )
+    argv = bwrap_argv(box)
+    joined = " ".join(argv)
+    assert "--share-net" in argv and "--new-session" not in argv
+    assert "--uid 1000 --gid 50" in joined and "--hostname web" in joined and "--chdir /srv" in joined
+    assert "--seccomp 7" in joined and "--ro-bind-data 5 /etc/hosts" in joined
+    assert argv[argv.index("--") :] == ["--", "-x", "--", "--help"]  # the command exactly, after bwrap's --
+
+
+@pytest.mark.parametrize(
+    "spec, mount",
+    [
+        ("/data", Mount("/data")),
+        ("/data:ro", Mount("/data", read_only=True)),
+        ("/srv/web:/var/www", Mount("/var/www", "/srv/web")),
+        ("./src:/src:ro", Mount("/src", "./src", read_only=True)),
+        ("/a:/b/./c//:rw", Mount("/b/c", "/a")),
+    ],
+)
+def test_parse_volume(spec, mount):
+    assert parse_volume(spec) == mount
+
+
+@pytest.mark.parametrize("spec", ["data", "/a:data", "/a:/b:/c", ":/b", "/a:/", "/a:/b/../c", "/a:/b:xx"])
+def test_parse_volume_refuses(spec):
+    with pytest.raises(ValueError):
+        parse_volume(spec)
+
+
+def test_env_items_and_files():
+    assert parse_env("A=1=2") == ("A", "1=2") and parse_env("A=") == ("A", "") and parse_env("A") == ("A", None)
+    for bad in ["=1", "", "A B=1"]:
+        with pytest.raises(ValueError):
+            parse_env(bad)
+    text = '# comment\n\n  SPACED=kept as is \nQUOTED="q"\nFROM_HOST\n'
+    assert parse_env_file(text) == [("SPACED", "kept as is "), ("QUOTED", '"q"'), ("FROM_HOST", None)]
+
+
+def test_environment_layers_later_wins():
+    base = {"PATH": "/bin", "HOME": "/root"}
+    image = ("PATH=/usr/bin:/bin", "LANG=C", "EMPTY=")
+    user = [("LANG", "C.UTF-8"), ("FROM_HOST", None), ("ABSENT", None)]
+    env = container_env(base, image, user, {"FROM_HOST": "yes"})
+    assert env == {"PATH": "/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8", "EMPTY": "", "FROM_HOST": "yes"}
+
+
+@pytest.mark.parametrize(
+    "entrypoint, cmd, override, args, expected",
+    [
+        ((), ("sh",), None, [], ("sh",)),
+        ((), ("sh",), None, ["ls", "-l"], ("ls", "-l")),
+        (("tini", "--"), ("sh",), None, [], ("tini", "--", "sh")),
+        (("tini", "--"), ("sh",), None, ["-x"], ("tini", "--", "-x")),
+        (("tini", "--"), ("sh",), "env", [], ("env",)),  # --entrypoint drops Cmd, as Docker does
+        (("tini", "--"), ("sh",), "echo", ["a"], ("echo", "a")),
+        (("tini", "--"), ("sh",), "", ["id"], ("id",)),
+    ],
+)
+def test_command_is_entrypoint_then_arguments_or_cmd(entrypoint, cmd, override, args, expected):
+    config = ImageConfig(entrypoint=entrypoint, cmd=cmd)
+    assert container_command(config, override, args) == expected
+
+
+def test_nothing_to_run_is_an_error():
+    with pytest.raises(Error, match="no Entrypoint or Cmd"):
+        container_command(ImageConfig(), None, [])
+
+
+@pytest.mark.parametrize(
+    "spec, identity",
+    [
+        ("", Identity(0, 0, "/root")),
+        ("app", Identity(1000, 1000, "/home/app")),
+        ("1000", Identity(1000, 1000, "/home/app")),
+        ("app:staff", Identity(1000, 50, "/home/app")),
+        ("app:0", Identity(1000, 0, "/home/app")),
+        ("4321", Identity(4321, 0, "/")),  # not listed: group 0 and HOME=/, as Docker
+        ("4321:77", Identity(4321, 77, "/")),
+        (":staff", Identity(0, 50, "/root")),
+    ],
+)
+def test_resolve_user(spec, identity):
+    assert resolve_user(spec, PASSWD, GROUP) == identity
+
+
+@pytest.mark.parametrize(
+    "spec, words", [("nobody", "'nobody' is not in the image's /etc/passwd"), ("app:wheel", "'wheel'")]
+)
+def test_unknown_user_or_group(spec, words):
+    with pytest.raises(Error, match=words):
+        resolve_user(spec, PASSWD, GROUP)
+
+
+def test_merged_mounts_put_parents_first_and_flags_over_config():
+    defaults = [Mount("/var/lib/db"), Mount("/var"), Mount("/data")]
+    volumes = [Mount("/data", "/host/data", read_only=True), Mount("/a-b", "/x")]
+    merged = merged_mounts(defaults, volumes)
+    assert [m.target for m in merged] == ["/a-b", "/data", "/var", "/var/lib/db"]
+    assert merged[1] == Mount("/data", "/host/data", read_only=True)
+
+
+def test_default_hostname():
+    assert default_hostname("busybox") == "busybox"
+    assert default_hostname("my image_1.0") == "my-image-1-0"
+    assert default_hostname("___") == "d-run" and len(default_hostname("x" * 100)) == 63
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"Env": "A=1"}, "'Env'"),
+        ({"Env": ["=1"]}, "'Env'"),
+        ({"Cmd": "ls -l"}, "'Cmd'"),
+        ({"Entrypoint": [1]}, "'Entrypoint'"),
+        ({"User": 1000}, "'User'"),
+        ({"Volumes": ["/data"]}, "'Volumes'"),
+        ({"Volumes": {"data": {}}}, "'Volumes'"),
+        ({"WorkingDir": "relative"}, "'WorkingDir'"),
+        ({"net": "yes"}, "'net'"),
+        ({"rw": 1}, "'rw'"),
+    ],
+)
+def test_malformed_config_names_the_key(change, key):
+    with pytest.raises(Error, match=key):
+        parse_config(IMAGE_CONFIG | change)
+
+
+def test_config_keys_read():
+    config = parse_config(
+        IMAGE_CONFIG | {"User": "app", "Volumes": {"/data/": {}}, "WorkingDir": "/srv/", "net": True, "Labels": {}}
+    )
+    assert (config.user, config.volumes, config.workdir) == ("app", ("/data",), "/srv")
+    assert (config.net, config.rw) == (True, False)
+    assert parse_config({}) == ImageConfig()
+
+
+def test_userns_settings():
+    assert userns_error("15000\n", "1\n", 1000) is None
+    assert userns_error("15000\n", "", 1000) is None  # kernels without the Debian switch
+    assert userns_error("15000\n", "0\n", 0) is None  # root may, whatever the switch says
+    assert "unprivileged_userns_clone" in str(userns_error("15000\n", "0\n", 1000))
+    assert "max_user_namespaces" in str(userns_error("0\n", "1\n", 0))
+
+
+def test_image_path_stays_inside_the_image(tmp_path):
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    (rootfs / "etc" / "passwd.real").write_text("inside")
+    (rootfs / "etc" / "passwd").symlink_to("/etc/passwd.real")  # absolute: the image's, not the host's
+    (rootfs / "etc" / "group").symlink_to("../../../../../etc/passwd.real")
+    (rootfs / "loop").symlink_to("loop")
+    assert image_path(rootfs, "/etc/passwd") == rootfs / "etc" / "passwd.real"
+    assert image_path(rootfs, "etc/group") == rootfs / "etc" / "passwd.real"
+    with pytest.raises(Error, match="symbolic links"):
+        image_path(rootfs, "/loop/x")
+
+
+# ----- the seccomp filter, run by a small classic-BPF interpreter ---------------------------------------
+
+
+def run_filter(program: bytes, nr: int, arch: int, arg1: int = 0) -> int:
+    """The seccomp action `program` returns for one call, as the kernel would evaluate it."""
+    data = struct.pack("=iIQ6Q", nr, arch, 0, 0, arg1, 0, 0, 0, 0)
+    code = [struct.unpack_from("=HBBI", program, offset) for offset in range(0, len(program), 8)]
+    pc, acc = 0, 0
+    for _ in code:  # jumps only go forward: at most one step per instruction
+        op, jt, jf, k = code[pc]
+        if op == seccomp.LD_W_ABS:
+            acc, pc = struct.unpack_from("=I", data, k)[0], pc + 1
+        elif op == seccomp.AND_K:
+            acc, pc = acc & k, pc + 1
+        elif op == seccomp.JEQ_K:
+            pc += 1 + (jt if acc == k else jf)
+        elif op == seccomp.RET_K:
+            return k
+        else:
+            raise AssertionError(f"unexpected opcode {op:#x}")
+    raise AssertionError("the program runs off its end")
+
+
+EPERM, ENOSYS = seccomp.RET_ERRNO | 1, seccomp.RET_ERRNO | 38
+SUCCEED, ALLOW = seccomp.RET_ERRNO | 0, seccomp.RET_ALLOW
+X86_64, I386, AARCH64, ARM = (table.arch for table in (seccomp.X86_64, seccomp.I386, seccomp.AARCH64, seccomp.ARM))
+TCGETS = 0x5401
+
+
+@pytest.mark.parametrize(
+    "machine, nr, arch, arg1, action",
+    [
+        ("x86_64", 16, X86_64, seccomp.TIOCSTI, EPERM),
+        ("x86_64", 16, X86_64, 0xFFFFFFFF_00000000 | seccomp.TIOCSTI, EPERM),  # the tty layer truncates it
+        ("x86_64", 16, X86_64, seccomp.TIOCLINUX, EPERM),
+        ("x86_64", 16, X86_64, TCGETS, ALLOW),
+        ("x86_64", 1, X86_64, seccomp.TIOCSTI, ALLOW),  # write(2), whatever its arguments
+        ("x86_64", 92, X86_64, 0, SUCCEED),
+        ("x86_64", 260, X86_64, 0, SUCCEED),
+        ("x86_64", seccomp.X32_BIT | 514, X86_64, seccomp.TIOCSTI, EPERM),  # x32's ioctl
+        ("x86_64", seccomp.X32_BIT | 93, X86_64, 0, SUCCEED),
+        ("x86_64", 54, I386, seccomp.TIOCSTI, EPERM),
+        ("x86_64", 54, I386, TCGETS, ALLOW),
+        ("x86_64", 212, I386, 0, SUCCEED),
+        ("x86_64", 16, AARCH64, 0, ENOSYS),  # a table the host has not
+        ("aarch64", 29, AARCH64, seccomp.TIOCSTI, EPERM),
+        ("aarch64", 54, AARCH64, 0, SUCCEED),
+        ("aarch64", 64, AARCH64, 0, ALLOW),
+        ("aarch64", 54, ARM, seccomp.TIOCLINUX, EPERM),
+        ("aarch64", 325, ARM, 0, SUCCEED),
+        ("aarch64", 16, X86_64, 0, ENOSYS),
+    ],
+)
+def test_seccomp_filter(machine, nr, arch, arg1, action):
+    assert run_filter(seccomp.filter_program(machine), nr, arch, arg1) == action
+
+
+def test_no_filter_for_unknown_machines():
+    assert seccomp.filter_program("riscv64") is None
+
+
+def test_start_up_imports_neither_requests_nor_doit():
+    code = "import sys, dutils.run; print(sorted({m.split('.')[0] for m in sys.modules} & {'requests', 'doit', 'urllib3'}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30)
+    assert done.stdout == "[]\n"
+
+
+# ----- real containers, as root and as the ordinary user ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Runner:
+    """How to start d-run as one user: root with the installed script, the ordinary user with a copy."""
+
+    user: str
+    script: Path
+
+    def popen_args(self) -> dict:
+        """subprocess arguments that drop to the user (no intermediate process: signals reach d-run)."""
+        return {} if self.user == "root" else {"user": self.user, "group": self.user, "extra_groups": []}
+
+    def __call__(self, *args: str, env: dict | None = None, timeout: float = 30, cwd: Path | None = None):
+        return subprocess.run(
+            [str(self.script), *args],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            env=env or HOST_ENV,
+            timeout=timeout,
+            cwd=cwd or "/",
+            **self.popen_args(),
+        )
+
+    def out(self, *args: str, **kwargs) -> str:
+        """The standard output of a run that must succeed."""
+        done = self(*args, **kwargs)
+        assert done.returncode == 0, (done.returncode, done.stderr)
+        return done.stdout
+
+
+@pytest.fixture(scope="session")
+def workspace():
+    """A folder the ordinary user can reach (pytest's tmp_path is private to root): the busybox image's
+    rootfs, and d-run installed for Debian's python as a copy of this tree."""
+    root = Path(tempfile.mkdtemp(prefix="d-utils-run-"))
+    root.chmod(0o755)
+    with tarfile.open(fileobj=io.BytesIO(busybox_layer())) as layer:
+        layer.extractall(root / "template" / "rootfs")
+    shutil.copytree(Path(dutils.__file__).parent, root / "src" / "dutils", ignore=shutil.ignore_patterns("__pycache__"))
+    script = root / "bin" / "d-run"
+    script.parent.mkdir()
+    script.write_text(f"#!/usr/bin/python3\nimport sys\nsys.path.insert(0, {str(root / 'src')!r})\n")
+    script.write_text(script.read_text() + "from dutils.run import main\nsys.exit(main())\n")
+    subprocess.run(["chmod", "-R", "a+rX", str(root / "src"), str(root / "bin")], check=True)
+    script.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", params=["root", USER])
+def run(request, workspace) -> Runner:
+    if request.param == "root":
+        return Runner("root", BIN / "d-run")
+    return Runner(USER, workspace / "bin" / "d-run")
+
+
+def configure(folder: Path, **changes) -> None:
+    """Write config.json as d-pull would, with the user's `changes`."""
+    (folder / "config.json").write_text(json.dumps(IMAGE_CONFIG | changes))
+
+
+def write_record(folder: Path, complete: bool) -> None:
+    record = Record(reference="busybox:latest", digest="sha256:" + "0" * 64, platform="linux/amd64", complete=complete)
+    PullDir(folder).write_record(record)
+    (folder / "image.json").chmod(0o644)  # the ordinary user reads what root wrote here
+
+
+@pytest.fixture
+def box(workspace, run) -> Path:
+    """A fresh, complete pull folder named `busybox`, owned by the user who runs d-run."""
+    folder = Path(tempfile.mkdtemp(dir=workspace)) / "busybox"
+    folder.parent.chmod(0o755)
+    subprocess.run(["cp", "-a", str(workspace / "template"), str(folder)], check=True)
+    configure(folder)
+    write_record(folder, complete=True)
+    if run.user != "root":
+        shutil.chown(folder.parent, run.user, run.user)
+        subprocess.run(["chown", "-R", f"{run.user}:{run.user}", str(folder)], check=True)
+    return folder
+
+
+# An HTTP request to 127.0.0.1:PORT from inside (busybox's wget crashes when refused; nc does not).
+FETCH = ["sh", "-c", 'printf "GET / HTTP/1.0\\r\\n\\r\\n" | busybox nc 127.0.0.1 "$0"']
+
+
+@pytest.fixture(scope="session")
+def web():
+    """The port of a web server on the host's loopback: reachable from a container only when it shares the network."""
+
+    class Hello(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"hello from the host\n")
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hello)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield str(server.server_address[1])
+    server.shutdown()
+    thread.join(timeout=5)
+
+
+def test_echo_and_exit_status(run, box):
+    hi = run(str(box), "echo", "hi")
+    assert (hi.returncode, hi.stdout, hi.stderr) == (0, "hi\n", "")
+    assert run(str(box), "sh", "-c", "exit 7").returncode == 7
+
+
+def test_death_by_signal_is_reported_as_a_shell_does(run, box):
+    assert run(str(box), "sh", "-c", "kill -TERM $$").returncode == 143
+
+
+def test_defaults_seen_from_inside(run, box):
+    assert run.out(str(box), "id") == "uid=0(root) gid=0(root)\n"
+    assert run.out(str(box), "hostname") == "busybox\n"
+    assert run.out(str(box), "pwd") == "/\n"
+    env = run.out(str(box), "env", env=HOST_ENV | {"SECRET": "host only"}).splitlines()
+    assert sorted(env) == ["HOME=/root", "HOSTNAME=busybox", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "PWD=/"]
+    assert "busybox" in run.out(str(box), "cat", "/etc/hosts")
+    write = run(str(box), "touch", "/made-here")
+    assert write.returncode == 1 and "Read-only file system" in write.stderr
+    assert not (box / "rootfs" / "made-here").exists()
+    assert run.out(str(box), "sh", "-c", "touch /tmp/scratch && echo ok") == "ok\n"
+    interfaces = run.out(str(box), "cat", "/proc/net/dev").splitlines()[2:]
+    assert [line.split(":")[0].strip() for line in interfaces] == ["lo"]
+    assert run.out(str(box), "sh", "-c", "echo $$") == "2\n"  # its own pid namespace (bwrap is pid 1)
+
+
+def test_cmd_runs_when_no_command_is_given(run, box):
+    configure(box, Cmd=["echo", "from", "Cmd"])
+    assert run.out(str(box)) == "from Cmd\n"
+
+
+def test_arguments_keep_the_entrypoint_even_when_they_look_like_options(run, box):
+    configure(box, Entrypoint=["echo", "entry:"])
+    assert run.out(str(box)) == "entry: sh\n"
+    assert run.out(str(box), "-n", "--help") == "entry: -n --help\n"  # neither d-run's -n nor its --help
+    assert run.out("--entrypoint", "id", str(box), "-u") == "0\n"
+    assert run.out("--entrypoint", "", str(box), "echo", "plain") == "plain\n"
+
+
+@pytest.mark.parametrize(
+    "flags, config, command, expected",
+    [
+        (["-u", "1000"], {}, ["id"], "uid=1000(app) gid=1000(app)\n"),
+        (["-u", "app"], {}, ["sh", "-c", "id -u; id -g; echo $HOME"], "1000\n1000\n/home/app\n"),
+        (["-u", "app:root"], {}, ["sh", "-c", "id -u; id -g"], "1000\n0\n"),
+        (["-u", "4321:77"], {}, ["sh", "-c", "id -u; id -g; echo $HOME"], "4321\n77\n/\n"),
+        ([], {"User": "app"}, ["id", "-un"], "app\n"),
+        (["-u", "root"], {"User": "app"}, ["id", "-un"], "root\n"),
+        (["--hostname", "web"], {}, ["sh", "-c", "hostname; grep -c web /etc/hosts"], "web\n1\n"),
+        ([], {"Hostname": "cfg"}, ["sh", "-c", "hostname; echo $HOSTNAME"], "cfg\ncfg\n"),
+        (["--workdir", "/home/app"], {}, ["pwd"], "/home/app\n"),
+        ([], {"WorkingDir": "/etc"}, ["pwd"], "/etc\n"),
+        (["--workdir", "/"], {"WorkingDir": "/etc"}, ["pwd"], "/\n"),
+        (["-e", "A=1", "-e", "PATH=/bin"], {}, ["sh", "-c", "echo $A $PATH"], "1 /bin\n"),
+        ([], {"Env": ["PATH=/bin", "GREETING=hello"]}, ["sh", "-c", "echo $GREETING"], "hello\n"),
+        (["-e", "GREETING=bye"], {"Env": ["GREETING=hello"]}, ["sh", "-c", "echo $GREETING"], "bye\n"),
+        (["-e", "FROM_HOST", "-e", "NOT_SET"], {}, ["sh", "-c", "echo $FROM_HOST ${NOT_SET-unset}"], "passed unset\n"),
+    ],
+)
+def test_flags_and_config_keys(run, box, flags, config, command, expected):
+    configure(box, **config)
+    assert run.out(*flags, str(box), *command, env=HOST_ENV | {"FROM_HOST": "passed"}) == expected
+
+
+def test_env_file(run, box, workspace):
+    env_file = Path(tempfile.mkstemp(dir=workspace)[1])
+    env_file.write_text("# settings\nA=from file\nB=file\n")
+    env_file.chmod(0o644)
+    command = [str(box), "sh", "-c", "echo $A, $B"]
+    assert run.out("--env-file", str(env_file), "-e", "B=flag", *command) == "from file, flag\n"
+
+
+@pytest.mark.parametrize("how", [["-w"], "config"])
+def test_writable_root(run, box, how):
+    if how == "config":
+        configure(box, rw=True)
+    flags = how if isinstance(how, list) else []
+    assert run.out(*flags, str(box), "sh", "-c", "echo kept > /made-here && echo ok") == "ok\n"
+    assert (box / "rootfs" / "made-here").read_text() == "kept\n"
+
+
+@pytest.mark.parametrize("how", [["-n"], "config"])
+def test_network(run, box, web, how):
+    if how == "config":
+        configure(box, net=True)
+    flags = how if isinstance(how, list) else []
+    response = run.out(*flags, str(box), *FETCH, web)
+    assert response.startswith("HTTP/1.0 200 OK") and response.endswith("\n\nhello from the host\n")
+    assert run.out(*flags, str(box), "cat", "/etc/resolv.conf") == Path("/etc/resolv.conf").read_text()
+
+
+def test_no_network_by_default(run, box, web):
+    refused = run(str(box), *FETCH, web)
+    assert refused.returncode == 1 and "Connection refused" in refused.stderr
+
+
+def host_folder(workspace: Path, owner: str) -> Path:
+    folder = Path(tempfile.mkdtemp(dir=workspace))
+    (folder / "greeting").write_text("from the host\n")
+    subprocess.run(["chown", "-R", f"{owner}:{owner}", str(folder)], check=True)
+    folder.chmod(0o755)
+    return folder
+
+
+def test_volumes(run, box, workspace):
+    host = host_folder(workspace, run.user)
+    listing = run.out("-v", f"{host}:/volumes-target", str(box), "ls", "/volumes-target")
+    assert listing == "greeting\n"
+    run.out("-v", f"{host}:/volumes-target", str(box), "sh", "-c", "echo back > /volumes-target/reply")
+    assert (host / "reply").read_text() == "back\n"
+    read_only = run("-v", f"{host}:/volumes-target:ro", str(box), "touch", "/volumes-target/x")
+    assert read_only.returncode == 1 and "Read-only file system" in read_only.stderr
+    relative = run.out("-v", f"{host.name}:/in", str(box), "cat", "/in/greeting", cwd=workspace)
+    assert relative == "from the host\n"
+
+
+def test_anonymous_volumes_live_in_the_pull_folder(run, box):
+    run.out("-v", "/cache", str(box), "sh", "-c", "echo 1 > /cache/count")
+    assert (box / "volumes" / "cache" / "count").read_text() == "1\n"
+    assert run.out("-v", "/cache", str(box), "cat", "/cache/count") == "1\n"  # kept between runs
+    configure(box, Volumes={"/home/app": {}, "/var/lib/data": {}})
+    run.out(str(box), "sh", "-c", "echo x > /var/lib/data/f; echo y > /home/app/g")
+    assert (box / "volumes" / "var" / "lib" / "data" / "f").read_text() == "x\n"
+    assert (box / "volumes" / "home" / "app" / "g").read_text() == "y\n"
+    assert not (box / "rootfs" / "home" / "app" / "g").exists()
+    # A new anonymous volume starts as a copy of what the image holds there, as Docker's do.
+    assert run.out("-v", "/etc", str(box), "cat", "/etc/os-release").startswith('NAME="BusyBox"')
+    assert (box / "volumes" / "etc" / "passwd").read_bytes() == (box / "rootfs" / "etc" / "passwd").read_bytes()
+
+
+def test_chown_succeeds_without_effect(run, box):
+    # bwrap maps one user: a real chown to another id fails (EINVAL); the filter makes it a no-op.
+    script = "touch /tmp/f && chown 1234:1234 /tmp/f && stat -c %u /tmp/f"
+    assert run.out(str(box), "sh", "-c", script) == "0\n"
+
+
+def test_debug_prints_the_bwrap_command(run, box):
+    done = run("--debug", str(box), "echo", "hi")
+    assert done.returncode == 0 and done.stdout == "hi\n"
+    assert done.stderr.startswith("bwrap --unshare-all ") and done.stderr.rstrip().endswith("-- echo hi")
+
+
+def test_help_describes_every_argument(run):
+    done = run("--help")
+    assert done.returncode == 0
+    for word in ["DIR", "COMMAND", "--volume", "--env ", "--env-file", "--user", "--rw", "--net", "--workdir"]:
+        assert word in done.stdout
+    for word in ["--hostname", "--entrypoint", "--debug", "Entrypoint", "Cmd", "Volumes", "WorkingDir", "TIOCSTI"]:
+        assert word in done.stdout
+
+
+# ----- errors: one line, no traceback ---------------------------------------------------------------------
+
+
+def assert_error(done: subprocess.CompletedProcess, status: int, *words: str) -> None:
+    assert done.returncode == status, (done.returncode, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("d-run: error: "), done.stderr
+    assert "Traceback" not in done.stderr and (status == 2 or len(lines) == 1), done.stderr
+    for word in words:
+        assert word in lines[-1]
+
+
+def test_missing_or_incomplete_folder(run, box, workspace):
+    assert_error(run(str(workspace / "nowhere"), "true"), 1, "not a folder made by d-pull", "d-pull IMAGE DIR")
+    write_record(box, complete=False)
+    assert_error(run(str(box), "true"), 1, "incomplete", f"run the same d-pull again: d-pull busybox:latest {box}")
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("{not json", ["config.json: not valid JSON"]),
+        ('["sh"]', ["must hold a JSON object"]),
+        ('{"Cmd": "sh"}', ["'Cmd' must be a list of strings"]),
+        ('{"Env": {"A": "1"}}', ["'Env'"]),
+        ('{"Volumes": {"relative": {}}}', ["'Volumes'", "absolute"]),
+        ('{"net": "yes"}', ["'net' must be a boolean"]),
+    ],
+)
+def test_malformed_config_json(run, box, text, words):
+    (box / "config.json").write_text(text)
+    assert_error(run(str(box), "true"), 1, *words)
+
+
+def test_bad_input_errors(run, box):
+    assert_error(run("-v", "/nowhere/at/all:/x", str(box), "true"), 1, "/nowhere/at/all does not exist")
+    assert_error(run("-u", "nobody", str(box), "true"), 1, "'nobody' is not in the image's /etc/passwd")
+    assert_error(run("-u", "app:wheel", str(box), "true"), 1, "'wheel' is not in the image's /etc/group")
+    assert_error(run("--workdir", "/no/such", str(box), "true"), 1, "/no/such does not exist in the image")
+    assert_error(run("--env-file", "/no/such/file", str(box), "true"), 1, "--env-file /no/such/file")
+    configure(box, Cmd=None)
+    assert_error(run(str(box)), 1, "no Entrypoint or Cmd")
+
+
+def test_usage_errors(run, box):
+    assert_error(run(), 2, "DIR")
+    assert_error(run("-v", "relative", str(box), "true"), 2, "--volume", "absolute")
+    assert_error(run("-e", "=x", str(box), "true"), 2, "--env")
+    assert_error(run("--workdir", "here", str(box), "true"), 2, "--workdir")
+    assert_error(run("--no-such-flag", str(box)), 2, "--no-such-flag")
+
+
+def test_bwrap_missing(run, box):
+    done = run(str(box), "true", env=HOST_ENV | {"PATH": "/nonexistent"})
+    assert_error(done, 1, "bwrap is not installed", "apt-get install bubblewrap")
+
+
+def test_user_namespaces_disabled(run, box):
+    # A user namespace of our own, where no further one may be made: bwrap would fail there.
+    script = 'echo 0 > /proc/sys/user/max_user_namespaces && exec "$@"'
+    done = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "sh", "-c", script, "sh", str(run.script), str(box), "true"],
+        capture_output=True,
+        text=True,
+        env=HOST_ENV,
+        timeout=30,
+        **run.popen_args(),
+    )
+    assert_error(done, 1, "max_user_namespaces is 0", "sysctl")
+
+
+def test_traceback_only_with_debug(run, box):
+    assert "Traceback" in run("--debug", "-u", "nobody", str(box), "true").stderr
+
+
+# ----- signals, terminals and sessions ---------------------------------------------------------------------
+
+
+def processes_running(argv: list[str]) -> list[int]:
+    """The pids whose command line is exactly `argv`."""
+    wanted = ("\0".join(argv) + "\0").encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes() == wanted:
+                pids.append(int(entry.name))
+        except OSError:
+            continue  # gone meanwhile
+    return pids
+
+
+def wait_until(condition, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def test_sigterm_to_d_run_ends_the_container(run, box):
+    sleeper = ["sleep", str(100_000 + os.getpid())]  # a command line no one else runs
+    script = f"echo ready; exec {' '.join(sleeper)}"
+    process = subprocess.Popen(
+        [str(run.script), str(box), "sh", "-c", script], stdout=subprocess.PIPE, env=HOST_ENV, **run.popen_args()
+    )
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], 20)
+        assert ready and process.stdout.readline() == b"ready\n"
+        assert wait_until(lambda: processes_running(sleeper))
+        # d-run exec'd bwrap: the process we started is bwrap itself, no Python stays behind.
+        assert Path(f"/proc/{process.pid}/comm").read_text() == "bwrap\n"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == -signal.SIGTERM
+        assert wait_until(lambda: not processes_running(sleeper))
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+        process.stdout.close()
+
+
+def on_terminal(argv: list[str], user: str, steps: list[tuple[str, str]], timeout: float = 20) -> tuple[str, int]:
+    """Run `argv` as `user`, leading a new session on a new pseudo-terminal, as a login would.
+
+    For each (expect, send) step, wait for `expect` in the output that follows the previous match, then
+    type `send`. Returns the whole output and the exit status; the run is killed after `timeout`.
+    """
+    account = pwd.getpwnam(user)
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: drop to the user and become the command
+        try:
+            os.setgroups([])
+            os.setgid(account.pw_gid)
+            os.setuid(account.pw_uid)
+            os.execve(argv[0], argv, HOST_ENV | {"TERM": "dumb"})
+        finally:
+            os._exit(127)
+    output, position, pending = b"", 0, list(steps)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if pending and (found := output.find(pending[0][0].encode(), position)) >= 0:
+                expect, send = pending.pop(0)
+                position = found + len(expect)
+                os.write(terminal, send.encode())
+            readable, _, _ = select.select([terminal], [], [], 0.1)
+            try:
+                chunk = os.read(terminal, 4096) if readable else b""
+            except OSError:  # EIO: every process holding the terminal has ended
+                break
+            if readable and not chunk:
+                break
+            output += chunk
+    finally:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if not done:
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+        os.close(terminal)
+    assert not pending, f"never saw {pending[0][0]!r} in {output!r}"
+    return output.decode(errors="replace"), os.waitstatus_to_exitcode(status)
+
+
+def test_interactive_shell_runs_a_command_and_exits(run, box):
+    steps = [("# ", "echo $((6 * 7))\n"), ("42", ""), ("# ", "exit 3\n")]
+    output, status = on_terminal([str(run.script), str(box), "sh"], run.user, steps)
+    assert status == 3 and "\n42\r\n" in output, output
+    assert "job control turned off" not in output  # the shell owns the terminal
+
+
+def test_ctrl_c_reaches_the_foreground_job_and_the_shell_goes_on(run, box):
+    # The marker is printed by the foreground job itself, after the shell gave it the terminal.
+    sleeper = "busybox sh -c 'echo st''arted; exec sleep 4321'\n"
+    steps = [("# ", sleeper), ("started", "\x03"), ("# ", "echo al''ive; exit 5\n"), ("alive", "")]
+    started = time.monotonic()
+    output, status = on_terminal([str(run.script), str(box), "sh"], run.user, steps)
+    assert status == 5, output
+    assert time.monotonic() - started < 15  # the sleep did not run out its time
+
+
+def test_keystrokes_cannot_be_pushed_into_the_terminal(run, box):
+    code = (
+        "import fcntl, termios, errno\n"
+        "for name in ['TIOCSTI', 'TIOCLINUX', 'TIOCGWINSZ']:\n"
+        "    try:\n"
+        "        fcntl.ioctl(0, getattr(termios, name), bytes(8)); print(name, 'ok')\n"
+        "    except OSError as err:\n"
+        "        print(name, errno.errorcode[err.errno])\n"
+    )
+    argv = [str(run.script), *HOST_PYTHON, str(box), "/usr/bin/python3", "-c", code]
+    output, status = on_terminal(argv, run.user, [])
+    assert status == 0, output
+    assert output.split("\r\n")[:3] == ["TIOCSTI EPERM", "TIOCLINUX EPERM", "TIOCGWINSZ ok"]
+
+
+def test_without_a_terminal_on_stdin_the_container_gets_a_new_session(run, box):
+    probe = "echo > /dev/tty && echo has-terminal || echo no-terminal"
+    d_run = [str(run.script), str(box), "sh", "-c", probe]
+    output, status = on_terminal(d_run, run.user, [])
+    assert (status, output.splitlines()[-1]) == (0, "has-terminal")
+    output, status = on_terminal(["/bin/sh", "-c", 'exec "$@" < /dev/null', "sh", *d_run], run.user, [])
+    assert (status, output.splitlines()[-1]) == (0, "no-terminal")
