@@ -3,30 +3,10 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-BIN = Path(sys.executable).parent
-
-
-def d_pull(*args: str, cache: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [BIN / "d-pull", "--cache", str(cache), *args], capture_output=True, text=True, timeout=timeout
-    )
-
-
-def d_run(folder: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([BIN / "d-run", str(folder), *args], capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line_error(done: subprocess.CompletedProcess, *words: str) -> None:
-    assert done.returncode == 1, done
-    lines = done.stderr.strip().splitlines()
-    assert lines[-1].startswith("d-pull: error: "), done.stderr
-    assert "Traceback" not in done.stderr
-    assert all(word in lines[-1] for word in words), lines[-1]
+from cli import BIN, assert_one_line_error, d_pull, d_run
 
 
 @pytest.fixture(scope="module")
