@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urljoin
 
-import requests
+from registry import session
 
 MTIME = 1_700_000_000  # fixed, so that the same layer always has the same digest
 TIMEOUT = 60
@@ -230,16 +230,10 @@ def index(entries: list[dict], media: str = "oci") -> bytes:
 # -- pushing to a registry (plain HTTP)
 
 
-def _session() -> requests.Session:
-    session = requests.Session()
-    session.trust_env = False  # no proxy from the environment for a loopback registry
-    return session
-
-
 def push_blob(registry: str, repo: str, data: bytes) -> str:
     """Uploads one blob (POST, then a monolithic PUT) unless the registry has it; returns its digest."""
     digest, base = sha256(data), f"http://{registry}/v2/{repo}/blobs"
-    with _session() as http:
+    with session() as http:
         if http.head(f"{base}/{digest}", timeout=TIMEOUT).status_code == 200:
             return digest
         started = http.post(f"{base}/uploads/", timeout=TIMEOUT)
@@ -254,7 +248,7 @@ def push_blob(registry: str, repo: str, data: bytes) -> str:
 def push_manifest(registry: str, repo: str, reference: str, manifest: bytes) -> str:
     """PUTs a manifest (its type read from its mediaType) under a tag or digest; returns its digest."""
     media_type = json.loads(manifest)["mediaType"]
-    with _session() as http:
+    with session() as http:
         url = f"http://{registry}/v2/{repo}/manifests/{reference}"
         http.put(url, data=manifest, headers={"Content-Type": media_type}, timeout=TIMEOUT).raise_for_status()
     return sha256(manifest)

@@ -28,25 +28,21 @@ from images import (
     busybox_image,
     busybox_layer,
     compress,
+    push,
+    push_index,
     sha256,
     write_oci_layout,
 )
-from registry import Registry
+from registry import Registry, session
 
 REPO = Path(__file__).parents[1]
-
-
-def http() -> requests.Session:
-    session = requests.Session()
-    session.trust_env = False
-    return session
 
 
 def get_manifest(reference: str) -> requests.Response:
     """GET host/repo:tag or host/repo@digest, checking the digest the registry states."""
     host, _, rest = reference.partition("/")
     repo, _, tag = rest.rpartition("@" if "@" in rest else ":")
-    response = http().get(
+    response = session().get(
         f"http://{host}/v2/{repo}/manifests/{tag}", headers={"Accept": ALL_MANIFEST_TYPES}, timeout=30
     )
     response.raise_for_status()
@@ -210,10 +206,10 @@ def test_blob_and_manifest_counters_see_real_gets(registry: Registry, images: di
     digest = manifest["layers"][1]["digest"]
     blob_url = f"{registry.url}/v2/busybox/blobs/{digest}"
     total, this = registry.blob_gets(), registry.blob_gets(digest)
-    assert http().head(blob_url, timeout=30).status_code == 200  # a HEAD is no download
-    assert http().get(blob_url, timeout=30).content
-    assert http().get(blob_url, headers={"Range": "bytes=3-"}, timeout=30).status_code == 206
-    assert http().get(f"{registry.url}/v2/busybox/blobs/sha256:{'0' * 64}", timeout=30).status_code == 404
+    assert session().head(blob_url, timeout=30).status_code == 200  # a HEAD is no download
+    assert session().get(blob_url, timeout=30).content
+    assert session().get(blob_url, headers={"Range": "bytes=3-"}, timeout=30).status_code == 206
+    assert session().get(f"{registry.url}/v2/busybox/blobs/sha256:{'0' * 64}", timeout=30).status_code == 404
     assert (registry.blob_gets(), registry.blob_gets(digest)) == (total + 2, this + 2)
     manifests = registry.manifest_gets("latest")
     get_manifest(images["busybox"])
@@ -223,12 +219,62 @@ def test_blob_and_manifest_counters_see_real_gets(registry: Registry, images: di
 def test_registry_takes_extra_config_and_stops_cleanly() -> None:
     registry = Registry({"http": {"headers": {"X-Rig": ["yes"]}}})
     try:
-        assert http().get(f"{registry.url}/v2/", timeout=30).headers["X-Rig"] == "yes"
+        assert session().get(f"{registry.url}/v2/", timeout=30).headers["X-Rig"] == "yes"
     finally:
         registry.stop()
     assert registry.process.returncode is not None and not registry.root.exists()
     with pytest.raises(requests.ConnectionError):
-        http().get(f"{registry.url}/v2/", timeout=5)
+        session().get(f"{registry.url}/v2/", timeout=5)
+
+
+@pytest.mark.parametrize("media", ["oci", "docker"])
+def test_push_stores_every_media_type_and_compression(media: str, registry: Registry) -> None:
+    pushed = []
+    for compression in ["none", "gzip", "zstd"]:
+        image = Image([Tar().file("which", compression.encode()).to_bytes()], {}, compression, media)
+        assert push(registry.host, f"matrix-{media}", compression, image) == image.manifest_digest
+        pushed.append(image)
+        stored = get_manifest(f"{registry.host}/matrix-{media}:{compression}")
+        assert stored.content == image.manifest and stored.headers["Content-Type"] == MEDIA_TYPES[media]["manifest"]
+    listed = get_manifest(
+        f"{registry.host}/matrix-{media}@{push_index(registry.host, f'matrix-{media}', 'all', pushed, media)}"
+    )
+    assert listed.headers["Content-Type"] == MEDIA_TYPES[media]["index"]
+    assert [entry["digest"] for entry in listed.json()["manifests"]] == [image.manifest_digest for image in pushed]
+
+
+def test_registry_serves_tls_with_its_certificate(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    make_certificate = [
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-keyout",
+        key,
+        "-out",
+        cert,
+    ]
+    subprocess.run([*make_certificate, *subject], check=True, capture_output=True, timeout=60)
+    with Registry({"http": {"tls": {"certificate": str(cert), "key": str(key)}}}) as secure:
+        assert secure.url.startswith("https://")
+        assert session().get(f"{secure.url}/v2/", verify=str(cert), timeout=30).status_code == 200
+        with pytest.raises(requests.exceptions.SSLError):
+            session().get(f"{secure.url}/v2/", timeout=30)  # the system CAs do not know it
+
+
+def test_registry_as_a_pull_through_mirror(registry: Registry, images: dict[str, str]) -> None:
+    with Registry({"proxy": {"remoteurl": registry.url}}) as mirror:
+        mirrored = get_manifest(f"{mirror.host}/busybox:latest")
+        assert mirrored.content == get_manifest(images["busybox"]).content
+        digest = mirrored.json()["config"]["digest"]
+        assert sha256(session().get(f"{mirror.url}/v2/busybox/blobs/{digest}", timeout=30).content) == digest
+        assert mirror.blob_gets(digest) == 1
 
 
 # -- the ordinary user
