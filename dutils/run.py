@@ -7,9 +7,10 @@ standard library, `store` and `errors`, never `requests` or `doit`.
 import argparse
 import json
 import os
+import signal
 import sys
+from collections import namedtuple
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from . import seccomp
@@ -23,19 +24,21 @@ MAX_SYMLINKS = 40  # as the kernel's path walk
 # ----- config.json -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ImageConfig:
-    """The keys of config.json that d-run honours, checked."""
+# Value types are namedtuples: a dataclass costs ten times as long to define, and d-run's start-up
+# is what users wait for on every run.
 
-    user: str = ""
-    hostname: str = ""
-    workdir: str = ""
-    env: tuple[str, ...] = ()
-    volumes: tuple[str, ...] = ()
-    entrypoint: tuple[str, ...] = ()
-    cmd: tuple[str, ...] = ()
-    net: bool = False
-    rw: bool = False
+
+class ImageConfig(
+    namedtuple(
+        "ImageConfig",
+        "user hostname workdir env volumes entrypoint cmd net rw",
+        defaults=("", "", "", (), (), (), (), False, False),
+    )
+):
+    """The keys of config.json that d-run honours, checked: strings (user, hostname, workdir), tuples of
+    strings (env as "KEY=VALUE", volumes as paths, entrypoint, cmd) and booleans (net, rw)."""
+
+    __slots__ = ()
 
 
 def is_string_list(value: object) -> bool:
@@ -141,11 +144,10 @@ def read_image_file(rootfs: Path, path: str) -> str:
 # ----- users ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Identity:
-    uid: int
-    gid: int
-    home: str
+class Identity(namedtuple("Identity", "uid gid home")):
+    """Who runs inside: uid and gid (int), and the HOME (str) the image's /etc/passwd gives."""
+
+    __slots__ = ()
 
 
 def split_rows(text: str) -> list[list[str]]:
@@ -202,13 +204,10 @@ def resolve_user(spec: str, passwd: str, group: str) -> Identity:
 # ----- mounts, environment, command ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Mount:
+class Mount(namedtuple("Mount", "target source read_only", defaults=("", False))):
     """`source` on the host bound at `target` in the container; an empty `source` is an anonymous volume."""
 
-    target: str
-    source: str = ""
-    read_only: bool = False
+    __slots__ = ()
 
 
 def absolute_path(path: str) -> str:
@@ -294,22 +293,19 @@ def hosts_file(hostname: str) -> bytes:
 # ----- the sandbox and its bwrap command line ---------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Sandbox:
-    """Everything the bwrap command line is made of, resolved."""
+class Sandbox(
+    namedtuple(
+        "Sandbox",
+        "rootfs command identity hostname workdir env mounts data_files writable network seccomp_fd new_session",
+        defaults=((), (), False, False, None, True),
+    )
+):
+    """Everything the bwrap command line is made of, resolved: the rootfs path, the command (tuple), an
+    Identity, hostname, workdir, env (dict), mounts (Mounts with their sources, parents first), data_files
+    ((fd bwrap reads, read-only file it becomes) pairs), writable, network, seccomp_fd (int or None) and
+    new_session."""
 
-    rootfs: str
-    command: tuple[str, ...]
-    identity: Identity
-    hostname: str
-    workdir: str = "/"
-    env: dict[str, str] = field(default_factory=dict)
-    mounts: tuple[Mount, ...] = ()  # every source resolved, parents before children
-    data_files: tuple[tuple[int, str], ...] = ()  # (fd bwrap reads, read-only file it becomes)
-    writable: bool = False
-    network: bool = False
-    seccomp_fd: int | None = None
-    new_session: bool = True
+    __slots__ = ()
 
 
 def bwrap_argv(box: Sandbox) -> list[str]:
@@ -484,9 +480,17 @@ def plan_sandbox(args: argparse.Namespace) -> Sandbox:
     )
 
 
+def close_inherited_fds() -> None:
+    """Close what d-run's caller left open besides stdin, stdout and stderr: bwrap would pass it on."""
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # one close_range(2) call on Linux
+
+
 def exec_bwrap(argv: list[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
+    # Python ignores SIGPIPE and SIGXFSZ for itself; an exec would hand that on to the container.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
     try:
         os.execvp(argv[0], argv)
     except FileNotFoundError:
@@ -589,6 +593,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
+        close_inherited_fds()
         command = bwrap_argv(plan_sandbox(args))
         if args.debug:
             import shlex

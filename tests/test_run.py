@@ -71,6 +71,7 @@ GROUP = "root:x:0:\nbad:x:notanumber:\napp:x:1000:\nstaff:x:50:app\n"
 
 def sandbox(**fields) -> Sandbox:
     base = {"rootfs": "/pull/rootfs", "command": ("sh",), "identity": Identity(0, 0, "/root"), "hostname": "box"}
+    base |= {"workdir": "/", "env": {}}
     return Sandbox(**(base | fields))
 
 
@@ -343,15 +344,16 @@ class Runner:
         """subprocess arguments that drop to the user (no intermediate process: signals reach d-run)."""
         return {} if self.user == "root" else {"user": self.user, "group": self.user, "extra_groups": []}
 
-    def __call__(self, *args: str, env: dict | None = None, timeout: float = 30, cwd: Path | None = None):
+    def __call__(self, *args: str, env: dict | None = None, cwd: Path | None = None, pass_fds: tuple = ()):
         return subprocess.run(
             [str(self.script), *args],
             capture_output=True,
             text=True,
             stdin=subprocess.DEVNULL,
             env=env or HOST_ENV,
-            timeout=timeout,
+            timeout=30,
             cwd=cwd or "/",
+            pass_fds=pass_fds,
             **self.popen_args(),
         )
 
@@ -462,6 +464,19 @@ def test_defaults_seen_from_inside(run, box):
     interfaces = run.out(str(box), "cat", "/proc/net/dev").splitlines()[2:]
     assert [line.split(":")[0].strip() for line in interfaces] == ["lo"]
     assert run.out(str(box), "sh", "-c", "echo $$") == "2\n"  # its own pid namespace (bwrap is pid 1)
+
+
+def test_nothing_of_the_python_process_reaches_the_container(run, box, workspace):
+    # Python ignores SIGPIPE and SIGXFSZ; a container that inherited that would see EPIPE, not die.
+    assert run.out(str(box), "grep", "SigIgn", "/proc/self/status") == "SigIgn:\t0000000000000000\n"
+    # A descriptor left open by d-run's caller is not handed on into the container.
+    with open(workspace / "template" / "rootfs" / "etc" / "passwd", "rb") as private:
+        os.dup2(private.fileno(), 42)
+        try:
+            listing = run.out(str(box), "ls", "/proc/self/fd", pass_fds=(42,))
+        finally:
+            os.close(42)
+    assert "42" not in listing.split()
 
 
 def test_cmd_runs_when_no_command_is_given(run, box):
