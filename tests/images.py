@@ -73,17 +73,17 @@ class Tar:
     def __init__(self) -> None:
         self.members: list[tuple[tarfile.TarInfo, bytes | None]] = []
 
-    def _add(self, name: str, kind: bytes, mode: int, uid: int = 0, gid: int = 0, **fields) -> Tar:
+    def _add(
+        self, name: str, kind: bytes, mode: int, uid: int = 0, gid: int = 0, data: bytes | None = None, **fields
+    ) -> Tar:
         info = tarfile.TarInfo(name)
         info.type, info.mode, info.uid, info.gid, info.mtime = kind, mode, uid, gid, MTIME
         for key, value in fields.items():
             setattr(info, key, value)
-        return self.raw(info)
+        return self.raw(info, data)
 
     def file(self, name: str, data: bytes = b"", mode: int = 0o644, uid: int = 0, gid: int = 0) -> Tar:
-        info = tarfile.TarInfo(name)
-        info.mode, info.uid, info.gid, info.mtime = mode, uid, gid, MTIME
-        return self.raw(info, data)
+        return self._add(name, tarfile.REGTYPE, mode, uid, gid, data)
 
     def dir(self, name: str, mode: int = 0o755, uid: int = 0, gid: int = 0) -> Tar:
         return self._add(name, tarfile.DIRTYPE, mode, uid, gid)
