@@ -332,6 +332,9 @@ def bwrap_argv(box: Sandbox) -> list[str]:
 # ----- what d-run finds on the host -------------------------------------------------------------------
 
 RESOLV_CONF = "/etc/resolv.conf"
+# apt drops privileges to its _apt user for downloads, which a single mapped user cannot do.
+APT_CONF = "/etc/apt/apt.conf.d/99d-run"
+APT_SETTINGS = b'// d-run: bwrap maps a single user, so apt cannot switch to _apt\nAPT::Sandbox::User "root";\n'
 
 
 def userns_error(max_namespaces: str, unprivileged_clone: str, euid: int) -> Error | None:
@@ -461,6 +464,9 @@ def plan_sandbox(args: argparse.Namespace) -> Sandbox:
     workdir = args.workdir or config.workdir or "/"
     check_workdir(pull.rootfs, workdir, mounts)
     mounts = [host_source(mount, pull) for mount in mounts]
+    files = [(hosts_file(hostname), "/etc/hosts")]
+    if image_path(pull.rootfs, os.path.dirname(APT_CONF)).is_dir():
+        files.append((APT_SETTINGS, APT_CONF))
     program = seccomp.filter_program(os.uname().machine)
     return Sandbox(
         rootfs=str(pull.rootfs),
@@ -470,7 +476,7 @@ def plan_sandbox(args: argparse.Namespace) -> Sandbox:
         workdir=workdir,
         env=env,
         mounts=tuple(mounts),
-        data_files=((data_fd(hosts_file(hostname)), "/etc/hosts"),),
+        data_files=tuple((data_fd(data), target) for data, target in files),
         writable=args.rw or config.rw,
         network=network,
         seccomp_fd=data_fd(program) if program else None,
@@ -520,8 +526,9 @@ defaults (the safe ones):
   With stdin not a terminal, the container gets a new session (no access to the terminal).
   On a terminal it keeps it, for job control and Ctrl-C, and a seccomp filter makes
   ioctl TIOCSTI/TIOCLINUX fail (no keystroke injection into your terminal).
-  bwrap maps a single user and group, so chown-family calls succeed without effect:
-  this lets unprivileged dpkg and apt-get work with -w.
+  bwrap maps a single user and group, so chown-family calls succeed without effect, and
+  an image with /etc/apt/apt.conf.d gets 99d-run there, setting APT::Sandbox::User "root"
+  (apt cannot switch to its _apt user): unprivileged dpkg and apt-get work with -w (and -n).
   Missing mount points (a volume's target) are made as empty folders in DIR/rootfs.
 
 DIR/config.json (edit it; flags win over it):

@@ -589,6 +589,14 @@ def test_chown_succeeds_without_effect(run, box):
     assert run.out(str(box), "sh", "-c", script) == "0\n"
 
 
+def test_apt_is_told_to_stay_root_where_the_image_has_apt(run, box):
+    assert run(str(box), "cat", "/etc/apt/apt.conf.d/99d-run").returncode == 1
+    assert not (box / "rootfs" / "etc" / "apt").exists()
+    (box / "rootfs" / "etc" / "apt" / "apt.conf.d").mkdir(parents=True)
+    shutil.chown(box / "rootfs" / "etc" / "apt" / "apt.conf.d", run.user, run.user)
+    assert 'APT::Sandbox::User "root";' in run.out(str(box), "cat", "/etc/apt/apt.conf.d/99d-run")
+
+
 def test_debug_prints_the_bwrap_command(run, box):
     done = run("--debug", str(box), "echo", "hi")
     assert done.returncode == 0 and done.stdout == "hi\n"
