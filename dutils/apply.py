@@ -107,9 +107,23 @@ def apply_layer(blob: Path, media_type: str, diff_id: str, rootfs: Path) -> Skip
             apply_members(stream, tree, skipped, layer)
             stream.check(diff_id)
             tree.finish()
-    except OSError as err:  # the blob or the rootfs itself; a member's failures are reported as its own
-        raise Error(f"{layer}: {describe(err)}") from None
+    except OSError as err:  # the blob, the rootfs itself or a full disk; a member's failures are reported as its own
+        raise (
+            disk_full(blob, media_type, rootfs, layer)
+            if err.errno == errno.ENOSPC
+            else Error(f"{layer}: {describe(err)}")
+        ) from None
     return skipped
+
+
+def disk_full(blob: Path, media_type: str, rootfs: Path, layer: str) -> Error:
+    with blob.open("rb") as raw, tarfile.open(fileobj=DECOMPRESSORS[COMPRESSION[media_type]](raw), mode="r|") as tar:
+        needed = sum(member.size for member in tar)
+    free = shutil.disk_usage(rootfs).free
+    return Error(
+        f"{layer}: disk full in {rootfs}: the layer unpacks to {needed} bytes and {free} bytes are free",
+        "free some space and run the same command again; the layers already applied are kept",
+    )
 
 
 def apply_members(stream: VerifyingReader, tree: Tree, skipped: Skipped, layer: str) -> None:
@@ -119,6 +133,8 @@ def apply_members(stream: VerifyingReader, tree: Tree, skipped: Skipped, layer: 
                 try:
                     apply_member(tar, member, tree, skipped)
                 except OSError as err:
+                    if err.errno == errno.ENOSPC:
+                        raise  # apply_layer says how much space the layer needs
                     raise Error(f"{layer}: member {member.name}: {describe(err)}") from None
                 except RecursionError:  # removing a subtree deeper than Python's stack
                     raise Error(f"{layer}: member {member.name}: directory tree too deep") from None

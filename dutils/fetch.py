@@ -24,9 +24,18 @@ def fetch_blob(registry: Registry, blob: Blob, cache: Path, progress: Progress) 
     if final.exists():
         touch(final)
         return final
+    try:
+        download_verified(registry, blob, final, progress)
+    except OSError as err:  # the lock, the partial file, the rename: the cache's disk
+        raise write_error(final, err, blob.size) from None
+    progress.step(f"fetched {blob.digest[:19]} ({blob.size} bytes)")
+    return final
+
+
+def download_verified(registry: Registry, blob: Blob, final: Path, progress: Progress) -> None:
     with locked(final.with_name(final.name + ".lock")):
         if final.exists():  # another process finished it while we waited
-            return final
+            return
         partial = final.with_name(final.name + ".partial")
         hasher, have = hash_existing(partial, blob.size)
         progress.expect(blob.size - have)
@@ -38,8 +47,6 @@ def fetch_blob(registry: Registry, blob: Blob, cache: Path, progress: Progress) 
                 "the registry or something in between corrupted it; the bad copy was deleted, run again",
             )
         os.replace(partial, final)
-    progress.step(f"fetched {blob.digest[:19]} ({blob.size} bytes)")
-    return final
 
 
 def hash_existing(partial: Path, size: int) -> tuple["hashlib._Hash", int]:
@@ -63,27 +70,25 @@ def download(
 ) -> "hashlib._Hash":
     """Append the rest of the blob to `partial`, resuming after every broken connection; return the full hash."""
     failures = 0
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    with open(partial, "ab") as out:
-        while have < blob.size:
-            before = have
-            try:
-                offset, chunks = registry.read_blob(blob.digest, have)
-                if offset != have:  # the server ignored our Range: start over from its first byte
-                    out.truncate(0)
-                    hasher, have = hashlib.sha256(), 0
-                for chunk in chunks:
-                    have = append(out, chunk, have, blob, hasher)
-                    progress.advance(len(chunk))
-                out.flush()
-                if have < blob.size:
-                    raise Interrupted("the connection closed early")
-            except Interrupted as err:
-                out.flush()
-                failures = 0 if have > before else failures
-                failures = registry.wait_before_retry(failures, f"blob {blob.digest[:19]}", str(err), None)
-            except OSError as err:
-                raise write_error(partial, err, blob.size - have) from None
+    try:
+        with open(partial, "ab", buffering=0) as out:  # unbuffered: what was received is on disk
+            while have < blob.size:
+                before = have
+                try:
+                    offset, chunks = registry.read_blob(blob.digest, have)
+                    if offset != have:  # the server ignored our Range: start over from its first byte
+                        out.truncate(0)
+                        hasher, have = hashlib.sha256(), 0
+                    for chunk in chunks:
+                        have = append(out, chunk, have, blob, hasher)
+                        progress.advance(len(chunk))
+                    if have < blob.size:
+                        raise Interrupted("the connection closed early")
+                except Interrupted as err:
+                    failures = 0 if have > before else failures
+                    failures = registry.wait_before_retry(failures, f"blob {blob.digest[:19]}", str(err), None)
+    except OSError as err:
+        raise write_error(partial, err, blob.size - have) from None
     return hasher
 
 

@@ -20,6 +20,7 @@ from typing import TypeVar
 
 from doit import create_after
 from doit.cmd_base import ModuleTaskLoader
+from doit.dependency import JsonDB
 from doit.doit_cmd import DoitMain
 from doit.exceptions import TaskFailed, UnmetDependency
 from doit.reporter import ZeroReporter
@@ -48,6 +49,9 @@ from .store import (
 )
 
 T = TypeVar("T")
+# doit captures an action's output by swapping sys.stdout/stderr, which threads running side by side can leave
+# swapped for good; our actions print nothing (Progress writes to the stream it was given), so nothing is captured.
+UNCAPTURED = {"capture": False}
 MIRROR_RETRY = RetryPolicy(attempts=2)  # a failing mirror costs little: the origin is there
 
 
@@ -289,12 +293,17 @@ def sandbox_tasks(pulls: list[Pull]) -> dict[str, Callable]:
     def task_auth() -> Iterator[dict]:
         """Find credentials; authenticate when the registry asks."""
         for pull in pulls:
-            yield {"name": pull.key, "actions": [action(pull.authenticate)], "verbosity": 0}
+            yield {"name": pull.key, "actions": [action(pull.authenticate)], "io": UNCAPTURED}
 
     def task_manifest() -> Iterator[dict]:
         """Resolve the reference to one manifest for the platform."""
         for pull in pulls:
-            yield {"name": pull.key, "actions": [action(pull.resolve)], "task_dep": [f"auth:{pull.key}"]}
+            yield {
+                "name": pull.key,
+                "actions": [action(pull.resolve)],
+                "task_dep": [f"auth:{pull.key}"],
+                "io": UNCAPTURED,
+            }
 
     @create_after(executed="manifest")
     def task_fetch() -> Iterator[dict]:
@@ -308,6 +317,7 @@ def sandbox_tasks(pulls: list[Pull]) -> dict[str, Callable]:
                     yield {
                         "name": blob.digest,
                         "actions": [action(pull.fetch, blob)],
+                        "io": UNCAPTURED,
                         "uptodate": [lambda pull=pull, blob=blob: pull.cached(blob)],
                     }
 
@@ -320,6 +330,7 @@ def sandbox_tasks(pulls: list[Pull]) -> dict[str, Callable]:
                 yield {
                     "name": f"{pull.key}/{n}",
                     "actions": [action(pull.apply, n)],
+                    "io": UNCAPTURED,
                     "task_dep": [f"fetch:{layer.digest}", f"fetch:{image.config.digest}"]
                     + ([f"apply:{pull.key}/{n - 1}"] if n else []),
                     "uptodate": [lambda pull=pull, n=n: pull.is_applied(n)],
@@ -331,6 +342,7 @@ def sandbox_tasks(pulls: list[Pull]) -> dict[str, Callable]:
             yield {
                 "name": pull.key,
                 "actions": [action(pull.write_config)],
+                "io": UNCAPTURED,
                 "task_dep": ["fetch", "apply"],
                 "uptodate": [pull.is_complete],
             }
@@ -377,6 +389,17 @@ class Reporter(ZeroReporter):
         self.failures.append(fail.get_msg())
 
 
+class MemoryDB(JsonDB):
+    """doit's database, kept in memory: every up-to-date check here rests on facts on disk, so there is
+    nothing worth saving, and no half-written database after a full disk or a kill."""
+
+    def __init__(self, name: str, codec: object, *, module_name: str | None = None) -> None:
+        self.name, self.codec, self._db = name, codec, {}
+
+    def dump(self) -> None:
+        pass
+
+
 def run_pulls(pulls: list[Pull], jobs: int, debug: bool) -> list[str]:
     """Run the pipeline in this process; return the failures, one line each (none means every pull finished)."""
     for pull in pulls:
@@ -385,8 +408,8 @@ def run_pulls(pulls: list[Pull], jobs: int, debug: bool) -> list[str]:
     reporter = Reporter(debug)
     namespace: dict[str, object] = dict(sandbox_tasks(pulls))
     namespace["DOIT_CONFIG"] = {
-        "dep_file": os.fspath(pulls[0].folder.state / "doit.json"),
-        "backend": "json",
+        "dep_file": "unused",
+        "backend": "memory",
         "reporter": reporter,
         "verbosity": 0,
         "num_process": jobs + 1,  # one more for the layer being applied while blobs download
@@ -394,7 +417,9 @@ def run_pulls(pulls: list[Pull], jobs: int, debug: bool) -> list[str]:
         "default_tasks": ["config"],
     }
     try:
-        code = DoitMain(ModuleTaskLoader(namespace)).run(["run"])
+        plugins = {"BACKEND": {"memory": f"{__name__}:MemoryDB"}}
+        # config_filenames=(): a doit.cfg or pyproject.toml in the current folder must not change a pull
+        code = DoitMain(ModuleTaskLoader(namespace), config_filenames=(), extra_config=plugins).run(["run"])
     finally:
         for pull in pulls:
             pull.release()

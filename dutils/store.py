@@ -127,7 +127,9 @@ class PullDir:
             return Record(**json.loads(self.record_path.read_text()))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, TypeError) as err:
+        except OSError as err:
+            raise Error(f"cannot use {self.root}: {err.strerror}", "choose a folder you can write") from None
+        except (ValueError, TypeError) as err:
             raise Error(
                 f"{self.record_path}: damaged pull record ({err})", "delete the folder and pull again"
             ) from None

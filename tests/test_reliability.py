@@ -9,12 +9,15 @@ import json
 import os
 import random
 import signal
+import subprocess
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from cli import assert_one_line_error, d_pull, d_run, start_d_pull
-from images import Image, Tar, busybox_layer, push
+from images import Image, Tar, busybox_layer, push, push_blob, push_manifest, sha256
 from registry import Registry
 from test_apply import snapshot
 
@@ -136,3 +139,140 @@ def test_update_keeps_user_edits_and_volumes_and_fetches_only_new_layers(fresh: 
     base = new.blobs().keys() & old.blobs().keys()
     assert base and all(fresh.blob_gets(digest) == 1 for digest in base)
     assert d_run(folder).stdout == "mine\n"
+
+
+# -- bad input and faults: one line, status 1, nothing the user had is changed
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 2 MiB tmpfs: a full disk on demand (needs root, as CI has)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def pushed_large(registry: Registry) -> str:
+    push(registry.host, "large", "latest", image_with(random_files("data", 1, 4 << 20)))
+    return f"{registry.host}/large:latest"
+
+
+def test_disk_full_while_fetching_says_how_much_is_needed(fresh: Registry, small_disk: Path, tmp_path: Path):
+    (small_disk / "mine.txt").write_text("kept")
+    done = d_pull(pushed_large(fresh), str(tmp_path / "app"), cache=small_disk / "cache")
+    assert_one_line_error(done, "disk full", "more bytes are needed")
+    assert (small_disk / "mine.txt").read_text() == "kept"
+
+
+def test_disk_full_while_applying_says_how_much_is_needed(fresh: Registry, small_disk: Path, tmp_path: Path):
+    done = d_pull(pushed_large(fresh), str(small_disk / "app"), cache=tmp_path / "cache")
+    assert_one_line_error(done, "disk full", "unpacks to")
+    assert not (small_disk / "app" / "config.json").exists()
+    assert_one_line_error(d_run(small_disk / "app", "true"), "incomplete", "d-pull", program="d-run")
+
+
+def test_read_only_cache_is_a_clear_error(images, tmp_path: Path):
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(read_only)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        assert_one_line_error(d_pull(images["busybox"], str(tmp_path / "a"), cache=read_only), "cache folder")
+    finally:
+        subprocess.run(["umount", "-l", str(read_only)], check=True)
+    assert not (tmp_path / "a").exists()
+
+
+def test_missing_cache_folder_is_made(images, tmp_path: Path):
+    assert d_pull(images["busybox"], str(tmp_path / "a"), cache=tmp_path / "new" / "cache").returncode == 0
+
+
+def test_folder_the_user_cannot_write_is_a_clear_error(images, unprivileged, tmp_path: Path):
+    done = unprivileged.run(
+        ["d-pull", "--cache", "cache", images["busybox"], "/root/not-mine"], capture_output=True, text=True, timeout=60
+    )
+    assert_one_line_error(done, "cannot use /root/not-mine", "Permission denied")
+
+
+def test_corrupt_layer_is_a_clear_error_and_the_next_pull_of_good_layers_works(fresh: Registry, tmp_path: Path):
+    good = image_with(Tar().file("etc/ok", b"ok\n"))
+    broken = json.loads(good.manifest)
+    garbage = b"\x1f\x8b\x08\x00" + os.urandom(4000)  # a gzip header, then noise
+    push_blob(fresh.host, "broken", garbage)
+    for blob in good.blobs().values():
+        push_blob(fresh.host, "broken", blob)
+    broken["layers"][1] |= {"digest": sha256(garbage), "size": len(garbage)}
+    push_manifest(fresh.host, "broken", "latest", json.dumps(broken).encode())
+    done = d_pull(f"{fresh.host}/broken:latest", str(tmp_path / "b"), cache=tmp_path / "cache")
+    assert_one_line_error(done, "corrupt gzip data", sha256(garbage))
+
+
+class HostileRegistry(ThreadingHTTPServer):
+    """A registry that answers manifest requests with whatever a test sets: bad JSON, odd types, wrong bytes."""
+
+    def __init__(self) -> None:
+        self.manifest = (b"", "")
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body, media_type = outer.manifest if "/manifests/" in self.path else (b"{}", "application/json")
+                self.send_response(200)
+                self.send_header("Content-Type", media_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self.server_address[1]}"
+
+
+@pytest.fixture
+def hostile():
+    server = HostileRegistry()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+@pytest.mark.parametrize(
+    ("body", "media_type", "says"),
+    [
+        (b"<html>hello</html>", "text/html", "not JSON"),
+        (b'{"schemaVersion": 2, "mediaType": "application/x-other"}', "application/x-other", "unsupported media type"),
+        (b'{"schemaVersion": 1, "fsLayers": []}', "application/json", "schema 1"),
+        (b'{"schemaVersion": 2, "layers": "nope", "config": 1}', OCI_MANIFEST, "lacks a valid config"),
+    ],
+)
+def test_bad_manifests_are_clear_errors(hostile: HostileRegistry, tmp_path: Path, body, media_type, says):
+    hostile.manifest = (body, media_type)
+    done = d_pull(f"{hostile.host}/app:1", str(tmp_path / "a"), cache=tmp_path / "cache")
+    assert_one_line_error(done, says)
+    assert not (tmp_path / "a").exists()
+
+
+def test_manifest_that_does_not_match_its_digest_is_refused(hostile: HostileRegistry, tmp_path: Path):
+    hostile.manifest = (image_with().manifest, OCI_MANIFEST)
+    wrong = "sha256:" + "1" * 64
+    done = d_pull(f"{hostile.host}/app@{wrong}", str(tmp_path / "a"), cache=tmp_path / "cache")
+    assert_one_line_error(done, "does not match digest", wrong)
+    assert not (tmp_path / "cache" / "blobs" / "sha256" / ("1" * 64)).exists()
+
+
+def test_d_run_on_a_damaged_config_names_it(images, tmp_path: Path):
+    assert d_pull(images["busybox"], str(tmp_path / "a"), cache=tmp_path / "cache").returncode == 0
+    (tmp_path / "a" / "config.json").write_text('{"Cmd": ["sh"')
+    assert_one_line_error(d_run(tmp_path / "a", "true"), "config.json", program="d-run")
+    assert (tmp_path / "a" / "config.json").read_text() == '{"Cmd": ["sh"'
