@@ -124,7 +124,7 @@ class FaultProxy:
     # -- counters
 
     def served_bytes(self, digest: str) -> int:
-        """Body bytes of blob `digest` sent to clients so far, over all its GETs."""
+        """Body bytes of blob `digest` handed to clients' connections so far, over all its GETs."""
         with self.lock:
             return self.served[digest]
 
@@ -226,8 +226,8 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(fault.delay)
 
     def write(self, data: bytes) -> None:
+        self.proxy.count_served(self.path, len(data))  # first: the client may have it all before write() returns
         self.wfile.write(data)
-        self.proxy.count_served(self.path, len(data))
 
     def drop(self, how: str) -> None:
         """Ends the connection now: with FIN ("close") or RST ("reset", SO_LINGER 0)."""
