@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 from images import busybox_layer
 
-import dutils
 from dutils import seccomp
 from dutils.errors import Error
 from dutils.run import (
@@ -335,14 +334,21 @@ def test_start_up_imports_neither_requests_nor_doit():
 
 @dataclass(frozen=True)
 class Runner:
-    """How to start d-run as one user: root with the installed script, the ordinary user with a copy."""
+    """How to start d-run: its script, its environment, and the user to become (None: stay who we are)."""
 
-    user: str
     script: Path
+    env: dict
+    user: str | None = None
 
     def popen_args(self) -> dict:
-        """subprocess arguments that drop to the user (no intermediate process: signals reach d-run)."""
-        return {} if self.user == "root" else {"user": self.user, "group": self.user, "extra_groups": []}
+        """subprocess arguments that become the user: no process in between (runuser would be one),
+        so that signals and exit statuses are d-run's own."""
+        return {"user": self.user, "group": self.user, "extra_groups": []} if self.user else {}
+
+    def own(self, *paths: Path) -> None:
+        """Give `paths` (recursively) to the user d-run runs as, as if they had made them."""
+        if self.user:
+            subprocess.run(["chown", "-R", f"{self.user}:{self.user}", *map(str, paths)], check=True)
 
     def __call__(self, *args: str, env: dict | None = None, cwd: Path | None = None, pass_fds: tuple = ()):
         return subprocess.run(
@@ -350,7 +356,7 @@ class Runner:
             capture_output=True,
             text=True,
             stdin=subprocess.DEVNULL,
-            env=env or HOST_ENV,
+            env=self.env | (env or {}),
             timeout=30,
             cwd=cwd or "/",
             pass_fds=pass_fds,
@@ -366,28 +372,26 @@ class Runner:
 
 @pytest.fixture(scope="session")
 def workspace():
-    """A folder the ordinary user can reach (pytest's tmp_path is private to root): the busybox image's
-    rootfs, and d-run installed for Debian's python as a copy of this tree."""
+    """A folder the ordinary user can reach (pytest's tmp_path is private to root), with the busybox
+    image's rootfs to copy pull folders from."""
     root = Path(tempfile.mkdtemp(prefix="d-utils-run-"))
     root.chmod(0o755)
     with tarfile.open(fileobj=io.BytesIO(busybox_layer())) as layer:
         layer.extractall(root / "template" / "rootfs")
-    shutil.copytree(Path(dutils.__file__).parent, root / "src" / "dutils", ignore=shutil.ignore_patterns("__pycache__"))
-    script = root / "bin" / "d-run"
-    script.parent.mkdir()
-    script.write_text(f"#!/usr/bin/python3\nimport sys\nsys.path.insert(0, {str(root / 'src')!r})\n")
-    script.write_text(script.read_text() + "from dutils.run import main\nsys.exit(main())\n")
-    subprocess.run(["chmod", "-R", "a+rX", str(root / "src"), str(root / "bin")], check=True)
-    script.chmod(0o755)
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="session", params=["root", USER])
-def run(request, workspace) -> Runner:
+@pytest.fixture(scope="session", params=["root", "ordinary-user"])
+def run(request) -> Runner:
+    """d-run as root (this tree's, installed beside pytest's python), then as the ordinary user (installed
+    for Debian's python, not editable)."""
     if request.param == "root":
-        return Runner("root", BIN / "d-run")
-    return Runner(USER, workspace / "bin" / "d-run")
+        if os.geteuid() != 0:
+            pytest.skip("the tests do not run as root")
+        return Runner(BIN / "d-run", HOST_ENV)
+    unprivileged = request.getfixturevalue("unprivileged")
+    return Runner(unprivileged.bin / "d-run", unprivileged.env, USER if unprivileged.as_root else None)
 
 
 def configure(folder: Path, **changes) -> None:
@@ -409,9 +413,7 @@ def box(workspace, run) -> Path:
     subprocess.run(["cp", "-a", str(workspace / "template"), str(folder)], check=True)
     configure(folder)
     write_record(folder, complete=True)
-    if run.user != "root":
-        shutil.chown(folder.parent, run.user, run.user)
-        subprocess.run(["chown", "-R", f"{run.user}:{run.user}", str(folder)], check=True)
+    run.own(folder.parent)
     return folder
 
 
@@ -454,7 +456,7 @@ def test_defaults_seen_from_inside(run, box):
     assert run.out(str(box), "id") == "uid=0(root) gid=0(root)\n"
     assert run.out(str(box), "hostname") == "busybox\n"
     assert run.out(str(box), "pwd") == "/\n"
-    env = run.out(str(box), "env", env=HOST_ENV | {"SECRET": "host only"}).splitlines()
+    env = run.out(str(box), "env", env={"SECRET": "host only"}).splitlines()
     assert sorted(env) == ["HOME=/root", "HOSTNAME=busybox", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "PWD=/"]
     assert "busybox" in run.out(str(box), "cat", "/etc/hosts")
     write = run(str(box), "touch", "/made-here")
@@ -514,7 +516,7 @@ def test_arguments_keep_the_entrypoint_even_when_they_look_like_options(run, box
 )
 def test_flags_and_config_keys(run, box, flags, config, command, expected):
     configure(box, **config)
-    assert run.out(*flags, str(box), *command, env=HOST_ENV | {"FROM_HOST": "passed"}) == expected
+    assert run.out(*flags, str(box), *command, env={"FROM_HOST": "passed"}) == expected
 
 
 def test_env_file(run, box, workspace):
@@ -549,16 +551,10 @@ def test_no_network_by_default(run, box, web):
     assert refused.returncode == 1 and "Connection refused" in refused.stderr
 
 
-def host_folder(workspace: Path, owner: str) -> Path:
-    folder = Path(tempfile.mkdtemp(dir=workspace))
-    (folder / "greeting").write_text("from the host\n")
-    subprocess.run(["chown", "-R", f"{owner}:{owner}", str(folder)], check=True)
-    folder.chmod(0o755)
-    return folder
-
-
 def test_volumes(run, box, workspace):
-    host = host_folder(workspace, run.user)
+    host = Path(tempfile.mkdtemp(dir=workspace))
+    (host / "greeting").write_text("from the host\n")
+    run.own(host)
     listing = run.out("-v", f"{host}:/volumes-target", str(box), "ls", "/volumes-target")
     assert listing == "greeting\n"
     run.out("-v", f"{host}:/volumes-target", str(box), "sh", "-c", "echo back > /volumes-target/reply")
@@ -593,7 +589,7 @@ def test_apt_is_told_to_stay_root_where_the_image_has_apt(run, box):
     assert run(str(box), "cat", "/etc/apt/apt.conf.d/99d-run").returncode == 1
     assert not (box / "rootfs" / "etc" / "apt").exists()
     (box / "rootfs" / "etc" / "apt" / "apt.conf.d").mkdir(parents=True)
-    shutil.chown(box / "rootfs" / "etc" / "apt" / "apt.conf.d", run.user, run.user)
+    run.own(box / "rootfs" / "etc" / "apt")
     assert 'APT::Sandbox::User "root";' in run.out(str(box), "cat", "/etc/apt/apt.conf.d/99d-run")
 
 
@@ -665,7 +661,7 @@ def test_usage_errors(run, box):
 
 
 def test_bwrap_missing(run, box):
-    done = run(str(box), "true", env=HOST_ENV | {"PATH": "/nonexistent"})
+    done = run(str(box), "true", env={"PATH": "/nonexistent"})
     assert_error(done, 1, "bwrap is not installed", "apt-get install bubblewrap")
 
 
@@ -676,7 +672,7 @@ def test_user_namespaces_disabled(run, box):
         ["unshare", "--user", "--map-root-user", "sh", "-c", script, "sh", str(run.script), str(box), "true"],
         capture_output=True,
         text=True,
-        env=HOST_ENV,
+        env=run.env,
         timeout=30,
         **run.popen_args(),
     )
@@ -716,7 +712,7 @@ def test_sigterm_to_d_run_ends_the_container(run, box):
     sleeper = ["sleep", str(100_000 + os.getpid())]  # a command line no one else runs
     script = f"echo ready; exec {' '.join(sleeper)}"
     process = subprocess.Popen(
-        [str(run.script), str(box), "sh", "-c", script], stdout=subprocess.PIPE, env=HOST_ENV, **run.popen_args()
+        [str(run.script), str(box), "sh", "-c", script], stdout=subprocess.PIPE, env=run.env, **run.popen_args()
     )
     try:
         ready, _, _ = select.select([process.stdout], [], [], 20)
@@ -733,20 +729,22 @@ def test_sigterm_to_d_run_ends_the_container(run, box):
         process.stdout.close()
 
 
-def on_terminal(argv: list[str], user: str, steps: list[tuple[str, str]], timeout: float = 20) -> tuple[str, int]:
-    """Run `argv` as `user`, leading a new session on a new pseudo-terminal, as a login would.
+def on_terminal(run: Runner, argv: list[str], steps: list[tuple[str, str]], timeout: float = 20) -> tuple[str, int]:
+    """Run `argv` as `run`'s user and with its environment, leading a new session on a new pseudo-terminal,
+    as a login would.
 
     For each (expect, send) step, wait for `expect` in the output that follows the previous match, then
     type `send`. Returns the whole output and the exit status; the run is killed after `timeout`.
     """
-    account = pwd.getpwnam(user)
+    account = pwd.getpwnam(run.user) if run.user else None
     pid, terminal = pty.fork()
-    if pid == 0:  # the child: drop to the user and become the command
+    if pid == 0:  # the child: become the user, then the command
         try:
-            os.setgroups([])
-            os.setgid(account.pw_gid)
-            os.setuid(account.pw_uid)
-            os.execve(argv[0], argv, HOST_ENV | {"TERM": "dumb"})
+            if account:
+                os.setgroups([])
+                os.setgid(account.pw_gid)
+                os.setuid(account.pw_uid)
+            os.execve(argv[0], argv, run.env | {"TERM": "dumb"})
         finally:
             os._exit(127)
     output, position, pending = b"", 0, list(steps)
@@ -777,7 +775,7 @@ def on_terminal(argv: list[str], user: str, steps: list[tuple[str, str]], timeou
 
 def test_interactive_shell_runs_a_command_and_exits(run, box):
     steps = [("# ", "echo $((6 * 7))\n"), ("42", ""), ("# ", "exit 3\n")]
-    output, status = on_terminal([str(run.script), str(box), "sh"], run.user, steps)
+    output, status = on_terminal(run, [str(run.script), str(box), "sh"], steps)
     assert status == 3 and "\n42\r\n" in output, output
     assert "job control turned off" not in output  # the shell owns the terminal
 
@@ -787,7 +785,7 @@ def test_ctrl_c_reaches_the_foreground_job_and_the_shell_goes_on(run, box):
     sleeper = "busybox sh -c 'echo st''arted; exec sleep 4321'\n"
     steps = [("# ", sleeper), ("started", "\x03"), ("# ", "echo al''ive; exit 5\n"), ("alive", "")]
     started = time.monotonic()
-    output, status = on_terminal([str(run.script), str(box), "sh"], run.user, steps)
+    output, status = on_terminal(run, [str(run.script), str(box), "sh"], steps)
     assert status == 5, output
     assert time.monotonic() - started < 15  # the sleep did not run out its time
 
@@ -802,7 +800,7 @@ def test_keystrokes_cannot_be_pushed_into_the_terminal(run, box):
         "        print(name, errno.errorcode[err.errno])\n"
     )
     argv = [str(run.script), *HOST_PYTHON, str(box), "/usr/bin/python3", "-c", code]
-    output, status = on_terminal(argv, run.user, [])
+    output, status = on_terminal(run, argv, [])
     assert status == 0, output
     assert output.split("\r\n")[:3] == ["TIOCSTI EPERM", "TIOCLINUX EPERM", "TIOCGWINSZ ok"]
 
@@ -810,7 +808,7 @@ def test_keystrokes_cannot_be_pushed_into_the_terminal(run, box):
 def test_without_a_terminal_on_stdin_the_container_gets_a_new_session(run, box):
     probe = "echo > /dev/tty && echo has-terminal || echo no-terminal"
     d_run = [str(run.script), str(box), "sh", "-c", probe]
-    output, status = on_terminal(d_run, run.user, [])
+    output, status = on_terminal(run, d_run, [])
     assert (status, output.splitlines()[-1]) == (0, "has-terminal")
-    output, status = on_terminal(["/bin/sh", "-c", 'exec "$@" < /dev/null', "sh", *d_run], run.user, [])
+    output, status = on_terminal(run, ["/bin/sh", "-c", 'exec "$@" < /dev/null', "sh", *d_run], [])
     assert (status, output.splitlines()[-1]) == (0, "no-terminal")
