@@ -11,12 +11,13 @@ import subprocess
 import sys
 import tarfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from images import Image, Tar, write_oci_layout
 from malicious import MEDIA, USER, Layer, apply_all, apply_as_user, as_root, make_workspace, user_command, write_layer
+from trees import snapshot, without
 
 from dutils.apply import Skipped, apply_layer
 from dutils.errors import Error
@@ -123,51 +124,6 @@ def catalogue() -> list[Tar]:
         .file("etc/hostname", b"catalogue\n")
     )
     return [base, second, third, fourth, fifth]
-
-
-# -- comparing trees
-
-
-@dataclass(frozen=True)
-class Entry:
-    kind: str
-    mode: int
-    owner: tuple[int, int] | None
-    payload: object  # content, link target or device number
-    mtime_ns: int | None
-
-
-def snapshot(root: Path) -> tuple[dict[str, Entry], set[frozenset[str]]]:
-    """Every entry below `root` (and root itself, as "."), and the groups of paths that share an inode."""
-    entries, inodes = {}, {}
-    for directory, dirs, files in os.walk(root):
-        for path in [Path(directory)] if Path(directory) == root else []:
-            entries["."] = describe(path)
-        for name in dirs + files:
-            path = Path(directory, name)
-            relative = str(path.relative_to(root))
-            entries[relative] = describe(path)
-            st = path.lstat()
-            if not stat.S_ISDIR(st.st_mode):
-                inodes.setdefault(st.st_ino, set()).add(relative)
-    return entries, {frozenset(group) for group in inodes.values() if len(group) > 1}
-
-
-def describe(path: Path) -> Entry:
-    st = path.lstat()
-    kind = stat.filemode(st.st_mode)[0]
-    payload = {
-        "-": lambda: path.read_bytes(),
-        "l": lambda: os.readlink(path),
-        "c": lambda: (os.major(st.st_rdev), os.minor(st.st_rdev)),
-        "b": lambda: (os.major(st.st_rdev), os.minor(st.st_rdev)),
-    }.get(kind, lambda: None)()
-    return Entry(kind, stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid), payload, st.st_mtime_ns)
-
-
-def without(tree: tuple[dict[str, Entry], set], **fields: None) -> tuple[dict[str, Entry], set]:
-    entries, groups = tree
-    return {path: replace(entry, **fields) for path, entry in entries.items()}, groups
 
 
 # -- features

@@ -19,7 +19,7 @@ import pytest
 from cli import assert_one_line_error, d_pull, d_run, start_d_pull
 from images import Image, Tar, busybox_layer, push, push_blob, push_manifest, sha256
 from registry import Registry
-from test_apply import snapshot
+from trees import snapshot, tree_without_folder_times
 
 PULL_TIMEOUT = 120
 
@@ -88,14 +88,10 @@ def test_pulls_killed_at_random_moments_end_in_the_clean_tree(fresh: Registry, t
         process.communicate(timeout=PULL_TIMEOUT)
     final = d_pull(ref, str(tmp_path / "killed"), cache=tmp_path / "cache")
     assert final.returncode == 0, final.stderr
-    assert tree(tmp_path / "killed" / "rootfs") == tree(tmp_path / "clean" / "rootfs")
+    assert tree_without_folder_times(tmp_path / "killed" / "rootfs") == tree_without_folder_times(
+        tmp_path / "clean" / "rootfs"
+    )
     assert_only_verified_blobs(tmp_path / "cache")
-
-
-def tree(root: Path) -> tuple[dict, set]:
-    """The snapshot, but for the times of folders the layers do not list (made when first needed)."""
-    entries, links = snapshot(root)
-    return {path: entry.mtime_ns if entry.kind != "d" else None for path, entry in entries.items()}, links
 
 
 def user_visible(folder: Path) -> dict:
