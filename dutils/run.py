@@ -63,9 +63,10 @@ def config_value(data: dict, key: str, kind: str) -> object:
     raise Error(f"config.json: {key!r} must be a {kind} or null, not {json.dumps(value)}", "fix it in config.json")
 
 
-def config_path(key: str, path: str, normalise: Callable[[str], str]) -> str:
+def config_checked(key: str, value: str, check: Callable[[str], str]) -> str:
+    """`check(value)` for config.json's `key`, its ValueError an Error naming the key."""
     try:
-        return normalise(path)
+        return check(value)
     except ValueError as err:
         raise Error(f"config.json: {key!r}: {err}", "fix it in config.json") from None
 
@@ -74,14 +75,15 @@ def parse_config(data: object) -> ImageConfig:
     """Check the decoded config.json; the keys d-run does not use (ExposedPorts, Labels, ...) are left alone."""
     if not isinstance(data, dict):
         raise Error("config.json must hold a JSON object", "fix config.json")
+    hostname = config_value(data, "Hostname", "string")
     workdir = config_value(data, "WorkingDir", "string")
     volumes = config_value(data, "Volumes", 'object such as {"/data": {}}') or {}
     return ImageConfig(
         user=config_value(data, "User", "string") or "",
-        hostname=config_value(data, "Hostname", "string") or "",
-        workdir=config_path("WorkingDir", workdir, absolute_path) if workdir else "",
+        hostname=config_checked("Hostname", hostname, check_hostname) if hostname else "",
+        workdir=config_checked("WorkingDir", workdir, absolute_path) if workdir else "",
         env=tuple(config_value(data, "Env", 'list of "KEY=VALUE" strings') or ()),
-        volumes=tuple(config_path("Volumes", path, volume_target) for path in volumes),
+        volumes=tuple(config_checked("Volumes", path, volume_target) for path in volumes),
         entrypoint=tuple(config_value(data, "Entrypoint", "list of strings") or ()),
         cmd=tuple(config_value(data, "Cmd", "list of strings") or ()),
         net=bool(config_value(data, "net", "boolean")),
@@ -278,6 +280,12 @@ def container_command(config: ImageConfig, entrypoint: str | None, args: list[st
     if not command:
         raise Error("nothing to run: the image has no Entrypoint or Cmd", "give a command after DIR: d-run DIR CMD...")
     return command
+
+
+def check_hostname(name: str) -> str:
+    if not 0 < len(name.encode()) <= 64:
+        raise ValueError("a host name has 1 to 64 bytes")
+    return name
 
 
 def default_hostname(folder: str) -> str:
@@ -560,12 +568,6 @@ def checked(parse):
 
     check.__name__ = parse.__name__
     return check
-
-
-def check_hostname(name: str) -> str:
-    if not 0 < len(name.encode()) <= 64:
-        raise ValueError("a host name has 1 to 64 bytes")
-    return name
 
 
 def make_parser() -> argparse.ArgumentParser:

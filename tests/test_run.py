@@ -223,6 +223,7 @@ def test_default_hostname():
         ({"Volumes": ["/data"]}, "'Volumes'"),
         ({"Volumes": {"data": {}}}, "'Volumes'"),
         ({"WorkingDir": "relative"}, "'WorkingDir'"),
+        ({"Hostname": "h" * 65}, "'Hostname'"),
         ({"net": "yes"}, "'net'"),
         ({"rw": 1}, "'rw'"),
     ],
