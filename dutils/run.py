@@ -23,9 +23,8 @@ MAX_SYMLINKS = 40  # as the kernel's path walk
 
 # ----- config.json -----------------------------------------------------------------------------
 
-
-# Value types are namedtuples: a dataclass costs ten times as long to define, and d-run's start-up
-# is what users wait for on every run.
+# Value types here are namedtuples: a dataclass takes ten times as long to define, and d-run's
+# start-up is paid on every run.
 
 
 class ImageConfig(
@@ -537,7 +536,7 @@ defaults (the safe ones):
   bwrap maps a single user and group, so chown-family calls succeed without effect, and
   an image with /etc/apt/apt.conf.d gets 99d-run there, setting APT::Sandbox::User "root"
   (apt cannot switch to its _apt user): unprivileged dpkg and apt-get work with -w (and -n).
-  Missing mount points (a volume's target) are made as empty folders in DIR/rootfs.
+  Missing mount points (a volume's target, /etc/hosts) are made, empty, in DIR/rootfs.
 
 DIR/config.json (edit it; flags win over it):
   User          as --user            Hostname     as --hostname (default: DIR's name)
@@ -557,10 +556,10 @@ examples:
 """
 
 
-def checked(parse):
+def checked(parse: Callable[[str], object]) -> Callable[[str], object]:
     """An argparse `type` that reports the ValueError of a parser as a usage error."""
 
-    def check(text: str):
+    def check(text: str) -> object:
         try:
             return parse(text)
         except ValueError as err:
