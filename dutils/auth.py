@@ -65,6 +65,10 @@ def lookup_keys(registry: str) -> list[str]:
 
 
 def credentials_from_config(config: dict, registry: str, path: Path) -> Credentials | None:
+    """A registry's own credential helper, else its `auths` entry, else the default store (`credsStore`).
+
+    `docker login` with a store leaves an empty placeholder entry in `auths`: that one means "ask the store".
+    """
     keys = lookup_keys(registry)
     helpers = config.get("credHelpers") or {}
     for key in keys:
@@ -72,22 +76,27 @@ def credentials_from_config(config: dict, registry: str, path: Path) -> Credenti
             return run_credential_helper(helpers[key], key)
     auths = config.get("auths") or {}
     for key in keys:
-        if key in auths:
-            return decode_auth_entry(auths[key], path)
+        found = decode_auth_entry(auths.get(key), path)
+        if found:
+            return found
     if config.get("credsStore"):
         return run_credential_helper(config["credsStore"], keys[0])
     return None
 
 
-def decode_auth_entry(entry: dict, path: Path) -> Credentials | None:
+def decode_auth_entry(entry: object, path: Path) -> Credentials | None:
+    if not isinstance(entry, dict):
+        return None
     if entry.get("username"):
         return Credentials(entry["username"], entry.get("password", ""))
     if not entry.get("auth"):
         return None
     try:
-        username, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        raise Error(f"{path}: an 'auth' entry is not base64 of user:password", "log in again") from None
+        username, colon, password = base64.b64decode(entry["auth"], validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError, TypeError, ValueError):
+        colon = ""  # b64decode would otherwise drop stray characters and decode garbage to nothing
+    if not colon:
+        raise Error(f"{path}: an 'auth' entry is not base64 of user:password", "log in again")
     return Credentials(username, password)
 
 
@@ -104,9 +113,10 @@ def run_credential_helper(helper: str, server: str) -> Credentials | None:
         return None
     try:
         answer = json.loads(done.stdout)
-        return Credentials(answer["Username"], answer["Secret"])
+        username, secret = answer["Username"], answer["Secret"]
     except (ValueError, KeyError, TypeError):
         raise Error(f"credential helper {program} gave an answer that is not Username/Secret JSON") from None
+    return Credentials(username, secret) if username or secret else None  # some helpers answer "" for none
 
 
 def mirrors_file() -> Path:

@@ -80,10 +80,7 @@ class Registry:
 
     def ping(self) -> None:
         """Find out how the registry wants us to authenticate, and do it now (the `auth` task)."""
-        response = self.request("GET", "/v2/", expected={200, 401}, what="the registry")
-        if response.status_code == 401:
-            self.authenticate(response, self.authorization)
-            self.request("GET", "/v2/", expected={200}, what="the registry")
+        self.request("GET", "/v2/", expected={200}, what="the registry").close()  # request() answers the 401
 
     def get_manifest(self, wanted: str) -> tuple[bytes, str]:
         """The manifest bytes and media type for a tag or digest."""
@@ -147,10 +144,13 @@ class Registry:
                 failures = self.wait_before_retry(failures, what, describe(err), None)
                 continue
             if response.status_code == 401 and not reauthenticated and "WWW-Authenticate" in response.headers:
-                # First contact, or a token that expired in the middle of a long pull: authenticate and go on.
-                self.authenticate(response, response.request.headers.get("Authorization"))
+                # First contact, or a token that expired in the middle of a long pull: authenticate and go on,
+                # unless that gives the authorization just refused (wrong Basic credentials).
+                used = response.request.headers.get("Authorization")
+                self.authenticate(response, used)
                 reauthenticated = True
-                continue
+                if self.authorization != used:
+                    continue
             if response.status_code in RETRY_STATUSES:
                 reason = f"HTTP {response.status_code}"
                 failures = self.wait_before_retry(failures, what, reason, retry_after(response))
@@ -242,6 +242,12 @@ class Registry:
             return Error(f"unknown image {where}", "check the image name")
         if status == 404 and what.startswith("manifest"):
             return Error(f"unknown {what} in {where}", "check the tag or digest")
+        if status in (401, 403) and self.credentials:
+            return Error(
+                f"access denied to {where} for {self.credentials.username} (HTTP {status}): "
+                "the image does not exist, or these credentials may not read it",
+                "check the image name, the user name and the password",
+            )
         if status in (401, 403):
             return Error(
                 f"access denied to {where} (HTTP {status}): the image does not exist or needs a login",
