@@ -111,7 +111,7 @@ class Pull:
             find_credentials(ref.registry, self.options.username, self.options.password)
             if ref == self.ref
             else find_credentials(ref.registry),
-            plain_http=self.options.insecure or ref.is_local,
+            plain_http=self.options.insecure or ref.is_local and not self.options.ca_bundle,
             verify=self.options.ca_bundle or True,
             retry=retry,
             notify=self.options.progress.note,
@@ -178,6 +178,7 @@ class Pull:
             self.start_over()
             record = replace(record, reference=str(self.ref), digest=self.image.digest, platform=self.image.platform)
         record = record or Record(str(self.ref), self.image.digest, self.image.platform)
+        self.options.progress.expect_layers(len(self.image.layers))
         finished = self.folder.rootfs.is_dir() and self.applied() == [layer.digest for layer in self.image.layers]
         # complete only while every layer is applied: d-run refuses a rootfs that is being rebuilt
         self.folder.write_record(replace(record, complete=record.complete and finished))

@@ -42,6 +42,7 @@ class Fault:
     chunk: int = CHUNK  # send the body in pieces of this size ...
     delay: float = 0.0  # ... this many seconds apart
     flip: int | None = None  # invert the body byte at this offset
+    whole: bool = False  # ignore the request's Range: answer 200 with the whole body, as some servers do
 
 
 class FaultProxy:
@@ -106,6 +107,10 @@ class FaultProxy:
     def corrupt(self, match: str, offset: int = 0, times: int = 1) -> Fault:
         """Invert one byte of the body, at `offset`."""
         return self.add(Fault(match, times, flip=offset))
+
+    def ignore_range(self, match: str, times: int = 1) -> Fault:
+        """Forward without the Range header: the client gets 200 and the whole body."""
+        return self.add(Fault(match, times, whole=True))
 
     def clear(self) -> None:
         with self.lock:
@@ -194,7 +199,8 @@ class Handler(BaseHTTPRequestHandler):
     def forward(self, body: bytes | None, fault: Fault) -> None:
         upstream = http.client.HTTPConnection(*self.proxy.upstream, timeout=UPSTREAM_TIMEOUT)
         try:
-            headers = {name: value for name, value in self.headers.items() if name.lower() not in HOP_BY_HOP}
+            dropped = HOP_BY_HOP | ({"range"} if fault.whole else set())
+            headers = {name: value for name, value in self.headers.items() if name.lower() not in dropped}
             upstream.request(self.command, self.path, body=body, headers=headers)
             response = upstream.getresponse()
             length = response.getheader("Content-Length")
