@@ -176,12 +176,12 @@ class Pull:
                     "run with --update to replace it; your config.json edits and volumes/ are kept",
                 )
             self.start_over()
-            record = replace(record, reference=str(self.ref), digest=self.image.digest, platform=self.image.platform)
+            record = record._replace(reference=str(self.ref), digest=self.image.digest, platform=self.image.platform)
         record = record or Record(str(self.ref), self.image.digest, self.image.platform)
         self.options.progress.expect_layers(len(self.image.layers))
         finished = self.folder.rootfs.is_dir() and self.applied() == [layer.digest for layer in self.image.layers]
         # complete only while every layer is applied: d-run refuses a rootfs that is being rebuilt
-        self.folder.write_record(replace(record, complete=record.complete and finished))
+        self.folder.write_record(record._replace(complete=record.complete and finished))
 
     def start_over(self) -> None:
         """Drop the rootfs of another image (or of an unfinished pull of one); config.json and volumes/ stay."""
@@ -250,8 +250,7 @@ class Pull:
         data = image_config.render(self.merged_with_user_edits(new, record))
         write_atomic(self.folder.config, data)
         self.folder.write_record(
-            replace(
-                record,
+            record._replace(
                 complete=True,
                 config_digest=self.image.config.digest,
                 config_xxh64=image_config.fingerprint(data),

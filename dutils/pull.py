@@ -28,6 +28,7 @@ environment:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="d-pull",
+        allow_abbrev=False,  # `--password SECRET` must not pass for --password-stdin: argv is visible to all
         usage=USAGE,
         description=DESCRIPTION,
         epilog=EPILOG,

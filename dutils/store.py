@@ -8,12 +8,10 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import stat
-import tempfile
 import time
+from collections import namedtuple
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import Error
@@ -47,6 +45,8 @@ def blob_path(cache: Path, digest: str) -> Path:
 
 def make_folder(path: Path, what: str) -> Path:
     """Create `path` (and parents) or say in one line why it cannot be, and where else to go."""
+    import tempfile  # d-pull's only: d-run's start-up does without
+
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -58,6 +58,8 @@ def make_folder(path: Path, what: str) -> Path:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
+    import tempfile  # d-pull's only: d-run's start-up does without
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -98,16 +100,18 @@ def locked(path: Path, busy_message: str | None = None, kind: int = fcntl.LOCK_E
         yield
 
 
-@dataclass(frozen=True)
-class Record:
-    """What a pull folder holds: written when a pull starts, `complete` set by its last task."""
+RECORD_FIELDS = "reference digest platform complete config_digest config_xxh64"
 
-    reference: str
-    digest: str
-    platform: str
-    complete: bool = False
-    config_digest: str = ""  # the image config that config.json was made from: the base for merging edits
-    config_xxh64: str = ""  # fingerprint of the config.json we wrote, to notice the user's edits
+
+class Record(namedtuple("Record", RECORD_FIELDS, defaults=(False, "", ""))):
+    """What a pull folder holds: written when a pull starts, `complete` set by its last task.
+
+    `config_digest` is the image config that config.json was made from (the base for merging the user's edits),
+    `config_xxh64` the fingerprint of the config.json we wrote (to notice those edits). A namedtuple rather than
+    a dataclass: d-run imports this, and dataclasses (or typing) would cost it milliseconds at every start.
+    """
+
+    __slots__ = ()
 
 
 class PullDir:
@@ -135,7 +139,7 @@ class PullDir:
             ) from None
 
     def write_record(self, record: Record) -> None:
-        write_json(self.record_path, asdict(record))
+        write_json(self.record_path, record._asdict())
 
     def require_complete(self) -> Record:
         """The record of a finished pull, or an error saying how to finish it."""
@@ -159,6 +163,7 @@ def touch(path: Path) -> None:
 
 def remove_tree(path: Path) -> None:
     """Remove a tree, also one whose read-only folders an ordinary user could not otherwise empty."""
+    import shutil  # d-pull's only: d-run's start-up does without
 
     def allow_and_retry(function, failed: str, _exc_info: object) -> None:
         parent = os.path.dirname(failed)
