@@ -6,8 +6,10 @@ here once, so callers see a response they asked for or an Error that says what f
 
 import base64
 import email.utils
+import os
 import random
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -69,7 +71,7 @@ class Registry:
         self.ref = ref
         self.credentials = credentials
         self.base = f"{'http' if plain_http else 'https'}://{ref.api_host}"
-        self.verify = verify  # passed per request: a session-level verify loses to REQUESTS_CA_BUNDLE
+        self.verify = trusted_certificates(verify)  # per request: a session-level verify loses to REQUESTS_CA_BUNDLE
         self.retry = retry
         self.notify = notify
         self.session = requests.Session()
@@ -141,6 +143,8 @@ class Registry:
             try:
                 response = self.send(method, url, headers or {})
             except TRANSPORT_ERRORS as err:
+                if final := tls_failure(self.ref.registry, err):
+                    raise final from None  # trying again cannot make a certificate trusted
                 failures = self.wait_before_retry(failures, what, describe(err), None)
                 continue
             if response.status_code == 401 and not reauthenticated and "WWW-Authenticate" in response.headers:
@@ -162,8 +166,8 @@ class Registry:
     def send(self, method: str, url: str, headers: dict) -> requests.Response:
         """Send, following redirects by hand: the registry's Authorization never goes to another host (a CDN)."""
         for _ in range(10):
-            sent = dict(headers)
-            if self.authorization and urlsplit(url).netloc == urlsplit(self.base).netloc:
+            sent = dict(headers)  # Range included: a resumed download stays resumed on the CDN
+            if self.authorization and urlsplit(url)[:2] == urlsplit(self.base)[:2]:
                 sent["Authorization"] = self.authorization
             response = self.session.request(
                 method, url, headers=sent, stream=True, allow_redirects=False, timeout=TIMEOUT, verify=self.verify
@@ -211,8 +215,9 @@ class Registry:
         auth = (self.credentials.username, self.credentials.password) if self.credentials else None
         try:
             response = self.session.get(params["realm"], params=query, auth=auth, timeout=TIMEOUT, verify=self.verify)
-        except TRANSPORT_ERRORS as err:
-            raise Error(f"cannot reach the token server of {self.ref.registry}: {describe(err)}") from None
+        except requests.RequestException as err:  # a bad realm URL included
+            server = f"the token server of {self.ref.registry}"
+            raise tls_failure(server, err) or Error(f"cannot reach {server}: {describe(err)}") from None
         if response.status_code in (401, 403):
             raise Error(f"access denied by the token server of {self.ref.registry}", "check your credentials")
         if response.status_code != 200:
@@ -255,6 +260,38 @@ class Registry:
             )
         detail = f" ({', '.join(codes)})" if codes else ""
         return Error(f"{what} from {self.ref.registry}: unexpected HTTP {status}{detail}")
+
+
+def trusted_certificates(verify: bool | str) -> bool | str:
+    """What `verify` means to requests: a CA bundle given by the user, else the system's trust store.
+
+    requests alone would use certifi's bundle (or $REQUESTS_CA_BUNDLE); the system's store, as OpenSSL finds it
+    ($SSL_CERT_FILE, $SSL_CERT_DIR honoured), is where administrators install their CAs, as docker and skopeo read it.
+    """
+    if verify is True:
+        system = ssl.get_default_verify_paths()
+        return system.cafile or system.capath or True
+    if verify and not os.path.exists(verify):
+        raise Error(f"CA bundle {verify} does not exist", "give --ca-bundle a PEM file of the registry's CA")
+    return verify
+
+
+def tls_failure(server: str, err: Exception) -> Error | None:
+    """The Error for a TLS failure that no retry can mend, if `err` is one (OpenSSL's code tells)."""
+    found = re.search(r"\[(SSL|X509): (\w+)\] ([^(']*)", str(err))
+    if not isinstance(err, requests.exceptions.SSLError) or not found:
+        return None
+    library, code, reason = found.group(1), found.group(2), found.group(3).strip()
+    if code == "CERTIFICATE_VERIFY_FAILED":
+        return Error(
+            f"cannot verify the TLS certificate of {server}: {reason}",
+            "give the registry's CA certificate with --ca-bundle FILE, or install it in the system's trust store",
+        )
+    if code in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST"):
+        return Error(f"{server} does not speak TLS ({reason})", "for a plain-HTTP registry, pass --insecure")
+    if library == "X509":
+        return Error(f"cannot use the CA certificates for {server}: {reason}", "give --ca-bundle a PEM file")
+    return None
 
 
 def content_range_start(response: requests.Response) -> int:

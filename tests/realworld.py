@@ -1,6 +1,6 @@
-"""What test_auth and test_registries share: environments that hide the machine's own credentials and mirrors,
-registry storage pushed once and served by as many differently configured registries as a test needs, and a
-count of the requests a registry saw."""
+"""What test_auth and test_registries share: pulls in environments that hide the machine's own credentials and
+mirrors, registry storage pushed once and served by as many differently configured registries as a test needs, and
+a count of the requests a registry saw."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+import bcrypt
+from cli import d_pull
 from images import Image, push
 from registry import Registry
 
@@ -26,9 +28,39 @@ def isolated_env(home: Path, **settings: str | None) -> dict[str, str]:
     return env
 
 
+def pull(image: str, folder: Path, *args: str, password: str | None = None, **env: str | None):
+    """d-pull `image` into `folder`, its cache beside it, HOME the folder's parent, no personal settings but `env`;
+    `password` goes to standard input."""
+    return d_pull(
+        *args,
+        image,
+        str(folder),
+        cache=folder.with_name(folder.name + "-cache"),
+        env=isolated_env(folder.parent, **env),
+        input="" if password is None else password + "\n",
+    )
+
+
+def assert_pulled(done, folder: Path) -> dict:
+    """The pull of busybox_image() succeeded with the right files; returns its record."""
+    assert done.returncode == 0, done.stderr
+    assert (folder / "rootfs" / "bin" / "busybox").is_file()
+    assert (folder / "rootfs" / "etc" / "added-by-layer-2").is_file()
+    return json.loads((folder / "image.json").read_text())
+
+
 def storage_config(storage: Path) -> dict:
     """The part of a registry configuration that serves `storage`."""
     return {"storage": {"filesystem": {"rootdirectory": str(storage)}}}
+
+
+def htpasswd_config(folder: Path, users: dict[str, str]) -> dict:
+    """The part of a registry configuration for HTTP Basic auth of `users` (name -> password), bcrypt-hashed as
+    docker-registry requires; the file goes into `folder`."""
+    hashed = (f"{name}:{bcrypt.hashpw(pw.encode(), bcrypt.gensalt(rounds=4)).decode()}" for name, pw in users.items())
+    path = folder / "htpasswd"
+    path.write_text("".join(line + "\n" for line in hashed))  # 4 rounds, the least bcrypt allows: a fast test
+    return {"auth": {"htpasswd": {"realm": "d-utils-tests", "path": str(path)}}}
 
 
 def seed(storage: Path, images: dict[str, Image]) -> dict[str, str]:

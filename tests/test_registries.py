@@ -1,0 +1,258 @@
+"""Registries as they really are, end to end: references with nested paths and tag@digest, TLS with a private CA,
+plain HTTP only when allowed, blob downloads redirected to a CDN, pull-through mirrors, and multi-platform indexes."""
+
+import json
+import socket
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from cdn import Cdn, RedirectingFront
+from certs import Authority
+from cli import assert_one_line_error
+from images import busybox_image, platform_images, push_attestation, push_index
+from realworld import assert_pulled, htpasswd_config, pull, seed, storage_config
+from registry import Registry, free_port
+
+USER, PASSWORD = "bob", "cdn-test-password"
+BUSYBOX = "team/tools/busybox:1.0"  # a nested repository path
+SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+QUICK = 10  # seconds: a failure that is not retried
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("registries-storage")
+    seed(folder, {BUSYBOX: busybox_image(), "library/busybox:latest": busybox_image()})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def plain(storage):
+    """A plain-HTTP registry without auth, serving `storage`."""
+    with Registry(storage_config(storage)) as registry:
+        yield registry
+
+
+# -- references
+
+
+@pytest.mark.parametrize("tag", ["1.0", "stale-tag"])
+def test_nested_path_with_tag_and_digest_pulls_by_the_verified_digest(tag, plain, tmp_path):
+    """With both, the digest decides (the tag may have moved on or never existed), as in docker."""
+    digest = busybox_image().manifest_digest
+    image = f"{plain.host}/team/tools/busybox:{tag}@{digest}"
+    by_digest, by_tag = plain.manifest_gets(digest), plain.manifest_gets(tag)
+    record = assert_pulled(pull(image, tmp_path / "bb"), tmp_path / "bb")
+    assert (record["reference"], record["digest"]) == (image, digest)
+    assert (plain.manifest_gets(digest) - by_digest, plain.manifest_gets(tag) - by_tag) == (1, 0)
+
+
+def test_localhost_is_a_registry_host_served_over_plain_http(plain, tmp_path):
+    image = f"localhost:{plain.port}/{BUSYBOX}"
+    assert assert_pulled(pull(image, tmp_path / "bb"), tmp_path / "bb")["reference"] == image
+
+
+# -- TLS
+
+
+@pytest.fixture(scope="module")
+def loopback_name() -> str:
+    """This machine's name, when it resolves to loopback: not `localhost` nor 127.x, so d-pull insists on HTTPS."""
+    name = socket.gethostname()
+    try:
+        address = socket.gethostbyname(name)
+    except OSError:
+        pytest.skip(f"the host name {name!r} does not resolve")
+    if not address.startswith("127."):
+        pytest.skip(f"the host name {name!r} is not a loopback name")
+    return name
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory) -> tuple[Authority, Path]:
+    authority = Authority()
+    path = tmp_path_factory.mktemp("ca") / "ca.crt"
+    path.write_bytes(authority.root.cert_pem)
+    return authority, path
+
+
+@pytest.fixture(scope="module")
+def tls(storage, ca, loopback_name, tmp_path_factory):
+    """A TLS registry whose certificate, for this machine's loopback name, comes from a private CA."""
+    folder = tmp_path_factory.mktemp("tls")
+    certificate, key = ca[0].issue("registry", [loopback_name, "127.0.0.1"]).write(folder, "registry")
+    config = storage_config(storage) | {"http": {"tls": {"certificate": str(certificate), "key": str(key)}}}
+    with Registry(config) as registry:
+        yield registry
+
+
+# The machine's settings (these machines point requests at the system bundle) and none: requests would let
+# either override a verify chosen for the session; d-pull must behave the same with both.
+ENVIRONMENTS = {
+    "machine": {"REQUESTS_CA_BUNDLE": SYSTEM_BUNDLE, "CURL_CA_BUNDLE": SYSTEM_BUNDLE},
+    "unset": {"REQUESTS_CA_BUNDLE": None, "CURL_CA_BUNDLE": None},
+}
+
+
+@pytest.mark.parametrize("environment", ENVIRONMENTS)
+def test_tls_registry_with_its_ca_given(environment, tls, ca, loopback_name, tmp_path):
+    image = f"{loopback_name}:{tls.port}/{BUSYBOX}"
+    done = pull(image, tmp_path / "bb", "--ca-bundle", str(ca[1]), **ENVIRONMENTS[environment])
+    assert_pulled(done, tmp_path / "bb")
+
+
+@pytest.mark.parametrize("environment", ENVIRONMENTS)
+def test_tls_registry_without_its_ca_fails_at_once_and_says_why(environment, tls, loopback_name, tmp_path):
+    started = time.monotonic()
+    done = pull(f"{loopback_name}:{tls.port}/{BUSYBOX}", tmp_path / "bb", **ENVIRONMENTS[environment])
+    assert time.monotonic() - started < QUICK
+    assert_one_line_error(done, "cannot verify the TLS certificate", loopback_name, "--ca-bundle")
+    assert "retrying" not in done.stderr
+    assert not (tmp_path / "bb").exists()
+
+
+@pytest.mark.parametrize("environment", ENVIRONMENTS)
+def test_tls_trusts_the_system_store(environment, tls, ca, loopback_name, tmp_path):
+    """The system's store as OpenSSL finds it ($SSL_CERT_FILE here), not certifi's nor $REQUESTS_CA_BUNDLE."""
+    image = f"{loopback_name}:{tls.port}/{BUSYBOX}"
+    done = pull(image, tmp_path / "bb", SSL_CERT_FILE=str(ca[1]), **ENVIRONMENTS[environment])
+    assert_pulled(done, tmp_path / "bb")
+
+
+@pytest.mark.parametrize(("content", "says"), [(None, "does not exist"), ("not a certificate\n", "cannot use the CA")])
+def test_a_missing_or_unreadable_ca_bundle_is_a_one_line_error(content, says, tls, loopback_name, tmp_path):
+    bundle = tmp_path / "given.crt"
+    if content is not None:
+        bundle.write_text(content)
+    started = time.monotonic()
+    done = pull(f"{loopback_name}:{tls.port}/{BUSYBOX}", tmp_path / "bb", "--ca-bundle", str(bundle))
+    assert time.monotonic() - started < QUICK
+    assert_one_line_error(done, says)
+    assert "retrying" not in done.stderr
+
+
+def test_plain_http_only_when_asked(plain, loopback_name, tmp_path):
+    """A registry that is not localhost/127.x is spoken to over TLS unless --insecure says otherwise."""
+    image = f"{loopback_name}:{plain.port}/{BUSYBOX}"
+    started = time.monotonic()
+    refused = pull(image, tmp_path / "https")
+    assert time.monotonic() - started < QUICK
+    assert_one_line_error(refused, "does not speak TLS", "--insecure")
+    assert_pulled(pull(image, tmp_path / "bb", "--insecure"), tmp_path / "bb")
+
+
+# -- blobs redirected to a CDN
+
+
+@pytest.fixture(scope="module")
+def guarded(storage, tmp_path_factory):
+    """A registry with Basic auth, so that every request to it carries an Authorization header."""
+    config = htpasswd_config(tmp_path_factory.mktemp("guarded"), {USER: PASSWORD}) | storage_config(storage)
+    with Registry(config) as registry:
+        yield registry
+
+
+def test_redirected_blobs_get_no_authorization_and_keep_their_range(guarded, tmp_path):
+    image = busybox_image()
+    blobs = image.blobs()
+    layer = max(blobs, key=lambda digest: len(blobs[digest]))
+    cut = 100_000
+    with Cdn(blobs, cut={layer: cut}) as cdn, RedirectingFront(guarded.url, cdn) as front:
+        done = pull(f"{front.host}/{BUSYBOX}", tmp_path / "bb", "--username", USER, password=PASSWORD)
+        assert_pulled(done, tmp_path / "bb")
+        assert front.blob_requests and all(h["authorization"].startswith("Basic ") for h in front.blob_requests)
+        assert len(cdn.requests) == len(blobs) + 1  # each blob, and the broken one resumed
+        assert not [h for h in cdn.requests if "authorization" in h]
+        assert [h.get("range") for h in cdn.requests].count(f"bytes={cut}-") == 1
+        assert {h.get("range") for h in front.blob_requests} == {None, f"bytes={cut}-"}  # sent, then followed
+
+
+# -- pull-through mirrors
+
+
+@pytest.fixture
+def origin(storage):
+    """A registry of its own for each test, so its counters count that test only."""
+    with Registry(storage_config(storage)) as registry:
+        yield registry
+
+
+def test_mirror_configured_each_way_makes_the_origin_serve_each_blob_once(origin, tmp_path):
+    config_home = tmp_path / "config"
+    (config_home / "d-utils").mkdir(parents=True)
+    image = f"{origin.host}/{BUSYBOX}"
+    with Registry({"proxy": {"remoteurl": origin.url}}) as mirror:
+        (config_home / "d-utils" / "mirrors.json").write_text(json.dumps({origin.host: [mirror.host]}))
+        ways = {
+            "flag": (["--mirror", mirror.host], {}),
+            "environment": ([], {"D_UTILS_MIRRORS": f"docker.io=127.0.0.1:9,{origin.host}={mirror.host}"}),
+            "config file": ([], {"XDG_CONFIG_HOME": str(config_home)}),
+        }
+        blobs = busybox_image().blobs()
+        served = []  # by the origin, per blob, after each pull
+        for n, (way, (args, env)) in enumerate(ways.items(), start=1):
+            assert_pulled(pull(image, tmp_path / way, *args, **env), tmp_path / way)
+            assert mirror.blob_gets() == n * len(blobs), way  # every blob of every pull came from the mirror
+            served.append([origin.blob_gets(digest) for digest in blobs])
+    # On its first miss, distribution 2.8's proxy fetches a blob twice (one stream for the client, one for its
+    # storage); after that it never asks the origin again.
+    assert all(1 <= count <= 2 for count in served[0]), served
+    assert served == [served[0]] * len(ways)
+
+
+def test_a_dead_mirror_falls_back_to_the_origin(origin, tmp_path):
+    dead = f"127.0.0.1:{free_port()}"
+    done = pull(f"{origin.host}/{BUSYBOX}", tmp_path / "bb", "--mirror", dead)
+    assert_pulled(done, tmp_path / "bb")
+    assert f"not using mirror {dead}" in done.stderr
+    assert origin.blob_gets() == len(busybox_image().blobs())
+
+
+def test_a_mirror_without_the_image_falls_back_to_the_origin(origin, tmp_path):
+    with Registry() as empty:
+        done = pull(f"{origin.host}/{BUSYBOX}", tmp_path / "bb", "--mirror", empty.host)
+        assert empty.manifest_gets() == 0
+    assert_pulled(done, tmp_path / "bb")
+    assert f"mirror {empty.host}" in done.stderr and "unknown image" in done.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="pipeline: Pull.authenticate pings the origin even when a mirror answers")
+@pytest.mark.parametrize("name", ["busybox", "docker.io/busybox", "index.docker.io/library/busybox:latest"])
+def test_docker_hub_names_reach_a_mirror_spelled_as_docker_hub_stores_them(name, plain, tmp_path):
+    """Docker Hub itself is out of reach here: the mirror must serve the whole pull."""
+    done = pull(name, tmp_path / "bb", "--mirror", plain.host)
+    assert_pulled(done, tmp_path / "bb")
+    asked = {entry["http.request.uri"] for entry in plain.responses()}
+    assert "/v2/library/busybox/manifests/latest" in asked
+
+
+# -- multi-platform indexes
+
+
+@pytest.fixture(scope="module")
+def indexes(plain) -> dict[str, str]:
+    """A Docker manifest list (which docker-registry 2.8 silently answers with linux/amd64 when the client does not
+    accept lists) and an OCI index with an attestation, both on nested paths."""
+    docker_images = [replace(image, media="docker") for image in platform_images()]
+    push_index(plain.host, "team/docker-list", "1.0", docker_images, media="docker")
+    amd64, arm64 = platform_images()
+    attestation = push_attestation(plain.host, "team/oci-index", amd64.manifest_digest)
+    push_index(plain.host, "team/oci-index", "1.0", [amd64, arm64], extra=[attestation])
+    return {"docker": f"{plain.host}/team/docker-list:1.0", "oci": f"{plain.host}/team/oci-index:1.0"}
+
+
+@pytest.mark.parametrize("platform", ["linux/arm64/v8", "linux/arm64"])
+def test_docker_manifest_list_gives_the_platform_asked_for(platform, indexes, tmp_path):
+    done = pull(indexes["docker"], tmp_path / "m", "--platform", platform)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "m" / "rootfs" / "etc" / "arch").read_text() == "arm64\n"
+    arm64 = replace(platform_images()[1], media="docker")
+    assert json.loads((tmp_path / "m" / "image.json").read_text())["digest"] == arm64.manifest_digest
+
+
+def test_attestations_are_never_chosen_nor_offered(indexes, tmp_path):
+    done = pull(indexes["oci"], tmp_path / "m", "--platform", "unknown/unknown")
+    assert_one_line_error(done, "no image for platform unknown/unknown", "it offers linux/amd64, linux/arm64/v8;")
+    assert "offers unknown" not in done.stderr and ", unknown" not in done.stderr
