@@ -10,12 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-import bcrypt
 import pytest
+from cdn import Cdn, RedirectingFront
 from certs import Authority
 from cli import assert_one_line_error, d_pull
 from images import busybox_image
-from realworld import PERSONAL, isolated_env, requests_seen, seed, storage_config
+from realworld import PERSONAL, assert_pulled, htpasswd_config, isolated_env, pull, requests_seen, seed, storage_config
 from registry import Registry
 from tokenserver import SERVICE, TokenServer
 
@@ -187,10 +187,7 @@ def token_registry(tokens, storage, tmp_path_factory):
 @pytest.fixture(scope="module")
 def basic_registry(storage, tmp_path_factory):
     """docker-registry with `auth: htpasswd` (bcrypt, as it requires)."""
-    htpasswd = tmp_path_factory.mktemp("htpasswd") / "htpasswd"
-    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()  # few rounds: a fast test
-    htpasswd.write_text(f"{USER}:{hashed}\n")
-    config = {"auth": {"htpasswd": {"realm": "d-utils-tests", "path": str(htpasswd)}}} | storage_config(storage)
+    config = htpasswd_config(tmp_path_factory.mktemp("htpasswd"), {USER: PASSWORD}) | storage_config(storage)
     with Registry(config) as registry:
         yield registry
 
@@ -198,25 +195,6 @@ def basic_registry(storage, tmp_path_factory):
 @pytest.fixture
 def registries(token_registry, basic_registry) -> dict[str, Registry]:
     return {"token": token_registry, "basic": basic_registry}
-
-
-def pull(registry: Registry, name: str, folder: Path, *args: str, password: str | None = None, **env: str):
-    """d-pull registry/name into `folder` (its cache beside it) in an environment with no credentials but `env`;
-    `password` goes to standard input."""
-    return d_pull(
-        *args,
-        f"{registry.host}/{name}",
-        str(folder),
-        cache=folder.with_name(folder.name + "-cache"),
-        env=isolated_env(folder.parent, **env),
-        input="" if password is None else password + "\n",
-    )
-
-
-def assert_pulled(done, folder: Path) -> None:
-    assert done.returncode == 0, done.stderr
-    assert (folder / "rootfs" / "bin" / "busybox").is_file()
-    assert (folder / "rootfs" / "etc" / "added-by-layer-2").is_file()
 
 
 def assert_keeps_secrets(done, folder: Path, tokens: TokenServer) -> None:
@@ -235,7 +213,7 @@ def assert_keeps_secrets(done, folder: Path, tokens: TokenServer) -> None:
 def test_anonymous_token_flow_like_docker_hub(token_registry, tokens, tmp_path):
     """401 + WWW-Authenticate: Bearer realm/service/scope -> an anonymous token -> the pull; one token serves it all."""
     before = len(tokens.requests)
-    done = pull(token_registry, PUBLIC, tmp_path / "bb")
+    done = pull(f"{token_registry.host}/{PUBLIC}", tmp_path / "bb")
     assert_pulled(done, tmp_path / "bb")
     asked = tokens.requests[before:]
     assert [(r.account, r.service, r.status) for r in asked] == [(None, SERVICE, 200)]
@@ -246,20 +224,35 @@ def test_anonymous_token_flow_like_docker_hub(token_registry, tokens, tmp_path):
 @pytest.mark.parametrize("answer_key", ["token", "access_token"])
 def test_token_with_credentials_read_from_stdin(answer_key, token_registry, tokens, tmp_path, monkeypatch):
     monkeypatch.setattr(tokens, "answer_key", answer_key)  # Docker's token servers, and OAuth2-style ones
-    anonymous = pull(token_registry, PRIVATE, tmp_path / "anonymous")
+    anonymous = pull(f"{token_registry.host}/{PRIVATE}", tmp_path / "anonymous")
     assert_one_line_error(anonymous, "access denied", "private/busybox")
     before = len(tokens.requests)
-    done = pull(token_registry, PRIVATE, tmp_path / "bb", "--username", USER, password=PASSWORD)
+    done = pull(f"{token_registry.host}/{PRIVATE}", tmp_path / "bb", "--username", USER, password=PASSWORD)
     assert_pulled(done, tmp_path / "bb")
     assert [(r.account, r.status) for r in tokens.requests[before:]] == [(USER, 200)]
     assert_keeps_secrets(done, tmp_path / "bb", tokens)
 
 
 def test_basic_auth_with_credentials_read_from_stdin(basic_registry, tokens, tmp_path):
-    done = pull(basic_registry, PRIVATE, tmp_path / "bb", "--username", USER, "--password-stdin", password=PASSWORD)
+    done = pull(
+        f"{basic_registry.host}/{PRIVATE}", tmp_path / "bb", "--username", USER, "--password-stdin", password=PASSWORD
+    )
     assert_pulled(done, tmp_path / "bb")
     assert_keeps_secrets(done, tmp_path / "bb", tokens)
-    assert_one_line_error(pull(basic_registry, PRIVATE, tmp_path / "anonymous"), "requires a login", "--username")
+    assert_one_line_error(
+        pull(f"{basic_registry.host}/{PRIVATE}", tmp_path / "anonymous"), "requires a login", "--username"
+    )
+
+
+def test_a_token_that_expires_mid_pull_is_renewed_and_the_pull_goes_on(token_registry, tokens, tmp_path):
+    with Cdn(busybox_image().blobs()) as cdn, RedirectingFront(token_registry.url, cdn) as front:
+        front.expire_authorization()
+        before = len(tokens.requests)
+        done = pull(f"{front.host}/{PRIVATE}", tmp_path / "bb", "--username", USER, password=PASSWORD)
+    assert_pulled(done, tmp_path / "bb")
+    assert [(r.account, r.status) for r in tokens.requests[before:]] == [(USER, 200)] * 2
+    assert "retrying" not in done.stderr
+    assert_keeps_secrets(done, tmp_path / "bb", tokens)
 
 
 @pytest.mark.parametrize("kind", ["token", "basic"])
@@ -267,7 +260,7 @@ def test_basic_auth_with_credentials_read_from_stdin(basic_registry, tokens, tmp
 def test_stored_credentials_are_used(source, kind, registries, tokens, tmp_path):
     registry = registries[kind]
     settings = write_credentials(tmp_path, source, registry.host)
-    done = pull(registry, PRIVATE, tmp_path / "bb", **settings)
+    done = pull(f"{registry.host}/{PRIVATE}", tmp_path / "bb", **settings)
     assert_pulled(done, tmp_path / "bb")
     assert_keeps_secrets(done, tmp_path / "bb", tokens)
 
@@ -278,7 +271,7 @@ def test_wrong_credentials_are_refused_at_once_and_kept_secret(kind, registries,
     token_requests, registry_requests = len(tokens.requests), requests_seen(registry)
     started = time.monotonic()
     wrong = "not-" + PASSWORD
-    done = pull(registry, PRIVATE, tmp_path / "bb", "--debug", "--username", USER, password=wrong)
+    done = pull(f"{registry.host}/{PRIVATE}", tmp_path / "bb", "--debug", "--username", USER, password=wrong)
     assert time.monotonic() - started < QUICK
     assert_one_line_error(done, "access denied", "check")
     assert "retrying" not in done.stderr and wrong not in done.stdout + done.stderr
@@ -290,7 +283,6 @@ def test_wrong_credentials_are_refused_at_once_and_kept_secret(kind, registries,
     assert not (tmp_path / "bb").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="pull.py: argparse takes --password for --password-stdin (allow_abbrev)")
 def test_the_password_is_never_an_argument(basic_registry, tmp_path):
     """`--password SECRET IMAGE` must be a usage error, not a pull of an image named SECRET."""
     done = d_pull(
