@@ -15,116 +15,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from images import Image, Tar, write_oci_layout
+from catalogue import DEVICES, LONG, UNICODE, catalogue, unpack_with_umoci
+from images import Tar
 from malicious import MEDIA, USER, Layer, apply_all, apply_as_user, as_root, make_workspace, user_command, write_layer
 from trees import snapshot, without
 
 from dutils.apply import Skipped, apply_layer
 from dutils.errors import Error
-
-UNICODE = "données/ünïcödé-名前 €.txt"
-DEEP = "/".join(["deep"] + [f"level-{n}-with-a-rather-long-name" for n in range(6)])
-LONG = DEEP + "/and-a-file-whose-path-needs-a-pax-header.txt"
-DEVICES = ["dev/null", "dev/loop0", "dev/zero"]
-
-
-def catalogue() -> list[Tar]:
-    """Five layers that use every feature of the changeset format, each layer building on the ones below."""
-    deep = Tar()
-    for depth in range(1, DEEP.count("/") + 2):
-        deep = deep.dir("/".join(DEEP.split("/")[:depth]))
-    base = (
-        deep.dir(".", 0o755)
-        .dir("etc")
-        .file("etc/passwd", b"root:x:0:0::/root:/bin/sh\n")
-        .file("etc/shadow", b"secret\n", mode=0o640, gid=42)
-        .dir("usr")
-        .dir("usr/bin")
-        .file("usr/bin/tool", b"#!/bin/sh\necho tool\n", mode=0o755)
-        .file("usr/bin/su", b"su", mode=0o4755)
-        .file("usr/bin/wall", b"wall", mode=0o2755, gid=5)
-        .hardlink("usr/bin/tool-again", "usr/bin/tool")
-        .symlink("bin", "usr/bin")
-        .symlink("etc/tool-link", "/usr/bin/tool")
-        .symlink("dangling", "/nowhere/at/all")
-        .dir("tmp", 0o1777)
-        .dir("ro", 0o555)
-        .file("ro/inside", b"in a read-only dir")
-        .dir("locked", 0o000)
-        .dir("locked/sub", 0o700)
-        .file("locked/sub/secret", b"s", mode=0o000)
-        .file("zero-mode", b"nobody reads me", mode=0o000)
-        .dir("run")
-        .fifo("run/fifo")
-        .dir("dev")
-        .device("dev/null", "char", 1, 3)
-        .device("dev/loop0", "block", 7, 0)
-        .dir("données")
-        .file(UNICODE, b"utf-8 name\n")
-        .file(LONG, b"deep\n")
-        .dir("old-dir")
-        .dir("old-dir/sub")
-        .file("old-dir/sub/f", b"f")
-        .file("old-file", b"old")
-        .dir("opaque")
-        .file("opaque/lower", b"lower")
-        .dir("opaque/lower-dir", 0o555)
-        .file("opaque/lower-dir/x", b"x")
-        .file("gone", b"bye")
-        .dir("gone-dir", 0o500)
-        .file("gone-dir/child", b"c")
-        .file("shared", b"v1")
-        .hardlink("shared-link", "shared")
-        .dir("chmod-me", 0o755)
-        .file("chmod-me/keep", b"keep")
-        .dir("opaque2")
-        .dir("opaque2/sub")
-        .file("opaque2/sub/lower", b"lower")
-    )
-    second = (
-        Tar()
-        .whiteout("gone")
-        .whiteout("gone-dir")
-        .file("opaque/upper", b"upper")  # before the marker: entry order must not matter
-        .opaque("opaque")
-        .file("old-dir", b"a file over a directory")
-        .dir("old-file", 0o750)
-        .file("old-file/inside", b"a directory over a file")
-        .dir("chmod-me", 0o700)
-        .hardlink("etc/passwd-again", "etc/passwd")
-        .file("ro/added", b"into a read-only dir of a lower layer")
-        .file("locked/sub/added", b"into a mode-0000 dir of a lower layer")
-    )
-    third = (
-        Tar()
-        .file("bin", b"a file over a symlink")
-        .symlink("etc/shadow", "passwd")
-        .file("shared", b"v2")  # a new inode: shared-link keeps v1
-        .file("usr/bin/su", b"su v2", mode=0o4750)
-        .file("both", b"written, then whited out in the same layer: kept")
-        .whiteout("both")
-    )
-    fourth = (
-        Tar()
-        .opaque("opaque2")
-        .dir("opaque2/sub", 0o755)
-        .file("opaque2/sub/upper", b"upper")
-        .whiteout("usr/bin/wall")
-        .fifo("run/fifo2")
-        .symlink("opaque2/link", "../etc")
-    )
-    fifth = (
-        Tar()
-        .dir(".", 0o755)
-        .file("ro/late", b"late")
-        .device("dev/zero", "char", 1, 5)
-        .hardlink("usr/bin/tool-third", "usr/bin/tool-again")
-        .file("locked/late", b"late", mode=0o600)
-        .dir("etc", 0o755)
-        .file("etc/hostname", b"catalogue\n")
-    )
-    return [base, second, third, fourth, fifth]
-
 
 # -- features
 
@@ -450,15 +347,7 @@ def layout_layers(layout: Path) -> list[Layer]:
 @pytest.fixture(scope="module")
 def umoci(workspace: Path) -> dict[str, Path]:
     """The catalogue as an OCI layout, unpacked by umoci as root and with --rootless."""
-    layout = workspace / "layout"
-    write_oci_layout(layout, Image(layers=catalogue(), config={}, compression="gzip"), "catalogue")
-    subprocess.run(["chmod", "-R", "a+rX", str(layout)], check=True)
-    trees = {"layout": layout}
-    for mode, flags in [("root", []), ("rootless", ["--rootless"])]:
-        trees[mode] = workspace / f"umoci-{mode}"
-        command = ["umoci", "raw", "unpack", *flags, "--image", f"{layout}:catalogue", str(trees[mode])]
-        subprocess.run(command, check=True, capture_output=True, timeout=120)
-    return trees
+    return unpack_with_umoci(workspace)
 
 
 @as_root
