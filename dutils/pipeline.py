@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -69,8 +70,9 @@ class Options:
     insecure: bool = False  # plain HTTP; registries on loopback get it anyway
     ca_bundle: str | None = None
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     update: bool = False
+    jobs: int = 3  # blobs downloaded at once, as Docker does
     mirrors: list[str] = field(default_factory=list)  # --mirror flags; else $D_UTILS_MIRRORS or mirrors.json
     progress: Progress = field(default_factory=Lines)
 
@@ -96,13 +98,14 @@ class Pull:
 
     def authenticate(self) -> None:
         self.claim_folder()
-        origin = self.connect(self.ref, RetryPolicy())
         mirrors = [
             self.connect(mirror_ref(self.ref, m), MIRROR_RETRY)
             for m in find_mirrors(self.ref.registry, self.options.mirrors)
         ]
         self.registries = [m for m in mirrors if self.usable_mirror(m)]
-        origin.ping()
+        origin = self.connect(self.ref, RetryPolicy())
+        if not self.registries:
+            origin.ping()  # fail early when the origin is the only way; a working mirror is enough otherwise
         self.registries.append(origin)
 
     def connect(self, ref: Reference, retry: RetryPolicy) -> Registry:
@@ -290,6 +293,12 @@ def action(function: Callable, *args: object) -> Callable[[], TaskFailed | None]
 def sandbox_tasks(pulls: list[Pull]) -> dict[str, Callable]:
     """The task creators for these pulls, to put in a doit namespace (a dodo.py's globals, or d-pull's loader)."""
 
+    downloads = threading.BoundedSemaphore(max(pull.options.jobs for pull in pulls))
+
+    def fetch_one(pull: Pull, blob: Blob) -> None:
+        with downloads:
+            pull.fetch(blob)
+
     def task_auth() -> Iterator[dict]:
         """Find credentials; authenticate when the registry asks."""
         for pull in pulls:
@@ -316,7 +325,7 @@ def sandbox_tasks(pulls: list[Pull]) -> dict[str, Callable]:
                     seen.add(blob.digest)
                     yield {
                         "name": blob.digest,
-                        "actions": [action(pull.fetch, blob)],
+                        "actions": [action(fetch_one, pull, blob)],
                         "io": UNCAPTURED,
                         "uptodate": [lambda pull=pull, blob=blob: pull.cached(blob)],
                     }
@@ -400,7 +409,7 @@ class MemoryDB(JsonDB):
         pass
 
 
-def run_pulls(pulls: list[Pull], jobs: int, debug: bool) -> list[str]:
+def run_pulls(pulls: list[Pull], debug: bool) -> list[str]:
     """Run the pipeline in this process; return the failures, one line each (none means every pull finished)."""
     for pull in pulls:
         make_folder(pull.options.cache, "cache folder (--cache or $D_UTILS_CACHE)")
@@ -412,7 +421,7 @@ def run_pulls(pulls: list[Pull], jobs: int, debug: bool) -> list[str]:
         "backend": "memory",
         "reporter": reporter,
         "verbosity": 0,
-        "num_process": jobs + 1,  # one more for the layer being applied while blobs download
+        "num_process": max(pull.options.jobs for pull in pulls) + 1,  # and one applying layers meanwhile
         "par_type": "thread",  # delayed tasks hold closures, which the process runner cannot pickle
         "default_tasks": ["config"],
     }

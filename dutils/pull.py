@@ -109,6 +109,7 @@ def pull(args: argparse.Namespace) -> int:
         ca_bundle=args.ca_bundle,
         update=args.update,
         mirrors=args.mirror,
+        jobs=args.jobs,
         progress=progress,
         username=args.username,
         password=read_password(args),
@@ -117,7 +118,7 @@ def pull(args: argparse.Namespace) -> int:
         options.platform = parse_platform(args.platform)
     task = pipeline.Pull(args.image, folder, options)
     try:
-        failures = pipeline.run_pulls([task], jobs=args.jobs, debug=args.debug)
+        failures = pipeline.run_pulls([task], debug=args.debug)
     finally:
         progress.close()
     if failures:

@@ -18,6 +18,7 @@ from images import Image, Tar, busybox_layer, push
 from registry import Registry
 from trees import tree_without_folder_times
 
+PULL_TIMEOUT = 120
 SLACK = 64 << 10  # what a resumed download may fetch twice, over all its interruptions
 POLL = 0.01
 
@@ -227,3 +228,38 @@ def test_without_a_terminal_each_step_is_one_line(origin, tmp_path):
     assert sum(line.startswith("fetched sha256:") for line in lines) == 4
     assert sum(line.startswith("applied layer") for line in lines) == 3
     assert lines[-1].startswith("pulled ")
+
+
+def watch(process: subprocess.Popen, seen, timeout: float = 60) -> bool:
+    """Poll until `seen()` holds or the pull ends; whether it held while the pull ran."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        if seen():
+            return True
+        time.sleep(POLL)
+    return False
+
+
+def partials(cache: Path) -> int:
+    return len(list((cache / "blobs" / "sha256").glob("*.partial"))) if cache.exists() else 0
+
+
+@pytest.mark.parametrize(("jobs", "at_once"), [("3", True), ("1", False)])
+def test_blobs_download_side_by_side_up_to_jobs(origin, proxy, tmp_path, jobs, at_once):
+    _, image = origin
+    for digest in image.blobs():
+        proxy.trickle(digest, chunk=16 << 10, delay=0.01)
+    cache = tmp_path / "cache"
+    process = start_d_pull("-j", jobs, f"{proxy.host}/app:latest", str(tmp_path / "app"), cache=cache)
+    assert watch(process, lambda: partials(cache) >= 2) is at_once
+    assert process.wait(timeout=PULL_TIMEOUT) == 0
+
+
+def test_layers_are_applied_while_later_blobs_download(origin, proxy, tmp_path):
+    _, image = origin
+    last = list(image.blobs())[-1]
+    proxy.trickle(last, chunk=8 << 10, delay=0.02)  # the last layer arrives slowly
+    folder, cache = tmp_path / "app", tmp_path / "cache"
+    process = start_d_pull(f"{proxy.host}/app:latest", str(folder), cache=cache)
+    assert watch(process, lambda: applied(folder) >= 1 and partials(cache) >= 1)
+    assert process.wait(timeout=PULL_TIMEOUT) == 0
