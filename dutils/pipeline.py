@@ -181,10 +181,11 @@ class Pull:
             self.start_over()
             record = record._replace(reference=str(self.ref), digest=self.image.digest, platform=self.image.platform)
         record = record or Record(str(self.ref), self.image.digest, self.image.platform)
-        self.options.progress.expect_layers(len(self.image.layers))
-        finished = self.folder.rootfs.is_dir() and self.applied() == [layer.digest for layer in self.image.layers]
+        layers = [layer.digest for layer in self.image.layers]
+        applied = self.applied() if self.folder.rootfs.is_dir() else []
+        self.options.progress.expect_layers(len(layers) - sum(a == b for a, b in zip(applied, layers, strict=False)))
         # complete only while every layer is applied: d-run refuses a rootfs that is being rebuilt
-        self.folder.write_record(record._replace(complete=record.complete and finished))
+        self.folder.write_record(record._replace(complete=record.complete and applied == layers))
 
     def start_over(self) -> None:
         """Drop the rootfs of another image (or of an unfinished pull of one); config.json and volumes/ stay."""

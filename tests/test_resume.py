@@ -263,3 +263,22 @@ def test_layers_are_applied_while_later_blobs_download(origin, proxy, tmp_path):
     process = start_d_pull(f"{proxy.host}/app:latest", str(folder), cache=cache)
     assert watch(process, lambda: applied(folder) >= 1 and partials(cache) >= 1)
     assert process.wait(timeout=PULL_TIMEOUT) == 0
+
+
+def test_ctrl_c_stops_the_pull_with_a_hint_and_the_same_command_resumes(origin, proxy, clean_tree, tmp_path):
+    _, image = origin
+    for digest in image.blobs():
+        proxy.trickle(digest, chunk=16 << 10, delay=0.01)
+    folder, cache = tmp_path / "app", tmp_path / "cache"
+    command = [BIN / "d-pull", "--cache", str(cache), f"{proxy.host}/app:latest", str(folder)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    assert watch(process, lambda: partial_size(cache) > 50_000)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert err.strip().splitlines()[-1] == "d-pull: interrupted; run the same command again to resume"
+    assert "Traceback" not in err
+    proxy.clear()
+    done = d_pull(f"{proxy.host}/app:latest", str(folder), cache=cache)
+    assert done.returncode == 0, done.stderr
+    assert tree_without_folder_times(folder / "rootfs") == clean_tree
