@@ -85,7 +85,7 @@ class Pull:
         self.folder = PullDir(folder)
         self.key = os.fspath(folder)
         self.options = options
-        self.command = command  # for a `run:` task, as a dodo.py may declare
+        self.command = command  # for a `d-run:` task, as a dodo.py may declare
         self.registries: list[Registry] = []  # mirrors first, the image's own registry last
         self.image: Image | None = None
         self.skipped = Skipped()
