@@ -25,8 +25,8 @@ from .rootfs import OWNER_RWX, PARTIAL, WHITEOUT, Place, Tree, clean, lstat_or_n
 
 OCI = "application/vnd.oci.image.layer.v1.tar"
 OCI_NONDISTRIBUTABLE = "application/vnd.oci.image.layer.nondistributable.v1.tar"
-DOCKER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
-DOCKER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+DOCKER = "application/vnd.docker.image.rootfs.diff.tar"
+DOCKER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar"
 COMPRESSION = {
     OCI: "tar",
     OCI + "+gzip": "gzip",
@@ -34,8 +34,12 @@ COMPRESSION = {
     OCI_NONDISTRIBUTABLE: "tar",
     OCI_NONDISTRIBUTABLE + "+gzip": "gzip",
     OCI_NONDISTRIBUTABLE + "+zstd": "zstd",
-    DOCKER: "gzip",
-    DOCKER_FOREIGN: "gzip",
+    # Docker's schema 2 names gzip only; containerd and BuildKit also write the plain and zstd forms.
+    DOCKER: "tar",
+    DOCKER + ".gzip": "gzip",
+    DOCKER + ".zstd": "zstd",
+    DOCKER_FOREIGN: "tar",
+    DOCKER_FOREIGN + ".gzip": "gzip",
 }
 DECOMPRESSORS: dict[str, Callable[[BinaryIO], BinaryIO]] = {
     "tar": lambda raw: raw,
