@@ -13,33 +13,34 @@ from .registry import Interrupted, Registry
 from .store import blob_path, locked, touch
 
 
-def fetch_blob(registry: Registry, blob: Blob, cache: Path, progress: Progress) -> Path:
+def fetch_blob(registry: Registry, blob: Blob, cache: Path, progress: Progress, url: str | None = None) -> Path:
     """Return the cached, verified blob, downloading what is missing of it.
 
     Bytes go to `<digest>.partial`, which survives interruptions (and reboots) and is resumed with a Range
     request; the file takes its final name only once size and digest are verified. A lock per blob makes
-    concurrent pulls wait for one download instead of making their own.
+    concurrent pulls wait for one download instead of making their own. `url`: where a non-distributable
+    layer lives, instead of the registry.
     """
     final = blob_path(cache, blob.digest)
     if final.exists():
         touch(final)
         return final
     try:
-        download_verified(registry, blob, final, progress)
+        download_verified(registry, blob, final, progress, url)
     except OSError as err:  # the lock, the partial file, the rename: the cache's disk
         raise write_error(final, err, blob.size) from None
     progress.step(f"fetched {blob.digest[:19]} ({blob.size} bytes)")
     return final
 
 
-def download_verified(registry: Registry, blob: Blob, final: Path, progress: Progress) -> None:
+def download_verified(registry: Registry, blob: Blob, final: Path, progress: Progress, url: str | None) -> None:
     with locked(final.with_name(final.name + ".lock")):
         if final.exists():  # another process finished it while we waited
             return
         partial = final.with_name(final.name + ".partial")
         hasher, have = hash_existing(partial, blob.size)
         progress.expect(blob.size - have)
-        hasher = download(registry, blob, partial, hasher, have, progress)
+        hasher = download(registry, blob, partial, hasher, have, progress, url)
         if hasher.hexdigest() != blob.digest.removeprefix("sha256:"):
             partial.unlink()
             raise Error(
@@ -66,7 +67,13 @@ def hash_existing(partial: Path, size: int) -> tuple["hashlib._Hash", int]:
 
 
 def download(
-    registry: Registry, blob: Blob, partial: Path, hasher: "hashlib._Hash", have: int, progress: Progress
+    registry: Registry,
+    blob: Blob,
+    partial: Path,
+    hasher: "hashlib._Hash",
+    have: int,
+    progress: Progress,
+    url: str | None,
 ) -> "hashlib._Hash":
     """Append the rest of the blob to `partial`, resuming after every broken connection; return the full hash."""
     failures = 0
@@ -75,7 +82,7 @@ def download(
             while have < blob.size:
                 before = have
                 try:
-                    offset, chunks = registry.read_blob(blob.digest, have)
+                    offset, chunks = registry.read_blob(blob.digest, have, url)
                     if offset != have:  # the server ignored our Range: start over from its first byte
                         out.truncate(0)
                         hasher, have = hashlib.sha256(), 0

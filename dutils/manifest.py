@@ -53,6 +53,7 @@ class Blob:
     digest: str
     size: int
     media_type: str
+    urls: tuple[str, ...] = ()  # where a non-distributable layer lives (the registry need not have it)
 
 
 @dataclass(frozen=True)
@@ -158,4 +159,5 @@ def descriptor(entry: dict) -> Blob:
     size = entry["size"]
     if not isinstance(size, int) or size < 0:
         raise ValueError(size)
-    return Blob(check_digest(entry["digest"]), size, str(entry.get("mediaType", "")))
+    urls = tuple(u for u in entry.get("urls") or () if isinstance(u, str) and u.startswith(("https://", "http://")))
+    return Blob(check_digest(entry["digest"]), size, str(entry.get("mediaType", "")), urls)

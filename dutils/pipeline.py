@@ -35,7 +35,7 @@ from .fetch import fetch_blob
 from .manifest import Blob, Image, Platform, host_platform, load_image, resolve_image
 from .progress import Lines, Progress
 from .reference import Reference, parse_reference
-from .registry import Registry, RetryPolicy
+from .registry import BlobUnknown, Registry, RetryPolicy
 from .store import (
     PullDir,
     Record,
@@ -73,6 +73,7 @@ class Options:
     password: str | None = field(default=None, repr=False)
     update: bool = False
     jobs: int = 3  # blobs downloaded at once, as Docker does
+    foreign_urls: bool = False  # download non-distributable layers from the URLs their manifest lists
     mirrors: list[str] = field(default_factory=list)  # --mirror flags; else $D_UTILS_MIRRORS or mirrors.json
     progress: Progress = field(default_factory=Lines)
 
@@ -203,7 +204,28 @@ class Pull:
 
     def fetch(self, blob: Blob) -> None:
         self.changed = True
-        self.from_any_registry(lambda registry: fetch_blob(registry, blob, self.options.cache, self.options.progress))
+        try:
+            self.from_any_registry(
+                lambda registry: fetch_blob(registry, blob, self.options.cache, self.options.progress)
+            )
+        except BlobUnknown:
+            if not blob.urls:
+                raise
+            self.fetch_foreign(blob)
+
+    def fetch_foreign(self, blob: Blob) -> None:
+        """A non-distributable layer (Windows base layers, licensed content): the registry need not serve it,
+        the manifest says where it lives. Its digest still decides what is kept."""
+        if not self.options.foreign_urls:
+            raise Error(
+                f"layer {blob.digest} is non-distributable: {self.ref.registry} does not serve it, {blob.urls[0]} does",
+                "pass --allow-foreign-urls to download it from there",
+            )
+        for url in blob.urls[:-1]:
+            with contextlib.suppress(Error):
+                fetch_blob(self.registries[-1], blob, self.options.cache, self.options.progress, url)
+                return
+        fetch_blob(self.registries[-1], blob, self.options.cache, self.options.progress, blob.urls[-1])
 
     def cached(self, blob: Blob) -> bool:
         path = blob_path(self.options.cache, blob.digest)

@@ -62,6 +62,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="HOST[:PORT]",
         help="pull-through mirror to try before the registry (repeatable; default: $D_UTILS_MIRRORS, mirrors.json)",
     )
+    parser.add_argument(
+        "--allow-foreign-urls",
+        action="store_true",
+        help="download non-distributable layers from the URLs their manifest lists (digests are still checked)",
+    )
     parser.add_argument("--username", metavar="USER", help="log in as USER; the password is read from standard input")
     parser.add_argument(
         "--password-stdin", action="store_true", help="read the password from standard input (default with --username)"
@@ -110,6 +115,7 @@ def pull(args: argparse.Namespace) -> int:
         update=args.update,
         mirrors=args.mirror,
         jobs=args.jobs,
+        foreign_urls=args.allow_foreign_urls,
         progress=progress,
         username=args.username,
         password=read_password(args),

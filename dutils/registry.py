@@ -36,6 +36,10 @@ CHUNK = 1 << 20
 TIMEOUT = (15, 60)  # connect, read: a stalled blob download is retried rather than waited on forever
 
 
+class BlobUnknown(Error):
+    """The registry does not have a blob: for a non-distributable layer, its URLs are asked instead."""
+
+
 class Interrupted(Exception):
     """A transfer that broke off midway; the caller resumes it from the bytes it has."""
 
@@ -102,24 +106,27 @@ class Registry:
         media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
         return body, media_type
 
-    def open_blob(self, digest: str, start: int = 0) -> requests.Response:
-        """A streaming response for a blob from byte `start`: status 206 if the server honoured the range, else 200."""
+    def open_blob(self, digest: str, start: int = 0, url: str | None = None) -> requests.Response:
+        """A streaming response for a blob from byte `start`: status 206 if the server honoured the range, else 200.
+
+        From the registry, or from `url` (a non-distributable layer's), where no credentials of ours are sent.
+        """
         headers = {"Range": f"bytes={start}-"} if start else {}
         return self.request(
             "GET",
-            f"/v2/{self.ref.repository}/blobs/{digest}",
+            url or f"/v2/{self.ref.repository}/blobs/{digest}",
             expected={200, 206},
             what=f"blob {digest}",
             headers=headers,
         )
 
-    def read_blob(self, digest: str, start: int) -> tuple[int, Iterator[bytes]]:
+    def read_blob(self, digest: str, start: int, url: str | None = None) -> tuple[int, Iterator[bytes]]:
         """(first byte offset, chunks) of a blob from `start`; a broken transfer raises Interrupted.
 
         The offset is 0 when the server ignored our Range. `read1` hands over whatever has arrived, so bytes
         received before a connection breaks are kept rather than lost with a half-filled buffer.
         """
-        response = self.open_blob(digest, start)
+        response = self.open_blob(digest, start, url)
         offset = content_range_start(response) if response.status_code == 206 else 0
 
         def chunks() -> Iterator[bytes]:
@@ -247,6 +254,8 @@ class Registry:
             return Error(f"unknown image {where}", "check the image name")
         if status == 404 and what.startswith("manifest"):
             return Error(f"unknown {what} in {where}", "check the tag or digest")
+        if status == 404 and what.startswith("blob"):
+            return BlobUnknown(f"{what} is missing from {where}", "the image is incomplete on this registry")
         if status in (401, 403) and self.credentials:
             return Error(
                 f"access denied to {where} for {self.credentials.username} (HTTP {status}): "

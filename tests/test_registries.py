@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from cdn import Cdn, RedirectingFront
 from certs import Authority
-from cli import assert_one_line_error
-from images import busybox_image, platform_images, push_attestation, push_index
+from cli import assert_one_line_error, d_pull
+from httpd import Handler, LoopbackServer
+from images import busybox_image, platform_images, push_attestation, push_blob, push_index, push_manifest
 from realworld import assert_pulled, htpasswd_config, pull, seed, storage_config
 from registry import Registry, free_port
 
@@ -255,3 +256,53 @@ def test_attestations_are_never_chosen_nor_offered(indexes, tmp_path):
     done = pull(indexes["oci"], tmp_path / "m", "--platform", "unknown/unknown")
     assert_one_line_error(done, "no image for platform unknown/unknown", "it offers linux/amd64, linux/arm64/v8;")
     assert "offers unknown" not in done.stderr and ", unknown" not in done.stderr
+
+
+# -- non-distributable layers: the manifest says where they live
+
+
+class LayerHost(LoopbackServer):
+    """Serves one blob at /layer, honouring Range, counting requests and the headers they carried."""
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob, self.requests = blob, []
+        super().__init__()
+
+    class handler(Handler):  # noqa: N801 - LoopbackServer's attribute name
+        def do_GET(self) -> None:
+            self.owner.requests.append(dict(self.headers))
+            start = int(self.headers.get("Range", "bytes=0-")[6:].rstrip("-") or 0)
+            ranged = {"Content-Range": f"bytes {start}-{len(self.owner.blob) - 1}/{len(self.owner.blob)}"}
+            self.answer(206 if start else 200, self.owner.blob[start:], ranged if start else {})
+
+
+@pytest.fixture
+def foreign(tmp_path):
+    """An image whose upper layer is non-distributable: listed with `urls`, absent from the registry."""
+    image = replace(busybox_image(), media="docker")
+    manifest = json.loads(image.manifest)
+    layer = manifest["layers"][-1]
+    blob = image.blobs()[layer["digest"]]
+    allow = {"validation": {"manifests": {"urls": {"allow": ["^http://127\\.0\\.0\\.1"]}}}}
+    with Registry(allow) as registry, LayerHost(blob) as host:
+        layer |= {"mediaType": FOREIGN, "urls": [f"{host.url}/layer"]}
+        for digest, data in image.blobs().items():
+            if digest != layer["digest"]:
+                push_blob(registry.host, "win", data)
+        push_manifest(registry.host, "win", "latest", json.dumps(manifest).encode())
+        yield f"{registry.host}/win:latest", host, layer["digest"]
+
+
+FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+
+
+def test_a_non_distributable_layer_is_a_clear_error_unless_allowed(foreign, tmp_path):
+    reference, host, digest = foreign
+    refused = d_pull(reference, str(tmp_path / "a"), cache=tmp_path / "cache")
+    assert_one_line_error(refused, "non-distributable", digest, host.url, "--allow-foreign-urls")
+    assert host.requests == []  # nothing fetched from elsewhere unless allowed
+
+    allowed = d_pull("--allow-foreign-urls", reference, str(tmp_path / "a"), cache=tmp_path / "cache")
+    assert allowed.returncode == 0, allowed.stderr
+    assert (tmp_path / "a" / "rootfs" / "etc" / "added-by-layer-2").exists()
+    assert all("Authorization" not in headers for headers in host.requests)
