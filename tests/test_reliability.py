@@ -10,13 +10,12 @@ import os
 import random
 import signal
 import subprocess
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from cli import assert_one_line_error, d_pull, d_run, start_d_pull
+from httpd import Handler, LoopbackServer
 from images import Image, Tar, busybox_layer, push, push_blob, push_manifest, sha256
 from registry import Registry
 from trees import snapshot, tree_without_folder_times
@@ -207,37 +206,21 @@ def test_corrupt_layer_is_a_clear_error_and_the_next_pull_of_good_layers_works(f
     assert_one_line_error(done, "corrupt gzip data", sha256(garbage))
 
 
-class HostileRegistry(ThreadingHTTPServer):
+class HostileRegistry(LoopbackServer):
     """A registry that answers manifest requests with whatever a test sets: bad JSON, odd types, wrong bytes."""
 
-    def __init__(self) -> None:
-        self.manifest = (b"", "")
-        outer = self
+    manifest = (b"", "")
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body, media_type = outer.manifest if "/manifests/" in self.path else (b"{}", "application/json")
-                self.send_response(200)
-                self.send_header("Content-Type", media_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.host = f"127.0.0.1:{self.server_address[1]}"
+    class handler(Handler):  # noqa: N801 - LoopbackServer's attribute name
+        def do_GET(self) -> None:
+            body, media_type = self.owner.manifest if "/manifests/" in self.path else (b"{}", "application/json")
+            self.answer(200, body, {"Content-Type": media_type})
 
 
 @pytest.fixture
 def hostile():
-    server = HostileRegistry()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with HostileRegistry() as server:
+        yield server
 
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
