@@ -14,6 +14,7 @@ import stat
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from decimal import ROUND_DOWN, Context, Decimal, InvalidOperation
 from pathlib import Path
 from typing import BinaryIO
 
@@ -50,6 +51,9 @@ CORRUPT_DATA = (OSError, EOFError, igzip_lib.IsalError, zstandard.ZstdError)
 OPAQUE = WHITEOUT + WHITEOUT + ".opq"
 XATTR = "SCHILY.xattr."  # pax records of extended attributes
 CHUNK = 1 << 20
+MAX_SECONDS = 2**63 // 10**9  # os.utime takes nanoseconds as a signed 64-bit number
+# Digits past the nanosecond are cut toward zero, as Go's archive/tar (umoci) does; 40 digits hold any time above.
+NANOSECONDS = Context(prec=40, rounding=ROUND_DOWN)
 
 
 @dataclass
@@ -240,7 +244,16 @@ def set_xattrs(fd: int, name: str, member: tarfile.TarInfo, skipped: Skipped) ->
 
 
 def mtime_ns(member: tarfile.TarInfo) -> int:
-    return round(member.mtime * 1_000_000_000)
+    """The member's mtime in nanoseconds, exactly: a pax record may give nine decimals, more than tarfile's float
+    keeps. A malformed time, or one the system cannot store, is refused."""
+    text = member.pax_headers.get("mtime") or str(member.mtime)  # an empty record means the header field
+    try:
+        seconds = Decimal(text)
+    except InvalidOperation:
+        seconds = Decimal("NaN")
+    if not (seconds.is_finite() and seconds.copy_abs() < MAX_SECONDS):  # no arithmetic yet: "1e999999999" is cheap
+        raise OSError(errno.ERANGE, f"modification time {text!r} is not one the system can store")
+    return int(seconds.scaleb(9, NANOSECONDS))
 
 
 def apply_whiteout(name: str, base: str, tree: Tree) -> None:

@@ -118,23 +118,29 @@ def catalogue_image() -> Image:
 
 def unpack_with_umoci(folder: Path) -> dict[str, Path]:
     """Writes the catalogue image as the OCI layout `folder`/layout (tag "catalogue", readable by all) and unpacks
-    it with umoci as root and with --rootless; returns the paths "layout", "root" and "rootless"."""
+    it with umoci; returns the paths "layout", "root" and "rootless"."""
     layout = folder / "layout"
     write_oci_layout(layout, catalogue_image(), "catalogue")
     subprocess.run(["chmod", "-R", "a+rX", str(layout)], check=True)
-    trees = {"layout": layout}
+    return {"layout": layout} | umoci_unpack(f"{layout}:catalogue", folder)
+
+
+def umoci_unpack(image: str, folder: Path) -> dict[str, Path]:
+    """Unpacks `image` (LAYOUT:TAG) with umoci as root and with --rootless, into `folder`/umoci-root and
+    umoci-rootless; returns those paths as "root" and "rootless"."""
+    trees = {}
     for mode, flags in [("root", []), ("rootless", ["--rootless"])]:
         trees[mode] = folder / f"umoci-{mode}"
-        command = ["umoci", "raw", "unpack", *flags, "--image", f"{layout}:catalogue", str(trees[mode])]
+        command = ["umoci", "raw", "unpack", *flags, "--image", image, str(trees[mode])]
         subprocess.run(command, check=True, capture_output=True, timeout=120)
     return trees
 
 
-def assert_same_as_umoci_rootless(rootfs: Path, umoci_rootless: Path) -> None:
-    """`rootfs`, unpacked by an ordinary user, is umoci's --rootless tree but for owners and the device nodes,
-    which we skip where umoci leaves an empty file."""
+def assert_same_as_umoci_rootless(rootfs: Path, umoci_rootless: Path, devices: list[str]) -> None:
+    """`rootfs`, unpacked by an ordinary user, is umoci's --rootless tree but for owners and the device nodes
+    `devices`, which we skip where umoci leaves an empty file."""
     ours, theirs = without(snapshot(rootfs), owner=None), without(snapshot(umoci_rootless), owner=None)
-    for device in DEVICES:
+    for device in devices:
         assert (theirs[0][device].kind, theirs[0].pop(device).payload) == ("-", b"")
         assert device not in ours[0]
     assert ours == theirs

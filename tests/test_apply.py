@@ -362,7 +362,7 @@ def test_tree_as_an_ordinary_user_matches_umoci_rootless(umoci: dict[str, Path],
     results = apply_as_user(unprivileged, workspace, [(layer, rootfs) for layer in layout_layers(umoci["layout"])])
     total = sum((Skipped(**result) for result in results), Skipped())
     assert total == Skipped(devices=len(DEVICES), owners=2)  # etc/shadow and usr/bin/wall had other groups
-    assert_same_as_umoci_rootless(rootfs, umoci["rootless"])
+    assert_same_as_umoci_rootless(rootfs, umoci["rootless"], DEVICES)
     assert all(stat.S_IMODE(os.lstat(rootfs / path).st_mode) == 0 for path in ["locked", "zero-mode"])
 
 
