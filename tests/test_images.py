@@ -1,6 +1,7 @@
-"""Whole images through a real registry and d-pull: the layer catalogue, pushed by our helpers and by skopeo in
-every media type and compression, pulled as root and as the ordinary user and compared with umoci's unpacking;
-Docker foreign layers; and a Debian minbase image built by debootstrap that d-run can use."""
+"""Whole images through a real registry and d-pull, as root and as the ordinary user: the layer catalogue, pushed
+by our helpers and by skopeo in every media type and compression, compared with umoci's unpacking; Docker foreign
+and OCI non-distributable layers; the malicious layers of tests/malicious.py; pax mtimes; and a Debian minbase
+image built by debootstrap (cached in cache/test-images), which d-run can use."""
 
 import gzip
 import hashlib
@@ -31,8 +32,9 @@ from images import (
     push_manifest,
     skopeo_push,
 )
-from malicious import USER, as_root, make_workspace
+from malicious import ROWS, USER, Row, as_root, make_workspace, outside_state
 from registry import Registry, session
+from test_rootfs import check_outcome, plant_markers
 from trees import snapshot
 
 from dutils.store import locked
@@ -183,6 +185,73 @@ def test_a_foreign_layer_missing_from_the_registry_is_a_one_line_error(url_regis
     missing = json.loads(image.manifest)["layers"][1]["digest"]
     assert_one_line_error(done, missing)
     assert json.loads((tmp_path / "pulled" / "image.json").read_text())["complete"] is False
+
+
+# -- malicious images through d-pull: nothing outside DIR changes, and the user reads one clear line
+
+
+def outside_dirs(roots: list[Path], folders: list[Path]) -> dict[str, tuple]:
+    """outside_state of `roots`, but for the pull folders, which d-pull makes and fills."""
+    return {
+        path: state
+        for path, state in outside_state(roots).items()
+        if not any(Path(path).is_relative_to(folder) for folder in folders)
+    }
+
+
+def check_pull_outcome(row: Row, done: subprocess.CompletedProcess, rootfs: Path, out: Path) -> None:
+    """A refused row ends in one line naming the member; any other pull succeeds, its write kept inside."""
+    if row.refused:
+        assert_one_line_error(done, row.refused)
+        error = done.stderr.strip().splitlines()[-1].removeprefix("d-pull: error: ")
+        check_outcome(row, error, rootfs, out)
+    else:
+        assert done.returncode == 0, done.stderr
+        check_outcome(row, "", rootfs, out)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda row: row.name)
+def test_malicious_image_pulled_changes_nothing_outside_dir(row: Row, registry: Registry, tmp_path: Path) -> None:
+    base, out, folder = tmp_path / "base", tmp_path / "outside", tmp_path / "base" / "pull"
+    plant_markers(base / "victim.txt", out / "victim.txt")
+    digest = push(registry.host, "malicious", row.name, Image(row.layers(str(out))))
+    passwd, before = os.stat("/etc/passwd"), outside_dirs([base, out], [folder])
+
+    done = d_pull(f"{registry.host}/malicious@{digest}", str(folder), cache=tmp_path / "cache")
+
+    assert outside_dirs([base, out], [folder]) == before
+    assert os.stat("/etc/passwd").st_nlink == passwd.st_nlink
+    check_pull_outcome(row, done, folder / "rootfs", out)
+
+
+@as_root
+def test_malicious_images_pulled_by_the_ordinary_user_change_nothing_outside_dir(
+    registry: Registry, workspace: Path, unprivileged
+) -> None:
+    """The same table, pulled by a real unprivileged user who owns, so could write, every marker."""
+    base = workspace / "pull" / "malicious"
+    refs, folders = {}, [base / row.name / "pull" for row in ROWS]
+    for row in ROWS:
+        plant_markers(base / row.name / "victim.txt", base / "outside" / row.name / "victim.txt")
+        digest = push(registry.host, "malicious", row.name, Image(row.layers(str(base / "outside" / row.name))))
+        refs[row.name] = f"{registry.host}/malicious@{digest}"
+    subprocess.run(["chown", "-R", f"{USER}:{USER}", str(base)], check=True)
+    roots = [folder.parent for folder in folders] + [base / "outside"]  # their own mtimes move as DIRs are made
+    before = outside_dirs(roots, folders)
+
+    pulls = [
+        unprivileged.run(
+            [unprivileged.bin / "d-pull", "--cache", base / "cache", refs[row.name], folder],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        for row, folder in zip(ROWS, folders, strict=True)
+    ]
+
+    assert outside_dirs(roots, folders) == before
+    for row, folder, done in zip(ROWS, folders, pulls, strict=True):
+        check_pull_outcome(row, done, folder / "rootfs", base / "outside" / row.name)
 
 
 # -- modification times as pax records give them: nine decimals kept, impossible ones refused
