@@ -183,7 +183,7 @@ def test_a_foreign_layer_missing_from_the_registry_is_a_one_line_error(url_regis
     ref = push_foreign(url_registry.host, "foreign-missing", image, FOREIGN["docker", "gzip"], missing=1)
     done = d_pull(ref, str(tmp_path / "pulled"), cache=tmp_path / "cache")
     missing = json.loads(image.manifest)["layers"][1]["digest"]
-    assert_one_line_error(done, missing)
+    assert_one_line_error(done, missing, "non-distributable", "--allow-foreign-urls")
     assert json.loads((tmp_path / "pulled" / "image.json").read_text())["complete"] is False
 
 
