@@ -93,7 +93,8 @@ def download(
                         raise Interrupted("the connection closed early")
                 except Interrupted as err:
                     failures = 0 if have > before else failures
-                    failures = registry.wait_before_retry(failures, f"blob {blob.digest[:19]}", str(err), None)
+                    where = f"blob {blob.digest[:19]} from {url or registry.ref.registry}"
+                    failures = registry.wait_before_retry(failures, where, str(err), None)
     except OSError as err:
         raise write_error(partial, err, blob.size - have) from None
     return hasher

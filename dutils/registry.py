@@ -144,6 +144,7 @@ class Registry:
 
     def request(self, method: str, path: str, *, expected: set[int], what: str, headers: dict | None = None):
         url = urljoin(self.base, path)
+        where = f"{what} at {urlsplit(url).netloc}"  # the registry, or a non-distributable layer's own host
         failures = 0
         reauthenticated = False
         while True:
@@ -152,7 +153,7 @@ class Registry:
             except TRANSPORT_ERRORS as err:
                 if final := tls_failure(self.ref.registry, err):
                     raise final from None  # trying again cannot make a certificate trusted
-                failures = self.wait_before_retry(failures, what, describe(err), None)
+                failures = self.wait_before_retry(failures, where, describe(err), None)
                 continue
             if response.status_code == 401 and not reauthenticated and "WWW-Authenticate" in response.headers:
                 # First contact, or a token that expired in the middle of a long pull: authenticate and go on,
@@ -164,7 +165,7 @@ class Registry:
                     continue
             if response.status_code in RETRY_STATUSES:
                 reason = f"HTTP {response.status_code}"
-                failures = self.wait_before_retry(failures, what, reason, retry_after(response))
+                failures = self.wait_before_retry(failures, where, reason, retry_after(response))
                 continue
             if response.status_code in expected:
                 return response
@@ -188,7 +189,7 @@ class Registry:
     def wait_before_retry(self, failures: int, what: str, reason: str, after: float | None) -> int:
         if failures + 1 >= self.retry.attempts or "[Errno -2]" in reason:  # -2: the host name does not exist
             raise Error(
-                f"giving up on {what} at {self.ref.registry} after {failures + 1} attempts: {reason}",
+                f"giving up on {what} after {failures + 1} attempts: {reason}",
                 "check the registry name and your network, then run the same command again",
             )
         delay = self.retry.delay(failures, after)

@@ -28,6 +28,7 @@ MEDIA = {
 }
 USER = "dutest"
 PWNED = b"pwned"
+OLD = 1_000_000_000  # a marker's mtime, so that any write to it shows
 JOURNAL = ".rootfs.d-utils-journal"
 
 
@@ -199,3 +200,20 @@ def apply_as_user(user, workspace: Path, steps: list[tuple[Layer, Path]]) -> lis
     done = user.run(command, capture_output=True, text=True, timeout=120, cwd=workspace, env=path)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.splitlines()[-1])
+
+
+def plant_markers(*paths: Path) -> None:
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"original")
+        os.utime(path, (OLD, OLD))
+
+
+def check_outcome(row: Row, error: str, rootfs: Path, out: Path) -> None:
+    if row.refused:
+        assert row.refused in error
+        assert error.startswith("layer sha256:")
+    else:
+        assert error == ""
+        if row.inside:
+            assert (rootfs / row.inside.format(out=out).lstrip("/")).read_bytes() == PWNED

@@ -32,9 +32,8 @@ from images import (
     push_manifest,
     skopeo_push,
 )
-from malicious import ROWS, USER, Row, as_root, make_workspace, outside_state
+from malicious import ROWS, USER, Row, as_root, check_outcome, make_workspace, outside_state, plant_markers
 from registry import Registry, session
-from test_rootfs import check_outcome, plant_markers
 from trees import snapshot
 
 from dutils.store import locked

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 from malicious import (
-    PWNED,
     ROWS,
     USER,
     Layer,
@@ -14,15 +13,15 @@ from malicious import (
     apply_all,
     apply_as_user,
     as_root,
+    check_outcome,
     make_workspace,
     outside_state,
+    plant_markers,
     write_layer,
 )
 
 from dutils.errors import Error
 from dutils.rootfs import Tree, clean
-
-OLD = 1_000_000_000  # a marker's mtime, so that any write to it shows
 
 
 @pytest.mark.parametrize(
@@ -75,23 +74,6 @@ def apply_row(layers: list[Layer], rootfs: Path) -> str:
     except Error as err:
         return str(err)
     return ""
-
-
-def plant_markers(*paths: Path) -> None:
-    for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"original")
-        os.utime(path, (OLD, OLD))
-
-
-def check_outcome(row: Row, error: str, rootfs: Path, out: Path) -> None:
-    if row.refused:
-        assert row.refused in error
-        assert error.startswith("layer sha256:")
-    else:
-        assert error == ""
-        if row.inside:
-            assert (rootfs / row.inside.format(out=out).lstrip("/")).read_bytes() == PWNED
 
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda row: row.name)
