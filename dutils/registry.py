@@ -98,7 +98,8 @@ class Registry:
             what=what,
             headers={"Accept": ACCEPT},
         )
-        body = response.raw.read(MAX_MANIFEST + 1, decode_content=True)
+        with response:
+            body = response.raw.read(MAX_MANIFEST + 1, decode_content=True)
         if len(body) > MAX_MANIFEST:
             raise Error(
                 f"{what} from {self.ref.registry} is larger than {MAX_MANIFEST} bytes", "this is not a manifest"
