@@ -10,4 +10,4 @@ $SUDO apt-get install -y -qq --no-install-recommends \
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[test]'
-echo "installed: .venv/bin/d-pull, .venv/bin/d-run"
+echo "installed: .venv/bin/d-pull, .venv/bin/d-run, .venv/bin/d-cache"
