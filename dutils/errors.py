@@ -1,4 +1,13 @@
-"""The one exception type for failures the user can act on."""
+"""The one exception type for failures the user can act on, and the one way text from outside is shown."""
+
+# C0 and C1 control characters and DEL, shown as Python escapes: a member name or a registry's error text
+# must never move the cursor, retitle the terminal or inject a line into what the user reads.
+CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+
+
+def printable(text: str) -> str:
+    """`text` with every control character (newlines and tabs included) escaped."""
+    return text.translate(CONTROLS)
 
 
 class Error(Exception):
@@ -10,6 +19,6 @@ class Error(Exception):
         self.hint = hint
 
     def __str__(self) -> str:
-        # One line, always: the command-line edge prints exactly this.
+        # One line, always: the command-line edge prints exactly this, control characters escaped.
         text = f"{self.message}; {self.hint}" if self.hint else self.message
-        return " ".join(text.split())
+        return printable(text)
