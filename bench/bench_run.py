@@ -2,11 +2,14 @@
 
     python3 bench/bench_run.py [DIR] [--d-run PATH] [--runs N]
 
-DIR defaults to a throwaway pull folder of the busybox test image. The d-run measured is the script
-installed beside this Python (`--d-run` picks another, e.g. one installed for /usr/bin/python3). The bare
-command is exactly the one d-run execs, built by d-run's own functions, with the same data descriptors.
-Runs are interleaved so that both see the same machine; each line is the median of N runs.
+DIR defaults to a throwaway pull folder of the busybox test image. The d-run measured is, by default, the one a
+user gets from `pip install` into a venv of Debian's /usr/bin/python3 (made afresh in a scratch folder from a copy
+of this tree); `--d-run` picks another. The bare command is exactly the one d-run execs, built by d-run's own
+functions, with the same data descriptors. Runs are interleaved so that both see the same machine; each line is
+the median of N runs.
 """
+
+from __future__ import annotations
 
 import argparse
 import io
@@ -23,10 +26,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+from dutils.errors import Error  # noqa: E402
 from dutils.run import bwrap_argv, make_parser, plan_sandbox  # noqa: E402
 from dutils.store import PullDir, Record  # noqa: E402
 
 TARGET_MS = 25
+DEBIAN_PYTHON = "/usr/bin/python3"
+INSTALL_TIMEOUT = 300  # seconds for venv + pip install
 
 
 def make_pull_folder(parent: Path) -> Path:
@@ -42,9 +48,19 @@ def make_pull_folder(parent: Path) -> Path:
     return folder
 
 
-def default_d_run() -> list[str]:
-    script = Path(sys.executable).parent / "d-run"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "dutils.run"]
+def install_d_run(parent: Path, python: str = DEBIAN_PYTHON) -> list[str]:
+    """d-run as a user installs it: `python -m venv`, then `pip install` of this tree (copied, so that the build
+    leaves nothing in the repository; no dependencies: d-run needs only the standard library)."""
+    source, venv = parent / "source", parent / "venv"
+    shutil.copytree(REPO / "dutils", source / "dutils", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for command in ([python, "-m", "venv", venv], [venv / "bin" / "pip", "install", "-q", "--no-deps", source]):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT)
+        if done.returncode:
+            tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+            raise Error(f"{' '.join(map(str, command))} failed: {tail}", "or measure an installed one: --d-run PATH")
+    return [str(venv / "bin" / "d-run")]
 
 
 def interpreter_of(command: list[str]) -> str:
@@ -72,36 +88,50 @@ def time_bare_bwrap(folder: Path) -> float:
             os.close(fd)
 
 
-def main() -> None:
+def startup_ms(folder: Path, d_run: list[str], runs: int) -> dict[str, float]:
+    """Median milliseconds of the bare bwrap command, `d-run folder /bin/true` and `python -c pass`, interleaved."""
+    times: dict[str, list[float]] = {"bwrap": [], "d-run": [], "python": []}
+    python = interpreter_of(d_run)
+    time_run([*d_run, str(folder), "/bin/true"])  # warm the caches once
+    for _ in range(runs):
+        times["bwrap"].append(time_bare_bwrap(folder))
+        times["d-run"].append(time_run([*d_run, str(folder), "/bin/true"]))
+        times["python"].append(time_run([python, "-c", "pass"]))
+    return {name: statistics.median(values) * 1000 for name, values in times.items()}
+
+
+def print_startup(median: dict[str, float], d_run: list[str], runs: int) -> None:
+    overhead = median["d-run"] - median["bwrap"]
+    print(f"d-run DIR /bin/true against the bwrap command it execs, median of {runs} interleaved runs")
+    print(f"  d-run: {' '.join(d_run)}")
+    print(f"  bare bwrap            {median['bwrap']:7.1f} ms")
+    print(f"  d-run                 {median['d-run']:7.1f} ms")
+    print(f"  ratio                 {median['d-run'] / median['bwrap']:7.2f} x")
+    verdict = "within" if overhead <= TARGET_MS else "over"
+    print(f"  overhead              {overhead:7.1f} ms ({verdict} the {TARGET_MS} ms target)")
+    print(f"  of which interpreter  {median['python']:7.1f} ms ({interpreter_of(d_run)} -c pass, for reference)")
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dir", nargs="?", help="a pull folder (default: a new one of the busybox test image)")
-    parser.add_argument("--d-run", help="the d-run to measure (default: the one installed beside this Python)")
+    parser.add_argument("--d-run", help=f"the d-run to measure (default: one pip-installed for {DEBIAN_PYTHON})")
     parser.add_argument("--runs", type=int, default=50)
     args = parser.parse_args()
+    if args.d_run and not os.access(args.d_run, os.X_OK):
+        parser.error(f"--d-run: {args.d_run} is not an executable file")
     scratch = Path(tempfile.mkdtemp(prefix="bench-run-"))
     try:
         folder = Path(args.dir) if args.dir else make_pull_folder(scratch)
-        d_run = [args.d_run] if args.d_run else default_d_run()
-        python = interpreter_of(d_run)
-        times: dict[str, list[float]] = {"bwrap": [], "d-run": [], "python": []}
-        time_run([*d_run, str(folder), "/bin/true"])  # warm the caches once
-        for _ in range(args.runs):
-            times["bwrap"].append(time_bare_bwrap(folder))
-            times["d-run"].append(time_run([*d_run, str(folder), "/bin/true"]))
-            times["python"].append(time_run([python, "-c", "pass"]))
-        median = {name: statistics.median(values) * 1000 for name, values in times.items()}
-        overhead = median["d-run"] - median["bwrap"]
-        print(f"d-run DIR /bin/true against the bwrap command it execs, median of {args.runs} interleaved runs")
-        print(f"  d-run: {' '.join(d_run)}")
-        print(f"  bare bwrap            {median['bwrap']:7.1f} ms")
-        print(f"  d-run                 {median['d-run']:7.1f} ms")
-        print(f"  ratio                 {median['d-run'] / median['bwrap']:7.2f} x")
-        verdict = "within" if overhead <= TARGET_MS else "over"
-        print(f"  overhead              {overhead:7.1f} ms ({verdict} the {TARGET_MS} ms target)")
-        print(f"  of which interpreter  {median['python']:7.1f} ms ({python} -c pass, for reference)")
+        d_run = [args.d_run] if args.d_run else install_d_run(scratch)
+        print_startup(startup_ms(folder, d_run, args.runs), d_run, args.runs)
+    except Error as err:
+        print(f"bench_run: error: {err}", file=sys.stderr)
+        return 1
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
