@@ -1,24 +1,32 @@
-"""Pull benchmark: d-pull against skopeo + umoci and charliecloud's ch-image, on one local TLS registry.
+"""Pull benchmark (issue 12): d-pull against skopeo + umoci, charliecloud's ch-image and the floors, on one local
+TLS registry, with every target checked.
 
-    python3 bench/bench_pull.py [--sizes 16,64,256] [--layers 4] [--repeat 3]
+    python3 bench/bench_pull.py [--quick] [--repeat 5] [--images small,large,debian] [-j 3] [--settle 2]
 
-Builds one gzip image per size (MiB of file data: large half-compressible files plus many small ones),
-pushes each with skopeo to a throwaway docker-registry, then pulls every image with each tool from cold
-(fresh cache, fresh destination) `--repeat` times, checks each result's content, and prints the median wall
-time and peak RSS of each tool with the ratios d-pull/other. d-pull's peak RSS per size shows whether its
-memory stays flat as images grow. Needs: docker-registry, skopeo, umoci, openssl, time, charliecloud-builders,
-charliecloud-runtime.
-Everything it starts or writes is removed on exit, Ctrl-C and SIGTERM included.
+Three images: 20,000 small files in 2 layers, 300 MiB in 4 layers, and the Debian minbase image the tests build
+with debootstrap (cached in cache/test-images). In one interleaved run (the tools' order rotates; `sync` and a
+pause before every run) each image is pulled cold (fresh cache, fresh destination) by d-pull, skopeo + umoci and
+ch-image; its layers are extracted by GNU `tar -xzf` and hashed and inflated in memory (the floors); d-pull
+applies it from a cache that already holds its blobs (fresh destination) and re-pulls a complete folder (no-op).
+Every result is checked (entries, a marker, a file's sha256; digests for the in-memory floor), so a failed run
+can never pass as a fast one. It prints the median of each and each ratio against its target, met or missed,
+with d-run's start-up from bench_run.py. `--quick` (fewer files, smaller layers, one repetition) is a smoke run
+of about a minute. Needs: docker-registry, skopeo, umoci, openssl, time, tar, charliecloud-builders,
+charliecloud-runtime. Everything it starts or writes is removed on exit, Ctrl-C and SIGTERM included.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import getpass
 import hashlib
+import io
+import itertools
 import json
 import os
+import posixpath
 import random
 import shlex
 import shutil
@@ -27,26 +35,33 @@ import socket
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import requests
+from isal import isal_zlib
 
 from dutils.errors import Error
 from dutils.store import write_json
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the project's image builders live with the tests
-from images import Image, Tar, canonical_json, write_oci_layout  # noqa: E402
+import bench_run  # noqa: E402  (d-run's start-up, measured by its own bench)
+from images import Image, Tar, canonical_json, sha256, write_oci_layout  # noqa: E402
 
 MiB = 1 << 20
 BIG_FILE = 32 * MiB  # large payloads are split into files of at most this size
-SMALL_FILES = 500  # per layer
+SMALL_FILES = 500  # per layer of the large image
 SMALL_SIZE = 1024
+TINY_MAX = 2048  # the small-files image: sizes 0..TINY_MAX bytes, a hundred files per folder
+FILES_PER_FOLDER = 100
 MARKER = "etc/bench-marker"  # written by every layer: the result must hold the last layer's content
+CHUNK = MiB
 REGISTRY_START = 15.0  # seconds
 RUN_TIMEOUT = 600.0  # one pull, seconds
 NEW_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
@@ -59,10 +74,43 @@ REQUIRED = {  # command -> Debian package
     "skopeo": "skopeo",
     "umoci": "umoci",
     "openssl": "openssl",
+    "tar": "tar",
     "ch-image": "charliecloud-builders",
     "ch-run": "charliecloud-runtime",  # ch-image refuses to start without it
     TIME: "time",
 }
+IMAGES = ("small", "large", "debian")
+# The tools, in the order of the table; "cold" pulls start from an empty cache.
+COLD, SKOPEO, CH_IMAGE, TAR, IN_MEMORY, CACHED, NO_OP = (
+    "d-pull",
+    "skopeo+umoci",
+    "ch-image",
+    "tar -xzf",
+    "sha256+inflate",
+    "d-pull cached",
+    "d-pull no-op",
+)
+D_PULLS = (COLD, CACHED, NO_OP)
+# Targets (issue 12): ratios of medians, limits in their own units.
+COLD_RATIO, CACHED_RATIO = 0.5, 1.5
+RSS_LIMIT_MIB, RSS_FLAT = 150, 1.25
+NO_OP_SECONDS = 0.2
+
+
+@dataclass(frozen=True)
+class Size:
+    """What --quick shrinks: the small-files image's file count, the large image's MiB, repetitions, pauses."""
+
+    small_files: int
+    large_mib: int
+    repeat: int
+    settle: float
+    d_run_runs: int
+
+
+FULL = Size(small_files=20_000, large_mib=300, repeat=5, settle=2.0, d_run_runs=50)
+QUICK = Size(small_files=2_000, large_mib=32, repeat=1, settle=0.2, d_run_runs=10)
+LARGE_LAYERS, SMALL_LAYERS = 4, 2
 
 
 class HistoryImage(Image):
@@ -71,53 +119,111 @@ class HistoryImage(Image):
     @functools.cached_property
     def config_blob(self) -> bytes:
         config = json.loads(super().config_blob)
-        config["history"] = [{"created_by": f"bench layer {n}"} for n in range(len(self.layers))]
+        config["history"] = [{"created_by": f"bench layer {n}"} for n in range(len(self.layer_blobs))]
+        return canonical_json(config)
+
+
+@dataclass(frozen=True)
+class GzipBlobsImage(HistoryImage):
+    """An image of gzip layers made elsewhere (the tests' Debian tar), pushed as they are: Image would compress the
+    uncompressed layers it holds, and a Debian tree does not belong in memory."""
+
+    gzip_blobs: tuple[bytes, ...] = ()
+    diff_ids: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def layer_blobs(self) -> list[bytes]:
+        return list(self.gzip_blobs)
+
+    @functools.cached_property
+    def config_blob(self) -> bytes:
+        config = {**self.platform, "config": self.config, "rootfs": {"type": "layers", "diff_ids": list(self.diff_ids)}}
+        config["history"] = [{"created_by": f"bench layer {n}"} for n in range(len(self.gzip_blobs))]
         return canonical_json(config)
 
 
 @dataclass(frozen=True)
 class Expected:
-    """What every tool's rootfs must hold, so that a failed pull can never pass as a fast one."""
+    """What every result must hold, so that a failed run can never pass as a fast one: the number of entries below
+    the image's own top folders (tools add their own elsewhere: ch-image's ch/, etc/hosts), a marker's content
+    and one file's sha256."""
 
-    files: int
+    tops: tuple[str, ...]
+    entries: int
+    marker_path: str
     marker: bytes
-    big_path: str
-    big_sha256: str
+    hash_path: str
+    sha256: str
 
 
 @dataclass(frozen=True)
 class BenchImage:
+    name: str
+    label: str
     ref: str
-    size_mib: int
-    blob_mib: float
+    blobs: tuple[Path, ...]  # the gzip layers in order, on disk: for tar -xzf and the in-memory floor
+    digests: tuple[str, ...]
+    diff_ids: tuple[str, ...]
     expected: Expected
+    warm: Path  # a cache holding every blob ("cache") and a complete pull folder made with it ("pulled")
 
 
 @dataclass(frozen=True)
 class Sample:
     seconds: float
-    rss_kib: int
+    rss_kib: int  # 0: not a process of its own (the in-memory floor)
 
 
 @dataclass(frozen=True)
 class Tool:
-    """A puller: the commands that pull `ref` into the work folder, run in order, and where its rootfs ends up."""
+    """A command-line tool: the commands that put `image` into the work folder, run in order (times added, the
+    largest peak RSS kept), and where the tree ends up."""
 
     name: str
-    commands: Callable[[str, Path], list[list[str]]]
-    rootfs: Callable[[Path], Path]
-    env: dict[str, str]
+    commands: Callable[[BenchImage, Path], list[list[str]]]
+    rootfs: Callable[[BenchImage, Path], Path]
+    env: dict[str, str] = field(default_factory=dict)
+
+    def run(self, image: BenchImage, work: Path) -> Sample:
+        env = os.environ | self.env
+        samples = [measure(command, env, work) for command in self.commands(image, work)]
+        check_rootfs(self.name, self.rootfs(image, work), image.expected)
+        return Sample(sum(s.seconds for s in samples), max(s.rss_kib for s in samples))
 
 
 @dataclass(frozen=True)
-class Certs:
-    ca: Path
-    cert: Path
-    key: Path
-    cert_dir: Path  # the CA alone: skopeo refuses a --cert-dir that holds *.key files
+class InMemory:
+    """The floor of any puller's CPU work: sha256 of each blob and of its inflated tar, the blobs already in memory."""
+
+    name: str = IN_MEMORY
+
+    def run(self, image: BenchImage, work: Path) -> Sample:
+        blobs = [blob.read_bytes() for blob in image.blobs]  # read before the clock starts
+        start = time.perf_counter()
+        digests = [sha256(blob) for blob in blobs]
+        diff_ids = [inflated_sha256(blob) for blob in blobs]
+        seconds = time.perf_counter() - start
+        if (tuple(digests), tuple(diff_ids)) != (image.digests, image.diff_ids):
+            raise Error(f"{self.name}: the digests of {image.name} differ from its manifest's and config's")
+        return Sample(seconds, 0)
 
 
-# -- set-up: certificates, registry, images
+Runner = Tool | InMemory
+
+
+@dataclass(frozen=True)
+class Target:
+    what: str
+    value: float
+    limit: float
+    unit: str
+
+    @property
+    def met(self) -> bool:
+        return self.value <= self.limit
+
+
+# -- set-up: certificates, registry
 
 
 def require_commands() -> None:
@@ -134,6 +240,14 @@ def registry_host() -> tuple[str, str]:
         return name, socket.gethostbyname(name)
     except OSError as err:
         raise Error(f"this machine's name {name!r} does not resolve: {err}", "add it to /etc/hosts") from err
+
+
+@dataclass(frozen=True)
+class Certs:
+    ca: Path
+    cert: Path
+    key: Path
+    cert_dir: Path  # the CA alone: skopeo refuses a --cert-dir that holds *.key files
 
 
 def make_certs(folder: Path, host: str, address: str) -> Certs:
@@ -214,48 +328,124 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def build_image(size_mib: int, layers: int) -> tuple[Image, Expected]:
+# -- the images
+
+
+def small_files_image(count: int) -> tuple[Image, Expected]:
+    """`count` small files (0..TINY_MAX bytes of hex text) in SMALL_LAYERS gzip layers, a hundred per folder, as
+    in a distribution's /usr; every layer rewrites MARKER."""
+    rng = random.Random(count)
+    tars = []
+    for n in range(SMALL_LAYERS):
+        tar = Tar().dir("etc").file(MARKER, f"layer {n} of {count} small files\n".encode())
+        for k in range(count // SMALL_LAYERS):
+            tar.file(
+                f"layer{n}/d{k // FILES_PER_FOLDER}/f{k}", rng.randbytes(rng.randrange(TINY_MAX) // 2).hex().encode()
+            )
+        tars.append(tar.to_bytes())
+    hash_path = f"layer{SMALL_LAYERS - 1}/d0/f0"
+    return HistoryImage(tars, config={"Cmd": ["/bin/sh"]}), expect_from_tars(tars, MARKER, hash_path)
+
+
+def large_image(size_mib: int, layers: int) -> tuple[Image, Expected]:
     """`size_mib` MiB of data over `layers` gzip layers: per layer, large files of hex text (random bytes,
     so gzip halves them at best, like binaries) and SMALL_FILES small ones; every layer rewrites MARKER."""
     rng = random.Random(size_mib)
     per_layer = size_mib * MiB // layers - SMALL_FILES * SMALL_SIZE
-    tars, files = [], 0
+    tars = []
     for n in range(layers):
         tar = Tar().dir("etc").file(MARKER, f"layer {n} of {size_mib} MiB\n".encode())
         for k in range(SMALL_FILES):
             tar.file(f"layer{n}/small/{k % 10}/file{k}", rng.randbytes(SMALL_SIZE // 2).hex().encode())
         for start in range(0, per_layer, BIG_FILE):
-            big = rng.randbytes(min(BIG_FILE, per_layer - start) // 2).hex().encode()
-            big_path = f"layer{n}/big{start // BIG_FILE}"
-            tar.file(big_path, big)
-        files += SMALL_FILES + -(-per_layer // BIG_FILE)
+            tar.file(
+                f"layer{n}/big{start // BIG_FILE}", rng.randbytes(min(BIG_FILE, per_layer - start) // 2).hex().encode()
+            )
         tars.append(tar.to_bytes())
-    expected = Expected(files, f"layer {layers - 1} of {size_mib} MiB\n".encode(), big_path, sha256_hex(big))
-    return HistoryImage(tars, config={"Cmd": ["/bin/sh"]}, compression="gzip"), expected
+    hash_path = f"layer{layers - 1}/big0"
+    return HistoryImage(tars, config={"Cmd": ["/bin/sh"]}), expect_from_tars(tars, MARKER, hash_path)
 
 
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def expect_from_tars(tars: list[bytes], marker_path: str, hash_path: str) -> Expected:
+    tops = tuple(f"layer{n}" for n in range(len(tars)))
+    return expect(map(io.BytesIO, tars), "r|", tops, marker_path, hash_path)
 
 
-def push_image(work: Path, registry: str, size_mib: int, layers: int, certs: Certs) -> BenchImage:
-    image, expected = build_image(size_mib, layers)
-    layout = work / f"layout-{size_mib}"
+def expect(streams: Iterable[BinaryIO], mode: str, tops: tuple[str, ...], marker_path: str, hash_path: str) -> Expected:
+    """What applying the layers `streams` in order gives below `tops` (parents included: tools make them even when
+    a layer lists only files), at `marker_path` and at `hash_path`. The bench's layers have no whiteouts."""
+    names: set[str] = set()
+    marker, digest = b"", ""
+    for stream in streams:
+        with tarfile.open(fileobj=stream, mode=mode) as layer:
+            for member in layer:
+                path = posixpath.normpath(member.name.removeprefix("./"))
+                parts = path.split("/")
+                if parts[0] in tops:
+                    names.update("/".join(parts[:end]) for end in range(2, len(parts) + 1))
+                if member.isfile() and path in (marker_path, hash_path):
+                    data = layer.extractfile(member).read()
+                    marker = data if path == marker_path else marker
+                    digest = hashlib.sha256(data).hexdigest() if path == hash_path else digest
+    return Expected(tops, len(names), marker_path, marker, hash_path, digest)
+
+
+def debian_image() -> tuple[Image, Expected] | None:
+    """The tests' Debian minbase layer (debootstrap, run once by the tests or here and cached), or None with the
+    reason printed when it cannot be made (debootstrap needs root and the Debian mirror)."""
+    import pytest  # the tests' builder skips the way tests do
+    import test_images
+
+    try:
+        layer = test_images.debian_layer()
+    except pytest.skip.Exception as why:
+        print(f"bench_pull: no Debian image: {why}", file=sys.stderr)
+        return None
+    with layer.open("rb") as stream:
+        expected = expect([stream], "r|gz", ("usr",), "etc/debian_version", "usr/bin/bash")
+    architecture = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True, check=True)
+    image = GzipBlobsImage(
+        [],
+        config=test_images.DEBIAN_CONFIG,
+        arch=architecture.stdout.strip(),
+        gzip_blobs=(layer.read_bytes(),),
+        diff_ids=(test_images.uncompressed_digest(layer),),
+    )
+    return image, expected
+
+
+def push_image(
+    name: str, label: str, built: tuple[Image, Expected], work: Path, registry: str, certs: Certs
+) -> BenchImage:
+    """Pushes the image with skopeo from an OCI layout, whose gzip blobs stay on disk for the floors."""
+    image, expected = built
+    layout = work / f"layout-{name}"
     write_oci_layout(layout, image, "bench")
-    ref = f"{registry}/bench/pull{size_mib}:latest"
+    ref = f"{registry}/bench/{name}:latest"
     command = [*SKOPEO_COPY, "--dest-cert-dir", str(certs.cert_dir), f"oci:{layout}:bench", f"docker://{ref}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     if done.returncode:
         raise Error(f"skopeo could not push {ref}: {done.stderr.strip()}")
-    shutil.rmtree(layout)
-    blob_mib = sum(len(blob) for blob in image.layer_blobs) / MiB
-    return BenchImage(ref, size_mib, blob_mib, expected)
+    digests = tuple(map(sha256, image.layer_blobs))
+    blobs = tuple(layout / "blobs" / "sha256" / digest.removeprefix("sha256:") for digest in digests)
+    diff_ids = tuple(json.loads(image.config_blob)["rootfs"]["diff_ids"])
+    return BenchImage(name, label, ref, blobs, digests, diff_ids, expected, work / f"warm-{name}")
+
+
+def inflated_sha256(blob: bytes) -> str:
+    """sha256 of the gzip `blob`'s content, inflated by ISA-L (as d-pull does) a chunk at a time."""
+    inflate, digest = isal_zlib.decompressobj(wbits=31), hashlib.sha256()
+    view = memoryview(blob)
+    for start in range(0, len(view), CHUNK):
+        digest.update(inflate.decompress(view[start : start + CHUNK]))
+    digest.update(inflate.flush())
+    return "sha256:" + digest.hexdigest()
 
 
 # -- the tools
 
 
-def make_tools(certs: Certs, jobs: int) -> list[Tool]:
+def make_tools(certs: Certs, jobs: int) -> list[Runner]:
     skopeo_copy = [*SKOPEO_COPY, "--src-cert-dir", str(certs.cert_dir)]
     umoci_unpack = ["umoci", "raw", "unpack", "--rootless", "--image"]
     d_pull = [sys.executable, "-m", "dutils.pull", "-q", "-j", str(jobs), "--ca-bundle", str(certs.ca)]
@@ -264,28 +454,53 @@ def make_tools(certs: Certs, jobs: int) -> list[Tool]:
     ch_env = {"REQUESTS_CA_BUNDLE": str(certs.ca), "CURL_CA_BUNDLE": str(certs.ca), "SSL_CERT_FILE": str(certs.ca)}
     return [
         Tool(
-            "d-pull",
-            lambda ref, work: [[*d_pull, "--cache", str(work / "cache"), ref, str(work / "pulled")]],
-            lambda work: work / "pulled" / "rootfs",
-            {},
+            COLD,
+            lambda image, work: [[*d_pull, "--cache", str(work / "cache"), image.ref, str(work / "pulled")]],
+            lambda image, work: work / "pulled" / "rootfs",
         ),
         Tool(
-            "skopeo+umoci",
-            lambda ref, work: [
-                [*skopeo_copy, f"docker://{ref}", f"oci:{work}/layout:bench"],
+            SKOPEO,
+            lambda image, work: [
+                [*skopeo_copy, f"docker://{image.ref}", f"oci:{work}/layout:bench"],
                 [*umoci_unpack, f"{work}/layout:bench", f"{work}/rootfs"],
             ],
-            lambda work: work / "rootfs",
-            {},
+            lambda image, work: work / "rootfs",
         ),
         Tool(
-            "ch-image",
+            CH_IMAGE,
             # --no-cache: its build cache would also commit the image to git, work the others do not do
-            lambda ref, work: [[*ch_image, "--no-cache", "-s", str(work / "storage"), "pull", ref]],
-            lambda work: only_child(work / "storage" / "img"),
+            lambda image, work: [[*ch_image, "--no-cache", "-s", str(work / "storage"), "pull", image.ref]],
+            lambda image, work: only_child(work / "storage" / "img"),
             {"USER": getpass.getuser(), **ch_env},
         ),
+        Tool(
+            TAR,  # the folder it extracts into must exist: mkdir costs a millisecond
+            lambda image, work: [
+                ["mkdir", str(work / "rootfs")],
+                *(["tar", "-xzf", str(blob), "-C", str(work / "rootfs")] for blob in image.blobs),
+            ],
+            lambda image, work: work / "rootfs",
+        ),
+        InMemory(),
+        Tool(
+            CACHED,
+            lambda image, work: [[*d_pull, "--cache", str(image.warm / "cache"), image.ref, str(work / "pulled")]],
+            lambda image, work: work / "pulled" / "rootfs",
+        ),
+        Tool(
+            NO_OP,
+            lambda image, work: [
+                [*d_pull, "--cache", str(image.warm / "cache"), image.ref, str(image.warm / "pulled")]
+            ],
+            lambda image, work: image.warm / "pulled" / "rootfs",
+        ),
     ]
+
+
+def warm_up(tools: list[Runner], image: BenchImage) -> None:
+    """The untimed cold d-pull that fills the cache and the complete folder the cached and no-op runs use."""
+    image.warm.mkdir()
+    next(tool for tool in tools if tool.name == COLD).run(image, image.warm)
 
 
 def only_child(folder: Path) -> Path:
@@ -321,116 +536,216 @@ def measure(command: list[str], env: dict[str, str], work: Path) -> Sample:
     return Sample(seconds, int(rss.read_text().split()[-1]))
 
 
-def pull_once(tool: Tool, image: BenchImage, work: Path) -> Sample:
-    """One cold pull (fresh cache and destination); a multi-command tool adds times and keeps the largest RSS."""
-    env = os.environ | tool.env
-    samples = [measure(command, env, work) for command in tool.commands(image.ref, work)]
-    check_rootfs(tool.name, tool.rootfs(work), image.expected)
-    return Sample(sum(s.seconds for s in samples), max(s.rss_kib for s in samples))
+def count_entries(rootfs: Path, tops: tuple[str, ...]) -> int:
+    """Entries below `tops`; a symlink to a folder is one entry, never followed."""
+    return sum(len(folders) + len(files) for top in tops for _, folders, files in os.walk(rootfs / top))
 
 
 def check_rootfs(tool: str, rootfs: Path, expected: Expected) -> None:
-    # only the image's own folders: ch-image adds files of its own (ch/, etc/hosts...)
-    files = sum(len(names) for top in rootfs.glob("layer*") for _, _, names in os.walk(top))
-    marker = (rootfs / MARKER).read_bytes() if (rootfs / MARKER).is_file() else b""
-    big = rootfs / expected.big_path
-    big_sha256 = sha256_hex(big.read_bytes()) if big.is_file() else ""
-    if (files, marker, big_sha256) != (expected.files, expected.marker, expected.big_sha256):
+    entries = count_entries(rootfs, expected.tops)
+    marker_file, hashed = rootfs / expected.marker_path, rootfs / expected.hash_path
+    marker = marker_file.read_bytes() if marker_file.is_file() else b""
+    digest = hashlib.sha256(hashed.read_bytes()).hexdigest() if hashed.is_file() and not hashed.is_symlink() else ""
+    if (entries, marker, digest) != (expected.entries, expected.marker, expected.sha256):
         raise Error(
-            f"{tool} gave a wrong rootfs: {files} files (want {expected.files}), {MARKER} {marker!r}"
-            f" (want {expected.marker!r}), {expected.big_path} sha256 {big_sha256[:12] or 'missing'}"
-            f" (want {expected.big_sha256[:12]})"
+            f"{tool} gave a wrong tree in {rootfs}: {entries} entries below {', '.join(expected.tops)} (want"
+            f" {expected.entries}), {expected.marker_path} {marker!r} (want {expected.marker!r}),"
+            f" {expected.hash_path} sha256 {digest[:12] or 'missing'} (want {expected.sha256[:12]})"
         )
 
 
-def bench_image(tools: list[Tool], image: BenchImage, repeat: int, scratch: Path) -> dict[str, Sample]:
-    """Median seconds and median peak RSS of each tool; the order of the tools rotates between repetitions."""
-    samples: dict[str, list[Sample]] = {tool.name: [] for tool in tools}
-    for rep in range(repeat):
-        for tool in tools[rep % len(tools) :] + tools[: rep % len(tools)]:
-            work = Path(tempfile.mkdtemp(prefix=f"{tool.name}-", dir=scratch))
-            try:
-                sample = pull_once(tool, image, work)
-            finally:
-                shutil.rmtree(work)
-            samples[tool.name].append(sample)
-            print(
-                f"  {image.size_mib} MiB, run {rep + 1}/{repeat}: {tool.name} {sample.seconds:.2f} s,"
-                f" {sample.rss_kib / 1024:.0f} MiB",
-                file=sys.stderr,
-                flush=True,
-            )
-    return {
-        name: Sample(statistics.median(s.seconds for s in runs), int(statistics.median(s.rss_kib for s in runs)))
-        for name, runs in samples.items()
-    }
+def settle(seconds: float) -> None:
+    """`sync`, then a pause: this machine's disk stays slow for a while after large writes and deletes."""
+    os.sync()
+    time.sleep(seconds)
+
+
+Results = dict[tuple[str, str], list[Sample]]  # (image name, tool name) -> one sample per repetition
+
+
+def bench(tools: list[Runner], images: list[BenchImage], size: Size, scratch: Path) -> Results:
+    """Every tool on every image, `size.repeat` times: repetitions outermost, so that each sees the same machine,
+    and the order of the tools rotating between repetitions."""
+    results: Results = {(image.name, tool.name): [] for image in images for tool in tools}
+    for rep in range(size.repeat):
+        for image in images:
+            for tool in tools[rep % len(tools) :] + tools[: rep % len(tools)]:
+                settle(size.settle)
+                work = Path(tempfile.mkdtemp(prefix="run-", dir=scratch))
+                try:
+                    sample = tool.run(image, work)
+                finally:
+                    shutil.rmtree(work)
+                results[image.name, tool.name].append(sample)
+                rss = f", {sample.rss_kib / 1024:.0f} MiB" if sample.rss_kib else ""
+                print(
+                    f"  {image.name}, run {rep + 1}/{size.repeat}: {tool.name} {sample.seconds:.2f} s{rss}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    return results
 
 
 # -- report
 
 
-def print_table(results: list[tuple[BenchImage, dict[str, Sample]]]) -> None:
-    labels = [f"{image.size_mib} MiB ({image.blob_mib:.0f} gz)" for image, _ in results]
-    width = max(len("image"), *map(len, labels))
-    header = f"{'image':<{width}}  {'tool':<13} {'median s':>9} {'peak RSS MiB':>12} {'time d-pull/x':>13} {'RSS d-pull/x':>12}"
+def median_seconds(results: Results, image: str, tool: str) -> float:
+    return statistics.median(sample.seconds for sample in results[image, tool])
+
+
+def median_rss_mib(results: Results, image: str, tool: str) -> float:
+    return statistics.median(sample.rss_kib for sample in results[image, tool]) / 1024
+
+
+def print_times(results: Results, images: list[BenchImage], tools: list[str]) -> None:
+    width = max(len(image.label) for image in images)
+    header = f"{'image':<{width}}  {'tool':<15} {'median s':>9} {'min-max s':>13} {'peak RSS MiB':>12}"
     print(header)
     print("-" * len(header))
-    for label, (_, medians) in zip(labels, results, strict=True):
-        mine = medians["d-pull"]
-        for name, sample in medians.items():
-            print(
-                f"{label:<{width}}  {name:<13} {sample.seconds:>9.2f} {sample.rss_kib / 1024:>12.1f}"
-                f" {mine.seconds / sample.seconds:>13.2f} {mine.rss_kib / sample.rss_kib:>12.2f}"
-            )
+    for image in images:
+        label = image.label
+        for tool in tools:
+            seconds = [sample.seconds for sample in results[image.name, tool]]
+            rss = f"{median_rss_mib(results, image.name, tool):>12.1f}" if results[image.name, tool][0].rss_kib else ""
+            spread = f"{min(seconds):.2f}-{max(seconds):.2f}"
+            print(f"{label:<{width}}  {tool:<15} {statistics.median(seconds):>9.2f} {spread:>13} {rss}")
             label = ""
-    print("(ratios below 1: d-pull is faster / smaller)")
 
 
-def print_memory_trend(results: list[tuple[BenchImage, dict[str, Sample]]]) -> None:
-    """d-pull's peak RSS by image size: flat means streaming, growth with size means something buffers."""
-    by_size = [(image.size_mib, medians["d-pull"].rss_kib / 1024) for image, medians in results]
-    print("\nd-pull peak RSS by image size: " + ", ".join(f"{size} MiB -> {rss:.1f} MiB" for size, rss in by_size))
-    if len(by_size) > 1:
-        (small, small_rss), (large, large_rss) = min(by_size), max(by_size)
-        verdict = "flat" if large_rss <= small_rss * 1.25 else "GROWS with the image"
-        print(f"image x{large / small:.0f}, d-pull peak RSS x{large_rss / small_rss:.2f}: {verdict}")
+def targets(results: Results, images: list[BenchImage], d_run_overhead_ms: float) -> list[Target]:
+    """Issue 12's targets, each measured: per image, then d-pull's memory over all images, then d-run."""
+    found = []
+    for image in images:
+        name, cold = image.name, median_seconds(results, image.name, COLD)
+        for anchor in (SKOPEO, CH_IMAGE):
+            ratio = cold / median_seconds(results, name, anchor)
+            found.append(Target(f"{name}: cold pull, {COLD} / {anchor}", ratio, COLD_RATIO, "x"))
+        ratio = median_seconds(results, name, CACHED) / median_seconds(results, name, TAR)
+        found.append(Target(f"{name}: applied from the cache, {CACHED} / {TAR}", ratio, CACHED_RATIO, "x"))
+        no_op = median_seconds(results, name, NO_OP)
+        found.append(Target(f"{name}: no-op re-pull of a complete DIR", no_op, NO_OP_SECONDS, "s"))
+    runs = [sample for image in images for tool in D_PULLS for sample in results[image.name, tool]]
+    peak = max(sample.rss_kib for sample in runs) / 1024
+    found.append(Target("d-pull peak RSS, largest of all its runs", peak, RSS_LIMIT_MIB, "MiB"))
+    if len(images) > 1:
+        by_image = [median_rss_mib(results, image.name, COLD) for image in images]
+        what = f"d-pull cold peak RSS {'/'.join(f'{rss:.0f}' for rss in by_image)} MiB, largest / smallest"
+        found.append(Target(what, max(by_image) / min(by_image), RSS_FLAT, "x"))
+    what = f"d-run DIR /bin/true, ms over bare bwrap ({bench_run.DEBIAN_PYTHON} venv)"
+    found.append(Target(what, d_run_overhead_ms, bench_run.TARGET_MS, "ms"))
+    return found
+
+
+def print_targets(found: list[Target]) -> None:
+    width = max(len(target.what) for target in found)
+    print(f"\n{'target':<{width}}  {'measured':>10}  {'limit':>11}")
+    for target in found:
+        value = f"{target.value:.2f}" if target.unit in ("x", "s") else f"{target.value:.1f}"
+        limit = f"<= {target.limit:g}{target.unit}"
+        verdict = "met" if target.met else "MISSED"
+        print(f"{target.what:<{width}}  {value + target.unit:>10}  {limit:>11}  {verdict}")
+    print(f"{sum(target.met for target in found)} of {len(found)} targets met")
+
+
+def print_floors(results: Results, images: list[BenchImage]) -> None:
+    """How far d-pull is from what the disk and the CPU allow (no targets: for reading the others)."""
+    print("\nfloors (no target): cold d-pull and cached d-pull over GNU tar -xzf and over sha256+inflate in memory")
+    for image in images:
+        cold, cached = (median_seconds(results, image.name, tool) for tool in (COLD, CACHED))
+        tar, memory = (median_seconds(results, image.name, tool) for tool in (TAR, IN_MEMORY))
+        print(
+            f"  {image.name}: {COLD} / {TAR} {cold / tar:.2f}x, {COLD} / {IN_MEMORY} {cold / memory:.2f}x,"
+            f" {CACHED} / {IN_MEMORY} {cached / memory:.2f}x"
+        )
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench_pull", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="16,64,256", help="MiB of file data per image (default: 16,64,256)")
-    parser.add_argument("--layers", type=int, default=4, help="layers per image (default: 4)")
-    parser.add_argument("--repeat", type=int, default=3, help="cold pulls per tool and image; median (default: 3)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer files, smaller layers, one repetition")
+    parser.add_argument("--repeat", type=int, help=f"runs per tool and image; median (default: {FULL.repeat}, quick 1)")
+    parser.add_argument("--images", default=",".join(IMAGES), help=f"which of {','.join(IMAGES)} (default: all)")
+    parser.add_argument(
+        "--settle", type=float, help=f"seconds of pause after sync before each run (default: {FULL.settle})"
+    )
     parser.add_argument("-j", "--jobs", type=int, default=3, help="d-pull's parallel downloads (default: 3)")
     args = parser.parse_args(argv)
-    try:
-        args.sizes = sorted(int(size) for size in args.sizes.split(","))
-    except ValueError:
-        parser.error(f"--sizes: {args.sizes!r} is not a comma-separated list of whole MiB")
-    if min(args.sizes) < 1 or args.layers < 1 or args.repeat < 1 or args.jobs < 1:
-        parser.error("--sizes, --layers, --repeat and --jobs must be positive")
-    if min(args.sizes) < args.layers:
-        parser.error(f"--sizes: each image needs at least 1 MiB per layer ({args.layers} layers)")
+    wanted = args.images.split(",")
+    args.images = [name for name in IMAGES if name in wanted]
+    if not args.images or set(wanted) - set(IMAGES):
+        parser.error(f"--images: a comma-separated list of {', '.join(IMAGES)}")
+    base = QUICK if args.quick else FULL
+    args.size = Size(
+        base.small_files,
+        base.large_mib,
+        base.repeat if args.repeat is None else args.repeat,
+        base.settle if args.settle is None else args.settle,
+        base.d_run_runs,
+    )
+    if args.size.repeat < 1 or args.size.settle < 0 or args.jobs < 1:
+        parser.error("--repeat and --jobs must be positive, --settle not negative")
     return args
+
+
+def prepare_images(
+    names: list[str], size: Size, tools: list[Runner], scratch: Path, registry: str, certs: Certs
+) -> list[BenchImage]:
+    """Builds, pushes and warms each image in turn: only one image's layers are in memory at a time."""
+    builders = {
+        "small": (
+            f"{size.small_files:,} small files, {SMALL_LAYERS} layers",
+            lambda: small_files_image(size.small_files),
+        ),
+        "large": (f"{size.large_mib} MiB in {LARGE_LAYERS} layers", lambda: large_image(size.large_mib, LARGE_LAYERS)),
+        "debian": ("Debian bookworm minbase", debian_image),
+    }
+    images = []
+    for name in names:
+        label, build = builders[name]
+        print(f"building and pushing {label}, pulling it once into the warm cache", file=sys.stderr, flush=True)
+        if built := build():
+            images.append(push_image(name, label, built, scratch, registry, certs))
+            warm_up(tools, images[-1])
+    return images
 
 
 def run(args: argparse.Namespace, scratch: Path) -> None:
     require_commands()
+    phases = {"start": time.monotonic()}  # to plan a full run from a quick one
     host, address = registry_host()
     certs = make_certs(scratch, host, address)
     registry, where = start_registry(scratch, host, address, certs)
     try:
-        images = []
-        for size in args.sizes:
-            print(f"building and pushing {size} MiB in {args.layers} layers", file=sys.stderr, flush=True)
-            images.append(push_image(scratch, where, size, args.layers, certs))
         tools = make_tools(certs, args.jobs)
-        results = [(image, bench_image(tools, image, args.repeat, scratch)) for image in images]
+        images = prepare_images(args.images, args.size, tools, scratch, where, certs)
+        phases["images built, pushed and warmed"] = time.monotonic()
+        results = bench(tools, images, args.size, scratch)
+        phases["runs"] = time.monotonic()
     finally:
         stop(registry)
-    print(f"\ncold pulls from docker-registry over TLS on {where}, median of {args.repeat}; {os.cpu_count()} CPUs\n")
-    print_table(results)
-    print_memory_trend(results)
+    print("measuring d-run's start-up (bench_run.py)", file=sys.stderr, flush=True)
+    d_run = bench_run.install_d_run(scratch)
+    startup = bench_run.startup_ms(bench_run.make_pull_folder(scratch), d_run, args.size.d_run_runs)
+    phases["d-run venv and start-up"] = time.monotonic()
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    print(
+        f"\n{when}: docker-registry over TLS on {where}; median of {args.size.repeat} interleaved runs, each after"
+        f" sync and {args.size.settle:g} s; {os.cpu_count()} CPUs{'; QUICK (smoke) run' if args.quick else ''}\n"
+    )
+    print_times(results, images, [tool.name for tool in tools])
+    print_floors(results, images)
+    print(
+        f"\nd-run DIR /bin/true: {startup['d-run']:.1f} ms, bare bwrap {startup['bwrap']:.1f} ms,"
+        f" python3 -c pass {startup['python']:.1f} ms (median of {args.size.d_run_runs})"
+    )
+    print_targets(targets(results, images, startup["d-run"] - startup["bwrap"]))
+    print_phases(phases)
+
+
+def print_phases(phases: dict[str, float]) -> None:
+    """How long each phase took, from the times at which each ended."""
+    ends = list(phases.items())
+    parts = [f"{name} {end - start:.0f} s" for (_, start), (name, end) in itertools.pairwise(ends)]
+    print(f"\nbench time {ends[-1][1] - ends[0][1]:.0f} s: {', '.join(parts)}")
 
 
 def interrupt(signum: int, frame: object) -> None:
