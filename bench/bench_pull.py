@@ -119,7 +119,7 @@ class HistoryImage(Image):
     @functools.cached_property
     def config_blob(self) -> bytes:
         config = json.loads(super().config_blob)
-        config["history"] = [{"created_by": f"bench layer {n}"} for n in range(len(self.layer_blobs))]
+        config["history"] = [{"created_by": f"bench layer {n}"} for n in range(len(self.layers))]
         return canonical_json(config)
 
 
@@ -705,12 +705,18 @@ def prepare_images(
         if built := build():
             images.append(push_image(name, label, built, scratch, registry, certs))
             warm_up(tools, images[-1])
+    if not images:
+        raise Error("no image to measure", "see above why the Debian image is missing, or add --images small,large")
     return images
 
 
 def run(args: argparse.Namespace, scratch: Path) -> None:
     require_commands()
     phases = {"start": time.monotonic()}  # to plan a full run from a quick one
+    print("measuring d-run's start-up (bench_run.py)", file=sys.stderr, flush=True)
+    d_run = bench_run.install_d_run(scratch)  # first: it needs pip's index, and fails before the long part
+    startup = bench_run.startup_ms(bench_run.make_pull_folder(scratch), d_run, args.size.d_run_runs)
+    phases["d-run venv and start-up"] = time.monotonic()
     host, address = registry_host()
     certs = make_certs(scratch, host, address)
     registry, where = start_registry(scratch, host, address, certs)
@@ -722,10 +728,6 @@ def run(args: argparse.Namespace, scratch: Path) -> None:
         phases["runs"] = time.monotonic()
     finally:
         stop(registry)
-    print("measuring d-run's start-up (bench_run.py)", file=sys.stderr, flush=True)
-    d_run = bench_run.install_d_run(scratch)
-    startup = bench_run.startup_ms(bench_run.make_pull_folder(scratch), d_run, args.size.d_run_runs)
-    phases["d-run venv and start-up"] = time.monotonic()
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(
         f"\n{when}: docker-registry over TLS on {where}; median of {args.size.repeat} interleaved runs, each after"
