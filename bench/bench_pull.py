@@ -167,6 +167,10 @@ class BenchImage:
     expected: Expected
     warm: Path  # a cache holding every blob ("cache") and a complete pull folder made with it ("pulled")
 
+    @property
+    def heading(self) -> str:
+        return f"{self.label} ({sum(blob.stat().st_size for blob in self.blobs) / MiB:.0f} MiB gz)"
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -598,12 +602,12 @@ def median_rss_mib(results: Results, image: str, tool: str) -> float:
 
 
 def print_times(results: Results, images: list[BenchImage], tools: list[str]) -> None:
-    width = max(len(image.label) for image in images)
+    width = max(len(image.heading) for image in images)
     header = f"{'image':<{width}}  {'tool':<15} {'median s':>9} {'min-max s':>13} {'peak RSS MiB':>12}"
     print(header)
     print("-" * len(header))
     for image in images:
-        label = image.label
+        label = image.heading
         for tool in tools:
             seconds = [sample.seconds for sample in results[image.name, tool]]
             rss = f"{median_rss_mib(results, image.name, tool):>12.1f}" if results[image.name, tool][0].rss_kib else ""
