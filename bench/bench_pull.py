@@ -58,7 +58,7 @@ MiB = 1 << 20
 BIG_FILE = 32 * MiB  # large payloads are split into files of at most this size
 SMALL_FILES = 500  # per layer of the large image
 SMALL_SIZE = 1024
-TINY_MAX = 2048  # the small-files image: sizes 0..TINY_MAX bytes, a hundred files per folder
+TINY_MAX = 2048  # the small-files image: sizes 2..TINY_MAX bytes (none empty: one is hashed), a hundred a folder
 FILES_PER_FOLDER = 100
 MARKER = "etc/bench-marker"  # written by every layer: the result must hold the last layer's content
 CHUNK = MiB
@@ -336,7 +336,7 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def small_files_image(count: int) -> tuple[Image, Expected]:
-    """`count` small files (0..TINY_MAX bytes of hex text) in SMALL_LAYERS gzip layers, a hundred per folder, as
+    """`count` small files (2..TINY_MAX bytes of hex text) in SMALL_LAYERS gzip layers, a hundred per folder, as
     in a distribution's /usr; every layer rewrites MARKER."""
     rng = random.Random(count)
     tars = []
@@ -344,7 +344,7 @@ def small_files_image(count: int) -> tuple[Image, Expected]:
         tar = Tar().dir("etc").file(MARKER, f"layer {n} of {count} small files\n".encode())
         for k in range(count // SMALL_LAYERS):
             tar.file(
-                f"layer{n}/d{k // FILES_PER_FOLDER}/f{k}", rng.randbytes(rng.randrange(TINY_MAX) // 2).hex().encode()
+                f"layer{n}/d{k // FILES_PER_FOLDER}/f{k}", rng.randbytes(rng.randrange(1, TINY_MAX // 2)).hex().encode()
             )
         tars.append(tar.to_bytes())
     hash_path = f"layer{SMALL_LAYERS - 1}/d0/f0"
