@@ -39,7 +39,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -91,6 +91,7 @@ COLD, SKOPEO, CH_IMAGE, TAR, IN_MEMORY, CACHED, NO_OP = (
     "d-pull no-op",
 )
 D_PULLS = (COLD, CACHED, NO_OP)
+FROM_CACHE = (CACHED, NO_OP)  # must fetch no blob: else they would not measure what they are named for
 # Targets (issue 12): ratios of medians, limits in their own units.
 COLD_RATIO, CACHED_RATIO = 0.5, 1.5
 RSS_LIMIT_MIB, RSS_FLAT = 150, 1.25
@@ -166,6 +167,7 @@ class BenchImage:
     diff_ids: tuple[str, ...]
     expected: Expected
     warm: Path  # a cache holding every blob ("cache") and a complete pull folder made with it ("pulled")
+    blob_bytes: int  # the config's and the layers' blobs: what a cold pull needs from the network
 
     @property
     def heading(self) -> str:
@@ -176,6 +178,7 @@ class BenchImage:
 class Sample:
     seconds: float
     rss_kib: int  # 0: not a process of its own (the in-memory floor)
+    fetched: int = 0  # bytes of blobs the registry served during the run
 
 
 @dataclass(frozen=True)
@@ -290,7 +293,7 @@ def start_registry(folder: Path, host: str, address: str, certs: Certs) -> tuple
     port = free_port(address)
     config = {  # JSON is YAML
         "version": 0.1,
-        "log": {"level": "error", "accesslog": {"disabled": True}},
+        "log": {"level": "info", "formatter": "json", "accesslog": {"disabled": True}},  # see served_blob_bytes
         "storage": {"filesystem": {"rootdirectory": str(folder / "storage")}},
         "http": {"addr": f"{address}:{port}", "tls": {"certificate": str(certs.cert), "key": str(certs.key)}},
     }
@@ -433,7 +436,8 @@ def push_image(
     digests = tuple(map(sha256, image.layer_blobs))
     blobs = tuple(layout / "blobs" / "sha256" / digest.removeprefix("sha256:") for digest in digests)
     diff_ids = tuple(json.loads(image.config_blob)["rootfs"]["diff_ids"])
-    return BenchImage(name, label, ref, blobs, digests, diff_ids, expected, work / f"warm-{name}")
+    blob_bytes = sum(map(len, image.blobs().values()))
+    return BenchImage(name, label, ref, blobs, digests, diff_ids, expected, work / f"warm-{name}", blob_bytes)
 
 
 def inflated_sha256(blob: bytes) -> str:
@@ -558,6 +562,21 @@ def check_rootfs(tool: str, rootfs: Path, expected: Expected) -> None:
         )
 
 
+def served_blob_bytes(log: Path, start: int) -> int:
+    """Bytes of blobs the registry served from byte `start` of its JSON log on: it logs each response once done,
+    so by the time a tool has exited and its tree been checked, the tool's downloads are all there."""
+    with log.open("rb") as lines:
+        lines.seek(start)
+        entries = [json.loads(line) for line in lines if line.startswith(b"{")]
+    return sum(
+        entry.get("http.response.written", 0)
+        for entry in entries
+        if entry.get("http.request.method") == "GET"
+        and "/blobs/sha256:" in entry.get("http.request.uri", "")
+        and entry.get("http.response.status") in (200, 206)
+    )
+
+
 def settle(seconds: float) -> None:
     """`sync`, then a pause: this machine's disk stays slow for a while after large writes and deletes."""
     os.sync()
@@ -567,19 +586,21 @@ def settle(seconds: float) -> None:
 Results = dict[tuple[str, str], list[Sample]]  # (image name, tool name) -> one sample per repetition
 
 
-def bench(tools: list[Runner], images: list[BenchImage], size: Size, scratch: Path) -> Results:
+def bench(tools: list[Runner], images: list[BenchImage], size: Size, scratch: Path, log: Path) -> Results:
     """Every tool on every image, `size.repeat` times: repetitions outermost, so that each sees the same machine,
-    and the order of the tools rotating between repetitions."""
+    and the order of the tools rotating between repetitions. `log` is the registry's."""
     results: Results = {(image.name, tool.name): [] for image in images for tool in tools}
     for rep in range(size.repeat):
         for image in images:
             for tool in tools[rep % len(tools) :] + tools[: rep % len(tools)]:
                 settle(size.settle)
-                work = Path(tempfile.mkdtemp(prefix="run-", dir=scratch))
+                work, start = Path(tempfile.mkdtemp(prefix="run-", dir=scratch)), log.stat().st_size
                 try:
-                    sample = tool.run(image, work)
+                    sample = replace(tool.run(image, work), fetched=served_blob_bytes(log, start))
                 finally:
                     shutil.rmtree(work)
+                if tool.name in FROM_CACHE and sample.fetched:
+                    raise Error(f"{tool.name} fetched {sample.fetched} bytes of blobs: its cache was not used")
                 results[image.name, tool.name].append(sample)
                 rss = f", {sample.rss_kib / 1024:.0f} MiB" if sample.rss_kib else ""
                 print(
@@ -603,17 +624,23 @@ def median_rss_mib(results: Results, image: str, tool: str) -> float:
 
 def print_times(results: Results, images: list[BenchImage], tools: list[str]) -> None:
     width = max(len(image.heading) for image in images)
-    header = f"{'image':<{width}}  {'tool':<15} {'median s':>9} {'min-max s':>13} {'peak RSS MiB':>12}"
+    header = f"{'image':<{width}}  {'tool':<15} {'median s':>9} {'min-max s':>13} {'peak RSS MiB':>12} {'fetched':>8}"
     print(header)
     print("-" * len(header))
     for image in images:
         label = image.heading
         for tool in tools:
-            seconds = [sample.seconds for sample in results[image.name, tool]]
-            rss = f"{median_rss_mib(results, image.name, tool):>12.1f}" if results[image.name, tool][0].rss_kib else ""
+            samples = results[image.name, tool]
+            seconds = [sample.seconds for sample in samples]
             spread = f"{min(seconds):.2f}-{max(seconds):.2f}"
-            print(f"{label:<{width}}  {tool:<15} {statistics.median(seconds):>9.2f} {spread:>13} {rss}")
+            rss = f"{median_rss_mib(results, image.name, tool):.1f}" if samples[0].rss_kib else "-"
+            fetched = statistics.median(sample.fetched for sample in samples) / image.blob_bytes
+            print(
+                f"{label:<{width}}  {tool:<15} {statistics.median(seconds):>9.2f} {spread:>13} {rss:>12}"
+                f" {fetched:>7.2f}x"
+            )
             label = ""
+    print("(fetched: the blob bytes the registry served during the run, over the image's blobs)")
 
 
 def targets(results: Results, images: list[BenchImage], d_run_overhead_ms: float) -> list[Target]:
@@ -728,7 +755,7 @@ def run(args: argparse.Namespace, scratch: Path) -> None:
         tools = make_tools(certs, args.jobs)
         images = prepare_images(args.images, args.size, tools, scratch, where, certs)
         phases["images built, pushed and warmed"] = time.monotonic()
-        results = bench(tools, images, args.size, scratch)
+        results = bench(tools, images, args.size, scratch, scratch / "registry.log")
         phases["runs"] = time.monotonic()
     finally:
         stop(registry)
