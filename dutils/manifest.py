@@ -280,6 +280,8 @@ def entry_platform(entry: dict, ref: Reference) -> Platform | None:
 
 def probe_platform(registry: Registry, entry: dict, ref: Reference, fetch: Callable[[Blob], Path]) -> Platform | None:
     """The platform of an index entry that declares none, from its image's config; None for what is not an image."""
+    if entry.get("mediaType") in INDEXES:
+        return None  # an index of indexes is not followed
     _, manifest = fetch_image_manifest(registry, entry["digest"], entry["size"], ref)
     try:
         image = image_from_manifest(manifest, entry["digest"], ref)

@@ -2,10 +2,12 @@
 
 import json
 import re
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
-from cli import assert_one_line_error, d_pull
+from cli import BIN, assert_one_line_error, d_pull
 from images import (
     OCI_INDEX,
     OCI_MANIFEST,
@@ -23,6 +25,7 @@ from images import (
     sha256,
 )
 
+from dutils.config import MAX_CONFIG
 from dutils.errors import Error
 from dutils.manifest import (
     MAX_LAYERS,
@@ -433,3 +436,104 @@ def test_an_index_of_indexes_is_refused_in_one_line(registry, tmp_path):
     outer = index([descriptor(OCI_INDEX, inner) | {"platform": {"os": "linux", "architecture": "amd64"}}])
     push_manifest(registry.host, "nested", "1", outer)
     assert_one_line_error(pull(f"{registry.host}/nested:1", tmp_path), "index of indexes")
+
+
+# -- the image config: capped, verified at every read, its types checked, its memory bounded
+
+
+def push_config(registry, repo: str, config_blob: bytes, image: Image, size: int | None = None) -> str:
+    """Pushes `image` with `config_blob` for its config (listed with `size` if given); returns the reference."""
+    body = json.loads(image.manifest)
+    body["config"] = descriptor(body["config"]["mediaType"], config_blob)
+    body["config"]["size"] = body["config"]["size"] if size is None else size
+    for blob in (config_blob, *image.layer_blobs):
+        push_blob(registry.host, repo, blob)
+    push_manifest(registry.host, repo, "1", canonical_json(body))
+    return f"{registry.host}/{repo}:1"
+
+
+def config_of(image: Image, **fields) -> bytes:
+    return canonical_json(json.loads(image.config_blob) | fields)
+
+
+def test_a_config_larger_than_the_cap_is_refused_before_it_is_fetched(registry, tmp_path):
+    image = busybox_image()
+    config_blob = config_of(image)
+    reference = push_config(registry, "config/huge", config_blob, image, size=MAX_CONFIG + 1)
+    before = blob_gets(registry, [config_blob, *image.layer_blobs])
+    done = pull(reference, tmp_path)
+    assert_one_line_error(done, f"has {MAX_CONFIG + 1} bytes, more than {MAX_CONFIG}")
+    assert blob_gets(registry, [config_blob, *image.layer_blobs]) == before
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"config": ["sh"]}, "config is not a JSON object"),
+        ({"architecture": 64}, "architecture is not a string"),
+        ({"rootfs": {"type": "layers", "diff_ids": "sha256:0"}}, "rootfs.diff_ids is not a list"),
+        ({"rootfs": {"type": "layers", "diff_ids": [None, None]}}, "rootfs.diff_ids[0] is not a sha256 digest"),
+        ({"rootfs": {"type": "layers", "diff_ids": []}}, "lists 0 layer diff_ids for 2 layers"),
+    ],
+)
+def test_wrong_json_types_in_a_pulled_config_are_one_line_naming_the_field(fields, field, registry, tmp_path):
+    image = busybox_image()
+    config_blob = config_of(image, **fields)
+    reference = push_config(registry, f"config/types-{sha256(config_blob)[7:19]}", config_blob, image)
+    before = blob_gets(registry, image.layer_blobs)
+    done = pull(reference, tmp_path)
+    assert_one_line_error(done, field)
+    assert "internal error" not in done.stderr
+    assert blob_gets(registry, image.layer_blobs) == before  # found before any layer is fetched
+
+
+def test_a_config_planted_in_the_cache_is_never_trusted(images, tmp_path):
+    assert pull(images["busybox"], tmp_path / "first").returncode == 0
+    digest = json.loads(busybox_image().manifest)["config"]["digest"]
+    planted = tmp_path / "first" / "cache" / "blobs" / "sha256" / digest[7:]
+    evil = json.loads(planted.read_bytes())
+    evil["config"]["Cmd"] = ["sh", "-c", "echo pwned"]
+    planted.write_bytes(json.dumps(evil).encode())
+    done = pull(images["busybox"], tmp_path / "first", "--update")
+    assert_one_line_error(done, f"the image config {digest} in the cache does not match its digest", str(planted))
+    done = d_pull(images["busybox"], str(tmp_path / "second"), cache=tmp_path / "first" / "cache")
+    assert_one_line_error(done, "does not match its digest")
+    assert not (tmp_path / "second" / "config.json").exists()
+
+
+PEAK_RSS = (
+    "import sys; from dutils.pull import main; code = main(sys.argv[1:]);"
+    "print(code, next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')))"
+)
+
+
+@pytest.mark.parametrize("objects", [99_000, 1_300_000])
+def test_a_config_of_the_most_objects_and_bytes_stays_small_in_memory(objects, registry, tmp_path):
+    """4 MiB of `{},` would take 100 MB once parsed: up to 100,000 objects are parsed, more are refused unread."""
+    image = busybox_image()
+    history = [{}] * objects
+    config_blob = config_of(image, history=history)
+    padding = MAX_CONFIG - len(config_blob) - 20
+    if padding > 0:
+        config_blob = config_of(image, history=history, comment="x" * padding)
+    assert MAX_CONFIG - 100 < len(config_blob) <= MAX_CONFIG
+    reference = push_config(registry, f"config/objects-{objects}", config_blob, image)
+    argv = ["-q", "--cache", str(tmp_path / "cache"), reference, str(tmp_path / "pulled")]
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS, *argv], capture_output=True, text=True, timeout=120)
+    code, peak_kib = map(int, done.stdout.split())
+    assert peak_kib < 150_000, peak_kib  # KiB
+    if objects < 100_000:
+        assert code == 0, done.stderr
+    else:
+        assert code == 1 and "more than 100000 JSON objects and arrays" in done.stderr
+
+
+def test_an_image_of_no_layers_runs_with_an_empty_root(registry, tmp_path):
+    """As containerd and umoci have it: the pull succeeds, DIR/rootfs is empty, and d-run runs what is bound in."""
+    push(registry.host, "empty", "1", Image(layers=[], config={"Cmd": ["/busybox", "echo", "from an empty root"]}))
+    done = pull(f"{registry.host}/empty:1", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert list((tmp_path / "pulled" / "rootfs").iterdir()) == []
+    d_run = [BIN / "d-run", "-v", "/bin/busybox:/busybox", tmp_path / "pulled"]
+    ran = subprocess.run(d_run, capture_output=True, text=True, timeout=60)
+    assert (ran.returncode, ran.stdout) == (0, "from an empty root\n"), ran.stderr
