@@ -140,11 +140,8 @@ def resolve_image(
         body, manifest = fetch_image_manifest(registry, digest, chosen["size"], ref)
     image = image_from_manifest(manifest, digest, ref)
     platform = config_platform(read_checked_config(image, fetch, ref))
-    if not chosen_from_index and platform not in compatible(wanted):
-        raise Error(
-            f"{ref} is an image for {platform}, not for {wanted}",
-            f"pull it with --platform {platform} if you mean to run it on another machine or through an emulator",
-        )
+    if not chosen_from_index:
+        check_platform(platform, wanted, ref)
     write_atomic(blob_path(cache, digest), body)
     return replace(image, platform=str(platform))
 
@@ -176,6 +173,17 @@ def read_checked_config(image: Image, fetch: Callable[[Blob], Path], ref: Refere
     config = read_image_config(fetch(image.config))
     diff_ids(config, len(image.layers))
     return config
+
+
+def check_platform(platform: Platform, wanted: Platform, ref: Reference) -> None:
+    """Refuse a single-platform image that cannot run on `wanted` (as containerd does; Docker only warns)."""
+    if not platform.arch:
+        raise Error(f"the image config of {ref} names no architecture", "the image is broken; ask its publisher")
+    if platform not in compatible(wanted):
+        raise Error(
+            f"{ref} is an image for {platform}, not for {wanted}",
+            f"pull it with --platform {platform} if you mean to run it on another machine or through an emulator",
+        )
 
 
 def config_platform(config: dict) -> Platform:

@@ -474,6 +474,7 @@ def test_a_config_larger_than_the_cap_is_refused_before_it_is_fetched(registry, 
         ({"rootfs": {"type": "layers", "diff_ids": "sha256:0"}}, "rootfs.diff_ids is not a list"),
         ({"rootfs": {"type": "layers", "diff_ids": [None, None]}}, "rootfs.diff_ids[0] is not a sha256 digest"),
         ({"rootfs": {"type": "layers", "diff_ids": []}}, "lists 0 layer diff_ids for 2 layers"),
+        ({"architecture": ""}, "names no architecture"),
     ],
 )
 def test_wrong_json_types_in_a_pulled_config_are_one_line_naming_the_field(fields, field, registry, tmp_path):
