@@ -29,6 +29,7 @@ from dutils.config import MAX_CONFIG
 from dutils.errors import Error
 from dutils.manifest import (
     MAX_LAYERS,
+    MAX_PROBES,
     Platform,
     choose_platform,
     compatible,
@@ -174,6 +175,16 @@ def test_entries_without_platform_are_probed_only_when_needed():
     assert chosen(index, "linux/arm64", probe=probe) == 0
     assert chosen(entries("-", "linux/arm/v7"), "linux/arm64", probe=probe) == 0  # arm64 beats arm/v7
     assert len(probed) == 2
+
+
+def test_entries_that_are_not_images_are_skipped_and_probes_are_bounded():
+    index = entries("-", "-")
+    assert chosen(index, "linux/amd64", probe=lambda entry: None if entry["digest"].endswith("0") else AMD64) == 1
+    with pytest.raises(Error, match=f"{MAX_PROBES + 1} entries without a platform, more than {MAX_PROBES}"):
+        chosen(entries(*["-"] * (MAX_PROBES + 1)), "linux/amd64", probe=lambda entry: AMD64)
+
+
+AMD64 = Platform("linux", "amd64")
 
 
 def test_host_platform_is_linux_and_normalised():
@@ -377,6 +388,31 @@ def test_an_index_entry_without_platform_is_matched_through_its_config(registry,
     assert blob_gets(registry, arm64.layer_blobs[1:]) == before  # only configs were read to choose
     done = pull(f"{registry.host}/bare:1", tmp_path / "s390x", "--platform", "linux/s390x")
     assert_one_line_error(done, "no image for platform linux/s390x", "it offers linux/amd64, linux/arm64/v8")
+
+
+def test_an_artifact_listed_without_platform_is_passed_over(registry, tmp_path):
+    """A signature stored in the index beside the image, both without `platform`: the image is chosen."""
+    config, signature = b"{}", b'{"critical": {}}'
+    for blob in (config, signature):
+        push_blob(registry.host, "signed", blob)
+    artifact = canonical_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": "application/vnd.dev.cosign.artifact.sig.v1+json",
+            "config": descriptor("application/vnd.oci.empty.v1+json", config),
+            "layers": [descriptor("application/vnd.dev.cosign.simplesigning.v1+json", signature)],
+        }
+    )
+    push_manifest(registry.host, "signed", sha256(artifact), artifact)
+    amd64 = arch_image("amd64")
+    push(registry.host, "signed", amd64.manifest_digest, amd64)
+    push_manifest(
+        registry.host, "signed", "1", index([descriptor(OCI_MANIFEST, m) for m in (artifact, amd64.manifest)])
+    )
+    done = pull(f"{registry.host}/signed:1", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "pulled" / "image.json").read_text())["digest"] == amd64.manifest_digest
 
 
 @pytest.mark.parametrize(
