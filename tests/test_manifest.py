@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -24,6 +25,7 @@ from images import (
     push_manifest,
     sha256,
 )
+from malicious import as_root, make_workspace
 
 from dutils.config import MAX_CONFIG
 from dutils.errors import Error
@@ -565,12 +567,35 @@ def test_a_config_of_the_most_objects_and_bytes_stays_small_in_memory(objects, r
         assert code == 1 and "more than 100000 JSON objects and arrays" in done.stderr
 
 
+EMPTY_IMAGE = Image(layers=[], config={"Cmd": ["/busybox", "echo", "from an empty root"]})
+
+
 def test_an_image_of_no_layers_runs_with_an_empty_root(registry, tmp_path):
     """As containerd and umoci have it: the pull succeeds, DIR/rootfs is empty, and d-run runs what is bound in."""
-    push(registry.host, "empty", "1", Image(layers=[], config={"Cmd": ["/busybox", "echo", "from an empty root"]}))
+    push(registry.host, "empty", "1", EMPTY_IMAGE)
     done = pull(f"{registry.host}/empty:1", tmp_path)
     assert done.returncode == 0, done.stderr
     assert list((tmp_path / "pulled" / "rootfs").iterdir()) == []
     d_run = [BIN / "d-run", "-v", "/bin/busybox:/busybox", tmp_path / "pulled"]
     ran = subprocess.run(d_run, capture_output=True, text=True, timeout=60)
     assert (ran.returncode, ran.stdout) == (0, "from an empty root\n"), ran.stderr
+
+
+@as_root
+def test_an_image_of_no_layers_runs_for_the_ordinary_user(registry, unprivileged):
+    push(registry.host, "empty", "1", EMPTY_IMAGE)
+    workspace = make_workspace()
+    try:
+        folder, cache = workspace / "pull" / "empty", workspace / "pull" / "cache"
+        done = unprivileged.run(
+            [unprivileged.bin / "d-pull", "--cache", cache, f"{registry.host}/empty:1", folder],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        d_run = [unprivileged.bin / "d-run", "-v", "/bin/busybox:/busybox", folder]
+        ran = unprivileged.run(d_run, capture_output=True, text=True, timeout=60)
+        assert (ran.returncode, ran.stdout) == (0, "from an empty root\n"), ran.stderr
+    finally:
+        shutil.rmtree(workspace)
