@@ -1,31 +1,95 @@
 """The `config` stage: DIR/config.json from the image config, keeping whatever the user changed in it."""
 
+import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 
 import xxhash
 
 from .errors import Error
+from .store import DIGEST
 
 RUN_DEFAULTS = {"net": False, "rw": False}  # d-run's own keys, written out so that users see them
 MISSING = object()
+MAX_CONFIG = 4 << 20  # as containers/image (skopeo, podman) caps a config; real ones are a few kB
+# Each JSON object or array costs Python ~60 bytes: 4 MiB of `{},` would take 100 MB once parsed. Real manifests
+# and configs hold a few hundred; counting brackets (in strings too) over-counts, which errs on the safe side.
+MAX_CONTAINERS = 100_000
 
 
-def read_image_config(path: Path) -> dict:
-    """The image configuration blob (OCI image config / Docker container config)."""
+def load_json_object(data: bytes, what: str) -> dict:
+    """`data` parsed as a JSON object, with the number of objects and arrays in it bounded first."""
+    if data.count(b"{") + data.count(b"[") > MAX_CONTAINERS:
+        raise Error(f"{what} holds more than {MAX_CONTAINERS} JSON objects and arrays", "this is not a real image")
     try:
-        config = json.loads(path.read_bytes())
-    except (OSError, ValueError) as err:
-        raise Error(f"cannot read image config {path.name}: {err}") from None
-    if not isinstance(config, dict):
-        raise Error(f"image config {path.name} is not a JSON object")
+        value = json.loads(data)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; deep nesting a RecursionError
+        raise Error(f"{what} is not JSON", "is this an image registry?") from None
+    if not isinstance(value, dict):
+        raise Error(f"{what} is not a JSON object")
+    return value
+
+
+def read_image_config(blob: Path) -> dict:
+    """The image config (OCI image config / Docker container config) cached at `blob`, checked.
+
+    A cached blob is named by its digest: it is verified against that name at every read, so that a file planted in
+    the cache is never trusted. Read up to MAX_CONFIG bytes, never through a link, from a regular file only.
+    """
+    digest = "sha256:" + blob.name
+    data = read_capped(blob, MAX_CONFIG, f"image config {digest}")
+    if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        raise Error(
+            f"the image config {digest} in the cache does not match its digest",
+            f"delete {blob} (someone else may have written it) and pull again",
+        )
+    return check_image_config(load_json_object(data, f"image config {digest}"), digest)
+
+
+def read_capped(path: Path, cap: int, what: str) -> bytes:
+    """At most `cap` bytes of the regular file `path`, opened without following a link (a FIFO cannot block)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        raise Error(f"cannot read {what} at {path}: {err.strerror}", "pull again") from None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Error(f"{what} at {path} is not a regular file", f"delete {path} and pull again")
+        data = handle.read(cap + 1)
+    if len(data) > cap:
+        raise Error(f"{what} is larger than {cap} bytes", "this is not a real image")
+    return data
+
+
+def check_image_config(config: dict, digest: str) -> dict:
+    """`config` if every field d-pull uses has its JSON type, else one line naming the field."""
+
+    def wrong(field: str, kind: str) -> Error:
+        return Error(f"image config {digest}: {field} is not {kind}", "the image is broken; ask its publisher")
+
+    for key in ("os", "architecture", "variant"):
+        if not isinstance(config.get(key, ""), str):
+            raise wrong(key, "a string")
+    if not isinstance(config.get("config") or {}, dict):
+        raise wrong("config", "a JSON object")
+    rootfs = config.get("rootfs")
+    if not isinstance(rootfs, dict):
+        raise wrong("rootfs", "a JSON object")
+    ids = rootfs.get("diff_ids")
+    if not isinstance(ids, list):
+        raise wrong("rootfs.diff_ids", "a list")
+    for n, diff_id in enumerate(ids):
+        if not isinstance(diff_id, str) or not DIGEST.fullmatch(diff_id):
+            raise wrong(f"rootfs.diff_ids[{n}]", "a sha256 digest")
     return config
 
 
 def diff_ids(image_config: dict, layer_count: int) -> list[str]:
-    """The digests of the uncompressed layers, one per layer, in order."""
-    ids = (image_config.get("rootfs") or {}).get("diff_ids") or []
-    if len(ids) != layer_count or not all(isinstance(i, str) for i in ids):
+    """The digests of the uncompressed layers, one per layer, in order (of a config checked by read_image_config)."""
+    ids = image_config["rootfs"]["diff_ids"]
+    if len(ids) != layer_count:
         raise Error(f"the image config lists {len(ids)} layer diff_ids for {layer_count} layers", "the image is broken")
     return ids
 

@@ -1,11 +1,20 @@
-"""The `manifest` stage: resolve a reference to one verified image manifest for one platform."""
+"""The `manifest` stage: resolve a reference to one verified image manifest for one platform.
+
+Also checked here, before any layer is fetched: that the manifest is an image (not a Helm chart or another OCI
+artifact), that its layers can be applied (not encrypted), and that its config (small, fetched now) says a platform
+the user can run, with as many diff_ids as there are layers.
+"""
 
 import hashlib
-import json
 import platform as host
-from dataclasses import dataclass
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
+from .apply import COMPRESSION
+from .config import MAX_CONFIG, diff_ids, load_json_object, read_image_config
 from .errors import Error
 from .reference import Reference
 from .registry import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Registry
@@ -13,12 +22,19 @@ from .store import blob_path, check_digest, write_atomic
 
 INDEXES = (OCI_INDEX, DOCKER_LIST)
 MANIFESTS = (OCI_MANIFEST, DOCKER_MANIFEST)
+IMAGE_CONFIGS = ("application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json")
 SCHEMA1 = "application/vnd.docker.distribution.manifest.v1"
-MACHINE_TO_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "armv6l": "arm", "i686": "386"}
+# Docker and overlayfs stop at about 128 layers; 500 leaves room for any real image and bounds the work.
+MAX_LAYERS = 500
+MAX_PROBES = 16  # index entries without a `platform` whose config is fetched to learn it
+MACHINE_TO_ARCH = {"x86_64": ("amd64", ""), "aarch64": ("arm64", "v8"), "armv8l": ("arm", "v8")}
+MACHINE_TO_ARCH |= {"armv7l": ("arm", "v7"), "armv6l": ("arm", "v6"), "armv5tel": ("arm", "v5"), "i686": ("386", "")}
 
 
 @dataclass(frozen=True)
 class Platform:
+    """An OS, architecture and variant in containerd's normal form (see `normalize`)."""
+
     os: str
     arch: str
     variant: str = ""
@@ -26,24 +42,64 @@ class Platform:
     def __str__(self) -> str:
         return "/".join(filter(None, (self.os, self.arch, self.variant)))
 
-    def matches(self, offered: dict) -> bool:
-        """Whether an index entry's `platform` is this one (arm64's variant v8 is its default)."""
-        variant = offered.get("variant", "") or ("v8" if offered.get("architecture") == "arm64" else "")
-        wanted = self.variant or variant
-        return offered.get("os") == self.os and offered.get("architecture") == self.arch and variant == wanted
+
+def normalize(os: str, arch: str, variant: str = "") -> Platform:
+    """containerd's normal form: arm is arm/v7 unless it says otherwise, arm64 is arm64/v8, amd64 has no variant
+    (v1), and the spellings of uname (x86_64, aarch64, armhf…) become Go's."""
+    os, arch, variant = os.lower() or "linux", arch.lower(), variant.lower()
+    if os == "macos":
+        os = "darwin"
+    if arch == "i386":
+        arch, variant = "386", ""
+    elif arch in ("x86_64", "x86-64", "amd64"):
+        arch, variant = "amd64", "" if variant == "v1" else variant
+    elif arch in ("aarch64", "arm64"):
+        arch = "arm64"
+        variant = {"": "v8", "8": "v8", "v8.0": "v8", "9": "v9", "9.0": "v9", "v9.0": "v9"}.get(variant, variant)
+    elif arch in ("armhf", "armel"):
+        arch, variant = "arm", "v7" if arch == "armhf" else "v6"
+    elif arch == "arm":
+        variant = {"": "v7", "5": "v5", "6": "v6", "7": "v7", "8": "v8"}.get(variant, variant)
+    return Platform(os, arch, variant)
+
+
+def compatible(wanted: Platform) -> list[Platform]:
+    """The platforms that run on `wanted`, best first (containerd's platformVector): the platform itself, then lower
+    variants (amd64/v3 runs v2 and v1 images, arm/v7 runs v6 and v5, arm64/v8.2 runs v8.1 and v8), then the 32-bit
+    relative (386 on amd64, arm on arm64)."""
+    level = version(wanted.variant)
+    if wanted.arch == "amd64":
+        lower = [replace(wanted, variant=f"v{n}") for n in range(level - 1, 1, -1)]
+        v1 = [replace(wanted, variant="")] if level > 1 else []
+        return [wanted, *lower, *v1, replace(wanted, arch="386", variant="")]
+    if wanted.arch == "arm":
+        return [wanted, *(replace(wanted, variant=f"v{n}") for n in range(level - 1, 4, -1))]
+    found = re.fullmatch(r"v(8|9)(?:\.(\d))?", wanted.variant)
+    if wanted.arch == "arm64" and found:
+        major, minor = int(found.group(1)), int(found.group(2) or 0)
+        arm64 = [replace(wanted, variant=f"v{major}.{n}" if n else f"v{major}") for n in range(minor, -1, -1)]
+        if major == 9:  # v9.x includes v8.(x+5)
+            arm64 += [replace(wanted, variant=f"v8.{n}" if n else "v8") for n in range(min(minor + 5, 9), -1, -1)]
+        return arm64 + compatible(Platform(wanted.os, "arm", "v8"))
+    return [wanted]
+
+
+def version(variant: str) -> int:
+    """The number of a variant such as v7 (0 when there is none)."""
+    return int(variant[1:]) if re.fullmatch(r"v\d{1,2}", variant) else 0
 
 
 def parse_platform(text: str) -> Platform:
+    """`--platform OS/ARCH[/VARIANT]`, normalised."""
     parts = text.split("/")
     if not 2 <= len(parts) <= 3 or not all(parts):
         raise Error(f"invalid platform {text!r}", "use OS/ARCH[/VARIANT], e.g. linux/arm64/v8")
-    return Platform(*parts)
+    return normalize(*parts)
 
 
 def host_platform() -> Platform:
     machine = host.machine()
-    variant = {"armv7l": "v7", "armv6l": "v6"}.get(machine, "")
-    return Platform("linux", MACHINE_TO_ARCH.get(machine, machine), variant)
+    return normalize("linux", *MACHINE_TO_ARCH.get(machine, (machine, "")))
 
 
 @dataclass(frozen=True)
@@ -58,7 +114,7 @@ class Blob:
 
 @dataclass(frozen=True)
 class Image:
-    """A resolved image manifest: its digest, the platform it was chosen for, its config and its layers in order."""
+    """A resolved image manifest: its digest, the platform its config declares, its config and layers in order."""
 
     digest: str
     platform: str
@@ -66,30 +122,72 @@ class Image:
     layers: tuple[Blob, ...]
 
 
-def resolve_image(registry: Registry, ref: Reference, wanted: Platform, cache: Path) -> Image:
-    """Ask the registry for `ref`, narrow an index to `wanted`, verify and cache the manifest bytes."""
+def resolve_image(
+    registry: Registry, ref: Reference, wanted: Platform, cache: Path, fetch: Callable[[Blob], Path]
+) -> Image:
+    """Ask the registry for `ref`, narrow an index to `wanted`, verify and cache the manifest bytes, and check the
+    image through its config (`fetch` brings a blob into the cache)."""
     body, media_type = registry.get_manifest(ref.wanted)
     if ref.digest:
         verify_manifest(body, ref.digest, None, ref)
     digest = ref.digest or sha256_digest(body)
     manifest = parse_manifest(body, media_type, ref)
-    if manifest_type(manifest, media_type) in INDEXES:
-        chosen = choose_platform(manifest, wanted, ref)
-        digest = check_digest(chosen.get("digest"))
-        body, media_type = registry.get_manifest(digest)
-        verify_manifest(body, digest, chosen.get("size"), ref)
-        manifest = parse_manifest(body, media_type, ref)
+    chosen_from_index = manifest_type(manifest, media_type) in INDEXES
+    if chosen_from_index:
+        check_not_artifact(manifest, ref)
+        chosen = choose_platform(manifest, wanted, ref, partial(probe_platform, registry, ref=ref, fetch=fetch))
+        digest = chosen["digest"]
+        body, manifest = fetch_image_manifest(registry, digest, chosen["size"], ref)
+    image = image_from_manifest(manifest, digest, ref)
+    platform = config_platform(read_checked_config(image, fetch, ref))
+    if not chosen_from_index:
+        check_platform(platform, wanted, ref)
     write_atomic(blob_path(cache, digest), body)
-    return image_from_manifest(manifest, digest, wanted, ref)
+    return replace(image, platform=str(platform))
 
 
-def load_image(cache: Path, digest: str, wanted: Platform, ref: Reference) -> Image | None:
-    """The image whose manifest is cached under `digest`, if it is (lets an unchanged pull work offline)."""
+def fetch_image_manifest(registry: Registry, digest: str, size: int, ref: Reference) -> tuple[bytes, dict]:
+    """The verified bytes and the parsed form of an index entry's manifest, which must be an image manifest."""
+    body, media_type = registry.get_manifest(digest)
+    verify_manifest(body, digest, size, ref)
+    manifest = parse_manifest(body, media_type, ref)
+    if manifest_type(manifest, media_type) in INDEXES:
+        raise Error(f"{ref} is an index of indexes, which d-pull does not follow", "pull one of its entries by digest")
+    return body, manifest
+
+
+def load_image(cache: Path, digest: str, platform: str, ref: Reference) -> Image | None:
+    """The image whose manifest is cached under `digest`, if it is (lets an unchanged pull work offline);
+    `platform` is the one recorded when it was pulled."""
     try:
         body = blob_path(cache, digest).read_bytes()
     except FileNotFoundError:
         return None
-    return image_from_manifest(parse_manifest(body, "", ref), digest, wanted, ref)
+    return replace(image_from_manifest(parse_manifest(body, "", ref), digest, ref), platform=platform)
+
+
+def read_checked_config(image: Image, fetch: Callable[[Blob], Path], ref: Reference) -> dict:
+    """The image's config, fetched now (it is small), with one diff_id per layer."""
+    if image.config.size > MAX_CONFIG:
+        raise Error(f"the image config of {ref} has {image.config.size} bytes, more than {MAX_CONFIG}")
+    config = read_image_config(fetch(image.config))
+    diff_ids(config, len(image.layers))
+    return config
+
+
+def check_platform(platform: Platform, wanted: Platform, ref: Reference) -> None:
+    """Refuse a single-platform image that cannot run on `wanted` (as containerd does; Docker only warns)."""
+    if not platform.arch:
+        raise Error(f"the image config of {ref} names no architecture", "the image is broken; ask its publisher")
+    if platform not in compatible(wanted):
+        raise Error(
+            f"{ref} is an image for {platform}, not for {wanted}",
+            f"pull it with --platform {platform} if you mean to run it on another machine or through an emulator",
+        )
+
+
+def config_platform(config: dict) -> Platform:
+    return normalize(config.get("os", ""), config.get("architecture", ""), config.get("variant", ""))
 
 
 def verify_manifest(body: bytes, digest: str, size: int | None, ref: Reference) -> None:
@@ -104,12 +202,9 @@ def sha256_digest(data: bytes) -> str:
 
 
 def parse_manifest(body: bytes, media_type: str, ref: Reference) -> dict:
-    try:
-        manifest = json.loads(body)
-    except ValueError:
-        raise Error(f"the manifest of {ref} is not JSON", "is this an image registry?") from None
-    if not isinstance(manifest, dict):
-        raise Error(f"the manifest of {ref} is not a JSON object")
+    manifest = load_json_object(body, f"the manifest of {ref}")
+    if not isinstance(manifest.get("mediaType", ""), str):
+        raise manifest_field_error(ref, "mediaType", "a string")
     kind = manifest_type(manifest, media_type)
     if manifest.get("schemaVersion") == 1 or kind.startswith(SCHEMA1):
         raise Error(
@@ -128,36 +223,151 @@ def manifest_type(manifest: dict, header_type: str) -> str:
     return OCI_INDEX if "manifests" in manifest else OCI_MANIFEST if "layers" in manifest else kind
 
 
-def choose_platform(index: dict, wanted: Platform, ref: Reference) -> dict:
-    entries = [e for e in index.get("manifests", []) if isinstance(e, dict)]
-    # unknown/unknown entries are attestations (provenance, SBOMs), never a runnable image
-    runnable = [e for e in entries if describe_platform(e.get("platform") or {}) != "unknown/unknown"]
-    for entry in runnable:
-        if wanted.matches(entry.get("platform") or {}):
-            return entry
-    offered = sorted({describe_platform(e.get("platform") or {}) for e in runnable})
+# -- choosing from an index
+
+
+def choose_platform(
+    index: dict, wanted: Platform, ref: Reference, probe: Callable[[dict], Platform | None] = lambda entry: None
+) -> dict:
+    """The index entry containerd would choose for `wanted`: the first of the best compatible platform.
+
+    An entry without `platform` is looked into by `probe` (which reads its config), only when no entry declares
+    the best platform. Attestations (unknown/unknown) are never chosen.
+    """
+    entries = index_entries(index, ref)
+    preferred = compatible(wanted)
+    offers = [(entry, entry_platform(entry, ref)) for entry in entries]
+    declared = [(entry, platform) for entry, platform in offers if platform is not None]
+    if not any(platform == preferred[0] for _, platform in declared):
+        undeclared = [entry for entry, platform in offers if platform is None]
+        if len(undeclared) > MAX_PROBES:
+            raise Error(f"the index of {ref} has {len(undeclared)} entries without a platform, more than {MAX_PROBES}")
+        probed = {id(entry): probe(entry) for entry in undeclared}
+        offers = [(entry, probed.get(id(entry), platform)) for entry, platform in offers]
+    runnable = [
+        (entry, platform) for entry, platform in offers if platform and "unknown" not in (platform.os, platform.arch)
+    ]
+    for candidate in preferred:
+        for entry, platform in runnable:
+            if platform == candidate:
+                return entry
+    offered = sorted({str(platform) for _, platform in runnable})
     raise Error(
         f"{ref} has no image for platform {wanted}",
         f"it offers {', '.join(offered) or 'none'}; choose one with --platform",
     )
 
 
-def describe_platform(platform: dict) -> str:
-    return "/".join(filter(None, (platform.get("os"), platform.get("architecture"), platform.get("variant"))))
+def index_entries(index: dict, ref: Reference) -> list[dict]:
+    """The index's `manifests`, each with a valid digest and size."""
+    entries = index.get("manifests")
+    if not isinstance(entries, list):
+        raise manifest_field_error(ref, "manifests", "a list")
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise manifest_field_error(ref, f"manifests[{n}]", "a JSON object")
+        check_descriptor(entry, f"manifests[{n}]", ref)
+    return entries
 
 
-def image_from_manifest(manifest: dict, digest: str, wanted: Platform, ref: Reference) -> Image:
+def entry_platform(entry: dict, ref: Reference) -> Platform | None:
+    """An index entry's declared platform, normalised; None when it declares none."""
+    platform = entry.get("platform")
+    if platform is None:
+        return None
+    where = f"the platform of index entry {entry['digest']}"
+    if not isinstance(platform, dict):
+        raise manifest_field_error(ref, where, "a JSON object")
+    for key in ("os", "architecture", "variant"):
+        if not isinstance(platform.get(key, ""), str):
+            raise manifest_field_error(ref, f"{where}: {key}", "a string")
+    if not platform.get("architecture"):
+        return None
+    return normalize(platform.get("os", ""), platform["architecture"], platform.get("variant", ""))
+
+
+def probe_platform(registry: Registry, entry: dict, ref: Reference, fetch: Callable[[Blob], Path]) -> Platform | None:
+    """The platform of an index entry that declares none, from its image's config; None for what is not an image."""
+    if entry.get("mediaType") in INDEXES:
+        return None  # an index of indexes is not followed
+    _, manifest = fetch_image_manifest(registry, entry["digest"], entry["size"], ref)
     try:
-        config = descriptor(manifest["config"])
-        layers = tuple(descriptor(layer) for layer in manifest["layers"])
-    except (KeyError, TypeError, ValueError):
-        raise Error(f"the manifest of {ref} lacks a valid config or layers list") from None
-    return Image(digest, str(wanted), config, layers)
+        image = image_from_manifest(manifest, entry["digest"], ref)
+    except Error:
+        return None  # a signature, an SBOM, an encrypted image…: not a candidate
+    return config_platform(read_checked_config(image, fetch, ref))
 
 
-def descriptor(entry: dict) -> Blob:
-    size = entry["size"]
-    if not isinstance(size, int) or size < 0:
-        raise ValueError(size)
-    urls = tuple(u for u in entry.get("urls") or () if isinstance(u, str) and u.startswith(("https://", "http://")))
-    return Blob(check_digest(entry["digest"]), size, str(entry.get("mediaType", "")), urls)
+# -- the image manifest
+
+
+def image_from_manifest(manifest: dict, digest: str, ref: Reference) -> Image:
+    """The image a manifest describes, once it is known to be an image whose layers d-pull can apply."""
+    check_not_artifact(manifest, ref)
+    config, layers = manifest.get("config"), manifest.get("layers")
+    if not isinstance(config, dict):
+        raise manifest_field_error(ref, "config", "a JSON object")
+    if not isinstance(layers, list):
+        raise manifest_field_error(ref, "layers", "a list")
+    if len(layers) > MAX_LAYERS:
+        raise Error(f"{ref} has {len(layers)} layers, more than the {MAX_LAYERS} d-pull accepts", "no real image has")
+    blobs = [descriptor(config, "config", ref)]
+    if blobs[0].media_type not in ("", *IMAGE_CONFIGS):
+        raise not_an_image(ref, blobs[0].media_type)
+    for n, layer in enumerate(layers):
+        if not isinstance(layer, dict):
+            raise manifest_field_error(ref, f"layers[{n}]", "a JSON object")
+        blobs.append(descriptor(layer, f"layers[{n}]", ref))
+    for blob in blobs[1:]:
+        check_layer_type(blob, ref)
+    return Image(digest, "", blobs[0], tuple(blobs[1:]))
+
+
+def check_not_artifact(manifest: dict, ref: Reference) -> None:
+    artifact = manifest.get("artifactType")
+    if artifact is not None:
+        if not isinstance(artifact, str):
+            raise manifest_field_error(ref, "artifactType", "a string")
+        raise not_an_image(ref, artifact)
+
+
+def not_an_image(ref: Reference, kind: object) -> Error:
+    return Error(
+        f"{ref} is not a container image but an artifact of type {kind!r}",
+        "pull it with the tool that made it (helm, oras…)",
+    )
+
+
+def check_layer_type(layer: Blob, ref: Reference) -> None:
+    if "+encrypted" in layer.media_type:
+        raise Error(
+            f"{ref} has encrypted layers ({layer.media_type})",
+            "decrypt a copy first, e.g. skopeo copy --decryption-key KEY, and pull that",
+        )
+    if layer.media_type not in COMPRESSION:
+        raise Error(f"{ref} has a layer of unsupported media type {layer.media_type!r}", "d-pull applies tar layers")
+
+
+def descriptor(entry: dict, where: str, ref: Reference) -> Blob:
+    check_descriptor(entry, where, ref)
+    urls = entry.get("urls", [])
+    if not isinstance(urls, list) or not all(isinstance(url, str) for url in urls):
+        raise manifest_field_error(ref, f"{where}.urls", "a list of strings")
+    usable = tuple(url for url in urls if url.startswith(("https://", "http://")))
+    return Blob(entry["digest"], entry["size"], entry.get("mediaType", ""), usable)
+
+
+def check_descriptor(entry: dict, where: str, ref: Reference) -> None:
+    """A descriptor's digest, size and mediaType have their types (bool is an int to Python, not to JSON)."""
+    size = entry.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise manifest_field_error(ref, f"{where}.size", "a non-negative integer")
+    if not isinstance(entry.get("mediaType", ""), str):
+        raise manifest_field_error(ref, f"{where}.mediaType", "a string")
+    if not isinstance(entry.get("digest"), str):
+        raise manifest_field_error(ref, f"{where}.digest", "a string")
+    check_digest(entry["digest"])
+
+
+def manifest_field_error(ref: Reference, field: str, kind: str) -> Error:
+    return Error(f"the manifest of {ref}: {field} is not {kind}", "the image is broken; ask its publisher")

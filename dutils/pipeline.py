@@ -169,7 +169,13 @@ class Pull:
 
     def resolve(self) -> None:
         self.image = self.from_any_registry(
-            lambda registry: resolve_image(registry, registry.ref, self.options.platform, self.options.cache)
+            lambda registry: resolve_image(
+                registry,
+                registry.ref,
+                self.options.platform,
+                self.options.cache,
+                lambda blob: fetch_blob(registry, blob, self.options.cache, self.options.progress),
+            )
         )
         record = self.folder.read_record()
         if record and (record.digest != self.image.digest or record.reference != str(self.ref)):
@@ -197,7 +203,7 @@ class Pull:
         """The image once `manifest` ran, or the one recorded by an earlier pull (for `doit list`)."""
         record = self.folder.read_record()
         if self.image is None and record:
-            return load_image(self.options.cache, record.digest, self.options.platform, self.ref)
+            return load_image(self.options.cache, record.digest, record.platform, self.ref)
         return self.image
 
     # -- fetch
@@ -269,6 +275,7 @@ class Pull:
     def write_config(self) -> None:
         """config.json last: with the record marked complete, it is what says the pull is finished."""
         self.changed = True
+        self.folder.rootfs.mkdir(exist_ok=True)  # an image of no layers runs with an empty root
         record = self.folder.read_record()
         new = image_config.run_config(
             image_config.read_image_config(blob_path(self.options.cache, self.image.config.digest))

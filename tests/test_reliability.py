@@ -232,7 +232,7 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
         (b"<html>hello</html>", "text/html", "not JSON"),
         (b'{"schemaVersion": 2, "mediaType": "application/x-other"}', "application/x-other", "unsupported media type"),
         (b'{"schemaVersion": 1, "fsLayers": []}', "application/json", "schema 1"),
-        (b'{"schemaVersion": 2, "layers": "nope", "config": 1}', OCI_MANIFEST, "lacks a valid config"),
+        (b'{"schemaVersion": 2, "layers": "nope", "config": 1}', OCI_MANIFEST, "config is not a JSON object"),
     ],
 )
 def test_bad_manifests_are_clear_errors(hostile: HostileRegistry, tmp_path: Path, body, media_type, says):
