@@ -15,7 +15,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
@@ -224,7 +224,8 @@ class Registry:
         if response.status_code in expected:
             return response
         if response.status_code in RETRY_STATUSES:
-            raise Retryable(f"HTTP {response.status_code}", retry_after(response))
+            response.close()
+            raise Retryable(f"HTTP {response.status_code}", retry_after(response.headers))
         raise self.failure(response, what, missing)
 
     def send(self, method: str, url: str, headers: dict, what: str, auth: tuple[str, str] | None = None):
@@ -338,7 +339,7 @@ class Registry:
         auth = (origin(realm), basic_header(self.credentials)) if own else NO_AUTH
         with self.send("GET", url, {}, server, auth) as response:
             if response.status_code in RETRY_STATUSES:
-                raise Retryable(f"{server}: HTTP {response.status_code}", retry_after(response))
+                raise Retryable(f"{server}: HTTP {response.status_code}", retry_after(response.headers))
             if response.status_code in (401, 403):
                 raise Error(f"access denied by {server}", "check your credentials")
             if response.status_code != 200:
@@ -489,10 +490,9 @@ def basic_header(credentials: Credentials) -> str:
     return f"Basic {token}"
 
 
-def retry_after(response: requests.Response) -> float | None:
+def retry_after(headers: Mapping[str, str]) -> float | None:
     """Retry-After in seconds, from either of its forms (delta-seconds or an HTTP date)."""
-    value = response.headers.get("Retry-After")
-    response.close()
+    value = headers.get("Retry-After")
     if not value:
         return None
     if value.strip().isdigit():
