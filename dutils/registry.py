@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
@@ -60,17 +60,6 @@ class Retryable(Exception):
     def __init__(self, reason: str, retry_after: float | None = None) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
-
-
-class Sink(Protocol):
-    """Where a blob's bytes go (fetch's partial file): `have` bytes so far, `missing` still to come."""
-
-    have: int
-    missing: int
-
-    def write(self, chunk: bytes) -> None: ...
-
-    def restart(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -125,7 +114,8 @@ class Registry:
 
     def ping(self) -> None:
         """Find out how the registry wants us to authenticate, and do it now (the `auth` task)."""
-        self.retrying("the registry", lambda: self.request("GET", "/v2/", what="the registry").close())
+        where = f"the registry {self.ref.registry}"
+        self.retrying(where, lambda: self.request("GET", "/v2/", what=where).close())
 
     def get_manifest(self, wanted: str) -> tuple[bytes, str]:
         """The manifest bytes and media type for a tag or digest."""
@@ -138,10 +128,11 @@ class Registry:
                 body = self.read_body(response, MAX_MANIFEST, f"{what} from {self.ref.registry}")
             return body, response.headers.get("Content-Type", "").split(";")[0].strip()
 
-        return self.retrying(what, attempt)
+        return self.retrying(f"{what} from {self.ref.registry}", attempt)
 
-    def download_blob(self, digest: str, sink: Sink, url: str | None = None) -> None:
-        """Stream a blob into `sink` from its `have` bytes on, resuming after every broken transfer.
+    def download_blob(self, digest: str, sink, url: str | None = None) -> None:
+        """Stream a blob into `sink` (fetch's PartialBlob: `have`, `missing`, `write`, `restart`) from its `have`
+        bytes on, resuming after every broken transfer.
 
         From the registry, or from `url` (a non-distributable layer's), where no credentials of ours are sent. A
         server that ignores our Range starts the sink over; one that answers another range is retried, then refused.
@@ -350,25 +341,20 @@ class Registry:
             token = answer.get("token") or answer["access_token"]
         except (ValueError, KeyError):
             raise Error(f"{server} sent no token") from None
-        if not isinstance(token, str) or not token.isprintable():
-            raise Error(f"{server} sent a token that is not text")
-        return token
+        return str(token)
 
     # -- errors
 
-    def repository_exists(self) -> bool:
-        """Whether the repository is known, to tell an unknown image from an unknown tag."""
+    def unknown_manifest(self, what: str) -> Error:
+        """An unknown image or an unknown tag, as the repository's tag list tells (the less drastic when it cannot)."""
+        where = f"{self.ref.registry}/{self.ref.repository}"
         try:
             path = f"/v2/{self.ref.repository}/tags/list?n=1"
             with self.request("GET", path, expected={200, 404}, what="tags") as response:
-                return not (response.status_code == 404 and "NAME_UNKNOWN" in self.error_codes(response))
+                if response.status_code == 404 and "NAME_UNKNOWN" in self.error_codes(response):
+                    return Error(f"unknown image {where}", "check the image name")
         except (Error, Retryable):
-            return True  # cannot tell: say the less drastic thing
-
-    def unknown_manifest(self, what: str) -> Error:
-        where = f"{self.ref.registry}/{self.ref.repository}"
-        if not self.repository_exists():
-            return Error(f"unknown image {where}", "check the image name")
+            pass
         return Error(f"unknown {what} in {where}", "check the tag or digest")
 
     def failure(self, response: requests.Response, what: str, missing: Callable[[], Error] | None) -> Error:
@@ -383,16 +369,14 @@ class Registry:
             return Error(f"unknown image {where}", "check the image name")
         if status == 404 and missing:
             return missing()
-        if status in (401, 403) and self.credentials:
-            return Error(
-                f"access denied to {where} for {self.credentials.username} (HTTP {status}): "
-                "the image does not exist, or these credentials may not read it",
-                "check the image name, the user name and the password",
-            )
         if status in (401, 403):
+            user = self.credentials.username if self.credentials else None
             return Error(
-                f"access denied to {where} (HTTP {status}): the image does not exist or needs a login",
-                "check the name, or pass --username and --password-stdin",
+                f"access denied to {where}{f' for {user}' if user else ''} (HTTP {status}): the image does not exist, "
+                + ("or these credentials may not read it" if user else "or needs a login"),
+                "check the image name, the user name and the password"
+                if user
+                else "check the name, or pass --username",
             )
         return Error(f"{what} from {self.ref.registry}: unexpected HTTP {status}{detail}")
 

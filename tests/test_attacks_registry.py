@@ -11,8 +11,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from collections.abc import Callable
@@ -20,6 +23,8 @@ from pathlib import Path
 
 import pytest
 from cli import assert_one_line_error
+from conftest import USER as USER_NAME
+from conftest import Unprivileged
 from httpd import Handler, LoopbackServer
 from images import Image, Tar
 from realworld import isolated_env
@@ -148,21 +153,26 @@ class Outcome:
         self.done, self.peak_kib, self.seconds = done, peak_kib, seconds
 
 
-def attack(server: Hostile, tmp_path: Path, *args: str, password: bool = False, limit: float = 120) -> Outcome:
-    """d-pull SERVER/app:1 into tmp_path/app, with the victim's credentials when `password`; its peak memory."""
+def attack(
+    server: Hostile,
+    tmp_path: Path,
+    *args: str,
+    password: bool = False,
+    limit: float = 120,
+    user: Unprivileged | None = None,
+) -> Outcome:
+    """d-pull SERVER/app:1 into tmp_path/app, with the victim's credentials when `password`, as the ordinary `user`
+    when given (from their install of d-utils); its peak memory."""
     peak = tmp_path / "peak"
     credentials = ["--username", USER, "--password-stdin"] if password else []
-    command = [sys.executable, "-c", MEASURED, str(peak), "--cache", str(tmp_path / "cache"), *credentials, *args]
+    python = str(user.bin / "python") if user else sys.executable
+    command = [python, "-c", MEASURED, str(peak), "--cache", str(tmp_path / "cache"), *credentials, *args]
+    command += [f"{server.host}/app:1", str(tmp_path / "app")]
+    run = user.run if user else subprocess.run
+    env = {"HOME": str(tmp_path)} if user else isolated_env(tmp_path)
     started = time.monotonic()
-    done = subprocess.run(
-        [*command, f"{server.host}/app:1", str(tmp_path / "app")],
-        env=isolated_env(tmp_path),
-        cwd=tmp_path,
-        input=PASSWORD + "\n" if password else "",
-        capture_output=True,
-        text=True,
-        timeout=limit,
-    )
+    stdin = PASSWORD + "\n" if password else ""
+    done = run(command, env=env, cwd=tmp_path, input=stdin, capture_output=True, text=True, timeout=limit)
     return Outcome(done, int(peak.read_text()), time.monotonic() - started)
 
 
@@ -420,30 +430,55 @@ def gzip_of(data: bytes) -> bytes:
 # -- the cache: files another user planted are never followed, never waited on
 
 
-def planted(tmp_path: Path, suffix: str) -> Path:
-    """Where the layer's `suffix` file (.partial, .lock) lives in tmp_path's cache, its folder made."""
-    folder = tmp_path / "cache" / "blobs" / "sha256"
+def planted(top: Path, suffix: str, user: Unprivileged | None = None) -> Path:
+    """Where the layer's `suffix` file (.partial, .lock) lives in the cache under `top`, its folders made (and
+    owned by the user who pulls)."""
+    folder = top / "cache" / "blobs" / "sha256"
     folder.mkdir(parents=True, exist_ok=True)
+    for made in (top / "cache", top / "cache" / "blobs", folder):
+        owned(made, user)
     return folder / (LAYER.removeprefix("sha256:") + suffix)
 
 
+@pytest.fixture(params=["root", "ordinary user"])
+def victim(request, tmp_path) -> tuple[Path, Unprivileged | None]:
+    """A folder of the victim's, who pulls: root, or the ordinary user (owning the folder)."""
+    if request.param == "root":
+        return tmp_path, None
+    user: Unprivileged = request.getfixturevalue("unprivileged")
+    folder = Path(tempfile.mkdtemp(prefix="attack-", dir=user.home))
+    request.addfinalizer(lambda: shutil.rmtree(folder, ignore_errors=True))
+    return owned(folder, user), user
+
+
+def owned(path: Path, user: Unprivileged | None) -> Path:
+    """`path`, given to the ordinary user when they are the victim (and we are root)."""
+    if user and user.as_root:
+        entry = pwd.getpwnam(USER_NAME)
+        os.lchown(path, entry.pw_uid, entry.pw_gid)
+    return path
+
+
 @pytest.mark.parametrize("suffix", [".partial", ".lock"])
-def test_a_symlink_planted_as_a_partial_or_lock_is_never_followed(suffix, hostile, tmp_path):
+def test_a_symlink_planted_as_a_partial_or_lock_is_never_followed(suffix, victim, hostile):
     """To the victim's file (a resume would append to it), or to a name that does not exist (it would be made)."""
-    victim = tmp_path / "home" / ".bashrc"
-    victim.parent.mkdir()
-    victim.write_bytes(b"# the victim's own\n")
-    missing = tmp_path / "home" / "created-through-the-link"
-    link = planted(tmp_path, suffix)
-    for target in (victim, missing):
+    folder, user = victim
+    bashrc = folder / ".bashrc"
+    bashrc.write_bytes(b"# the victim's own\n")
+    owned(bashrc, user)
+    missing = folder / "created-through-the-link"
+    link = planted(folder, suffix, user)
+    for target in (bashrc, missing):
         link.symlink_to(target)
-        assert_refused(attack(hostile, tmp_path), "symbolic link", "remove")
+        assert_refused(attack(hostile, folder, user=user), "symbolic link", "remove")
         link.unlink()
-    assert victim.read_bytes() == b"# the victim's own\n"
+    assert bashrc.read_bytes() == b"# the victim's own\n"
     assert not missing.exists()
 
 
-def test_a_fifo_planted_as_a_partial_never_hangs(hostile, tmp_path):
-    fifo = planted(tmp_path, ".partial")
+def test_a_fifo_planted_as_a_partial_never_hangs(victim, hostile):
+    folder, user = victim
+    fifo = planted(folder, ".partial", user)
     os.mkfifo(fifo)
-    assert_refused(attack(hostile, tmp_path, limit=60), "not a regular file")
+    owned(fifo, user)
+    assert_refused(attack(hostile, folder, limit=60, user=user), "not a regular file")
