@@ -392,3 +392,11 @@ def test_a_proxy_that_gzips_everything_it_may_does_not_touch_what_we_pull(plain,
         assert compressed.status_code == 200 and compressed.headers.get("Content-Encoding") == "gzip"
         compressed.close()
         assert_pulled(pull(f"{proxy.host}/{BUSYBOX}", tmp_path / "bb"), tmp_path / "bb")
+
+
+def test_a_host_name_that_does_not_resolve_is_one_line_at_once(tmp_path):
+    started = time.monotonic()
+    done = pull("no-such-registry.invalid/team/app:1", tmp_path / "app")
+    assert time.monotonic() - started < QUICK
+    assert_one_line_error(done, "cannot find the host no-such-registry.invalid")
+    assert "retrying" not in done.stderr
