@@ -205,6 +205,7 @@ class Registry:
         url = urljoin(self.base, path)
         try:
             response = self.send(method, url, headers or {}, what)
+            self.fallback = None  # the registry answered: its scheme is settled (a CDN's failure must not change it)
             if response.status_code == 401 and self.answer_challenge(response):
                 response = self.send(method, url, headers or {}, what)
         except NotTls:
@@ -337,9 +338,9 @@ class Registry:
                 raise Error(f"{server} answered HTTP {response.status_code}")
             body = self.read_body(response, MAX_BODY, f"the answer of {server}")
         try:
-            answer = json_object(body)
+            answer = json.loads(body)
             token = answer.get("token") or answer["access_token"]
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, AttributeError):
             raise Error(f"{server} sent no token") from None
         return str(token)
 
@@ -369,14 +370,16 @@ class Registry:
             return Error(f"unknown image {where}", "check the image name")
         if status == 404 and missing:
             return missing()
-        if status in (401, 403):
-            user = self.credentials.username if self.credentials else None
+        if status in (401, 403) and self.credentials:
             return Error(
-                f"access denied to {where}{f' for {user}' if user else ''} (HTTP {status}): the image does not exist, "
-                + ("or these credentials may not read it" if user else "or needs a login"),
-                "check the image name, the user name and the password"
-                if user
-                else "check the name, or pass --username",
+                f"access denied to {where} for {self.credentials.username} (HTTP {status}): "
+                "the image does not exist, or these credentials may not read it",
+                "check the image name, the user name and the password",
+            )
+        if status in (401, 403):
+            return Error(
+                f"access denied to {where} (HTTP {status}): the image does not exist or needs a login",
+                "check the name, or pass --username and --password-stdin",
             )
         return Error(f"{what} from {self.ref.registry}: unexpected HTTP {status}{detail}")
 
@@ -384,22 +387,15 @@ class Registry:
         """The distribution spec's error codes in a failed response's body, if any (read up to MAX_BODY)."""
         with response:
             try:
-                errors = json_object(self.read_body(response, MAX_BODY, "an error")).get("errors")
+                errors = json.loads(self.read_body(response, MAX_BODY, "an error")).get("errors")
                 return [str(e.get("code", "")) for e in errors if isinstance(e, dict)]
-            except (Error, Retryable, ValueError, TypeError):
+            except (Error, Retryable, ValueError, TypeError, AttributeError):
                 return []
 
 
 def origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}".lower()
-
-
-def json_object(body: bytes) -> dict:
-    value = json.loads(body)
-    if not isinstance(value, dict):
-        raise ValueError("not a JSON object")
-    return value
 
 
 def refuse_encoded(response: requests.Response, what: str) -> None:
