@@ -39,11 +39,11 @@ def find_credentials(
 def auth_files() -> list[Path]:
     """Where podman/skopeo, then docker keep credentials, in the order the containers tools read them."""
     home = Path.home()
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/containers/{os.getuid()}"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
     config_home = os.environ.get("XDG_CONFIG_HOME") or home / ".config"
     candidates = [
         os.environ.get("REGISTRY_AUTH_FILE"),
-        f"{runtime}/containers/auth.json" if os.environ.get("XDG_RUNTIME_DIR") else f"{runtime}/auth.json",
+        f"{runtime}/containers/auth.json" if runtime else f"/run/containers/{os.getuid()}/auth.json",
         Path(config_home) / "containers" / "auth.json",
         Path(os.environ.get("DOCKER_CONFIG") or home / ".docker") / "config.json",
     ]
