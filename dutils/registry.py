@@ -114,8 +114,9 @@ class Registry:
 
     def ping(self) -> None:
         """Find out how the registry wants us to authenticate, and do it now (the `auth` task)."""
-        where = f"the registry {self.ref.registry}"
-        self.retrying(where, lambda: self.request("GET", "/v2/", what=where).close())
+        self.retrying(
+            f"the registry {self.ref.registry}", lambda: self.request("GET", "/v2/", what="the registry").close()
+        )
 
     def get_manifest(self, wanted: str) -> tuple[bytes, str]:
         """The manifest bytes and media type for a tag or digest."""
@@ -381,7 +382,9 @@ class Registry:
                 f"access denied to {where} (HTTP {status}): the image does not exist or needs a login",
                 "check the name, or pass --username and --password-stdin",
             )
-        return Error(f"{what} from {self.ref.registry}: unexpected HTTP {status}{detail}")
+        plain = status == 400 and response.url.startswith("http:")  # what TLS servers answer to plain HTTP
+        hint = "if the registry speaks HTTPS only, leave out --insecure" if plain else ""
+        return Error(f"{what} from {self.ref.registry}: unexpected HTTP {status}{detail}", hint)
 
     def error_codes(self, response: requests.Response) -> list[str]:
         """The distribution spec's error codes in a failed response's body, if any (read up to MAX_BODY)."""

@@ -408,12 +408,11 @@ def test_a_redirect_to_another_scheme_is_one_line(target, hostile, tmp_path):
 @pytest.mark.parametrize("route", ["/manifests/", "/blobs/"])
 def test_a_response_gzipped_against_our_will_is_refused_and_never_stored(route, hostile, tmp_path):
     """We ask for Accept-Encoding: identity; a proxy that gzips anyway would have us store the gzip stream."""
-    original = hostile.routes[route]
-    hostile.routes[route] = lambda h: gzipped(200, zlib.compress(b"x" * 1000), {"Content-Type": "x"})(h)
-    if route == "/blobs/":
-        hostile.routes[route] = lambda h: (
-            gzipped(200, gzip_of(hostile.blobs[LAYER]))(h) if LAYER in h.path else original(h)
-        )
+    honest = hostile.routes[route]
+    body = hostile.manifest if route == "/manifests/" else hostile.blobs[LAYER]
+    media_type = json.loads(hostile.manifest)["mediaType"] if route == "/manifests/" else "application/octet-stream"
+    zipping = gzipped(200, gzip_of(body), {"Content-Type": media_type})
+    hostile.routes[route] = lambda h: (zipping if route == "/manifests/" or LAYER in h.path else honest)(h)
     outcome = attack(hostile, tmp_path)
     assert_refused(outcome, "gzip-encoded", "gzip off")
     assert all(h.get("accept-encoding") == "identity" for h in hostile.headers_seen())

@@ -155,6 +155,11 @@ def test_a_tls_registry_on_loopback_that_is_not_trusted_is_one_line(tls, tmp_pat
     assert "retrying" not in done.stderr
 
 
+def test_insecure_still_means_plain_http_on_loopback(tls, tmp_path):
+    done = pull(f"127.0.0.1:{tls.port}/{BUSYBOX}", tmp_path / "bb", "--insecure")
+    assert_one_line_error(done, "HTTP 400", "leave out --insecure")
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::ffff:127.0.0.1]"])
 def test_a_plain_registry_on_loopback_is_used_after_https_fails(host, plain, tmp_path):
     image = f"{host}:{plain.port}/{BUSYBOX}"
