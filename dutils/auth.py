@@ -21,28 +21,31 @@ class Credentials:
     password: str = field(repr=False)  # never printed: repr shows the user name only
 
 
-def find_credentials(registry: str, username: str | None = None, password: str | None = None) -> Credentials | None:
-    """The credentials for `registry`: the ones given on the command line, else the first auth file that has some."""
+def find_credentials(
+    registry: str, username: str | None = None, password: str | None = None, repository: str = ""
+) -> Credentials | None:
+    """The credentials for `repository` on `registry`: the ones given on the command line, else the first auth file
+    that has some."""
     if username is not None:
         return Credentials(username, password or "")
     for path in auth_files():
         config = read_json_file(path)
-        found = credentials_from_config(config, registry, path)
+        found = credentials_from_config(config, registry, repository, path)
         if found:
             return found
     return None
 
 
 def auth_files() -> list[Path]:
-    """Where docker and podman/skopeo keep credentials, most specific first."""
+    """Where podman/skopeo, then docker keep credentials, in the order the containers tools read them."""
     home = Path.home()
-    docker = Path(os.environ.get("DOCKER_CONFIG") or home / ".docker") / "config.json"
     runtime = os.environ.get("XDG_RUNTIME_DIR")
+    config_home = os.environ.get("XDG_CONFIG_HOME") or home / ".config"
     candidates = [
         os.environ.get("REGISTRY_AUTH_FILE"),
-        f"{runtime}/containers/auth.json" if runtime else None,
-        home / ".config" / "containers" / "auth.json",
-        docker,
+        f"{runtime}/containers/auth.json" if runtime else f"/run/containers/{os.getuid()}/auth.json",
+        Path(config_home) / "containers" / "auth.json",
+        Path(os.environ.get("DOCKER_CONFIG") or home / ".docker") / "config.json",
     ]
     return [Path(c) for c in candidates if c]
 
@@ -57,30 +60,41 @@ def read_json_file(path: Path) -> dict:
     return config if isinstance(config, dict) else {}
 
 
-def lookup_keys(registry: str) -> list[str]:
-    """The spellings under which tools record a registry's credentials."""
+def lookup_keys(registry: str, repository: str = "") -> list[str]:
+    """The keys under which tools record credentials for a repository, most specific first: `host/team/app`,
+    `host/team`, then the host in each spelling docker has written (containers-auth.json(5))."""
+    parts = repository.split("/") if repository else []
+    scoped = [f"{registry}/{'/'.join(parts[:n])}" for n in range(len(parts), 0, -1)]
     if registry == DOCKER_HUB:
-        return ["https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io"]
-    return [registry, f"https://{registry}", f"http://{registry}", f"https://{registry}/v1/", f"https://{registry}/v2/"]
+        hosts = ["https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io"]
+        return scoped + hosts
+    return scoped + [
+        registry,
+        f"https://{registry}",
+        f"http://{registry}",
+        f"https://{registry}/v1/",
+        f"https://{registry}/v2/",
+    ]
 
 
-def credentials_from_config(config: dict, registry: str, path: Path) -> Credentials | None:
-    """A registry's own credential helper, else its `auths` entry, else the default store (`credsStore`).
+def credentials_from_config(config: dict, registry: str, repository: str, path: Path) -> Credentials | None:
+    """A registry's own credential helper, else its most specific `auths` entry, else the default store
+    (`credsStore`). Helpers know hosts only, as in the containers tools.
 
     `docker login` with a store leaves an empty placeholder entry in `auths`: that one means "ask the store".
     """
-    keys = lookup_keys(registry)
+    hosts = lookup_keys(registry)
     helpers = config.get("credHelpers") or {}
-    for key in keys:
+    for key in hosts:
         if key in helpers:
             return run_credential_helper(helpers[key], key)
     auths = config.get("auths") or {}
-    for key in keys:
+    for key in lookup_keys(registry, repository):
         found = decode_auth_entry(auths.get(key), path)
         if found:
             return found
     if config.get("credsStore"):
-        return run_credential_helper(config["credsStore"], keys[0])
+        return run_credential_helper(config["credsStore"], hosts[0])
     return None
 
 

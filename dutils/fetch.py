@@ -2,15 +2,18 @@
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import Error
 from .manifest import Blob
 from .progress import Progress
-from .registry import Interrupted, Registry
-from .store import blob_path, locked, touch
+from .registry import Registry
+from .store import blob_path, touch
 
 
 def fetch_blob(registry: Registry, blob: Blob, cache: Path, progress: Progress, url: str | None = None) -> Path:
@@ -34,81 +37,89 @@ def fetch_blob(registry: Registry, blob: Blob, cache: Path, progress: Progress, 
 
 
 def download_verified(registry: Registry, blob: Blob, final: Path, progress: Progress, url: str | None) -> None:
-    with locked(final.with_name(final.name + ".lock")):
+    with blob_lock(final.with_name(final.name + ".lock")):
         if final.exists():  # another process finished it while we waited
             return
         partial = final.with_name(final.name + ".partial")
-        hasher, have = hash_existing(partial, blob.size)
-        progress.expect(blob.size - have)
-        hasher = download(registry, blob, partial, hasher, have, progress, url)
-        if hasher.hexdigest() != blob.digest.removeprefix("sha256:"):
-            partial.unlink()
-            raise Error(
-                f"blob {blob.digest} from {registry.ref.registry} does not match its digest",
-                "the registry or something in between corrupted it; the bad copy was deleted, run again",
-            )
+        with PartialBlob(partial, blob, progress) as sink:
+            progress.expect(sink.missing)
+            registry.download_blob(blob.digest, sink, url)
+            if sink.hasher.hexdigest() != blob.digest.removeprefix("sha256:"):
+                partial.unlink()
+                raise Error(
+                    f"blob {blob.digest} from {registry.ref.registry} does not match its digest",
+                    "the registry or something in between corrupted it; the bad copy was deleted, run again",
+                )
         os.replace(partial, final)
 
 
-def hash_existing(partial: Path, size: int) -> tuple["hashlib._Hash", int]:
-    """The hash state and length of what an earlier, interrupted download left behind."""
-    hasher = hashlib.sha256()
-    try:
-        with open(partial, "rb") as existing:
-            while chunk := existing.read(1 << 20):
-                hasher.update(chunk)
-        have = partial.stat().st_size
-    except FileNotFoundError:
-        return hasher, 0
-    if have > size:  # cannot be a prefix of this blob: start again
-        partial.unlink()
-        return hashlib.sha256(), 0
-    return hasher, have
+class PartialBlob:
+    """`<digest>.partial`: what earlier downloads left (hashed on opening), appended to as bytes arrive and
+    flushed at once, so what was received survives a kill."""
+
+    def __init__(self, path: Path, blob: Blob, progress: Progress) -> None:
+        self.path, self.blob, self.progress = path, blob, progress
+        self.file = os.fdopen(open_regular(path, os.O_RDWR | os.O_CREAT), "r+b")
+        self.hasher, self.have = hashlib.sha256(), 0
+        if os.fstat(self.file.fileno()).st_size > blob.size:  # cannot be a prefix of this blob
+            self.restart()
+        while chunk := self.file.read(1 << 20):
+            self.hasher.update(chunk)
+            self.have += len(chunk)
+
+    def __enter__(self) -> "PartialBlob":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.file.close()
+
+    @property
+    def missing(self) -> int:
+        return self.blob.size - self.have
+
+    def write(self, chunk: bytes) -> None:
+        if len(chunk) > self.missing:
+            self.file.close()
+            self.path.unlink(missing_ok=True)
+            raise Error(f"blob {self.blob.digest} is larger than the {self.blob.size} bytes its manifest says")
+        self.file.write(chunk)
+        self.file.flush()
+        self.hasher.update(chunk)
+        self.have += len(chunk)
+        self.progress.advance(len(chunk))
+
+    def restart(self) -> None:
+        self.file.seek(0)
+        self.file.truncate()
+        self.hasher, self.have = hashlib.sha256(), 0
 
 
-def download(
-    registry: Registry,
-    blob: Blob,
-    partial: Path,
-    hasher: "hashlib._Hash",
-    have: int,
-    progress: Progress,
-    url: str | None,
-) -> "hashlib._Hash":
-    """Append the rest of the blob to `partial`, resuming after every broken connection; return the full hash."""
-    failures = 0
+def open_regular(path: Path, flags: int) -> int:
+    """Open a cache file without following a link, and only if it is a regular file: a link planted in its place
+    must not make us write elsewhere, nor a FIFO hang us (O_NONBLOCK)."""
+    hint = "someone else may be able to write to this cache: remove the file, and check the cache's permissions"
     try:
-        with open(partial, "ab", buffering=0) as out:  # unbuffered: what was received is on disk
-            while have < blob.size:
-                before = have
-                try:
-                    offset, chunks = registry.read_blob(blob.digest, have, url)
-                    if offset != have:  # the server ignored our Range: start over from its first byte
-                        out.truncate(0)
-                        hasher, have = hashlib.sha256(), 0
-                    for chunk in chunks:
-                        have = append(out, chunk, have, blob, hasher)
-                        progress.advance(len(chunk))
-                    if have < blob.size:
-                        raise Interrupted("the connection closed early")
-                except Interrupted as err:
-                    failures = 0 if have > before else failures
-                    where = f"blob {blob.digest[:19]} from {url or registry.ref.registry}"
-                    failures = registry.wait_before_retry(failures, where, str(err), None)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     except OSError as err:
-        raise write_error(partial, err, blob.size - have) from None
-    return hasher
+        if err.errno == errno.ELOOP:
+            raise Error(f"{path} is a symbolic link, not a file of d-pull's", hint) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise Error(f"{path} is not a regular file", hint)
+    return fd
 
 
-def append(out, chunk: bytes, have: int, blob: Blob, hasher: "hashlib._Hash") -> int:
-    if have + len(chunk) > blob.size:
-        out.close()
-        with contextlib.suppress(OSError):
-            os.unlink(out.name)
-        raise Error(f"blob {blob.digest} is larger than the {blob.size} bytes its manifest says")
-    out.write(chunk)
-    hasher.update(chunk)
-    return have + len(chunk)
+@contextlib.contextmanager
+def blob_lock(path: Path) -> Iterator[None]:
+    """The per-blob lock, held while this process downloads the blob; opened as `open_regular` does."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = open_regular(path, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_error(path: Path, err: OSError, missing: int) -> Error:

@@ -67,7 +67,7 @@ class Options:
 
     platform: Platform = field(default_factory=host_platform)
     cache: Path = field(default_factory=cache_dir)
-    insecure: bool = False  # plain HTTP; registries on loopback get it anyway
+    insecure: bool = False  # plain HTTP; registries on loopback fall back to it when HTTPS fails
     ca_bundle: str | None = None
     username: str | None = None
     password: str | None = field(default=None, repr=False)
@@ -75,6 +75,7 @@ class Options:
     jobs: int = 3  # blobs downloaded at once, as Docker does
     foreign_urls: bool = False  # download non-distributable layers from the URLs their manifest lists
     mirrors: list[str] = field(default_factory=list)  # --mirror flags; else $D_UTILS_MIRRORS or mirrors.json
+    timeout: float = 300.0  # seconds without progress before a transfer, and so the pull, gives up
     progress: Progress = field(default_factory=Lines)
 
 
@@ -112,12 +113,12 @@ class Pull:
     def connect(self, ref: Reference, retry: RetryPolicy) -> Registry:
         return Registry(
             ref,
-            find_credentials(ref.registry, self.options.username, self.options.password)
+            find_credentials(ref.registry, self.options.username, self.options.password, ref.repository)
             if ref == self.ref
-            else find_credentials(ref.registry),
-            plain_http=self.options.insecure or ref.is_local and not self.options.ca_bundle,
+            else find_credentials(ref.registry, repository=ref.repository),
+            plain_http=self.options.insecure,
             verify=self.options.ca_bundle or True,
-            retry=retry,
+            retry=replace(retry, patience=self.options.timeout),
             notify=self.options.progress.note,
         )
 

@@ -52,7 +52,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="replace DIR's image when the tag now names another one (keeps config.json edits)",
     )
     parser.add_argument(
-        "--insecure", action="store_true", help="use plain HTTP (automatic for localhost and 127.0.0.0/8)"
+        "--insecure", action="store_true", help="use plain HTTP (loopback registries fall back to it after HTTPS)"
     )
     parser.add_argument("--ca-bundle", metavar="FILE", help="trust the CA certificates in FILE for the registry's TLS")
     parser.add_argument(
@@ -73,6 +73,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "-j", "--jobs", type=positive, default=3, metavar="N", help="blobs downloaded at once (default: 3)"
+    )
+    parser.add_argument(
+        "--timeout", type=positive, default=300, metavar="SECONDS", help="give up after this long without progress"
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and doit's own output")
@@ -115,6 +118,7 @@ def pull(args: argparse.Namespace) -> int:
         update=args.update,
         mirrors=args.mirror,
         jobs=args.jobs,
+        timeout=args.timeout,
         foreign_urls=args.allow_foreign_urls,
         progress=progress,
         username=args.username,

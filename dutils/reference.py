@@ -1,5 +1,6 @@
 """Image references, parsed without I/O: `alpine` is `docker.io/library/alpine:latest`."""
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
 COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 TAG = re.compile(r"[\w][\w.-]{0,127}")
-HOST = re.compile(r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?\.?)+(?::[0-9]+)?|\[[0-9a-fA-F:]+\](?::[0-9]+)?")
+HOST = re.compile(r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?\.?)+(?::[0-9]+)?|\[[0-9a-fA-F:.]+\](?::[0-9]+)?")
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,16 @@ class Reference:
 
     @property
     def is_local(self) -> bool:
+        """Whether the registry is on loopback: localhost, 127.0.0.0/8, ::1 in any spelling (IPv4-mapped too)."""
         host = self.registry.rsplit(":", 1)[0] if not self.registry.endswith("]") else self.registry
-        return host in ("localhost", "[::1]") or host.startswith("127.")
+        if host.lower().rstrip(".") == "localhost":
+            return True
+        try:
+            address = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+        except ValueError:
+            return False
+        mapped = getattr(address, "ipv4_mapped", None)
+        return address.is_loopback or bool(mapped and mapped.is_loopback)
 
     def __str__(self) -> str:
         text = f"{self.registry}/{self.repository}"

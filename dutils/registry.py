@@ -1,20 +1,24 @@
 """The registry HTTP API: the only module that imports requests.
 
 Each request states the statuses it expects; auth challenges, redirects, retries and transport errors are handled
-here once, so callers see a response they asked for or an Error that says what failed.
+here once, so callers see a response they asked for or an Error that says what failed. Everything a server sends
+is bounded: non-blob bodies by size (never decompressed), every transfer by time without progress.
 """
 
 import base64
 import email.utils
+import json
 import os
 import random
 import re
+import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from typing import TypeVar
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
 from urllib3.exceptions import HTTPError as TransferError
@@ -30,28 +34,49 @@ DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 # Strict registries answer 404 when the index types are missing: always ask for all four.
 ACCEPT = ", ".join([OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST])
 MAX_MANIFEST = 4 << 20
+MAX_BODY = 64 << 10  # error bodies and token replies
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-TRANSPORT_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 10
 CHUNK = 1 << 20
-TIMEOUT = (15, 60)  # connect, read: a stalled blob download is retried rather than waited on forever
+CONNECT_TIMEOUT = 15
+MIN_RATE = 512  # bytes a second, over a stall window: a slower transfer counts as a cut connection
+PROGRESS = 64 << 10  # bytes a retried download must add to the most it ever kept for its failures to be forgiven
+NO_AUTH = ("", "")  # for `Registry.send`: an origin that no URL has
+T = TypeVar("T")
 
 
 class BlobUnknown(Error):
     """The registry does not have a blob: for a non-distributable layer, its URLs are asked instead."""
 
 
-class Interrupted(Exception):
-    """A transfer that broke off midway; the caller resumes it from the bytes it has."""
+class NotTls(Error):
+    """The server answered a TLS handshake with plain text: a loopback registry is then asked over plain HTTP."""
+
+
+class Retryable(Exception):
+    """A failure that trying again may mend: a busy server, a broken, stalled or garbled transfer."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with jitter; a server's Retry-After is honoured up to `max_wait` seconds."""
+    """Exponential backoff with jitter; a server's Retry-After is honoured up to `max_wait` seconds. `patience`:
+    seconds without progress after which a transfer is abandoned (--timeout)."""
 
     attempts: int = 6
     base_delay: float = 0.5
     max_delay: float = 30.0
     max_wait: float = 600.0
+    patience: float = 300.0
+
+    @property
+    def window(self) -> float:
+        """Seconds over which a transfer must bring MIN_RATE bytes a second, and the socket read timeout."""
+        return min(30.0, self.patience)
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -75,139 +100,209 @@ class Registry:
         self.ref = ref
         self.credentials = credentials
         self.base = f"{'http' if plain_http else 'https'}://{ref.api_host}"
+        # Loopback registries as Docker treats them: HTTPS first, plain HTTP when the server does not speak TLS.
+        self.fallback = f"http://{ref.api_host}" if ref.is_local and not plain_http else None
         self.verify = trusted_certificates(verify)  # per request: a session-level verify loses to REQUESTS_CA_BUNDLE
         self.retry = retry
         self.notify = notify
-        self.session = requests.Session()
+        self.local = threading.local()  # a Session per thread: requests does not promise that one is thread-safe
         self.authorization: str | None = None
+        self.realm: str | None = None  # the token realm of the registry's own /v2/ challenge: ours get credentials
         self.auth_lock = threading.Lock()
 
     # -- the API
 
     def ping(self) -> None:
         """Find out how the registry wants us to authenticate, and do it now (the `auth` task)."""
-        self.request("GET", "/v2/", expected={200}, what="the registry").close()  # request() answers the 401
+        self.retrying(
+            f"the registry {self.ref.registry}", lambda: self.request("GET", "/v2/", what="the registry").close()
+        )
 
     def get_manifest(self, wanted: str) -> tuple[bytes, str]:
         """The manifest bytes and media type for a tag or digest."""
         what = f"manifest {self.ref.repository}:{wanted}" if not wanted.startswith("sha256:") else f"manifest {wanted}"
-        response = self.request(
-            "GET",
-            f"/v2/{self.ref.repository}/manifests/{wanted}",
-            expected={200},
-            what=what,
-            headers={"Accept": ACCEPT},
-        )
-        with response:
-            body = response.raw.read(MAX_MANIFEST + 1, decode_content=True)
-        if len(body) > MAX_MANIFEST:
-            raise Error(
-                f"{what} from {self.ref.registry} is larger than {MAX_MANIFEST} bytes", "this is not a manifest"
-            )
-        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
-        return body, media_type
 
-    def open_blob(self, digest: str, start: int = 0, url: str | None = None) -> requests.Response:
-        """A streaming response for a blob from byte `start`: status 206 if the server honoured the range, else 200.
+        def attempt() -> tuple[bytes, str]:
+            path = f"/v2/{self.ref.repository}/manifests/{wanted}"
+            missing = lambda: self.unknown_manifest(what)  # noqa: E731
+            with self.request("GET", path, what=what, headers={"Accept": ACCEPT}, missing=missing) as response:
+                body = self.read_body(response, MAX_MANIFEST, f"{what} from {self.ref.registry}")
+            return body, response.headers.get("Content-Type", "").split(";")[0].strip()
 
-        From the registry, or from `url` (a non-distributable layer's), where no credentials of ours are sent.
+        return self.retrying(f"{what} from {self.ref.registry}", attempt)
+
+    def download_blob(self, digest: str, sink, url: str | None = None) -> None:
+        """Stream a blob into `sink` (fetch's PartialBlob: `have`, `missing`, `write`, `restart`) from its `have`
+        bytes on, resuming after every broken transfer.
+
+        From the registry, or from `url` (a non-distributable layer's), where no credentials of ours are sent. A
+        server that ignores our Range starts the sink over; one that answers another range is retried, then refused.
         """
-        headers = {"Range": f"bytes={start}-"} if start else {}
-        return self.request(
-            "GET",
-            url or f"/v2/{self.ref.repository}/blobs/{digest}",
-            expected={200, 206},
-            what=f"blob {digest}",
-            headers=headers,
+        what = f"blob {digest}"
+        where = f"blob {digest[:19]} from {urlsplit(url).netloc if url else self.ref.registry}"
+        missing = lambda: BlobUnknown(  # noqa: E731
+            f"{what} is missing from {self.ref.registry}/{self.ref.repository}",
+            "the image is incomplete on this registry",
         )
 
-    def read_blob(self, digest: str, start: int, url: str | None = None) -> tuple[int, Iterator[bytes]]:
-        """(first byte offset, chunks) of a blob from `start`; a broken transfer raises Interrupted.
+        def attempt() -> None:
+            start = sink.have
+            headers = {"Range": f"bytes={start}-"} if start else {}
+            path = url or f"/v2/{self.ref.repository}/blobs/{digest}"
+            with self.request(
+                "GET", path, what=what, expected={200, 206}, headers=headers, missing=missing
+            ) as response:
+                refuse_encoded(response, what)
+                if response.status_code == 206:
+                    check_range(response, start)
+                elif start:
+                    sink.restart()  # the server ignored our Range: its body starts at byte 0
+                for chunk in self.chunks(response):
+                    sink.write(chunk)
+            if sink.missing:
+                raise Retryable("the connection closed early")
 
-        The offset is 0 when the server ignored our Range. `read1` hands over whatever has arrived, so bytes
-        received before a connection breaks are kept rather than lost with a half-filled buffer.
-        """
-        response = self.open_blob(digest, start, url)
-        offset = content_range_start(response) if response.status_code == 206 else 0
+        self.retrying(where, attempt, kept=lambda: sink.have)
 
-        def chunks() -> Iterator[bytes]:
-            try:
-                while chunk := response.raw.read1(CHUNK):
-                    yield chunk
-            except (TransferError, OSError) as err:
-                raise Interrupted(describe(err)) from None
-            finally:
-                response.close()
+    # -- the one retry loop
 
-        return offset, chunks()
-
-    # -- one request, with auth, redirects and retries
-
-    def request(self, method: str, path: str, *, expected: set[int], what: str, headers: dict | None = None):
-        url = urljoin(self.base, path)
-        where = f"{what} at {urlsplit(url).netloc}"  # the registry, or a non-distributable layer's own host
-        failures = 0
-        reauthenticated = False
+    def retrying(self, where: str, attempt: Callable[[], T], kept: Callable[[], int] = lambda: 0) -> T:
+        """`attempt()` until it succeeds, gives a final Error, or `retry.attempts` failures or `retry.patience`
+        seconds pass without progress. Progress is bytes kept (`kept()`) beyond the most ever kept, so a server
+        whose answers go back and forth cannot keep us retrying forever."""
+        failures, best, since = 0, kept(), time.monotonic()
         while True:
             try:
-                response = self.send(method, url, headers or {})
-            except TRANSPORT_ERRORS as err:
-                if final := tls_failure(self.ref.registry, err):
-                    raise final from None  # trying again cannot make a certificate trusted
-                failures = self.wait_before_retry(failures, where, describe(err), None)
-                continue
-            if response.status_code == 401 and not reauthenticated and "WWW-Authenticate" in response.headers:
-                # First contact, or a token that expired in the middle of a long pull: authenticate and go on,
-                # unless that gives the authorization just refused (wrong Basic credentials).
-                used = response.request.headers.get("Authorization")
-                self.authenticate(response, used)
-                reauthenticated = True
-                if self.authorization != used:
-                    continue
-            if response.status_code in RETRY_STATUSES:
-                reason = f"HTTP {response.status_code}"
-                failures = self.wait_before_retry(failures, where, reason, retry_after(response))
-                continue
-            if response.status_code in expected:
-                return response
-            raise self.failure(response, what)
+                return attempt()
+            except Retryable as err:
+                if kept() >= best + PROGRESS:
+                    failures, best, since = 0, kept(), time.monotonic()
+                failures += 1
+                waited = time.monotonic() - since
+                if failures >= self.retry.attempts or waited >= self.retry.patience:
+                    raise Error(
+                        f"giving up on {where} after {failures} attempts in {waited:.0f} s without progress: {err}",
+                        "check the registry name and your network, then run the same command again",
+                    ) from None
+                delay = self.retry.delay(failures - 1, err.retry_after)
+                asked = " (the registry asked us to wait)" if err.retry_after else ""
+                self.notify(f"{where}: {err}; retrying in {delay:.0f} s{asked}")
+                time.sleep(delay)
 
-    def send(self, method: str, url: str, headers: dict) -> requests.Response:
-        """Send, following redirects by hand: the registry's Authorization never goes to another host (a CDN)."""
-        for _ in range(10):
+    # -- one request: auth and redirects
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        what: str,
+        expected: set[int] = frozenset({200}),
+        headers: dict | None = None,
+        missing: Callable[[], Error] | None = None,
+    ) -> requests.Response:
+        """One attempt, authenticated as the registry asks: a response with an expected status, else an Error,
+        or Retryable. `missing` makes the Error for a 404 from the registry."""
+        url = urljoin(self.base, path)
+        try:
+            response = self.send(method, url, headers or {}, what)
+            self.fallback = None  # the registry answered: its scheme is settled (a CDN's failure must not change it)
+            if response.status_code == 401 and self.answer_challenge(response):
+                response = self.send(method, url, headers or {}, what)
+        except NotTls:
+            if not (self.fallback and url.startswith(self.base)):
+                raise
+            self.base, self.fallback = self.fallback, None
+            return self.request(method, path, what=what, expected=expected, headers=headers, missing=missing)
+        if response.status_code in expected:
+            return response
+        if response.status_code in RETRY_STATUSES:
+            response.close()
+            raise Retryable(f"HTTP {response.status_code}", retry_after(response.headers))
+        raise self.failure(response, what, missing)
+
+    def send(self, method: str, url: str, headers: dict, what: str, auth: tuple[str, str] | None = None):
+        """Send, following redirects here: requests would read each redirect's whole body into memory, decompressed
+        (a gzip bomb), and follow a Location to any scheme. `auth` (origin, header), by default the registry's
+        Authorization, goes to that scheme+host only, never to a CDN or another host a redirect names."""
+        if auth is None and self.authorization:
+            auth = (origin(self.base), self.authorization)
+        for _ in range(MAX_REDIRECTS):
+            scheme = urlsplit(url).scheme
+            if scheme not in ("http", "https"):
+                raise Error(
+                    f"{what} was redirected to a {scheme or 'relative'} URL {url[:200]}", "only http(s) is used"
+                )
             sent = dict(headers)  # Range included: a resumed download stays resumed on the CDN
-            if self.authorization and urlsplit(url)[:2] == urlsplit(self.base)[:2]:
-                sent["Authorization"] = self.authorization
-            response = self.session.request(
-                method, url, headers=sent, stream=True, allow_redirects=False, timeout=TIMEOUT, verify=self.verify
-            )
-            if response.status_code not in (301, 302, 303, 307, 308) or "Location" not in response.headers:
+            if auth and origin(url) == auth[0]:
+                sent["Authorization"] = auth[1]
+            try:
+                response = self.session().request(
+                    method,
+                    url,
+                    headers=sent,
+                    stream=True,
+                    allow_redirects=False,
+                    timeout=(CONNECT_TIMEOUT, self.retry.window),
+                    verify=self.verify,
+                )
+            except requests.RequestException as err:
+                raise transport_failure(urlsplit(url).netloc, err) from None
+            if response.status_code not in REDIRECTS or "Location" not in response.headers:
                 return response
             response.close()
             url = urljoin(url, response.headers["Location"])
-        raise Error(f"too many redirects from {self.ref.registry} for {url}")
+        raise Error(f"too many redirects for {what}, last to {url[:200]}")
 
-    def wait_before_retry(self, failures: int, what: str, reason: str, after: float | None) -> int:
-        if failures + 1 >= self.retry.attempts or "[Errno -2]" in reason:  # -2: the host name does not exist
-            raise Error(
-                f"giving up on {what} after {failures + 1} attempts: {reason}",
-                "check the registry name and your network, then run the same command again",
-            )
-        delay = self.retry.delay(failures, after)
-        self.notify(
-            f"{what}: {reason}; retrying in {delay:.0f} s" + (" (the registry asked us to wait)" if after else "")
-        )
-        time.sleep(delay)
-        return failures + 1
+    def session(self) -> requests.Session:
+        session = getattr(self.local, "session", None)
+        if session is None:
+            session = self.local.session = requests.Session()
+            session.headers["Accept-Encoding"] = "identity"  # digests are of the bytes stored: no proxy may gzip them
+        return session
+
+    def chunks(self, response: requests.Response) -> Iterator[bytes]:
+        """The body as it arrives, undecoded; a transfer that breaks, or brings less than MIN_RATE bytes a second
+        over a window, raises Retryable. `read1` hands over whatever has arrived: nothing received is lost."""
+        window = self.retry.window
+        started, got = time.monotonic(), 0
+        try:
+            while chunk := response.raw.read1(CHUNK):
+                yield chunk
+                got += len(chunk)
+                if time.monotonic() - started >= window:
+                    if got < MIN_RATE * window:
+                        raise Retryable(f"stalled: {got} bytes in {window:.0f} s")
+                    started, got = time.monotonic(), 0
+        except (TransferError, OSError) as err:
+            raise Retryable(describe(err)) from None
+
+    def read_body(self, response: requests.Response, cap: int, what: str) -> bytes:
+        """A non-blob body: at most `cap` bytes, never decompressed."""
+        refuse_encoded(response, what)
+        body = bytearray()
+        for chunk in self.chunks(response):
+            body += chunk
+            if len(body) > cap:
+                raise Error(f"{what} is larger than {cap} bytes", "this is not what a registry sends")
+        return bytes(body)
 
     # -- authentication
 
-    def authenticate(self, challenge: requests.Response, used: str | None) -> None:
-        """Answer a 401: Bearer token flow or Basic credentials. Threads share one token."""
+    def answer_challenge(self, response: requests.Response) -> bool:
+        """Authenticate after a 401 from the registry itself (first contact, or a token that expired); whether to
+        send the request again. A 401 from any other host gets nothing of ours: it is an error (see `failure`)."""
+        header = response.headers.get("WWW-Authenticate", "")
+        if origin(response.url) != origin(self.base) or not header:
+            return False
+        used = response.request.headers.get("Authorization")
+        scheme, params = parse_challenge(header)
+        response.close()
         with self.auth_lock:
             if self.authorization != used:
-                return  # another thread has already renewed it
-            scheme, params = parse_challenge(challenge.headers.get("WWW-Authenticate", ""))
+                return True  # another thread has already renewed it
+            if urlsplit(response.url).path == "/v2/" and self.realm is None:
+                self.realm = params.get("realm", "")
             if scheme == "basic":
                 if not self.credentials:
                     raise Error(f"{self.ref.registry} requires a login", "pass --username and --password-stdin")
@@ -216,48 +311,66 @@ class Registry:
                 self.authorization = f"Bearer {self.fetch_token(params)}"
             else:
                 raise Error(f"{self.ref.registry} asked for an unsupported authentication scheme {scheme!r}")
+            return self.authorization != used  # the same again: those credentials were refused
+
+    def own_realm(self) -> str:
+        """The realm the registry's /v2/ challenge names ("" when it asks for none): asked once, unauthenticated."""
+        if self.realm is None:
+            with self.send("GET", urljoin(self.base, "/v2/"), {}, "the registry", NO_AUTH) as response:
+                self.realm = parse_challenge(response.headers.get("WWW-Authenticate", ""))[1].get("realm", "")
+        return self.realm
 
     def fetch_token(self, params: dict[str, str]) -> str:
+        """A Bearer token from the realm; with our credentials only when it is the registry's own /v2/ realm."""
+        server = f"the token server of {self.ref.registry}"
+        realm = params["realm"]
         query = {"scope": params.get("scope") or self.ref.scope}
         if "service" in params:
             query["service"] = params["service"]
-        auth = (self.credentials.username, self.credentials.password) if self.credentials else None
+        url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(query)}"
+        own = self.credentials and realm == self.own_realm()
+        auth = (origin(realm), basic_header(self.credentials)) if own else NO_AUTH
+        with self.send("GET", url, {}, server, auth) as response:
+            if response.status_code in RETRY_STATUSES:
+                raise Retryable(f"{server}: HTTP {response.status_code}", retry_after(response.headers))
+            if response.status_code in (401, 403):
+                raise Error(f"access denied by {server}", "check your credentials")
+            if response.status_code != 200:
+                raise Error(f"{server} answered HTTP {response.status_code}")
+            body = self.read_body(response, MAX_BODY, f"the answer of {server}")
         try:
-            response = self.session.get(params["realm"], params=query, auth=auth, timeout=TIMEOUT, verify=self.verify)
-        except requests.RequestException as err:  # a bad realm URL included
-            server = f"the token server of {self.ref.registry}"
-            raise tls_failure(server, err) or Error(f"cannot reach {server}: {describe(err)}") from None
-        if response.status_code in (401, 403):
-            raise Error(f"access denied by the token server of {self.ref.registry}", "check your credentials")
-        if response.status_code != 200:
-            raise Error(f"the token server of {self.ref.registry} answered HTTP {response.status_code}")
-        try:
-            answer = response.json()
-            return answer.get("token") or answer["access_token"]
+            answer = json.loads(body)
+            token = answer.get("token") or answer["access_token"]
         except (ValueError, KeyError, AttributeError):
-            raise Error(f"the token server of {self.ref.registry} sent no token") from None
+            raise Error(f"{server} sent no token") from None
+        return str(token)
 
     # -- errors
 
-    def repository_exists(self) -> bool:
-        """Whether the repository is known, to tell an unknown image from an unknown tag."""
-        try:
-            response = self.request("GET", f"/v2/{self.ref.repository}/tags/list?n=1", expected={200, 404}, what="tags")
-        except Error:
-            return True  # cannot tell: say the less drastic thing
-        return not (response.status_code == 404 and "NAME_UNKNOWN" in error_codes(response))
-
-    def failure(self, response: requests.Response, what: str) -> Error:
-        codes = error_codes(response)
-        status = response.status_code
-        response.close()
+    def unknown_manifest(self, what: str) -> Error:
+        """An unknown image or an unknown tag, as the repository's tag list tells (the less drastic when it cannot)."""
         where = f"{self.ref.registry}/{self.ref.repository}"
-        if status == 404 and ("NAME_UNKNOWN" in codes or what.startswith("manifest") and not self.repository_exists()):
+        try:
+            path = f"/v2/{self.ref.repository}/tags/list?n=1"
+            with self.request("GET", path, expected={200, 404}, what="tags") as response:
+                if response.status_code == 404 and "NAME_UNKNOWN" in self.error_codes(response):
+                    return Error(f"unknown image {where}", "check the image name")
+        except (Error, Retryable):
+            pass
+        return Error(f"unknown {what} in {where}", "check the tag or digest")
+
+    def failure(self, response: requests.Response, what: str, missing: Callable[[], Error] | None) -> Error:
+        status, host = response.status_code, urlsplit(response.url).netloc
+        codes = self.error_codes(response)
+        detail = f" ({', '.join(codes)})" if codes else ""
+        where = f"{self.ref.registry}/{self.ref.repository}"
+        if origin(response.url) != origin(self.base):  # a CDN, a foreign layer's host: never given our credentials
+            hint = f"d-pull sends credentials only to {self.ref.registry}" if status in (401, 403) else ""
+            return Error(f"{what} at {host}: HTTP {status}{detail}", hint)
+        if status == 404 and "NAME_UNKNOWN" in codes:
             return Error(f"unknown image {where}", "check the image name")
-        if status == 404 and what.startswith("manifest"):
-            return Error(f"unknown {what} in {where}", "check the tag or digest")
-        if status == 404 and what.startswith("blob"):
-            return BlobUnknown(f"{what} is missing from {where}", "the image is incomplete on this registry")
+        if status == 404 and missing:
+            return missing()
         if status in (401, 403) and self.credentials:
             return Error(
                 f"access denied to {where} for {self.credentials.username} (HTTP {status}): "
@@ -269,8 +382,41 @@ class Registry:
                 f"access denied to {where} (HTTP {status}): the image does not exist or needs a login",
                 "check the name, or pass --username and --password-stdin",
             )
-        detail = f" ({', '.join(codes)})" if codes else ""
-        return Error(f"{what} from {self.ref.registry}: unexpected HTTP {status}{detail}")
+        plain = status == 400 and response.url.startswith("http:")  # what TLS servers answer to plain HTTP
+        hint = "if the registry speaks HTTPS only, leave out --insecure" if plain else ""
+        return Error(f"{what} from {self.ref.registry}: unexpected HTTP {status}{detail}", hint)
+
+    def error_codes(self, response: requests.Response) -> list[str]:
+        """The distribution spec's error codes in a failed response's body, if any (read up to MAX_BODY)."""
+        with response:
+            try:
+                errors = json.loads(self.read_body(response, MAX_BODY, "an error")).get("errors")
+                return [str(e.get("code", "")) for e in errors if isinstance(e, dict)]
+            except (Error, Retryable, ValueError, TypeError, AttributeError):
+                return []
+
+
+def origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def refuse_encoded(response: requests.Response, what: str) -> None:
+    """We ask for bytes as stored (Accept-Encoding: identity); a proxy that compresses anyway is named, since
+    storing, hashing or decompressing its answer would be wrong or unbounded."""
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise Error(
+            f"{what} came {encoding}-encoded from {urlsplit(response.url).netloc} although it was asked for as stored",
+            "a proxy in between compresses registry responses: configure it not to (nginx: gzip off)",
+        )
+
+
+def check_range(response: requests.Response, start: int) -> None:
+    found = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+    if not found or int(found.group(1)) != start:
+        sent = response.headers.get("Content-Range", "none")[:100]
+        raise Retryable(f"asked for the bytes from {start} on, the server sent the range {sent!r}")
 
 
 def trusted_certificates(verify: bool | str) -> bool | str:
@@ -287,11 +433,15 @@ def trusted_certificates(verify: bool | str) -> bool | str:
     return verify
 
 
-def tls_failure(server: str, err: Exception) -> Error | None:
-    """The Error for a TLS failure that no retry can mend, if `err` is one (OpenSSL's code tells)."""
+def transport_failure(server: str, err: requests.RequestException) -> Error | Retryable:
+    """What a transport error means: a TLS failure or a host name that no retry can mend, else Retryable."""
+    if caused_by(err, socket.gaierror):
+        return Error(f"cannot find the host {server}", "check the registry name and your network")
     found = re.search(r"\[(SSL|X509): (\w+)\] ([^(']*)", str(err))
     if not isinstance(err, requests.exceptions.SSLError) or not found:
-        return None
+        if isinstance(err, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)):
+            return Retryable(describe(err))
+        return Error(f"cannot ask {server}: {describe(err)}")
     library, code, reason = found.group(1), found.group(2), found.group(3).strip()
     if code == "CERTIFICATE_VERIFY_FAILED":
         return Error(
@@ -299,18 +449,18 @@ def tls_failure(server: str, err: Exception) -> Error | None:
             "give the registry's CA certificate with --ca-bundle FILE, or install it in the system's trust store",
         )
     if code in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST"):
-        return Error(f"{server} does not speak TLS ({reason})", "for a plain-HTTP registry, pass --insecure")
+        return NotTls(f"{server} does not speak TLS ({reason})", "for a plain-HTTP registry, pass --insecure")
     if library == "X509":
         return Error(f"cannot use the CA certificates for {server}: {reason}", "give --ca-bundle a PEM file")
-    return None
+    return Retryable(describe(err))
 
 
-def content_range_start(response: requests.Response) -> int:
-    found = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
-    if not found:
-        response.close()
-        raise Interrupted("a partial response without a valid Content-Range")
-    return int(found.group(1))
+def caused_by(err: BaseException, kind: type[BaseException]) -> bool:
+    while err is not None:
+        if isinstance(err, kind):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -323,10 +473,9 @@ def basic_header(credentials: Credentials) -> str:
     return f"Basic {token}"
 
 
-def retry_after(response: requests.Response) -> float | None:
+def retry_after(headers: Mapping[str, str]) -> float | None:
     """Retry-After in seconds, from either of its forms (delta-seconds or an HTTP date)."""
-    value = response.headers.get("Retry-After")
-    response.close()
+    value = headers.get("Retry-After")
     if not value:
         return None
     if value.strip().isdigit():
@@ -335,14 +484,6 @@ def retry_after(response: requests.Response) -> float | None:
         return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
         return None
-
-
-def error_codes(response: requests.Response) -> list[str]:
-    """The distribution spec's error codes in a failed response's body, if any."""
-    try:
-        return [e.get("code", "") for e in response.json().get("errors", [])]
-    except (ValueError, AttributeError, requests.RequestException):
-        return []
 
 
 def describe(err: BaseException) -> str:

@@ -19,7 +19,7 @@ from realworld import PERSONAL, assert_pulled, htpasswd_config, isolated_env, pu
 from registry import Registry
 from tokenserver import SERVICE, TokenServer
 
-from dutils.auth import Credentials, find_credentials
+from dutils.auth import Credentials, auth_files, find_credentials
 from dutils.errors import Error
 
 USER = "alice"
@@ -125,6 +125,61 @@ def test_the_first_auth_file_with_an_entry_wins(home, monkeypatch):
     monkeypatch.setenv("REGISTRY_AUTH_FILE", str(files[0]))
     assert find_credentials("reg.example").username == "user0"
     assert find_credentials("reg.example", "flag-user", "flag-pw") == Credentials("flag-user", "flag-pw")
+
+
+def test_auth_files_are_read_in_the_containers_tools_order(home, monkeypatch):
+    """Without $XDG_RUNTIME_DIR the runtime file is /run/containers/UID/auth.json (root: /run/containers/0), as
+    podman login writes it; $XDG_CONFIG_HOME and $DOCKER_CONFIG move theirs."""
+    docker_default = home / ".docker" / "config.json"
+    assert auth_files() == [
+        Path(f"/run/containers/{os.getuid()}/auth.json"),
+        home / ".config" / "containers" / "auth.json",
+        docker_default,
+    ]
+    use(
+        {"REGISTRY_AUTH_FILE": "/given.json", "XDG_RUNTIME_DIR": "/xdg-run", "XDG_CONFIG_HOME": "/xdg-config"},
+        monkeypatch,
+    )
+    use({"DOCKER_CONFIG": "/docker"}, monkeypatch)
+    assert auth_files() == [
+        Path("/given.json"),
+        Path("/xdg-run/containers/auth.json"),
+        Path("/xdg-config/containers/auth.json"),
+        Path("/docker/config.json"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("repository", "user"),
+    [
+        ("team/app", "app-user"),
+        ("team/app/sub", "app-user"),
+        ("team/other", "team-user"),
+        ("team-admin/app", "host-user"),  # whole path components only: reg/team is not a prefix of reg/team-admin
+        ("elsewhere", "host-user"),
+    ],
+)
+def test_keys_scoped_to_a_namespace_or_repository_match_most_specific_first(repository, user, home, monkeypatch):
+    path = home / "auth.json"
+    auths = {f"reg.example:5000/{key}": {"auth": basic_token(name)} for key, name in [("team", "team-user")]}
+    auths |= {"reg.example:5000/team/app": {"auth": basic_token("app-user")}}
+    auths |= {"reg.example:5000": {"auth": basic_token("host-user")}}
+    path.write_text(json.dumps({"auths": auths}))
+    use({"REGISTRY_AUTH_FILE": str(path)}, monkeypatch)
+    assert find_credentials("reg.example:5000", repository=repository).username == user
+    assert find_credentials("reg.example:5000").username == "host-user"  # no repository: the host's key
+
+
+def test_a_scoped_key_in_an_earlier_file_beats_a_host_key_in_a_later_one(home, monkeypatch):
+    """Files are read in order, each for its most specific key, as the containers tools do."""
+    (home / ".config" / "containers").mkdir(parents=True)
+    (home / ".config" / "containers" / "auth.json").write_text(
+        json.dumps({"auths": {"reg.example/team": {"auth": basic_token("scoped")}}})
+    )
+    (home / ".docker").mkdir()
+    (home / ".docker" / "config.json").write_text(json.dumps({"auths": {"reg.example": {"auth": basic_token("host")}}}))
+    assert find_credentials("reg.example", repository="team/app").username == "scoped"
+    assert find_credentials("reg.example", repository="other/app").username == "host"
 
 
 def test_credential_helpers_are_asked_for_the_registry_and_may_know_nothing(home, monkeypatch):
@@ -262,6 +317,26 @@ def test_stored_credentials_are_used(source, kind, registries, tokens, tmp_path)
     settings = write_credentials(tmp_path, source, registry.host)
     done = pull(f"{registry.host}/{PRIVATE}", tmp_path / "bb", **settings)
     assert_pulled(done, tmp_path / "bb")
+    assert_keeps_secrets(done, tmp_path / "bb", tokens)
+
+
+@pytest.mark.parametrize("kind", ["token", "basic"])
+@pytest.mark.parametrize(("key", "allowed"), [("private", True), ("private/busybox", True), ("team", False)])
+def test_a_key_scoped_to_the_repository_is_used_and_one_for_another_namespace_is_not(
+    key, allowed, kind, registries, tokens, tmp_path
+):
+    """As podman login --authfile writes it for `host/namespace`: in ${XDG_RUNTIME_DIR}/containers/auth.json."""
+    registry = registries[kind]
+    runtime = tmp_path / "run"
+    (runtime / "containers").mkdir(parents=True)
+    (runtime / "containers" / "auth.json").write_text(
+        json.dumps({"auths": {f"{registry.host}/{key}": {"auth": basic_token()}}})
+    )
+    done = pull(f"{registry.host}/{PRIVATE}", tmp_path / "bb", XDG_RUNTIME_DIR=str(runtime))
+    if allowed:
+        assert_pulled(done, tmp_path / "bb")
+    else:
+        assert_one_line_error(done, "requires a login" if kind == "basic" else "access denied")
     assert_keeps_secrets(done, tmp_path / "bb", tokens)
 
 

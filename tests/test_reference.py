@@ -41,14 +41,32 @@ def test_default_folder_name_is_the_last_component():
     assert parse_reference("localhost:5000/team/app:1").name == "app"
 
 
-@pytest.mark.parametrize("text", ["127.0.0.1:5000/x", "localhost:1/x", "localhost/x"])
-def test_loopback_registries_are_local(text):
+@pytest.mark.parametrize(
+    "text",
+    [
+        "127.0.0.1:5000/x",
+        "127.255.0.9:5000/x",
+        "localhost:1/x",
+        "localhost/x",
+        "LocalHost:5000/x",
+        "[::1]:5000/x",
+        "[::1]/x",
+        "[0:0:0:0:0:0:0:1]:5000/x",
+        "[0000:0000:0000:0000:0000:0000:0000:0001]:5000/x",
+        "[::ffff:127.0.0.1]:5000/x",
+        "[::FFFF:7f00:1]:5000/x",
+    ],
+)
+def test_loopback_registries_are_local_in_every_spelling(text):
     assert parse_reference(text).is_local
 
 
-def test_remote_registries_are_not_local():
-    assert not parse_reference("ghcr.io/x/y").is_local
-    assert not parse_reference("alpine").is_local
+@pytest.mark.parametrize(
+    "text",
+    ["ghcr.io/x/y", "alpine", "10.0.0.1:5000/x", "[::2]:5000/x", "[::ffff:10.0.0.1]:1/x", "localhost.evil.com/x"],
+)
+def test_other_registries_are_not_local(text):
+    assert not parse_reference(text).is_local
 
 
 @pytest.mark.parametrize(

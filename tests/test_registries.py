@@ -1,13 +1,16 @@
 """Registries as they really are, end to end: references with nested paths and tag@digest, TLS with a private CA,
 plain HTTP only when allowed, blob downloads redirected to a CDN, pull-through mirrors, and multi-platform indexes."""
 
+import contextlib
 import json
 import socket
+import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import requests
 from cdn import Cdn, RedirectingFront
 from certs import Authority
 from cli import assert_one_line_error, d_pull
@@ -132,6 +135,35 @@ def test_a_missing_or_unreadable_ca_bundle_is_a_one_line_error(content, says, tl
     assert time.monotonic() - started < QUICK
     assert_one_line_error(done, says)
     assert "retrying" not in done.stderr
+
+
+# -- loopback registries: HTTPS first, then plain HTTP, as Docker does
+
+
+@pytest.mark.parametrize("environment", ENVIRONMENTS)
+def test_a_tls_registry_on_loopback_is_spoken_to_over_https_with_the_system_store(environment, tls, ca, tmp_path):
+    image = f"127.0.0.1:{tls.port}/{BUSYBOX}"
+    assert_pulled(pull(image, tmp_path / "bb", SSL_CERT_FILE=str(ca[1]), **ENVIRONMENTS[environment]), tmp_path / "bb")
+
+
+def test_a_tls_registry_on_loopback_that_is_not_trusted_is_one_line(tls, tmp_path):
+    """The server speaks TLS, so plain HTTP cannot work either: say what to trust, at once."""
+    started = time.monotonic()
+    done = pull(f"127.0.0.1:{tls.port}/{BUSYBOX}", tmp_path / "bb")
+    assert time.monotonic() - started < QUICK
+    assert_one_line_error(done, "cannot verify the TLS certificate of 127.0.0.1", "--ca-bundle")
+    assert "retrying" not in done.stderr
+
+
+def test_insecure_still_means_plain_http_on_loopback(tls, tmp_path):
+    done = pull(f"127.0.0.1:{tls.port}/{BUSYBOX}", tmp_path / "bb", "--insecure")
+    assert_one_line_error(done, "HTTP 400", "leave out --insecure")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::ffff:127.0.0.1]"])
+def test_a_plain_registry_on_loopback_is_used_after_https_fails(host, plain, tmp_path):
+    image = f"{host}:{plain.port}/{BUSYBOX}"
+    assert assert_pulled(pull(image, tmp_path / "bb"), tmp_path / "bb")["reference"] == image
 
 
 def test_plain_http_only_when_asked(plain, loopback_name, tmp_path):
@@ -306,3 +338,70 @@ def test_a_non_distributable_layer_is_a_clear_error_unless_allowed(foreign, tmp_
     assert allowed.returncode == 0, allowed.stderr
     assert (tmp_path / "a" / "rootfs" / "etc" / "added-by-layer-2").exists()
     assert all("Authorization" not in headers for headers in host.requests)
+
+
+# -- a proxy that compresses everything it can
+
+
+class Nginx:
+    """nginx on a free loopback port, in front of `upstream` (host:port), configured by `directives` (http level)."""
+
+    def __init__(self, upstream: str, directives: str, folder: Path) -> None:
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        temp = " ".join(
+            f"{kind}_temp_path {folder}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        self.config = folder / "nginx.conf"
+        self.config.write_text(
+            f"daemon off; master_process off; pid {folder}/nginx.pid; error_log {folder}/error.log;\n"
+            "events { worker_connections 64; }\n"
+            f"http {{ access_log off; {temp} {directives}\n"
+            f"  server {{ listen {self.host}; location / {{ proxy_pass http://{upstream}; proxy_set_header Host $http_host; }} }}\n"
+            "}\n"
+        )
+        self.process = subprocess.Popen(["nginx", "-p", str(folder), "-c", str(self.config)], stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self.process.poll() is None:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"nginx did not start: {self.process.stderr.read().decode()}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def __enter__(self) -> "Nginx":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+GZIP_EVERYTHING = "gzip on; gzip_types *; gzip_proxied any; gzip_min_length 1;"
+
+
+def test_a_proxy_that_gzips_everything_it_may_does_not_touch_what_we_pull(plain, tmp_path):
+    """We ask for Accept-Encoding: identity, so the proxy sends blobs as the registry stores them (it would gzip
+    them for a client that accepts gzip, as requests does by default: checked first)."""
+    layer = max(busybox_image().blobs().items(), key=lambda item: len(item[1]))[0]
+    with Nginx(plain.host, GZIP_EVERYTHING, tmp_path) as proxy:
+        url = f"http://{proxy.host}/v2/{BUSYBOX.split(':')[0]}/blobs/{layer}"
+        compressed = requests.get(url, headers={"Accept-Encoding": "gzip"}, timeout=30, stream=True)
+        assert compressed.status_code == 200 and compressed.headers.get("Content-Encoding") == "gzip"
+        compressed.close()
+        assert_pulled(pull(f"{proxy.host}/{BUSYBOX}", tmp_path / "bb"), tmp_path / "bb")
+
+
+def test_a_host_name_that_does_not_resolve_is_one_line_at_once(tmp_path):
+    started = time.monotonic()
+    done = pull("no-such-registry.invalid/team/app:1", tmp_path / "app")
+    assert time.monotonic() - started < QUICK
+    assert_one_line_error(done, "cannot find the host no-such-registry.invalid")
+    assert "retrying" not in done.stderr

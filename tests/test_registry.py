@@ -1,0 +1,212 @@
+"""The registry client's pure parts, without a network: Retry-After, challenges, backoff, the retry loop's bounds,
+Content-Range checks and where a resumed download starts."""
+
+import email.utils
+import hashlib
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from dutils.errors import Error
+from dutils.fetch import PartialBlob
+from dutils.manifest import Blob
+from dutils.progress import Lines
+from dutils.reference import parse_reference
+from dutils.registry import PROGRESS, Registry, Retryable, RetryPolicy, check_range, parse_challenge, retry_after
+
+NO_WAIT = RetryPolicy(base_delay=0.0, max_delay=0.0)
+
+
+def response(**headers: str) -> requests.Response:
+    made = requests.Response()
+    made.headers.update(headers)
+    return made
+
+
+# -- Retry-After
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("0", 0.0), ("120", 120.0), (" 7 ", 7.0), (None, None), ("soon", None)])
+def test_retry_after_in_seconds(value, seconds):
+    assert retry_after({"Retry-After": value} if value is not None else {}) == seconds
+
+
+def test_retry_after_as_an_http_date():
+    later = email.utils.formatdate(time.time() + 60, usegmt=True)
+    assert 55 <= retry_after({"Retry-After": later}) <= 60
+    earlier = email.utils.formatdate(time.time() - 60, usegmt=True)
+    assert retry_after({"Retry-After": earlier}) == 0.0
+
+
+# -- WWW-Authenticate
+
+
+@pytest.mark.parametrize(
+    ("header", "scheme", "params"),
+    [
+        (
+            'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:a/b:pull"',
+            "bearer",
+            {"realm": "https://auth.docker.io/token", "service": "registry.docker.io", "scope": "repository:a/b:pull"},
+        ),
+        ('Basic realm="Registry Realm"', "basic", {"realm": "Registry Realm"}),
+        ('BEARER  realm="r", error="invalid_token"', "bearer", {"realm": "r", "error": "invalid_token"}),
+        ("", "", {}),
+        ("Negotiate", "negotiate", {}),
+    ],
+)
+def test_parse_challenge(header, scheme, params):
+    assert parse_challenge(header) == (scheme, params)
+
+
+# -- backoff
+
+
+def test_delay_grows_with_jitter_up_to_a_ceiling():
+    policy = RetryPolicy(base_delay=1.0, max_delay=8.0)
+    for attempt, ceiling in [(0, 1.0), (1, 2.0), (2, 4.0), (3, 8.0), (10, 8.0)]:
+        delays = [policy.delay(attempt, None) for _ in range(50)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays), (attempt, delays)
+
+
+def test_delay_honours_retry_after_up_to_max_wait():
+    policy = RetryPolicy(max_wait=60.0)
+    assert policy.delay(0, 5.0) == 5.0
+    assert policy.delay(3, 3600.0) == 60.0
+
+
+def test_the_stall_window_never_exceeds_the_patience():
+    assert RetryPolicy().window == 30.0
+    assert RetryPolicy(patience=3).window == 3
+
+
+# -- the retry loop
+
+
+def registry(policy: RetryPolicy = NO_WAIT) -> Registry:
+    return Registry(parse_reference("registry.example/app"), retry=policy)
+
+
+def test_retries_are_bounded_in_count_and_name_the_reason():
+    calls = []
+
+    def attempt():
+        calls.append(1)
+        raise Retryable("HTTP 503")
+
+    with pytest.raises(Error) as caught:
+        registry().retrying("manifest x", attempt)
+    assert len(calls) == NO_WAIT.attempts
+    assert "giving up on manifest x after 6 attempts" in str(caught.value) and "HTTP 503" in str(caught.value)
+
+
+def test_progress_forgives_failures_but_going_back_and_forth_does_not():
+    """Kept bytes that only return to where they were (a server whose ranges lie) are not progress."""
+    kept = [0]
+    offsets = iter([PROGRESS * 2, 0, PROGRESS * 2, 0, PROGRESS * 2, 0, PROGRESS * 2, 0, PROGRESS * 2] * 3)
+    calls = []
+
+    def attempt():
+        calls.append(1)
+        kept[0] = next(offsets)
+        raise Retryable("the connection closed early")
+
+    with pytest.raises(Error):
+        registry().retrying("blob", attempt, kept=lambda: kept[0])
+    assert len(calls) == NO_WAIT.attempts  # the first attempt's progress forgave nothing after it
+
+
+def test_steady_progress_keeps_a_transfer_going():
+    kept = [0]
+
+    def attempt():
+        kept[0] += PROGRESS
+        if kept[0] < PROGRESS * 20:
+            raise Retryable("cut")
+        return "done"
+
+    assert registry().retrying("blob", attempt, kept=lambda: kept[0]) == "done"
+
+
+def test_no_progress_for_longer_than_the_patience_gives_up_before_the_attempts_run_out():
+    def attempt():
+        time.sleep(0.3)
+        raise Retryable("stalled")
+
+    started = time.monotonic()
+    with pytest.raises(Error) as caught:
+        registry(RetryPolicy(base_delay=0.0, max_delay=0.0, patience=0.5)).retrying("blob", attempt)
+    assert time.monotonic() - started < 2
+    assert "after 2 attempts" in str(caught.value) and "without progress" in str(caught.value)
+
+
+def test_a_final_error_is_not_retried():
+    calls = []
+
+    def attempt():
+        calls.append(1)
+        raise Error("cannot verify the TLS certificate")
+
+    with pytest.raises(Error):
+        registry().retrying("x", attempt)
+    assert calls == [1]
+
+
+# -- Content-Range
+
+
+@pytest.mark.parametrize("header", ["bytes 100-199/200", "bytes 100-199/*"])
+def test_a_range_from_the_offset_asked_for_is_accepted(header):
+    check_range(response(**{"Content-Range": header}), 100)
+
+
+@pytest.mark.parametrize("header", ["bytes 0-199/200", "bytes 99-199/200", "bytes */200", "", "items 100-"])
+def test_any_other_range_is_retryable(header):
+    with pytest.raises(Retryable):
+        check_range(response(**{"Content-Range": header}), 100)
+
+
+# -- resume offsets
+
+
+BLOB = bytes(range(256)) * 40
+
+
+def partial_blob(tmp_path: Path, existing: bytes | None) -> PartialBlob:
+    path = tmp_path / "blob.partial"
+    if existing is not None:
+        path.write_bytes(existing)
+    digest = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+    return PartialBlob(path, Blob(digest, len(BLOB), "application/octet-stream"), Lines())
+
+
+@pytest.mark.parametrize("have", [0, 1, 5000, len(BLOB) - 1])
+def test_a_resume_starts_after_the_bytes_kept_and_hashes_them(have, tmp_path):
+    with partial_blob(tmp_path, BLOB[:have] if have else None) as sink:
+        assert (sink.have, sink.missing) == (have, len(BLOB) - have)
+        sink.write(BLOB[have:])
+        assert sink.hasher.hexdigest() == hashlib.sha256(BLOB).hexdigest()
+    assert (tmp_path / "blob.partial").read_bytes() == BLOB
+
+
+def test_a_partial_longer_than_the_blob_starts_over(tmp_path):
+    with partial_blob(tmp_path, BLOB + b"x") as sink:
+        assert sink.have == 0
+    assert (tmp_path / "blob.partial").read_bytes() == b""
+
+
+def test_a_restart_drops_the_bytes_kept(tmp_path):
+    with partial_blob(tmp_path, b"not the start of the blob") as sink:
+        sink.restart()
+        sink.write(BLOB)
+        assert sink.hasher.hexdigest() == hashlib.sha256(BLOB).hexdigest()
+    assert (tmp_path / "blob.partial").read_bytes() == BLOB
+
+
+def test_more_bytes_than_the_manifest_says_are_refused_and_dropped(tmp_path):
+    with partial_blob(tmp_path, BLOB[:10]) as sink, pytest.raises(Error) as caught:
+        sink.write(BLOB[10:] + b"extra")
+    assert "larger than the" in str(caught.value)
+    assert not (tmp_path / "blob.partial").exists()
