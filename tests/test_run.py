@@ -25,7 +25,10 @@ from images import busybox_layer
 
 from dutils import seccomp
 from dutils.errors import Error
-from dutils.run import (
+from dutils.rootfs import Root
+from dutils.run import read_image_file
+from dutils.sandbox import (
+    Bind,
     Identity,
     ImageConfig,
     Mount,
@@ -34,7 +37,6 @@ from dutils.run import (
     container_command,
     container_env,
     default_hostname,
-    image_path,
     merged_mounts,
     parse_config,
     parse_env,
@@ -69,7 +71,7 @@ GROUP = "root:x:0:\nbad:x:notanumber:\napp:x:1000:\nstaff:x:50:app\n"
 
 
 def sandbox(**fields) -> Sandbox:
-    base = {"rootfs": "/pull/rootfs", "command": ("sh",), "identity": Identity(0, 0, "/root"), "hostname": "box"}
+    base = {"root_fd": 3, "command": ("sh",), "identity": Identity(0, 0, "/root"), "hostname": "box"}
     base |= {"workdir": "/", "env": {}}
     return Sandbox(**(base | fields))
 
@@ -79,7 +81,7 @@ def test_argv_has_the_safe_defaults():
     for option in ["--unshare-all", "--unshare-user", "--die-with-parent", "--new-session", "--clearenv"]:
         assert option in argv
     assert "--share-net" not in argv
-    assert argv[argv.index("--bind") : argv.index("--bind") + 3] == ["--bind", "/pull/rootfs", "/"]
+    assert argv[argv.index("--bind-fd") : argv.index("--bind-fd") + 3] == ["--bind-fd", "3", "/"]
     joined = " ".join(argv)
     assert "--proc /proc --dev /dev --tmpfs /tmp" in joined and "--remount-ro /" in joined
     assert argv.index("--clearenv") < argv.index("--setenv")
@@ -87,11 +89,12 @@ def test_argv_has_the_safe_defaults():
 
 
 def test_argv_makes_the_root_read_only_after_every_mount():
-    argv = bwrap_argv(sandbox(mounts=(Mount("/data", "/host/data"), Mount("/etc/x", "/host/x", read_only=True))))
+    argv = bwrap_argv(sandbox(binds=(Bind(4, "/data"), Bind(5, "/etc/x", read_only=True))))
     remount = argv.index("--remount-ro")
     assert argv[remount + 1] == "/"
-    assert max(i for i, word in enumerate(argv) if word in ("--bind", "--ro-bind", "--ro-bind-data")) < remount
-    assert argv[argv.index("--ro-bind") : argv.index("--ro-bind") + 3] == ["--ro-bind", "/host/x", "/etc/x"]
+    assert max(i for i, word in enumerate(argv) if word in ("--bind-fd", "--ro-bind-fd", "--ro-bind-data")) < remount
+    assert argv[argv.index("--ro-bind-fd") : argv.index("--ro-bind-fd") + 3] == ["--ro-bind-fd", "5", "/etc/x"]
+    assert "--bind" not in argv and "--ro-bind" not in argv  # sources are descriptors: no path resolved again
     assert "--remount-ro" not in bwrap_argv(sandbox(writable=True))
 
 
@@ -250,17 +253,20 @@ def test_userns_settings():
     assert "max_user_namespaces" in str(userns_error("0\n", "1\n", 0))
 
 
-def test_image_path_stays_inside_the_image(tmp_path):
+def test_image_files_are_read_inside_the_image(tmp_path):
     rootfs = tmp_path / "rootfs"
     (rootfs / "etc").mkdir(parents=True)
     (rootfs / "etc" / "passwd.real").write_text("inside")
     (rootfs / "etc" / "passwd").symlink_to("/etc/passwd.real")  # absolute: the image's, not the host's
     (rootfs / "etc" / "group").symlink_to("../../../../../etc/passwd.real")
+    (rootfs / "etc" / "shadow").symlink_to("/etc/missing")
     (rootfs / "loop").symlink_to("loop")
-    assert image_path(rootfs, "/etc/passwd") == rootfs / "etc" / "passwd.real"
-    assert image_path(rootfs, "etc/group") == rootfs / "etc" / "passwd.real"
-    with pytest.raises(Error, match="symbolic links"):
-        image_path(rootfs, "/loop/x")
+    with Root(os.open(tmp_path, os.O_PATH), "rootfs") as root:
+        assert read_image_file(root, "/etc/passwd") == "inside"
+        assert read_image_file(root, "etc/group") == "inside"
+        assert read_image_file(root, "etc/shadow") == ""
+        with pytest.raises(Error, match="Too many levels of symbolic links"):
+            read_image_file(root, "/loop/x")
 
 
 # ----- the seccomp filter, run by a small classic-BPF interpreter ---------------------------------------
@@ -580,6 +586,16 @@ def test_anonymous_volumes_live_in_the_pull_folder(run, box):
     assert (box / "volumes" / "etc" / "passwd").read_bytes() == (box / "rootfs" / "etc" / "passwd").read_bytes()
 
 
+@pytest.mark.parametrize("how", ["config", "flag"])
+def test_a_missing_working_directory_is_made_as_runc_does(run, box, how):
+    # buildah writes WORKDIR without making the folder when no later step does; runc makes it.
+    flags = ["--workdir", "/srv/app"] if how == "flag" else []
+    if how == "config":
+        configure(box, WorkingDir="/srv/app")
+    assert run.out(*flags, str(box), "sh", "-c", "pwd; touch /srv/app/x 2>&1 | grep -c Read-only") == "/srv/app\n1\n"
+    assert (box / "rootfs" / "srv" / "app").is_dir()  # made by d-run before bwrap: the root stays read-only
+
+
 def test_chown_succeeds_without_effect(run, box):
     # bwrap maps one user: a real chown to another id fails (EINVAL); the filter makes it a no-op.
     script = "touch /tmp/f && chown 1234:1234 /tmp/f && stat -c %u /tmp/f"
@@ -647,7 +663,7 @@ def test_bad_input_errors(run, box):
     assert_error(run("-v", "/nowhere/at/all:/x", str(box), "true"), 1, "/nowhere/at/all does not exist")
     assert_error(run("-u", "nobody", str(box), "true"), 1, "'nobody' is not in the image's /etc/passwd")
     assert_error(run("-u", "app:wheel", str(box), "true"), 1, "'wheel' is not in the image's /etc/group")
-    assert_error(run("--workdir", "/no/such", str(box), "true"), 1, "/no/such does not exist in the image")
+    assert_error(run("--workdir", "/etc/passwd", str(box), "true"), 1, "/etc/passwd is not a folder")
     assert_error(run("--env-file", "/no/such/file", str(box), "true"), 1, "--env-file /no/such/file")
     configure(box, Cmd=None)
     assert_error(run(str(box)), 1, "no Entrypoint or Cmd")
