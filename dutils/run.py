@@ -197,7 +197,8 @@ def volume_folder(volumes: Root, rootfs: Root, target: str, skipped: list[int]) 
             make_volume(place, rootfs, target, skipped)
             st = os.lstat(place.name, dir_fd=place.fd)
         if not stat.S_ISDIR(st.st_mode):
-            raise Error(f"{volumes.label}/{place.path} is not a folder", "remove it: d-run makes it again")
+            kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a folder"
+            raise Error(f"{volumes.label}/{place.path} is {kind}", "remove it: d-run makes it again")
         return volumes._enter(place.fd, place.name, place.path, st)
 
 

@@ -355,7 +355,7 @@ class Runner:
     def own(self, *paths: Path) -> None:
         """Give `paths` (recursively) to the user d-run runs as, as if they had made them."""
         if self.user:
-            subprocess.run(["chown", "-R", f"{self.user}:{self.user}", *map(str, paths)], check=True)
+            subprocess.run(["chown", "-R", "-h", f"{self.user}:{self.user}", *map(str, paths)], check=True)
 
     def __call__(self, *args: str, env: dict | None = None, cwd: Path | None = None, pass_fds: tuple = ()):
         return subprocess.run(
