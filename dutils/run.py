@@ -126,16 +126,19 @@ def read_image_file(rootfs: Root, path: str) -> str:
 # ----- mount points ------------------------------------------------------------------------------------
 
 
-def make_entry(root: Root, path: str, want_dir: bool) -> str:
-    """Make `path` below `root` exist, a folder or (`want_dir` false) a file, and return it resolved."""
+def make_empty_file(fd: int, name: str) -> None:
+    os.mknod(name, stat.S_IFREG | 0o644, dir_fd=fd)
+
+
+def make_entry(root: Root, path: str, make: Callable[[int, str], None]) -> str:
+    """Make `path` below `root` exist, by `make` (make_missing_dir or make_empty_file) when it does not yet,
+    and return it resolved. A mount needs a folder to go on a folder, and a non-folder on a non-folder."""
     with root.resolve(path, make_missing_dir) as place:
         st = lstat_or_none(place.name, place.fd)
-        if st is None and want_dir:
-            make_missing_dir(place.fd, place.name)
-        elif st is None:
-            os.mknod(place.name, stat.S_IFREG | 0o644, dir_fd=place.fd)
-        elif stat.S_ISDIR(st.st_mode) != want_dir:
-            kind = "a folder" if want_dir else "a file"
+        if st is None:
+            make(place.fd, place.name)
+        elif stat.S_ISDIR(st.st_mode) != (make is make_missing_dir):
+            kind = "a folder" if make is make_missing_dir else "a file"
             raise Error(f"/{place.path} is not {kind}, and {kind} must be bound there", "remove it, or drop the mount")
         return place.path
 
@@ -157,8 +160,9 @@ class MountTable:
                 found, rest = mount, path[len(target) :]
         return found, rest.lstrip("/")
 
-    def place(self, target: str, want_dir: bool) -> str:
-        """Make `target` exist, resolved as the container will see it, and return it free of links.
+    def place(self, target: str, make: Callable[[int, str], None]) -> str:
+        """Make `target` exist (see make_entry), resolved as the container will see it, and return it free of
+        links.
 
         In the rootfs, links are followed re-rooted at it; one that leads into a mount hands the rest
         over to what is mounted there; in a mounted folder a link is refused (Sealed)."""
@@ -167,7 +171,7 @@ class MountTable:
             mount, rest = self.covering(path)
             try:
                 if mount is None:
-                    resolved = "/" + make_entry(self.rootfs, rest, want_dir)
+                    resolved = "/" + make_entry(self.rootfs, rest, make)
                     if resolved == path or self.covering(resolved)[0] is None:
                         return resolved
                     path = resolved
@@ -175,7 +179,7 @@ class MountTable:
                 _, fd, label = mount
                 if fd is not None:
                     with Sealed(os.dup(fd), ".", label) as sealed:
-                        make_entry(sealed, rest, want_dir)
+                        make_entry(sealed, rest, make)
                 return path
             except OSError as err:
                 raise Error(f"cannot make the mount point {target}: {err.strerror} ({printable(rest)})") from None
@@ -417,12 +421,12 @@ def plan_sandbox(args: argparse.Namespace) -> Sandbox:
         mounts = merged_mounts(defaults, args.volume)
         sources = open_sources(pull, dir_fd, rootfs, mounts)
         table = MountTable(rootfs)
-        proc, dev, tmp = (table.place(path, want_dir=True) for path in ("/proc", "/dev", "/tmp"))
+        proc, dev, tmp = (table.place(path, make_missing_dir) for path in ("/proc", "/dev", "/tmp"))
         for path in (proc, dev, tmp):
             table.add(path, None, path)  # made afresh by bwrap: nothing of ours below them
         binds = []
         for mount, fd in zip(mounts, sources, strict=True):
-            target = table.place(mount.target, want_dir=stat.S_ISDIR(os.fstat(fd).st_mode))
+            target = table.place(mount.target, make_missing_dir if is_folder(fd) else make_empty_file)
             if target == "/":
                 raise Error(f"the volume {mount.target} leads to the image's root folder", "remove it")
             table.add(target, fd, mount.source or f"{pull.volumes}{mount.target}")
@@ -430,9 +434,9 @@ def plan_sandbox(args: argparse.Namespace) -> Sandbox:
         files = [(hosts_file(hostname), "/etc/hosts")]
         if has_folder(rootfs, os.path.dirname(APT_CONF)):
             files.append((APT_SETTINGS, APT_CONF))
-        data_files = [(data_fd(data), table.place(target, want_dir=False)) for data, target in files]
+        data_files = [(data_fd(data), table.place(target, make_empty_file)) for data, target in files]
         workdir = args.workdir or config.workdir or "/"
-        table.place(workdir, want_dir=True)  # made when the image lacks it, as runc does
+        table.place(workdir, make_missing_dir)  # made when the image lacks it, as runc does
         root_fd = inheritable(os.dup(rootfs.root))
     os.close(dir_fd)
     program = seccomp.filter_program(os.uname().machine)
@@ -455,6 +459,10 @@ def plan_sandbox(args: argparse.Namespace) -> Sandbox:
         dev=dev,
         tmp=tmp,
     )
+
+
+def is_folder(fd: int) -> bool:
+    return stat.S_ISDIR(os.fstat(fd).st_mode)
 
 
 def open_rootfs(dir_fd: int, label: str) -> Root:
@@ -517,14 +525,17 @@ defaults (the safe ones):
   bwrap maps a single user and group, so chown-family calls succeed without effect, and
   an image with /etc/apt/apt.conf.d gets 99d-run there, setting APT::Sandbox::User "root"
   (apt cannot switch to its _apt user): unprivileged dpkg and apt-get work with -w (and -n).
-  Missing mount points (a volume's target, /etc/hosts) are made, empty, in DIR/rootfs.
+  Missing mount points (a volume's target, /etc/hosts) and a missing working directory are
+  made, empty, in DIR/rootfs by d-run itself, links resolved inside DIR/rootfs as the
+  container sees them; a link inside a volume on the way is refused.
 
 DIR/config.json (edit it; flags win over it):
   User          as --user            Hostname     as --hostname (default: DIR's name)
   WorkingDir    as --workdir         Env          ["KEY=VALUE", ...], under -e/--env-file
   Entrypoint    kept before COMMAND  Cmd          run when no COMMAND is given
   Volumes       {"/path": {}}: anonymous volumes, kept in DIR/volumes/path; a new one starts
-                as a copy of what the image holds at that path
+                as a copy of what the image holds at that path (links copied as links;
+                device nodes, FIFOs and sockets left out)
   net, rw       true: as -n, -w
 
 COMMAND is taken as it is, even when it starts with '-': d-run reads options only before DIR

@@ -25,15 +25,17 @@ from images import busybox_layer
 
 from dutils import seccomp
 from dutils.errors import Error
-from dutils.rootfs import Root
-from dutils.run import read_image_file
+from dutils.rootfs import Root, make_missing_dir
+from dutils.run import MountTable, make_empty_file, read_image_file
 from dutils.sandbox import (
     Bind,
     Identity,
     ImageConfig,
     Mount,
     Sandbox,
+    absolute_path,
     bwrap_argv,
+    check_hostname,
     container_command,
     container_env,
     default_hostname,
@@ -44,6 +46,7 @@ from dutils.sandbox import (
     parse_volume,
     resolve_user,
     userns_error,
+    volume_target,
 )
 from dutils.store import PullDir, Record
 
@@ -207,6 +210,63 @@ def test_merged_mounts_put_parents_first_and_flags_over_config():
     merged = merged_mounts(defaults, volumes)
     assert [m.target for m in merged] == ["/a-b", "/data", "/var", "/var/lib/db"]
     assert merged[1] == Mount("/data", "/host/data", read_only=True)
+
+
+@pytest.mark.parametrize("name", ["a", "web-1", "a.b.c", "x" * 63, ".".join(["x" * 63] * 3 + ["x" * 61]), "9"])
+def test_host_names_as_rfc_1123_allows(name):
+    assert check_hostname(name) == name
+
+
+@pytest.mark.parametrize(
+    "name", ["", "-a", "a-", "a_b", "a..b", ".a", "a.", "box\n1.2.3.4 evil", "x" * 64, ".".join(["x" * 63] * 4), "é"]
+)
+def test_host_names_rfc_1123_refuses(name):
+    with pytest.raises(ValueError):
+        check_hostname(name)
+
+
+@pytest.mark.parametrize("path", ["//", "/.", "/./", "///.//", "/x/..", "/x/../y", "x", "/a\x00b", "/a\nb", "/a\x1bb"])
+def test_volume_targets_refused(path):
+    with pytest.raises(ValueError):
+        volume_target(path)
+
+
+def test_volume_targets_normalised():
+    assert volume_target("//data/./x//") == "/data/x" and absolute_path("/") == "/"
+
+
+@pytest.mark.parametrize("spec", ["\u00b2", "\u0661", "app:\u0661", "\u00b2:0"])
+def test_ids_are_ascii_digits_only(spec):
+    passwd = PASSWD + "sup:x:\u00b2:1::/:/bin/sh\narab:x:\u0661:1::/:/bin/sh\n"
+    with pytest.raises(Error, match="is not in the image's"):
+        resolve_user(spec, passwd, GROUP + "odd:x:\u0661:\n")
+
+
+def test_mount_points_are_made_inside_the_rootfs_links_rerooted(tmp_path):
+    outside = tmp_path / "host"
+    rootfs = tmp_path / "pull" / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    (rootfs / "etc" / "hosts").symlink_to(f"/oldroot{outside}/hosts")
+    (rootfs / "data").symlink_to(f"../../../../../../oldroot{outside}")
+    (rootfs / "tmp").symlink_to("/data")
+    volume = tmp_path / "volume"
+    (volume / "sub").mkdir(parents=True)
+    (volume / "sub" / "out").symlink_to(outside)
+    with Root(os.open(rootfs.parent, os.O_PATH), "rootfs") as root:
+        table = MountTable(root)
+        assert table.place("/etc/hosts", make_empty_file) == f"/oldroot{outside}/hosts"
+        assert table.place("/tmp", make_missing_dir) == f"/oldroot{outside}"
+        table.add(f"/oldroot{outside}", None, "/tmp")
+        assert table.place("/data/x/y", make_missing_dir) == f"/oldroot{outside}/x/y"  # in the tmpfs: bwrap's
+        table.add("/vol", os.open(volume, os.O_PATH), str(volume))
+        assert table.place("/vol/sub/new", make_missing_dir) == "/vol/sub/new"
+        with pytest.raises(Error, match="volume/sub/out is a symbolic link"):
+            table.place("/vol/sub/out/x", make_missing_dir)
+        with pytest.raises(Error, match="is not a folder"):
+            table.place("/etc/hosts", make_missing_dir)
+    assert (rootfs / "oldroot" / str(outside).lstrip("/") / "hosts").is_file()
+    assert (volume / "sub" / "new").is_dir()
+    assert not outside.exists()
 
 
 def test_default_hostname():
