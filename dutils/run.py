@@ -11,13 +11,13 @@ Start-up matters (d-run should cost little more than bwrap itself): this module 
 standard library and small dutils modules, never `requests` or `doit`.
 """
 
-import argparse
 import json
 import os
 import signal
 import stat
 import sys
 from collections.abc import Callable
+from types import SimpleNamespace
 
 from . import seccomp
 from .errors import Error, printable
@@ -395,7 +395,7 @@ def open_sources(pull: PullDir, dir_fd: int, rootfs: Root, mounts: list[Mount]) 
     return sources
 
 
-def plan_sandbox(args: argparse.Namespace) -> Sandbox:
+def plan_sandbox(args: SimpleNamespace) -> Sandbox:
     """Resolve the flags, config.json and the image's files into a Sandbox, every mount point made."""
     pull = PullDir(args.dir)
     pull.require_complete()
@@ -548,20 +548,90 @@ examples:
 """
 
 
-def checked(parse: Callable[[str], object]) -> Callable[[str], object]:
-    """An argparse `type` that reports the ValueError of a parser as a usage error."""
+# Every option: its flags, where it goes, its metavar (None: a flag), how its value is read, its help.
+# REPEATED ones gather a list. Both parsers below are made from this one table.
+OPTIONS = (
+    (("-v", "--volume"), "volume", "HOST:CONTAINER[:ro]", parse_volume,
+     "bind the host path HOST (relative to the current folder) at CONTAINER, read-only with :ro; "
+     "CONTAINER alone: an anonymous volume kept in DIR/volumes (repeatable)"),
+    (("-e", "--env"), "env", "KEY[=VALUE]", parse_env,
+     "set KEY inside; KEY alone passes d-run's own value on (repeatable)"),
+    (("--env-file",), "env_file", "FILE", str,
+     "read KEY=VALUE or KEY lines from FILE ('#' comments), before -e (repeatable)"),
+    (("-u", "--user"), "user", "NAME|UID[:GROUP|GID]", str,
+     "run as this user (names from the image's /etc/passwd and /etc/group; default: User, else root)"),
+    (("-w", "--rw"), "rw", None, None, "make the image's root writable (changes stay in DIR/rootfs)"),
+    (("-n", "--net"), "net", None, None, "share the host's network, with its /etc/resolv.conf"),
+    (("--workdir",), "workdir", "PATH", absolute_path, "start in PATH (default: WorkingDir, else /)"),
+    (("--hostname",), "hostname", "NAME", check_hostname, "the container's host name"),
+    (("--entrypoint",), "entrypoint", "PROGRAM", str,
+     "run PROGRAM instead of the image's Entrypoint and Cmd ('' for none)"),
+    (("--debug",), "debug", None, None, "print the bwrap command before running it; tracebacks on errors"),
+)  # fmt: skip
+REPEATED = {"volume", "env", "env_file"}
+BY_FLAG = {flag: option for option in OPTIONS for flag in option[0]}
 
-    def check(text: str) -> object:
+
+def parse_args(argv: list[str]) -> SimpleNamespace:
+    """d-run's command line. The plain forms are read here, without argparse (whose import d-run's every
+    start would pay); anything else (--help, an abbreviation, grouped flags, a mistake) goes to argparse,
+    made from the same table, which reads it or says what is wrong."""
+    return quick_parse(argv) or SimpleNamespace(**vars(make_parser().parse_args(argv)))
+
+
+def quick_parse(argv: list[str]) -> SimpleNamespace | None:
+    """`argv` read as argparse would read it, or None when it is not made only of exact options, DIR and
+    the command."""
+    args = SimpleNamespace(**{dest: [] if dest in REPEATED else None for _, dest, *_ in OPTIONS})
+    args.rw = args.net = args.debug = False
+    index = 0
+    while index < len(argv):
+        word = argv[index]
+        if not word.startswith("-"):
+            args.dir, args.command = word, argv[index + 1 :]
+            if args.command[:1] == ["--"]:  # as argparse: a '--' right after DIR is dropped
+                args.command = args.command[1:]
+            return args
+        name, equals, value = word.partition("=") if word.startswith("--") else (word, "", "")
+        flags, dest, metavar, read, _ = BY_FLAG.get(name, ((), "", None, None, ""))
+        if not flags or (metavar is None and equals):
+            return None
+        if metavar is None:
+            setattr(args, dest, True)
+            index += 1
+            continue
+        if not equals:
+            if index + 1 == len(argv) or argv[index + 1].startswith("-"):
+                return None
+            value, index = argv[index + 1], index + 1
+        index += 1
         try:
-            return parse(text)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
+            value = read(value)
+        except ValueError:
+            return None
+        if dest in REPEATED:
+            getattr(args, dest).append(value)
+        else:
+            setattr(args, dest, value)
+    return None  # no DIR
 
-    check.__name__ = parse.__name__
-    return check
 
+def make_parser():  # -> argparse.ArgumentParser, imported only here: it costs d-run's start-up
+    """The argparse parser of the same table: for --help, and to report what quick_parse does not read."""
+    import argparse
 
-def make_parser() -> argparse.ArgumentParser:
+    def checked(read: Callable[[str], object]) -> Callable[[str], object]:
+        """An argparse `type` that reports the ValueError of a reader as a usage error."""
+
+        def check(text: str) -> object:
+            try:
+                return read(text)
+            except ValueError as err:
+                raise argparse.ArgumentTypeError(str(err)) from None
+
+        check.__name__ = read.__name__
+        return check
+
     parser = argparse.ArgumentParser(
         prog="d-run",
         usage="d-run [OPTION...] DIR [COMMAND [ARG...]]",
@@ -572,26 +642,17 @@ def make_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("dir", metavar="DIR", help="a folder made by d-pull (DIR/rootfs, DIR/config.json)")
     add("command", metavar="COMMAND", nargs=argparse.REMAINDER, help="replaces the image's Cmd; Entrypoint stays")
-    add("-v", "--volume", action="append", default=[], type=checked(parse_volume), metavar="HOST:CONTAINER[:ro]",
-        help="bind the host path HOST (relative to the current folder) at CONTAINER, read-only with :ro; "
-        "CONTAINER alone: an anonymous volume kept in DIR/volumes (repeatable)")  # fmt: skip
-    add("-e", "--env", action="append", default=[], type=checked(parse_env), metavar="KEY[=VALUE]",
-        help="set KEY inside; KEY alone passes d-run's own value on (repeatable)")  # fmt: skip
-    add("--env-file", action="append", default=[], metavar="FILE",
-        help="read KEY=VALUE or KEY lines from FILE ('#' comments), before -e (repeatable)")  # fmt: skip
-    add("-u", "--user", metavar="NAME|UID[:GROUP|GID]",
-        help="run as this user (names from the image's /etc/passwd and /etc/group; default: User, else root)")  # fmt: skip
-    add("-w", "--rw", action="store_true", help="make the image's root writable (changes stay in DIR/rootfs)")
-    add("-n", "--net", action="store_true", help="share the host's network, with its /etc/resolv.conf")
-    add("--workdir", type=checked(absolute_path), metavar="PATH", help="start in PATH (default: WorkingDir, else /)")
-    add("--hostname", type=checked(check_hostname), metavar="NAME", help="the container's host name")
-    add("--entrypoint", metavar="PROGRAM", help="run PROGRAM instead of the image's Entrypoint and Cmd ('' for none)")
-    add("--debug", action="store_true", help="print the bwrap command before running it; tracebacks on errors")
+    for flags, dest, metavar, read, text in OPTIONS:
+        if metavar is None:
+            add(*flags, dest=dest, action="store_true", help=text)
+        else:
+            kind = {"action": "append", "default": []} if dest in REPEATED else {}
+            add(*flags, dest=dest, metavar=metavar, type=checked(read), help=text, **kind)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         close_inherited_fds()
         command = bwrap_argv(plan_sandbox(args))

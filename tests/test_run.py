@@ -26,7 +26,7 @@ from images import busybox_layer
 from dutils import seccomp
 from dutils.errors import Error
 from dutils.rootfs import Root, make_missing_dir
-from dutils.run import MountTable, make_empty_file, read_image_file
+from dutils.run import MountTable, make_empty_file, make_parser, parse_args, quick_parse, read_image_file
 from dutils.sandbox import (
     Bind,
     Identity,
@@ -390,10 +390,57 @@ def test_no_filter_for_unknown_machines():
     assert seccomp.filter_program("riscv64") is None
 
 
-def test_start_up_imports_neither_requests_nor_doit():
-    code = "import sys, dutils.run; print(sorted({m.split('.')[0] for m in sys.modules} & {'requests', 'doit', 'urllib3'}))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30)
+def test_start_up_imports_neither_requests_nor_doit_nor_argparse():
+    heavy = "{'requests', 'doit', 'urllib3', 'argparse', 'shutil', 'tempfile', 'dataclasses', 'typing'}"
+    code = f"import sys, dutils.run; print(sorted({{m.split('.')[0] for m in sys.modules}} & {heavy}))"
+    done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True, timeout=30)
     assert done.stdout == "[]\n"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["DIR"],
+        ["DIR", "ls", "-l"],
+        ["DIR", "--", "ls", "--", "x"],
+        ["DIR", "-n", "--help"],
+        ["-n", "-w", "--debug", "DIR", "id"],
+        ["--net", "--rw", "DIR"],
+        ["-v", "/data", "-v", "/h:/c:ro", "--volume=/x", "--volume", "./s:/s", "DIR"],
+        ["-e", "A=1", "--env", "B", "--env=C=2=3", "--env-file", "f", "--env-file=g", "DIR", "sh"],
+        ["-u", "app:staff", "--user=0", "--workdir", "/srv/", "--hostname=web", "--entrypoint", "", "DIR"],
+        ["--entrypoint=", "DIR", "-u", "x"],
+    ],
+)
+def test_the_quick_parser_reads_as_argparse_does(argv):
+    quick = quick_parse(argv)
+    assert quick is not None and vars(quick) == vars(make_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["-h"],
+        ["--help"],
+        ["-nw", "DIR"],  # grouped flags
+        ["--deb", "DIR"],  # an abbreviation
+        ["--no-such-flag", "DIR"],
+        ["-v", "relative", "DIR"],
+        ["-e", "=x", "DIR"],
+        ["--workdir", "here", "DIR"],
+        ["-u", "-1", "DIR"],
+        ["--net=yes", "DIR"],
+        ["-v"],
+        ["--", "DIR"],
+    ],
+)
+def test_the_quick_parser_leaves_the_rest_to_argparse(argv):
+    assert quick_parse(argv) is None
+
+
+def test_argparse_reads_what_the_quick_parser_leaves():
+    assert vars(parse_args(["-nw", "--deb", "DIR", "x"])) == vars(quick_parse(["-n", "-w", "--debug", "DIR", "x"]))
 
 
 # ----- real containers, as root and as the ordinary user ------------------------------------------------
