@@ -248,27 +248,35 @@ def copy_tree(source: Root, dest: int) -> int:
     files, and symbolic links as links (never followed). Device nodes, FIFOs and sockets are skipped, never
     opened: returns how many. No recursion: a deep tree costs a list, not the stack."""
     skipped, folders, todo = 0, [], [""]
+    last, src = None, -1  # the folder listed last, kept open: depth first, its child is most often next
     while todo:
         path = todo.pop()
-        place = source.find(path)
-        if place is None:
-            continue  # gone since it was listed
-        with place:
-            src = os.open(place.name, DIR_FLAGS, dir_fd=place.fd)
-        try:
-            for name in children(src):
-                st = os.lstat(name, dir_fd=src)
-                copied = join(path, name)
-                if stat.S_ISDIR(st.st_mode):
-                    os.mkdir(copied, 0o700, dir_fd=dest)  # filled first, its own mode set last
-                    folders.append((copied, st))
-                    todo.append(copied)
-                elif stat.S_ISLNK(st.st_mode):
-                    os.symlink(os.readlink(name, dir_fd=src), copied, dir_fd=dest)
-                elif not stat.S_ISREG(st.st_mode) or not copy_file(src, name, dest, copied):
-                    skipped += 1
-        finally:
+        parent, _, base = path.rpartition("/")
+        if parent == last:
+            folder = os.open(base, DIR_FLAGS, dir_fd=src)
+        else:
+            place = source.find(path)
+            if place is None:
+                continue  # gone since it was listed
+            with place:
+                folder = os.open(place.name, DIR_FLAGS, dir_fd=place.fd)
+        if src >= 0:
             os.close(src)
+        last, src = path, folder
+        for name in children(src):
+            st = os.lstat(name, dir_fd=src)
+            copied = join(path, name)
+            if stat.S_ISDIR(st.st_mode):
+                os.mkdir(copied, 0o700, dir_fd=dest)  # filled first, its own mode set last
+                folders.append((copied, st))
+                todo.append(copied)
+            elif stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(name, dir_fd=src), copied, dir_fd=dest)
+                os.utime(copied, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dest, follow_symlinks=False)
+            elif not stat.S_ISREG(st.st_mode) or not copy_file(src, name, dest, copied):
+                skipped += 1
+    if src >= 0:
+        os.close(src)
     for copied, st in reversed(folders):  # children before their parents
         os.chmod(copied, stat.S_IMODE(st.st_mode), dir_fd=dest)
         os.utime(copied, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dest)

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import pytest
 from images import busybox_layer
+from trees import snapshot
 
 from dutils import seccomp
 from dutils.errors import Error
 from dutils.rootfs import Root, make_missing_dir
-from dutils.run import MountTable, make_empty_file, make_parser, parse_args, quick_parse, read_image_file
+from dutils.run import MountTable, copy_tree, make_empty_file, make_parser, parse_args, quick_parse, read_image_file
 from dutils.sandbox import (
     Bind,
     Identity,
@@ -267,6 +268,28 @@ def test_mount_points_are_made_inside_the_rootfs_links_rerooted(tmp_path):
     assert (rootfs / "oldroot" / str(outside).lstrip("/") / "hosts").is_file()
     assert (volume / "sub" / "new").is_dir()
     assert not outside.exists()
+
+
+def test_seed_copies_keep_modes_times_and_links(tmp_path):
+    seed = tmp_path / "seed"
+    (seed / "ro" / "deeper").mkdir(parents=True)
+    (seed / "ro" / "deeper" / "f").write_text("data")
+    (seed / "setuid").write_bytes(b"\x7fELF")
+    (seed / "setuid").chmod(0o4755)
+    (seed / "abs").symlink_to("/etc/passwd")
+    (seed / "dangling").symlink_to("../../nowhere")
+    (seed / "ro").chmod(0o555)
+    seed.chmod(0o750)
+    for number, path in enumerate([seed / "ro" / "deeper" / "f", seed / "ro" / "deeper", seed / "ro", seed]):
+        os.utime(path, ns=(1, 1_000_000_000 + number))
+    (tmp_path / "copy").mkdir()
+    dest = os.open(tmp_path / "copy", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with Root(os.open(tmp_path, os.O_PATH), "seed") as source:
+            assert copy_tree(source, dest) == 0
+    finally:
+        os.close(dest)
+    assert snapshot(tmp_path / "copy") == snapshot(seed)
 
 
 def test_default_hostname():
