@@ -17,6 +17,8 @@ HOSTNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ
 # Newlines and tabs are kept in commands and values: `sh -c` scripts hold them in real images.
 TEXT_CONTROLS = frozenset(chr(code) for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))) - {"\t", "\n"}
 NAME_CONTROLS = TEXT_CONTROLS | {"\t", "\n"}
+PATH_MAX = 4096  # the kernel's: bwrap could not use a longer path
+MAX_VOLUMES = 256  # far beyond real images; each is a folder, a copy and a mount
 
 
 # ----- config.json -----------------------------------------------------------------------------
@@ -49,14 +51,19 @@ KINDS = {
 }
 
 
+def shown(text: str, limit: int = 80) -> str:
+    """`text` quoted for a message, cut short: a config string may be megabytes long."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
 def config_value(data: dict, key: str, kind: str) -> object:
     """data[key] when it is of `kind` or null/absent (None); otherwise an Error naming the key."""
     value = data.get(key)
     if value is None or KINDS[kind](value):
         return value
-    shown = json.dumps(value)
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."
-    raise Error(f"config.json: {key!r} must be a {kind} or null, not {shown}", "fix it in config.json")
+    text = json.dumps(value)
+    text = text if len(text) <= 80 else text[:77] + "..."
+    raise Error(f"config.json: {key!r} must be a {kind} or null, not {text}", "fix it in config.json")
 
 
 def config_checked(key: str, value: str, check: Callable[[str], str]) -> str:
@@ -72,7 +79,7 @@ def without_controls(controls: frozenset[str]) -> Callable[[str], str]:
 
     def check(text: str) -> str:
         if not controls.isdisjoint(text):
-            raise ValueError(f"holds a control character: {text!r}")
+            raise ValueError(f"holds a control character: {shown(text)}")
         return text
 
     return check
@@ -95,6 +102,8 @@ def parse_config(data: object) -> ImageConfig:
     hostname = config_value(data, "Hostname", "string")
     workdir = config_value(data, "WorkingDir", "string")
     volumes = config_value(data, "Volumes", 'object such as {"/data": {}}') or {}
+    if len(volumes) > MAX_VOLUMES:
+        raise Error(f"config.json: 'Volumes' lists {len(volumes)} volumes, more than {MAX_VOLUMES}", "remove some")
     env = config_value(data, "Env", 'list of "KEY=VALUE" strings') or ()
     entrypoint = config_value(data, "Entrypoint", "list of strings") or ()
     cmd = config_value(data, "Cmd", "list of strings") or ()
@@ -190,16 +199,18 @@ def absolute_path(path: str) -> str:
     never resolved on the host)."""
     parts = [part for part in path.split("/") if part not in ("", ".")]
     if not path.startswith("/") or ".." in parts:
-        raise ValueError(f"expected an absolute path without '..', not {path!r}")
+        raise ValueError(f"expected an absolute path without '..', not {shown(path)}")
+    if len(path.encode(errors="surrogateescape")) >= PATH_MAX:
+        raise ValueError(f"a path of {len(path)} characters is longer than the kernel takes ({PATH_MAX} bytes)")
     return "/" + "/".join(plain_name(part) for part in parts)
 
 
 def volume_target(path: str) -> str:
     target = absolute_path(path)
     if target == "/":
-        raise ValueError(f"a volume cannot replace the root folder ({path!r})")
+        raise ValueError(f"a volume cannot replace the root folder ({shown(path)})")
     if target in ("/proc", "/dev") or target.startswith(("/proc/", "/dev/")):
-        raise ValueError(f"d-run makes /proc and /dev itself: no volume can go there ({path!r})")
+        raise ValueError(f"d-run makes /proc and /dev itself: no volume can go there ({shown(path)})")
     return target
 
 
@@ -266,7 +277,7 @@ def check_hostname(name: str) -> str:
         0 < len(label) <= 63 and HOSTNAME_CHARS.issuperset(label) and label[0] != "-" and label[-1] != "-"
         for label in labels
     ):
-        raise ValueError(f"expected a host name of letters, digits, '-' and '.' (RFC 1123), not {name!r}")
+        raise ValueError(f"expected a host name of letters, digits, '-' and '.' (RFC 1123), not {shown(name)}")
     return name
 
 
