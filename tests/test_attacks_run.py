@@ -411,3 +411,17 @@ def test_volume_folders_owned_by_someone_else_are_refused(run, box, host):
     os.chown(box / "volumes" / "data", other, other)
     assert_error(timed(run, str(box), "true"), 1, "volumes/data is owned by uid")
     host.unchanged()
+
+
+# ----- class 7: what d-run hands to bwrap -----------------------------------------------------------------
+
+
+def test_no_descriptor_of_d_run_reaches_the_container(run, box, host, workspace):
+    # Sources are bound by descriptor: bwrap must close them all, or the container could reach the host
+    # through an O_PATH descriptor of a folder outside its root (fchdir, openat).
+    mine = Path(tempfile.mkdtemp(dir=workspace))
+    run.own(mine)
+    configure(box, Volumes={"/data": {}})
+    listing = run.out("-n", "-v", f"{mine}:/mine:ro", "-v", "/cache", str(box), "ls", "/proc/self/fd")
+    assert sorted(listing.split()) == ["0", "1", "2", "3"]  # 3: ls's own listing of the folder
+    host.unchanged()
