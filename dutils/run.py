@@ -177,6 +177,8 @@ class MountTable:
                     path = resolved
                     continue
                 _, fd, label = mount
+                if fd is None and rest and label != "/tmp":  # bwrap's own /proc and /dev, links in them
+                    raise Error(f"{target} leads into {label}, which d-run leaves as bwrap makes it", "remove the link")
                 if fd is not None:
                     with Sealed(os.dup(fd), ".", label) as sealed:
                         make_entry(sealed, rest, make)
@@ -430,8 +432,8 @@ def plan_sandbox(args: SimpleNamespace) -> Sandbox:
         sources = open_sources(pull, dir_fd, rootfs, mounts)
         table = MountTable(rootfs)
         proc, dev, tmp = (table.place(path, make_missing_dir) for path in ("/proc", "/dev", "/tmp"))
-        for path in (proc, dev, tmp):
-            table.add(path, None, path)  # made afresh by bwrap: nothing of ours below them
+        for path, name in ((proc, "/proc"), (dev, "/dev"), (tmp, "/tmp")):
+            table.add(path, None, name)  # made afresh by bwrap: nothing of ours below them
         binds = []
         for mount, fd in zip(mounts, sources, strict=True):
             target = table.place(mount.target, make_missing_dir if is_folder(fd) else make_empty_file)
