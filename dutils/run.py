@@ -77,6 +77,10 @@ class Owned(Sealed):
             raise Error(f"{shown} is owned by uid {st.st_uid}, not by you", "remove it, or pull into a new folder")
         return super()._enter(fd, name, path, st)
 
+    def open_folder(self, place: Place, st: os.stat_result) -> int:
+        """The folder at `place` (`st` its lstat), opened once checked as every folder on the way is."""
+        return self._enter(place.fd, place.name, place.path, st)
+
 
 def read_regular(dir_fd: int, name: str, what: str) -> bytes | None:
     """The bytes of the regular file `name` in `dir_fd`, or None when there is none: never through a link,
@@ -194,7 +198,7 @@ class MountTable:
 # ----- anonymous volumes -------------------------------------------------------------------------------
 
 
-def volume_folder(volumes: Root, rootfs: Root, target: str, skipped: list[int]) -> int:
+def volume_folder(volumes: Owned, rootfs: Root, target: str, skipped: list[int]) -> int:
     """DIR/volumes/<target> as an O_PATH descriptor: a real folder of the user's own, made on first use as
     a copy of what the image holds at `target`, as Docker does (`skipped` counts what is not copied)."""
     with volumes.parent(target) as place:
@@ -205,7 +209,7 @@ def volume_folder(volumes: Root, rootfs: Root, target: str, skipped: list[int]) 
         if not stat.S_ISDIR(st.st_mode):
             kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a folder"
             raise Error(f"{volumes.label}/{place.path} is {kind}", "remove it: d-run makes it again")
-        return volumes._enter(place.fd, place.name, place.path, st)
+        return volumes.open_folder(place, st)
 
 
 def make_volume(place: Place, rootfs: Root, target: str, skipped: list[int]) -> None:
