@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from dutils.errors import Error  # noqa: E402
-from dutils.run import bwrap_argv, make_parser, plan_sandbox  # noqa: E402
+from dutils.run import make_parser, plan_sandbox  # noqa: E402
+from dutils.sandbox import bwrap_argv, inherited_fds  # noqa: E402
 from dutils.store import PullDir, Record  # noqa: E402
 
 TARGET_MS = 25
@@ -77,10 +78,10 @@ def time_run(argv: list[str], pass_fds: tuple[int, ...] = ()) -> float:
 
 
 def time_bare_bwrap(folder: Path) -> float:
-    """One run of exactly what d-run would exec, its data pipes made afresh (bwrap reads them up)."""
+    """One run of exactly what d-run would exec, its descriptors made afresh (bwrap reads and closes them)."""
     box = plan_sandbox(make_parser().parse_args([str(folder), "/bin/true"]))
     box = box._replace(new_session=True)  # as for d-run, whose stdin is /dev/null here
-    fds = tuple(fd for fd, _ in box.data_files) + ((box.seccomp_fd,) if box.seccomp_fd is not None else ())
+    fds = tuple(inherited_fds(box))
     try:
         return time_run(bwrap_argv(box), fds)
     finally:

@@ -68,58 +68,36 @@ def stop_absent(fd: int, name: str) -> None:
     raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
 
 
-class Tree:
-    """One layer's changes to `rootfs`; `finish()` puts directory modes and times back."""
+class Root:
+    """Names resolved inside the directory `name` of the open directory `top` (both closed on exit).
 
-    def __init__(self, rootfs: Path, layer: str) -> None:
-        self.rootless = os.geteuid() != 0  # decided once: an ordinary user cannot chown or mknod
-        self.kept: set[str] = set()  # paths this layer wrote, and their ancestors: whiteouts spare them
-        self.saved: dict[str, tuple[int, int, int]] = {}  # path -> (mode, atime_ns, mtime_ns) for finish()
+    Symbolic links met on the way are handed to `_link_target` (re-rooted by default) and every directory
+    entered to `_enter`: subclasses add their policy there (a layer's journal, refusing links, owners).
+    """
+
+    def __init__(self, top: int, name: str) -> None:
+        self.top, self.root_name = top, name
         self.last: tuple[list[str], int, str] | None = None  # the last parent resolved: names, fd, path
-        rootfs.mkdir(parents=True, exist_ok=True)
-        self.top = os.open(rootfs.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.root_name = rootfs.name
-        self.journal_path = rootfs.parent / f".{rootfs.name}.d-utils-journal"
-        root_stat = os.lstat(self.root_name, dir_fd=self.top)
-        header = {"layer": layer, "root": [root_stat.st_dev, root_stat.st_ino]}
-        self.journal = self._open_journal(header)
-        self.root = self._enter(self.top, self.root_name, "", root_stat)
+        st = os.lstat(name, dir_fd=top)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), name)
+        self.root = self._enter(top, name, "", st)
 
-    def __enter__(self) -> "Tree":
+    def __enter__(self) -> "Root":
         return self
 
     def __exit__(self, *_: object) -> None:
         self.forget()
-        for fd in (self.root, self.top, self.journal):
-            os.close(fd)
-
-    def _open_journal(self, header: dict) -> int:
-        """Keep what a killed run of this same layer on this same rootfs saved; start afresh otherwise."""
-        records = [header]
-        with contextlib.suppress(FileNotFoundError):
-            lines = self.journal_path.read_text().splitlines()
-            found = []
-            for line in lines:
-                try:
-                    found.append(json.loads(line))
-                except ValueError:
-                    break  # cut short by the kill: the change it covers never ran
-            if found[:1] == [header]:
-                records = found
-        for path, *values in records[1:]:
-            self.saved.setdefault(path, tuple(values))
-        # Rewritten whole, so that appends never continue a line cut short.
-        write_atomic(self.journal_path, "".join(json.dumps(record) + "\n" for record in records).encode())
-        return os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        os.close(self.root)
+        os.close(self.top)
 
     def _enter(self, fd: int, name: str, path: str, st: os.stat_result) -> int:
-        """Open directory `name` for use, saving its metadata first and giving an ordinary user rwx on it."""
-        if path not in self.saved:
-            self.saved[path] = (stat.S_IMODE(st.st_mode), st.st_atime_ns, st.st_mtime_ns)
-            os.write(self.journal, (json.dumps([path, *self.saved[path]]) + "\n").encode())
-        if self.rootless and st.st_mode & OWNER_RWX != OWNER_RWX:
-            os.chmod(name, stat.S_IMODE(st.st_mode) | OWNER_RWX, dir_fd=fd, follow_symlinks=False)
+        """Open directory `name` (at `path` below the root, `st` its lstat) to resolve names in it."""
         return os.open(name, DIR_FLAGS, dir_fd=fd)
+
+    def _link_target(self, fd: int, name: str, path: str) -> str:
+        """The target of the symbolic link `name` met at `path`: followed inside the root."""
+        return os.readlink(name, dir_fd=fd)
 
     def _walk(self, name: str, on_absent: Callable[[int, str], None]) -> Place:
         """Open the parent of `name` inside the root, resolving symlinks there; the last part is not followed."""
@@ -148,7 +126,7 @@ class Tree:
                     links += 1
                     if links > MAX_LINKS:
                         raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), join("/".join(done), part))
-                    target = os.readlink(part, dir_fd=fd)
+                    target = self._link_target(fd, part, join("/".join(done), part))
                     if target.startswith("/"):
                         done = []
                         fd = swap(fd, self._open_dirs(done))
@@ -184,9 +162,7 @@ class Tree:
 
     def parent(self, name: str) -> Place:
         """Where entry `name` goes, its missing parent directories made."""
-        place = self._walk(name, make_missing_dir)
-        self.kept.update(ancestors(place.path))
-        return place
+        return self._walk(name, make_missing_dir)
 
     def find(self, name: str) -> Place | None:
         """Where entry `name` is, or None when one of its parents is missing; nothing is made."""
@@ -194,6 +170,71 @@ class Tree:
             return self._walk(name, stop_absent)
         except (FileNotFoundError, NotADirectoryError):
             return None
+
+    def resolve(self, name: str, on_absent: Callable[[int, str], None]) -> Place:
+        """Where `name` leads, its last component followed too when it is a symlink (as open(2) follows it)."""
+        for _ in range(MAX_LINKS):
+            place = self._walk(name, on_absent)
+            st = lstat_or_none(place.name, place.fd)
+            if st is None or not stat.S_ISLNK(st.st_mode):
+                return place
+            with place:
+                target = self._link_target(place.fd, place.name, place.path)
+            name = target if target.startswith("/") else join(place.path.rpartition("/")[0], target)
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), name)
+
+
+class Tree(Root):
+    """One layer's changes to `rootfs`; `finish()` puts directory modes and times back."""
+
+    def __init__(self, rootfs: Path, layer: str) -> None:
+        self.rootless = os.geteuid() != 0  # decided once: an ordinary user cannot chown or mknod
+        self.kept: set[str] = set()  # paths this layer wrote, and their ancestors: whiteouts spare them
+        self.saved: dict[str, tuple[int, int, int]] = {}  # path -> (mode, atime_ns, mtime_ns) for finish()
+        rootfs.mkdir(parents=True, exist_ok=True)
+        top = os.open(rootfs.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.journal_path = rootfs.parent / f".{rootfs.name}.d-utils-journal"
+        root_stat = os.lstat(rootfs.name, dir_fd=top)
+        self.journal = self._open_journal({"layer": layer, "root": [root_stat.st_dev, root_stat.st_ino]})
+        super().__init__(top, rootfs.name)
+
+    def __exit__(self, *_: object) -> None:
+        super().__exit__()
+        os.close(self.journal)
+
+    def _open_journal(self, header: dict) -> int:
+        """Keep what a killed run of this same layer on this same rootfs saved; start afresh otherwise."""
+        records = [header]
+        with contextlib.suppress(FileNotFoundError):
+            lines = self.journal_path.read_text().splitlines()
+            found = []
+            for line in lines:
+                try:
+                    found.append(json.loads(line))
+                except ValueError:
+                    break  # cut short by the kill: the change it covers never ran
+            if found[:1] == [header]:
+                records = found
+        for path, *values in records[1:]:
+            self.saved.setdefault(path, tuple(values))
+        # Rewritten whole, so that appends never continue a line cut short.
+        write_atomic(self.journal_path, "".join(json.dumps(record) + "\n" for record in records).encode())
+        return os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+
+    def _enter(self, fd: int, name: str, path: str, st: os.stat_result) -> int:
+        """Open directory `name` for use, saving its metadata first and giving an ordinary user rwx on it."""
+        if path not in self.saved:
+            self.saved[path] = (stat.S_IMODE(st.st_mode), st.st_atime_ns, st.st_mtime_ns)
+            os.write(self.journal, (json.dumps([path, *self.saved[path]]) + "\n").encode())
+        if self.rootless and st.st_mode & OWNER_RWX != OWNER_RWX:
+            os.chmod(name, stat.S_IMODE(st.st_mode) | OWNER_RWX, dir_fd=fd, follow_symlinks=False)
+        return os.open(name, DIR_FLAGS, dir_fd=fd)
+
+    def parent(self, name: str) -> Place:
+        """Where entry `name` goes, its missing parent directories made."""
+        place = super().parent(name)
+        self.kept.update(ancestors(place.path))
+        return place
 
     def clear(self, place: Place) -> None:
         """Remove whatever is at `place`: a file, a link, or a directory with everything in it."""

@@ -1,362 +1,321 @@
 """d-run: run a command in a pulled image with bubblewrap, unprivileged, and exec into bwrap.
 
+The pure pieces (config.json, users, mounts, the bwrap command line) are in `sandbox`; this module reads
+the pull folder, prepares every mount point and volume, and execs. Every path it creates, copies or binds
+for the image is resolved inside DIR by rootfs's resolver, through descriptors, never following a link out:
+bwrap makes its mount points by following links *before* it pivots into the new root, so d-run makes them
+first, links resolved as the container sees them, and hands bwrap destinations with no link left on them
+and sources as open descriptors.
+
 Start-up matters (d-run should cost little more than bwrap itself): this module imports only the
-standard library, `store` and `errors`, never `requests` or `doit`.
+standard library and small dutils modules, never `requests` or `doit`.
 """
 
-import argparse
 import json
 import os
 import signal
+import stat
 import sys
-from collections import namedtuple
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
 
 from . import seccomp
-from .errors import Error
+from .errors import Error, printable
+from .rootfs import DIR_FLAGS, MAX_LINKS, Place, Root, children, join, lstat_or_none, make_missing_dir, stop_absent
+from .sandbox import (
+    DEFAULT_PATH,
+    Bind,
+    ImageConfig,
+    Mount,
+    Sandbox,
+    absolute_path,
+    bwrap_argv,
+    check_hostname,
+    container_command,
+    container_env,
+    default_hostname,
+    hosts_file,
+    merged_mounts,
+    parse_config,
+    parse_env,
+    parse_env_file,
+    parse_volume,
+    resolve_user,
+    userns_error,
+)
 from .store import PullDir
 
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-MAX_SYMLINKS = 40  # as the kernel's path walk
-
-
-# ----- config.json -----------------------------------------------------------------------------
-
-# Value types here are namedtuples: a dataclass takes ten times as long to define, and d-run's
-# start-up is paid on every run.
-
-
-class ImageConfig(
-    namedtuple(
-        "ImageConfig",
-        "user hostname workdir env volumes entrypoint cmd net rw",
-        defaults=("", "", "", (), (), (), (), False, False),
-    )
-):
-    """The keys of config.json that d-run honours, checked: strings (user, hostname, workdir), tuples of
-    strings (env as "KEY=VALUE", volumes as paths, entrypoint, cmd) and booleans (net, rw)."""
-
-    __slots__ = ()
-
-
-def is_string_list(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(item, str) for item in value)
-
-
-# What each key of config.json may hold, besides null.
-KINDS = {
-    "string": lambda value: isinstance(value, str),
-    "list of strings": is_string_list,
-    'list of "KEY=VALUE" strings': lambda value: is_string_list(value) and all("=" in item[1:] for item in value),
-    'object such as {"/data": {}}': lambda value: isinstance(value, dict),
-    "boolean": lambda value: isinstance(value, bool),
-}
-
-
-def config_value(data: dict, key: str, kind: str) -> object:
-    """data[key] when it is of `kind` or null/absent (None); otherwise an Error naming the key."""
-    value = data.get(key)
-    if value is None or KINDS[kind](value):
-        return value
-    raise Error(f"config.json: {key!r} must be a {kind} or null, not {json.dumps(value)}", "fix it in config.json")
-
-
-def config_checked(key: str, value: str, check: Callable[[str], str]) -> str:
-    """`check(value)` for config.json's `key`, its ValueError an Error naming the key."""
-    try:
-        return check(value)
-    except ValueError as err:
-        raise Error(f"config.json: {key!r}: {err}", "fix it in config.json") from None
-
-
-def parse_config(data: object) -> ImageConfig:
-    """Check the decoded config.json; the keys d-run does not use (ExposedPorts, Labels, ...) are left alone."""
-    if not isinstance(data, dict):
-        raise Error("config.json must hold a JSON object", "fix config.json")
-    hostname = config_value(data, "Hostname", "string")
-    workdir = config_value(data, "WorkingDir", "string")
-    volumes = config_value(data, "Volumes", 'object such as {"/data": {}}') or {}
-    return ImageConfig(
-        user=config_value(data, "User", "string") or "",
-        hostname=config_checked("Hostname", hostname, check_hostname) if hostname else "",
-        workdir=config_checked("WorkingDir", workdir, absolute_path) if workdir else "",
-        env=tuple(config_value(data, "Env", 'list of "KEY=VALUE" strings') or ()),
-        volumes=tuple(config_checked("Volumes", path, volume_target) for path in volumes),
-        entrypoint=tuple(config_value(data, "Entrypoint", "list of strings") or ()),
-        cmd=tuple(config_value(data, "Cmd", "list of strings") or ()),
-        net=bool(config_value(data, "net", "boolean")),
-        rw=bool(config_value(data, "rw", "boolean")),
-    )
-
-
-def read_config(path: Path) -> ImageConfig:
-    try:
-        return parse_config(json.loads(path.read_bytes()))
-    except json.JSONDecodeError as err:
-        raise Error(f"{path}: not valid JSON ({err})", "fix config.json, or pull again into a new folder") from None
-    except OSError as err:
-        raise Error(f"{path}: {err.strerror}") from None
-
-
-# ----- files inside the image --------------------------------------------------------------------
-
-
-def image_path(rootfs: Path, path: str) -> Path:
-    """The host path of `path` inside the image, symbolic links resolved as the container would see them.
-
-    Links are followed within `rootfs` (an absolute target restarts at the image's root, `..` stops at
-    it), so reading /etc/passwd never reads the host's.
-    """
-    pending = [part for part in path.split("/") if part]
-    resolved: list[str] = []
-    links = 0
-    while pending:
-        part = pending.pop(0)
-        if part == ".":
-            continue
-        if part == "..":
-            resolved = resolved[:-1]
-            continue
-        candidate = rootfs.joinpath(*resolved, part)
-        if not candidate.is_symlink():
-            resolved.append(part)
-            continue
-        links += 1
-        if links > MAX_SYMLINKS:
-            raise Error(f"too many levels of symbolic links in {path} inside the image")
-        target = os.readlink(candidate)
-        if target.startswith("/"):
-            resolved = []
-        pending[:0] = [item for item in target.split("/") if item]
-    return rootfs.joinpath(*resolved)
-
-
-def read_image_file(rootfs: Path, path: str) -> str:
-    """A text file of the image, or "" when it does not exist there."""
-    try:
-        return image_path(rootfs, path).read_text(errors="replace")
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        return ""
-    except OSError as err:
-        raise Error(f"{path} inside the image: {err.strerror}") from None
-
-
-# ----- users ----------------------------------------------------------------------------------------
-
-
-class Identity(namedtuple("Identity", "uid gid home")):
-    """Who runs inside: uid and gid (int), and the HOME (str) the image's /etc/passwd gives."""
-
-    __slots__ = ()
-
-
-def split_rows(text: str) -> list[list[str]]:
-    return [line.split(":") for line in text.splitlines() if not line.startswith("#")]
-
-
-def passwd_rows(text: str) -> list[list[str]]:
-    """The well-formed rows of an /etc/passwd: name, password, uid, gid, gecos, home, shell."""
-    return [row for row in split_rows(text) if len(row) == 7 and row[2].isdigit() and row[3].isdigit()]
-
-
-def group_rows(text: str) -> list[list[str]]:
-    """The well-formed rows of an /etc/group: name, password, gid, members."""
-    return [row for row in split_rows(text) if len(row) == 4 and row[2].isdigit()]
-
-
-def find_row(rows: list[list[str]], name_or_id: str) -> list[str] | None:
-    """The row naming `name_or_id` (column 0), or numbering it (column 2) when it is a number."""
-    if name_or_id.isdigit():
-        return next((row for row in rows if int(row[2]) == int(name_or_id)), None)
-    return next((row for row in rows if row[0] == name_or_id), None)
-
-
-def check_id(text: str) -> int:
-    number = int(text)
-    if number >= 2**32 - 1:  # (uid_t) -1 means "no change" to the kernel
-        raise Error(f"user or group id {text} is out of range")
-    return number
-
-
-def resolve_user(spec: str, passwd: str, group: str) -> Identity:
-    """`NAME|UID[:GROUP|GID]` as Docker reads it, names looked up in the image's /etc/passwd and /etc/group.
-
-    No user means root. A user without a group gets its primary group from /etc/passwd (0 when the uid
-    is not listed there), and HOME comes from /etc/passwd ("/" when not listed).
-    """
-    user, _, group_name = spec.partition(":")
-    user = user or "0"
-    entry = find_row(passwd_rows(passwd), user)
-    if entry is None and not user.isdigit():
-        raise Error(f"user {user!r} is not in the image's /etc/passwd", "give a numeric UID, or a name listed there")
-    uid = check_id(entry[2] if entry else user)
-    home = (entry[5] if entry else "") or "/"
-    if not group_name:
-        return Identity(uid, check_id(entry[3]) if entry else 0, home)
-    match = find_row(group_rows(group), group_name)
-    if match is None and not group_name.isdigit():
-        raise Error(
-            f"group {group_name!r} is not in the image's /etc/group", "give a numeric GID, or a name listed there"
-        )
-    return Identity(uid, check_id(match[2] if match else group_name), home)
-
-
-# ----- mounts, environment, command ------------------------------------------------------------------
-
-
-class Mount(namedtuple("Mount", "target source read_only", defaults=("", False))):
-    """`source` on the host bound at `target` in the container; an empty `source` is an anonymous volume."""
-
-    __slots__ = ()
-
-
-def absolute_path(path: str) -> str:
-    """`path` normalised, if it is absolute and free of `..` (a container path is never resolved on the host)."""
-    parts = PurePosixPath(path).parts
-    if not path.startswith("/") or ".." in parts:
-        raise ValueError(f"expected an absolute path without '..', not {path!r}")
-    return str(PurePosixPath(*parts))
-
-
-def volume_target(path: str) -> str:
-    target = absolute_path(path)
-    if target == "/":
-        raise ValueError("a volume cannot replace the root folder")
-    return target
-
-
-def parse_volume(spec: str) -> Mount:
-    """`-v` as Docker reads it: HOST:CONTAINER or CONTAINER (an anonymous volume), with `:ro` or `:rw` after."""
-    parts = spec.split(":")
-    read_only = len(parts) > 1 and parts[-1] == "ro"
-    if len(parts) > 1 and parts[-1] in ("ro", "rw"):
-        parts.pop()
-    if len(parts) == 1:
-        return Mount(volume_target(parts[0]), read_only=read_only)
-    if len(parts) == 2 and parts[0]:
-        return Mount(volume_target(parts[1]), parts[0], read_only)
-    raise ValueError(f"expected HOST:CONTAINER[:ro] or CONTAINER, not {spec!r}")
-
-
-def parse_env(item: str) -> tuple[str, str | None]:
-    """`KEY=VALUE`, or `KEY` alone (value None) to pass on the value d-run itself has, as Docker does."""
-    key, equals, value = item.partition("=")
-    if not key or any(char.isspace() for char in key):
-        raise ValueError(f"expected KEY=VALUE or KEY, not {item!r}")
-    return key, value if equals else None
-
-
-def parse_env_file(text: str) -> list[tuple[str, str | None]]:
-    """An --env-file: `KEY=VALUE` or `KEY` a line, values kept as written; blank and `#` lines skipped."""
-    lines = (line.lstrip() for line in text.splitlines())
-    return [parse_env(line) for line in lines if line and not line.startswith("#")]
-
-
-def container_env(
-    base: dict[str, str], image_env: tuple[str, ...], user_env: list[tuple[str, str | None]], host_env: dict[str, str]
-) -> dict[str, str]:
-    """The whole environment: d-run's defaults, then the image's Env, then the user's (later wins).
-
-    A user's `KEY` without a value takes d-run's own value, and is left out when d-run has none.
-    """
-    env = dict(base)
-    env.update(item.split("=", 1) for item in image_env)
-    for key, value in user_env:
-        if value is not None:
-            env[key] = value
-        elif key in host_env:
-            env[key] = host_env[key]
-    return env
-
-
-def container_command(config: ImageConfig, entrypoint: str | None, args: list[str]) -> tuple[str, ...]:
-    """Entrypoint + Cmd as Docker combines them: arguments replace Cmd, --entrypoint replaces both."""
-    if entrypoint is not None:
-        command = (*filter(None, [entrypoint]), *args)
-    else:
-        command = (*config.entrypoint, *(args or config.cmd))
-    if not command:
-        raise Error("nothing to run: the image has no Entrypoint or Cmd", "give a command after DIR: d-run DIR CMD...")
-    return command
-
-
-def check_hostname(name: str) -> str:
-    if not 0 < len(name.encode()) <= 64:
-        raise ValueError("a host name has 1 to 64 bytes")
-    return name
-
-
-def default_hostname(folder: str) -> str:
-    """The pull folder's name, made a valid host name."""
-    name = "".join(char if char.isascii() and char.isalnum() else "-" for char in folder)
-    return name.strip("-")[:63].strip("-") or "d-run"
-
-
-def hosts_file(hostname: str) -> bytes:
-    return f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n".encode()
-
-
-# ----- the sandbox and its bwrap command line ---------------------------------------------------------
-
-
-class Sandbox(
-    namedtuple(
-        "Sandbox",
-        "rootfs command identity hostname workdir env mounts data_files writable network seccomp_fd new_session",
-        defaults=((), (), False, False, None, True),
-    )
-):
-    """Everything the bwrap command line is made of, resolved: the rootfs path, the command (tuple), an
-    Identity, hostname, workdir, env (dict), mounts (Mounts with their sources, parents first), data_files
-    ((fd bwrap reads, read-only file it becomes) pairs), writable, network, seccomp_fd (int or None) and
-    new_session."""
-
-    __slots__ = ()
-
-
-def bwrap_argv(box: Sandbox) -> list[str]:
-    """The whole bwrap command line for `box`."""
-    argv = ["bwrap", "--unshare-all", *(["--share-net"] if box.network else [])]
-    argv += ["--unshare-user", "--uid", str(box.identity.uid), "--gid", str(box.identity.gid)]
-    argv += ["--hostname", box.hostname, "--die-with-parent"]
-    argv += ["--new-session"] if box.new_session else []
-    argv += ["--seccomp", str(box.seccomp_fd)] if box.seccomp_fd is not None else []
-    # The root is bound writable first so that bwrap can make missing mount points in it, and made
-    # read-only last: --remount-ro does not reach the mounts below it.
-    argv += ["--bind", box.rootfs, "/", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
-    for mount in box.mounts:
-        argv += ["--ro-bind" if mount.read_only else "--bind", mount.source, mount.target]
-    for fd, target in box.data_files:
-        argv += ["--ro-bind-data", str(fd), target]
-    argv += [] if box.writable else ["--remount-ro", "/"]
-    argv += ["--chdir", box.workdir, "--clearenv"]
-    for key, value in box.env.items():
-        argv += ["--setenv", key, value]
-    return [*argv, "--", *box.command]
-
-
-# ----- what d-run finds on the host -------------------------------------------------------------------
-
+FILE_CAP = 4 << 20  # config.json, /etc/passwd, /etc/group: far above real ones, far below harm
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # no link, no wait on a FIFO
 RESOLV_CONF = "/etc/resolv.conf"
 # apt drops privileges to its _apt user for downloads, which a single mapped user cannot do.
 APT_CONF = "/etc/apt/apt.conf.d/99d-run"
 APT_SETTINGS = b'// d-run: bwrap maps a single user, so apt cannot switch to _apt\nAPT::Sandbox::User "root";\n'
 
 
-def userns_error(max_namespaces: str, unprivileged_clone: str, euid: int) -> Error | None:
-    """Why bwrap cannot make a user namespace, from the kernel's settings, or None when it can."""
-    if max_namespaces.strip() == "0":
-        return Error(
-            "the kernel allows no user namespaces (/proc/sys/user/max_user_namespaces is 0)",
-            "ask the administrator to raise it: sysctl -w user.max_user_namespaces=15000",
+# ----- folders d-run resolves in -------------------------------------------------------------------
+
+
+class Sealed(Root):
+    """A folder whose links d-run refuses rather than follows: a volume or a host folder, which a container
+    may have written (a link there would be resolved by bwrap on the host)."""
+
+    def __init__(self, top: int, name: str, label: str) -> None:
+        self.label = label
+        super().__init__(top, name)
+
+    def _link_target(self, fd: int, name: str, path: str) -> str:
+        raise Error(f"{self.label}/{path} is a symbolic link", "d-run follows no link in a volume: remove it")
+
+
+class Owned(Sealed):
+    """DIR/volumes: every folder in it a real folder of the user's own, before it is bound."""
+
+    def _enter(self, fd: int, name: str, path: str, st: os.stat_result) -> int:
+        if st.st_uid != os.geteuid():
+            shown = join(self.label, path)
+            raise Error(f"{shown} is owned by uid {st.st_uid}, not by you", "remove it, or pull into a new folder")
+        return super()._enter(fd, name, path, st)
+
+    def open_folder(self, place: Place, st: os.stat_result) -> int:
+        """The folder at `place` (`st` its lstat), opened once checked as every folder on the way is."""
+        return self._enter(place.fd, place.name, place.path, st)
+
+
+def read_regular(dir_fd: int, name: str, what: str) -> bytes | None:
+    """The bytes of the regular file `name` in `dir_fd`, or None when there is none: never through a link,
+    never waiting on a FIFO, never reading a device, never more than FILE_CAP bytes."""
+    st = lstat_or_none(name, dir_fd)
+    if st is None:
+        return None
+    fd = os.open(name, READ_FLAGS, dir_fd=dir_fd) if stat.S_ISREG(st.st_mode) else -1
+    try:
+        if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Error(f"{what} is not a regular file", "replace it with one")
+        data = os.read(fd, FILE_CAP + 1)  # a regular file gives all it has, up to the count
+        if len(data) > FILE_CAP:
+            raise Error(f"{what} is larger than {FILE_CAP >> 20} MiB", "no real one is: replace it")
+        return data
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def read_config(dir_fd: int, label: str) -> ImageConfig:
+    try:
+        data = read_regular(dir_fd, "config.json", label)
+    except OSError as err:
+        raise Error(f"{label}: {err.strerror}") from None
+    if data is None:
+        raise Error(f"{label} is missing", "pull again into a new folder")
+    try:
+        return parse_config(json.loads(data))
+    except (ValueError, RecursionError) as err:
+        raise Error(f"{label}: not valid JSON ({err})", "fix config.json, or pull again into a new folder") from None
+
+
+def read_image_file(rootfs: Root, path: str) -> str:
+    """A text file of the image (links followed inside it), or "" when it does not exist there."""
+    what = f"{path} inside the image"
+    try:
+        with rootfs.resolve(path, stop_absent) as place:
+            data = read_regular(place.fd, place.name, what)
+    except (FileNotFoundError, NotADirectoryError):
+        return ""
+    except OSError as err:
+        raise Error(f"{what}: {err.strerror}") from None
+    return (data or b"").decode(errors="replace")
+
+
+# ----- mount points ------------------------------------------------------------------------------------
+
+
+def make_empty_file(fd: int, name: str) -> None:
+    os.mknod(name, stat.S_IFREG | 0o644, dir_fd=fd)
+
+
+def make_entry(root: Root, path: str, make: Callable[[int, str], None]) -> str:
+    """Make `path` below `root` exist, by `make` (make_missing_dir or make_empty_file) when it does not yet,
+    and return it resolved. A mount needs a folder to go on a folder, and a non-folder on a non-folder."""
+    with root.resolve(path, make_missing_dir) as place:
+        st = lstat_or_none(place.name, place.fd)
+        if st is None:
+            make(place.fd, place.name)
+        elif stat.S_ISDIR(st.st_mode) != (make is make_missing_dir):
+            kind = "a folder" if make is make_missing_dir else "a file"
+            raise Error(f"/{place.path} is not {kind}, and {kind} must be bound there", "remove it, or drop the mount")
+        return place.path
+
+
+class MountTable:
+    """What bwrap will have mounted when it comes to each destination, in its own order: the rootfs at /,
+    then (target free of links, source descriptor or None for a tmpfs it makes, label for messages)."""
+
+    def __init__(self, rootfs: Root) -> None:
+        self.rootfs = rootfs
+        self.mounts: list[tuple[str, int | None, str]] = []
+
+    def covering(self, path: str) -> tuple[tuple[str, int | None, str] | None, str]:
+        """The mount that `path` lies in (None: the rootfs, no mount) and the rest of `path` inside it."""
+        found, rest = None, path
+        for mount in self.mounts:
+            target = mount[0]
+            if (path == target or path.startswith(target + "/")) and (found is None or len(target) >= len(found[0])):
+                found, rest = mount, path[len(target) :]
+        return found, rest.lstrip("/")
+
+    def place(self, target: str, make: Callable[[int, str], None]) -> str:
+        """Make `target` exist (see make_entry), resolved as the container will see it, and return it free of
+        links.
+
+        In the rootfs, links are followed re-rooted at it; one that leads into a mount hands the rest
+        over to what is mounted there; in a mounted folder a link is refused (Sealed)."""
+        path = target
+        for _ in range(MAX_LINKS):
+            mount, rest = self.covering(path)
+            try:
+                if mount is None:
+                    resolved = "/" + make_entry(self.rootfs, rest, make)
+                    if resolved == path or self.covering(resolved)[0] is None:
+                        return resolved
+                    path = resolved
+                    continue
+                _, fd, label = mount
+                if fd is None and rest and label != "/tmp":  # bwrap's own /proc and /dev, links in them
+                    raise Error(f"{target} leads into {label}, which d-run leaves as bwrap makes it", "remove the link")
+                if fd is not None:
+                    with Sealed(os.dup(fd), ".", label) as sealed:
+                        make_entry(sealed, rest, make)
+                return path
+            except OSError as err:
+                raise Error(f"cannot make the mount point {target}: {err.strerror} ({printable(rest)})") from None
+        raise Error(f"cannot make the mount point {target}: too many symbolic links")
+
+    def add(self, target: str, fd: int | None, label: str) -> None:
+        self.mounts.append((target, fd, label))
+
+
+# ----- anonymous volumes -------------------------------------------------------------------------------
+
+
+def volume_folder(volumes: Owned, rootfs: Root, target: str, skipped: list[int]) -> int:
+    """DIR/volumes/<target> as an O_PATH descriptor: a real folder of the user's own, made on first use as
+    a copy of what the image holds at `target`, as Docker does (`skipped` counts what is not copied)."""
+    with volumes.parent(target) as place:
+        st = lstat_or_none(place.name, place.fd)
+        if st is None:
+            make_volume(place, rootfs, target, skipped)
+            st = os.lstat(place.name, dir_fd=place.fd)
+        if not stat.S_ISDIR(st.st_mode):
+            kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a folder"
+            raise Error(f"{volumes.label}/{place.path} is {kind}", "remove it: d-run makes it again")
+        return volumes.open_folder(place, st)
+
+
+def make_volume(place: Place, rootfs: Root, target: str, skipped: list[int]) -> None:
+    """Fill a scratch folder beside `place`, then rename it into place: a volume is made whole or not at all."""
+    partial = f".{place.name}.partial-{os.getpid()}"
+    os.mkdir(partial, 0o755, dir_fd=place.fd)
+    try:
+        seed = find_seed(rootfs, target)
+        if seed is not None:
+            with seed, Root(os.dup(seed.fd), seed.name) as tree:
+                dest = os.open(partial, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=place.fd)
+                try:
+                    skipped[0] += copy_tree(tree, dest)
+                finally:
+                    os.close(dest)
+        os.rename(partial, place.name, src_dir_fd=place.fd, dst_dir_fd=place.fd)
+    except BaseException:
+        import shutil  # only when a volume could not be made
+
+        shutil.rmtree(partial, dir_fd=place.fd, ignore_errors=True)
+        raise
+
+
+def find_seed(rootfs: Root, target: str) -> Place | None:
+    """Where the image holds the folder `target` (links followed inside it), or None when it holds none."""
+    try:
+        place = rootfs.resolve(target, stop_absent)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    st = lstat_or_none(place.name, place.fd)
+    if st is None or not stat.S_ISDIR(st.st_mode):
+        place.__exit__()
+        return None
+    if not place.path:
+        place.__exit__()
+        raise Error(f"the volume {target} leads to the image's root folder", "remove it from Volumes")
+    return place
+
+
+def copy_tree(source: Root, dest: int) -> int:
+    """Copy the tree `source` into the empty folder open as `dest`, through descriptors: folders, regular
+    files, and symbolic links as links (never followed). Device nodes, FIFOs and sockets are skipped, never
+    opened: returns how many. No recursion: a deep tree costs a list, not the stack."""
+    skipped, folders, todo = 0, [], [""]
+    last, src = None, -1  # the folder listed last, kept open: depth first, its child is most often next
+    while todo:
+        path = todo.pop()
+        parent, _, base = path.rpartition("/")
+        if parent == last:
+            folder = os.open(base, DIR_FLAGS, dir_fd=src)
+        else:
+            place = source.find(path)
+            if place is None:
+                continue  # gone since it was listed
+            with place:
+                folder = os.open(place.name, DIR_FLAGS, dir_fd=place.fd)
+        if src >= 0:
+            os.close(src)
+        last, src = path, folder
+        for name in children(src):
+            st = os.lstat(name, dir_fd=src)
+            copied = join(path, name)
+            if stat.S_ISDIR(st.st_mode):
+                os.mkdir(copied, 0o700, dir_fd=dest)  # filled first, its own mode set last
+                folders.append((copied, st))
+                todo.append(copied)
+            elif stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(name, dir_fd=src), copied, dir_fd=dest)
+                os.utime(copied, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dest, follow_symlinks=False)
+            elif not stat.S_ISREG(st.st_mode) or not copy_file(src, name, dest, copied):
+                skipped += 1
+    if src >= 0:
+        os.close(src)
+    for copied, st in reversed(folders):  # children before their parents
+        os.chmod(copied, stat.S_IMODE(st.st_mode), dir_fd=dest)
+        os.utime(copied, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dest)
+    with source.find("") as place:
+        st = os.lstat(place.name, dir_fd=place.fd)
+    os.fchmod(dest, stat.S_IMODE(st.st_mode))
+    os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return skipped
+
+
+def copy_file(src: int, name: str, dest: int, copied: str) -> bool:
+    """Copy the regular file `name` of `src` to `copied` below `dest`; False when it is no regular file."""
+    fd_in = os.open(name, READ_FLAGS, dir_fd=src)
+    try:
+        st = os.fstat(fd_in)
+        if not stat.S_ISREG(st.st_mode):
+            return False  # swapped since it was listed
+        fd_out = os.open(
+            copied, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dest
         )
-    if euid != 0 and unprivileged_clone.strip() == "0":
-        return Error(
-            "the kernel lets only root create user namespaces (/proc/sys/kernel/unprivileged_userns_clone is 0)",
-            "ask the administrator to allow them: sysctl -w kernel.unprivileged_userns_clone=1",
-        )
-    return None
+        try:
+            while os.sendfile(fd_out, fd_in, None, 1 << 30):
+                pass
+            os.fchmod(fd_out, stat.S_IMODE(st.st_mode))
+            os.utime(fd_out, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)
+    return True
+
+
+# ----- the sandbox --------------------------------------------------------------------------------------
 
 
 def read_setting(path: str) -> str:
@@ -377,53 +336,6 @@ def check_user_namespaces() -> None:
     )
     if error:
         raise error
-
-
-def anonymous_volume(pull: PullDir, target: str) -> str:
-    """DIR/volumes/<target>: made on first use as a copy of what the image holds there, as Docker does."""
-    path = pull.volumes / target.lstrip("/")
-    if path.is_dir():
-        return str(path)
-    seed = image_path(pull.rootfs, target)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not seed.is_dir():
-            path.mkdir()
-            return str(path)
-        import shutil  # only when a volume is first made: slow to import
-
-        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        try:
-            shutil.copytree(seed, partial, symlinks=True)
-            os.rename(partial, path)  # whole or not at all
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
-    except OSError as err:
-        raise Error(f"anonymous volume {target}: cannot make {path}: {err}") from None
-    return str(path)
-
-
-def host_source(mount: Mount, pull: PullDir) -> Mount:
-    """`mount` with its host path made absolute and checked, or its anonymous volume made."""
-    if not mount.source:
-        return Mount(mount.target, anonymous_volume(pull, mount.target), mount.read_only)
-    source = os.path.abspath(mount.source)
-    if not os.path.exists(source):
-        raise Error(f"volume {mount.source}:{mount.target}: {source} does not exist", "create it, or fix the -v option")
-    return Mount(mount.target, source, mount.read_only)
-
-
-def merged_mounts(defaults: list[Mount], volumes: list[Mount]) -> list[Mount]:
-    """The image's volumes and d-run's own mounts, replaced by -v at the same target; parents first."""
-    by_target = {mount.target: mount for mount in [*defaults, *volumes]}
-    return sorted(by_target.values(), key=lambda mount: PurePosixPath(mount.target).parts)
-
-
-def check_workdir(rootfs: Path, workdir: str, mounts: list[Mount]) -> None:
-    if any(workdir == mount.target or workdir.startswith(mount.target + "/") for mount in mounts):
-        return  # inside a volume: bwrap reports it if missing
-    if not image_path(rootfs, workdir).is_dir():
-        raise Error(f"the working directory {workdir} does not exist in the image", "choose another with --workdir")
 
 
 def read_env_files(paths: list[str]) -> list[tuple[str, str | None]]:
@@ -448,49 +360,140 @@ def data_fd(data: bytes) -> int:
     return read_end
 
 
-def plan_sandbox(args: argparse.Namespace) -> Sandbox:
-    """Resolve the flags, config.json and the image's files into a Sandbox; anonymous volumes are made
-    last, once everything else is known to be right."""
+def inheritable(fd: int) -> int:
+    os.set_inheritable(fd, True)
+    return fd
+
+
+def open_source(mount: Mount) -> int:
+    """The host path of a -v, opened once (bwrap binds the descriptor, never the path again)."""
+    try:
+        return inheritable(os.open(mount.source, os.O_PATH | os.O_CLOEXEC))
+    except FileNotFoundError:
+        source = os.path.abspath(mount.source)
+        raise Error(
+            f"volume {mount.source}:{mount.target}: {source} does not exist", "create it, or fix the -v option"
+        ) from None
+    except OSError as err:
+        raise Error(f"volume {mount.source}:{mount.target}: {err.strerror}") from None
+
+
+def open_volumes(dir_fd: int, label: str) -> Owned:
+    """DIR/volumes, made when missing; a link or another user's folder there is refused."""
+    if lstat_or_none("volumes", dir_fd) is None:
+        os.mkdir("volumes", 0o755, dir_fd=dir_fd)
+    try:
+        return Owned(os.dup(dir_fd), "volumes", label)
+    except NotADirectoryError:
+        raise Error(f"{label} is not a folder (a symbolic link?)", "remove it: d-run makes it again") from None
+
+
+def open_sources(pull: PullDir, dir_fd: int, rootfs: Root, mounts: list[Mount]) -> list[int]:
+    """Each mount's source as a descriptor bwrap inherits, anonymous volumes made first (in mount order, so
+    a volume's folder holds the folders of the volumes below it)."""
+    sources, skipped = [], [0]
+    with open_volumes(dir_fd, str(pull.volumes)) as volumes:
+        for mount in mounts:
+            if mount.source:
+                sources.append(open_source(mount))
+                continue
+            try:
+                sources.append(inheritable(volume_folder(volumes, rootfs, mount.target, skipped)))
+            except OSError as err:
+                raise Error(f"anonymous volume {mount.target}: cannot make it in {pull.volumes}: {err}") from None
+    if skipped[0]:
+        print(
+            f"d-run: warning: {skipped[0]} device nodes, FIFOs or sockets of the image not copied into new volumes",
+            file=sys.stderr,
+        )
+    return sources
+
+
+def plan_sandbox(args: SimpleNamespace) -> Sandbox:
+    """Resolve the flags, config.json and the image's files into a Sandbox, every mount point made."""
     pull = PullDir(args.dir)
     pull.require_complete()
-    config = read_config(pull.config)
+    try:
+        dir_fd = os.open(pull.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as err:
+        raise Error(f"cannot use {pull.root}: {err.strerror}") from None
+    config = read_config(dir_fd, str(pull.config))
     command = container_command(config, args.entrypoint, args.command)
     check_user_namespaces()
-    passwd, group = read_image_file(pull.rootfs, "etc/passwd"), read_image_file(pull.rootfs, "etc/group")
-    identity = resolve_user(args.user if args.user is not None else config.user, passwd, group)
-    hostname = args.hostname or config.hostname or default_hostname(pull.root.name)
-    base_env = {"PATH": DEFAULT_PATH, "HOSTNAME": hostname, "HOME": identity.home}
-    if "TERM" in os.environ:
-        base_env["TERM"] = os.environ["TERM"]
-    env = container_env(base_env, config.env, read_env_files(args.env_file) + args.env, dict(os.environ))
-    network = args.net or config.net
-    defaults = [Mount(target) for target in config.volumes]
-    if network and os.path.exists(RESOLV_CONF):
-        defaults.append(Mount(RESOLV_CONF, RESOLV_CONF, read_only=True))
-    mounts = merged_mounts(defaults, args.volume)
-    workdir = args.workdir or config.workdir or "/"
-    check_workdir(pull.rootfs, workdir, mounts)
-    mounts = [host_source(mount, pull) for mount in mounts]
-    files = [(hosts_file(hostname), "/etc/hosts")]
-    if image_path(pull.rootfs, os.path.dirname(APT_CONF)).is_dir():
-        files.append((APT_SETTINGS, APT_CONF))
+    with open_rootfs(dir_fd, str(pull.rootfs)) as rootfs:
+        passwd, group = read_image_file(rootfs, "etc/passwd"), read_image_file(rootfs, "etc/group")
+        identity = resolve_user(args.user if args.user is not None else config.user, passwd, group)
+        hostname = args.hostname or config.hostname or default_hostname(pull.root.name)
+        base_env = {"PATH": DEFAULT_PATH, "HOSTNAME": hostname, "HOME": identity.home}
+        if "TERM" in os.environ:
+            base_env["TERM"] = os.environ["TERM"]
+        env = container_env(base_env, config.env, read_env_files(args.env_file) + args.env, dict(os.environ))
+        network = args.net or config.net
+        defaults = [Mount(target) for target in config.volumes]
+        if network and os.path.exists(RESOLV_CONF):
+            defaults.append(Mount(RESOLV_CONF, RESOLV_CONF, read_only=True))
+        mounts = merged_mounts(defaults, args.volume)
+        sources = open_sources(pull, dir_fd, rootfs, mounts)
+        table = MountTable(rootfs)
+        proc, dev, tmp = (table.place(path, make_missing_dir) for path in ("/proc", "/dev", "/tmp"))
+        for path, name in ((proc, "/proc"), (dev, "/dev"), (tmp, "/tmp")):
+            table.add(path, None, name)  # made afresh by bwrap: nothing of ours below them
+        binds = []
+        for mount, fd in zip(mounts, sources, strict=True):
+            target = table.place(mount.target, make_missing_dir if is_folder(fd) else make_empty_file)
+            if target == "/":
+                raise Error(f"the volume {mount.target} leads to the image's root folder", "remove it")
+            table.add(target, fd, mount.source or f"{pull.volumes}{mount.target}")
+            binds.append(Bind(fd, target, mount.read_only))
+        files = [(hosts_file(hostname), "/etc/hosts")]
+        if has_folder(rootfs, os.path.dirname(APT_CONF)):
+            files.append((APT_SETTINGS, APT_CONF))
+        data_files = [(data_fd(data), table.place(target, make_empty_file)) for data, target in files]
+        workdir = args.workdir or config.workdir or "/"
+        table.place(workdir, make_missing_dir)  # made when the image lacks it, as runc does
+        root_fd = inheritable(os.dup(rootfs.root))
+    os.close(dir_fd)
     program = seccomp.filter_program(os.uname().machine)
     return Sandbox(
-        rootfs=str(pull.rootfs),
+        root_fd=root_fd,
         command=command,
         identity=identity,
         hostname=hostname,
         workdir=workdir,
         env=env,
-        mounts=tuple(mounts),
-        data_files=tuple((data_fd(data), target) for data, target in files),
+        binds=tuple(binds),
+        data_files=tuple(data_files),
         writable=args.rw or config.rw,
         network=network,
         seccomp_fd=data_fd(program) if program else None,
         # A terminal stays the container's, for job control, guarded by the seccomp filter; without
         # the filter (a machine it does not know), a new session is the only guard.
         new_session=not os.isatty(0) or program is None,
+        proc=proc,
+        dev=dev,
+        tmp=tmp,
     )
+
+
+def is_folder(fd: int) -> bool:
+    return stat.S_ISDIR(os.fstat(fd).st_mode)
+
+
+def open_rootfs(dir_fd: int, label: str) -> Root:
+    try:
+        return Root(os.dup(dir_fd), "rootfs")
+    except (NotADirectoryError, FileNotFoundError):
+        raise Error(f"{label} is not a folder (a symbolic link?)", "pull again into a new folder") from None
+
+
+def has_folder(rootfs: Root, path: str) -> bool:
+    """Whether the image has a folder at `path` (links followed inside it)."""
+    try:
+        with rootfs.resolve(path, stop_absent) as place:
+            st = lstat_or_none(place.name, place.fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return st is not None and stat.S_ISDIR(st.st_mode)
 
 
 def close_inherited_fds() -> None:
@@ -536,14 +539,17 @@ defaults (the safe ones):
   bwrap maps a single user and group, so chown-family calls succeed without effect, and
   an image with /etc/apt/apt.conf.d gets 99d-run there, setting APT::Sandbox::User "root"
   (apt cannot switch to its _apt user): unprivileged dpkg and apt-get work with -w (and -n).
-  Missing mount points (a volume's target, /etc/hosts) are made, empty, in DIR/rootfs.
+  Missing mount points (a volume's target, /etc/hosts) and a missing working directory are
+  made, empty, in DIR/rootfs by d-run itself, links resolved inside DIR/rootfs as the
+  container sees them; a link inside a volume on the way is refused.
 
 DIR/config.json (edit it; flags win over it):
   User          as --user            Hostname     as --hostname (default: DIR's name)
   WorkingDir    as --workdir         Env          ["KEY=VALUE", ...], under -e/--env-file
   Entrypoint    kept before COMMAND  Cmd          run when no COMMAND is given
   Volumes       {"/path": {}}: anonymous volumes, kept in DIR/volumes/path; a new one starts
-                as a copy of what the image holds at that path
+                as a copy of what the image holds at that path (links copied as links;
+                device nodes, FIFOs and sockets left out)
   net, rw       true: as -n, -w
 
 COMMAND is taken as it is, even when it starts with '-': d-run reads options only before DIR
@@ -556,20 +562,90 @@ examples:
 """
 
 
-def checked(parse: Callable[[str], object]) -> Callable[[str], object]:
-    """An argparse `type` that reports the ValueError of a parser as a usage error."""
+# Every option: its flags, where it goes, its metavar (None: a flag), how its value is read, its help.
+# REPEATED ones gather a list. Both parsers below are made from this one table.
+OPTIONS = (
+    (("-v", "--volume"), "volume", "HOST:CONTAINER[:ro]", parse_volume,
+     "bind the host path HOST (relative to the current folder) at CONTAINER, read-only with :ro; "
+     "CONTAINER alone: an anonymous volume kept in DIR/volumes (repeatable)"),
+    (("-e", "--env"), "env", "KEY[=VALUE]", parse_env,
+     "set KEY inside; KEY alone passes d-run's own value on (repeatable)"),
+    (("--env-file",), "env_file", "FILE", str,
+     "read KEY=VALUE or KEY lines from FILE ('#' comments), before -e (repeatable)"),
+    (("-u", "--user"), "user", "NAME|UID[:GROUP|GID]", str,
+     "run as this user (names from the image's /etc/passwd and /etc/group; default: User, else root)"),
+    (("-w", "--rw"), "rw", None, None, "make the image's root writable (changes stay in DIR/rootfs)"),
+    (("-n", "--net"), "net", None, None, "share the host's network, with its /etc/resolv.conf"),
+    (("--workdir",), "workdir", "PATH", absolute_path, "start in PATH (default: WorkingDir, else /)"),
+    (("--hostname",), "hostname", "NAME", check_hostname, "the container's host name"),
+    (("--entrypoint",), "entrypoint", "PROGRAM", str,
+     "run PROGRAM instead of the image's Entrypoint and Cmd ('' for none)"),
+    (("--debug",), "debug", None, None, "print the bwrap command before running it; tracebacks on errors"),
+)  # fmt: skip
+REPEATED = {"volume", "env", "env_file"}
+BY_FLAG = {flag: option for option in OPTIONS for flag in option[0]}
 
-    def check(text: str) -> object:
+
+def parse_args(argv: list[str]) -> SimpleNamespace:
+    """d-run's command line. The plain forms are read here, without argparse (whose import d-run's every
+    start would pay); anything else (--help, an abbreviation, grouped flags, a mistake) goes to argparse,
+    made from the same table, which reads it or says what is wrong."""
+    return quick_parse(argv) or SimpleNamespace(**vars(make_parser().parse_args(argv)))
+
+
+def quick_parse(argv: list[str]) -> SimpleNamespace | None:
+    """`argv` read as argparse would read it, or None when it is not made only of exact options, DIR and
+    the command."""
+    args = SimpleNamespace(**{dest: [] if dest in REPEATED else None for _, dest, *_ in OPTIONS})
+    args.rw = args.net = args.debug = False
+    index = 0
+    while index < len(argv):
+        word = argv[index]
+        if not word.startswith("-"):
+            args.dir, args.command = word, argv[index + 1 :]
+            if args.command[:1] == ["--"]:  # as argparse: a '--' right after DIR is dropped
+                args.command = args.command[1:]
+            return args
+        name, equals, value = word.partition("=") if word.startswith("--") else (word, "", "")
+        flags, dest, metavar, read, _ = BY_FLAG.get(name, ((), "", None, None, ""))
+        if not flags or (metavar is None and equals):
+            return None
+        if metavar is None:
+            setattr(args, dest, True)
+            index += 1
+            continue
+        if not equals:
+            if index + 1 == len(argv) or argv[index + 1].startswith("-"):
+                return None
+            value, index = argv[index + 1], index + 1
+        index += 1
         try:
-            return parse(text)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
+            value = read(value)
+        except ValueError:
+            return None
+        if dest in REPEATED:
+            getattr(args, dest).append(value)
+        else:
+            setattr(args, dest, value)
+    return None  # no DIR
 
-    check.__name__ = parse.__name__
-    return check
 
+def make_parser():  # -> argparse.ArgumentParser, imported only here: it costs d-run's start-up
+    """The argparse parser of the same table: for --help, and to report what quick_parse does not read."""
+    import argparse
 
-def make_parser() -> argparse.ArgumentParser:
+    def checked(read: Callable[[str], object]) -> Callable[[str], object]:
+        """An argparse `type` that reports the ValueError of a reader as a usage error."""
+
+        def check(text: str) -> object:
+            try:
+                return read(text)
+            except ValueError as err:
+                raise argparse.ArgumentTypeError(str(err)) from None
+
+        check.__name__ = read.__name__
+        return check
+
     parser = argparse.ArgumentParser(
         prog="d-run",
         usage="d-run [OPTION...] DIR [COMMAND [ARG...]]",
@@ -580,26 +656,17 @@ def make_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("dir", metavar="DIR", help="a folder made by d-pull (DIR/rootfs, DIR/config.json)")
     add("command", metavar="COMMAND", nargs=argparse.REMAINDER, help="replaces the image's Cmd; Entrypoint stays")
-    add("-v", "--volume", action="append", default=[], type=checked(parse_volume), metavar="HOST:CONTAINER[:ro]",
-        help="bind the host path HOST (relative to the current folder) at CONTAINER, read-only with :ro; "
-        "CONTAINER alone: an anonymous volume kept in DIR/volumes (repeatable)")  # fmt: skip
-    add("-e", "--env", action="append", default=[], type=checked(parse_env), metavar="KEY[=VALUE]",
-        help="set KEY inside; KEY alone passes d-run's own value on (repeatable)")  # fmt: skip
-    add("--env-file", action="append", default=[], metavar="FILE",
-        help="read KEY=VALUE or KEY lines from FILE ('#' comments), before -e (repeatable)")  # fmt: skip
-    add("-u", "--user", metavar="NAME|UID[:GROUP|GID]",
-        help="run as this user (names from the image's /etc/passwd and /etc/group; default: User, else root)")  # fmt: skip
-    add("-w", "--rw", action="store_true", help="make the image's root writable (changes stay in DIR/rootfs)")
-    add("-n", "--net", action="store_true", help="share the host's network, with its /etc/resolv.conf")
-    add("--workdir", type=checked(absolute_path), metavar="PATH", help="start in PATH (default: WorkingDir, else /)")
-    add("--hostname", type=checked(check_hostname), metavar="NAME", help="the container's host name")
-    add("--entrypoint", metavar="PROGRAM", help="run PROGRAM instead of the image's Entrypoint and Cmd ('' for none)")
-    add("--debug", action="store_true", help="print the bwrap command before running it; tracebacks on errors")
+    for flags, dest, metavar, read, text in OPTIONS:
+        if metavar is None:
+            add(*flags, dest=dest, action="store_true", help=text)
+        else:
+            kind = {"action": "append", "default": []} if dest in REPEATED else {}
+            add(*flags, dest=dest, metavar=metavar, type=checked(read), help=text, **kind)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         close_inherited_fds()
         command = bwrap_argv(plan_sandbox(args))

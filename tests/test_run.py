@@ -22,19 +22,24 @@ from pathlib import Path
 
 import pytest
 from images import busybox_layer
+from trees import snapshot
 
 from dutils import seccomp
 from dutils.errors import Error
-from dutils.run import (
+from dutils.rootfs import Root, make_missing_dir
+from dutils.run import MountTable, copy_tree, make_empty_file, make_parser, parse_args, quick_parse, read_image_file
+from dutils.sandbox import (
+    Bind,
     Identity,
     ImageConfig,
     Mount,
     Sandbox,
+    absolute_path,
     bwrap_argv,
+    check_hostname,
     container_command,
     container_env,
     default_hostname,
-    image_path,
     merged_mounts,
     parse_config,
     parse_env,
@@ -42,6 +47,7 @@ from dutils.run import (
     parse_volume,
     resolve_user,
     userns_error,
+    volume_target,
 )
 from dutils.store import PullDir, Record
 
@@ -69,7 +75,7 @@ GROUP = "root:x:0:\nbad:x:notanumber:\napp:x:1000:\nstaff:x:50:app\n"
 
 
 def sandbox(**fields) -> Sandbox:
-    base = {"rootfs": "/pull/rootfs", "command": ("sh",), "identity": Identity(0, 0, "/root"), "hostname": "box"}
+    base = {"root_fd": 3, "command": ("sh",), "identity": Identity(0, 0, "/root"), "hostname": "box"}
     base |= {"workdir": "/", "env": {}}
     return Sandbox(**(base | fields))
 
@@ -79,7 +85,7 @@ def test_argv_has_the_safe_defaults():
     for option in ["--unshare-all", "--unshare-user", "--die-with-parent", "--new-session", "--clearenv"]:
         assert option in argv
     assert "--share-net" not in argv
-    assert argv[argv.index("--bind") : argv.index("--bind") + 3] == ["--bind", "/pull/rootfs", "/"]
+    assert argv[argv.index("--bind-fd") : argv.index("--bind-fd") + 3] == ["--bind-fd", "3", "/"]
     joined = " ".join(argv)
     assert "--proc /proc --dev /dev --tmpfs /tmp" in joined and "--remount-ro /" in joined
     assert argv.index("--clearenv") < argv.index("--setenv")
@@ -87,11 +93,12 @@ def test_argv_has_the_safe_defaults():
 
 
 def test_argv_makes_the_root_read_only_after_every_mount():
-    argv = bwrap_argv(sandbox(mounts=(Mount("/data", "/host/data"), Mount("/etc/x", "/host/x", read_only=True))))
+    argv = bwrap_argv(sandbox(binds=(Bind(4, "/data"), Bind(5, "/etc/x", read_only=True))))
     remount = argv.index("--remount-ro")
     assert argv[remount + 1] == "/"
-    assert max(i for i, word in enumerate(argv) if word in ("--bind", "--ro-bind", "--ro-bind-data")) < remount
-    assert argv[argv.index("--ro-bind") : argv.index("--ro-bind") + 3] == ["--ro-bind", "/host/x", "/etc/x"]
+    assert max(i for i, word in enumerate(argv) if word in ("--bind-fd", "--ro-bind-fd", "--ro-bind-data")) < remount
+    assert argv[argv.index("--ro-bind-fd") : argv.index("--ro-bind-fd") + 3] == ["--ro-bind-fd", "5", "/etc/x"]
+    assert "--bind" not in argv and "--ro-bind" not in argv  # sources are descriptors: no path resolved again
     assert "--remount-ro" not in bwrap_argv(sandbox(writable=True))
 
 
@@ -206,6 +213,85 @@ def test_merged_mounts_put_parents_first_and_flags_over_config():
     assert merged[1] == Mount("/data", "/host/data", read_only=True)
 
 
+@pytest.mark.parametrize("name", ["a", "web-1", "a.b.c", "x" * 63, ".".join(["x" * 63] * 3 + ["x" * 61]), "9"])
+def test_host_names_as_rfc_1123_allows(name):
+    assert check_hostname(name) == name
+
+
+@pytest.mark.parametrize(
+    "name", ["", "-a", "a-", "a_b", "a..b", ".a", "a.", "box\n1.2.3.4 evil", "x" * 64, ".".join(["x" * 63] * 4), "é"]
+)
+def test_host_names_rfc_1123_refuses(name):
+    with pytest.raises(ValueError):
+        check_hostname(name)
+
+
+@pytest.mark.parametrize("path", ["//", "/.", "/./", "///.//", "/x/..", "/x/../y", "x", "/a\x00b", "/a\nb", "/a\x1bb"])
+def test_volume_targets_refused(path):
+    with pytest.raises(ValueError):
+        volume_target(path)
+
+
+def test_volume_targets_normalised():
+    assert volume_target("//data/./x//") == "/data/x" and absolute_path("/") == "/"
+
+
+@pytest.mark.parametrize("spec", ["\u00b2", "\u0661", "app:\u0661", "\u00b2:0"])
+def test_ids_are_ascii_digits_only(spec):
+    passwd = PASSWD + "sup:x:\u00b2:1::/:/bin/sh\narab:x:\u0661:1::/:/bin/sh\n"
+    with pytest.raises(Error, match="is not in the image's"):
+        resolve_user(spec, passwd, GROUP + "odd:x:\u0661:\n")
+
+
+def test_mount_points_are_made_inside_the_rootfs_links_rerooted(tmp_path):
+    outside = tmp_path / "host"
+    rootfs = tmp_path / "pull" / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    (rootfs / "etc" / "hosts").symlink_to(f"/oldroot{outside}/hosts")
+    (rootfs / "data").symlink_to(f"../../../../../../oldroot{outside}")
+    (rootfs / "tmp").symlink_to("/data")
+    volume = tmp_path / "volume"
+    (volume / "sub").mkdir(parents=True)
+    (volume / "sub" / "out").symlink_to(outside)
+    with Root(os.open(rootfs.parent, os.O_PATH), "rootfs") as root:
+        table = MountTable(root)
+        assert table.place("/etc/hosts", make_empty_file) == f"/oldroot{outside}/hosts"
+        assert table.place("/tmp", make_missing_dir) == f"/oldroot{outside}"
+        table.add(f"/oldroot{outside}", None, "/tmp")
+        assert table.place("/data/x/y", make_missing_dir) == f"/oldroot{outside}/x/y"  # in the tmpfs: bwrap's
+        table.add("/vol", os.open(volume, os.O_PATH), str(volume))
+        assert table.place("/vol/sub/new", make_missing_dir) == "/vol/sub/new"
+        with pytest.raises(Error, match="volume/sub/out is a symbolic link"):
+            table.place("/vol/sub/out/x", make_missing_dir)
+        with pytest.raises(Error, match="is not a folder"):
+            table.place("/etc/hosts", make_missing_dir)
+    assert (rootfs / "oldroot" / str(outside).lstrip("/") / "hosts").is_file()
+    assert (volume / "sub" / "new").is_dir()
+    assert not outside.exists()
+
+
+def test_seed_copies_keep_modes_times_and_links(tmp_path):
+    seed = tmp_path / "seed"
+    (seed / "ro" / "deeper").mkdir(parents=True)
+    (seed / "ro" / "deeper" / "f").write_text("data")
+    (seed / "setuid").write_bytes(b"\x7fELF")
+    (seed / "setuid").chmod(0o4755)
+    (seed / "abs").symlink_to("/etc/passwd")
+    (seed / "dangling").symlink_to("../../nowhere")
+    (seed / "ro").chmod(0o555)
+    seed.chmod(0o750)
+    for number, path in enumerate([seed / "ro" / "deeper" / "f", seed / "ro" / "deeper", seed / "ro", seed]):
+        os.utime(path, ns=(1, 1_000_000_000 + number))
+    (tmp_path / "copy").mkdir()
+    dest = os.open(tmp_path / "copy", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with Root(os.open(tmp_path, os.O_PATH), "seed") as source:
+            assert copy_tree(source, dest) == 0
+    finally:
+        os.close(dest)
+    assert snapshot(tmp_path / "copy") == snapshot(seed)
+
+
 def test_default_hostname():
     assert default_hostname("busybox") == "busybox"
     assert default_hostname("my image_1.0") == "my-image-1-0"
@@ -250,17 +336,20 @@ def test_userns_settings():
     assert "max_user_namespaces" in str(userns_error("0\n", "1\n", 0))
 
 
-def test_image_path_stays_inside_the_image(tmp_path):
+def test_image_files_are_read_inside_the_image(tmp_path):
     rootfs = tmp_path / "rootfs"
     (rootfs / "etc").mkdir(parents=True)
     (rootfs / "etc" / "passwd.real").write_text("inside")
     (rootfs / "etc" / "passwd").symlink_to("/etc/passwd.real")  # absolute: the image's, not the host's
     (rootfs / "etc" / "group").symlink_to("../../../../../etc/passwd.real")
+    (rootfs / "etc" / "shadow").symlink_to("/etc/missing")
     (rootfs / "loop").symlink_to("loop")
-    assert image_path(rootfs, "/etc/passwd") == rootfs / "etc" / "passwd.real"
-    assert image_path(rootfs, "etc/group") == rootfs / "etc" / "passwd.real"
-    with pytest.raises(Error, match="symbolic links"):
-        image_path(rootfs, "/loop/x")
+    with Root(os.open(tmp_path, os.O_PATH), "rootfs") as root:
+        assert read_image_file(root, "/etc/passwd") == "inside"
+        assert read_image_file(root, "etc/group") == "inside"
+        assert read_image_file(root, "etc/shadow") == ""
+        with pytest.raises(Error, match="Too many levels of symbolic links"):
+            read_image_file(root, "/loop/x")
 
 
 # ----- the seccomp filter, run by a small classic-BPF interpreter ---------------------------------------
@@ -324,10 +413,57 @@ def test_no_filter_for_unknown_machines():
     assert seccomp.filter_program("riscv64") is None
 
 
-def test_start_up_imports_neither_requests_nor_doit():
-    code = "import sys, dutils.run; print(sorted({m.split('.')[0] for m in sys.modules} & {'requests', 'doit', 'urllib3'}))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30)
+def test_start_up_imports_neither_requests_nor_doit_nor_argparse():
+    heavy = "{'requests', 'doit', 'urllib3', 'argparse', 'shutil', 'tempfile', 'dataclasses', 'typing'}"
+    code = f"import sys, dutils.run; print(sorted({{m.split('.')[0] for m in sys.modules}} & {heavy}))"
+    done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True, timeout=30)
     assert done.stdout == "[]\n"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["DIR"],
+        ["DIR", "ls", "-l"],
+        ["DIR", "--", "ls", "--", "x"],
+        ["DIR", "-n", "--help"],
+        ["-n", "-w", "--debug", "DIR", "id"],
+        ["--net", "--rw", "DIR"],
+        ["-v", "/data", "-v", "/h:/c:ro", "--volume=/x", "--volume", "./s:/s", "DIR"],
+        ["-e", "A=1", "--env", "B", "--env=C=2=3", "--env-file", "f", "--env-file=g", "DIR", "sh"],
+        ["-u", "app:staff", "--user=0", "--workdir", "/srv/", "--hostname=web", "--entrypoint", "", "DIR"],
+        ["--entrypoint=", "DIR", "-u", "x"],
+    ],
+)
+def test_the_quick_parser_reads_as_argparse_does(argv):
+    quick = quick_parse(argv)
+    assert quick is not None and vars(quick) == vars(make_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["-h"],
+        ["--help"],
+        ["-nw", "DIR"],  # grouped flags
+        ["--deb", "DIR"],  # an abbreviation
+        ["--no-such-flag", "DIR"],
+        ["-v", "relative", "DIR"],
+        ["-e", "=x", "DIR"],
+        ["--workdir", "here", "DIR"],
+        ["-u", "-1", "DIR"],
+        ["--net=yes", "DIR"],
+        ["-v"],
+        ["--", "DIR"],
+    ],
+)
+def test_the_quick_parser_leaves_the_rest_to_argparse(argv):
+    assert quick_parse(argv) is None
+
+
+def test_argparse_reads_what_the_quick_parser_leaves():
+    assert vars(parse_args(["-nw", "--deb", "DIR", "x"])) == vars(quick_parse(["-n", "-w", "--debug", "DIR", "x"]))
 
 
 # ----- real containers, as root and as the ordinary user ------------------------------------------------
@@ -349,7 +485,7 @@ class Runner:
     def own(self, *paths: Path) -> None:
         """Give `paths` (recursively) to the user d-run runs as, as if they had made them."""
         if self.user:
-            subprocess.run(["chown", "-R", f"{self.user}:{self.user}", *map(str, paths)], check=True)
+            subprocess.run(["chown", "-R", "-h", f"{self.user}:{self.user}", *map(str, paths)], check=True)
 
     def __call__(self, *args: str, env: dict | None = None, cwd: Path | None = None, pass_fds: tuple = ()):
         return subprocess.run(
@@ -580,6 +716,16 @@ def test_anonymous_volumes_live_in_the_pull_folder(run, box):
     assert (box / "volumes" / "etc" / "passwd").read_bytes() == (box / "rootfs" / "etc" / "passwd").read_bytes()
 
 
+@pytest.mark.parametrize("how", ["config", "flag"])
+def test_a_missing_working_directory_is_made_as_runc_does(run, box, how):
+    # buildah writes WORKDIR without making the folder when no later step does; runc makes it.
+    flags = ["--workdir", "/srv/app"] if how == "flag" else []
+    if how == "config":
+        configure(box, WorkingDir="/srv/app")
+    assert run.out(*flags, str(box), "sh", "-c", "pwd; touch /srv/app/x 2>&1 | grep -c Read-only") == "/srv/app\n1\n"
+    assert (box / "rootfs" / "srv" / "app").is_dir()  # made by d-run before bwrap: the root stays read-only
+
+
 def test_chown_succeeds_without_effect(run, box):
     # bwrap maps one user: a real chown to another id fails (EINVAL); the filter makes it a no-op.
     script = "touch /tmp/f && chown 1234:1234 /tmp/f && stat -c %u /tmp/f"
@@ -647,7 +793,7 @@ def test_bad_input_errors(run, box):
     assert_error(run("-v", "/nowhere/at/all:/x", str(box), "true"), 1, "/nowhere/at/all does not exist")
     assert_error(run("-u", "nobody", str(box), "true"), 1, "'nobody' is not in the image's /etc/passwd")
     assert_error(run("-u", "app:wheel", str(box), "true"), 1, "'wheel' is not in the image's /etc/group")
-    assert_error(run("--workdir", "/no/such", str(box), "true"), 1, "/no/such does not exist in the image")
+    assert_error(run("--workdir", "/etc/passwd", str(box), "true"), 1, "/etc/passwd is not a folder")
     assert_error(run("--env-file", "/no/such/file", str(box), "true"), 1, "--env-file /no/such/file")
     configure(box, Cmd=None)
     assert_error(run(str(box)), 1, "no Entrypoint or Cmd")
