@@ -13,7 +13,7 @@ from collections import namedtuple
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from . import seccomp
+from . import ports, seccomp
 from .errors import Error
 from .store import PullDir
 
@@ -30,12 +30,13 @@ MAX_SYMLINKS = 40  # as the kernel's path walk
 class ImageConfig(
     namedtuple(
         "ImageConfig",
-        "user hostname workdir env volumes entrypoint cmd net rw",
-        defaults=("", "", "", (), (), (), (), False, False),
+        "user hostname workdir env volumes entrypoint cmd net rw ports",
+        defaults=("", "", "", (), (), (), (), False, False, ()),
     )
 ):
     """The keys of config.json that d-run honours, checked: strings (user, hostname, workdir), tuples of
-    strings (env as "KEY=VALUE", volumes as paths, entrypoint, cmd) and booleans (net, rw)."""
+    strings (env as "KEY=VALUE", volumes as paths, entrypoint, cmd, ports as -p takes them) and booleans
+    (net, rw)."""
 
     __slots__ = ()
 
@@ -87,6 +88,7 @@ def parse_config(data: object) -> ImageConfig:
         cmd=tuple(config_value(data, "Cmd", "list of strings") or ()),
         net=bool(config_value(data, "net", "boolean")),
         rw=bool(config_value(data, "rw", "boolean")),
+        ports=tuple(config_value(data, "ports", "list of strings") or ()),
     )
 
 
@@ -303,14 +305,14 @@ def hosts_file(hostname: str) -> bytes:
 class Sandbox(
     namedtuple(
         "Sandbox",
-        "rootfs command identity hostname workdir env mounts data_files writable network seccomp_fd new_session",
-        defaults=((), (), False, False, None, True),
+        "rootfs command identity hostname workdir env mounts data_files writable network seccomp_fd new_session ports",
+        defaults=((), (), False, False, None, True, ()),
     )
 ):
     """Everything the bwrap command line is made of, resolved: the rootfs path, the command (tuple), an
     Identity, hostname, workdir, env (dict), mounts (Mounts with their sources, parents first), data_files
-    ((fd bwrap reads, read-only file it becomes) pairs), writable, network, seccomp_fd (int or None) and
-    new_session."""
+    ((fd bwrap reads, read-only file it becomes) pairs), writable, network, seccomp_fd (int or None),
+    new_session and ports (ports.Port, published through pasta)."""
 
     __slots__ = ()
 
@@ -463,13 +465,16 @@ def plan_sandbox(args: argparse.Namespace) -> Sandbox:
     if "TERM" in os.environ:
         base_env["TERM"] = os.environ["TERM"]
     env = container_env(base_env, config.env, read_env_files(args.env_file) + args.env, dict(os.environ))
-    network = args.net or config.net
+    published = ports.published(args.publish, config.ports, args.net or config.net)
+    network = args.net or config.net or bool(published)  # with ports: pasta's network namespace, shared by bwrap
     defaults = [Mount(target) for target in config.volumes]
     if network and os.path.exists(RESOLV_CONF):
         defaults.append(Mount(RESOLV_CONF, RESOLV_CONF, read_only=True))
     mounts = merged_mounts(defaults, args.volume)
     workdir = args.workdir or config.workdir or "/"
     check_workdir(pull.rootfs, workdir, mounts)
+    if published:
+        ports.check_ready(published, os.environ.get("PATH", os.defpath))
     mounts = [host_source(mount, pull) for mount in mounts]
     files = [(hosts_file(hostname), "/etc/hosts")]
     if image_path(pull.rootfs, os.path.dirname(APT_CONF)).is_dir():
@@ -490,6 +495,7 @@ def plan_sandbox(args: argparse.Namespace) -> Sandbox:
         # A terminal stays the container's, for job control, guarded by the seccomp filter; without
         # the filter (a machine it does not know), a new session is the only guard.
         new_session=not os.isatty(0) or program is None,
+        ports=published,
     )
 
 
@@ -545,12 +551,21 @@ DIR/config.json (edit it; flags win over it):
   Volumes       {"/path": {}}: anonymous volumes, kept in DIR/volumes/path; a new one starts
                 as a copy of what the image holds at that path
   net, rw       true: as -n, -w
+  ports         ["8080:80", "5353:53/udp", ...]: as -p (-p replaces them)
 
 COMMAND is taken as it is, even when it starts with '-': d-run reads options only before DIR
 (a single '--' right after DIR is dropped).
 
+networks: none (the default: only a loopback); -p: the container's own network with outbound
+  access through pasta (apt-get install passt; it needs /dev/net/tun readable and writable by you),
+  the published ports forwarded from the host and nothing of the host's loopback reachable; -n: the
+  host's network itself. With -p, d-run execs pasta, which runs bwrap and exits with its status.
+  d-run's own errors (-p's included: pasta missing, /dev/net/tun not usable, a host port in use, a
+  malformed -p) are one line with exit status 1.
+
 examples:
   d-run ./deb cat /etc/os-release
+  d-run -p 8080:80 ./nginx          (then: curl http://127.0.0.1:8080/)
   d-run -n -w ./deb apt-get install -y curl
   d-run -v "$PWD":/src:ro --workdir /src -u app ./deb make
 """
@@ -591,6 +606,10 @@ def make_parser() -> argparse.ArgumentParser:
         help="run as this user (names from the image's /etc/passwd and /etc/group; default: User, else root)")  # fmt: skip
     add("-w", "--rw", action="store_true", help="make the image's root writable (changes stay in DIR/rootfs)")
     add("-n", "--net", action="store_true", help="share the host's network, with its /etc/resolv.conf")
+    add("-p", "--publish", action="append", default=[], metavar="[HOST_ADDR:]HOST_PORT:CONTAINER_PORT[/tcp|/udp]",
+        help="forward the host's port (on 127.0.0.1 unless HOST_ADDR is given; [::1] for IPv6) to the container's, "
+        "which gets its own network with outbound access through pasta (package passt); the host's loopback "
+        "services stay out of reach; not with -n (repeatable)")  # fmt: skip
     add("--workdir", type=checked(absolute_path), metavar="PATH", help="start in PATH (default: WorkingDir, else /)")
     add("--hostname", type=checked(check_hostname), metavar="NAME", help="the container's host name")
     add("--entrypoint", metavar="PROGRAM", help="run PROGRAM instead of the image's Entrypoint and Cmd ('' for none)")
@@ -602,7 +621,11 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         close_inherited_fds()
-        command = bwrap_argv(plan_sandbox(args))
+        box = plan_sandbox(args)
+        command = bwrap_argv(box)
+        if box.ports:
+            fds = [fd for fd, _ in box.data_files] + ([box.seccomp_fd] if box.seccomp_fd is not None else [])
+            command = ports.pasta_argv(box.ports, sys.executable, fds, command)
         if args.debug:
             import shlex
 
