@@ -178,11 +178,11 @@ def pastas(port: int) -> list[int]:
     return found
 
 
-def fetch(port: int, deadline: float) -> bytes | None:
-    """The page at http://127.0.0.1:PORT/, asked until `deadline` (time.monotonic()) while refused."""
+def fetch(port: int, deadline: float, host: str = "127.0.0.1") -> bytes | None:
+    """The page at http://HOST:PORT/, asked until `deadline` (time.monotonic()) while refused."""
     while True:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+            with urllib.request.urlopen(f"http://{host}:{port}/", timeout=2) as response:
                 return response.read()
         except (urllib.error.URLError, ConnectionError):
             if time.monotonic() > deadline:
@@ -217,10 +217,11 @@ class Started:
 
 
 def test_a_published_port_serves_the_containers_http_and_nothing_else(run, box):
-    port, unpublished = free_port(), free_port()
+    port, unpublished, ipv6 = free_port(), free_port(), free_port()
     script = f"busybox httpd -p {unpublished} -h /www && exec busybox httpd -f -p 80 -h /www"
-    with Started(run, "-p", f"{port}:80", str(box), "sh", "-c", script) as started:
+    with Started(run, "-p", f"{port}:80", "-p", f"[::1]:{ipv6}:80", str(box), "sh", "-c", script) as started:
         assert fetch(port, time.monotonic() + 20) == PAGE
+        assert fetch(ipv6, time.monotonic() + 5, "[::1]") == PAGE
         # The container listens on `unpublished` too; pasta forwards only -p's port (its default would
         # forward every port the container listens on), and only on the loopback.
         with pytest.raises(ConnectionRefusedError):
@@ -315,20 +316,33 @@ def test_udp_forwarding(run, box):
     # a UDP port published on the loopback under another number (the README says so).
     port = free_port(socket.SOCK_DGRAM)
     command = [*HOST_PYTHON, "-p", f"{port}:{port}/udp", str(box), "/usr/bin/python3", "-c", UDP_ECHO, str(port)]
-    with Started(run, *command) as started, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+    with Started(run, *command) as started:
         assert started.line() == b"ready\n"
-        client.settimeout(0.5)
-        answers = []
-        for _ in range(20):  # a datagram may be lost; the server answers the first it gets
-            client.sendto(b"ping", ("127.0.0.1", port))
-            try:
-                answers.append(client.recvfrom(100)[0])
-                break
-            except TimeoutError:
-                continue
-        assert answers == [b"PING"]
+        assert udp_answers(port) == [b"PING"]
         assert started.process.wait(timeout=20) == 0
     assert wait_until(lambda: not pastas(port))
+
+
+def udp_answers(port: int) -> list[bytes]:
+    """Send "ping" to 127.0.0.1:PORT until an answer comes (a datagram may be lost), 20 times at most."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(0.5)
+        for _ in range(20):
+            client.sendto(b"ping", ("127.0.0.1", port))
+            try:
+                return [client.recvfrom(100)[0]]
+            except TimeoutError:
+                continue
+    return []
+
+
+@pytest.mark.xfail(strict=True, reason="Debian 12's pasta (passt 2023.03) loses these replies on the loopback")
+def test_udp_replies_when_the_port_numbers_differ(run, box):
+    port, inside = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
+    command = [*HOST_PYTHON, "-p", f"{port}:{inside}/udp", str(box), "/usr/bin/python3", "-c", UDP_ECHO, str(inside)]
+    with Started(run, *command) as started:
+        assert started.line() == b"ready\n"
+        assert udp_answers(port) == [b"PING"]
 
 
 @pytest.mark.parametrize("publish", [False, True])
