@@ -489,3 +489,14 @@ def test_root_is_told_to_run_it_as_an_ordinary_user(box):
         pytest.skip("the tests do not run as root")
     as_root = Runner(Path(sys.executable).parent / "d-run", {"PATH": os.environ["PATH"]})
     assert_error(as_root("-p", f"{free_port()}:80", str(box), "true"), 1, "does not run as root", "ordinary user")
+
+
+def test_ctrl_c_ends_a_foreground_command_as_without_ports(run, box):
+    sleeper = ["sh", "-c", "echo star''ted; exec sleep 4321"]
+    statuses = []
+    for flags in ([], ["-p", f"{free_port()}:80"]):
+        started = time.monotonic()
+        output, status = on_terminal(run, [str(run.script), *flags, str(box), *sleeper], [("started", "\x03")])
+        assert time.monotonic() - started < 15, output  # the sleep did not run out its time
+        statuses.append(status)
+    assert statuses == [-signal.SIGINT] * 2  # d-run dies of SIGINT (a shell says 130), with or without -p
