@@ -196,6 +196,7 @@ class Started:
     def __init__(self, run: Runner, *args: str) -> None:
         self.process = subprocess.Popen(
             [str(run.script), *args],
+            bufsize=0,  # unbuffered: a line read must not take the next one out of select()'s sight
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -292,7 +293,7 @@ def test_the_container_cannot_reach_the_hosts_loopback_services(run, box, host_s
     command = [*HOST_PYTHON, "-p", f"{port}:80", str(box), "/usr/bin/python3", "-c", PROBE, str(port4), str(port6)]
     with Started(run, *command) as started:
         assert started.line() == b"fds ['0', '1', '2', '3']\n"  # none of pasta's host sockets (3: listdir's)
-        assert started.line() == b"serving\n", started.process.communicate(timeout=10)
+        assert started.line() == b"serving\n"
         socket.create_connection(("127.0.0.1", port), timeout=10).close()
         results = [started.line().decode().split() for _ in range(3)]
         assert started.process.wait(timeout=30) == 0, started.process.stderr.read()
