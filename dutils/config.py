@@ -7,7 +7,9 @@ import xxhash
 
 from .errors import Error
 
-RUN_DEFAULTS = {"net": False, "rw": False}  # d-run's own keys, written out so that users see them
+# d-run's own keys, written out so that users see them, and over the image's: an image config saying
+# "ports": ["0.0.0.0:22:22"] must not publish itself.
+RUN_DEFAULTS = {"net": False, "rw": False, "ports": []}
 MISSING = object()
 
 

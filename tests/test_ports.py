@@ -18,7 +18,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from images import busybox_tar
+from cli import d_pull
+from images import Image, busybox_tar, push
 from test_run import (
     HOST_PYTHON,
     IMAGE_CONFIG,
@@ -421,6 +422,22 @@ def test_ports_from_config_json(run, box):
     (box / "config.json").write_text(json.dumps(IMAGE_CONFIG | {"ports": [f"{port}:80"]}))
     with Started(run, str(box), "busybox", "httpd", "-f", "-p", "80", "-h", "/www"):
         assert fetch(port, time.monotonic() + 20) == PAGE
+
+
+def test_an_image_config_cannot_publish_itself(registry, run, template):
+    # The image's config becomes config.json, d-run's keys written over it; a hostile image asks for
+    # its port 22 on every address of the host.
+    hostile = {"Cmd": ["sh"], "ports": ["0.0.0.0:2222:22"], "net": True}
+    push(registry.host, "hostile-ports", "latest", Image(layers=[busybox_tar()], config=hostile))
+    folder = Path(tempfile.mkdtemp(dir=template)) / "pulled"
+    done = d_pull(f"{registry.host}/hostile-ports:latest", str(folder), cache=folder.parent / "cache")
+    assert done.returncode == 0, done.stderr
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["ports"], config["net"]) == ([], False)
+    folder.parent.chmod(0o755)
+    run.own(folder)
+    interfaces = run.out(str(folder), "cat", "/proc/net/dev").splitlines()[2:]
+    assert [line.split(":")[0].strip() for line in interfaces] == ["lo"]
 
 
 # ----- errors: one line, exit status 1, no traceback ---------------------------------------------------------
