@@ -314,7 +314,7 @@ server.sendto(data.upper(), peer)
 
 
 def test_udp_forwarding(run, box):
-    # The same port number outside and inside: Debian 12's pasta (passt 2023.03) loses the replies of
+    # The same port number outside and inside: Debian 12's pasta (passt 2023.03) can lose the replies of
     # a UDP port published on the loopback under another number (the README says so).
     port = free_port(socket.SOCK_DGRAM)
     command = [*HOST_PYTHON, "-p", f"{port}:{port}/udp", str(box), "/usr/bin/python3", "-c", UDP_ECHO, str(port)]
