@@ -408,6 +408,13 @@ def test_without_ports_there_is_still_no_network(run, box):
     assert len(published_) == 2  # lo and pasta's interface
 
 
+def test_nothing_of_pasta_reaches_the_container(run, box):
+    # pasta ignores SIGPIPE and blocks SIGUSR1 in what it starts: a container inheriting that would see
+    # EPIPE instead of dying, and never get SIGUSR1.
+    status = run.out("-p", f"{free_port()}:80", str(box), "grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status")
+    assert status == "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
+
+
 def test_ports_from_config_json(run, box):
     port = free_port()
     (box / "config.json").write_text(json.dumps(IMAGE_CONFIG | {"ports": [f"{port}:80"]}))
