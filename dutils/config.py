@@ -11,7 +11,9 @@ import xxhash
 from .errors import Error
 from .store import DIGEST
 
-RUN_DEFAULTS = {"net": False, "rw": False}  # d-run's own keys, written out so that users see them
+# d-run's own keys, written out so that users see them, and over the image's: an image config saying
+# "ports": ["0.0.0.0:22:22"] must not publish itself.
+RUN_DEFAULTS = {"net": False, "rw": False, "ports": []}
 MISSING = object()
 MAX_CONFIG = 4 << 20  # as containers/image (skopeo, podman) caps a config; real ones are a few kB
 # Each JSON object or array costs Python ~60 bytes: 4 MiB of `{},` would take 100 MB once parsed. Real manifests

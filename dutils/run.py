@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from types import SimpleNamespace
 
-from . import seccomp
+from . import ports, seccomp
 from .errors import Error, printable
 from .rootfs import DIR_FLAGS, MAX_LINKS, Place, Root, children, join, lstat_or_none, make_missing_dir, stop_absent
 from .sandbox import (
@@ -35,6 +35,7 @@ from .sandbox import (
     container_env,
     default_hostname,
     hosts_file,
+    inherited_fds,
     merged_mounts,
     parse_config,
     parse_env,
@@ -428,11 +429,14 @@ def plan_sandbox(args: SimpleNamespace) -> Sandbox:
         if "TERM" in os.environ:
             base_env["TERM"] = os.environ["TERM"]
         env = container_env(base_env, config.env, read_env_files(args.env_file) + args.env, dict(os.environ))
-        network = args.net or config.net
+        published = ports.published(args.publish, config.ports, args.net or config.net)
+        network = args.net or config.net or bool(published)  # with ports: pasta's network, shared by bwrap
         defaults = [Mount(target) for target in config.volumes]
         if network and os.path.exists(RESOLV_CONF):
             defaults.append(Mount(RESOLV_CONF, RESOLV_CONF, read_only=True))
         mounts = merged_mounts(defaults, args.volume)
+        if published:
+            ports.check_ready(published, os.environ.get("PATH", os.defpath))
         sources = open_sources(pull, dir_fd, rootfs, mounts)
         table = MountTable(rootfs)
         proc, dev, tmp = (table.place(path, make_missing_dir) for path in ("/proc", "/dev", "/tmp"))
@@ -472,6 +476,7 @@ def plan_sandbox(args: SimpleNamespace) -> Sandbox:
         proc=proc,
         dev=dev,
         tmp=tmp,
+        ports=published,
     )
 
 
@@ -551,12 +556,21 @@ DIR/config.json (edit it; flags win over it):
                 as a copy of what the image holds at that path (links copied as links;
                 device nodes, FIFOs and sockets left out)
   net, rw       true: as -n, -w
+  ports         ["8080:80", "5353:53/udp", ...]: as -p (-p replaces them)
 
 COMMAND is taken as it is, even when it starts with '-': d-run reads options only before DIR
 (a single '--' right after DIR is dropped).
 
+networks: none (the default: only a loopback); -p: the container's own network with outbound
+  access through pasta (apt-get install passt; it needs /dev/net/tun readable and writable by you),
+  the published ports forwarded from the host and nothing of the host's loopback reachable; -n: the
+  host's network itself. With -p, d-run execs pasta, which runs bwrap and exits with its status.
+  d-run's own errors (-p's included: pasta missing, /dev/net/tun not usable, a host port in use, a
+  malformed -p) are one line with exit status 1.
+
 examples:
   d-run ./deb cat /etc/os-release
+  d-run -p 8080:80 ./nginx          (then: curl http://127.0.0.1:8080/)
   d-run -n -w ./deb apt-get install -y curl
   d-run -v "$PWD":/src:ro --workdir /src -u app ./deb make
 """
@@ -576,13 +590,17 @@ OPTIONS = (
      "run as this user (names from the image's /etc/passwd and /etc/group; default: User, else root)"),
     (("-w", "--rw"), "rw", None, None, "make the image's root writable (changes stay in DIR/rootfs)"),
     (("-n", "--net"), "net", None, None, "share the host's network, with its /etc/resolv.conf"),
+    (("-p", "--publish"), "publish", "[HOST_ADDR:]HOST_PORT:CONTAINER_PORT[/tcp|/udp]", str,
+     "forward the host's port (on 127.0.0.1 unless HOST_ADDR is given; [::1] for IPv6) to the container's, "
+     "which gets its own network with outbound access through pasta (package passt); the host's loopback "
+     "services stay out of reach; not with -n (repeatable)"),
     (("--workdir",), "workdir", "PATH", absolute_path, "start in PATH (default: WorkingDir, else /)"),
     (("--hostname",), "hostname", "NAME", check_hostname, "the container's host name"),
     (("--entrypoint",), "entrypoint", "PROGRAM", str,
      "run PROGRAM instead of the image's Entrypoint and Cmd ('' for none)"),
     (("--debug",), "debug", None, None, "print the bwrap command before running it; tracebacks on errors"),
 )  # fmt: skip
-REPEATED = {"volume", "env", "env_file"}
+REPEATED = {"volume", "env", "env_file", "publish"}
 BY_FLAG = {flag: option for option in OPTIONS for flag in option[0]}
 
 
@@ -669,7 +687,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         close_inherited_fds()
-        command = bwrap_argv(plan_sandbox(args))
+        box = plan_sandbox(args)
+        command = bwrap_argv(box)
+        if box.ports:
+            command = ports.pasta_argv(box.ports, sys.executable, inherited_fds(box), command)
         if args.debug:
             import shlex
 

@@ -27,12 +27,13 @@ MAX_VOLUMES = 256  # far beyond real images; each is a folder, a copy and a moun
 class ImageConfig(
     namedtuple(
         "ImageConfig",
-        "user hostname workdir env volumes entrypoint cmd net rw",
-        defaults=("", "", "", (), (), (), (), False, False),
+        "user hostname workdir env volumes entrypoint cmd net rw ports",
+        defaults=("", "", "", (), (), (), (), False, False, ()),
     )
 ):
     """The keys of config.json that d-run honours, checked: strings (user, hostname, workdir), tuples of
-    strings (env as "KEY=VALUE", volumes as paths, entrypoint, cmd) and booleans (net, rw)."""
+    strings (env as "KEY=VALUE", volumes as paths, entrypoint, cmd, ports as -p takes them) and booleans
+    (net, rw)."""
 
     __slots__ = ()
 
@@ -117,6 +118,7 @@ def parse_config(data: object) -> ImageConfig:
         cmd=tuple(config_checked("Cmd", item, plain_text) for item in cmd),
         net=bool(config_value(data, "net", "boolean")),
         rw=bool(config_value(data, "rw", "boolean")),
+        ports=tuple(config_value(data, "ports", "list of strings") or ()),
     )
 
 
@@ -325,14 +327,15 @@ class Sandbox(
     namedtuple(
         "Sandbox",
         "root_fd command identity hostname workdir env binds data_files writable network seccomp_fd new_session "
-        "proc dev tmp",
-        defaults=((), (), False, False, None, True, "/proc", "/dev", "/tmp"),
+        "proc dev tmp ports",
+        defaults=((), (), False, False, None, True, "/proc", "/dev", "/tmp", ()),
     )
 ):
     """Everything the bwrap command line is made of, resolved: the rootfs's fd, the command (tuple), an
     Identity, hostname, workdir, env (dict), binds (Binds, in mount order), data_files ((fd bwrap reads,
     read-only file it becomes) pairs), writable, network, seccomp_fd (int or None), new_session, and where
-    /proc, /dev and /tmp go (paths free of links: a rootfs may make them links)."""
+    /proc, /dev and /tmp go (paths free of links: a rootfs may make them links), and ports (ports.Port,
+    published through pasta)."""
 
     __slots__ = ()
 

@@ -12,8 +12,10 @@ from dutils.errors import Error
 
 
 def test_run_config_adds_dutils_keys():
-    assert run_config({"config": {"Cmd": ["sh"]}}) == {"Cmd": ["sh"], "net": False, "rw": False}
-    assert run_config({}) == {"net": False, "rw": False}
+    assert run_config({"config": {"Cmd": ["sh"]}}) == {"Cmd": ["sh"], "net": False, "rw": False, "ports": []}
+    assert run_config({}) == {"net": False, "rw": False, "ports": []}
+    hostile = {"net": True, "rw": True, "ports": ["0.0.0.0:22:22"]}
+    assert run_config({"config": hostile}) == {"net": False, "rw": False, "ports": []}
 
 
 def test_user_edits_survive_and_untouched_keys_follow_the_new_image():
