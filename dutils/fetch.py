@@ -10,7 +10,7 @@ from .errors import Error
 from .manifest import Blob
 from .progress import Progress
 from .registry import Interrupted, Registry
-from .store import blob_path, locked, touch
+from .store import blob_locked, blob_path, partial_path, touch
 
 
 def fetch_blob(registry: Registry, blob: Blob, cache: Path, progress: Progress, url: str | None = None) -> Path:
@@ -26,18 +26,19 @@ def fetch_blob(registry: Registry, blob: Blob, cache: Path, progress: Progress, 
         touch(final)
         return final
     try:
-        download_verified(registry, blob, final, progress, url)
+        download_verified(registry, blob, cache, progress, url)
     except OSError as err:  # the lock, the partial file, the rename: the cache's disk
         raise write_error(final, err, blob.size) from None
     progress.step(f"fetched {blob.digest[:19]} ({blob.size} bytes)")
     return final
 
 
-def download_verified(registry: Registry, blob: Blob, final: Path, progress: Progress, url: str | None) -> None:
-    with locked(final.with_name(final.name + ".lock")):
+def download_verified(registry: Registry, blob: Blob, cache: Path, progress: Progress, url: str | None) -> None:
+    final = blob_path(cache, blob.digest)
+    with blob_locked(cache, blob.digest):
         if final.exists():  # another process finished it while we waited
             return
-        partial = final.with_name(final.name + ".partial")
+        partial = partial_path(cache, blob.digest)
         hasher, have = hash_existing(partial, blob.size)
         progress.expect(blob.size - have)
         hasher = download(registry, blob, partial, hasher, have, progress, url)

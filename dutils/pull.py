@@ -17,6 +17,7 @@ examples:
   d-pull alpine ./alpine                 docker.io/library/alpine:latest into ./alpine
   d-pull --platform linux/arm64/v8 debian:bookworm
   d-pull localhost:5000/tools/app@sha256:...
+  d-pull --lock sandboxes.lock alpine ./alpine      pinned to the digest the lock names (or pinned now)
 
 environment:
   D_UTILS_CACHE     blob cache folder (default $XDG_CACHE_HOME/d-utils, else ~/.cache/d-utils)
@@ -49,7 +50,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--update",
         action="store_true",
-        help="replace DIR's image when the tag now names another one (keeps config.json edits)",
+        help="replace DIR's image when the tag now names another one (keeps config.json edits); with --lock, lock anew",
+    )
+    parser.add_argument(
+        "--lock",
+        metavar="FILE",
+        help="pull the digest FILE pins DIR to (a complete DIR then costs no request), else pin it there",
     )
     parser.add_argument(
         "--insecure", action="store_true", help="use plain HTTP (automatic for localhost and 127.0.0.0/8)"
@@ -122,7 +128,8 @@ def pull(args: argparse.Namespace) -> int:
     )
     if args.platform:
         options.platform = parse_platform(args.platform)
-    task = pipeline.Pull(args.image, folder, options)
+    lock = pipeline.LockFile(args.lock) if args.lock else None
+    task = pipeline.Pull(args.image, folder, options, lock)
     try:
         failures = pipeline.run_pulls([task], debug=args.debug)
     finally:
@@ -135,7 +142,7 @@ def pull(args: argparse.Namespace) -> int:
         print(f"d-pull: warning: {task.skipped.describe()}", file=sys.stderr)
     if not args.quiet:
         status = "pulled" if task.changed else "up to date:"
-        print(f"{status} {task.ref} ({task.image.digest}) in {folder}", file=sys.stderr)
+        print(f"{status} {task.ref} ({task.folder.read_record().digest}) in {folder}", file=sys.stderr)
     return 0
 
 

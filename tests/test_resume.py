@@ -2,7 +2,6 @@
 with no byte downloaded twice and no corrupt byte kept. A fault-injecting proxy sits between d-pull and a real
 registry on loopback."""
 
-import json
 import os
 import pty
 import select
@@ -162,9 +161,9 @@ def partial_size(cache: Path) -> int:
 
 
 def applied(folder: Path) -> int:
-    try:
-        return len(json.loads((folder / ".d-pull" / "applied.json").read_text()))
-    except (FileNotFoundError, ValueError):
+    try:  # one digest a line, appended as each layer is applied
+        return len((folder / ".d-pull" / "applied").read_text().split())
+    except FileNotFoundError:
         return 0
 
 
