@@ -169,14 +169,14 @@ class Pull:
         self.skipped = Skipped()
         self.changed = False  # whether any fetch, apply or config work was done
         self.holds = contextlib.ExitStack()  # `claimed`, from the manifest task until `release`
-        self.claimed = False
+        self.claimed = self.used_cache = False
         self.layers_done: list[str] | None = None
         self.diff_ids: list[str] | None = None
 
     def claim(self) -> None:
         if not self.claimed:
             self.holds.enter_context(claimed(self.folder, self.options.cache))
-            self.claimed = True
+            self.claimed = self.used_cache = True
 
     def release(self) -> None:
         self.holds.close()
@@ -514,7 +514,7 @@ def sandbox_tasks(
 def finish(pulls: list[Pull]) -> None:
     """The end of a run: every folder released (one whose first pull failed leaves no trace), the caches used pruned
     when due (not while another pull of this run still shares them: that one prunes)."""
-    used = {pull.options.cache for pull in pulls if pull.claimed}
+    used = {pull.options.cache for pull in pulls if pull.used_cache}
     for pull in pulls:
         pull.release()
     for cache in used:

@@ -71,13 +71,14 @@ def blob_locked(cache: Path, digest: str) -> Iterator[None]:
 def open_cache(cache: Path) -> Path:
     """Make the cache's folders, then trust it only when every entry in it is the user's alone (as ssh does with
     its keys): another user who can write there could plant a blob under a digest's name, or a link to write through."""
-    for folder in (cache, cache / "blobs", cache / "blobs" / "sha256"):
-        make_folder(folder, "cache folder (--cache or $D_UTILS_CACHE)")
+    make_folder(cache, "cache folder (--cache or $D_UTILS_CACHE)")
     check_private(cache, cache.stat())  # the cache itself may be a link of the user's
     for parent, folders, files in os.walk(cache):
         for name in folders + files:
             with contextlib.suppress(FileNotFoundError):  # a lock another pull removed meanwhile
                 check_private(Path(parent, name), os.lstat(os.path.join(parent, name)))
+    for folder in (cache / "blobs", cache / "blobs" / "sha256"):
+        folder.mkdir(0o755, exist_ok=True)
     return cache
 
 

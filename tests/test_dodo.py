@@ -4,8 +4,10 @@ log counts every request."""
 
 import fcntl
 import json
+import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -130,11 +132,16 @@ def test_a_moved_tag_changes_a_locked_sandbox_only_when_the_lock_is_updated(proj
 def test_a_missing_image_fails_alone_and_the_run_leaves_no_lock_held(project: Project):
     project, registry = project
     (project / "dodo.py").write_text(DODO % {"third": "missing"})
+    stale = project / "cache" / "blobs" / "sha256" / ("0" * 64)
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"unused for 31 days")
+    os.utime(stale, (time.time() - 31 * 86400,) * 2)
     done = doit(project, registry, "--continue", "-n", "3")
     assert done.returncode != 0
     assert "missing" in done.stdout + done.stderr and "Traceback" not in done.stdout + done.stderr
     assert [which(project, name) for name in ["one", "two"]] == ["one v1\n", "two v1\n"]
     assert not (project / "sandboxes" / "three").exists()  # a failed first pull leaves nothing behind
+    assert not stale.exists()  # pruned as the run ended, as after a d-pull
     for lock in [project / "cache" / "lock", *project.glob("sandboxes/*/.d-pull/lock")]:
         with open(lock, "rb") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if anyone still held it

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 from cli import assert_one_line_error, d_pull, d_run, start_d_pull
 from httpd import Handler, LoopbackServer
-from images import Image, Tar, busybox_layer, push, push_blob, push_manifest, sha256
+from images import Image, Tar, busybox_layer, push, push_blob, push_manifest, random_files, sha256
 from registry import Registry
 from trees import snapshot, tree_without_folder_times
 
+pytestmark = pytest.mark.integration  # a registry, and d-run's bwrap
 PULL_TIMEOUT = 120
 
 
@@ -31,13 +32,6 @@ def fresh() -> Registry:
 
 def image_with(*uppers: Tar, config: dict | None = None) -> Image:
     return Image(layers=[busybox_layer(), *uppers], config=config or {"Cmd": ["sh"]})
-
-
-def random_files(prefix: str, count: int, size: int) -> Tar:
-    tar = Tar()
-    for n in range(count):
-        tar.file(f"{prefix}/{n}", os.urandom(size))
-    return tar
 
 
 def served_once_each(registry: Registry, *images: Image) -> bool:

@@ -13,20 +13,13 @@ from pathlib import Path
 import pytest
 from cli import BIN, assert_one_line_error, d_pull, start_d_pull
 from faultproxy import FaultProxy
-from images import Image, Tar, busybox_layer, push
+from images import Image, busybox_layer, push, random_files
 from registry import Registry
 from trees import tree_without_folder_times
 
 PULL_TIMEOUT = 120
 SLACK = 64 << 10  # what a resumed download may fetch twice, over all its interruptions
 POLL = 0.01
-
-
-def random_files(prefix: str, count: int, size: int) -> Tar:
-    tar = Tar()
-    for n in range(count):
-        tar.file(f"{prefix}/{n}", os.urandom(size))
-    return tar
 
 
 @pytest.fixture(scope="module")
