@@ -97,7 +97,7 @@ class LockFile:
     def read(self) -> dict[str, dict]:
         try:
             entries = json.loads(self.path.read_text())["sandboxes"]
-            for entry in entries.values():
+            for entry in entries.values():  # a digest names files: nothing else passes
                 check_digest(entry["digest"]), check_digest(entry["manifest"])
             return entries
         except FileNotFoundError:
@@ -195,11 +195,9 @@ class Pull:
         """Connect on first use: a folder complete for its locked digest costs no request at all."""
         with self.connecting:
             if not self.registries:
-                mirrors = [
-                    self.connect(mirror_ref(self.ref, m), MIRROR_RETRY)
-                    for m in find_mirrors(self.ref.registry, self.options.mirrors)
-                ]
-                usable = [m for m in mirrors if self.usable_mirror(m)]
+                hosts = find_mirrors(self.ref.registry, self.options.mirrors)
+                mirrors = [self.connect(mirror_ref(self.ref, host), MIRROR_RETRY) for host in hosts]
+                usable = [mirror for mirror in mirrors if self.usable_mirror(mirror)]
                 origin = self.connect(self.ref, RetryPolicy())
                 if not usable:
                     origin.ping()  # fail early when the origin is the only way; a working mirror is enough otherwise
@@ -207,16 +205,11 @@ class Pull:
         return self.registries
 
     def connect(self, ref: Reference, retry: RetryPolicy) -> Registry:
-        return Registry(
-            ref,
-            find_credentials(ref.registry, self.options.username, self.options.password)
-            if ref == self.ref
-            else find_credentials(ref.registry),
-            plain_http=self.options.insecure or ref.is_local and not self.options.ca_bundle,
-            verify=self.options.ca_bundle or True,
-            retry=retry,
-            notify=self.options.progress.note,
-        )
+        options, own = self.options, ref == self.ref  # the user's login goes to the image's own registry only
+        credentials = find_credentials(ref.registry, *((options.username, options.password) if own else ()))
+        plain_http = options.insecure or ref.is_local and not options.ca_bundle
+        verify, notify = options.ca_bundle or True, options.progress.note
+        return Registry(ref, credentials, plain_http=plain_http, verify=verify, retry=retry, notify=notify)
 
     def usable_mirror(self, mirror: Registry) -> bool:
         try:
@@ -238,8 +231,7 @@ class Pull:
 
     # -- manifest
 
-    def pinned(self) -> dict | None:
-        """The lock file's entry for this folder, unless an update is asked for."""
+    def pinned(self) -> dict | None:  # the lock file's entry for this folder, unless an update is asked for
         return None if self.lock is None or self.update else self.lock.entry(self.folder.root, str(self.ref))
 
     def settled(self) -> bool:
@@ -253,10 +245,9 @@ class Pull:
         self.claim()
         entry = self.pinned()
         digest = entry["digest"] if entry else self.ref.digest or (self.tag_digest() if self.lock else None)
+        platform, cache = self.options.platform, self.options.cache
         self.image = self.from_any_registry(
-            lambda registry: resolve_image(
-                registry, replace(registry.ref, digest=digest), self.options.platform, self.options.cache
-            )
+            lambda registry: resolve_image(registry, replace(registry.ref, digest=digest), platform, cache)
         )
         if self.lock and not entry:
             pinned = {"reference": str(self.ref), "digest": digest, "manifest": self.image.digest}
@@ -395,6 +386,10 @@ def action(function: Callable, *args: object) -> Callable[[], TaskFailed | None]
     return run
 
 
+def task(name: str, function: Callable, *args: object, **fields: object) -> dict:
+    return {"basename": name, "actions": [action(function, *args)], "io": UNCAPTURED, "doc": function.__doc__, **fields}
+
+
 def pull_tasks(pulls: list[Pull]) -> dict[str, Callable]:
     """The task creators for these pulls, to put in a doit namespace (a dodo.py's globals, or d-pull's loader)."""
     downloads = threading.BoundedSemaphore(max(pull.options.jobs for pull in pulls))
@@ -431,40 +426,17 @@ def folder_tasks(pull: Pull, downloads: threading.BoundedSemaphore) -> Callable[
             blobs = {blob.digest: blob for blob in (image.config, *image.layers)}  # a layer may come twice
             fetch = {digest: f"dutils-fetch:{key}/{digest}" for digest in blobs}
             for digest, blob in blobs.items():
-                yield {
-                    "basename": fetch[digest],
-                    "actions": [action(pull.fetch, blob, downloads)],
-                    "task_dep": deps,
-                    "uptodate": [partial(pull.cached, blob)],
-                    "io": UNCAPTURED,
-                }
+                cached = partial(pull.cached, blob)
+                yield task(fetch[digest], pull.fetch, blob, downloads, task_dep=deps, uptodate=[cached])
             deps = [fetch[image.config.digest]]
             for n, layer in enumerate(image.layers):
-                yield {
-                    "basename": f"dutils-apply:{key}/{n}",
-                    "actions": [action(pull.apply, n)],
-                    "task_dep": [*deps, fetch[layer.digest]],
-                    "uptodate": [partial(pull.is_applied, n)],
-                    "io": UNCAPTURED,
-                }
-                deps = [fetch[image.config.digest], f"dutils-apply:{key}/{n}"]
-        yield {
-            "basename": f"dutils-config:{key}",
-            "doc": "Write DIR/config.json, keeping the user's edits; marks the pull complete.",
-            "actions": [action(pull.write_config)],
-            "task_dep": deps,
-            "uptodate": [pull.is_complete],
-            "io": UNCAPTURED,
-        }
-        if pull.run:
-            yield {
-                "basename": f"dutils-run:{key}",
-                "doc": "Run the sandbox with d-run: its exit status is the task's result.",
-                "actions": [pull.run],
-                "task_dep": [f"dutils-config:{key}"],
-                "uptodate": [False],
-                "verbosity": 2,
-            }
+                name, applied = f"dutils-apply:{key}/{n}", partial(pull.is_applied, n)
+                yield task(name, pull.apply, n, task_dep=[*deps, fetch[layer.digest]], uptodate=[applied])
+                deps = [fetch[image.config.digest], name]
+        yield task(f"dutils-config:{key}", pull.write_config, task_dep=deps, uptodate=[pull.is_complete])
+        if pull.run:  # d-run's exit status is the task's result
+            config = f"dutils-config:{key}"
+            yield {"basename": f"dutils-run:{key}", "actions": [pull.run], "task_dep": [config], "uptodate": [False], "verbosity": 2}  # fmt: skip
 
     return create
 
