@@ -1,13 +1,12 @@
 """A pull as doit tasks: the whole pipeline in one file, and the only module that imports doit.
 
-    dutils-manifest:DIR -> dutils-fetch:DIR/DIGEST (per blob) -> dutils-apply:DIR/N (in order)
-                        -> dutils-config:DIR [-> dutils-run:DIR];  `dutils` stands for every config task
+    dutils-manifest:DIR -> dutils-fetch:DIR/DIGEST (per blob, downloading ahead), dutils-apply:DIR (the layers in
+    order) -> dutils-config:DIR [-> dutils-run:DIR];  `dutils` stands for every config task.
 
-A folder's fetch, apply, config and run tasks are created once its own manifest task ran, and depend on nothing of
-another folder's, so one failing sandbox stops no other; a blob two folders share is downloaded once all the same
-(the cache's lock per blob). Every up-to-date check rests on facts on disk (a verified blob under its digest, the
-layers applied, the record), never on doit's database alone: after a kill -9 that database holds nothing of the run.
-`Sandbox` and `sandbox_tasks` are the public API of a dodo.py.
+A folder's tasks after its manifest task are created once that ran and depend on nothing of another folder's, so
+one failing sandbox stops no other; a blob two folders share is downloaded once all the same (the cache's lock per
+blob). Every up-to-date check rests on facts on disk (a verified blob under its digest, the layers applied, the
+record), never on doit's database alone: after a kill -9 that database holds nothing of the run.
 """
 
 import atexit
@@ -171,6 +170,7 @@ class Pull:
         self.holds = contextlib.ExitStack()  # `claimed`, from the manifest task until `release`
         self.claimed = self.used_cache = False
         self.layers_done: list[str] | None = None
+        self.failed: dict[str, Error] = {}  # by the fetch tasks, by digest
         self.diff_ids: list[str] | None = None
 
     def claim(self) -> None:
@@ -277,6 +277,19 @@ class Pull:
 
     # -- fetch
 
+    def prefetch(self, blob: Blob, downloads: threading.BoundedSemaphore) -> None:
+        """Download ahead of the apply task, which says once why a blob it needs could not be had."""
+        try:
+            self.fetch(blob, downloads)
+        except Error as err:
+            self.failed[blob.digest] = err
+
+    def fetched(self, blob: Blob, downloads: threading.BoundedSemaphore) -> None:
+        if not self.cached(blob):  # else the fetch task failed, or has not started: waiting for it could deadlock
+            if blob.digest in self.failed:
+                raise self.failed[blob.digest]
+            self.fetch(blob, downloads)
+
     def fetch(self, blob: Blob, downloads: threading.BoundedSemaphore) -> None:
         self.changed = True
         try:
@@ -323,6 +336,17 @@ class Pull:
             except FileNotFoundError:
                 self.layers_done = []
         return self.layers_done
+
+    def all_applied(self) -> bool:
+        return self.folder.rootfs.is_dir() and self.applied() == [layer.digest for layer in self.image.layers]
+
+    def apply_all(self, downloads: threading.BoundedSemaphore) -> None:
+        """Apply the layers onto DIR/rootfs in order, each as soon as its blob is in the cache."""
+        self.fetched(self.image.config, downloads)
+        for n, layer in enumerate(self.image.layers):
+            if not self.is_applied(n):
+                self.fetched(layer, downloads)
+                self.apply(n)
 
     def is_applied(self, n: int) -> bool:
         return self.folder.rootfs.is_dir() and self.applied()[n : n + 1] == [self.image.layers[n].digest]
@@ -423,16 +447,15 @@ def folder_tasks(pull: Pull, downloads: threading.BoundedSemaphore) -> Callable[
     def create() -> Iterator[dict]:
         image, deps = pull.image, [f"dutils-manifest:{key}"]  # no image: the manifest task was up to date
         if image and not pull.is_complete():
-            blobs = {blob.digest: blob for blob in (image.config, *image.layers)}  # a layer may come twice
-            fetch = {digest: f"dutils-fetch:{key}/{digest}" for digest in blobs}
-            for digest, blob in blobs.items():
-                cached = partial(pull.cached, blob)
-                yield task(fetch[digest], pull.fetch, blob, downloads, task_dep=deps, uptodate=[cached])
-            deps = [fetch[image.config.digest]]
-            for n, layer in enumerate(image.layers):
-                name, applied = f"dutils-apply:{key}/{n}", partial(pull.is_applied, n)
-                yield task(name, pull.apply, n, task_dep=[*deps, fetch[layer.digest]], uptodate=[applied])
-                deps = [fetch[image.config.digest], name]
+            blobs = {
+                f"dutils-fetch:{key}/{b.digest}": b for b in (image.config, *image.layers)
+            }  # a layer may come twice
+            for name, blob in blobs.items():
+                yield task(name, pull.prefetch, blob, downloads, task_dep=deps, uptodate=[partial(pull.cached, blob)])
+            # one task applies the layers in order: a chain of a task per layer costs doit memory in the square of
+            # their number (each task keeps the list of all it depends on, through the chain)
+            yield task(f"dutils-apply:{key}", pull.apply_all, downloads, task_dep=deps, uptodate=[pull.all_applied])
+            deps = [*blobs, f"dutils-apply:{key}"]  # doit runs only what the targets depend on
         yield task(f"dutils-config:{key}", pull.write_config, task_dep=deps, uptodate=[pull.is_complete])
         if pull.run:  # d-run's exit status is the task's result
             config = f"dutils-config:{key}"
