@@ -73,8 +73,7 @@ def read_user_config(path: Path) -> dict:
 
 
 def updated_config(path: Path, image_config: Path, base_config: Path | None, written_xxh64: str) -> bytes:
-    """config.json for the image config `image_config`, keeping what the user changed in `path` since we wrote it
-    (fingerprint `written_xxh64`) from the image config `base_config` (None: we never wrote it)."""
+    """config.json for `image_config`, keeping the user's edits to the one we wrote from `base_config`."""
     new = run_config(read_image_config(image_config))
     try:
         current = path.read_bytes()

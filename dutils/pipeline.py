@@ -83,8 +83,7 @@ class Options:
 
 
 class LockFile:
-    """sandboxes.lock: per folder (relative to the lock's own), its reference, the digest the tag resolved to and
-    the platform's manifest digest. JSON in a stable order, meant to be committed; d-pull --lock shares it."""
+    """sandboxes.lock, sorted JSON to commit: per folder, its reference, tag digest and platform manifest digest."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).absolute()
@@ -117,8 +116,7 @@ class LockFile:
 
 @contextlib.contextmanager
 def claimed(folder: PullDir, cache: Path) -> Iterator[None]:
-    """Hold `folder` for a pull: refuse one d-pull did not make, lock it, share the (trusted) cache. On leaving, a
-    pull that failed before it recorded anything (a typo, say) leaves no trace."""
+    """Hold `folder` for a pull (lock it, share the trusted cache); a pull that recorded nothing leaves no trace."""
     root, record = folder.root, folder.read_record()  # first: says in one line when DIR cannot be read
     refuse_links(folder)
     if record is None and not folder.state.is_dir() and root.is_dir() and any(root.iterdir()):
@@ -303,8 +301,7 @@ class Pull:
             self.fetch_foreign(blob)
 
     def fetch_foreign(self, blob: Blob) -> None:
-        """A non-distributable layer (Windows base layers, licensed content): the registry need not serve it,
-        the manifest says where it lives. Its digest still decides what is kept."""
+        """A non-distributable layer, from where its manifest says (the registry need not serve it), verified."""
         if not self.options.foreign_urls:
             raise Error(
                 f"layer {blob.digest} is non-distributable: {self.ref.registry} does not serve it, {blob.urls[0]} does",
@@ -458,16 +455,15 @@ def folder_tasks(pull: Pull, downloads: threading.BoundedSemaphore) -> Callable[
             deps = [*blobs, f"dutils-apply:{key}"]  # doit runs only what the targets depend on
         yield task(f"dutils-config:{key}", pull.write_config, task_dep=deps, uptodate=[pull.is_complete])
         if pull.run:  # d-run's exit status is the task's result
-            config = f"dutils-config:{key}"
-            yield {"basename": f"dutils-run:{key}", "actions": [pull.run], "task_dep": [config], "uptodate": [False], "verbosity": 2}  # fmt: skip
+            run = {"basename": f"dutils-run:{key}", "actions": [pull.run], "uptodate": [False], "verbosity": 2}
+            yield run | {"task_dep": [f"dutils-config:{key}"]}
 
     return create
 
 
 @dataclass
 class Sandbox:
-    """A sandbox a dodo.py declares: `folder` (relative to the dodo.py) made from `image`, and how
-    `doit dutils-run:FOLDER` runs it, each setting standing for exactly the d-run flag named beside it."""
+    """`folder` made from `image`, and how `doit dutils-run:FOLDER` runs it: each field is the d-run flag beside it."""
 
     folder: str
     image: str
@@ -491,10 +487,8 @@ class Sandbox:
 def sandbox_tasks(
     sandboxes: list[Sandbox], options: Options | None = None, lock: str | os.PathLike[str] = "sandboxes.lock"
 ) -> dict[str, Callable]:
-    """What a dodo.py puts in its namespace (`globals().update(...)`) to declare `sandboxes`, pinned by the lock
-    file `lock`. `doit dutils` makes them exist; `doit dutils dutils-update=all` (or =FOLDER) moves the lock to what
-    the tags name now; `doit dutils-run:FOLDER` runs one; `doit clean dutils-manifest:FOLDER` removes one. Folder
-    locks are released, and the cache pruned when due, as the doit process ends."""
+    """What a dodo.py puts in its namespace (`globals().update(...)`) to declare `sandboxes` pinned by `lock`; the
+    README's "Sandboxes in your own repository" says which doit commands then do what."""
     options = options or Options()
     lockfile, update = LockFile(lock), get_var(UPDATE_VAR)
     pulls = [Pull(s.image, s.folder, options, lockfile, s.d_run_argv()) for s in sandboxes]
@@ -507,8 +501,7 @@ def sandbox_tasks(
 
 
 def finish(pulls: list[Pull]) -> None:
-    """The end of a run: every folder released (one whose first pull failed leaves no trace), the caches used pruned
-    when due (not while another pull of this run still shares them: that one prunes)."""
+    """The end of a run: every folder released, then the caches used pruned when due."""
     used = {pull.options.cache for pull in pulls if pull.used_cache}
     for pull in pulls:
         pull.release()

@@ -59,8 +59,7 @@ def pruned_marker(cache: Path) -> Path:
 
 @contextlib.contextmanager
 def blob_locked(cache: Path, digest: str) -> Iterator[None]:
-    """Held while one blob downloads, so that concurrent pulls wait for it instead of fetching it again. Removed
-    once the blob is in place (a late waiter then finds the blob), so that locks do not pile up in the cache."""
+    """Held while a blob downloads (others wait for it); removed once the blob is in place: no locks pile up."""
     lock = blob_path(cache, digest).with_suffix(".lock")
     with locked(lock):
         yield
@@ -69,8 +68,7 @@ def blob_locked(cache: Path, digest: str) -> Iterator[None]:
 
 
 def open_cache(cache: Path) -> Path:
-    """Make the cache's folders, then trust it only when every entry in it is the user's alone (as ssh does with
-    its keys): another user who can write there could plant a blob under a digest's name, or a link to write through."""
+    """The cache, made if need be and trusted only when all of it is the user's alone (as ssh does with its keys)."""
     make_folder(cache, "cache folder (--cache or $D_UTILS_CACHE)")
     check_private(cache, cache.stat())  # the cache itself may be a link of the user's
     for parent, folders, files in os.walk(cache):
@@ -172,8 +170,7 @@ class Record(namedtuple("Record", RECORD_FIELDS, defaults=(False, "", ""))):
     __slots__ = ()
 
     def retarget(self, reference: str, digest: str, platform: str, root: Path, replace: bool) -> "Record":
-        """This folder's record once it is to hold `digest`. A finished folder never changes image silently: only
-        when `replace` (--update, or a lock file that names the new digest); config.json and volumes/ stay."""
+        """The record for holding `digest`: a finished folder changes image only when `replace` (--update, a lock)."""
         if (self.reference, self.digest) == (reference, digest):
             return self
         if self.complete and not replace:
