@@ -125,6 +125,19 @@ def test_a_blob_planted_under_its_digest_name_is_never_used(pulled: Victim, imag
     assert not (pulled.base / "second" / "rootfs").exists()
 
 
+def test_a_blob_hard_linked_to_a_file_of_the_victims_is_refused(pulled: Victim, images):
+    """Where hard links to others' files are allowed (fs.protected_hardlinks=0), the attacker links the victim's
+    authorized_keys under a digest's name: d-pull must not take it for a blob, nor touch it."""
+    keys = pulled.base / "host" / "home" / ".ssh" / "authorized_keys"
+    blob = blobs(pulled) / layer_digests(pulled)[0]
+    blob.unlink()
+    os.link(keys, blob)
+    before = host(pulled)
+    done = pulled.d_pull(images["busybox"], "second")
+    assert_one_line_error(done, "refusing the cache", blob.name, "hard links")
+    assert host(pulled) == before
+
+
 def test_a_blob_others_can_write_is_refused(pulled: Victim, images):
     blob = blobs(pulled) / layer_digests(pulled)[0]
     blob.chmod(0o666)  # anyone could have rewritten it since it was verified
