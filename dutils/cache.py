@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import Error
 from .progress import human
-from .store import cache_dir, cache_lock, locked, open_cache, pruned_marker, write_atomic
+from .store import blob_folder, cache_dir, cache_lock, locked, open_cache, pruned_marker, write_atomic
 
 MAX_AGE = 30 * 86400  # seconds: entries unused this long are pruned after a pull, as in the original tool
 PRUNE_EVERY = 86400
@@ -29,7 +29,7 @@ class Entry:
 def list_entries(cache: Path) -> list[Entry]:
     """Blobs, partial downloads and their locks, oldest use first."""
     entries = []
-    for path in (cache / "blobs" / "sha256").glob("*"):
+    for path in blob_folder(cache).glob("*"):
         with contextlib.suppress(FileNotFoundError):
             info = path.stat()
             entries.append(Entry(path, info.st_size, info.st_mtime))

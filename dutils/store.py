@@ -42,7 +42,11 @@ def cache_dir(override: str | None = None) -> Path:
 # pruning last ran), and per blob in CACHE/blobs/sha256: HEX (verified), HEX.partial (downloading), HEX.lock.
 def blob_path(cache: Path, digest: str) -> Path:
     """Where a verified blob lives: its name is its digest, so its presence is the proof."""
-    return cache / "blobs" / "sha256" / check_digest(digest).removeprefix("sha256:")
+    return blob_folder(cache) / check_digest(digest).removeprefix("sha256:")
+
+
+def blob_folder(cache: Path) -> Path:
+    return cache / "blobs" / "sha256"
 
 
 def partial_path(cache: Path, digest: str) -> Path:
@@ -75,7 +79,7 @@ def open_cache(cache: Path) -> Path:
         for name in folders + files:
             with contextlib.suppress(FileNotFoundError):  # a lock another pull removed meanwhile
                 check_private(Path(parent, name), os.lstat(os.path.join(parent, name)))
-    for folder in (cache / "blobs", cache / "blobs" / "sha256"):
+    for folder in (blob_folder(cache).parent, blob_folder(cache)):
         folder.mkdir(0o755, exist_ok=True)
     return cache
 
