@@ -25,6 +25,7 @@ pytestmark = [
 ]
 ATTACKER = pwd.getpwnam("nobody").pw_uid
 PULL_TIMEOUT = 60
+PEAK_RSS = 150_000  # KiB
 
 
 @dataclass
@@ -34,15 +35,22 @@ class Victim:
 
     base: Path
     uid: int
+    bin: str  # where d-pull and d-cache are, for `command`
     command: Callable[..., subprocess.CompletedProcess]
 
-    def d_pull(self, image: str, folder: str) -> subprocess.CompletedProcess:
-        argv = ["d-pull", "--cache", str(self.base / "cache"), image, str(self.base / folder)]
-        return self.command(argv, capture_output=True, text=True, timeout=PULL_TIMEOUT)
+    def d_pull(self, image: str, folder: str, *flags: str) -> subprocess.CompletedProcess:
+        return self.measured("d-pull", *flags, "--cache", str(self.base / "cache"), image, str(self.base / folder))
 
     def d_cache(self, *args: str) -> subprocess.CompletedProcess:
-        argv = ["d-cache", "--cache", str(self.base / "cache"), *args]
-        return self.command(argv, capture_output=True, text=True, timeout=PULL_TIMEOUT)
+        return self.measured("d-cache", "--cache", str(self.base / "cache"), *args)
+
+    def measured(self, program: str, *args: str) -> subprocess.CompletedProcess:
+        """Run it, and check its peak memory (GNU time's %M: the exec'd program's own, unlike a forked child's)."""
+        peak = self.base / "peak-rss"
+        argv = ["/usr/bin/time", "-o", str(peak), "-f", "%M", self.bin + program, *args]
+        done = self.command(argv, capture_output=True, text=True, timeout=PULL_TIMEOUT)
+        assert int(peak.read_text().split()[-1]) < PEAK_RSS
+        return done
 
     def make(self, path: Path, data: bytes = b"") -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,7 +62,7 @@ class Victim:
 @pytest.fixture(params=["root", "user"])
 def victim(request, tmp_path: Path) -> Iterator[Victim]:
     if request.param == "root":
-        yield Victim(tmp_path, 0, lambda argv, **kw: subprocess.run([BIN / argv[0], *argv[1:]], **kw))
+        yield Victim(tmp_path, 0, f"{BIN}/", subprocess.run)
         return
     user = request.getfixturevalue("unprivileged")
     base = Path(tempfile.mkdtemp(prefix="d-utils-victim-"))
@@ -62,7 +70,7 @@ def victim(request, tmp_path: Path) -> Iterator[Victim]:
         base.chmod(0o755)
         uid = pwd.getpwnam("dutest").pw_uid
         os.chown(base, uid, -1)
-        yield Victim(base, uid, user.run)
+        yield Victim(base, uid, "", user.run)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -201,12 +209,6 @@ def test_a_link_in_place_of_the_pull_state_or_rootfs_is_refused(pulled: Victim, 
     (folder / name).symlink_to(pulled.base / "host" / "home")
     as_attacker(folder / name)
     before = host(pulled)
-    for update in ([], ["--update"]):
-        done = pulled.command(
-            ["d-pull", *update, "--cache", str(pulled.base / "cache"), images["busybox"], str(folder)],
-            capture_output=True,
-            text=True,
-            timeout=PULL_TIMEOUT,
-        )
-        assert_one_line_error(done, name, "symbolic link")
+    for flags in ([], ["--update"]):
+        assert_one_line_error(pulled.d_pull(images["busybox"], "first", *flags), name, "symbolic link")
     assert host(pulled) == before
