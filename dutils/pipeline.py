@@ -161,14 +161,15 @@ class Pull:
         self.update = options.update  # replace a finished folder's image, and move its lock entry
         self.run = run  # the d-run command line of a `dutils-run:` task
         self.registries: list[Registry] = []  # mirrors first, the image's own registry last; see `connected`
-        self.connecting = threading.Lock()
+        self.connecting = threading.Lock()  # also guards `fetching`
         self.image: Image | None = None  # once the manifest task ran
         self.skipped = Skipped()
         self.changed = False  # whether any fetch, apply or config work was done
         self.holds = contextlib.ExitStack()  # `claimed`, from the manifest task until `release`
         self.claimed = self.used_cache = False
         self.layers_done: list[str] | None = None
-        self.failed: dict[str, Error] = {}  # by the fetch tasks, by digest
+        self.fetching: dict[str, threading.Event] = {}  # set once the blob is in the cache, or failed (`failed`)
+        self.failed: dict[str, Error] = {}
         self.diff_ids: list[str] | None = None
 
     def claim(self) -> None:
@@ -277,16 +278,25 @@ class Pull:
 
     def prefetch(self, blob: Blob, downloads: threading.BoundedSemaphore) -> None:
         """Download ahead of the apply task, which says once why a blob it needs could not be had."""
-        try:
-            self.fetch(blob, downloads)
-        except Error as err:
-            self.failed[blob.digest] = err
+        with contextlib.suppress(Error):
+            self.fetched(blob, downloads)
 
     def fetched(self, blob: Blob, downloads: threading.BoundedSemaphore) -> None:
-        if not self.cached(blob):  # else the fetch task failed, or has not started: waiting for it could deadlock
-            if blob.digest in self.failed:
-                raise self.failed[blob.digest]
-            self.fetch(blob, downloads)
+        """`blob` in the cache, downloaded by whichever task asks first while the other waits: a download under
+        way always progresses, so waiting for it cannot deadlock the task threads."""
+        with self.connecting:
+            first = blob.digest not in self.fetching
+            done = self.fetching.setdefault(blob.digest, threading.Event())
+        if first:
+            try:
+                self.fetch(blob, downloads)
+            except Error as err:
+                self.failed[blob.digest] = err
+            finally:
+                done.set()
+        done.wait()
+        if blob.digest in self.failed:
+            raise self.failed[blob.digest]
 
     def fetch(self, blob: Blob, downloads: threading.BoundedSemaphore) -> None:
         self.changed = True
