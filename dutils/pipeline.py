@@ -235,8 +235,11 @@ class Pull:
 
     def settled(self) -> bool:
         """Complete for the manifest its lock entry names: nothing to ask any registry."""
-        entry = self.pinned()
-        record = entry and self.folder.read_record()  # without a lock entry, not even that: the action says why
+        try:  # an up-to-date check that raises is a traceback: let the manifest task's action say it in one line
+            entry = self.pinned()
+            record = entry and self.folder.read_record()
+        except Error:
+            return False
         wanted = entry and (entry["manifest"], str(self.options.platform))
         return bool(record and (record.digest, record.platform) == wanted and self.is_complete())
 

@@ -163,3 +163,10 @@ def test_a_lock_file_pins_the_folder_and_update_moves_it(registry, tmp_path):
     assert (folder / "rootfs" / "etc" / "v").read_text() == "1\n"
     assert pull("--update")["manifest"] == versions[1].manifest_digest
     assert (folder / "rootfs" / "etc" / "v").read_text() == "2\n"
+
+
+def test_a_damaged_lock_file_is_a_one_line_error(images, tmp_path):
+    (tmp_path / "sandboxes.lock").write_text('{"sandboxes": {"bb": {"digest": "sha256:../../etc"}}}')
+    done = d_pull("--lock", str(tmp_path / "sandboxes.lock"), images["busybox"], str(tmp_path / "bb"), cache=tmp_path)
+    assert_one_line_error(done, "sandboxes.lock is damaged", "restore it")
+    assert not (tmp_path / "bb").exists()
