@@ -5,8 +5,10 @@ log counts every request."""
 import fcntl
 import json
 import os
+import pwd
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import NamedTuple
 
 import pytest
 from cli import BIN
+from conftest import USER
 from images import Image, Tar, busybox_layer, push, sha256
 from registry import Registry
 
@@ -179,3 +182,31 @@ def test_the_repositorys_own_dodo_materialises_and_runs_its_sandbox(images, regi
     ran = doit(tmp_path, registry, "dutils-run:sandboxes/busybox")
     assert ran.returncode == 0, ran.stderr
     assert "busybox" in ran.stdout.lower()
+
+
+def test_an_ordinary_user_materialises_locks_and_runs_a_sandbox(images, unprivileged):
+    dodo = (
+        "from pathlib import Path\nfrom dutils.pipeline import Options, Sandbox, sandbox_tasks\n"
+        f"SANDBOXES = [Sandbox('sb', '{images['busybox']}', command=['sh', '-c', 'id -u; exit 4'])]\n"
+        "DOIT_CONFIG = {'default_tasks': ['dutils'], 'dep_file': 'doit.json', 'backend': 'json'}\n"
+        "globals().update(sandbox_tasks(SANDBOXES, Options(cache=Path('cache').absolute())))\n"
+    )
+    project = Path(tempfile.mkdtemp(prefix="d-utils-dodo-"))
+    try:
+        project.chmod(0o755)
+        (project / "dodo.py").write_text(dodo)
+        shutil.chown(project, USER, USER)
+        shutil.chown(project / "dodo.py", USER, USER)
+
+        def user_doit(*args: str) -> subprocess.CompletedProcess:
+            return unprivileged.run(["doit", *args], cwd=project, capture_output=True, text=True, timeout=180)
+
+        done = user_doit()
+        assert done.returncode == 0, done.stderr
+        assert (project / "sb" / "rootfs" / "bin" / "busybox").is_file() and (project / "sandboxes.lock").is_file()
+        assert (project / "sb" / "rootfs").stat().st_uid == pwd.getpwnam(USER).pw_uid
+        ran = user_doit("dutils-run:sb")
+        assert ran.returncode != 0 and "0" in ran.stdout.splitlines()  # root inside; exit 4 fails the task
+        assert "returned 4" in ran.stdout
+    finally:
+        shutil.rmtree(project)
