@@ -123,6 +123,16 @@ def test_a_cache_folder_another_user_made_is_refused(victim: Victim, images):
     assert list(cache.iterdir()) == []
 
 
+def test_a_cache_link_another_user_made_is_refused(pulled: Victim, images):
+    """The attacker makes the cache path the victim uses a link to a folder of the victim's (their home)."""
+    shutil.rmtree(pulled.base / "cache")
+    (pulled.base / "cache").symlink_to(pulled.base / "host" / "home")
+    as_attacker(pulled.base / "cache")
+    before = host(pulled)
+    assert_one_line_error(pulled.d_pull(images["busybox"], "second"), "refusing the cache", "not a regular file")
+    assert host(pulled) == before
+
+
 def test_a_blob_planted_under_its_digest_name_is_never_used(pulled: Victim, images):
     evil = gzip.compress(Tar().file("bin/sh", b"#!/bin/sh\necho pwned\n", mode=0o755).to_bytes())
     for name in layer_digests(pulled):  # every blob of the image replaced by the attacker's bytes

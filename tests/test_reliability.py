@@ -167,7 +167,7 @@ def test_disk_full_while_applying_says_how_much_is_needed(fresh: Registry, small
 def test_read_only_cache_is_a_clear_error(images, tmp_path: Path):
     read_only = tmp_path / "ro"
     read_only.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(read_only)]).returncode != 0:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m,mode=0755", "tmpfs", str(read_only)]).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     try:
         assert_one_line_error(d_pull(images["busybox"], str(tmp_path / "a"), cache=read_only), "cache folder")
