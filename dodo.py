@@ -1,28 +1,27 @@
-"""Sandboxes for this repository, materialised with doit: `doit` pulls them, `doit d-run:DIR` runs one.
+"""Sandboxes for this repository, declared with d-utils' public API (README, "Sandboxes in a dodo.py").
 
-A working example of the public API: declare `Pull`s, put their task creators in this module's namespace.
-Set D_UTILS_REGISTRY to pull from another registry (a local mirror, or a test registry on 127.0.0.1).
+`doit` materialises them pinned by sandboxes.lock, `doit dutils-update=all` moves the lock to what the tags name
+now, `doit dutils-run:sandboxes/busybox` runs one. Set D_UTILS_REGISTRY to pull from another registry (a local
+mirror, or a test registry on 127.0.0.1).
 """
 
 import os
 from pathlib import Path
 
-from dutils.pipeline import Options, Pull, sandbox_tasks
+from dutils.pipeline import Options, Sandbox, sandbox_tasks
 
+HERE = Path(__file__).parent
 REGISTRY = os.environ.get("D_UTILS_REGISTRY", "docker.io/library")
-OPTIONS = Options(cache=Path("cache").absolute())  # the repository's own cache; its contents are git-ignored
-
 SANDBOXES = [
-    Pull(f"{REGISTRY}/busybox:latest", "sandboxes/busybox", OPTIONS, command=["cat", "/etc/os-release"]),
+    Sandbox("sandboxes/busybox", f"{REGISTRY}/busybox:latest", command=["cat", "/etc/os-release"]),
 ]
-
 DOIT_CONFIG = {
-    "default_tasks": ["config"],
-    "dep_file": "cache/doit.json",
+    "default_tasks": ["dutils"],
+    "dep_file": "cache/doit.json",  # the cache/ folder's contents are git-ignored
     "backend": "json",
     "par_type": "thread",  # pipeline tasks are created at run time and hold closures: threads, not processes
     "num_process": 4,
     "verbosity": 0,
 }
 
-globals().update(sandbox_tasks(SANDBOXES))
+globals().update(sandbox_tasks(SANDBOXES, Options(cache=HERE / "cache" / "d-utils"), lock=HERE / "sandboxes.lock"))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import Error
 from .progress import human
-from .store import cache_dir, locked
+from .store import blob_folder, cache_dir, cache_lock, locked, open_cache, pruned_marker, write_atomic
 
 MAX_AGE = 30 * 86400  # seconds: entries unused this long are pruned after a pull, as in the original tool
 PRUNE_EVERY = 86400
@@ -26,14 +26,10 @@ class Entry:
     used: float  # the mtime: set when written, refreshed whenever a pull uses the blob
 
 
-def cache_lock(cache: Path) -> Path:
-    return cache / "lock"
-
-
 def list_entries(cache: Path) -> list[Entry]:
     """Blobs, partial downloads and their locks, oldest use first."""
     entries = []
-    for path in (cache / "blobs" / "sha256").glob("*"):
+    for path in blob_folder(cache).glob("*"):
         with contextlib.suppress(FileNotFoundError):
             info = path.stat()
             entries.append(Entry(path, info.st_size, info.st_mtime))
@@ -42,7 +38,7 @@ def list_entries(cache: Path) -> list[Entry]:
 
 def prune(cache: Path, max_age: float) -> list[Entry]:
     """Remove entries unused for `max_age` seconds (0: all). Waits for running pulls to finish."""
-    with locked(cache_lock(cache)):
+    with locked(cache_lock(open_cache(cache))):
         return remove_older(cache, max_age)
 
 
@@ -51,15 +47,15 @@ def remove_older(cache: Path, max_age: float) -> list[Entry]:
     removed = [e for e in list_entries(cache) if now - e.used >= max_age]
     for entry in removed:
         entry.path.unlink(missing_ok=True)
-    (cache / "pruned").touch()
+    write_atomic(pruned_marker(cache), b"")  # a new file: never through a link planted under its name
     return removed
 
 
 def prune_if_due(cache: Path) -> None:
     """After a pull: at most once a day, and only when no other pull is running (never wait for one)."""
-    marker = cache / "pruned"
-    if marker.exists() and time.time() - marker.stat().st_mtime < PRUNE_EVERY:
-        return
+    with contextlib.suppress(OSError):
+        if time.time() - pruned_marker(cache).lstat().st_mtime < PRUNE_EVERY:
+            return
     with contextlib.suppress(Error, OSError), locked(cache_lock(cache), "busy"):
         remove_older(cache, MAX_AGE)
 
@@ -82,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = cache_dir(args.cache)
     try:
         if args.command == "list":
-            entries = list_entries(cache)
+            entries = list_entries(open_cache(cache))
             for e in entries:
                 print(f"{human(e.size):>10}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.used))}  {e.path.name}")
             print(f"{len(entries)} entries, {human(sum(e.size for e in entries))} in {cache}")
@@ -91,5 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"removed {len(removed)} entries, {human(sum(e.size for e in removed))} from {cache}")
     except OSError as err:
         print(f"d-cache: error: {cache}: {err.strerror}", file=sys.stderr)
+        return 1
+    except Error as err:
+        print(f"d-cache: error: {err}", file=sys.stderr)
         return 1
     return 0

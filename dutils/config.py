@@ -136,3 +136,16 @@ def read_user_config(path: Path) -> dict:
     if not isinstance(config, dict):
         raise Error(f"{path} is not a JSON object", "fix it, or delete it to get the image's own")
     return config
+
+
+def updated_config(path: Path, image_config: Path, base_config: Path | None, written_xxh64: str) -> bytes:
+    """config.json for `image_config`, keeping the user's edits to the one we wrote from `base_config`."""
+    new = run_config(read_image_config(image_config))
+    try:
+        current = path.read_bytes()
+    except FileNotFoundError:
+        return render(new)
+    if fingerprint(current) == written_xxh64:
+        return render(new)  # not edited since we wrote it
+    base = run_config(read_image_config(base_config)) if base_config and base_config.exists() else None
+    return render(merge_edits(new, base, read_user_config(path)))

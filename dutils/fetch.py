@@ -1,19 +1,16 @@
 """The `fetch` stage: one blob into the content-addressed cache, resumable, verified while it streams."""
 
-import contextlib
 import errno
-import fcntl
 import hashlib
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import Error
 from .manifest import Blob
 from .progress import Progress
 from .registry import Registry
-from .store import blob_path, touch
+from .store import blob_locked, blob_path, partial_path, touch
 
 
 def fetch_blob(registry: Registry, blob: Blob, cache: Path, progress: Progress, url: str | None = None) -> Path:
@@ -29,18 +26,19 @@ def fetch_blob(registry: Registry, blob: Blob, cache: Path, progress: Progress, 
         touch(final)
         return final
     try:
-        download_verified(registry, blob, final, progress, url)
+        download_verified(registry, blob, cache, progress, url)
     except OSError as err:  # the lock, the partial file, the rename: the cache's disk
         raise write_error(final, err, blob.size) from None
     progress.step(f"fetched {blob.digest[:19]} ({blob.size} bytes)")
     return final
 
 
-def download_verified(registry: Registry, blob: Blob, final: Path, progress: Progress, url: str | None) -> None:
-    with blob_lock(final.with_name(final.name + ".lock")):
+def download_verified(registry: Registry, blob: Blob, cache: Path, progress: Progress, url: str | None) -> None:
+    final = blob_path(cache, blob.digest)
+    with blob_locked(cache, blob.digest):
         if final.exists():  # another process finished it while we waited
             return
-        partial = final.with_name(final.name + ".partial")
+        partial = partial_path(cache, blob.digest)
         with PartialBlob(partial, blob, progress) as sink:
             progress.expect(sink.missing)
             registry.download_blob(blob.digest, sink, url)
@@ -108,18 +106,6 @@ def open_regular(path: Path, flags: int) -> int:
         os.close(fd)
         raise Error(f"{path} is not a regular file", hint)
     return fd
-
-
-@contextlib.contextmanager
-def blob_lock(path: Path) -> Iterator[None]:
-    """The per-blob lock, held while this process downloads the blob; opened as `open_regular` does."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = open_regular(path, os.O_RDWR | os.O_CREAT)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def write_error(path: Path, err: OSError, missing: int) -> Error:

@@ -1,25 +1,27 @@
 """A pull as doit tasks: the whole pipeline in one file, and the only module that imports doit.
 
-    auth:<dir> -> manifest:<dir> -> fetch:<digest> (one per blob, shared by all pulls)
-               -> apply:<dir>/<n> (in order) -> config:<dir> [-> d-run:<dir>]
+    dutils-manifest:DIR -> dutils-fetch:DIR/DIGEST (per blob, downloading ahead), dutils-apply:DIR (the layers in
+    order) -> dutils-config:DIR [-> dutils-run:DIR];  `dutils` stands for every config task.
 
-Every task's up-to-date check rests on facts on disk (a verified blob under its digest, the list of applied
-layers, the record), never on doit's database alone: after a kill -9 that database holds nothing of the run.
-`sandbox_tasks` is the public API: a dodo.py puts its result in its namespace to declare sandboxes.
+A folder's tasks after its manifest task are created once that ran and depend on nothing of another folder's, so
+one failing sandbox stops no other; a blob two folders share is downloaded once all the same (the cache's lock per
+blob). Every up-to-date check rests on facts on disk (a verified blob under its digest, the layers applied, the
+record), never on doit's database alone: after a kill -9 that database holds nothing of the run.
 """
 
+import atexit
 import contextlib
 import json
 import os
-import shlex
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-from doit import create_after
+from doit import create_after, get_var
 from doit.cmd_base import ModuleTaskLoader
 from doit.dependency import JsonDB
 from doit.doit_cmd import DoitMain
@@ -32,7 +34,7 @@ from .auth import find_credentials, find_mirrors
 from .cache import in_use, prune_if_due
 from .errors import Error
 from .fetch import fetch_blob
-from .manifest import Blob, Image, Platform, host_platform, load_image, resolve_image
+from .manifest import Blob, Image, Platform, host_platform, resolve_image, sha256_digest
 from .progress import Lines, Progress
 from .reference import Reference, parse_reference
 from .registry import BlobUnknown, Registry, RetryPolicy
@@ -41,12 +43,13 @@ from .store import (
     Record,
     blob_path,
     cache_dir,
+    check_digest,
     locked,
     make_folder,
+    open_cache,
     remove_tree,
     touch,
     write_atomic,
-    write_json,
 )
 
 T = TypeVar("T")
@@ -54,6 +57,7 @@ T = TypeVar("T")
 # swapped for good; our actions print nothing (Progress writes to the stream it was given), so nothing is captured.
 UNCAPTURED = {"capture": False}
 MIRROR_RETRY = RetryPolicy(attempts=2)  # a failing mirror costs little: the origin is there
+UPDATE_VAR = "dutils-update"  # `doit dutils-update=all` (or =FOLDER): move the lock file to what the tags name now
 
 
 def mirror_ref(ref: Reference, mirror: str) -> Reference:
@@ -79,48 +83,134 @@ class Options:
     progress: Progress = field(default_factory=Lines)
 
 
+class LockFile:
+    """sandboxes.lock, sorted JSON to commit: per folder, its reference, tag digest and platform manifest digest."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).absolute()
+        self.mutex = threading.Lock()  # folders resolve side by side
+
+    def key(self, folder: Path) -> str:
+        return os.path.relpath(folder, self.path.parent)
+
+    def read(self) -> dict[str, dict]:
+        try:
+            entries = json.loads(self.path.read_text())["sandboxes"]
+            for entry in entries.values():  # a digest names files: nothing else passes
+                check_digest(entry["digest"]), check_digest(entry["manifest"])
+            return entries
+        except FileNotFoundError:
+            return {}
+        except (ValueError, KeyError, TypeError, AttributeError, Error) as err:
+            raise Error(f"{self.path} is damaged ({err})", "restore it, or delete it to lock anew") from None
+
+    def entry(self, folder: Path, reference: str) -> dict | None:
+        """What the lock pins `folder` to, unless it names another reference (the dodo.py changed since)."""
+        entry = self.read().get(self.key(folder))
+        return entry if entry and entry.get("reference") == reference else None
+
+    def pin(self, folder: Path, entry: dict) -> None:
+        with self.mutex:
+            entries = self.read() | {self.key(folder): entry}
+            write_atomic(self.path, (json.dumps({"sandboxes": entries}, indent=2, sort_keys=True) + "\n").encode())
+
+
+@contextlib.contextmanager
+def claimed(folder: PullDir, cache: Path) -> Iterator[None]:
+    """Hold `folder` for a pull (lock it, share the trusted cache); a pull that recorded nothing leaves no trace."""
+    root, record = folder.root, folder.read_record()  # first: says in one line when DIR cannot be read
+    refuse_links(folder)
+    if record is None and not folder.state.is_dir() and root.is_dir() and any(root.iterdir()):
+        raise Error(f"{root} exists and was not made by d-pull", "choose a new folder; this one is left untouched")
+    made_root = not root.exists()
+    make_folder(folder.state, "folder")
+    with locked(folder.state / "lock", f"another d-pull is writing {root}"):
+        try:
+            with in_use(open_cache(cache)):
+                yield
+        finally:
+            if folder.read_record() is None:
+                remove_tree(folder.state)
+                if made_root:
+                    with contextlib.suppress(OSError):
+                        root.rmdir()
+
+
+def refuse_links(folder: PullDir) -> None:
+    """DIR/.d-pull and DIR/rootfs are ours to write: never through a link to somewhere else."""
+    for path in (folder.state, folder.rootfs):
+        if path.is_symlink():
+            raise Error(f"{path} is a symbolic link", f"d-pull writes only inside {folder.root}: remove the link")
+
+
 class Pull:
     """One image into one folder, and what its tasks learn on the way."""
 
-    def __init__(self, image: str, folder: str | os.PathLike[str], options: Options, command: list[str] | None = None):
+    def __init__(
+        self,
+        image: str,
+        folder: str | os.PathLike[str],
+        options: Options,
+        lock: LockFile | None = None,
+        run: list[str] | None = None,
+    ) -> None:
         self.ref = parse_reference(image)
         self.folder = PullDir(folder)
         self.key = os.fspath(folder)
         self.options = options
-        self.command = command  # for a `d-run:` task, as a dodo.py may declare
-        self.registries: list[Registry] = []  # mirrors first, the image's own registry last
-        self.image: Image | None = None
+        self.lock = lock
+        self.update = options.update  # replace a finished folder's image, and move its lock entry
+        self.run = run  # the d-run command line of a `dutils-run:` task
+        self.registries: list[Registry] = []  # mirrors first, the image's own registry last; see `connected`
+        self.connecting = threading.Lock()  # also guards `fetching`
+        self.image: Image | None = None  # once the manifest task ran
         self.skipped = Skipped()
         self.changed = False  # whether any fetch, apply or config work was done
-        self.holds = contextlib.ExitStack()  # the folder's lock and a share of the cache's, for as long as we pull
+        self.holds = contextlib.ExitStack()  # `claimed`, from the manifest task until `release`
+        self.claimed = self.used_cache = False
+        self.layers_done: list[str] | None = None
+        self.fetching: dict[str, threading.Event] = {}  # set once the blob is in the cache, or failed (`failed`)
+        self.failed: dict[str, Error] = {}
+        self.diff_ids: list[str] | None = None
+
+    def claim(self) -> None:
+        if not self.claimed:
+            self.holds.enter_context(claimed(self.folder, self.options.cache))
+            self.claimed = self.used_cache = True
+
+    def release(self) -> None:
+        self.holds.close()
         self.claimed = False
-        self.made_root = False
 
-    # -- auth
+    def remove(self) -> None:
+        """`doit clean`: remove this folder if d-pull made it; never the cache, never another folder."""
+        refuse_links(self.folder)
+        if self.folder.read_record() or self.folder.state.is_dir():
+            with locked(self.folder.state / "lock", f"another d-pull is writing {self.folder.root}"):
+                remove_tree(self.folder.root)
 
-    def authenticate(self) -> None:
-        self.claim_folder()
-        mirrors = [
-            self.connect(mirror_ref(self.ref, m), MIRROR_RETRY)
-            for m in find_mirrors(self.ref.registry, self.options.mirrors)
-        ]
-        self.registries = [m for m in mirrors if self.usable_mirror(m)]
-        origin = self.connect(self.ref, RetryPolicy())
-        if not self.registries:
-            origin.ping()  # fail early when the origin is the only way; a working mirror is enough otherwise
-        self.registries.append(origin)
+    # -- registries
+
+    def connected(self) -> list[Registry]:
+        """Connect on first use: a folder complete for its locked digest costs no request at all."""
+        with self.connecting:
+            if not self.registries:
+                hosts = find_mirrors(self.ref.registry, self.options.mirrors)
+                mirrors = [self.connect(mirror_ref(self.ref, host), MIRROR_RETRY) for host in hosts]
+                usable = [mirror for mirror in mirrors if self.usable_mirror(mirror)]
+                origin = self.connect(self.ref, RetryPolicy())
+                if not usable:
+                    origin.ping()  # fail early when the origin is the only way; a working mirror is enough otherwise
+                self.registries = [*usable, origin]
+        return self.registries
 
     def connect(self, ref: Reference, retry: RetryPolicy) -> Registry:
-        return Registry(
-            ref,
-            find_credentials(ref.registry, self.options.username, self.options.password, ref.repository)
-            if ref == self.ref
-            else find_credentials(ref.registry, repository=ref.repository),
-            plain_http=self.options.insecure,
-            verify=self.options.ca_bundle or True,
-            retry=replace(retry, patience=self.options.timeout),
-            notify=self.options.progress.note,
-        )
+        options, own = self.options, ref == self.ref  # the user's login goes to the image's own registry only
+        login = (options.username, options.password) if own else (None, None)
+        credentials = find_credentials(ref.registry, *login, ref.repository)
+        retry, notify = replace(retry, patience=options.timeout), options.progress.note
+        verify = options.ca_bundle or True
+        return Registry(ref, credentials, plain_http=options.insecure, verify=verify, retry=retry, notify=notify)
 
     def usable_mirror(self, mirror: Registry) -> bool:
         try:
@@ -132,107 +222,118 @@ class Pull:
 
     def from_any_registry(self, operation: Callable[[Registry], T]) -> T:
         """Run `operation` against each mirror in turn, and against the image's own registry last."""
-        for mirror in self.registries[:-1]:
+        *mirrors, origin = self.connected()
+        for mirror in mirrors:
             try:
                 return operation(mirror)
             except Error as err:
                 self.options.progress.note(f"mirror {mirror.ref.registry}: {err}; asking {self.ref.registry}")
-        return operation(self.registries[-1])
-
-    def claim_folder(self) -> None:
-        """Refuse a folder d-pull did not make, then lock ours (and share the cache) until `release`."""
-        if self.claimed:
-            return
-        root = self.folder.root
-        ours = self.folder.read_record() is not None or self.folder.state.is_dir()
-        if not ours and root.is_dir() and any(root.iterdir()):
-            raise Error(f"{root} exists and was not made by d-pull", "choose a new folder; this one is left untouched")
-        self.made_root = not root.exists()
-        make_folder(self.folder.state, "folder")
-        self.holds.enter_context(locked(self.folder.state / "lock", f"another d-pull is writing {root}"))
-        self.holds.enter_context(in_use(self.options.cache))
-        self.claimed = True
-
-    def release(self) -> None:
-        self.forget_if_unstarted()
-        self.holds.close()
-        self.claimed = False
-
-    def forget_if_unstarted(self) -> None:
-        """After a failure before anything was recorded (a typo, say), leave no trace of this pull."""
-        if self.claimed and self.folder.read_record() is None:
-            remove_tree(self.folder.state)
-            if self.made_root:
-                with contextlib.suppress(OSError):
-                    self.folder.root.rmdir()
+        return operation(origin)
 
     # -- manifest
 
+    def pinned(self) -> dict | None:  # the lock file's entry for this folder, unless an update is asked for
+        return None if self.lock is None or self.update else self.lock.entry(self.folder.root, str(self.ref))
+
+    def settled(self) -> bool:
+        """Complete for the manifest its lock entry names: nothing to ask any registry."""
+        try:  # an up-to-date check that raises is a traceback: let the manifest task's action say it in one line
+            entry = self.pinned()
+            record = entry and self.folder.read_record()
+        except Error:
+            return False
+        wanted = entry and (entry["manifest"], str(self.options.platform))
+        return bool(record and (record.digest, record.platform) == wanted and self.is_complete())
+
     def resolve(self) -> None:
+        self.claim()
+        entry = self.pinned()
+        digest = entry["digest"] if entry else self.ref.digest or (self.tag_digest() if self.lock else None)
+        platform, cache = self.options.platform, self.options.cache
         self.image = self.from_any_registry(
             lambda registry: resolve_image(
                 registry,
-                registry.ref,
-                self.options.platform,
-                self.options.cache,
-                lambda blob: fetch_blob(registry, blob, self.options.cache, self.options.progress),
+                replace(registry.ref, digest=digest),
+                platform,
+                cache,
+                lambda blob: fetch_blob(registry, blob, cache, self.options.progress),
             )
         )
+        if self.lock and not entry:
+            pinned = {"reference": str(self.ref), "digest": digest, "manifest": self.image.digest}
+            self.lock.pin(self.folder.root, pinned | {"platform": self.image.platform})
         record = self.folder.read_record()
-        if record and (record.digest != self.image.digest or record.reference != str(self.ref)):
-            if record.complete and not self.options.update:
-                raise Error(
-                    f"{self.folder.root} holds {record.reference} ({record.digest[:19]}), "
-                    f"and {self.ref} is now {self.image.digest[:19]}",
-                    "run with --update to replace it; your config.json edits and volumes/ are kept",
-                )
-            self.start_over()
-            record = record._replace(reference=str(self.ref), digest=self.image.digest, platform=self.image.platform)
-        record = record or Record(str(self.ref), self.image.digest, self.image.platform)
+        new = Record(str(self.ref), self.image.digest, self.image.platform)
+        if record:  # a folder following its lock file changes image as the lock says
+            new = record.retarget(*new[:3], self.folder.root, replace=self.update or entry is not None)
+            if new.digest != record.digest:
+                self.start_over()
         layers = [layer.digest for layer in self.image.layers]
         applied = self.applied() if self.folder.rootfs.is_dir() else []
         self.options.progress.expect_layers(len(layers) - sum(a == b for a, b in zip(applied, layers, strict=False)))
         # complete only while every layer is applied: d-run refuses a rootfs that is being rebuilt
-        self.folder.write_record(record._replace(complete=record.complete and applied == layers))
+        self.folder.write_record(new._replace(complete=new.complete and applied == layers))
+
+    def tag_digest(self) -> str:
+        """The digest the tag names now, asked once, so that the lock file records exactly what is then pulled."""
+        body, _ = self.from_any_registry(lambda registry: registry.get_manifest(registry.ref.wanted))
+        return sha256_digest(body)
 
     def start_over(self) -> None:
         """Drop the rootfs of another image (or of an unfinished pull of one); config.json and volumes/ stay."""
         remove_tree(self.folder.rootfs)
         self.applied_path().unlink(missing_ok=True)
-
-    def known_image(self) -> Image | None:
-        """The image once `manifest` ran, or the one recorded by an earlier pull (for `doit list`)."""
-        record = self.folder.read_record()
-        if self.image is None and record:
-            return load_image(self.options.cache, record.digest, record.platform, self.ref)
-        return self.image
+        self.layers_done = []
 
     # -- fetch
 
-    def fetch(self, blob: Blob) -> None:
+    def prefetch(self, blob: Blob, downloads: threading.BoundedSemaphore) -> None:
+        """Download ahead of the apply task, which says once why a blob it needs could not be had."""
+        with contextlib.suppress(Error):
+            self.fetched(blob, downloads)
+
+    def fetched(self, blob: Blob, downloads: threading.BoundedSemaphore) -> None:
+        """`blob` in the cache, downloaded by whichever task asks first while the other waits: a download under
+        way always progresses, so waiting for it cannot deadlock the task threads."""
+        with self.connecting:
+            first = blob.digest not in self.fetching
+            done = self.fetching.setdefault(blob.digest, threading.Event())
+        if first:
+            try:
+                self.fetch(blob, downloads)
+            except Error as err:
+                self.failed[blob.digest] = err
+            finally:
+                done.set()
+        done.wait()
+        if blob.digest in self.failed:
+            raise self.failed[blob.digest]
+
+    def fetch(self, blob: Blob, downloads: threading.BoundedSemaphore) -> None:
         self.changed = True
         try:
-            self.from_any_registry(
-                lambda registry: fetch_blob(registry, blob, self.options.cache, self.options.progress)
-            )
+            with downloads:
+                self.from_any_registry(
+                    lambda registry: fetch_blob(registry, blob, self.options.cache, self.options.progress)
+                )
         except BlobUnknown:
             if not blob.urls:
                 raise
             self.fetch_foreign(blob)
 
     def fetch_foreign(self, blob: Blob) -> None:
-        """A non-distributable layer (Windows base layers, licensed content): the registry need not serve it,
-        the manifest says where it lives. Its digest still decides what is kept."""
+        """A non-distributable layer, from where its manifest says (the registry need not serve it), verified."""
         if not self.options.foreign_urls:
             raise Error(
                 f"layer {blob.digest} is non-distributable: {self.ref.registry} does not serve it, {blob.urls[0]} does",
                 "pass --allow-foreign-urls to download it from there",
             )
+        origin = self.connected()[-1]
         for url in blob.urls[:-1]:
             with contextlib.suppress(Error):
-                fetch_blob(self.registries[-1], blob, self.options.cache, self.options.progress, url)
+                fetch_blob(origin, blob, self.options.cache, self.options.progress, url)
                 return
-        fetch_blob(self.registries[-1], blob, self.options.cache, self.options.progress, blob.urls[-1])
+        fetch_blob(origin, blob, self.options.cache, self.options.progress, blob.urls[-1])
 
     def cached(self, blob: Blob) -> bool:
         path = blob_path(self.options.cache, blob.digest)
@@ -242,69 +343,76 @@ class Pull:
     # -- apply
 
     def applied_path(self) -> Path:
-        return self.folder.state / "applied.json"
+        return self.folder.state / "applied"
 
     def applied(self) -> list[str]:
-        """Digests of the layers applied so far, in order: written after each layer, so it survives a kill."""
-        try:
-            return json.loads(self.applied_path().read_text())
-        except (FileNotFoundError, ValueError):
-            return []
+        """Digests of the layers applied so far, in order: read once, then kept here; a line is appended as each
+        layer is done, so the list survives a kill and costs the same per layer whatever the number of layers."""
+        if self.layers_done is None:
+            try:
+                self.layers_done = self.applied_path().read_text().split()
+            except FileNotFoundError:
+                self.layers_done = []
+        return self.layers_done
+
+    def all_applied(self) -> bool:
+        return self.folder.rootfs.is_dir() and self.applied() == [layer.digest for layer in self.image.layers]
+
+    def apply_all(self, downloads: threading.BoundedSemaphore) -> None:
+        """Apply the layers onto DIR/rootfs in order, each as soon as its blob is in the cache."""
+        self.fetched(self.image.config, downloads)
+        for n, layer in enumerate(self.image.layers):
+            if not self.is_applied(n):
+                self.fetched(layer, downloads)
+                self.apply(n)
 
     def is_applied(self, n: int) -> bool:
         return self.folder.rootfs.is_dir() and self.applied()[n : n + 1] == [self.image.layers[n].digest]
 
     def apply(self, n: int) -> None:
         self.changed = True
-        layer = self.image.layers[n]
-        config = image_config.read_image_config(blob_path(self.options.cache, self.image.config.digest))
-        diff_id = image_config.diff_ids(config, len(self.image.layers))[n]
+        layer, cache = self.image.layers[n], self.options.cache
+        if self.diff_ids is None:
+            config = image_config.read_image_config(blob_path(cache, self.image.config.digest))
+            self.diff_ids = image_config.diff_ids(config, len(self.image.layers))
         self.folder.rootfs.mkdir(parents=True, exist_ok=True)
-        skipped = apply_layer(
-            blob_path(self.options.cache, layer.digest), layer.media_type, diff_id, self.folder.rootfs
+        self.skipped += apply_layer(
+            blob_path(cache, layer.digest), layer.media_type, self.diff_ids[n], self.folder.rootfs
         )
-        self.skipped = self.skipped + skipped
-        write_json(self.applied_path(), self.applied()[:n] + [layer.digest])
+        self.note_applied(n, layer.digest)
         self.options.progress.layer_applied(f"applied layer {n + 1}/{len(self.image.layers)} {layer.digest[:19]}")
+
+    def note_applied(self, n: int, digest: str) -> None:
+        done = self.applied()
+        if len(done) != n:  # applied again after an interruption (or a line cut short): what followed is void
+            del done[n:]
+            write_atomic(self.applied_path(), "".join(f"{d}\n" for d in done).encode())
+        with open(self.applied_path(), "a") as out:
+            out.write(digest + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        done.append(digest)
 
     # -- config
 
     def is_complete(self) -> bool:
         record = self.folder.read_record()
-        return bool(record and record.complete and record.digest == self.image.digest and self.folder.config.exists())
+        return bool(record and record.complete and self.folder.config.exists() and self.folder.rootfs.is_dir())
 
     def write_config(self) -> None:
         """config.json last: with the record marked complete, it is what says the pull is finished."""
         self.changed = True
         self.folder.rootfs.mkdir(exist_ok=True)  # an image of no layers runs with an empty root
-        record = self.folder.read_record()
-        new = image_config.run_config(
-            image_config.read_image_config(blob_path(self.options.cache, self.image.config.digest))
-        )
-        data = image_config.render(self.merged_with_user_edits(new, record))
+        record, cache = self.folder.read_record(), self.options.cache
+        base = blob_path(cache, record.config_digest) if record.config_digest else None
+        new = blob_path(cache, self.image.config.digest)
+        data = image_config.updated_config(self.folder.config, new, base, record.config_xxh64)
         write_atomic(self.folder.config, data)
+        fingerprint = image_config.fingerprint(data)
         self.folder.write_record(
-            record._replace(
-                complete=True,
-                config_digest=self.image.config.digest,
-                config_xxh64=image_config.fingerprint(data),
-            )
+            record._replace(complete=True, config_digest=self.image.config.digest, config_xxh64=fingerprint)
         )
-
-    def merged_with_user_edits(self, new: dict, record: Record) -> dict:
-        try:
-            current = self.folder.config.read_bytes()
-        except FileNotFoundError:
-            return new
-        if image_config.fingerprint(current) == record.config_xxh64:
-            return new  # not edited since we wrote it
-        base_blob = blob_path(self.options.cache, record.config_digest) if record.config_digest else None
-        base = (
-            image_config.run_config(image_config.read_image_config(base_blob))
-            if base_blob and base_blob.exists()
-            else None
-        )
-        return image_config.merge_edits(new, base, image_config.read_user_config(self.folder.config))
+        self.release()  # done: the rest of the run (other folders, d-run tasks) needs neither lock
 
 
 def action(function: Callable, *args: object) -> Callable[[], TaskFailed | None]:
@@ -321,89 +429,106 @@ def action(function: Callable, *args: object) -> Callable[[], TaskFailed | None]
     return run
 
 
-def sandbox_tasks(pulls: list[Pull]) -> dict[str, Callable]:
-    """The task creators for these pulls, to put in a doit namespace (a dodo.py's globals, or d-pull's loader)."""
+def task(name: str, function: Callable, *args: object, **fields: object) -> dict:
+    return {"basename": name, "actions": [action(function, *args)], "io": UNCAPTURED, "doc": function.__doc__, **fields}
 
+
+def pull_tasks(pulls: list[Pull]) -> dict[str, Callable]:
+    """The task creators for these pulls, to put in a doit namespace (a dodo.py's globals, or d-pull's loader)."""
     downloads = threading.BoundedSemaphore(max(pull.options.jobs for pull in pulls))
 
-    def fetch_one(pull: Pull, blob: Blob) -> None:
-        with downloads:
-            pull.fetch(blob)
-
-    def task_auth() -> Iterator[dict]:
-        """Find credentials; authenticate when the registry asks."""
-        for pull in pulls:
-            yield {"name": pull.key, "actions": [action(pull.authenticate)], "io": UNCAPTURED}
-
     def task_manifest() -> Iterator[dict]:
-        """Resolve the reference to one manifest for the platform."""
+        """Resolve the folder's locked digest (else its tag) to one manifest for the platform; clean: remove it."""
         for pull in pulls:
             yield {
                 "name": pull.key,
                 "actions": [action(pull.resolve)],
-                "task_dep": [f"auth:{pull.key}"],
+                "uptodate": [pull.settled],
+                "clean": [action(pull.remove)],
                 "io": UNCAPTURED,
             }
 
-    @create_after(executed="manifest")
-    def task_fetch() -> Iterator[dict]:
-        """Download a blob into the cache, verified."""
-        seen: set[str] = set()
-        for pull in pulls:
-            image = pull.known_image()
-            for blob in (image.config, *image.layers) if image else ():
-                if blob.digest not in seen:
-                    seen.add(blob.digest)
-                    yield {
-                        "name": blob.digest,
-                        "actions": [action(fetch_one, pull, blob)],
-                        "io": UNCAPTURED,
-                        "uptodate": [lambda pull=pull, blob=blob: pull.cached(blob)],
-                    }
+    def task_dutils() -> dict:
+        """Materialise every sandbox."""
+        return {"actions": None, "task_dep": [f"dutils-config:{pull.key}" for pull in pulls]}
 
-    @create_after(executed="manifest")
-    def task_apply() -> Iterator[dict]:
-        """Apply a layer onto DIR/rootfs, in order."""
-        for pull in pulls:
-            image = pull.known_image()
-            for n, layer in enumerate(image.layers if image else ()):
-                yield {
-                    "name": f"{pull.key}/{n}",
-                    "actions": [action(pull.apply, n)],
-                    "io": UNCAPTURED,
-                    "task_dep": [f"fetch:{layer.digest}", f"fetch:{image.config.digest}"]
-                    + ([f"apply:{pull.key}/{n - 1}"] if n else []),
-                    "uptodate": [lambda pull=pull, n=n: pull.is_applied(n)],
-                }
-
-    def task_config() -> Iterator[dict]:
-        """Write DIR/config.json, keeping the user's edits; marks the pull complete."""
-        for pull in pulls:
-            yield {
-                "name": pull.key,
-                "actions": [action(pull.write_config)],
-                "io": UNCAPTURED,
-                "task_dep": ["fetch", "apply"],
-                "uptodate": [pull.is_complete],
-            }
-
-    def task_run() -> Iterator[dict]:
-        """Run the sandbox's command with d-run."""
-        for pull in (p for p in pulls if p.command):
-            d_run = [sys.executable, "-m", "dutils.run", pull.key, *pull.command]
-            yield {
-                "name": pull.key,
-                "actions": [shlex.join(d_run)],
-                "task_dep": [f"config:{pull.key}"],
-                "uptodate": [False],
-                "verbosity": 2,
-            }
-
-    creators = {"task_auth": task_auth, "task_manifest": task_manifest, "task_fetch": task_fetch}
-    creators |= {"task_apply": task_apply, "task_config": task_config}
-    if any(p.command for p in pulls):
-        creators["task_d-run"] = task_run  # `run` is doit's own command
+    creators: dict[str, Callable] = {"task_dutils-manifest": task_manifest, "task_dutils": task_dutils}
+    for pull in pulls:
+        creators[f"task_dutils-folder:{pull.key}"] = folder_tasks(pull, downloads)
     return creators
+
+
+def folder_tasks(pull: Pull, downloads: threading.BoundedSemaphore) -> Callable[[], Iterator[dict]]:
+    """The creator of one folder's tasks after its manifest task: fetch, apply, config, run."""
+    key = pull.key
+
+    @create_after(executed=f"dutils-manifest:{key}", creates=[f"dutils-config:{key}", f"dutils-run:{key}"])
+    def create() -> Iterator[dict]:
+        image, deps = pull.image, [f"dutils-manifest:{key}"]  # no image: the manifest task was up to date
+        if image and not pull.is_complete():
+            blobs = {
+                f"dutils-fetch:{key}/{b.digest}": b for b in (image.config, *image.layers)
+            }  # a layer may come twice
+            for name, blob in blobs.items():
+                yield task(name, pull.prefetch, blob, downloads, task_dep=deps, uptodate=[partial(pull.cached, blob)])
+            # one task applies the layers in order: a chain of a task per layer costs doit memory in the square of
+            # their number (each task keeps the list of all it depends on, through the chain)
+            yield task(f"dutils-apply:{key}", pull.apply_all, downloads, task_dep=deps, uptodate=[pull.all_applied])
+            deps = [*blobs, f"dutils-apply:{key}"]  # doit runs only what the targets depend on
+        yield task(f"dutils-config:{key}", pull.write_config, task_dep=deps, uptodate=[pull.is_complete])
+        if pull.run:  # d-run's exit status is the task's result
+            run = {"basename": f"dutils-run:{key}", "actions": [pull.run], "uptodate": [False], "verbosity": 2}
+            yield run | {"task_dep": [f"dutils-config:{key}"]}
+
+    return create
+
+
+@dataclass
+class Sandbox:
+    """`folder` made from `image`, and how `doit dutils-run:FOLDER` runs it: each field is the d-run flag beside it."""
+
+    folder: str
+    image: str
+    command: list[str] = field(default_factory=list)  # replaces the image's Cmd (empty: the image's own)
+    volumes: list[str] = field(default_factory=list)  # -v HOST:CONTAINER[:ro], or CONTAINER (anonymous)
+    env: dict[str, str] = field(default_factory=dict)  # -e KEY=VALUE
+    net: bool = False  # -n: the host's network
+    rw: bool = False  # -w: a writable root
+    user: str | None = None  # -u NAME|UID[:GROUP|GID]
+    workdir: str | None = None  # --workdir PATH
+
+    def d_run_argv(self) -> list[str]:
+        """The d-run command line of these settings."""
+        flags = [word for volume in self.volumes for word in ("-v", volume)]
+        flags += [word for key, value in self.env.items() for word in ("-e", f"{key}={value}")]
+        flags += ["-n"] * self.net + ["-w"] * self.rw + ["-u", self.user] * bool(self.user)
+        flags += ["--workdir", self.workdir] * bool(self.workdir)
+        return [sys.executable, "-m", "dutils.run", *flags, str(Path(self.folder).absolute()), *self.command]
+
+
+def sandbox_tasks(
+    sandboxes: list[Sandbox], options: Options | None = None, lock: str | os.PathLike[str] = "sandboxes.lock"
+) -> dict[str, Callable]:
+    """What a dodo.py puts in its namespace (`globals().update(...)`) to declare `sandboxes` pinned by `lock`; the
+    README's "Sandboxes in your own repository" says which doit commands then do what."""
+    options = options or Options()
+    lockfile, update = LockFile(lock), get_var(UPDATE_VAR)
+    pulls = [Pull(s.image, s.folder, options, lockfile, s.d_run_argv()) for s in sandboxes]
+    if update not in (None, "all", *(pull.key for pull in pulls)):
+        raise Error(f"{UPDATE_VAR}={update}: no such sandbox", f"name one of {', '.join(p.key for p in pulls)}, or all")
+    for pull in pulls:
+        pull.update = update in ("all", pull.key)
+    atexit.register(finish, pulls)  # doit has no end-of-run hook a dodo.py can use; teardowns run per thread
+    return pull_tasks(pulls)
+
+
+def finish(pulls: list[Pull]) -> None:
+    """The end of a run: every folder released, then the caches used pruned when due."""
+    used = {pull.options.cache for pull in pulls if pull.used_cache}
+    for pull in pulls:
+        pull.release()
+    for cache in used:
+        prune_if_due(cache)
 
 
 class Reporter(ZeroReporter):
@@ -442,11 +567,8 @@ class MemoryDB(JsonDB):
 
 def run_pulls(pulls: list[Pull], debug: bool) -> list[str]:
     """Run the pipeline in this process; return the failures, one line each (none means every pull finished)."""
-    for pull in pulls:
-        make_folder(pull.options.cache, "cache folder (--cache or $D_UTILS_CACHE)")
-        pull.claim_folder()  # before doit writes its database into the folder
     reporter = Reporter(debug)
-    namespace: dict[str, object] = dict(sandbox_tasks(pulls))
+    namespace: dict[str, object] = dict(pull_tasks(pulls))
     namespace["DOIT_CONFIG"] = {
         "dep_file": "unused",
         "backend": "memory",
@@ -454,17 +576,14 @@ def run_pulls(pulls: list[Pull], debug: bool) -> list[str]:
         "verbosity": 0,
         "num_process": max(pull.options.jobs for pull in pulls) + 1,  # and one applying layers meanwhile
         "par_type": "thread",  # delayed tasks hold closures, which the process runner cannot pickle
-        "default_tasks": ["config"],
+        "default_tasks": ["dutils"],
     }
     try:
         plugins = {"BACKEND": {"memory": f"{__name__}:MemoryDB"}}
         # config_filenames=(): a doit.cfg or pyproject.toml in the current folder must not change a pull
         code = DoitMain(ModuleTaskLoader(namespace), config_filenames=(), extra_config=plugins).run(["run"])
     finally:
-        for pull in pulls:
-            pull.release()
-    for cache in {pull.options.cache for pull in pulls}:
-        prune_if_due(cache)
+        finish(pulls)
     if code and not reporter.failures:
         reporter.failures.append(f"the pull stopped with doit status {code} (run with --debug for details)")
     return reporter.failures

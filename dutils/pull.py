@@ -17,6 +17,7 @@ examples:
   d-pull alpine ./alpine                 docker.io/library/alpine:latest into ./alpine
   d-pull --platform linux/arm64/v8 debian:bookworm
   d-pull localhost:5000/tools/app@sha256:...
+  d-pull --lock sandboxes.lock alpine ./alpine      pinned to the digest the lock names (or pinned now)
 
 environment:
   D_UTILS_CACHE     blob cache folder (default $XDG_CACHE_HOME/d-utils, else ~/.cache/d-utils)
@@ -26,59 +27,36 @@ environment:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    # allow_abbrev=False: `--password SECRET` must not pass for --password-stdin, and argv is visible to all
     parser = argparse.ArgumentParser(
         prog="d-pull",
-        allow_abbrev=False,  # `--password SECRET` must not pass for --password-stdin: argv is visible to all
         usage=USAGE,
         description=DESCRIPTION,
         epilog=EPILOG,
+        allow_abbrev=False,
         formatter_class=argparse.RawTextHelpFormatter,
     )
-    parser.add_argument(
-        "image", metavar="IMAGE", help="NAME[:TAG] or NAME@sha256:DIGEST; NAME may start with a registry host"
-    )
-    parser.add_argument(
-        "dir", metavar="DIR", nargs="?", help="folder to pull into (default: ./NAME, the image's last name component)"
-    )
-    parser.add_argument(
-        "--platform", metavar="OS/ARCH[/VARIANT]", help="which image of a multi-platform index (default: this host's)"
-    )
-    parser.add_argument(
-        "--cache", metavar="FOLDER", help="blob cache folder (default: $D_UTILS_CACHE or ~/.cache/d-utils)"
-    )
-    parser.add_argument(
-        "--update",
-        action="store_true",
-        help="replace DIR's image when the tag now names another one (keeps config.json edits)",
-    )
-    parser.add_argument(
-        "--insecure", action="store_true", help="use plain HTTP (loopback registries fall back to it after HTTPS)"
-    )
-    parser.add_argument("--ca-bundle", metavar="FILE", help="trust the CA certificates in FILE for the registry's TLS")
-    parser.add_argument(
-        "--mirror",
-        action="append",
-        default=[],
-        metavar="HOST[:PORT]",
-        help="pull-through mirror to try before the registry (repeatable; default: $D_UTILS_MIRRORS, mirrors.json)",
-    )
-    parser.add_argument(
-        "--allow-foreign-urls",
-        action="store_true",
-        help="download non-distributable layers from the URLs their manifest lists (digests are still checked)",
-    )
-    parser.add_argument("--username", metavar="USER", help="log in as USER; the password is read from standard input")
-    parser.add_argument(
-        "--password-stdin", action="store_true", help="read the password from standard input (default with --username)"
-    )
-    parser.add_argument(
-        "-j", "--jobs", type=positive, default=3, metavar="N", help="blobs downloaded at once (default: 3)"
-    )
-    parser.add_argument(
-        "--timeout", type=positive, default=300, metavar="SECONDS", help="give up after this long without progress"
-    )
-    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and doit's own output")
+    add = parser.add_argument
+    add("image", metavar="IMAGE", help="NAME[:TAG] or NAME@sha256:DIGEST; NAME may start with a registry host")
+    add("dir", metavar="DIR", nargs="?", help="folder to pull into (default: ./NAME, the image's last name component)")
+    add("--platform", metavar="OS/ARCH[/VARIANT]", help="which image of a multi-platform index (default: this host's)")
+    add("--cache", metavar="FOLDER", help="blob cache folder (default: $D_UTILS_CACHE or ~/.cache/d-utils)")
+    add("--update", action="store_true",
+        help="replace DIR's image when the tag now names another one (keeps config.json edits); with --lock, lock anew")  # fmt: skip
+    add("--lock", metavar="FILE",
+        help="pull the digest FILE pins DIR to (a complete DIR then costs no request), else pin it there")  # fmt: skip
+    add("--insecure", action="store_true", help="use plain HTTP (loopback registries fall back to it after HTTPS)")
+    add("--ca-bundle", metavar="FILE", help="trust the CA certificates in FILE for the registry's TLS")
+    add("--mirror", action="append", default=[], metavar="HOST[:PORT]",
+        help="pull-through mirror to try before the registry (repeatable; default: $D_UTILS_MIRRORS, mirrors.json)")  # fmt: skip
+    add("--allow-foreign-urls", action="store_true",
+        help="download non-distributable layers from the URLs their manifest lists (digests are still checked)")  # fmt: skip
+    add("--username", metavar="USER", help="log in as USER; the password is read from standard input")
+    add("--password-stdin", action="store_true", help="read the password from standard input (default with --username)")  # fmt: skip
+    add("-j", "--jobs", type=positive, default=3, metavar="N", help="blobs downloaded at once (default: 3)")
+    add("--timeout", type=positive, default=300, metavar="SECONDS", help="give up after this long without progress")
+    add("-q", "--quiet", action="store_true", help="print nothing but errors")
+    add("--debug", action="store_true", help="show tracebacks and doit's own output")
     return parser.parse_args(argv)
 
 
@@ -126,7 +104,8 @@ def pull(args: argparse.Namespace) -> int:
     )
     if args.platform:
         options.platform = parse_platform(args.platform)
-    task = pipeline.Pull(args.image, folder, options)
+    lock = pipeline.LockFile(args.lock) if args.lock else None
+    task = pipeline.Pull(args.image, folder, options, lock)
     try:
         failures = pipeline.run_pulls([task], debug=args.debug)
     finally:
@@ -139,7 +118,7 @@ def pull(args: argparse.Namespace) -> int:
         print(f"d-pull: warning: {task.skipped.describe()}", file=sys.stderr)
     if not args.quiet:
         status = "pulled" if task.changed else "up to date:"
-        print(f"{status} {task.ref} ({task.image.digest}) in {folder}", file=sys.stderr)
+        print(f"{status} {task.ref} ({task.folder.read_record().digest}) in {folder}", file=sys.stderr)
     return 0
 
 

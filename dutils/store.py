@@ -38,9 +38,66 @@ def cache_dir(override: str | None = None) -> Path:
     return Path(xdg).absolute() / "d-utils"
 
 
+# The cache's layout, all of it: CACHE/lock (shared by running pulls, taken whole by pruning), CACHE/pruned (when
+# pruning last ran), and per blob in CACHE/blobs/sha256: HEX (verified), HEX.partial (downloading), HEX.lock.
 def blob_path(cache: Path, digest: str) -> Path:
     """Where a verified blob lives: its name is its digest, so its presence is the proof."""
-    return cache / "blobs" / "sha256" / check_digest(digest).removeprefix("sha256:")
+    return blob_folder(cache) / check_digest(digest).removeprefix("sha256:")
+
+
+def blob_folder(cache: Path) -> Path:
+    return cache / "blobs" / "sha256"
+
+
+def partial_path(cache: Path, digest: str) -> Path:
+    return blob_path(cache, digest).with_suffix(".partial")
+
+
+def cache_lock(cache: Path) -> Path:
+    return cache / "lock"
+
+
+def pruned_marker(cache: Path) -> Path:
+    return cache / "pruned"
+
+
+@contextlib.contextmanager
+def blob_locked(cache: Path, digest: str) -> Iterator[None]:
+    """Held while a blob downloads (others wait for it); removed once the blob is in place: no locks pile up."""
+    lock = blob_path(cache, digest).with_suffix(".lock")
+    with locked(lock):
+        yield
+        if blob_path(cache, digest).exists():
+            lock.unlink(missing_ok=True)
+
+
+def open_cache(cache: Path) -> Path:
+    """The cache, made if need be and trusted only when all of it is the user's alone (as ssh does with its keys)."""
+    if not os.path.lexists(cache):
+        make_folder(cache, "cache folder (--cache or $D_UTILS_CACHE)")
+    link = cache.lstat()  # the cache itself may be a link, if the user made it
+    check_private(cache, cache.stat() if link.st_uid == os.geteuid() else link)
+    for parent, folders, files in os.walk(cache):
+        for name in folders + files:
+            with contextlib.suppress(FileNotFoundError):  # a lock another pull removed meanwhile
+                check_private(Path(parent, name), os.lstat(os.path.join(parent, name)))
+    for folder in (blob_folder(cache).parent, blob_folder(cache)):
+        make_folder(folder, "cache folder (--cache or $D_UTILS_CACHE)")
+    return cache
+
+
+def check_private(path: Path, info: os.stat_result) -> None:
+    if not (stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode)):
+        problem, fix = "is not a regular file or folder", f"remove it: rm {path}"
+    elif info.st_uid != os.geteuid():
+        problem, fix = f"belongs to user {info.st_uid}", "remove it, or choose a cache of your own with --cache"
+    elif info.st_mode & 0o022:
+        problem, fix = "is writable by other users", f"chmod go-w {path}"
+    elif stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+        problem, fix = "has other hard links", f"remove it: rm {path}"
+    else:
+        return
+    raise Error(f"refusing the cache: {path} {problem}", fix)
 
 
 def make_folder(path: Path, what: str) -> Path:
@@ -48,7 +105,7 @@ def make_folder(path: Path, what: str) -> Path:
     import tempfile  # d-pull's only: d-run's start-up does without
 
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(0o755, parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as err:
@@ -63,7 +120,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would make config.json private
+        os.fchmod(fd, 0o644 & ~current_umask())  # mkstemp's 0600 would make config.json private; never o+w
         with os.fdopen(fd, "wb") as out:
             out.write(data)
             out.flush()
@@ -91,10 +148,15 @@ def write_json(path: Path, value: object) -> None:
 def locked(path: Path, busy_message: str | None = None, kind: int = fcntl.LOCK_EX) -> Iterator[None]:
     """Hold a lock (`kind`: fcntl.LOCK_EX or LOCK_SH) on `path`: wait for it, or fail with `busy_message`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as handle:
-        flags = kind | (fcntl.LOCK_NB if busy_message else 0)
+    try:  # never through a link, never a FIFO: whoever planted one must not make us create or block on its target
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        raise Error(f"cannot use the lock {path}: {err.strerror}", "remove it if it is a link") from None
+    with open(fd, "r+b") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Error(f"the lock {path} is not a regular file", f"remove it: rm {path}")
         try:
-            fcntl.flock(handle, flags)
+            fcntl.flock(handle, kind | (fcntl.LOCK_NB if busy_message else 0))
         except BlockingIOError:
             raise Error(busy_message or "") from None
         yield
@@ -112,6 +174,17 @@ class Record(namedtuple("Record", RECORD_FIELDS, defaults=(False, "", ""))):
     """
 
     __slots__ = ()
+
+    def retarget(self, reference: str, digest: str, platform: str, root: Path, replace: bool) -> "Record":
+        """The record for holding `digest`: a finished folder changes image only when `replace` (--update, a lock)."""
+        if (self.reference, self.digest) == (reference, digest):
+            return self
+        if self.complete and not replace:
+            raise Error(
+                f"{root} holds {self.reference} ({self.digest[:19]}), and {reference} is now {digest[:19]}",
+                "run with --update to replace it; your config.json edits and volumes/ are kept",
+            )
+        return self._replace(reference=reference, digest=digest, platform=platform, complete=False)
 
 
 class PullDir:
@@ -158,7 +231,7 @@ def touch(path: Path) -> None:
     """Mark a cache entry as used now, so that pruning by age keeps it."""
     with contextlib.suppress(OSError):
         now = time.time()
-        os.utime(path, (now, now))
+        os.utime(path, (now, now), follow_symlinks=False)
 
 
 def remove_tree(path: Path) -> None:

@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from catalogue import unpack_with_umoci
 from images import push_standard_set
+from malicious import make_workspace
 from registry import Registry
 
 REPO = Path(__file__).parents[1]
@@ -23,6 +25,26 @@ DEBIAN_PYTHON = "/usr/bin/python3"  # the pyenv python3 lives in /root, which an
 def registry() -> Iterator[Registry]:
     with Registry() as started:
         yield started
+
+
+# Tests that need a registry, bwrap or the ordinary user: marked `integration`, so that
+# `pytest -m "not integration"` is a fast inner loop. Fixtures tell for most; these modules start their own.
+INTEGRATION_FIXTURES = {"registry", "images", "unprivileged", "umoci"}
+INTEGRATION_MODULES = {
+    "test_auth",
+    "test_faultproxy",
+    "test_registries",
+    "test_images",
+    "test_resume",
+    "test_rig",
+    "test_run",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")
@@ -81,3 +103,20 @@ def unprivileged() -> Iterator[Unprivileged]:
         shutil.rmtree(user.root, ignore_errors=True)
         if made_user:
             subprocess.run(["userdel", "-r", USER], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def workspace(unprivileged: Unprivileged) -> Iterator[Path]:
+    """A folder the ordinary user can reach (pytest's tmp_path is private to root), with a `pull` folder it owns."""
+    workspace = make_workspace()
+    yield workspace
+    shutil.rmtree(workspace)
+
+
+@pytest.fixture(scope="session")
+def umoci(unprivileged: Unprivileged) -> Iterator[dict[str, Path]]:
+    """The layer catalogue as an OCI layout, unpacked once by umoci as root and with --rootless ("layout", "root",
+    "rootless"), in a folder the ordinary user can read."""
+    folder = make_workspace()
+    yield unpack_with_umoci(folder)
+    shutil.rmtree(folder)

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import posixpath
 import subprocess
 import tarfile
@@ -146,6 +147,14 @@ def busybox_tar() -> Tar:
     tar.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n")
     tar.file("etc/group", b"root:x:0:\napp:x:1000:\n")
     return tar.file("etc/os-release", OS_RELEASE)
+
+
+def random_files(prefix: str, count: int, size: int) -> Tar:
+    """A layer of `count` files of `size` random bytes each under `prefix`/: new digests at every call."""
+    tar = Tar()
+    for n in range(count):
+        tar.file(f"{prefix}/{n}", os.urandom(size))
+    return tar
 
 
 def compress(tar: bytes, compression: str) -> bytes:

@@ -15,9 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from catalogue import DEVICES, LONG, UNICODE, assert_same_as_umoci_rootless, catalogue, unpack_with_umoci
+from catalogue import DEVICES, LONG, UNICODE, assert_same_as_umoci_rootless, catalogue
 from images import Tar
-from malicious import MEDIA, USER, Layer, apply_all, apply_as_user, as_root, make_workspace, user_command, write_layer
+from malicious import MEDIA, USER, Layer, apply_all, apply_as_user, as_root, user_command, write_layer
 from trees import snapshot
 
 from dutils.apply import Skipped, apply_layer
@@ -293,13 +293,6 @@ def test_rerun_after_a_kill_gives_the_clean_tree(index: int, count: int | None, 
 # -- as a real ordinary user, and against umoci
 
 
-@pytest.fixture(scope="module")
-def workspace(unprivileged):
-    workspace = make_workspace()
-    yield workspace
-    shutil.rmtree(workspace)
-
-
 def user_folder(workspace: Path, name: str) -> Path:
     folder = workspace / "pull" / name
     folder.mkdir()
@@ -343,12 +336,6 @@ def layout_layers(layout: Path) -> list[Layer]:
         Layer(blob_of(layout, layer["digest"]), layer["mediaType"], diff_id)
         for layer, diff_id in zip(manifest["layers"], diff_ids, strict=True)
     ]
-
-
-@pytest.fixture(scope="module")
-def umoci(workspace: Path) -> dict[str, Path]:
-    """The catalogue as an OCI layout, unpacked by umoci as root and with --rootless."""
-    return unpack_with_umoci(workspace)
 
 
 @as_root

@@ -6,8 +6,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from cli import BIN, d_pull
 
+pytestmark = pytest.mark.integration  # a registry, and d-run's bwrap
 DAY = 86400
 
 

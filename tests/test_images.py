@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from catalogue import DEVICES, assert_same_as_umoci_rootless, catalogue_image, umoci_unpack, unpack_with_umoci
+from catalogue import DEVICES, assert_same_as_umoci_rootless, catalogue_image, umoci_unpack
 from cli import assert_one_line_error, d_pull, d_run
 from images import (
     MEDIA_TYPES,
@@ -32,7 +32,7 @@ from images import (
     push_manifest,
     skopeo_push,
 )
-from malicious import ROWS, USER, Row, as_root, check_outcome, make_workspace, outside_state, plant_markers
+from malicious import ROWS, USER, Row, as_root, check_outcome, outside_state, plant_markers
 from registry import Registry, session
 from trees import snapshot
 
@@ -49,19 +49,6 @@ PUSHES = [
     "skopeo-oci",
     "skopeo-v2s2",
 ]
-
-
-@pytest.fixture(scope="module")
-def workspace(unprivileged) -> Path:
-    """A folder the ordinary user can reach, with a `pull` folder it owns."""
-    workspace = make_workspace()
-    yield workspace
-    shutil.rmtree(workspace)
-
-
-@pytest.fixture(scope="module")
-def umoci(workspace: Path) -> dict[str, Path]:
-    return unpack_with_umoci(workspace)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 from cli import BIN, assert_one_line_error, d_pull, d_run
+from images import Image, Tar, busybox_layer, push
+
+pytestmark = pytest.mark.integration  # a registry, and d-run's bwrap
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +138,35 @@ def test_help_describes_every_argument():
         assert word in text
     for word in ["--password-stdin", "--jobs", "--quiet", "--debug", "D_UTILS_CACHE"]:
         assert word in text
+
+
+def test_a_lock_file_pins_the_folder_and_update_moves_it(registry, tmp_path):
+    versions = [Image(layers=[busybox_layer(), Tar().file("etc/v", f"{n}\n".encode())]) for n in (1, 2)]
+    push(registry.host, "locked-app", "latest", versions[0])
+    ref, lock, folder = f"{registry.host}/locked-app:latest", tmp_path / "sandboxes.lock", tmp_path / "app"
+
+    def pull(*flags: str) -> dict:
+        done = d_pull("--lock", str(lock), *flags, ref, str(folder), cache=tmp_path / "cache")
+        assert done.returncode == 0, done.stderr
+        return json.loads(lock.read_text())["sandboxes"]["app"]
+
+    assert pull() == {
+        "reference": ref,
+        "digest": versions[0].manifest_digest,
+        "manifest": versions[0].manifest_digest,
+        "platform": "linux/amd64",
+    }
+    push(registry.host, "locked-app", "latest", versions[1])  # the tag moves
+    served = len(registry.responses())
+    assert pull()["manifest"] == versions[0].manifest_digest
+    assert len(registry.responses()) == served  # complete and locked: not one request
+    assert (folder / "rootfs" / "etc" / "v").read_text() == "1\n"
+    assert pull("--update")["manifest"] == versions[1].manifest_digest
+    assert (folder / "rootfs" / "etc" / "v").read_text() == "2\n"
+
+
+def test_a_damaged_lock_file_is_a_one_line_error(images, tmp_path):
+    (tmp_path / "sandboxes.lock").write_text('{"sandboxes": {"bb": {"digest": "sha256:../../etc"}}}')
+    done = d_pull("--lock", str(tmp_path / "sandboxes.lock"), images["busybox"], str(tmp_path / "bb"), cache=tmp_path)
+    assert_one_line_error(done, "sandboxes.lock is damaged", "restore it")
+    assert not (tmp_path / "bb").exists()
