@@ -156,16 +156,6 @@ def fetch_image_manifest(registry: Registry, digest: str, size: int, ref: Refere
     return body, manifest
 
 
-def load_image(cache: Path, digest: str, platform: str, ref: Reference) -> Image | None:
-    """The image whose manifest is cached under `digest`, if it is (lets an unchanged pull work offline);
-    `platform` is the one recorded when it was pulled."""
-    try:
-        body = blob_path(cache, digest).read_bytes()
-    except FileNotFoundError:
-        return None
-    return replace(image_from_manifest(parse_manifest(body, "", ref), digest, ref), platform=platform)
-
-
 def read_checked_config(image: Image, fetch: Callable[[Blob], Path], ref: Reference) -> dict:
     """The image's config, fetched now (it is small), with one diff_id per layer."""
     if image.config.size > MAX_CONFIG:
