@@ -21,10 +21,9 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from .store import write_atomic
+from .store import remove_entry, write_atomic
 
 WHITEOUT = ".wh."
-PARTIAL = ".wh..d-utils-partial"  # a file being written; no layer can name it: it would be a whiteout
 MAX_LINKS = 40  # symlinks followed while resolving one name, as the kernel's limit
 OWNER_RWX = 0o700
 DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -73,7 +72,8 @@ class Tree:
 
     def __init__(self, rootfs: Path, layer: str) -> None:
         self.rootless = os.geteuid() != 0  # decided once: an ordinary user cannot chown or mknod
-        self.kept: set[str] = set()  # paths this layer wrote, and their ancestors: whiteouts spare them
+        # Paths this layer wrote, and their ancestors, which whiteouts spare: hashes, so a million paths fit.
+        self.kept: set[int] = set()
         self.saved: dict[str, tuple[int, int, int]] = {}  # path -> (mode, atime_ns, mtime_ns) for finish()
         self.last: tuple[list[str], int, str] | None = None  # the last parent resolved: names, fd, path
         rootfs.mkdir(parents=True, exist_ok=True)
@@ -185,7 +185,7 @@ class Tree:
     def parent(self, name: str) -> Place:
         """Where entry `name` goes, its missing parent directories made."""
         place = self._walk(name, make_missing_dir)
-        self.kept.update(ancestors(place.path))
+        self.keep(place.path)
         return place
 
     def find(self, name: str) -> Place | None:
@@ -195,6 +195,15 @@ class Tree:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
+    def keep(self, path: str) -> None:
+        """Mark `path` and its ancestors as written by this layer (up to the first ancestor already marked)."""
+        while path and hash(path) not in self.kept:
+            self.kept.add(hash(path))
+            path = path.rpartition("/")[0]
+
+    def is_kept(self, path: str) -> bool:
+        return hash(path) in self.kept
+
     def clear(self, place: Place) -> None:
         """Remove whatever is at `place`: a file, a link, or a directory with everything in it."""
         st = lstat_or_none(place.name, place.fd)
@@ -202,19 +211,14 @@ class Tree:
             return
         if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
             self.forget()
-        if not stat.S_ISDIR(st.st_mode):
+        if stat.S_ISDIR(st.st_mode):
+            remove_entry(place.fd, place.name)
+        else:
             os.unlink(place.name, dir_fd=place.fd)
-            return
-        if self.rootless and st.st_mode & OWNER_RWX != OWNER_RWX:  # it goes away: no need to save it
-            os.chmod(place.name, stat.S_IMODE(st.st_mode) | OWNER_RWX, dir_fd=place.fd, follow_symlinks=False)
-        with Place(os.open(place.name, DIR_FLAGS, dir_fd=place.fd), "", place.path) as inside:
-            for child in children(inside.fd):
-                self.clear(Place(inside.fd, child, join(place.path, child)))
-        os.rmdir(place.name, dir_fd=place.fd)
 
     def hide(self, place: Place) -> None:
         """A whiteout: remove what lower layers have at `place`, sparing what this layer wrote."""
-        if place.path not in self.kept:
+        if not self.is_kept(place.path):
             self.clear(place)
             return
         st = lstat_or_none(place.name, place.fd)
@@ -223,9 +227,28 @@ class Tree:
                 self.hide_children(inside.fd, inside.path)
 
     def hide_children(self, fd: int, path: str) -> None:
-        """An opaque whiteout: hide every lower-layer entry below the open directory `fd` at `path`."""
-        for child in children(fd):
-            self.hide(Place(fd, child, join(path, child)))
+        """An opaque whiteout: hide every lower-layer entry below the open directory `fd` at `path`. Iterative,
+        one directory open at a time (back up through ".."), so no depth is too deep."""
+        fd = os.dup(fd)
+        todo = [children(fd)]
+        try:
+            while todo:
+                if not todo[-1]:
+                    todo.pop()
+                    if todo:
+                        fd, path = swap(fd, os.open("..", DIR_FLAGS, dir_fd=fd)), path.rpartition("/")[0]
+                    continue
+                name = todo[-1].pop()
+                child = join(path, name)
+                if not self.is_kept(child):
+                    self.clear(Place(fd, name, child))
+                    continue
+                st = lstat_or_none(name, fd)
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    fd, path = swap(fd, self._enter(fd, name, child, st)), child
+                    todo.append(children(fd))
+        finally:
+            os.close(fd)
 
     def hard_link(self, place: Place, target_name: str) -> None:
         """Make `place` another name of the entry `target_name` (resolved inside the root, not followed)."""
@@ -278,11 +301,6 @@ class Tree:
 def swap(old_fd: int, new_fd: int) -> int:
     os.close(old_fd)
     return new_fd
-
-
-def ancestors(path: str) -> list[str]:
-    parts = path.split("/")
-    return ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
 
 
 def depth(path: str) -> int:
