@@ -272,26 +272,48 @@ class Tree:
         self.saved[place.path] = (mode, mtime_ns, mtime_ns)
 
     def finish(self) -> None:
-        """Put the saved modes and times on directories, deepest first so that parents stay enterable."""
-        for path in sorted(self.saved, key=depth, reverse=True):
-            mode, atime_ns, mtime_ns = self.saved[path]
-            place = self._locate(path)
-            if place is None:
-                continue
-            with place:
-                st = lstat_or_none(place.name, place.fd)
-                if st is not None and stat.S_ISDIR(st.st_mode):
-                    os.chmod(place.name, mode, dir_fd=place.fd, follow_symlinks=False)
-                    os.utime(place.name, ns=(atime_ns, mtime_ns), dir_fd=place.fd, follow_symlinks=False)
+        """Put the saved modes and times on directories, each after all below it so that parents stay enterable.
+        In reverse order of their components, which keeps a subtree together: the parent open for one directory
+        is mostly the next one's too, or below it (reached through ".."), so that no depth costs a walk each."""
+        last, last_fd = None, -1  # the parent directory opened last, its fd
+        try:
+            for path in sorted(self.saved, key=lambda path: path.split("/"), reverse=True):
+                parent, _, name = path.rpartition("/")
+                fd = os.dup(self.top) if not path else self._open_folder(parent, last, last_fd)
+                if fd is None:
+                    continue  # something on the way is no longer a directory: this one is gone
+                if path:
+                    if last_fd >= 0:
+                        os.close(last_fd)
+                    last, last_fd = parent, os.dup(fd)
+                with Place(fd, name if path else self.root_name, path) as place:
+                    self._restore(place, *self.saved[path])
+        finally:
+            if last_fd >= 0:
+                os.close(last_fd)
         self.journal_path.unlink()
 
-    def _locate(self, path: str) -> Place | None:
-        """The directory entry at the resolved `path`, or None when something on the way is not a directory."""
-        if not path:
-            return Place(os.dup(self.top), self.root_name, "")
-        *dirs, base = path.split("/")
+    def _restore(self, place: Place, mode: int, atime_ns: int, mtime_ns: int) -> None:
+        st = lstat_or_none(place.name, place.fd)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            os.chmod(place.name, mode, dir_fd=place.fd, follow_symlinks=False)
+            os.utime(place.name, ns=(atime_ns, mtime_ns), dir_fd=place.fd, follow_symlinks=False)
+
+    def _open_folder(self, path: str, last: str | None, last_fd: int) -> int | None:
+        """Open the resolved directory `path`: up from `last` (open as `last_fd`) when it lies below, else from
+        the root; None when something on the way is no longer a directory."""
+        below = last is not None and (not path or last == path or last.startswith(path + "/"))
         try:
-            return Place(self._open_dirs(dirs), base, path)
+            if not below:
+                return self._open_dirs(path.split("/") if path else [])
+            fd = os.dup(last_fd)
+            try:
+                for _ in range(depth(last) - depth(path)):
+                    fd = swap(fd, os.open("..", DIR_FLAGS, dir_fd=fd))
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
         except OSError as err:
             if err.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 return None
