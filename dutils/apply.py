@@ -204,16 +204,18 @@ def make_node(place: Place, entry: Entry) -> None:
 def write_file(reader: TarReader, entry: Entry, tree: Tree, place: Place, skipped: Skipped) -> None:
     """Created afresh (never through what was there: a lower layer's hard link keeps its content), written, and
     given its metadata through the open descriptor. A run killed half-way may leave a partly written file: the
-    next run of this layer replaces it, as it replaces every entry of the layer."""
+    next run of this layer replaces it, as it replaces every entry of it."""
+    mode = entry.mode & 0o777  # made with its mode (a read-only one too: the new descriptor still writes)
     try:
-        fd = os.open(place.name, FILE_FLAGS, 0o600, dir_fd=place.fd)
+        fd = os.open(place.name, FILE_FLAGS, mode, dir_fd=place.fd)
     except FileExistsError:
         tree.clear(place)
-        fd = os.open(place.name, FILE_FLAGS, 0o600, dir_fd=place.fd)
+        fd = os.open(place.name, FILE_FLAGS, mode, dir_fd=place.fd)
     try:
         for piece in reader.chunks(entry):
             write_all(fd, piece)
-        set_metadata(fd, None, entry, entry.mode, tree, skipped)
+        # chmod only where the umask took bits away, or for setuid, setgid and sticky bits (chown clears them)
+        set_metadata(fd, None, entry, entry.mode if entry.mode & (tree.umask | 0o7000) else None, tree, skipped)
     finally:
         os.close(fd)
 
@@ -228,7 +230,8 @@ def set_metadata(
     target: str | int, dir_fd: int | None, entry: Entry, mode: int | None, tree: Tree, skipped: Skipped
 ) -> None:
     """On the open file `target`, or on the entry named `target` in `dir_fd` (not followed). Owner first (chown
-    clears setuid bits), then attributes and mode (None for symlinks), times last."""
+    clears setuid bits), then attributes and mode (None: as it is, for a symlink or a file made with it), times
+    last."""
     by_name = {} if dir_fd is None else {"dir_fd": dir_fd, "follow_symlinks": False}
     if not tree.rootless:
         os.chown(target, entry.uid, entry.gid, **by_name)

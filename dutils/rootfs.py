@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from .store import remove_entry, write_atomic
+from .store import current_umask, remove_entry, write_atomic
 
 WHITEOUT = ".wh."
 MAX_LINKS = 40  # symlinks followed while resolving one name, as the kernel's limit
@@ -72,6 +72,7 @@ class Tree:
 
     def __init__(self, rootfs: Path, layer: str) -> None:
         self.rootless = os.geteuid() != 0  # decided once: an ordinary user cannot chown or mknod
+        self.umask = current_umask()  # the bits that creating a file with its mode does not give it
         # Paths this layer wrote, and their ancestors, which whiteouts spare: hashes, so a million paths fit.
         self.kept: set[int] = set()
         self.saved: dict[str, tuple[int, int, int]] = {}  # path -> (mode, atime_ns, mtime_ns) for finish()

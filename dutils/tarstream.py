@@ -15,6 +15,7 @@ MAX_RECORD = 1 << 20  # bytes in one pax record set or GNU long name: Go's archi
 BUFFER = 1 << 20
 
 REGULAR, HARD_LINK, SYMLINK, CHAR, BLOCK_DEVICE, DIRECTORY, FIFO = b"0", b"1", b"2", b"3", b"4", b"5", b"6"
+LINKS = (HARD_LINK, SYMLINK)
 HEADER_ONLY = {HARD_LINK, SYMLINK, CHAR, BLOCK_DEVICE, DIRECTORY, FIFO}  # no data follows, whatever `size` says
 PAX_LOCAL, PAX_GLOBAL, SOLARIS_PAX = b"x", b"g", b"X"
 LONG_NAME, LONG_LINK, SPARSE = b"L", b"K", b"S"
@@ -116,7 +117,9 @@ class TarReader:
                 continue
             if kind == SPARSE:
                 raise TarError("GNU sparse files are not supported")
-            entry = make_entry(block, kind, size, long_name, long_link, self.globals | records)
+            entry = make_entry(
+                block, kind, size, long_name, long_link, self.globals | records if self.globals else records
+            )
             self.unread = entry.size + -entry.size % BLOCK if entry.isreg() else 0
             return entry
 
@@ -179,23 +182,38 @@ def make_entry(
         name = text(block[345:500]) + b"/" + name
     if kind == b"\0":  # old tars: a regular file, or a directory when the name ends in a slash (as Go reads it)
         kind = DIRECTORY if name.endswith(b"/") else REGULAR
-    entry.kind = kind
-    entry.name = os.fsdecode(records.get("path", name))
-    entry.linkname = os.fsdecode(records.get("linkpath", long_link if long_link is not None else text(block[157:257])))
+    entry.kind, entry.size = kind, size
+    link = long_link if long_link is not None else text(block[157:257]) if kind in LINKS else b""
     entry.mode = number(block[100:108], "mode") & 0o7777
-    entry.uid = decimal(records, "uid") if "uid" in records else number(block[108:116], "uid")
-    entry.gid = decimal(records, "gid") if "gid" in records else number(block[116:124], "gid")
-    entry.size = decimal(records, "size") if "size" in records else size
-    if min(entry.uid, entry.gid, entry.size) < 0:
-        raise TarError(f"{os.fsdecode(name)}: negative owner or size in its header")
-    mtime = records.get("mtime")
-    entry.mtime = mtime.decode("ascii", "replace") if mtime else number(block[136:148], "mtime")
-    entry.devmajor = number(block[329:337], "devmajor") if entry.isdevice() else 0
-    entry.devminor = number(block[337:345], "devminor") if entry.isdevice() else 0
-    if any(key.startswith("GNU.sparse.") for key in records):
-        raise TarError(f"{entry.name}: GNU sparse files are not supported")
-    entry.xattrs = {key.removeprefix(XATTR): value for key, value in records.items() if key.startswith(XATTR)}
+    entry.uid, entry.gid = number(block[108:116], "uid"), number(block[116:124], "gid")
+    entry.mtime = number(block[136:148], "mtime")
+    if entry.isdevice():
+        entry.devmajor, entry.devminor = number(block[329:337], "devmajor"), number(block[337:345], "devminor")
+    else:
+        entry.devmajor = entry.devminor = 0
+    if records:
+        apply_records(entry, records, name, link)
+    else:
+        entry.name, entry.linkname = os.fsdecode(name), os.fsdecode(link)
+    if kind == DIRECTORY:
+        entry.name = entry.name.rstrip("/") or "/"  # named as tar lists it, in messages too
+    if entry.uid < 0 or entry.gid < 0 or entry.size < 0:
+        raise TarError(f"{entry.name}: negative owner or size in its header")
     return entry
+
+
+def apply_records(entry: Entry, records: dict[str, bytes], name: bytes, link: bytes) -> None:
+    """pax records override the header's fields; extended attributes come only from them."""
+    if any(key.startswith("GNU.sparse.") for key in records):
+        raise TarError(f"{os.fsdecode(name)}: GNU sparse files are not supported")
+    entry.name = os.fsdecode(records.get("path", name))
+    entry.linkname = os.fsdecode(records.get("linkpath", link))
+    for key in ("uid", "gid", "size"):
+        if key in records:
+            setattr(entry, key, decimal(records, key))
+    if records.get("mtime"):  # an empty record means the header field
+        entry.mtime = records["mtime"].decode("ascii", "replace")
+    entry.xattrs = {key.removeprefix(XATTR): value for key, value in records.items() if key.startswith(XATTR)}
 
 
 def text(field: bytes) -> bytes:
@@ -203,12 +221,12 @@ def text(field: bytes) -> bytes:
 
 
 def number(field: bytes, what: str) -> int:
-    """A numeric header field: octal digits padded with spaces or NULs, or GNU's base-256 (high bit set)."""
+    """A numeric header field: octal digits padded with spaces or NULs (as Go trims them), or GNU's base-256."""
     if field[0] & 0x80:
         if field[0] & 0x40:  # negative, two's complement
             return int.from_bytes(field, "big", signed=True)
         return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
-    digits = text(field).strip(b" ")
+    digits = field.strip(b" \0")
     if not digits:
         return 0
     if not digits.isdigit():  # isdigit: no sign, no underscores, which int() would take

@@ -106,10 +106,11 @@ class Row:
     inside: str = ""  # where a neutralised write lands, below the rootfs ("{out}" is the outside folder)
 
 
-class Raw:
+class Raw(Tar):
     """A layer given as tar bytes exactly (headers that tarfile would not write), where a row wants a Tar."""
 
     def __init__(self, data: bytes) -> None:
+        super().__init__()
         self.data = data
 
     def to_bytes(self) -> bytes:

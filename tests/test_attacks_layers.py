@@ -329,11 +329,11 @@ def check_deep(folder: Path, results: list) -> None:
 
 @pytest.mark.timeout(300)
 def test_deep_trees_are_applied_replaced_and_whited_out(tmp_path: Path) -> None:
-    results = []
-    for layer, rootfs in deep_steps(tmp_path, tmp_path / "trees"):
-        results.append(apply_row([layer], rootfs) or {})
-    check_deep(tmp_path / "trees", results)
-    remove_tree(tmp_path / "trees")
+    try:
+        results = [apply_row([layer], rootfs) or {} for layer, rootfs in deep_steps(tmp_path, tmp_path / "trees")]
+        check_deep(tmp_path / "trees", results)
+    finally:
+        remove_tree(tmp_path / "trees")  # pytest's own clean-up of old runs recurses: leave it no deep tree
     assert not (tmp_path / "trees").exists()
 
 
