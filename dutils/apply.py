@@ -7,6 +7,7 @@ whatever is at its path, so running the same layer again over a killed run gives
 run: a file the killed run left half-written is written again.
 """
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -126,14 +127,21 @@ def apply_layer(blob: Path, media_type: str, diff_id: str, rootfs: Path) -> Skip
 
 
 def disk_full(blob: Path, media_type: str, rootfs: Path, layer: str) -> Error:
-    with blob.open("rb") as raw:
-        reader = TarReader(DECOMPRESSORS[COMPRESSION[media_type]](raw))
-        needed = sum(entry.size for entry in reader if entry.isreg())
     free = shutil.disk_usage(rootfs).free
     return Error(
-        f"{layer}: disk full in {rootfs}: the layer unpacks to {needed} bytes and {free} bytes are free",
+        f"{layer}: disk full in {rootfs}: the layer unpacks to {unpacked_size(blob, media_type)} bytes and {free} "
+        "bytes are free",
         "free some space and run the same command again; the layers already applied are kept",
     )
+
+
+def unpacked_size(blob: Path, media_type: str) -> int:
+    """The bytes of file data in the layer, or as far as it can be read: past where the disk filled up, it was not."""
+    needed = 0
+    with blob.open("rb") as raw, contextlib.suppress(TarError, *CORRUPT_DATA):
+        for entry in TarReader(DECOMPRESSORS[COMPRESSION[media_type]](raw)):
+            needed += entry.size if entry.isreg() else 0
+    return needed
 
 
 def apply_members(stream: VerifyingReader, tree: Tree, skipped: Skipped, layer: str) -> None:

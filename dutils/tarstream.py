@@ -206,6 +206,8 @@ def apply_records(entry: Entry, records: dict[str, bytes], name: bytes, link: by
     """pax records override the header's fields; extended attributes come only from them."""
     if any(key.startswith("GNU.sparse.") for key in records):
         raise TarError(f"{os.fsdecode(name)}: GNU sparse files are not supported")
+    if any(b"\0" in records.get(key, b"") for key in ("path", "linkpath")) or any("\0" in key for key in records):
+        raise TarError(f"{os.fsdecode(name)}: a NUL byte in a pax name, link target or attribute name")
     entry.name = os.fsdecode(records.get("path", name))
     entry.linkname = os.fsdecode(records.get("linkpath", link))
     for key in ("uid", "gid", "size"):

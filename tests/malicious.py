@@ -122,6 +122,15 @@ def gnu_long_name(name: bytes, kind: bytes = b"L") -> bytes:
     return ustar_header(b"././@LongLink", kind, len(name) + 1) + name + bytes(-(len(name) + 1) % 512 + 1)
 
 
+def pax_record(record: str) -> bytes:
+    """A pax header holding one `KEY=VALUE` record (any bytes in it), for the next member."""
+    data = record.encode("utf-8", "surrogateescape") + b"\n"
+    length = len(data) + 1 + len(str(len(data)))
+    length += len(str(length)) - len(str(len(data)))  # the length counts its own digits
+    data = b"%d " % length + data
+    return ustar_header(b"././@PaxHeader", b"x", len(data)) + data + bytes(-len(data) % 512)
+
+
 ESCAPES = "\x1b]0;owned\x07\x1b[2J\r\n\x9bname"  # retitle, clear the screen, a new line, a C1 escape
 
 
@@ -155,6 +164,16 @@ CLASSES: dict[str, list[Row]] = {
             "bytes-not-utf8-in-name",
             lambda out: [Raw(ustar_header(b"../../\xff\xfe\x80victim.txt", size=5) + PWNED + bytes(507) + END)],
             inside=os.fsdecode(b"\xff\xfe\x80victim.txt"),
+        ),
+        Row(
+            "nul-byte-in-pax-path",
+            lambda out: [Raw(pax_record(f"path=victim.txt\0{out}/victim.txt") + file_entry(PWNED) + END)],
+            refused="NUL byte in a pax name",
+        ),
+        Row(
+            "nul-byte-in-pax-link-target",
+            lambda out: [Raw(pax_record(f"linkpath={out}\0x") + ustar_header(b"evil", b"2") + END)],
+            refused="NUL byte in a pax name",
         ),
     ],
     "symlinks": [
