@@ -11,8 +11,10 @@ import contextlib
 import errno
 import hashlib
 import os
+import queue
 import shutil
 import stat
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from decimal import ROUND_DOWN, Context, Decimal, InvalidOperation
@@ -53,6 +55,7 @@ CORRUPT_DATA = (OSError, EOFError, igzip_lib.IsalError, zstandard.ZstdError)
 OPAQUE = WHITEOUT + WHITEOUT + ".opq"
 FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 CHUNK = 1 << 20
+AHEAD = 4  # chunks decompressed ahead of the tar reader: memory stays bounded
 MAX_SECONDS = 2**63 // 10**9  # os.utime takes nanoseconds as a signed 64-bit number
 # Digits past the nanosecond are cut toward zero, as Go's archive/tar (umoci) does; 40 digits hold any time above.
 NANOSECONDS = Context(prec=40, rounding=ROUND_DOWN)
@@ -81,19 +84,56 @@ class Skipped:
 
 
 class VerifyingReader:
-    """The uncompressed layer, hashed as it is read; decompression failures become one-line errors."""
+    """The uncompressed layer, hashed as it is read; decompression failures become one-line errors.
+
+    A thread of its own decompresses and hashes up to AHEAD chunks ahead of the tar reader: both release the GIL,
+    so that they overlap with the parsing and the writing. Use it as a context manager: leaving stops the thread.
+    """
 
     def __init__(self, raw: BinaryIO, compression: str, layer: str) -> None:
         self.stream = DECOMPRESSORS[compression](raw)
         self.compression, self.layer = compression, layer
         self.sha256 = hashlib.sha256()
+        self.chunks: queue.Queue[bytes | BaseException] = queue.Queue(AHEAD)
+        self.stopped = threading.Event()
+        self.pump = threading.Thread(target=self._decompress, name=f"decompress {layer}", daemon=True)
 
-    def read(self, size: int = CHUNK) -> bytes:
-        try:
-            data = self.stream.read(size)
-        except CORRUPT_DATA as err:
-            raise Error(f"{self.layer}: corrupt {self.compression} data ({err})") from None
-        self.sha256.update(data)
+    def __enter__(self) -> "VerifyingReader":
+        self.pump.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stopped.set()
+        while self.pump.is_alive():  # unblock its put(), then wait for it to see `stopped`
+            with contextlib.suppress(queue.Empty):
+                self.chunks.get_nowait()
+            self.pump.join(0.05)
+
+    def _decompress(self) -> None:
+        data: bytes | BaseException = b"-"
+        while data and not self.stopped.is_set():
+            try:
+                data = self.stream.read(CHUNK)
+                self.sha256.update(data)
+            except CORRUPT_DATA as err:
+                data = Error(f"{self.layer}: corrupt {self.compression} data ({err})")
+            except BaseException as err:  # the thread's edge: the reader re-raises it
+                data = err
+            while not self.stopped.is_set():
+                with contextlib.suppress(queue.Full):
+                    self.chunks.put(data, timeout=0.1)
+                    break
+            if isinstance(data, BaseException):
+                return
+
+    def read(self, _size: int = CHUNK) -> bytes:
+        """The next piece of the stream (up to CHUNK bytes, whatever `_size` asks); empty at its end."""
+        data = self.chunks.get()
+        if isinstance(data, BaseException):
+            self.chunks.put(data)  # every later read fails the same way
+            raise data
+        if not data:
+            self.chunks.put(data)  # and the end stays the end
         return data
 
     def check(self, diff_id: str) -> None:
@@ -112,8 +152,11 @@ def apply_layer(blob: Path, media_type: str, diff_id: str, rootfs: Path) -> Skip
         raise Error(f"{layer}: unsupported layer media type {media_type!r}")
     skipped = Skipped()
     try:
-        with blob.open("rb") as raw, Tree(rootfs, diff_id) as tree:
-            stream = VerifyingReader(raw, COMPRESSION[media_type], layer)
+        with (
+            blob.open("rb") as raw,
+            Tree(rootfs, diff_id) as tree,
+            VerifyingReader(raw, COMPRESSION[media_type], layer) as stream,
+        ):
             apply_members(stream, tree, skipped, layer)
             stream.check(diff_id)
             tree.finish()
@@ -162,7 +205,7 @@ def apply_members(stream: VerifyingReader, tree: Tree, skipped: Skipped, layer: 
 
 def apply_member(reader: TarReader, entry: Entry, tree: Tree, skipped: Skipped) -> None:
     parents, _, base = clean(entry.name).rpartition("/")
-    if any(part.startswith(WHITEOUT) for part in parents.split("/")):
+    if WHITEOUT in parents and any(part.startswith(WHITEOUT) for part in parents.split("/")):
         return  # inside a reserved name (AUFS metadata such as .wh..wh.plnk/ in old layers): not content
     if base.startswith(WHITEOUT):
         apply_whiteout(entry.name, base, tree)
@@ -229,7 +272,8 @@ def write_file(reader: TarReader, entry: Entry, tree: Tree, place: Place, skippe
 
 
 def write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
+    written = os.write(fd, data)  # all of it, but where the disk fills up
+    view = memoryview(data)[written:]
     while view:
         view = view[os.write(fd, view) :]
 
