@@ -274,11 +274,12 @@ class Tree:
 
     def finish(self) -> None:
         """Put the saved modes and times on directories, each after all below it so that parents stay enterable.
-        In reverse order of their components, which keeps a subtree together: the parent open for one directory
-        is mostly the next one's too, or below it (reached through ".."), so that no depth costs a walk each."""
+        In reverse order of their paths (a path sorts after its ancestors), which also keeps a subtree together:
+        the parent open for one directory is mostly the next one's too, or below it (reached through ".."), so
+        that no depth costs a walk each. No sort key: a million keys would cost more memory than the paths."""
         last, last_fd = None, -1  # the parent directory opened last, its fd
         try:
-            for path in sorted(self.saved, key=lambda path: path.split("/"), reverse=True):
+            for path in sorted(self.saved, reverse=True):
                 parent, _, name = path.rpartition("/")
                 fd = os.dup(self.top) if not path else self._open_folder(parent, last, last_fd)
                 if fd is None:
