@@ -12,8 +12,11 @@ before the change they cover, so an application killed half-way and run again pu
 first run found.
 """
 
+import array
+import bisect
 import contextlib
 import errno
+import heapq
 import json
 import os
 import stat
@@ -73,8 +76,7 @@ class Tree:
     def __init__(self, rootfs: Path, layer: str) -> None:
         self.rootless = os.geteuid() != 0  # decided once: an ordinary user cannot chown or mknod
         self.umask = current_umask()  # the bits that creating a file with its mode does not give it
-        # Paths this layer wrote, and their ancestors, which whiteouts spare: hashes, so a million paths fit.
-        self.kept: set[int] = set()
+        self.kept = Hashes()  # paths this layer wrote, and their ancestors: whiteouts spare them
         self.saved: dict[str, tuple[int, int, int]] = {}  # path -> (mode, atime_ns, mtime_ns) for finish()
         self.last: tuple[list[str], int, str] | None = None  # the last parent resolved: names, fd, path
         rootfs.mkdir(parents=True, exist_ok=True)
@@ -198,7 +200,7 @@ class Tree:
 
     def keep(self, path: str) -> None:
         """Mark `path` and its ancestors as written by this layer (up to the first ancestor already marked)."""
-        while path and hash(path) not in self.kept:
+        while path and not self.is_kept(path):
             self.kept.add(hash(path))
             path = path.rpartition("/")[0]
 
@@ -320,6 +322,29 @@ class Tree:
             if err.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 return None
             raise
+
+
+class Hashes:
+    """A set of path hashes in 8 bytes each, so that a layer of millions of entries stays small: the latest
+    additions in a set, merged now and then into a sorted array searched by bisection."""
+
+    RECENT = 1 << 16  # hashes held in the set before a merge (a few MB)
+
+    def __init__(self) -> None:
+        self.recent: set[int] = set()
+        self.merged = array.array("q")
+
+    def add(self, value: int) -> None:
+        self.recent.add(value)
+        if len(self.recent) >= self.RECENT:
+            self.merged = array.array("q", heapq.merge(self.merged, sorted(self.recent)))
+            self.recent = set()
+
+    def __contains__(self, value: int) -> bool:
+        if value in self.recent:
+            return True
+        at = bisect.bisect_left(self.merged, value)
+        return at < len(self.merged) and self.merged[at] == value
 
 
 def swap(old_fd: int, new_fd: int) -> int:

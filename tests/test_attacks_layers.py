@@ -248,12 +248,11 @@ def test_huge_header_record_pulled_is_one_line_and_flat_memory(
 # -- a million entries: memory stays flat
 
 
-def many_entries(count: int, files: int) -> Iterator[bytes]:
-    """`files` empty files in 20 folders, then whiteouts of absent names up to `count` entries in all."""
+def many_entries(count: int) -> Iterator[bytes]:
+    """`count` empty files in 20 folders, one after the other."""
     batch = []
     for n in range(count):
-        name = b"d%d/f%d" % (n % 20, n) if n < files else b"d%d/.wh.absent%d" % (n % 20, n)
-        batch.append(ustar_header(name))
+        batch.append(ustar_header(b"d%d/f%d" % (n * 20 // count, n)))
         if len(batch) == 4096:
             yield b"".join(batch)
             batch = []
@@ -276,11 +275,11 @@ def fast_folder(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.mark.timeout(300)
 def test_a_million_entries_keep_memory_flat(fast_folder: Path) -> None:
-    layer = write_streamed_layer(fast_folder, many_entries(1_000_000, 200_000))
+    layer = write_streamed_layer(fast_folder, many_entries(1_000_000))
     outcome, peak, seconds = apply_in_child(layer, fast_folder / "rootfs", timeout=240)
     assert outcome == "applied"
-    assert peak < MAX_PEAK_KIB
-    assert sum(len(os.listdir(fast_folder / "rootfs" / f"d{n}")) for n in range(20)) == 200_000
+    assert peak < 80_000  # KiB: 56 MB measured, where tarfile's list of members took 611 MB
+    assert sum(len(os.listdir(fast_folder / "rootfs" / f"d{n}")) for n in range(20)) == 1_000_000
     print(f"a million entries: {seconds:.1f} s, peak {peak} KiB")
 
 

@@ -1,10 +1,11 @@
 """rootfs: names resolve inside the root (the malicious layers are in test_attacks_layers.py)."""
 
+import random
 from pathlib import Path
 
 import pytest
 
-from dutils.rootfs import Tree, clean
+from dutils.rootfs import Hashes, Tree, clean
 
 
 @pytest.mark.parametrize(
@@ -49,3 +50,16 @@ def test_parents_resolve_through_symlinks_rerooted_at_the_rootfs(tmp_path: Path)
             tree.parent("real/loop/f")
         tree.finish()
     assert not list(tmp_path.glob(".*journal"))
+
+
+def test_path_hashes_hold_what_was_added_across_merges() -> None:
+    hashes, added = Hashes(), set()
+    hashes.RECENT = 7  # merges every 7 additions
+    rng = random.Random(5)
+    for _ in range(500):
+        value = rng.randrange(-(2**63), 2**63)
+        hashes.add(value)
+        added.add(value)
+    assert len(hashes.merged) == 497 and len(hashes.recent) == 3
+    assert all(value in hashes for value in added)
+    assert not any(value in hashes for value in (rng.randrange(-(2**63), 2**63) for _ in range(500)))
