@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .store import current_umask, remove_entry, write_atomic
+from .store import swap_fd as swap
 
 WHITEOUT = ".wh."
 MAX_LINKS = 40  # symlinks followed while resolving one name, as the kernel's limit
@@ -345,11 +346,6 @@ class Hashes:
             return True
         at = bisect.bisect_left(self.merged, value)
         return at < len(self.merged) and self.merged[at] == value
-
-
-def swap(old_fd: int, new_fd: int) -> int:
-    os.close(old_fd)
-    return new_fd
 
 
 def depth(path: str) -> int:

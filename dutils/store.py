@@ -229,5 +229,6 @@ def listing(fd: int) -> list[tuple[str, bool]]:
 
 
 def swap_fd(old_fd: int, new_fd: int) -> int:
+    """Close `old_fd` for `new_fd`: one step down (or up) a walk that holds one directory open at a time."""
     os.close(old_fd)
     return new_fd
