@@ -1,17 +1,20 @@
 """The apply stage: one layer blob, streamed and verified, applied onto DIR/rootfs as an OCI changeset.
 
-One loop over the tar entries: a whiteout hides lower-layer entries, any other entry replaces what was at its
-path (a directory over a directory keeps the children). Paths are resolved by rootfs.Tree, which keeps every
-change inside the rootfs. Files are written under a scratch name and renamed when complete, so running the
-same layer again over a killed run gives exactly the tree of one clean run.
+One loop over the tar entries (read by tarstream, which keeps none and caps header records): a whiteout hides
+lower-layer entries, any other entry replaces what was at its path (a directory over a directory keeps the
+children). Paths are resolved by rootfs.Tree, which keeps every change inside the rootfs. Every entry replaces
+whatever is at its path, so running the same layer again over a killed run gives exactly the tree of one clean
+run: a file the killed run left half-written is written again.
 """
 
+import contextlib
 import errno
 import hashlib
 import os
+import queue
 import shutil
 import stat
-import tarfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from decimal import ROUND_DOWN, Context, Decimal, InvalidOperation
@@ -22,7 +25,8 @@ import zstandard
 from isal import igzip, igzip_lib
 
 from .errors import Error
-from .rootfs import OWNER_RWX, PARTIAL, WHITEOUT, Place, Tree, clean, lstat_or_none
+from .rootfs import OWNER_RWX, WHITEOUT, Place, Tree, clean, lstat_or_none
+from .tarstream import CHAR, Entry, RecordTooLarge, TarError, TarReader
 
 OCI = "application/vnd.oci.image.layer.v1.tar"
 OCI_NONDISTRIBUTABLE = "application/vnd.oci.image.layer.nondistributable.v1.tar"
@@ -49,8 +53,9 @@ DECOMPRESSORS: dict[str, Callable[[BinaryIO], BinaryIO]] = {
 }
 CORRUPT_DATA = (OSError, EOFError, igzip_lib.IsalError, zstandard.ZstdError)
 OPAQUE = WHITEOUT + WHITEOUT + ".opq"
-XATTR = "SCHILY.xattr."  # pax records of extended attributes
+FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 CHUNK = 1 << 20
+AHEAD = 4  # chunks decompressed ahead of the tar reader: memory stays bounded
 MAX_SECONDS = 2**63 // 10**9  # os.utime takes nanoseconds as a signed 64-bit number
 # Digits past the nanosecond are cut toward zero, as Go's archive/tar (umoci) does; 40 digits hold any time above.
 NANOSECONDS = Context(prec=40, rounding=ROUND_DOWN)
@@ -79,19 +84,56 @@ class Skipped:
 
 
 class VerifyingReader:
-    """The uncompressed layer, hashed as it is read; decompression failures become one-line errors."""
+    """The uncompressed layer, hashed as it is read; decompression failures become one-line errors.
+
+    A thread of its own decompresses and hashes up to AHEAD chunks ahead of the tar reader: both release the GIL,
+    so that they overlap with the parsing and the writing. Use it as a context manager: leaving stops the thread.
+    """
 
     def __init__(self, raw: BinaryIO, compression: str, layer: str) -> None:
         self.stream = DECOMPRESSORS[compression](raw)
         self.compression, self.layer = compression, layer
         self.sha256 = hashlib.sha256()
+        self.chunks: queue.Queue[bytes | BaseException] = queue.Queue(AHEAD)
+        self.stopped = threading.Event()
+        self.pump = threading.Thread(target=self._decompress, name=f"decompress {layer}", daemon=True)
 
-    def read(self, size: int = CHUNK) -> bytes:
-        try:
-            data = self.stream.read(size)
-        except CORRUPT_DATA as err:
-            raise Error(f"{self.layer}: corrupt {self.compression} data ({err})") from None
-        self.sha256.update(data)
+    def __enter__(self) -> "VerifyingReader":
+        self.pump.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stopped.set()
+        while self.pump.is_alive():  # unblock its put(), then wait for it to see `stopped`
+            with contextlib.suppress(queue.Empty):
+                self.chunks.get_nowait()
+            self.pump.join(0.05)
+
+    def _decompress(self) -> None:
+        data: bytes | BaseException = b"-"
+        while data and not self.stopped.is_set():
+            try:
+                data = self.stream.read(CHUNK)
+                self.sha256.update(data)
+            except CORRUPT_DATA as err:
+                data = Error(f"{self.layer}: corrupt {self.compression} data ({err})")
+            except BaseException as err:  # the thread's edge: the reader re-raises it
+                data = err
+            while not self.stopped.is_set():
+                with contextlib.suppress(queue.Full):
+                    self.chunks.put(data, timeout=0.1)
+                    break
+            if isinstance(data, BaseException):
+                return
+
+    def read(self, _size: int = CHUNK) -> bytes:
+        """The next piece of the stream (up to CHUNK bytes, whatever `_size` asks); empty at its end."""
+        data = self.chunks.get()
+        if isinstance(data, BaseException):
+            self.chunks.put(data)  # every later read fails the same way
+            raise data
+        if not data:
+            self.chunks.put(data)  # and the end stays the end
         return data
 
     def check(self, diff_id: str) -> None:
@@ -110,8 +152,11 @@ def apply_layer(blob: Path, media_type: str, diff_id: str, rootfs: Path) -> Skip
         raise Error(f"{layer}: unsupported layer media type {media_type!r}")
     skipped = Skipped()
     try:
-        with blob.open("rb") as raw, Tree(rootfs, diff_id) as tree:
-            stream = VerifyingReader(raw, COMPRESSION[media_type], layer)
+        with (
+            blob.open("rb") as raw,
+            Tree(rootfs, diff_id) as tree,
+            VerifyingReader(raw, COMPRESSION[media_type], layer) as stream,
+        ):
             apply_members(stream, tree, skipped, layer)
             stream.check(diff_id)
             tree.finish()
@@ -125,61 +170,69 @@ def apply_layer(blob: Path, media_type: str, diff_id: str, rootfs: Path) -> Skip
 
 
 def disk_full(blob: Path, media_type: str, rootfs: Path, layer: str) -> Error:
-    with blob.open("rb") as raw, tarfile.open(fileobj=DECOMPRESSORS[COMPRESSION[media_type]](raw), mode="r|") as tar:
-        needed = sum(member.size for member in tar)
     free = shutil.disk_usage(rootfs).free
     return Error(
-        f"{layer}: disk full in {rootfs}: the layer unpacks to {needed} bytes and {free} bytes are free",
+        f"{layer}: disk full in {rootfs}: the layer unpacks to {unpacked_size(blob, media_type)} bytes and {free} "
+        "bytes are free",
         "free some space and run the same command again; the layers already applied are kept",
     )
 
 
+def unpacked_size(blob: Path, media_type: str) -> int:
+    """The bytes of file data in the layer, or as far as it can be read: past where the disk filled up, it was not."""
+    needed = 0
+    with blob.open("rb") as raw, contextlib.suppress(TarError, *CORRUPT_DATA):
+        for entry in TarReader(DECOMPRESSORS[COMPRESSION[media_type]](raw)):
+            needed += entry.size if entry.isreg() else 0
+    return needed
+
+
 def apply_members(stream: VerifyingReader, tree: Tree, skipped: Skipped, layer: str) -> None:
+    reader = TarReader(stream)
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                try:
-                    apply_member(tar, member, tree, skipped)
-                except OSError as err:
-                    if err.errno == errno.ENOSPC:
-                        raise  # apply_layer says how much space the layer needs
-                    raise Error(f"{layer}: member {member.name}: {describe(err)}") from None
-                except RecursionError:  # removing a subtree deeper than Python's stack
-                    raise Error(f"{layer}: member {member.name}: directory tree too deep") from None
-    except tarfile.TarError as err:
+        for entry in reader:
+            try:
+                apply_member(reader, entry, tree, skipped)
+            except OSError as err:
+                if err.errno == errno.ENOSPC:
+                    raise  # apply_layer says how much space the layer needs
+                raise Error(f"{layer}: member {entry.name}: {describe(err)}") from None
+    except RecordTooLarge as err:
+        raise Error(f"{layer}: refused: {err}", "the layer is malformed or hostile") from None
+    except TarError as err:
         raise Error(f"{layer}: corrupt tar data ({err})") from None
 
 
-def apply_member(tar: tarfile.TarFile, member: tarfile.TarInfo, tree: Tree, skipped: Skipped) -> None:
-    parents, _, base = clean(member.name).rpartition("/")
-    if any(part.startswith(WHITEOUT) for part in parents.split("/")):
+def apply_member(reader: TarReader, entry: Entry, tree: Tree, skipped: Skipped) -> None:
+    parents, _, base = clean(entry.name).rpartition("/")
+    if WHITEOUT in parents and any(part.startswith(WHITEOUT) for part in parents.split("/")):
         return  # inside a reserved name (AUFS metadata such as .wh..wh.plnk/ in old layers): not content
     if base.startswith(WHITEOUT):
-        apply_whiteout(member.name, base, tree)
+        apply_whiteout(entry.name, base, tree)
         return
-    with tree.parent(member.name) as place:
-        if not place.path and not member.isdir():
+    with tree.parent(entry.name) as place:
+        if not place.path and not entry.isdir():
             raise IsADirectoryError(errno.EISDIR, "refusing to turn the root into a non-directory")
-        if member.islnk():
-            tree.hard_link(place, member.linkname)  # no metadata: it is the target's
-        elif (member.ischr() or member.isblk()) and tree.rootless:
+        if entry.islnk():
+            tree.hard_link(place, entry.linkname)  # no metadata: it is the target's
+        elif entry.isdevice() and tree.rootless:
             tree.clear(place)  # the layer says something else is there: the old entry goes at least
             skipped.devices += 1
-        elif member.isdir():
-            make_dir(place, member, tree)
+        elif entry.isdir():
+            make_dir(place, tree)
             # Owner rwx until finish(): children may follow, in this layer's later entries.
-            set_metadata(place.fd, place.name, member, stat.S_IMODE(member.mode) | OWNER_RWX, tree, skipped)
-            tree.set_dir_later(place, stat.S_IMODE(member.mode), mtime_ns(member))
-        elif member.issym() or member.isdev():  # isdev() includes fifos
+            set_metadata(place.name, place.fd, entry, entry.mode | OWNER_RWX, tree, skipped)
+            tree.set_dir_later(place, entry.mode, mtime_ns(entry))
+        elif entry.issym() or entry.isdevice() or entry.isfifo():
             tree.clear(place)
-            make_node(place, member)
-            mode = None if member.issym() else stat.S_IMODE(member.mode)  # a symlink has no mode of its own
-            set_metadata(place.fd, place.name, member, mode, tree, skipped)
+            make_node(place, entry)
+            mode = None if entry.issym() else entry.mode  # a symlink has no mode of its own
+            set_metadata(place.name, place.fd, entry, mode, tree, skipped)
         else:  # a regular file; as in tar, so is any unknown type
-            write_file(tar, member, tree, place, skipped)
+            write_file(reader, entry, tree, place, skipped)
 
 
-def make_dir(place: Place, member: tarfile.TarInfo, tree: Tree) -> None:
+def make_dir(place: Place, tree: Tree) -> None:
     """A directory over a directory keeps the children; over anything else it replaces it."""
     st = lstat_or_none(place.name, place.fd)
     if st is None or not stat.S_ISDIR(st.st_mode):
@@ -189,70 +242,82 @@ def make_dir(place: Place, member: tarfile.TarInfo, tree: Tree) -> None:
         os.chmod(place.name, stat.S_IMODE(st.st_mode) | OWNER_RWX, dir_fd=place.fd, follow_symlinks=False)
 
 
-def make_node(place: Place, member: tarfile.TarInfo) -> None:
-    if member.issym():
-        os.symlink(member.linkname, place.name, dir_fd=place.fd)  # any target: it is never followed here
-    elif member.isfifo():
+def make_node(place: Place, entry: Entry) -> None:
+    if entry.issym():
+        os.symlink(entry.linkname, place.name, dir_fd=place.fd)  # any target: it is never followed here
+    elif entry.isfifo():
         os.mkfifo(place.name, 0o600, dir_fd=place.fd)
     else:
-        kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
-        device = os.makedev(member.devmajor, member.devminor)
-        os.mknod(place.name, kind | 0o600, device, dir_fd=place.fd)
+        kind = stat.S_IFCHR if entry.kind == CHAR else stat.S_IFBLK
+        os.mknod(place.name, kind | 0o600, os.makedev(entry.devmajor, entry.devminor), dir_fd=place.fd)
 
 
-def write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, tree: Tree, place: Place, skipped: Skipped) -> None:
-    """Write under a scratch name, complete with metadata, then rename: a killed run leaves no half file."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+def write_file(reader: TarReader, entry: Entry, tree: Tree, place: Place, skipped: Skipped) -> None:
+    """Created afresh (never through what was there: a lower layer's hard link keeps its content), written, and
+    given its metadata through the open descriptor. A run killed half-way may leave a partly written file: the
+    next run of this layer replaces it, as it replaces every entry of it."""
+    mode = entry.mode & 0o777  # made with its mode (a read-only one too: the new descriptor still writes)
     try:
-        fd = os.open(PARTIAL, flags, 0o600, dir_fd=place.fd)
-    except FileExistsError:  # left by a killed run
-        os.unlink(PARTIAL, dir_fd=place.fd)
-        fd = os.open(PARTIAL, flags, 0o600, dir_fd=place.fd)
-    with os.fdopen(fd, "wb", buffering=0) as out:
-        shutil.copyfileobj(tar.extractfile(member), out, CHUNK)
-    set_metadata(place.fd, PARTIAL, member, stat.S_IMODE(member.mode), tree, skipped)
-    tree.clear(place)
-    os.rename(PARTIAL, place.name, src_dir_fd=place.fd, dst_dir_fd=place.fd)
+        fd = os.open(place.name, FILE_FLAGS, mode, dir_fd=place.fd)
+    except FileExistsError:
+        tree.clear(place)
+        fd = os.open(place.name, FILE_FLAGS, mode, dir_fd=place.fd)
+    try:
+        for piece in reader.chunks(entry):
+            write_all(fd, piece)
+        # chmod only where the umask took bits away, or for setuid, setgid and sticky bits (chown clears them)
+        set_metadata(fd, None, entry, entry.mode if entry.mode & (tree.umask | 0o7000) else None, tree, skipped)
+    finally:
+        os.close(fd)
 
 
-def set_metadata(fd: int, name: str, member: tarfile.TarInfo, mode: int | None, tree: Tree, skipped: Skipped) -> None:
-    """Owner first (chown clears setuid bits), then attributes and mode (None for symlinks), times last."""
+def write_all(fd: int, data: bytes) -> None:
+    written = os.write(fd, data)  # all of it, but where the disk fills up
+    view = memoryview(data)[written:]
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def set_metadata(
+    target: str | int, dir_fd: int | None, entry: Entry, mode: int | None, tree: Tree, skipped: Skipped
+) -> None:
+    """On the open file `target`, or on the entry named `target` in `dir_fd` (not followed). Owner first (chown
+    clears setuid bits), then attributes and mode (None: as it is, for a symlink or a file made with it), times
+    last."""
+    by_name = {} if dir_fd is None else {"dir_fd": dir_fd, "follow_symlinks": False}
     if not tree.rootless:
-        os.chown(name, member.uid, member.gid, dir_fd=fd, follow_symlinks=False)
-    elif member.uid or member.gid:
+        os.chown(target, entry.uid, entry.gid, **by_name)
+    elif entry.uid or entry.gid:
         skipped.owners += 1
-    set_xattrs(fd, name, member, skipped)
+    if entry.xattrs:
+        # setxattr takes no directory fd, but /proc resolves this one without following
+        set_xattrs(target if dir_fd is None else f"/proc/self/fd/{dir_fd}/{target}", entry, skipped)
     if mode is not None:
-        os.chmod(name, mode, dir_fd=fd, follow_symlinks=False)
-    os.utime(name, ns=(mtime_ns(member),) * 2, dir_fd=fd, follow_symlinks=False)
+        os.chmod(target, mode, **by_name)
+    os.utime(target, ns=(mtime_ns(entry),) * 2, **by_name)
 
 
-def set_xattrs(fd: int, name: str, member: tarfile.TarInfo, skipped: Skipped) -> None:
-    for key, value in member.pax_headers.items():
-        if key.startswith(XATTR):
-            try:  # by path: setxattr takes no directory fd, but /proc resolves this one without following
-                os.setxattr(
-                    f"/proc/self/fd/{fd}/{name}",
-                    key.removeprefix(XATTR),
-                    value.encode("utf-8", "surrogateescape"),
-                    follow_symlinks=False,
-                )
-            except OSError as err:
-                if err.errno not in (errno.EPERM, errno.EOPNOTSUPP):  # privileged (trusted.*, security.*)
-                    raise
-                skipped.xattrs += 1
+def set_xattrs(target: str | int, entry: Entry, skipped: Skipped) -> None:
+    for key, value in entry.xattrs.items():
+        try:
+            os.setxattr(target, key, value, follow_symlinks=isinstance(target, int))  # an fd is never a link
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.EOPNOTSUPP):  # privileged (trusted.*, security.*)
+                raise
+            skipped.xattrs += 1
 
 
-def mtime_ns(member: tarfile.TarInfo) -> int:
-    """The member's mtime in nanoseconds, exactly: a pax record may give nine decimals, more than tarfile's float
-    keeps. A malformed time, or one the system cannot store, is refused."""
-    text = member.pax_headers.get("mtime") or str(member.mtime)  # an empty record means the header field
+def mtime_ns(entry: Entry) -> int:
+    """The entry's mtime in nanoseconds, exactly: a pax record may give nine decimals or more (cut toward zero,
+    as Go's archive/tar does). A malformed time, or one the system cannot store, is refused."""
+    if isinstance(entry.mtime, int) and abs(entry.mtime) < MAX_SECONDS:
+        return entry.mtime * 1_000_000_000  # the header's whole seconds: the common case
     try:
-        seconds = Decimal(text)
+        seconds = Decimal(entry.mtime)
     except InvalidOperation:
         seconds = Decimal("NaN")
     if not (seconds.is_finite() and seconds.copy_abs() < MAX_SECONDS):  # no arithmetic yet: "1e999999999" is cheap
-        raise OSError(errno.ERANGE, f"modification time {text!r} is not one the system can store")
+        raise OSError(errno.ERANGE, f"modification time {str(entry.mtime)!r} is not one the system can store")
     return int(seconds.scaleb(9, NANOSECONDS))
 
 

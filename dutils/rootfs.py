@@ -12,8 +12,11 @@ before the change they cover, so an application killed half-way and run again pu
 first run found.
 """
 
+import array
+import bisect
 import contextlib
 import errno
+import heapq
 import json
 import os
 import stat
@@ -21,10 +24,10 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from .store import write_atomic
+from .store import current_umask, remove_entry, write_atomic
+from .store import swap_fd as swap
 
 WHITEOUT = ".wh."
-PARTIAL = ".wh..d-utils-partial"  # a file being written; no layer can name it: it would be a whiteout
 MAX_LINKS = 40  # symlinks followed while resolving one name, as the kernel's limit
 OWNER_RWX = 0o700
 DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -189,7 +192,8 @@ class Tree(Root):
 
     def __init__(self, rootfs: Path, layer: str) -> None:
         self.rootless = os.geteuid() != 0  # decided once: an ordinary user cannot chown or mknod
-        self.kept: set[str] = set()  # paths this layer wrote, and their ancestors: whiteouts spare them
+        self.umask = current_umask()  # the bits that creating a file with its mode does not give it
+        self.kept = Hashes()  # paths this layer wrote, and their ancestors: whiteouts spare them
         self.saved: dict[str, tuple[int, int, int]] = {}  # path -> (mode, atime_ns, mtime_ns) for finish()
         rootfs.mkdir(parents=True, exist_ok=True)
         top = os.open(rootfs.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -233,8 +237,17 @@ class Tree(Root):
     def parent(self, name: str) -> Place:
         """Where entry `name` goes, its missing parent directories made."""
         place = super().parent(name)
-        self.kept.update(ancestors(place.path))
+        self.keep(place.path)
         return place
+
+    def keep(self, path: str) -> None:
+        """Mark `path` and its ancestors as written by this layer (up to the first ancestor already marked)."""
+        while path and not self.is_kept(path):
+            self.kept.add(hash(path))
+            path = path.rpartition("/")[0]
+
+    def is_kept(self, path: str) -> bool:
+        return hash(path) in self.kept
 
     def clear(self, place: Place) -> None:
         """Remove whatever is at `place`: a file, a link, or a directory with everything in it."""
@@ -243,19 +256,14 @@ class Tree(Root):
             return
         if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
             self.forget()
-        if not stat.S_ISDIR(st.st_mode):
+        if stat.S_ISDIR(st.st_mode):
+            remove_entry(place.fd, place.name)
+        else:
             os.unlink(place.name, dir_fd=place.fd)
-            return
-        if self.rootless and st.st_mode & OWNER_RWX != OWNER_RWX:  # it goes away: no need to save it
-            os.chmod(place.name, stat.S_IMODE(st.st_mode) | OWNER_RWX, dir_fd=place.fd, follow_symlinks=False)
-        with Place(os.open(place.name, DIR_FLAGS, dir_fd=place.fd), "", place.path) as inside:
-            for child in children(inside.fd):
-                self.clear(Place(inside.fd, child, join(place.path, child)))
-        os.rmdir(place.name, dir_fd=place.fd)
 
     def hide(self, place: Place) -> None:
         """A whiteout: remove what lower layers have at `place`, sparing what this layer wrote."""
-        if place.path not in self.kept:
+        if not self.is_kept(place.path):
             self.clear(place)
             return
         st = lstat_or_none(place.name, place.fd)
@@ -264,9 +272,28 @@ class Tree(Root):
                 self.hide_children(inside.fd, inside.path)
 
     def hide_children(self, fd: int, path: str) -> None:
-        """An opaque whiteout: hide every lower-layer entry below the open directory `fd` at `path`."""
-        for child in children(fd):
-            self.hide(Place(fd, child, join(path, child)))
+        """An opaque whiteout: hide every lower-layer entry below the open directory `fd` at `path`. Iterative,
+        one directory open at a time (back up through ".."), so no depth is too deep."""
+        fd = os.dup(fd)
+        todo = [children(fd)]
+        try:
+            while todo:
+                if not todo[-1]:
+                    todo.pop()
+                    if todo:
+                        fd, path = swap(fd, os.open("..", DIR_FLAGS, dir_fd=fd)), path.rpartition("/")[0]
+                    continue
+                name = todo[-1].pop()
+                child = join(path, name)
+                if not self.is_kept(child):
+                    self.clear(Place(fd, name, child))
+                    continue
+                st = lstat_or_none(name, fd)
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    fd, path = swap(fd, self._enter(fd, name, child, st)), child
+                    todo.append(children(fd))
+        finally:
+            os.close(fd)
 
     def hard_link(self, place: Place, target_name: str) -> None:
         """Make `place` another name of the entry `target_name` (resolved inside the root, not followed)."""
@@ -290,40 +317,76 @@ class Tree(Root):
         self.saved[place.path] = (mode, mtime_ns, mtime_ns)
 
     def finish(self) -> None:
-        """Put the saved modes and times on directories, deepest first so that parents stay enterable."""
-        for path in sorted(self.saved, key=depth, reverse=True):
-            mode, atime_ns, mtime_ns = self.saved[path]
-            place = self._locate(path)
-            if place is None:
-                continue
-            with place:
-                st = lstat_or_none(place.name, place.fd)
-                if st is not None and stat.S_ISDIR(st.st_mode):
-                    os.chmod(place.name, mode, dir_fd=place.fd, follow_symlinks=False)
-                    os.utime(place.name, ns=(atime_ns, mtime_ns), dir_fd=place.fd, follow_symlinks=False)
+        """Put the saved modes and times on directories, each after all below it so that parents stay enterable.
+        In reverse order of their paths (a path sorts after its ancestors), which also keeps a subtree together:
+        the parent open for one directory is mostly the next one's too, or below it (reached through ".."), so
+        that no depth costs a walk each. No sort key: a million keys would cost more memory than the paths."""
+        last, last_fd = None, -1  # the parent directory opened last, its fd
+        try:
+            for path in sorted(self.saved, reverse=True):
+                parent, _, name = path.rpartition("/")
+                fd = os.dup(self.top) if not path else self._open_folder(parent, last, last_fd)
+                if fd is None:
+                    continue  # something on the way is no longer a directory: this one is gone
+                if path:
+                    if last_fd >= 0:
+                        os.close(last_fd)
+                    last, last_fd = parent, os.dup(fd)
+                with Place(fd, name if path else self.root_name, path) as place:
+                    self._restore(place, *self.saved[path])
+        finally:
+            if last_fd >= 0:
+                os.close(last_fd)
         self.journal_path.unlink()
 
-    def _locate(self, path: str) -> Place | None:
-        """The directory entry at the resolved `path`, or None when something on the way is not a directory."""
-        if not path:
-            return Place(os.dup(self.top), self.root_name, "")
-        *dirs, base = path.split("/")
+    def _restore(self, place: Place, mode: int, atime_ns: int, mtime_ns: int) -> None:
+        st = lstat_or_none(place.name, place.fd)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            os.chmod(place.name, mode, dir_fd=place.fd, follow_symlinks=False)
+            os.utime(place.name, ns=(atime_ns, mtime_ns), dir_fd=place.fd, follow_symlinks=False)
+
+    def _open_folder(self, path: str, last: str | None, last_fd: int) -> int | None:
+        """Open the resolved directory `path`: up from `last` (open as `last_fd`) when it lies below, else from
+        the root; None when something on the way is no longer a directory."""
+        below = last is not None and (not path or last == path or last.startswith(path + "/"))
         try:
-            return Place(self._open_dirs(dirs), base, path)
+            if not below:
+                return self._open_dirs(path.split("/") if path else [])
+            fd = os.dup(last_fd)
+            try:
+                for _ in range(depth(last) - depth(path)):
+                    fd = swap(fd, os.open("..", DIR_FLAGS, dir_fd=fd))
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
         except OSError as err:
             if err.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 return None
             raise
 
 
-def swap(old_fd: int, new_fd: int) -> int:
-    os.close(old_fd)
-    return new_fd
+class Hashes:
+    """A set of path hashes in 8 bytes each, so that a layer of millions of entries stays small: the latest
+    additions in a set, merged now and then into a sorted array searched by bisection."""
 
+    RECENT = 1 << 16  # hashes held in the set before a merge (a few MB)
 
-def ancestors(path: str) -> list[str]:
-    parts = path.split("/")
-    return ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    def __init__(self) -> None:
+        self.recent: set[int] = set()
+        self.merged = array.array("q")
+
+    def add(self, value: int) -> None:
+        self.recent.add(value)
+        if len(self.recent) >= self.RECENT:
+            self.merged = array.array("q", heapq.merge(self.merged, sorted(self.recent)))
+            self.recent = set()
+
+    def __contains__(self, value: int) -> bool:
+        if value in self.recent:
+            return True
+        at = bisect.bisect_left(self.merged, value)
+        return at < len(self.merged) and self.merged[at] == value
 
 
 def depth(path: str) -> int:

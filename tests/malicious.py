@@ -6,13 +6,14 @@ aim at it by absolute name and by symlink. Either the apply is refused with an e
 (`refused`), or the member is neutralised: its write lands inside the rootfs, at `inside` when given.
 """
 
+import gzip
 import hashlib
 import json
 import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pytest
 from images import Tar, compress
 
 from dutils.apply import Skipped, apply_layer
+from dutils.errors import printable
 
 MEDIA = {
     "none": "application/vnd.oci.image.layer.v1.tar",
@@ -49,6 +51,41 @@ def write_layer(directory: Path, tar: bytes, compression: str = "gzip") -> Layer
     return Layer(blob, MEDIA[compression], "sha256:" + hashlib.sha256(tar).hexdigest())
 
 
+def write_streamed_layer(directory: Path, chunks: Iterable[bytes]) -> Layer:
+    """A gzip layer written from `chunks` of tar data as they come: a layer much larger than memory."""
+    tar_sha256, partial = hashlib.sha256(), directory / "layer.partial"
+    with partial.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as out:
+        for chunk in chunks:
+            tar_sha256.update(chunk)
+            out.write(chunk)
+    blob_sha256 = hashlib.sha256()
+    with partial.open("rb") as blob:
+        while piece := blob.read(1 << 20):
+            blob_sha256.update(piece)
+    blob = partial.rename(directory / blob_sha256.hexdigest())
+    blob.chmod(0o644)
+    return Layer(blob, MEDIA["gzip"], "sha256:" + tar_sha256.hexdigest())
+
+
+def ustar_header(name: bytes, kind: bytes = b"0", size: int = 0, linkname: bytes = b"", mode: int = 0o644) -> bytes:
+    """One ustar header block exactly as given: any bytes in the name (up to 100), any size claimed."""
+    block = bytearray(512)
+    block[0 : len(name)] = name
+    block[100:108] = b"%07o\0" % mode
+    block[108:124] = b"0000000\0" * 2  # uid, gid
+    block[124:136] = b"%011o\0" % size
+    block[136:148] = b"%011o\0" % 1_700_000_000
+    block[148:156] = b" " * 8
+    block[156:157] = kind
+    block[157 : 157 + len(linkname)] = linkname
+    block[257:265] = b"ustar\x0000"
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+END = bytes(1024)  # a tar's end: two zero blocks
+
+
 def apply_all(layers: list[Layer], rootfs: Path) -> Skipped:
     total = Skipped()
     for layer in layers:
@@ -69,71 +106,199 @@ class Row:
     inside: str = ""  # where a neutralised write lands, below the rootfs ("{out}" is the outside folder)
 
 
-ROWS = [
-    Row("dotdot-name", lambda out: [Tar().file("../../victim.txt", PWNED)], inside="victim.txt"),
-    Row("absolute-name", lambda out: [Tar().file(f"{out}/victim.txt", PWNED)], inside="{out}/victim.txt"),
-    Row(
-        "long-pax-name-with-dotdot",
-        lambda out: [Tar().file("a/" + "b/../" * 40 + "../" * 12 + "victim.txt", PWNED)],
-        inside="victim.txt",
-    ),
-    Row(
-        "symlink-to-root-then-write-same-layer",
-        lambda out: [Tar().symlink("evil", "/").file(f"evil{out}/victim.txt", PWNED)],
-        inside="{out}/victim.txt",
-    ),
-    Row(
-        "symlink-from-earlier-layer-then-write",
-        lambda out: [Tar().symlink("evil", out), Tar().file("evil/victim.txt", PWNED)],
-        inside="{out}/victim.txt",
-    ),
-    Row(
-        "relative-symlink-up-then-write",
-        lambda out: [Tar().dir("d").symlink("d/up", "../../../.."), Tar().file("d/up/victim.txt", PWNED)],
-        inside="victim.txt",
-    ),
-    Row(
-        "symlink-chain-out",
-        lambda out: [
-            Tar().symlink("a", "b").symlink("b", "c").symlink("c", "../../.."),
-            Tar().file("a/victim.txt", PWNED),
-        ],
-        inside="victim.txt",
-    ),
-    Row(
-        "dir-replaced-by-symlink-then-child",
-        lambda out: [Tar().dir("d").file("d/a", b"a").symlink("d", out).file("d/victim.txt", PWNED)],
-        inside="{out}/victim.txt",
-    ),
-    Row(
-        "symlink-up-then-hardlink-through-it",
-        lambda out: [Tar().symlink("up", "../../..").hardlink("stolen", "up/victim.txt")],
-        refused="member stolen",
-    ),
-    Row(
-        "hardlink-through-earlier-symlink",
-        lambda out: [Tar().symlink("evil", out), Tar().hardlink("stolen", "evil/victim.txt")],
-        refused="member stolen",
-    ),
-    Row("hardlink-to-etc-passwd", lambda out: [Tar().hardlink("stolen", "/etc/passwd")], refused="member stolen"),
-    Row("hardlink-to-dotdot", lambda out: [Tar().hardlink("stolen", "../../victim.txt")], refused="member stolen"),
-    Row("whiteout-of-dotdot-path", lambda out: [Tar().whiteout("../../victim.txt")]),
-    Row("whiteout-naming-dotdot", lambda out: [raw_whiteout("d/.wh...")], refused="member d/.wh..."),
-    Row(
-        "whiteout-through-earlier-symlink",
-        lambda out: [Tar().symlink("evil", out), Tar().whiteout("evil/victim.txt")],
-    ),
-    Row(
-        "opaque-through-symlinked-dir",
-        lambda out: [Tar().symlink("evil", out).symlink("up", "../.."), Tar().opaque("evil").opaque("up")],
-    ),
-    Row(
-        "symlink-loop",
-        lambda out: [Tar().symlink("a", "b").symlink("b", "a").file("a/victim.txt", PWNED)],
-        refused="member a/victim.txt",
-    ),
-    Row("root-turned-into-symlink", lambda out: [Tar().symlink(".", out)], refused="member ."),
-]
+class Raw(Tar):
+    """A layer given as tar bytes exactly (headers that tarfile would not write), where a row wants a Tar."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__()
+        self.data = data
+
+    def to_bytes(self) -> bytes:
+        return self.data
+
+
+def gnu_long_name(name: bytes, kind: bytes = b"L") -> bytes:
+    """A GNU long name (`L`) or long link (`K`) record setting the next member's name or link target."""
+    return ustar_header(b"././@LongLink", kind, len(name) + 1) + name + bytes(-(len(name) + 1) % 512 + 1)
+
+
+def pax_record(record: str) -> bytes:
+    """A pax header holding one `KEY=VALUE` record (any bytes in it), for the next member."""
+    data = record.encode("utf-8", "surrogateescape") + b"\n"
+    length = len(data) + 1 + len(str(len(data)))
+    length += len(str(length)) - len(str(len(data)))  # the length counts its own digits
+    data = b"%d " % length + data
+    return ustar_header(b"././@PaxHeader", b"x", len(data)) + data + bytes(-len(data) % 512)
+
+
+ESCAPES = "\x1b]0;owned\x07\x1b[2J\r\n\x9bname"  # retitle, clear the screen, a new line, a C1 escape
+
+
+# Classes of attack, each a table of named rows. Every row aims at the marker `victim.txt` in the folder outside
+# the rootfs (`out`) or beside the rootfs; none may change it.
+CLASSES: dict[str, list[Row]] = {
+    "names": [
+        Row("dotdot-name", lambda out: [Tar().file("../../victim.txt", PWNED)], inside="victim.txt"),
+        Row("absolute-name", lambda out: [Tar().file(f"{out}/victim.txt", PWNED)], inside="{out}/victim.txt"),
+        Row(
+            "long-pax-name-with-dotdot",
+            lambda out: [Tar().file("a/" + "b/../" * 40 + "../" * 12 + "victim.txt", PWNED)],
+            inside="victim.txt",
+        ),
+        Row(
+            "gnu-long-name-absolute",
+            lambda out: [Raw(gnu_long_name(f"{out}/{'x/../' * 30}victim.txt".encode()) + file_entry(PWNED) + END)],
+            inside="{out}/victim.txt",
+        ),
+        Row(
+            "control-characters-in-name",
+            lambda out: [Tar().file(f"../{ESCAPES}", PWNED)],
+            inside=ESCAPES,
+        ),
+        Row(
+            "control-characters-in-refused-name",
+            lambda out: [Tar().hardlink(ESCAPES, "../missing")],
+            refused="member " + printable(ESCAPES) + ":",
+        ),
+        Row(
+            "bytes-not-utf8-in-name",
+            lambda out: [Raw(ustar_header(b"../../\xff\xfe\x80victim.txt", size=5) + PWNED + bytes(507) + END)],
+            inside=os.fsdecode(b"\xff\xfe\x80victim.txt"),
+        ),
+        Row(
+            "nul-byte-in-pax-path",
+            lambda out: [Raw(pax_record(f"path=victim.txt\0{out}/victim.txt") + file_entry(PWNED) + END)],
+            refused="NUL byte in a pax name",
+        ),
+        Row(
+            "nul-byte-in-pax-link-target",
+            lambda out: [Raw(pax_record(f"linkpath={out}\0x") + ustar_header(b"evil", b"2") + END)],
+            refused="NUL byte in a pax name",
+        ),
+    ],
+    "symlinks": [
+        Row(
+            "symlink-to-root-then-write-same-layer",
+            lambda out: [Tar().symlink("evil", "/").file(f"evil{out}/victim.txt", PWNED)],
+            inside="{out}/victim.txt",
+        ),
+        Row(
+            "symlink-from-earlier-layer-then-write",
+            lambda out: [Tar().symlink("evil", out), Tar().file("evil/victim.txt", PWNED)],
+            inside="{out}/victim.txt",
+        ),
+        Row(
+            "relative-symlink-up-then-write",
+            lambda out: [Tar().dir("d").symlink("d/up", "../../../.."), Tar().file("d/up/victim.txt", PWNED)],
+            inside="victim.txt",
+        ),
+        Row(
+            "symlink-chain-out",
+            lambda out: [
+                Tar().symlink("a", "b").symlink("b", "c").symlink("c", "../../.."),
+                Tar().file("a/victim.txt", PWNED),
+            ],
+            inside="victim.txt",
+        ),
+        Row(
+            "symlink-chain-absolute-across-layers",
+            lambda out: [
+                Tar().symlink("a", "/b"),
+                Tar().symlink("b", f"/c/{'../' * 8}{out}"),
+                Tar().file("a/victim.txt", PWNED),
+            ],
+            inside="{out}/victim.txt",
+        ),
+        Row(
+            "dir-replaced-by-symlink-then-child",
+            lambda out: [Tar().dir("d").file("d/a", b"a").symlink("d", out).file("d/victim.txt", PWNED)],
+            inside="{out}/victim.txt",
+        ),
+        Row(
+            "symlink-through-proc-self-root",
+            lambda out: [Tar().symlink("p", f"/proc/self/root{out}"), Tar().file("p/victim.txt", PWNED)],
+            inside="proc/self/root{out}/victim.txt",
+        ),
+        Row(
+            "symlink-loop",
+            lambda out: [Tar().symlink("a", "b").symlink("b", "a").file("a/victim.txt", PWNED)],
+            refused="member a/victim.txt",
+        ),
+        Row(
+            "symlink-self-loop-across-layers",
+            lambda out: [Tar().symlink("s", "s/s"), Tar().file("s/victim.txt", PWNED)],
+            refused="member s/victim.txt",
+        ),
+    ],
+    "hard-links": [
+        Row(
+            "symlink-up-then-hardlink-through-it",
+            lambda out: [Tar().symlink("up", "../../..").hardlink("stolen", "up/victim.txt")],
+            refused="member stolen",
+        ),
+        Row(
+            "hardlink-through-earlier-symlink",
+            lambda out: [Tar().symlink("evil", out), Tar().hardlink("stolen", "evil/victim.txt")],
+            refused="member stolen",
+        ),
+        Row("hardlink-to-etc-passwd", lambda out: [Tar().hardlink("stolen", "/etc/passwd")], refused="member stolen"),
+        Row("hardlink-to-dotdot", lambda out: [Tar().hardlink("stolen", "../../victim.txt")], refused="member stolen"),
+        Row(
+            "hardlink-to-symlink-then-write-through-it",
+            lambda out: [Tar().symlink("evil", out), Tar().hardlink("h", "evil").file("h/victim.txt", PWNED)],
+            inside="{out}/victim.txt",
+        ),
+        Row(
+            "hardlink-replacing-a-file-written-through",
+            lambda out: [Tar().file("f", b"inside").hardlink("f", "../../victim.txt")],
+            refused="member f",
+        ),
+    ],
+    "whiteouts": [
+        Row("whiteout-of-dotdot-path", lambda out: [Tar().whiteout("../../victim.txt")]),
+        Row("whiteout-naming-dotdot", lambda out: [raw_whiteout("d/.wh...")], refused="member d/.wh..."),
+        Row("whiteout-absolute-outside", lambda out: [Tar().whiteout(f"{out}/victim.txt")]),
+        Row(
+            "whiteout-through-earlier-symlink",
+            lambda out: [Tar().symlink("evil", out), Tar().whiteout("evil/victim.txt")],
+        ),
+        Row(
+            "whiteout-through-symlink-chain",
+            lambda out: [Tar().symlink("a", "b").symlink("b", f"../../{out}"), Tar().whiteout("a/victim.txt")],
+        ),
+        Row(
+            "whiteout-whose-parent-links-outside-same-layer",
+            lambda out: [Tar().symlink("evil", out).whiteout("evil/victim.txt").whiteout("evil")],
+        ),
+        Row(
+            "opaque-through-symlinked-dir",
+            lambda out: [Tar().symlink("evil", out).symlink("up", "../.."), Tar().opaque("evil").opaque("up")],
+        ),
+        Row(
+            "opaque-through-symlink-chain",
+            lambda out: [Tar().symlink("a", "b").symlink("b", out), Tar().opaque("a").opaque("b").opaque(".")],
+        ),
+    ],
+    "devices": [
+        Row(
+            "device-through-earlier-symlink", lambda out: [Tar().symlink("evil", out), Tar().device("evil/victim.txt")]
+        ),
+        Row("block-device-through-dotdot", lambda out: [Tar().device("../../victim.txt", "block", 7, 0)]),
+        Row("fifo-through-symlink", lambda out: [Tar().symlink("evil", out).fifo("evil/victim.txt")]),
+    ],
+    "the-root": [
+        Row("root-turned-into-symlink", lambda out: [Tar().symlink(".", out)], refused="member ."),
+        Row("root-turned-into-file", lambda out: [Tar().file("/", PWNED)], refused="member /"),
+        Row("root-turned-into-hardlink", lambda out: [Tar().file("f").hardlink("..", "f")], refused="member .."),
+        Row("root-turned-into-device", lambda out: [Tar().device("./")], refused="member ./"),
+    ],
+}
+ROWS = [row for rows in CLASSES.values() for row in rows]
+
+
+def file_entry(data: bytes, name: bytes = b"placeholder") -> bytes:
+    """A regular file's header and data, its name set by a preceding long name or pax record when there is one."""
+    return ustar_header(name, size=len(data)) + data + bytes(-len(data) % 512)
 
 
 def outside_state(roots: list[Path]) -> dict[str, tuple]:

@@ -152,7 +152,7 @@ def test_reserved_whiteout_names_never_appear(blobs: Path, tmp_path: Path) -> No
         .file(".wh..wh.plnk/123.456", b"aufs hard link store")
         .file(".wh..wh.aufs")
         .file("a/.wh.dir/f", b"inside a whiteout name")
-        .file(".wh..d-utils-partial/f", b"inside our scratch name")
+        .file(".wh..d-utils-partial/f", b"inside a name that whiteouts reserve")
         .file("kept", b"kept")
     )
     apply_all([write_layer(blobs, tar.to_bytes())], tmp_path / "rootfs")

@@ -1,0 +1,374 @@
+"""Attacks by image layers, by class. The tables of tests/malicious.py (names, symlinks, hard links, whiteouts,
+devices, the root) applied by apply_layer as root and as the ordinary user (test_images.py pulls the same rows
+through d-pull); then resources: huge header records, a million entries, trees deeper than Python's stack, each
+as root and as the ordinary user, the headline ones end to end through d-pull. Markers outside the rootfs stand
+for the host's files and stay byte-for-byte unchanged; peak memory is the applying process's VmHWM."""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from images import MEDIA_TYPES, OCI_MANIFEST, Tar, canonical_json, descriptor, push_blob, push_manifest
+from malicious import (
+    CLASSES,
+    END,
+    USER,
+    Layer,
+    Row,
+    apply_all,
+    apply_as_user,
+    as_root,
+    check_outcome,
+    file_entry,
+    make_workspace,
+    outside_state,
+    plant_markers,
+    ustar_header,
+    write_layer,
+    write_streamed_layer,
+)
+from registry import Registry
+
+from dutils.errors import Error
+from dutils.store import remove_tree
+
+MAX_PEAK_KIB = 150_000
+ROWS = [pytest.param(row, id=f"{kind}/{row.name}") for kind, rows in CLASSES.items() for row in rows]
+
+# -- the tables, applied directly
+
+
+def apply_row(layers: list[Layer], rootfs: Path) -> str:
+    try:
+        apply_all(layers, rootfs)
+    except Error as err:
+        return str(err)
+    return ""
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_layer_attack_changes_nothing_outside_the_rootfs(row: Row, tmp_path: Path, tmp_path_factory) -> None:
+    out = tmp_path_factory.mktemp("outside")
+    rootfs = tmp_path / "pull" / "rootfs"
+    plant_markers(tmp_path / "victim.txt", tmp_path / "pull" / "victim.txt", out / "victim.txt")
+    layers = [write_layer(tmp_path, tar.to_bytes()) for tar in row.layers(str(out))]
+    rootfs.mkdir()
+    passwd = os.stat("/etc/passwd")
+    before = outside_state([tmp_path, out])
+
+    error = apply_row(layers, rootfs)
+
+    assert outside_state([tmp_path, out]) == before
+    assert os.stat("/etc/passwd").st_nlink == passwd.st_nlink
+    assert "\x1b" not in error and "\n" not in error  # control characters reach the terminal escaped
+    check_outcome(row, error, rootfs, out)
+
+
+@as_root
+@pytest.mark.parametrize("kind", CLASSES)
+def test_layer_attack_class_changes_nothing_outside_as_an_ordinary_user(kind: str, unprivileged) -> None:
+    """Each table, applied by a real unprivileged user who owns, so could write, every marker."""
+    workspace = make_workspace()
+    try:
+        out = workspace / "pull" / "outside"
+        steps, checks = [], []
+        for row in CLASSES[kind]:
+            folder = workspace / "pull" / row.name
+            plant_markers(folder / "victim.txt", out / row.name / "victim.txt")
+            (folder / "rootfs").mkdir()
+            layers = [write_layer(workspace, tar.to_bytes()) for tar in row.layers(str(out / row.name))]
+            steps += [(layer, folder / "rootfs") for layer in layers]
+            checks.append((row, len(steps) - 1))
+        subprocess.run(["chown", "-R", f"{USER}:{USER}", str(workspace / "pull")], check=True)
+        before = outside_state([workspace])
+
+        results = apply_as_user(unprivileged, workspace, steps)
+
+        assert outside_state([workspace]) == before
+        for row, last in checks:
+            error = results[last] if isinstance(results[last], str) else ""
+            check_outcome(row, error, workspace / "pull" / row.name / "rootfs", out / row.name)
+    finally:
+        shutil.rmtree(workspace)
+
+
+# -- resources: every run in a child process whose peak memory (VmHWM) is read at its end
+
+PEAK = "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')))"
+APPLY = f"""
+import sys
+from pathlib import Path
+from dutils.apply import apply_layer
+from dutils.errors import Error
+try:
+    apply_layer(Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4]))
+    print("applied")
+except Error as err:
+    print(err)
+{PEAK}
+"""
+PULL = f"""
+import sys
+from dutils.pull import main
+code = main(sys.argv[1:])
+{PEAK}
+sys.exit(code)
+"""
+
+
+def python_of(user) -> list[str]:
+    """How to start d-utils' python: as the ordinary user (conftest's Unprivileged), or this one when None."""
+    return [str(user.bin / "python")] if user else [sys.executable]
+
+
+def run_as(user, argv: list, timeout: float, cwd: Path) -> subprocess.CompletedProcess:
+    if user is None:
+        return subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    return user.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def apply_in_child(layer: Layer, rootfs: Path, user=None, timeout: float = 120) -> tuple[str, int, float]:
+    """apply_layer in a fresh process (as `user` when given): its one line of outcome, its peak KiB, seconds."""
+    started = time.monotonic()
+    argv = [*python_of(user), "-c", APPLY, layer.blob, layer.media_type, layer.diff_id, rootfs]
+    done = run_as(user, argv, timeout, rootfs.parent)
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
+    outcome, peak = done.stdout.splitlines()
+    return outcome, int(peak), time.monotonic() - started
+
+
+def pull_in_child(
+    ref: str, folder: Path, cache: Path, user=None, *options: str
+) -> tuple[subprocess.CompletedProcess, int]:
+    """d-pull (as `user` when given): the finished process, and its peak KiB printed last on stdout."""
+    argv = [*python_of(user), "-c", PULL, "-q", "--cache", cache, *options, ref, folder]
+    done = run_as(user, argv, 300, folder.parent)
+    return done, int(done.stdout.split()[-1])
+
+
+@pytest.fixture(scope="module")
+def shared(unprivileged) -> Iterator[Path]:
+    """A folder that the ordinary user can read, with a `pull` folder it owns."""
+    workspace = make_workspace()
+    yield workspace
+    remove_tree(workspace)  # shutil.rmtree recurses: the deep trees are too deep for it
+
+
+def user_owned(workspace: Path, name: str) -> Path:
+    folder = workspace / "pull" / name
+    folder.mkdir()
+    shutil.chown(folder, USER, USER)
+    return folder
+
+
+def push_layers(registry: Registry, repo: str, layers: list[Layer]) -> str:
+    """An OCI image of `layers` (blobs already made) pushed to `registry`; its reference by digest."""
+    diff_ids = [layer.diff_id for layer in layers]
+    config = canonical_json(
+        {"architecture": "amd64", "os": "linux", "config": {}, "rootfs": {"type": "layers", "diff_ids": diff_ids}}
+    )
+    blobs = [layer.blob.read_bytes() for layer in layers]
+    for blob in [config, *blobs]:
+        push_blob(registry.host, repo, blob)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": descriptor(MEDIA_TYPES["oci"]["config"], config),
+        "layers": [descriptor(layer.media_type, blob) for layer, blob in zip(layers, blobs, strict=True)],
+    }
+    digest = push_manifest(registry.host, repo, "latest", canonical_json(manifest))
+    return f"{registry.host}/{repo}@{digest}"
+
+
+# -- huge header records: refused before they are read, in one line naming the layer
+
+HUGE = 512 << 20  # what the record's header claims, and what follows it in the layer
+RECORDS = {"pax": b"x", "pax-global": b"g", "gnu-long-name": b"L", "gnu-long-link": b"K"}
+
+
+def huge_record(kind: bytes) -> Iterator[bytes]:
+    """A record header claiming HUGE bytes, HUGE bytes of it, then an ordinary file: a 2.3 MB gzip layer."""
+    yield ustar_header(b"././@Record", kind, HUGE)
+    for _ in range(HUGE >> 20):
+        yield b"a" * (1 << 20)
+    yield file_entry(b"after the record", b"after") + END
+
+
+@pytest.fixture(scope="module")
+def huge_layers(shared: Path) -> dict[str, Layer]:
+    folder = shared / "huge"
+    folder.mkdir()
+    return {name: write_streamed_layer(folder, huge_record(kind)) for name, kind in RECORDS.items()}
+
+
+def check_refused(outcome: str, layer: Layer, peak: int) -> None:
+    assert outcome.startswith(f"layer sha256:{layer.blob.name}: refused: a ")
+    assert f"of {HUGE} bytes, larger than the 1048576-byte limit" in outcome
+    assert peak < MAX_PEAK_KIB
+
+
+@pytest.mark.parametrize("name", RECORDS)
+def test_huge_header_record_is_refused_before_it_is_read(name: str, huge_layers: dict[str, Layer], tmp_path: Path):
+    layer = huge_layers[name]
+    assert layer.blob.stat().st_size < 4 << 20  # a small blob that claims 512 MiB
+    outcome, peak, seconds = apply_in_child(layer, tmp_path / "rootfs")
+    check_refused(outcome, layer, peak)
+    assert seconds < 20  # nothing of the 512 MiB record was decompressed
+    assert list((tmp_path / "rootfs").iterdir()) == []
+
+
+@as_root
+def test_huge_header_record_is_refused_as_an_ordinary_user(huge_layers: dict[str, Layer], shared: Path, unprivileged):
+    folder = user_owned(shared, "huge-as-user")
+    for layer in huge_layers.values():
+        outcome, peak, _ = apply_in_child(layer, folder / "rootfs", unprivileged)
+        check_refused(outcome, layer, peak)
+
+
+@pytest.mark.parametrize("as_user", [False, pytest.param(True, marks=as_root)], ids=["as-root", "as-ordinary-user"])
+def test_huge_header_record_pulled_is_one_line_and_flat_memory(
+    as_user: bool, huge_layers: dict[str, Layer], registry: Registry, shared: Path, request
+) -> None:
+    user = request.getfixturevalue("unprivileged") if as_user else None
+    ref = push_layers(registry, "huge-records", [huge_layers["pax"]])
+    folder = user_owned(shared, f"huge-pull-{as_user}")
+    done, peak = pull_in_child(ref, folder / "image", folder / "cache", user)
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()  # one line, not the 1 GiB that tarfile printed
+    assert line.startswith(f"d-pull: error: layer sha256:{huge_layers['pax'].blob.name}: refused: a pax header record")
+    assert peak < MAX_PEAK_KIB
+
+
+# -- a million entries: memory stays flat
+
+
+def many_entries(count: int) -> Iterator[bytes]:
+    """`count` empty files in 20 folders, one after the other."""
+    batch = []
+    for n in range(count):
+        batch.append(ustar_header(b"d%d/f%d" % (n * 20 // count, n)))
+        if len(batch) == 4096:
+            yield b"".join(batch)
+            batch = []
+    yield b"".join(batch) + END
+
+
+@pytest.fixture
+def fast_folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder on tmpfs when there is one: a million inodes on this machine's disk take minutes to make and
+    remove, and what is measured here is the applying process's memory, not the disk."""
+    shm = Path("/dev/shm")
+    if not os.access(shm, os.W_OK):
+        yield tmp_path
+        return
+    folder = Path(tempfile.mkdtemp(dir=shm, prefix="d-utils-many-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+@pytest.mark.timeout(300)
+def test_a_million_entries_keep_memory_flat(fast_folder: Path) -> None:
+    layer = write_streamed_layer(fast_folder, many_entries(1_000_000))
+    outcome, peak, seconds = apply_in_child(layer, fast_folder / "rootfs", timeout=240)
+    assert outcome == "applied"
+    assert peak < 80_000  # KiB: 56 MB measured, where tarfile's list of members took 611 MB
+    assert sum(len(os.listdir(fast_folder / "rootfs" / f"d{n}")) for n in range(20)) == 1_000_000
+    print(f"a million entries: {seconds:.1f} s, peak {peak} KiB")
+
+
+# -- trees deeper than Python's stack
+
+DEPTH = 1_500
+CHAIN = "/".join(["d"] * DEPTH)
+
+
+def deep_lower() -> Tar:
+    """A 1,500-deep chain of folders, a read-only one and a mode-0000 one on the way, a file at the bottom."""
+    tar = Tar().file(f"{CHAIN}/bottom", b"bottom")
+    for depth, mode in [(500, 0o555), (1_000, 0o000), (DEPTH, 0o500)]:
+        tar.dir("/".join(["d"] * depth), mode)
+    return tar
+
+
+DEEP_UPPERS = {
+    "file-over-the-tree": (Tar().file("d", b"a file now"), lambda rootfs: (rootfs / "d").read_bytes() == b"a file now"),
+    "whiteout-of-the-tree": (Tar().whiteout("d").file("kept"), lambda rootfs: os.listdir(rootfs) == ["kept"]),
+    "opaque-over-the-tree": (
+        Tar().opaque("d").file("d/new", b"new"),
+        lambda rootfs: os.listdir(rootfs / "d") == ["new"],
+    ),
+    "file-at-the-bottom": (
+        Tar().file(f"{CHAIN}/added", b"added"),
+        lambda rootfs: sorted(os.listdir(rootfs.joinpath(*CHAIN.split("/")))) == ["added", "bottom"],
+    ),
+}
+
+
+def deep_steps(directory: Path, folder: Path) -> list[tuple[Layer, Path]]:
+    lower = write_layer(directory, deep_lower().to_bytes())
+    steps = []
+    for name, (upper, _) in DEEP_UPPERS.items():
+        steps += [(lower, folder / name), (write_layer(directory, upper.to_bytes()), folder / name)]
+    return steps
+
+
+def check_deep(folder: Path, results: list) -> None:
+    assert [result for result in results if isinstance(result, str)] == []
+    for name, (_, check) in DEEP_UPPERS.items():
+        assert check(folder / name), name
+    assert sorted(os.listdir(folder)) == sorted(DEEP_UPPERS)  # no journal left
+
+
+@pytest.mark.timeout(300)
+def test_deep_trees_are_applied_replaced_and_whited_out(tmp_path: Path) -> None:
+    try:
+        results = [apply_row([layer], rootfs) or {} for layer, rootfs in deep_steps(tmp_path, tmp_path / "trees")]
+        check_deep(tmp_path / "trees", results)
+    finally:
+        remove_tree(tmp_path / "trees")  # pytest's own clean-up of old runs recurses: leave it no deep tree
+    assert not (tmp_path / "trees").exists()
+
+
+@as_root
+@pytest.mark.timeout(300)
+def test_deep_trees_as_an_ordinary_user(shared: Path, unprivileged) -> None:
+    folder = user_owned(shared, "deep")
+    check_deep(folder, apply_as_user(unprivileged, shared, deep_steps(shared, folder)))
+    assert os.lstat(folder / "file-at-the-bottom" / CHAIN).st_mode & 0o777 == 0o500  # modes put back as given
+    assert os.lstat(folder.joinpath("file-at-the-bottom", *CHAIN.split("/")[:1_000])).st_mode & 0o777 == 0
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("as_user", [False, pytest.param(True, marks=as_root)], ids=["as-root", "as-ordinary-user"])
+def test_update_over_a_deep_tree(as_user: bool, registry: Registry, shared: Path, request) -> None:
+    """--update drops the old rootfs (store.remove_tree) however deep, its read-only folders included."""
+    user = request.getfixturevalue("unprivileged") if as_user else None
+    old = push_layers(registry, "deep", [write_layer(shared, deep_lower().to_bytes())])
+    new = push_layers(registry, "deep", [write_layer(shared, Tar().file("new", b"new").to_bytes())])
+    folder = user_owned(shared, f"update-{as_user}")
+    done, _ = pull_in_child(old, folder / "image", folder / "cache", user)
+    assert done.returncode == 0, done.stderr
+    done, peak = pull_in_child(new, folder / "image", folder / "cache", user, "--update")
+    assert done.returncode == 0, done.stderr
+    assert os.listdir(folder / "image" / "rootfs") == ["new"]
+    assert peak < MAX_PEAK_KIB
+
+
+def test_remove_tree_never_follows_links(tmp_path: Path) -> None:
+    out = tmp_path / "outside"
+    plant_markers(out / "victim.txt")
+    (tmp_path / "tree" / "a").mkdir(parents=True)
+    (tmp_path / "tree" / "a" / "link").symlink_to(out)
+    (tmp_path / "tree" / "top-link").symlink_to(out)
+    (tmp_path / "tree" / "a").chmod(0)
+    before = outside_state([out])
+    remove_tree(tmp_path / "tree")
+    remove_tree(tmp_path / "missing")
+    assert not (tmp_path / "tree").exists() and outside_state([out]) == before
