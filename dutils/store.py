@@ -87,7 +87,9 @@ def open_cache(cache: Path) -> Path:
 
 
 def check_private(path: Path, info: os.stat_result) -> None:
-    if not (stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode)):
+    if stat.S_ISLNK(info.st_mode):
+        problem, fix = "is a symbolic link", f"remove it: rm {path}"
+    elif not (stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode)):
         problem, fix = "is not a regular file or folder", f"remove it: rm {path}"
     elif info.st_uid != os.geteuid():
         problem, fix = f"belongs to user {info.st_uid}", "remove it, or choose a cache of your own with --cache"
