@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from catalogue import umoci_unpack
-from cli import assert_one_line_error, d_pull, d_run
+from cli import BIN, assert_one_line_error, d_pull, d_run
 from malicious import USER, as_root, make_workspace
 from registry import Registry, session
 from trees import snapshot, without
@@ -287,3 +287,36 @@ def test_a_buildah_encrypted_image_is_refused_before_any_layer_is_fetched(
         layers = [layer["digest"] for layer in manifest_of(reference)["layers"]]
         assert sum(registry.blob_gets(digest) for digest in layers) == 0
     assert not (tmp_path / "secret").exists()
+
+
+@pytest.fixture(scope="module")
+def missing_workdir(buildah: Buildah, workspace: Path, registry: Registry) -> str:
+    """An image as `WORKDIR /srv/work` with no later step writing there gives it: buildah records the folder in
+    the config only, and no layer holds it."""
+    context = workspace / "context-workdir"
+    (context / "bin").mkdir(parents=True)
+    shutil.copy(BUSYBOX, context / "bin/busybox")
+    container = buildah("from", "scratch")
+    buildah("copy", container, f"{context}/", "/")
+    buildah("config", "--workingdir", "/srv/work", "--entrypoint", '["/bin/busybox"]', container)
+    buildah("commit", "--quiet", container, "localhost/workdir")
+    reference = f"{registry.host}/eco/workdir:latest"
+    buildah.push("localhost/workdir", reference, "--format", "oci")
+    return reference
+
+
+@pytest.mark.parametrize("who", ["root", "ordinary user"])
+def test_a_buildah_image_whose_workdir_no_layer_holds_runs_there_with_a_read_only_root(
+    who: str, missing_workdir: str, workspace: Path, unprivileged
+) -> None:
+    folder = workspace / "pull" / f"workdir-{who.replace(' ', '-')}"
+    run = unprivileged.run if who == "ordinary user" else subprocess.run
+    prefix = unprivileged.bin if who == "ordinary user" else BIN
+    pulled = run([prefix / "d-pull", "--cache", folder.parent / f"cache-{who}", missing_workdir, folder],
+                 capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert pulled.returncode == 0, pulled.stderr
+    assert not (folder / "rootfs/srv").exists()  # as buildah pushed it: the folder is in no layer
+    script = "pwd; touch /srv/work/x 2>/dev/null && echo writable || echo read-only"
+    ran = run([prefix / "d-run", folder, "sh", "-c", script], capture_output=True, text=True, timeout=60)
+    assert (ran.returncode, ran.stdout) == (0, "/srv/work\nread-only\n"), ran.stderr
+    assert (folder / "rootfs/srv/work").is_dir() and not any((folder / "rootfs/srv/work").iterdir())
