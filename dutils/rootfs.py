@@ -7,9 +7,9 @@ replaced or created relative to its parent's fd.
 
 Each directory the layer enters is recorded (mode and times, before any change) and put back when the layer
 is finished: adding children then leaves lower directories' mtimes alone, and an ordinary user may give
-read-only directories owner rwx while writing into them. The records go to a journal beside the rootfs
-before the change they cover, so an application killed half-way and run again puts back exactly what the
-first run found.
+read-only directories owner rwx while writing into them. The records go to a journal beside the rootfs (on
+disk, not in memory) before the change they cover, so an application killed half-way and run again puts back
+exactly what the first run found.
 """
 
 import array
@@ -17,14 +17,14 @@ import bisect
 import contextlib
 import errno
 import heapq
-import json
 import os
+import sqlite3
 import stat
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .store import current_umask, remove_entry, write_atomic
+from .store import current_umask, remove_entry
 from .store import swap_fd as swap
 
 WHITEOUT = ".wh."
@@ -194,42 +194,20 @@ class Tree(Root):
         self.rootless = os.geteuid() != 0  # decided once: an ordinary user cannot chown or mknod
         self.umask = current_umask()  # the bits that creating a file with its mode does not give it
         self.kept = Hashes()  # paths this layer wrote, and their ancestors: whiteouts spare them
-        self.saved: dict[str, tuple[int, int, int]] = {}  # path -> (mode, atime_ns, mtime_ns) for finish()
         rootfs.mkdir(parents=True, exist_ok=True)
+        root_stat = rootfs.lstat()
+        header = (layer, root_stat.st_dev, root_stat.st_ino)
+        self.journal = Journal(rootfs.parent / f".{rootfs.name}.d-utils-journal", header)
         top = os.open(rootfs.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.journal_path = rootfs.parent / f".{rootfs.name}.d-utils-journal"
-        root_stat = os.lstat(rootfs.name, dir_fd=top)
-        self.journal = self._open_journal({"layer": layer, "root": [root_stat.st_dev, root_stat.st_ino]})
         super().__init__(top, rootfs.name)
 
     def __exit__(self, *_: object) -> None:
         super().__exit__()
-        os.close(self.journal)
-
-    def _open_journal(self, header: dict) -> int:
-        """Keep what a killed run of this same layer on this same rootfs saved; start afresh otherwise."""
-        records = [header]
-        with contextlib.suppress(FileNotFoundError):
-            lines = self.journal_path.read_text().splitlines()
-            found = []
-            for line in lines:
-                try:
-                    found.append(json.loads(line))
-                except ValueError:
-                    break  # cut short by the kill: the change it covers never ran
-            if found[:1] == [header]:
-                records = found
-        for path, *values in records[1:]:
-            self.saved.setdefault(path, tuple(values))
-        # Rewritten whole, so that appends never continue a line cut short.
-        write_atomic(self.journal_path, "".join(json.dumps(record) + "\n" for record in records).encode())
-        return os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self.journal.close()
 
     def _enter(self, fd: int, name: str, path: str, st: os.stat_result) -> int:
         """Open directory `name` for use, saving its metadata first and giving an ordinary user rwx on it."""
-        if path not in self.saved:
-            self.saved[path] = (stat.S_IMODE(st.st_mode), st.st_atime_ns, st.st_mtime_ns)
-            os.write(self.journal, (json.dumps([path, *self.saved[path]]) + "\n").encode())
+        self.journal.save_first(path, stat.S_IMODE(st.st_mode), st.st_atime_ns, st.st_mtime_ns)
         if self.rootless and st.st_mode & OWNER_RWX != OWNER_RWX:
             os.chmod(name, stat.S_IMODE(st.st_mode) | OWNER_RWX, dir_fd=fd, follow_symlinks=False)
         return os.open(name, DIR_FLAGS, dir_fd=fd)
@@ -314,16 +292,16 @@ class Tree(Root):
 
     def set_dir_later(self, place: Place, mode: int, mtime_ns: int) -> None:
         """This layer's mode and mtime for a directory, applied by finish() once its children are written."""
-        self.saved[place.path] = (mode, mtime_ns, mtime_ns)
+        self.journal.save(place.path, mode, mtime_ns, mtime_ns)
 
     def finish(self) -> None:
         """Put the saved modes and times on directories, each after all below it so that parents stay enterable.
         In reverse order of their paths (a path sorts after its ancestors), which also keeps a subtree together:
         the parent open for one directory is mostly the next one's too, or below it (reached through ".."), so
-        that no depth costs a walk each. No sort key: a million keys would cost more memory than the paths."""
+        that no depth costs a walk each."""
         last, last_fd = None, -1  # the parent directory opened last, its fd
         try:
-            for path in sorted(self.saved, reverse=True):
+            for path, *saved in self.journal.in_reverse_order():
                 parent, _, name = path.rpartition("/")
                 fd = os.dup(self.top) if not path else self._open_folder(parent, last, last_fd)
                 if fd is None:
@@ -333,11 +311,12 @@ class Tree(Root):
                         os.close(last_fd)
                     last, last_fd = parent, os.dup(fd)
                 with Place(fd, name if path else self.root_name, path) as place:
-                    self._restore(place, *self.saved[path])
+                    self._restore(place, *saved)
         finally:
             if last_fd >= 0:
                 os.close(last_fd)
-        self.journal_path.unlink()
+        self.journal.close()
+        self.journal.remove()
 
     def _restore(self, place: Place, mode: int, atime_ns: int, mtime_ns: int) -> None:
         st = lstat_or_none(place.name, place.fd)
@@ -364,6 +343,106 @@ class Tree(Root):
             if err.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 return None
             raise
+
+
+class Journal:
+    """What finish() puts back on directories: path -> (mode, atime_ns, mtime_ns), in an SQLite file beside the
+    rootfs. Why not a dict in memory: a layer of a million directories would hold them all (~330 MB), where memory
+    must stay flat; SQLite keeps them on disk, already ordered by path for finish(), through a cache of a few MB. In
+    WAL mode without syncs a committed record is handed to the kernel at once (one write), so it survives a kill -9
+    of this process, as the appended lines of the earlier journal did. Paths are bytes: names need not be UTF-8."""
+
+    KNOWN = 1 << 16  # paths remembered as saved, so that entering a directory again asks no query
+    BATCH = 1 << 10  # records of save() stored at once
+
+    def __init__(self, path: Path, header: tuple[str, int, int]) -> None:
+        self.path = path
+        self.known: set[str] = set()
+        self.pending: list[tuple[bytes, int, int, int]] = []
+        self.db = self._resume(header) or self._create(header)
+
+    def _resume(self, header: tuple[str, int, int]) -> sqlite3.Connection | None:
+        """The journal of a killed run of this same layer on this same rootfs, or None."""
+        if self.path.is_symlink() or not self.path.is_file():
+            return None
+        db = sqlite3.connect(self.path, isolation_level=None)  # each statement its own transaction
+        try:
+            self._prepare(db)
+            if db.execute("SELECT layer, dev, ino FROM header").fetchone() == header:
+                return db
+        except sqlite3.DatabaseError:
+            pass  # not a journal, or one of an older version: start afresh
+        db.close()
+        return None
+
+    def _create(self, header: tuple[str, int, int]) -> sqlite3.Connection:
+        self.remove()
+        with sqlite_errors(self.path):
+            db = sqlite3.connect(self.path, isolation_level=None)
+            self._prepare(db)
+            db.execute("CREATE TABLE header (layer TEXT, dev INTEGER, ino INTEGER)")
+            db.execute(
+                "CREATE TABLE dirs (path BLOB PRIMARY KEY, mode INTEGER, atime INTEGER, mtime INTEGER) WITHOUT ROWID"
+            )
+            db.execute("INSERT INTO header VALUES (?, ?, ?)", header)
+        return db
+
+    @staticmethod
+    def _prepare(db: sqlite3.Connection) -> None:
+        # One process uses it (no shared-memory file); a commit is a write(2) to the WAL, never an fsync.
+        for pragma in ("locking_mode = EXCLUSIVE", "journal_mode = WAL", "synchronous = OFF"):
+            db.execute(f"PRAGMA {pragma}")
+
+    def save_first(self, path: str, mode: int, atime_ns: int, mtime_ns: int) -> None:
+        """Record what `path` is before this layer changes it, unless a record exists; stored once this returns."""
+        if path not in self.known:
+            with sqlite_errors(self.path):
+                self.db.execute(
+                    "INSERT OR IGNORE INTO dirs VALUES (?, ?, ?, ?)", (os.fsencode(path), mode, atime_ns, mtime_ns)
+                )
+            self._know(path)
+
+    def save(self, path: str, mode: int, atime_ns: int, mtime_ns: int) -> None:
+        """Record what `path` must be once the layer is applied, over any earlier record. Stored in batches: a
+        run killed before it would make the same record again, as it applies the same entry again."""
+        self.pending.append((os.fsencode(path), mode, atime_ns, mtime_ns))
+        if len(self.pending) >= self.BATCH:
+            self._store_pending()
+        self._know(path)
+
+    def _store_pending(self) -> None:
+        with sqlite_errors(self.path):
+            self.db.executemany("INSERT OR REPLACE INTO dirs VALUES (?, ?, ?, ?)", self.pending)
+        self.pending.clear()
+
+    def _know(self, path: str) -> None:
+        if len(self.known) >= self.KNOWN:
+            self.known.clear()
+        self.known.add(path)
+
+    def in_reverse_order(self) -> Iterator[tuple[str, int, int, int]]:
+        """Every record, by path from last to first (the table's own order: nothing is sorted in memory)."""
+        self._store_pending()
+        with sqlite_errors(self.path):
+            for path, *saved in self.db.execute("SELECT path, mode, atime, mtime FROM dirs ORDER BY path DESC"):
+                yield os.fsdecode(path), *saved
+
+    def close(self) -> None:
+        self.db.close()  # writes the WAL into the file and removes it
+
+    def remove(self) -> None:
+        for name in (self.path.name, f"{self.path.name}-wal"):
+            self.path.with_name(name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def sqlite_errors(path: Path) -> Iterator[None]:
+    """SQLite's failures as the OSError that they are, so that a full disk is reported as one."""
+    try:
+        yield
+    except sqlite3.Error as err:
+        code = errno.ENOSPC if getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL else errno.EIO
+        raise OSError(code, str(err), str(path)) from None
 
 
 class Hashes:

@@ -4,13 +4,15 @@ through d-pull); then resources: huge header records, a million entries, trees d
 as root and as the ordinary user, the headline ones end to end through d-pull. Markers outside the rootfs stand
 for the host's files and stay byte-for-byte unchanged; peak memory is the applying process's VmHWM."""
 
+import itertools
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -248,15 +250,20 @@ def test_huge_header_record_pulled_is_one_line_and_flat_memory(
 # -- a million entries: memory stays flat
 
 
-def many_entries(count: int) -> Iterator[bytes]:
-    """`count` empty files in 20 folders, one after the other."""
+def streamed(entries: Iterable[bytes]) -> Iterator[bytes]:
+    """The tar data of `entries`, in chunks, then the end marker."""
     batch = []
-    for n in range(count):
-        batch.append(ustar_header(b"d%d/f%d" % (n * 20 // count, n)))
+    for entry in entries:
+        batch.append(entry)
         if len(batch) == 4096:
             yield b"".join(batch)
             batch = []
     yield b"".join(batch) + END
+
+
+def many_entries(count: int) -> Iterator[bytes]:
+    """`count` empty files in 20 folders, one after the other."""
+    return streamed(ustar_header(b"d%d/f%d" % (n * 20 // count, n)) for n in range(count))
 
 
 @pytest.fixture
@@ -270,7 +277,7 @@ def fast_folder(tmp_path: Path) -> Iterator[Path]:
     folder = Path(tempfile.mkdtemp(dir=shm, prefix="d-utils-many-"))
     folder.chmod(0o755)
     yield folder
-    shutil.rmtree(folder)
+    remove_tree(folder)  # read-only folders with files in them too, as an ordinary user
 
 
 @pytest.mark.timeout(300)
@@ -281,6 +288,95 @@ def test_a_million_entries_keep_memory_flat(fast_folder: Path) -> None:
     assert peak < 80_000  # KiB: 56 MB measured, where tarfile's list of members took 611 MB
     assert sum(len(os.listdir(fast_folder / "rootfs" / f"d{n}")) for n in range(20)) == 1_000_000
     print(f"a million entries: {seconds:.1f} s, peak {peak} KiB")
+
+
+# -- hundreds of thousands of directories, pulled: memory stays flat, every mode and time as the layer says
+
+DIR_MODES = (0o555, 0o000, 0o750)  # read-only and mode-0000 ones among them, for the ordinary user
+LAYER_MTIME_NS = 1_700_000_000 * 10**9  # ustar_header's
+FEWER, MORE = 100_000, 400_000  # a million takes ~60 s to apply here: too long for one test; see the comparison
+
+
+def directory(n: int) -> bytes:
+    return ustar_header(b"d%d/" % n, b"5", mode=DIR_MODES[n % len(DIR_MODES)])
+
+
+def directories_then_files(count: int) -> Iterator[bytes]:
+    """`count` directories each holding one file: the even ones listed first (read-only), then every file, which
+    makes the odd directories. A file comes far after its directory: no cache of recent paths holds them all."""
+    listed = (ustar_header(b"d%d/" % n, b"5", mode=0o555) for n in range(0, count, 2))
+    return streamed(itertools.chain(listed, (ustar_header(b"d%d/f" % n) for n in range(count))))
+
+
+def owned_folder(parent: Path, name: str, user) -> Path:
+    """A folder for one pull, owned by the ordinary user when the pull runs as them."""
+    folder = parent / name
+    folder.mkdir()
+    if user:
+        shutil.chown(folder, USER, USER)
+    return folder
+
+
+def pull_streamed(registry: Registry, parent: Path, name: str, chunks: Iterator[bytes], user) -> tuple[Path, int]:
+    """A one-layer image of `chunks` pushed and pulled by d-pull (as `user` when given): its rootfs, peak KiB."""
+    ref = push_layers(registry, name, [write_streamed_layer(parent, chunks)])
+    folder = owned_folder(parent, name, user)
+    started = time.monotonic()
+    done, peak = pull_in_child(ref, folder / "image", folder / "cache", user)
+    assert done.returncode == 0, done.stderr
+    print(f"{name}: pulled in {time.monotonic() - started:.1f} s, peak {peak} KiB")
+    return folder / "image" / "rootfs", peak
+
+
+def modes_and_times(rootfs: Path) -> dict[int, tuple[int, int, list[str]]]:
+    """n -> (mode, mtime_ns, names inside) of each directory dN of the rootfs; nothing else may be there."""
+    found = {}
+    with os.scandir(rootfs) as entries:
+        for entry in entries:
+            st = entry.stat(follow_symlinks=False)
+            assert stat.S_ISDIR(st.st_mode) and entry.name.startswith("d"), entry.name
+            inside = os.listdir(entry.path) if st.st_mode & 0o500 == 0o500 else []  # others are empty here
+            found[int(entry.name[1:])] = (stat.S_IMODE(st.st_mode), st.st_mtime_ns, inside)
+    return found
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("as_user", [False, pytest.param(True, marks=as_root)], ids=["as-root", "as-ordinary-user"])
+def test_many_directories_pulled_keep_memory_flat(
+    as_user: bool, registry: Registry, fast_folder: Path, request
+) -> None:
+    """Two layers of directories side by side, one four times the other: the same peak, far below what a record in
+    memory per directory took (~330 bytes each: 130 MB more for the larger one)."""
+    user = request.getfixturevalue("unprivileged") if as_user else None
+    peaks = {}
+    for count in (FEWER, MORE):
+        rootfs, peaks[count] = pull_streamed(
+            registry, fast_folder, f"dirs-{count}", streamed(map(directory, range(count))), user
+        )
+        found = modes_and_times(rootfs)
+        assert sorted(found) == list(range(count))
+        assert {n: mode for n, (mode, _, _) in found.items()} == {n: DIR_MODES[n % 3] for n in range(count)}
+        assert {mtime for _, mtime, _ in found.values()} == {LAYER_MTIME_NS}
+        remove_tree(rootfs.parent)  # the next pull has the memory of tmpfs to itself
+    assert max(peaks.values()) < MAX_PEAK_KIB
+    assert peaks[MORE] - peaks[FEWER] < (MORE - FEWER) * 40 // 1024  # under 40 bytes a directory more
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("as_user", [False, pytest.param(True, marks=as_root)], ids=["as-root", "as-ordinary-user"])
+def test_directories_each_holding_a_file_pulled_with_flat_memory(
+    as_user: bool, registry: Registry, fast_folder: Path, request
+) -> None:
+    user = request.getfixturevalue("unprivileged") if as_user else None
+    count = 300_000
+    rootfs, peak = pull_streamed(registry, fast_folder, "dirs-files", directories_then_files(count), user)
+    assert peak < MAX_PEAK_KIB
+    found = modes_and_times(rootfs)
+    assert sorted(found) == list(range(count))
+    assert all(inside == ["f"] for _, _, inside in found.values())
+    listed = {n: found[n][:2] for n in range(0, count, 2)}
+    assert listed == dict.fromkeys(range(0, count, 2), (0o555, LAYER_MTIME_NS))
+    assert {found[n][0] for n in range(1, count, 2)} == {0o755}  # made for their file: the usual mode
 
 
 # -- trees deeper than Python's stack
