@@ -12,7 +12,8 @@ from images import Tar
 from malicious import USER, Layer, as_root, make_workspace, write_layer
 from trees import snapshot
 
-from dutils.rootfs import Hashes, Journal, Tree, clean
+from dutils.journal import Journal
+from dutils.rootfs import Hashes, Tree, clean
 from dutils.store import remove_tree
 
 
@@ -131,9 +132,9 @@ FOLDERS = 800
 KILLED_APPLY = """
 import sys
 from pathlib import Path
-from dutils import rootfs
+from dutils import journal
 from dutils.apply import apply_layer
-rootfs.Journal.KNOWN, rootfs.Journal.BATCH = 100, 7  # small: most directories are looked up in the journal file
+journal.Journal.KNOWN, journal.Journal.BATCH = 100, 7  # small: most directories are looked up in the journal file
 print("ready", flush=True)
 apply_layer(Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4]))
 """
