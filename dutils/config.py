@@ -3,13 +3,12 @@
 import hashlib
 import json
 import os
-import stat
 from pathlib import Path
 
 import xxhash
 
 from .errors import Error
-from .store import DIGEST
+from .store import DIGEST, NotRegular, open_regular
 
 # d-run's own keys, written out so that users see them, and over the image's: an image config saying
 # "ports": ["0.0.0.0:22:22"] must not publish itself.
@@ -53,12 +52,12 @@ def read_image_config(blob: Path) -> dict:
 def read_capped(path: Path, cap: int, what: str) -> bytes:
     """At most `cap` bytes of the regular file `path`, opened without following a link (a FIFO cannot block)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = open_regular(path, os.O_RDONLY)
+    except NotRegular:
+        raise Error(f"{what} at {path} is not a regular file", f"delete {path} and pull again") from None
     except OSError as err:
         raise Error(f"cannot read {what} at {path}: {err.strerror}", "pull again") from None
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise Error(f"{what} at {path} is not a regular file", f"delete {path} and pull again")
         data = handle.read(cap + 1)
     if len(data) > cap:
         raise Error(f"{what} is larger than {cap} bytes", "this is not a real image")

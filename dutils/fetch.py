@@ -3,14 +3,13 @@
 import errno
 import hashlib
 import os
-import stat
 from pathlib import Path
 
 from .errors import Error
 from .manifest import Blob
 from .progress import Progress
 from .registry import Registry
-from .store import blob_locked, blob_path, partial_path, touch
+from .store import NotRegular, blob_locked, blob_path, open_regular, partial_path, touch
 
 
 def fetch_blob(registry: Registry, blob: Blob, cache: Path, progress: Progress, url: str | None = None) -> Path:
@@ -57,7 +56,7 @@ class PartialBlob:
 
     def __init__(self, path: Path, blob: Blob, progress: Progress) -> None:
         self.path, self.blob, self.progress = path, blob, progress
-        self.file = os.fdopen(open_regular(path, os.O_RDWR | os.O_CREAT), "r+b")
+        self.file = os.fdopen(open_cache_file(path, os.O_RDWR | os.O_CREAT), "r+b")
         self.hasher, self.have = hashlib.sha256(), 0
         if os.fstat(self.file.fileno()).st_size > blob.size:  # cannot be a prefix of this blob
             self.restart()
@@ -92,20 +91,18 @@ class PartialBlob:
         self.hasher, self.have = hashlib.sha256(), 0
 
 
-def open_regular(path: Path, flags: int) -> int:
+def open_cache_file(path: Path, flags: int) -> int:
     """Open a cache file without following a link, and only if it is a regular file: a link planted in its place
     must not make us write elsewhere, nor a FIFO hang us (O_NONBLOCK)."""
     hint = "someone else may be able to write to this cache: remove the file, and check the cache's permissions"
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        return open_regular(path, flags)
+    except NotRegular:
+        raise Error(f"{path} is not a regular file", hint) from None
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise Error(f"{path} is a symbolic link, not a file of d-pull's", hint) from None
         raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise Error(f"{path} is not a regular file", hint)
-    return fd
 
 
 def write_error(path: Path, err: OSError, missing: int) -> Error:

@@ -44,10 +44,9 @@ from .sandbox import (
     resolve_user,
     userns_error,
 )
-from .store import PullDir
+from .store import NotRegular, PullDir, open_regular
 
 FILE_CAP = 4 << 20  # config.json, /etc/passwd, /etc/group: far above real ones, far below harm
-READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # no link, no wait on a FIFO
 RESOLV_CONF = "/etc/resolv.conf"
 # apt drops privileges to its _apt user for downloads, which a single mapped user cannot do.
 APT_CONF = "/etc/apt/apt.conf.d/99d-run"
@@ -89,9 +88,12 @@ def read_regular(dir_fd: int, name: str, what: str) -> bytes | None:
     st = lstat_or_none(name, dir_fd)
     if st is None:
         return None
-    fd = os.open(name, READ_FLAGS, dir_fd=dir_fd) if stat.S_ISREG(st.st_mode) else -1
+    try:  # a device is never opened: lstat says what it is first
+        fd = open_regular(name, os.O_RDONLY, dir_fd=dir_fd) if stat.S_ISREG(st.st_mode) else -1
+    except NotRegular:
+        fd = -1  # swapped since the lstat
     try:
-        if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd < 0:
             raise Error(f"{what} is not a regular file", "replace it with one")
         data = os.read(fd, FILE_CAP + 1)  # a regular file gives all it has, up to the count
         if len(data) > FILE_CAP:
@@ -296,11 +298,12 @@ def copy_tree(source: Root, dest: int) -> int:
 
 def copy_file(src: int, name: str, dest: int, copied: str) -> bool:
     """Copy the regular file `name` of `src` to `copied` below `dest`; False when it is no regular file."""
-    fd_in = os.open(name, READ_FLAGS, dir_fd=src)
+    try:
+        fd_in = open_regular(name, os.O_RDONLY, dir_fd=src)
+    except NotRegular:
+        return False  # swapped since it was listed
     try:
         st = os.fstat(fd_in)
-        if not stat.S_ISREG(st.st_mode):
-            return False  # swapped since it was listed
         fd_out = os.open(
             copied, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dest
         )

@@ -4,6 +4,7 @@ Standard library only: d-run imports this on its start-up path.
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -146,17 +147,32 @@ def write_json(path: Path, value: object) -> None:
     write_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
 
 
+class NotRegular(OSError):
+    """What `open_regular` found instead of a regular file: a FIFO, a device, a socket or a folder."""
+
+
+def open_regular(path: str | os.PathLike[str], flags: int, mode: int = 0o644, dir_fd: int | None = None) -> int:
+    """Open `path` only as a regular file: never through a link (ELOOP), never waiting on a FIFO (O_NONBLOCK), and
+    anything else than a regular file closed again and refused (NotRegular). For every file that someone else may
+    have planted: cache files, and the image's own files that d-run reads."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotRegular(errno.EINVAL, "not a regular file", os.fspath(path))
+    return fd
+
+
 @contextlib.contextmanager
 def locked(path: Path, busy_message: str | None = None, kind: int = fcntl.LOCK_EX) -> Iterator[None]:
     """Hold a lock (`kind`: fcntl.LOCK_EX or LOCK_SH) on `path`: wait for it, or fail with `busy_message`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:  # never through a link, never a FIFO: whoever planted one must not make us create or block on its target
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    try:  # whoever planted a link or a FIFO must not make us create or block on its target
+        fd = open_regular(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except NotRegular:
+        raise Error(f"the lock {path} is not a regular file", f"remove it: rm {path}") from None
     except OSError as err:
         raise Error(f"cannot use the lock {path}: {err.strerror}", "remove it if it is a link") from None
     with open(fd, "r+b") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise Error(f"the lock {path} is not a regular file", f"remove it: rm {path}")
         try:
             fcntl.flock(handle, kind | (fcntl.LOCK_NB if busy_message else 0))
         except BlockingIOError:
