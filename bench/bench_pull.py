@@ -594,11 +594,10 @@ def bench(tools: list[Runner], images: list[BenchImage], size: Size, scratch: Pa
         for image in images:
             for tool in tools[rep % len(tools) :] + tools[: rep % len(tools)]:
                 settle(size.settle)
+                # Each run's trees are kept until the bench ends: deleting them here would slow the next runs
+                # (this disk is mounted with discard and stays slow for seconds after a large delete).
                 work, start = Path(tempfile.mkdtemp(prefix="run-", dir=scratch)), log.stat().st_size
-                try:
-                    sample = replace(tool.run(image, work), fetched=served_blob_bytes(log, start))
-                finally:
-                    shutil.rmtree(work)
+                sample = replace(tool.run(image, work), fetched=served_blob_bytes(log, start))
                 if tool.name in FROM_CACHE and sample.fetched:
                     raise Error(f"{tool.name} fetched {sample.fetched} bytes of blobs: its cache was not used")
                 results[image.name, tool.name].append(sample)
