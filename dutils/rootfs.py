@@ -37,6 +37,8 @@ def join(path: str, name: str) -> str:
 
 def clean(name: str) -> str:
     """A member name as a path below the root: `..` clamped at the root, `.` and leading `/` dropped."""
+    if name[:1] not in ("", "/", ".") and "/." not in name and "//" not in name and not name.endswith("/"):
+        return name  # nothing to normalise (most names): normpath costs every entry of a layer twice this check
     return os.path.normpath("/" + name).lstrip("/")
 
 
@@ -220,8 +222,9 @@ class Tree(Root):
 
     def keep(self, path: str) -> None:
         """Mark `path` and its ancestors as written by this layer (up to the first ancestor already marked)."""
-        while path and not self.is_kept(path):
-            self.kept.add(hash(path))
+        kept = self.kept
+        while path and hash(path) not in kept:
+            kept.add(hash(path))
             path = path.rpartition("/")[0]
 
     def is_kept(self, path: str) -> bool:
