@@ -213,7 +213,9 @@ def apply_member(reader: TarReader, entry: Entry, tree: Tree, skipped: Skipped) 
     with tree.parent(entry.name) as place:
         if not place.path and not entry.isdir():
             raise IsADirectoryError(errno.EISDIR, "refusing to turn the root into a non-directory")
-        if entry.islnk():
+        if entry.isreg():  # the common case first; as in tar, so is any unknown type
+            write_file(reader, entry, tree, place, skipped)
+        elif entry.islnk():
             tree.hard_link(place, entry.linkname)  # no metadata: it is the target's
         elif entry.isdevice() and tree.rootless:
             tree.clear(place)  # the layer says something else is there: the old entry goes at least
@@ -223,13 +225,11 @@ def apply_member(reader: TarReader, entry: Entry, tree: Tree, skipped: Skipped) 
             # Owner rwx until finish(): children may follow, in this layer's later entries.
             set_metadata(place.name, place.fd, entry, entry.mode | OWNER_RWX, tree, skipped)
             tree.set_dir_later(place, entry.mode, mtime_ns(entry))
-        elif entry.issym() or entry.isdevice() or entry.isfifo():
+        else:  # a symlink, a device or a FIFO
             tree.clear(place)
             make_node(place, entry)
             mode = None if entry.issym() else entry.mode  # a symlink has no mode of its own
             set_metadata(place.name, place.fd, entry, mode, tree, skipped)
-        else:  # a regular file; as in tar, so is any unknown type
-            write_file(reader, entry, tree, place, skipped)
 
 
 def make_dir(place: Place, tree: Tree) -> None:
