@@ -88,20 +88,19 @@ def read_regular(dir_fd: int, name: str, what: str) -> bytes | None:
     st = lstat_or_none(name, dir_fd)
     if st is None:
         return None
-    try:  # a device is never opened: lstat says what it is first
-        fd = open_regular(name, os.O_RDONLY, dir_fd=dir_fd) if stat.S_ISREG(st.st_mode) else -1
-    except NotRegular:
-        fd = -1  # swapped since the lstat
     try:
-        if fd < 0:
-            raise Error(f"{what} is not a regular file", "replace it with one")
+        if not stat.S_ISREG(st.st_mode):  # a device is never opened: lstat says what it is first
+            raise NotRegular
+        fd = open_regular(name, os.O_RDONLY, dir_fd=dir_fd)  # NotRegular too when swapped since the lstat
+    except NotRegular:
+        raise Error(f"{what} is not a regular file", "replace it with one") from None
+    try:
         data = os.read(fd, FILE_CAP + 1)  # a regular file gives all it has, up to the count
-        if len(data) > FILE_CAP:
-            raise Error(f"{what} is larger than {FILE_CAP >> 20} MiB", "no real one is: replace it")
-        return data
     finally:
-        if fd >= 0:
-            os.close(fd)
+        os.close(fd)
+    if len(data) > FILE_CAP:
+        raise Error(f"{what} is larger than {FILE_CAP >> 20} MiB", "no real one is: replace it")
+    return data
 
 
 def read_config(dir_fd: int, label: str) -> ImageConfig:
@@ -169,10 +168,7 @@ class MountTable:
 
     def place(self, target: str, make: Callable[[int, str], None]) -> str:
         """Make `target` exist (see make_entry), resolved as the container will see it, and return it free of
-        links.
-
-        In the rootfs, links are followed re-rooted at it; one that leads into a mount hands the rest
-        over to what is mounted there; in a mounted folder a link is refused (Sealed)."""
+        links: a link in the rootfs that leads into a mount hands the rest over to what is mounted there."""
         path = target
         for _ in range(MAX_LINKS):
             mount, rest = self.covering(path)
@@ -220,9 +216,11 @@ def make_volume(place: Place, rootfs: Root, target: str, skipped: list[int]) -> 
     partial = f".{place.name}.partial-{os.getpid()}"
     os.mkdir(partial, 0o755, dir_fd=place.fd)
     try:
-        seed = find_seed(rootfs, target)
+        seed = find_folder(rootfs, target)
         if seed is not None:
             with seed, Root(os.dup(seed.fd), seed.name) as tree:
+                if not seed.path:
+                    raise Error(f"the volume {target} leads to the image's root folder", "remove it from Volumes")
                 dest = os.open(partial, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=place.fd)
                 try:
                     skipped[0] += copy_tree(tree, dest)
@@ -236,19 +234,16 @@ def make_volume(place: Place, rootfs: Root, target: str, skipped: list[int]) -> 
         raise
 
 
-def find_seed(rootfs: Root, target: str) -> Place | None:
-    """Where the image holds the folder `target` (links followed inside it), or None when it holds none."""
+def find_folder(rootfs: Root, path: str) -> Place | None:
+    """Where the image holds the folder `path` (links followed inside it), or None when it holds none."""
     try:
-        place = rootfs.resolve(target, stop_absent)
+        place = rootfs.resolve(path, stop_absent)
     except (FileNotFoundError, NotADirectoryError):
         return None
     st = lstat_or_none(place.name, place.fd)
     if st is None or not stat.S_ISDIR(st.st_mode):
         place.__exit__()
         return None
-    if not place.path:
-        place.__exit__()
-        raise Error(f"the volume {target} leads to the image's root folder", "remove it from Volumes")
     return place
 
 
@@ -256,7 +251,9 @@ def copy_tree(source: Root, dest: int) -> int:
     """Copy the tree `source` into the empty folder open as `dest`, through descriptors: folders, regular
     files, and symbolic links as links (never followed). Device nodes, FIFOs and sockets are skipped, never
     opened: returns how many. No recursion: a deep tree costs a list, not the stack."""
-    skipped, folders, todo = 0, [], [""]
+    with source.find("") as place:
+        st = os.lstat(place.name, dir_fd=place.fd)
+    skipped, folders, todo = 0, [(".", st)], [""]  # "." below `dest`: `dest` itself
     last, src = None, -1  # the folder listed last, kept open: depth first, its child is most often next
     while todo:
         path = todo.pop()
@@ -289,10 +286,6 @@ def copy_tree(source: Root, dest: int) -> int:
     for copied, st in reversed(folders):  # children before their parents
         os.chmod(copied, stat.S_IMODE(st.st_mode), dir_fd=dest)
         os.utime(copied, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dest)
-    with source.find("") as place:
-        st = os.lstat(place.name, dir_fd=place.fd)
-    os.fchmod(dest, stat.S_IMODE(st.st_mode))
-    os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns))
     return skipped
 
 
@@ -447,13 +440,16 @@ def plan_sandbox(args: SimpleNamespace) -> Sandbox:
             table.add(path, None, name)  # made afresh by bwrap: nothing of ours below them
         binds = []
         for mount, fd in zip(mounts, sources, strict=True):
-            target = table.place(mount.target, make_missing_dir if is_folder(fd) else make_empty_file)
+            is_folder = stat.S_ISDIR(os.fstat(fd).st_mode)
+            target = table.place(mount.target, make_missing_dir if is_folder else make_empty_file)
             if target == "/":
                 raise Error(f"the volume {mount.target} leads to the image's root folder", "remove it")
             table.add(target, fd, mount.source or f"{pull.volumes}{mount.target}")
             binds.append(Bind(fd, target, mount.read_only))
         files = [(hosts_file(hostname), "/etc/hosts")]
-        if has_folder(rootfs, os.path.dirname(APT_CONF)):
+        apt = find_folder(rootfs, os.path.dirname(APT_CONF))
+        if apt is not None:
+            apt.__exit__()
             files.append((APT_SETTINGS, APT_CONF))
         data_files = [(data_fd(data), table.place(target, make_empty_file)) for data, target in files]
         workdir = args.workdir or config.workdir or "/"
@@ -483,30 +479,11 @@ def plan_sandbox(args: SimpleNamespace) -> Sandbox:
     )
 
 
-def is_folder(fd: int) -> bool:
-    return stat.S_ISDIR(os.fstat(fd).st_mode)
-
-
 def open_rootfs(dir_fd: int, label: str) -> Root:
     try:
         return Root(os.dup(dir_fd), "rootfs")
     except (NotADirectoryError, FileNotFoundError):
         raise Error(f"{label} is not a folder (a symbolic link?)", "pull again into a new folder") from None
-
-
-def has_folder(rootfs: Root, path: str) -> bool:
-    """Whether the image has a folder at `path` (links followed inside it)."""
-    try:
-        with rootfs.resolve(path, stop_absent) as place:
-            st = lstat_or_none(place.name, place.fd)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    return st is not None and stat.S_ISDIR(st.st_mode)
-
-
-def close_inherited_fds() -> None:
-    """Close what d-run's caller left open besides stdin, stdout and stderr: bwrap would pass it on."""
-    os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # one close_range(2) call on Linux
 
 
 def exec_bwrap(argv: list[str]) -> None:
@@ -656,7 +633,7 @@ def make_parser():  # -> argparse.ArgumentParser, imported only here: it costs d
     import argparse
 
     def checked(read: Callable[[str], object]) -> Callable[[str], object]:
-        """An argparse `type` that reports the ValueError of a reader as a usage error."""
+        """An argparse `type` that reports the ValueError of a reader as a usage error, with its message."""
 
         def check(text: str) -> object:
             try:
@@ -664,7 +641,6 @@ def make_parser():  # -> argparse.ArgumentParser, imported only here: it costs d
             except ValueError as err:
                 raise argparse.ArgumentTypeError(str(err)) from None
 
-        check.__name__ = read.__name__
         return check
 
     parser = argparse.ArgumentParser(
@@ -689,7 +665,8 @@ def make_parser():  # -> argparse.ArgumentParser, imported only here: it costs d
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        close_inherited_fds()
+        # What d-run's caller left open besides stdin, stdout and stderr: bwrap would pass it on.
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # one close_range(2) call on Linux
         box = plan_sandbox(args)
         command = bwrap_argv(box)
         if box.ports:
