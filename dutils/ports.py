@@ -112,23 +112,14 @@ def published(flags: list[str], configured: tuple[str, ...], network: bool) -> t
     return chosen
 
 
-def find_program(name: str, path: str) -> str | None:
-    """The first executable `name` on `path` (a PATH value), as execvp would find it."""
-    for folder in path.split(os.pathsep):
-        candidate = os.path.join(folder or ".", name)
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
-def check_tun(path: str = TUN) -> None:
+def check_tun() -> None:
     """pasta makes its tap device through /dev/net/tun: it must open for reading and writing."""
     try:
-        os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+        os.close(os.open(TUN, os.O_RDWR | os.O_CLOEXEC))
     except OSError as err:
         raise Error(
-            f"-p needs {path}, which cannot be opened for reading and writing: {err.strerror}",
-            f"it must exist and be readable and writable by you (mode 0666 on common distributions: as root, chmod 0666 {path})",
+            f"-p needs {TUN}, which cannot be opened for reading and writing: {err.strerror}",
+            f"it must exist and be readable and writable by you (mode 0666 on common distributions: as root, chmod 0666 {TUN})",
         ) from None
 
 
@@ -176,7 +167,9 @@ def check_ready(ports: tuple[Port, ...], path: str) -> None:
             "-p runs pasta, which does not run as root (it would switch to the user nobody)",
             "run d-run -p as an ordinary user",
         )
-    if find_program("pasta", path) is None:
+    import shutil  # only with ports: it costs d-run's start-up
+
+    if shutil.which("pasta", path=path) is None:
         raise Error("-p needs pasta, which is not installed (or not on PATH)", "install passt: apt-get install passt")
     check_tun()
     for port in ports:

@@ -85,29 +85,28 @@ class Owned(Sealed):
 def read_regular(dir_fd: int, name: str, what: str) -> bytes | None:
     """The bytes of the regular file `name` in `dir_fd`, or None when there is none: never through a link,
     never waiting on a FIFO, never reading a device, never more than FILE_CAP bytes."""
-    st = lstat_or_none(name, dir_fd)
-    if st is None:
-        return None
     try:
+        st = lstat_or_none(name, dir_fd)
+        if st is None:
+            return None
         if not stat.S_ISREG(st.st_mode):  # a device is never opened: lstat says what it is first
             raise NotRegular
         fd = open_regular(name, os.O_RDONLY, dir_fd=dir_fd)  # NotRegular too when swapped since the lstat
+        try:
+            data = os.read(fd, FILE_CAP + 1)  # a regular file gives all it has, up to the count
+        finally:
+            os.close(fd)
     except NotRegular:
         raise Error(f"{what} is not a regular file", "replace it with one") from None
-    try:
-        data = os.read(fd, FILE_CAP + 1)  # a regular file gives all it has, up to the count
-    finally:
-        os.close(fd)
+    except OSError as err:
+        raise Error(f"{what}: {err.strerror}") from None
     if len(data) > FILE_CAP:
         raise Error(f"{what} is larger than {FILE_CAP >> 20} MiB", "no real one is: replace it")
     return data
 
 
 def read_config(dir_fd: int, label: str) -> ImageConfig:
-    try:
-        data = read_regular(dir_fd, "config.json", label)
-    except OSError as err:
-        raise Error(f"{label}: {err.strerror}") from None
+    data = read_regular(dir_fd, "config.json", label)
     if data is None:
         raise Error(f"{label} is missing", "pull again into a new folder")
     try:
@@ -297,9 +296,7 @@ def copy_file(src: int, name: str, dest: int, copied: str) -> bool:
         return False  # swapped since it was listed
     try:
         st = os.fstat(fd_in)
-        fd_out = os.open(
-            copied, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dest
-        )
+        fd_out = open_regular(copied, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dest)
         try:
             while os.sendfile(fd_out, fd_in, None, 1 << 30):
                 pass
@@ -353,8 +350,7 @@ def data_fd(data: bytes) -> int:
     read_end, write_end = os.pipe()
     os.write(write_end, data)
     os.close(write_end)
-    os.set_inheritable(read_end, True)
-    return read_end
+    return inheritable(read_end)
 
 
 def inheritable(fd: int) -> int:
@@ -596,13 +592,12 @@ def quick_parse(argv: list[str]) -> SimpleNamespace | None:
     the command."""
     args = SimpleNamespace(**{dest: [] if dest in REPEATED else None for _, dest, *_ in OPTIONS})
     args.rw = args.net = args.debug = False
-    index = 0
-    while index < len(argv):
-        word = argv[index]
+    words = iter(argv)
+    for word in words:
         if not word.startswith("-"):
-            args.dir, args.command = word, argv[index + 1 :]
+            args.dir, args.command = word, list(words)
             if args.command[:1] == ["--"]:  # as argparse: a '--' right after DIR is dropped
-                args.command = args.command[1:]
+                del args.command[0]
             return args
         name, equals, value = word.partition("=") if word.startswith("--") else (word, "", "")
         flags, dest, metavar, read, _ = BY_FLAG.get(name, ((), "", None, None, ""))
@@ -610,13 +605,11 @@ def quick_parse(argv: list[str]) -> SimpleNamespace | None:
             return None
         if metavar is None:
             setattr(args, dest, True)
-            index += 1
             continue
         if not equals:
-            if index + 1 == len(argv) or argv[index + 1].startswith("-"):
+            value = next(words, "-")  # no value, or an option in its place: argparse's to report
+            if value.startswith("-"):
                 return None
-            value, index = argv[index + 1], index + 1
-        index += 1
         try:
             value = read(value)
         except ValueError:

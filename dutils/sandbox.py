@@ -10,13 +10,13 @@ import json
 from collections import namedtuple
 from collections.abc import Callable
 
-from .errors import Error
+from .errors import CONTROLS, Error
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOSTNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 # Newlines and tabs are kept in commands and values: `sh -c` scripts hold them in real images.
-TEXT_CONTROLS = frozenset(chr(code) for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))) - {"\t", "\n"}
-NAME_CONTROLS = TEXT_CONTROLS | {"\t", "\n"}
+NAME_CONTROLS = frozenset(map(chr, CONTROLS))
+TEXT_CONTROLS = NAME_CONTROLS - {"\t", "\n"}
 PATH_MAX = 4096  # the kernel's: bwrap could not use a longer path
 MAX_VOLUMES = 256  # far beyond real images; each is a folder, a copy and a mount
 
