@@ -77,9 +77,18 @@ class Owned(Sealed):
             raise Error(f"{shown} is owned by uid {st.st_uid}, not by you", "remove it, or pull into a new folder")
         return super()._enter(fd, name, path, st)
 
-    def open_folder(self, place: Place, st: os.stat_result) -> int:
-        """The folder at `place` (`st` its lstat), opened once checked as every folder on the way is."""
-        return self._enter(place.fd, place.name, place.path, st)
+    def open_volume(self, rootfs: Root, target: str, skipped: list[int]) -> int:
+        """DIR/volumes/<target> as an O_PATH descriptor: a real folder of the user's own, made on first use as
+        a copy of what the image holds at `target`, as Docker does (`skipped` counts what is not copied)."""
+        with self.parent(target) as place:
+            st = lstat_or_none(place.name, place.fd)
+            if st is None:
+                make_volume(place, rootfs, target, skipped)
+                st = os.lstat(place.name, dir_fd=place.fd)
+            if not stat.S_ISDIR(st.st_mode):
+                kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a folder"
+                raise Error(f"{self.label}/{place.path} is {kind}", "remove it: d-run makes it again")
+            return self._enter(place.fd, place.name, place.path, st)  # checked as every folder on the way is
 
 
 def read_regular(dir_fd: int, name: str, what: str) -> bytes | None:
@@ -194,20 +203,6 @@ class MountTable:
 
 
 # ----- anonymous volumes -------------------------------------------------------------------------------
-
-
-def volume_folder(volumes: Owned, rootfs: Root, target: str, skipped: list[int]) -> int:
-    """DIR/volumes/<target> as an O_PATH descriptor: a real folder of the user's own, made on first use as
-    a copy of what the image holds at `target`, as Docker does (`skipped` counts what is not copied)."""
-    with volumes.parent(target) as place:
-        st = lstat_or_none(place.name, place.fd)
-        if st is None:
-            make_volume(place, rootfs, target, skipped)
-            st = os.lstat(place.name, dir_fd=place.fd)
-        if not stat.S_ISDIR(st.st_mode):
-            kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a folder"
-            raise Error(f"{volumes.label}/{place.path} is {kind}", "remove it: d-run makes it again")
-        return volumes.open_folder(place, st)
 
 
 def make_volume(place: Place, rootfs: Root, target: str, skipped: list[int]) -> None:
@@ -391,7 +386,7 @@ def open_sources(pull: PullDir, dir_fd: int, rootfs: Root, mounts: list[Mount]) 
                 sources.append(open_source(mount))
                 continue
             try:
-                sources.append(inheritable(volume_folder(volumes, rootfs, mount.target, skipped)))
+                sources.append(inheritable(volumes.open_volume(rootfs, mount.target, skipped)))
             except OSError as err:
                 raise Error(f"anonymous volume {mount.target}: cannot make it in {pull.volumes}: {err}") from None
     if skipped[0]:
@@ -669,16 +664,13 @@ def main(argv: list[str] | None = None) -> int:
 
             print(shlex.join(command), file=sys.stderr)
         exec_bwrap(command)
-    except Error as err:
-        if args.debug:
-            raise
-        print(f"d-run: error: {err}", file=sys.stderr)
     except KeyboardInterrupt:
         return 130
-    except Exception as err:  # the command-line edge: a bug, said in one line
+    except Exception as err:  # the command-line edge: an Error as it is, a bug in one line
         if args.debug:
             raise
-        print(f"d-run: error: {type(err).__name__}: {err} (run with --debug for a traceback)", file=sys.stderr)
+        said = str(err) if isinstance(err, Error) else f"{type(err).__name__}: {err} (run with --debug for a traceback)"
+        print(f"d-run: error: {said}", file=sys.stderr)
     return 1
 
 
