@@ -19,31 +19,9 @@ import sys
 from collections.abc import Callable
 from types import SimpleNamespace
 
-from . import ports, seccomp
+from . import ports, sandbox, seccomp
 from .errors import Error, printable
 from .rootfs import DIR_FLAGS, MAX_LINKS, Place, Root, children, join, lstat_or_none, make_missing_dir, stop_absent
-from .sandbox import (
-    DEFAULT_PATH,
-    Bind,
-    ImageConfig,
-    Mount,
-    Sandbox,
-    absolute_path,
-    bwrap_argv,
-    check_hostname,
-    container_command,
-    container_env,
-    default_hostname,
-    hosts_file,
-    inherited_fds,
-    merged_mounts,
-    parse_config,
-    parse_env,
-    parse_env_file,
-    parse_volume,
-    resolve_user,
-    userns_error,
-)
 from .store import NotRegular, PullDir, open_regular
 
 FILE_CAP = 4 << 20  # config.json, /etc/passwd, /etc/group: far above real ones, far below harm
@@ -114,12 +92,12 @@ def read_regular(dir_fd: int, name: str, what: str) -> bytes | None:
     return data
 
 
-def read_config(dir_fd: int, label: str) -> ImageConfig:
+def read_config(dir_fd: int, label: str) -> sandbox.ImageConfig:
     data = read_regular(dir_fd, "config.json", label)
     if data is None:
         raise Error(f"{label} is missing", "pull again into a new folder")
     try:
-        return parse_config(json.loads(data))
+        return sandbox.parse_config(json.loads(data))
     except (ValueError, RecursionError) as err:
         raise Error(f"{label}: not valid JSON ({err})", "fix config.json, or pull again into a new folder") from None
 
@@ -318,7 +296,7 @@ def read_setting(path: str) -> str:
 
 def check_user_namespaces() -> None:
     # Checked before the exec: once bwrap runs, its own message is all the user would get.
-    error = userns_error(
+    error = sandbox.userns_error(
         read_setting("/proc/sys/user/max_user_namespaces"),
         read_setting("/proc/sys/kernel/unprivileged_userns_clone"),
         os.geteuid(),
@@ -332,7 +310,7 @@ def read_env_files(paths: list[str]) -> list[tuple[str, str | None]]:
     for path in paths:
         try:
             with open(path) as handle:
-                pairs += parse_env_file(handle.read())
+                pairs += sandbox.parse_env_file(handle.read())
         except OSError as err:
             raise Error(f"--env-file {path}: {err.strerror}") from None
         except ValueError as err:
@@ -353,7 +331,7 @@ def inheritable(fd: int) -> int:
     return fd
 
 
-def open_source(mount: Mount) -> int:
+def open_source(mount: sandbox.Mount) -> int:
     """The host path of a -v, opened once (bwrap binds the descriptor, never the path again)."""
     try:
         return inheritable(os.open(mount.source, os.O_PATH | os.O_CLOEXEC))
@@ -376,7 +354,7 @@ def open_volumes(dir_fd: int, label: str) -> Owned:
         raise Error(f"{label} is not a folder (a symbolic link?)", "remove it: d-run makes it again") from None
 
 
-def open_sources(pull: PullDir, dir_fd: int, rootfs: Root, mounts: list[Mount]) -> list[int]:
+def open_sources(pull: PullDir, dir_fd: int, rootfs: Root, mounts: list[sandbox.Mount]) -> list[int]:
     """Each mount's source as a descriptor bwrap inherits, anonymous volumes made first (in mount order, so
     a volume's folder holds the folders of the volumes below it)."""
     sources, skipped = [], [0]
@@ -397,7 +375,7 @@ def open_sources(pull: PullDir, dir_fd: int, rootfs: Root, mounts: list[Mount]) 
     return sources
 
 
-def plan_sandbox(args: SimpleNamespace) -> Sandbox:
+def plan_sandbox(args: SimpleNamespace) -> sandbox.Sandbox:
     """Resolve the flags, config.json and the image's files into a Sandbox, every mount point made."""
     pull = PullDir(args.dir)
     pull.require_complete()
@@ -406,22 +384,22 @@ def plan_sandbox(args: SimpleNamespace) -> Sandbox:
     except OSError as err:
         raise Error(f"cannot use {pull.root}: {err.strerror}") from None
     config = read_config(dir_fd, str(pull.config))
-    command = container_command(config, args.entrypoint, args.command)
+    command = sandbox.container_command(config, args.entrypoint, args.command)
     check_user_namespaces()
     with open_rootfs(dir_fd, str(pull.rootfs)) as rootfs:
         passwd, group = read_image_file(rootfs, "etc/passwd"), read_image_file(rootfs, "etc/group")
-        identity = resolve_user(args.user if args.user is not None else config.user, passwd, group)
-        hostname = args.hostname or config.hostname or default_hostname(pull.root.name)
-        base_env = {"PATH": DEFAULT_PATH, "HOSTNAME": hostname, "HOME": identity.home}
+        identity = sandbox.resolve_user(args.user if args.user is not None else config.user, passwd, group)
+        hostname = args.hostname or config.hostname or sandbox.default_hostname(pull.root.name)
+        base_env = {"PATH": sandbox.DEFAULT_PATH, "HOSTNAME": hostname, "HOME": identity.home}
         if "TERM" in os.environ:
             base_env["TERM"] = os.environ["TERM"]
-        env = container_env(base_env, config.env, read_env_files(args.env_file) + args.env, dict(os.environ))
+        env = sandbox.container_env(base_env, config.env, read_env_files(args.env_file) + args.env, dict(os.environ))
         published = ports.published(args.publish, config.ports, args.net or config.net)
         network = args.net or config.net or bool(published)  # with ports: pasta's network, shared by bwrap
-        defaults = [Mount(target) for target in config.volumes]
+        defaults = [sandbox.Mount(target) for target in config.volumes]
         if network and os.path.exists(RESOLV_CONF):
-            defaults.append(Mount(RESOLV_CONF, RESOLV_CONF, read_only=True))
-        mounts = merged_mounts(defaults, args.volume)
+            defaults.append(sandbox.Mount(RESOLV_CONF, RESOLV_CONF, read_only=True))
+        mounts = sandbox.merged_mounts(defaults, args.volume)
         if published:
             ports.check_ready(published, os.environ.get("PATH", os.defpath))
         sources = open_sources(pull, dir_fd, rootfs, mounts)
@@ -436,8 +414,8 @@ def plan_sandbox(args: SimpleNamespace) -> Sandbox:
             if target == "/":
                 raise Error(f"the volume {mount.target} leads to the image's root folder", "remove it")
             table.add(target, fd, mount.source or f"{pull.volumes}{mount.target}")
-            binds.append(Bind(fd, target, mount.read_only))
-        files = [(hosts_file(hostname), "/etc/hosts")]
+            binds.append(sandbox.Bind(fd, target, mount.read_only))
+        files = [(sandbox.hosts_file(hostname), "/etc/hosts")]
         apt = find_folder(rootfs, os.path.dirname(APT_CONF))
         if apt is not None:
             apt.__exit__()
@@ -448,7 +426,7 @@ def plan_sandbox(args: SimpleNamespace) -> Sandbox:
         root_fd = inheritable(os.dup(rootfs.root))
     os.close(dir_fd)
     program = seccomp.filter_program(os.uname().machine)
-    return Sandbox(
+    return sandbox.Sandbox(
         root_fd=root_fd,
         command=command,
         identity=identity,
@@ -550,10 +528,10 @@ examples:
 # Every option: its flags, where it goes, its metavar (None: a flag), how its value is read, its help.
 # REPEATED ones gather a list. Both parsers below are made from this one table.
 OPTIONS = (
-    (("-v", "--volume"), "volume", "HOST:CONTAINER[:ro]", parse_volume,
+    (("-v", "--volume"), "volume", "HOST:CONTAINER[:ro]", sandbox.parse_volume,
      "bind the host path HOST (relative to the current folder) at CONTAINER, read-only with :ro; "
      "CONTAINER alone: an anonymous volume kept in DIR/volumes (repeatable)"),
-    (("-e", "--env"), "env", "KEY[=VALUE]", parse_env,
+    (("-e", "--env"), "env", "KEY[=VALUE]", sandbox.parse_env,
      "set KEY inside; KEY alone passes d-run's own value on (repeatable)"),
     (("--env-file",), "env_file", "FILE", str,
      "read KEY=VALUE or KEY lines from FILE ('#' comments), before -e (repeatable)"),
@@ -565,8 +543,8 @@ OPTIONS = (
      "forward the host's port (on 127.0.0.1 unless HOST_ADDR is given; [::1] for IPv6) to the container's, "
      "which gets its own network with outbound access through pasta (package passt); the host's loopback "
      "services stay out of reach; not with -n (repeatable)"),
-    (("--workdir",), "workdir", "PATH", absolute_path, "start in PATH (default: WorkingDir, else /)"),
-    (("--hostname",), "hostname", "NAME", check_hostname, "the container's host name"),
+    (("--workdir",), "workdir", "PATH", sandbox.absolute_path, "start in PATH (default: WorkingDir, else /)"),
+    (("--hostname",), "hostname", "NAME", sandbox.check_hostname, "the container's host name"),
     (("--entrypoint",), "entrypoint", "PROGRAM", str,
      "run PROGRAM instead of the image's Entrypoint and Cmd ('' for none)"),
     (("--debug",), "debug", None, None, "print the bwrap command before running it; tracebacks on errors"),
@@ -656,9 +634,9 @@ def main(argv: list[str] | None = None) -> int:
         # What d-run's caller left open besides stdin, stdout and stderr: bwrap would pass it on.
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # one close_range(2) call on Linux
         box = plan_sandbox(args)
-        command = bwrap_argv(box)
+        command = sandbox.bwrap_argv(box)
         if box.ports:
-            command = ports.pasta_argv(box.ports, sys.executable, inherited_fds(box), command)
+            command = ports.pasta_argv(box.ports, sys.executable, sandbox.inherited_fds(box), command)
         if args.debug:
             import shlex
 
