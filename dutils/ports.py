@@ -38,8 +38,7 @@ os.execvp(sys.argv[2], sys.argv[2:])
 
 
 class Port(namedtuple("Port", "address host_port container_port protocol")):
-    """One published port: the host address (str) and port (int) pasta listens on, the container's
-    port (int) it forwards to, and "tcp" or "udp"."""
+    """One published port: pasta listens on the host's address and port, and forwards to the container's."""
 
     __slots__ = ()
 
@@ -86,8 +85,7 @@ def parse_port(spec: str) -> Port:
 
 
 def parse_ports(specs: list[str], source: str) -> tuple[Port, ...]:
-    """Every spec parsed, each host address, port and protocol published once; errors name `source`
-    (the -p option or config.json's key)."""
+    """Every spec parsed, each host address, port and protocol published once; errors name `source`."""
     published: dict[tuple, Port] = {}
     for spec in specs:
         try:
@@ -160,8 +158,7 @@ def unprivileged_port_start() -> str:
 
 
 def check_ready(ports: tuple[Port, ...], path: str) -> None:
-    """Everything pasta needs, checked before d-run execs it: after that, only pasta's own messages
-    reach the user. `path` is the PATH pasta is looked up on."""
+    """Everything pasta needs, checked before d-run execs it: after that, only pasta's own messages reach the user."""
     if os.geteuid() == 0:
         raise Error(
             "-p runs pasta, which does not run as root (it would switch to the user nobody)",

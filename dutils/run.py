@@ -1,14 +1,12 @@
 """d-run: run a command in a pulled image with bubblewrap, unprivileged, and exec into bwrap.
 
-The pure pieces (config.json, users, mounts, the bwrap command line) are in `sandbox`; this module reads
-the pull folder, prepares every mount point and volume, and execs. Every path it creates, copies or binds
-for the image is resolved inside DIR by rootfs's resolver, through descriptors, never following a link out:
-bwrap makes its mount points by following links *before* it pivots into the new root, so d-run makes them
-first, links resolved as the container sees them, and hands bwrap destinations with no link left on them
-and sources as open descriptors.
+The pure pieces are in `sandbox`; this module reads the pull folder, makes every mount point and volume, and
+execs. bwrap makes its mount points by following links *before* it pivots into the new root, so d-run makes
+them first, each resolved inside DIR by rootfs's resolver as the container sees it, through descriptors, and
+hands bwrap destinations with no link left on them and sources as open descriptors.
 
-Start-up matters (d-run should cost little more than bwrap itself): this module imports only the
-standard library and small dutils modules, never `requests` or `doit`.
+Start-up matters (d-run should cost little more than bwrap itself): standard library and small dutils
+modules only, never `requests` or `doit`.
 """
 
 import json
@@ -541,8 +539,7 @@ OPTIONS = (
     (("-n", "--net"), "net", None, None, "share the host's network, with its /etc/resolv.conf"),
     (("-p", "--publish"), "publish", "[HOST_ADDR:]HOST_PORT:CONTAINER_PORT[/tcp|/udp]", str,
      "forward the host's port (on 127.0.0.1 unless HOST_ADDR is given; [::1] for IPv6) to the container's, "
-     "which gets its own network with outbound access through pasta (package passt); the host's loopback "
-     "services stay out of reach; not with -n (repeatable)"),
+     "which gets its own network (see networks below); not with -n (repeatable)"),
     (("--workdir",), "workdir", "PATH", sandbox.absolute_path, "start in PATH (default: WorkingDir, else /)"),
     (("--hostname",), "hostname", "NAME", sandbox.check_hostname, "the container's host name"),
     (("--entrypoint",), "entrypoint", "PROGRAM", str,
@@ -561,8 +558,7 @@ def parse_args(argv: list[str]) -> SimpleNamespace:
 
 
 def quick_parse(argv: list[str]) -> SimpleNamespace | None:
-    """`argv` read as argparse would read it, or None when it is not made only of exact options, DIR and
-    the command."""
+    """`argv` read as argparse would, or None unless it is only exact options, DIR and the command."""
     args = SimpleNamespace(**{dest: [] if dest in REPEATED else None for _, dest, *_ in OPTIONS})
     args.rw = args.net = args.debug = False
     words = iter(argv)

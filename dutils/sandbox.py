@@ -1,6 +1,5 @@
-"""What a d-run sandbox is made of, from pure pieces: config.json checked, users looked up, mounts merged,
-the environment and command combined, and the bwrap command line built. No I/O here: run.py reads the
-files, prepares the mount points and execs.
+"""What a d-run sandbox is made of, from pure pieces, up to the bwrap command line. No I/O here: run.py reads
+the files, prepares the mount points and execs.
 
 Standard library only, and little of it: d-run's start-up pays for every import. Value types are
 namedtuples: a dataclass takes ten times as long to define.
