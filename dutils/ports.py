@@ -38,8 +38,7 @@ os.execvp(sys.argv[2], sys.argv[2:])
 
 
 class Port(namedtuple("Port", "address host_port container_port protocol")):
-    """One published port: the host address (str) and port (int) pasta listens on, the container's
-    port (int) it forwards to, and "tcp" or "udp"."""
+    """One published port: pasta listens on the host's address and port, and forwards to the container's."""
 
     __slots__ = ()
 
@@ -86,8 +85,7 @@ def parse_port(spec: str) -> Port:
 
 
 def parse_ports(specs: list[str], source: str) -> tuple[Port, ...]:
-    """Every spec parsed, each host address, port and protocol published once; errors name `source`
-    (the -p option or config.json's key)."""
+    """Every spec parsed, each host address, port and protocol published once; errors name `source`."""
     published: dict[tuple, Port] = {}
     for spec in specs:
         try:
@@ -112,23 +110,14 @@ def published(flags: list[str], configured: tuple[str, ...], network: bool) -> t
     return chosen
 
 
-def find_program(name: str, path: str) -> str | None:
-    """The first executable `name` on `path` (a PATH value), as execvp would find it."""
-    for folder in path.split(os.pathsep):
-        candidate = os.path.join(folder or ".", name)
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
-def check_tun(path: str = TUN) -> None:
+def check_tun() -> None:
     """pasta makes its tap device through /dev/net/tun: it must open for reading and writing."""
     try:
-        os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+        os.close(os.open(TUN, os.O_RDWR | os.O_CLOEXEC))
     except OSError as err:
         raise Error(
-            f"-p needs {path}, which cannot be opened for reading and writing: {err.strerror}",
-            f"it must exist and be readable and writable by you (mode 0666 on common distributions: as root, chmod 0666 {path})",
+            f"-p needs {TUN}, which cannot be opened for reading and writing: {err.strerror}",
+            f"it must exist and be readable and writable by you (mode 0666 on common distributions: as root, chmod 0666 {TUN})",
         ) from None
 
 
@@ -169,14 +158,15 @@ def unprivileged_port_start() -> str:
 
 
 def check_ready(ports: tuple[Port, ...], path: str) -> None:
-    """Everything pasta needs, checked before d-run execs it: after that, only pasta's own messages
-    reach the user. `path` is the PATH pasta is looked up on."""
+    """Everything pasta needs, checked before d-run execs it: after that, only pasta's own messages reach the user."""
     if os.geteuid() == 0:
         raise Error(
             "-p runs pasta, which does not run as root (it would switch to the user nobody)",
             "run d-run -p as an ordinary user",
         )
-    if find_program("pasta", path) is None:
+    import shutil  # only with ports: it costs d-run's start-up
+
+    if shutil.which("pasta", path=path) is None:
         raise Error("-p needs pasta, which is not installed (or not on PATH)", "install passt: apt-get install passt")
     check_tun()
     for port in ports:

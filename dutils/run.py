@@ -1,14 +1,12 @@
 """d-run: run a command in a pulled image with bubblewrap, unprivileged, and exec into bwrap.
 
-The pure pieces (config.json, users, mounts, the bwrap command line) are in `sandbox`; this module reads
-the pull folder, prepares every mount point and volume, and execs. Every path it creates, copies or binds
-for the image is resolved inside DIR by rootfs's resolver, through descriptors, never following a link out:
-bwrap makes its mount points by following links *before* it pivots into the new root, so d-run makes them
-first, links resolved as the container sees them, and hands bwrap destinations with no link left on them
-and sources as open descriptors.
+The pure pieces are in `sandbox`; this module reads the pull folder, makes every mount point and volume, and
+execs. bwrap makes its mount points by following links *before* it pivots into the new root, so d-run makes
+them first, each resolved inside DIR by rootfs's resolver as the container sees it, through descriptors, and
+hands bwrap destinations with no link left on them and sources as open descriptors.
 
-Start-up matters (d-run should cost little more than bwrap itself): this module imports only the
-standard library and small dutils modules, never `requests` or `doit`.
+Start-up matters (d-run should cost little more than bwrap itself): standard library and small dutils
+modules only, never `requests` or `doit`.
 """
 
 import json
@@ -19,31 +17,9 @@ import sys
 from collections.abc import Callable
 from types import SimpleNamespace
 
-from . import ports, seccomp
+from . import ports, sandbox, seccomp
 from .errors import Error, printable
 from .rootfs import DIR_FLAGS, MAX_LINKS, Place, Root, children, join, lstat_or_none, make_missing_dir, stop_absent
-from .sandbox import (
-    DEFAULT_PATH,
-    Bind,
-    ImageConfig,
-    Mount,
-    Sandbox,
-    absolute_path,
-    bwrap_argv,
-    check_hostname,
-    container_command,
-    container_env,
-    default_hostname,
-    hosts_file,
-    inherited_fds,
-    merged_mounts,
-    parse_config,
-    parse_env,
-    parse_env_file,
-    parse_volume,
-    resolve_user,
-    userns_error,
-)
 from .store import NotRegular, PullDir, open_regular
 
 FILE_CAP = 4 << 20  # config.json, /etc/passwd, /etc/group: far above real ones, far below harm
@@ -77,42 +53,49 @@ class Owned(Sealed):
             raise Error(f"{shown} is owned by uid {st.st_uid}, not by you", "remove it, or pull into a new folder")
         return super()._enter(fd, name, path, st)
 
-    def open_folder(self, place: Place, st: os.stat_result) -> int:
-        """The folder at `place` (`st` its lstat), opened once checked as every folder on the way is."""
-        return self._enter(place.fd, place.name, place.path, st)
+    def open_volume(self, rootfs: Root, target: str, skipped: list[int]) -> int:
+        """DIR/volumes/<target> as an O_PATH descriptor: a real folder of the user's own, made on first use as
+        a copy of what the image holds at `target`, as Docker does (`skipped` counts what is not copied)."""
+        with self.parent(target) as place:
+            st = lstat_or_none(place.name, place.fd)
+            if st is None:
+                make_volume(place, rootfs, target, skipped)
+                st = os.lstat(place.name, dir_fd=place.fd)
+            if not stat.S_ISDIR(st.st_mode):
+                kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a folder"
+                raise Error(f"{self.label}/{place.path} is {kind}", "remove it: d-run makes it again")
+            return self._enter(place.fd, place.name, place.path, st)  # checked as every folder on the way is
 
 
 def read_regular(dir_fd: int, name: str, what: str) -> bytes | None:
     """The bytes of the regular file `name` in `dir_fd`, or None when there is none: never through a link,
     never waiting on a FIFO, never reading a device, never more than FILE_CAP bytes."""
-    st = lstat_or_none(name, dir_fd)
-    if st is None:
-        return None
-    try:  # a device is never opened: lstat says what it is first
-        fd = open_regular(name, os.O_RDONLY, dir_fd=dir_fd) if stat.S_ISREG(st.st_mode) else -1
-    except NotRegular:
-        fd = -1  # swapped since the lstat
     try:
-        if fd < 0:
-            raise Error(f"{what} is not a regular file", "replace it with one")
-        data = os.read(fd, FILE_CAP + 1)  # a regular file gives all it has, up to the count
-        if len(data) > FILE_CAP:
-            raise Error(f"{what} is larger than {FILE_CAP >> 20} MiB", "no real one is: replace it")
-        return data
-    finally:
-        if fd >= 0:
+        st = lstat_or_none(name, dir_fd)
+        if st is None:
+            return None
+        if not stat.S_ISREG(st.st_mode):  # a device is never opened: lstat says what it is first
+            raise NotRegular
+        fd = open_regular(name, os.O_RDONLY, dir_fd=dir_fd)  # NotRegular too when swapped since the lstat
+        try:
+            data = os.read(fd, FILE_CAP + 1)  # a regular file gives all it has, up to the count
+        finally:
             os.close(fd)
-
-
-def read_config(dir_fd: int, label: str) -> ImageConfig:
-    try:
-        data = read_regular(dir_fd, "config.json", label)
+    except NotRegular:
+        raise Error(f"{what} is not a regular file", "replace it with one") from None
     except OSError as err:
-        raise Error(f"{label}: {err.strerror}") from None
+        raise Error(f"{what}: {err.strerror}") from None
+    if len(data) > FILE_CAP:
+        raise Error(f"{what} is larger than {FILE_CAP >> 20} MiB", "no real one is: replace it")
+    return data
+
+
+def read_config(dir_fd: int, label: str) -> sandbox.ImageConfig:
+    data = read_regular(dir_fd, "config.json", label)
     if data is None:
         raise Error(f"{label} is missing", "pull again into a new folder")
     try:
-        return parse_config(json.loads(data))
+        return sandbox.parse_config(json.loads(data))
     except (ValueError, RecursionError) as err:
         raise Error(f"{label}: not valid JSON ({err})", "fix config.json, or pull again into a new folder") from None
 
@@ -169,10 +152,7 @@ class MountTable:
 
     def place(self, target: str, make: Callable[[int, str], None]) -> str:
         """Make `target` exist (see make_entry), resolved as the container will see it, and return it free of
-        links.
-
-        In the rootfs, links are followed re-rooted at it; one that leads into a mount hands the rest
-        over to what is mounted there; in a mounted folder a link is refused (Sealed)."""
+        links: a link in the rootfs that leads into a mount hands the rest over to what is mounted there."""
         path = target
         for _ in range(MAX_LINKS):
             mount, rest = self.covering(path)
@@ -201,28 +181,16 @@ class MountTable:
 # ----- anonymous volumes -------------------------------------------------------------------------------
 
 
-def volume_folder(volumes: Owned, rootfs: Root, target: str, skipped: list[int]) -> int:
-    """DIR/volumes/<target> as an O_PATH descriptor: a real folder of the user's own, made on first use as
-    a copy of what the image holds at `target`, as Docker does (`skipped` counts what is not copied)."""
-    with volumes.parent(target) as place:
-        st = lstat_or_none(place.name, place.fd)
-        if st is None:
-            make_volume(place, rootfs, target, skipped)
-            st = os.lstat(place.name, dir_fd=place.fd)
-        if not stat.S_ISDIR(st.st_mode):
-            kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a folder"
-            raise Error(f"{volumes.label}/{place.path} is {kind}", "remove it: d-run makes it again")
-        return volumes.open_folder(place, st)
-
-
 def make_volume(place: Place, rootfs: Root, target: str, skipped: list[int]) -> None:
     """Fill a scratch folder beside `place`, then rename it into place: a volume is made whole or not at all."""
     partial = f".{place.name}.partial-{os.getpid()}"
     os.mkdir(partial, 0o755, dir_fd=place.fd)
     try:
-        seed = find_seed(rootfs, target)
+        seed = find_folder(rootfs, target)
         if seed is not None:
             with seed, Root(os.dup(seed.fd), seed.name) as tree:
+                if not seed.path:
+                    raise Error(f"the volume {target} leads to the image's root folder", "remove it from Volumes")
                 dest = os.open(partial, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=place.fd)
                 try:
                     skipped[0] += copy_tree(tree, dest)
@@ -236,19 +204,16 @@ def make_volume(place: Place, rootfs: Root, target: str, skipped: list[int]) -> 
         raise
 
 
-def find_seed(rootfs: Root, target: str) -> Place | None:
-    """Where the image holds the folder `target` (links followed inside it), or None when it holds none."""
+def find_folder(rootfs: Root, path: str) -> Place | None:
+    """Where the image holds the folder `path` (links followed inside it), or None when it holds none."""
     try:
-        place = rootfs.resolve(target, stop_absent)
+        place = rootfs.resolve(path, stop_absent)
     except (FileNotFoundError, NotADirectoryError):
         return None
     st = lstat_or_none(place.name, place.fd)
     if st is None or not stat.S_ISDIR(st.st_mode):
         place.__exit__()
         return None
-    if not place.path:
-        place.__exit__()
-        raise Error(f"the volume {target} leads to the image's root folder", "remove it from Volumes")
     return place
 
 
@@ -256,7 +221,9 @@ def copy_tree(source: Root, dest: int) -> int:
     """Copy the tree `source` into the empty folder open as `dest`, through descriptors: folders, regular
     files, and symbolic links as links (never followed). Device nodes, FIFOs and sockets are skipped, never
     opened: returns how many. No recursion: a deep tree costs a list, not the stack."""
-    skipped, folders, todo = 0, [], [""]
+    with source.find("") as place:
+        st = os.lstat(place.name, dir_fd=place.fd)
+    skipped, folders, todo = 0, [(".", st)], [""]  # "." below `dest`: `dest` itself
     last, src = None, -1  # the folder listed last, kept open: depth first, its child is most often next
     while todo:
         path = todo.pop()
@@ -289,10 +256,6 @@ def copy_tree(source: Root, dest: int) -> int:
     for copied, st in reversed(folders):  # children before their parents
         os.chmod(copied, stat.S_IMODE(st.st_mode), dir_fd=dest)
         os.utime(copied, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dest)
-    with source.find("") as place:
-        st = os.lstat(place.name, dir_fd=place.fd)
-    os.fchmod(dest, stat.S_IMODE(st.st_mode))
-    os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns))
     return skipped
 
 
@@ -304,9 +267,7 @@ def copy_file(src: int, name: str, dest: int, copied: str) -> bool:
         return False  # swapped since it was listed
     try:
         st = os.fstat(fd_in)
-        fd_out = os.open(
-            copied, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dest
-        )
+        fd_out = open_regular(copied, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dest)
         try:
             while os.sendfile(fd_out, fd_in, None, 1 << 30):
                 pass
@@ -333,7 +294,7 @@ def read_setting(path: str) -> str:
 
 def check_user_namespaces() -> None:
     # Checked before the exec: once bwrap runs, its own message is all the user would get.
-    error = userns_error(
+    error = sandbox.userns_error(
         read_setting("/proc/sys/user/max_user_namespaces"),
         read_setting("/proc/sys/kernel/unprivileged_userns_clone"),
         os.geteuid(),
@@ -347,7 +308,7 @@ def read_env_files(paths: list[str]) -> list[tuple[str, str | None]]:
     for path in paths:
         try:
             with open(path) as handle:
-                pairs += parse_env_file(handle.read())
+                pairs += sandbox.parse_env_file(handle.read())
         except OSError as err:
             raise Error(f"--env-file {path}: {err.strerror}") from None
         except ValueError as err:
@@ -360,8 +321,7 @@ def data_fd(data: bytes) -> int:
     read_end, write_end = os.pipe()
     os.write(write_end, data)
     os.close(write_end)
-    os.set_inheritable(read_end, True)
-    return read_end
+    return inheritable(read_end)
 
 
 def inheritable(fd: int) -> int:
@@ -369,7 +329,7 @@ def inheritable(fd: int) -> int:
     return fd
 
 
-def open_source(mount: Mount) -> int:
+def open_source(mount: sandbox.Mount) -> int:
     """The host path of a -v, opened once (bwrap binds the descriptor, never the path again)."""
     try:
         return inheritable(os.open(mount.source, os.O_PATH | os.O_CLOEXEC))
@@ -392,7 +352,7 @@ def open_volumes(dir_fd: int, label: str) -> Owned:
         raise Error(f"{label} is not a folder (a symbolic link?)", "remove it: d-run makes it again") from None
 
 
-def open_sources(pull: PullDir, dir_fd: int, rootfs: Root, mounts: list[Mount]) -> list[int]:
+def open_sources(pull: PullDir, dir_fd: int, rootfs: Root, mounts: list[sandbox.Mount]) -> list[int]:
     """Each mount's source as a descriptor bwrap inherits, anonymous volumes made first (in mount order, so
     a volume's folder holds the folders of the volumes below it)."""
     sources, skipped = [], [0]
@@ -402,7 +362,7 @@ def open_sources(pull: PullDir, dir_fd: int, rootfs: Root, mounts: list[Mount]) 
                 sources.append(open_source(mount))
                 continue
             try:
-                sources.append(inheritable(volume_folder(volumes, rootfs, mount.target, skipped)))
+                sources.append(inheritable(volumes.open_volume(rootfs, mount.target, skipped)))
             except OSError as err:
                 raise Error(f"anonymous volume {mount.target}: cannot make it in {pull.volumes}: {err}") from None
     if skipped[0]:
@@ -413,7 +373,7 @@ def open_sources(pull: PullDir, dir_fd: int, rootfs: Root, mounts: list[Mount]) 
     return sources
 
 
-def plan_sandbox(args: SimpleNamespace) -> Sandbox:
+def plan_sandbox(args: SimpleNamespace) -> sandbox.Sandbox:
     """Resolve the flags, config.json and the image's files into a Sandbox, every mount point made."""
     pull = PullDir(args.dir)
     pull.require_complete()
@@ -422,22 +382,22 @@ def plan_sandbox(args: SimpleNamespace) -> Sandbox:
     except OSError as err:
         raise Error(f"cannot use {pull.root}: {err.strerror}") from None
     config = read_config(dir_fd, str(pull.config))
-    command = container_command(config, args.entrypoint, args.command)
+    command = sandbox.container_command(config, args.entrypoint, args.command)
     check_user_namespaces()
     with open_rootfs(dir_fd, str(pull.rootfs)) as rootfs:
         passwd, group = read_image_file(rootfs, "etc/passwd"), read_image_file(rootfs, "etc/group")
-        identity = resolve_user(args.user if args.user is not None else config.user, passwd, group)
-        hostname = args.hostname or config.hostname or default_hostname(pull.root.name)
-        base_env = {"PATH": DEFAULT_PATH, "HOSTNAME": hostname, "HOME": identity.home}
+        identity = sandbox.resolve_user(args.user if args.user is not None else config.user, passwd, group)
+        hostname = args.hostname or config.hostname or sandbox.default_hostname(pull.root.name)
+        base_env = {"PATH": sandbox.DEFAULT_PATH, "HOSTNAME": hostname, "HOME": identity.home}
         if "TERM" in os.environ:
             base_env["TERM"] = os.environ["TERM"]
-        env = container_env(base_env, config.env, read_env_files(args.env_file) + args.env, dict(os.environ))
+        env = sandbox.container_env(base_env, config.env, read_env_files(args.env_file) + args.env, dict(os.environ))
         published = ports.published(args.publish, config.ports, args.net or config.net)
         network = args.net or config.net or bool(published)  # with ports: pasta's network, shared by bwrap
-        defaults = [Mount(target) for target in config.volumes]
+        defaults = [sandbox.Mount(target) for target in config.volumes]
         if network and os.path.exists(RESOLV_CONF):
-            defaults.append(Mount(RESOLV_CONF, RESOLV_CONF, read_only=True))
-        mounts = merged_mounts(defaults, args.volume)
+            defaults.append(sandbox.Mount(RESOLV_CONF, RESOLV_CONF, read_only=True))
+        mounts = sandbox.merged_mounts(defaults, args.volume)
         if published:
             ports.check_ready(published, os.environ.get("PATH", os.defpath))
         sources = open_sources(pull, dir_fd, rootfs, mounts)
@@ -447,13 +407,16 @@ def plan_sandbox(args: SimpleNamespace) -> Sandbox:
             table.add(path, None, name)  # made afresh by bwrap: nothing of ours below them
         binds = []
         for mount, fd in zip(mounts, sources, strict=True):
-            target = table.place(mount.target, make_missing_dir if is_folder(fd) else make_empty_file)
+            is_folder = stat.S_ISDIR(os.fstat(fd).st_mode)
+            target = table.place(mount.target, make_missing_dir if is_folder else make_empty_file)
             if target == "/":
                 raise Error(f"the volume {mount.target} leads to the image's root folder", "remove it")
             table.add(target, fd, mount.source or f"{pull.volumes}{mount.target}")
-            binds.append(Bind(fd, target, mount.read_only))
-        files = [(hosts_file(hostname), "/etc/hosts")]
-        if has_folder(rootfs, os.path.dirname(APT_CONF)):
+            binds.append(sandbox.Bind(fd, target, mount.read_only))
+        files = [(sandbox.hosts_file(hostname), "/etc/hosts")]
+        apt = find_folder(rootfs, os.path.dirname(APT_CONF))
+        if apt is not None:
+            apt.__exit__()
             files.append((APT_SETTINGS, APT_CONF))
         data_files = [(data_fd(data), table.place(target, make_empty_file)) for data, target in files]
         workdir = args.workdir or config.workdir or "/"
@@ -461,7 +424,7 @@ def plan_sandbox(args: SimpleNamespace) -> Sandbox:
         root_fd = inheritable(os.dup(rootfs.root))
     os.close(dir_fd)
     program = seccomp.filter_program(os.uname().machine)
-    return Sandbox(
+    return sandbox.Sandbox(
         root_fd=root_fd,
         command=command,
         identity=identity,
@@ -483,30 +446,11 @@ def plan_sandbox(args: SimpleNamespace) -> Sandbox:
     )
 
 
-def is_folder(fd: int) -> bool:
-    return stat.S_ISDIR(os.fstat(fd).st_mode)
-
-
 def open_rootfs(dir_fd: int, label: str) -> Root:
     try:
         return Root(os.dup(dir_fd), "rootfs")
     except (NotADirectoryError, FileNotFoundError):
         raise Error(f"{label} is not a folder (a symbolic link?)", "pull again into a new folder") from None
-
-
-def has_folder(rootfs: Root, path: str) -> bool:
-    """Whether the image has a folder at `path` (links followed inside it)."""
-    try:
-        with rootfs.resolve(path, stop_absent) as place:
-            st = lstat_or_none(place.name, place.fd)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    return st is not None and stat.S_ISDIR(st.st_mode)
-
-
-def close_inherited_fds() -> None:
-    """Close what d-run's caller left open besides stdin, stdout and stderr: bwrap would pass it on."""
-    os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # one close_range(2) call on Linux
 
 
 def exec_bwrap(argv: list[str]) -> None:
@@ -582,10 +526,10 @@ examples:
 # Every option: its flags, where it goes, its metavar (None: a flag), how its value is read, its help.
 # REPEATED ones gather a list. Both parsers below are made from this one table.
 OPTIONS = (
-    (("-v", "--volume"), "volume", "HOST:CONTAINER[:ro]", parse_volume,
+    (("-v", "--volume"), "volume", "HOST:CONTAINER[:ro]", sandbox.parse_volume,
      "bind the host path HOST (relative to the current folder) at CONTAINER, read-only with :ro; "
      "CONTAINER alone: an anonymous volume kept in DIR/volumes (repeatable)"),
-    (("-e", "--env"), "env", "KEY[=VALUE]", parse_env,
+    (("-e", "--env"), "env", "KEY[=VALUE]", sandbox.parse_env,
      "set KEY inside; KEY alone passes d-run's own value on (repeatable)"),
     (("--env-file",), "env_file", "FILE", str,
      "read KEY=VALUE or KEY lines from FILE ('#' comments), before -e (repeatable)"),
@@ -595,10 +539,9 @@ OPTIONS = (
     (("-n", "--net"), "net", None, None, "share the host's network, with its /etc/resolv.conf"),
     (("-p", "--publish"), "publish", "[HOST_ADDR:]HOST_PORT:CONTAINER_PORT[/tcp|/udp]", str,
      "forward the host's port (on 127.0.0.1 unless HOST_ADDR is given; [::1] for IPv6) to the container's, "
-     "which gets its own network with outbound access through pasta (package passt); the host's loopback "
-     "services stay out of reach; not with -n (repeatable)"),
-    (("--workdir",), "workdir", "PATH", absolute_path, "start in PATH (default: WorkingDir, else /)"),
-    (("--hostname",), "hostname", "NAME", check_hostname, "the container's host name"),
+     "which gets its own network (see networks below); not with -n (repeatable)"),
+    (("--workdir",), "workdir", "PATH", sandbox.absolute_path, "start in PATH (default: WorkingDir, else /)"),
+    (("--hostname",), "hostname", "NAME", sandbox.check_hostname, "the container's host name"),
     (("--entrypoint",), "entrypoint", "PROGRAM", str,
      "run PROGRAM instead of the image's Entrypoint and Cmd ('' for none)"),
     (("--debug",), "debug", None, None, "print the bwrap command before running it; tracebacks on errors"),
@@ -615,17 +558,15 @@ def parse_args(argv: list[str]) -> SimpleNamespace:
 
 
 def quick_parse(argv: list[str]) -> SimpleNamespace | None:
-    """`argv` read as argparse would read it, or None when it is not made only of exact options, DIR and
-    the command."""
+    """`argv` read as argparse would, or None unless it is only exact options, DIR and the command."""
     args = SimpleNamespace(**{dest: [] if dest in REPEATED else None for _, dest, *_ in OPTIONS})
     args.rw = args.net = args.debug = False
-    index = 0
-    while index < len(argv):
-        word = argv[index]
+    words = iter(argv)
+    for word in words:
         if not word.startswith("-"):
-            args.dir, args.command = word, argv[index + 1 :]
+            args.dir, args.command = word, list(words)
             if args.command[:1] == ["--"]:  # as argparse: a '--' right after DIR is dropped
-                args.command = args.command[1:]
+                del args.command[0]
             return args
         name, equals, value = word.partition("=") if word.startswith("--") else (word, "", "")
         flags, dest, metavar, read, _ = BY_FLAG.get(name, ((), "", None, None, ""))
@@ -633,13 +574,11 @@ def quick_parse(argv: list[str]) -> SimpleNamespace | None:
             return None
         if metavar is None:
             setattr(args, dest, True)
-            index += 1
             continue
         if not equals:
-            if index + 1 == len(argv) or argv[index + 1].startswith("-"):
+            value = next(words, "-")  # no value, or an option in its place: argparse's to report
+            if value.startswith("-"):
                 return None
-            value, index = argv[index + 1], index + 1
-        index += 1
         try:
             value = read(value)
         except ValueError:
@@ -656,7 +595,7 @@ def make_parser():  # -> argparse.ArgumentParser, imported only here: it costs d
     import argparse
 
     def checked(read: Callable[[str], object]) -> Callable[[str], object]:
-        """An argparse `type` that reports the ValueError of a reader as a usage error."""
+        """An argparse `type` that reports the ValueError of a reader as a usage error, with its message."""
 
         def check(text: str) -> object:
             try:
@@ -664,7 +603,6 @@ def make_parser():  # -> argparse.ArgumentParser, imported only here: it costs d
             except ValueError as err:
                 raise argparse.ArgumentTypeError(str(err)) from None
 
-        check.__name__ = read.__name__
         return check
 
     parser = argparse.ArgumentParser(
@@ -689,26 +627,24 @@ def make_parser():  # -> argparse.ArgumentParser, imported only here: it costs d
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        close_inherited_fds()
+        # What d-run's caller left open besides stdin, stdout and stderr: bwrap would pass it on.
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # one close_range(2) call on Linux
         box = plan_sandbox(args)
-        command = bwrap_argv(box)
+        command = sandbox.bwrap_argv(box)
         if box.ports:
-            command = ports.pasta_argv(box.ports, sys.executable, inherited_fds(box), command)
+            command = ports.pasta_argv(box.ports, sys.executable, sandbox.inherited_fds(box), command)
         if args.debug:
             import shlex
 
             print(shlex.join(command), file=sys.stderr)
         exec_bwrap(command)
-    except Error as err:
-        if args.debug:
-            raise
-        print(f"d-run: error: {err}", file=sys.stderr)
     except KeyboardInterrupt:
         return 130
-    except Exception as err:  # the command-line edge: a bug, said in one line
+    except Exception as err:  # the command-line edge: an Error as it is, a bug in one line
         if args.debug:
             raise
-        print(f"d-run: error: {type(err).__name__}: {err} (run with --debug for a traceback)", file=sys.stderr)
+        said = str(err) if isinstance(err, Error) else f"{type(err).__name__}: {err} (run with --debug for a traceback)"
+        print(f"d-run: error: {said}", file=sys.stderr)
     return 1
 
 

@@ -1,6 +1,5 @@
-"""What a d-run sandbox is made of, from pure pieces: config.json checked, users looked up, mounts merged,
-the environment and command combined, and the bwrap command line built. No I/O here: run.py reads the
-files, prepares the mount points and execs.
+"""What a d-run sandbox is made of, from pure pieces, up to the bwrap command line. No I/O here: run.py reads
+the files, prepares the mount points and execs.
 
 Standard library only, and little of it: d-run's start-up pays for every import. Value types are
 namedtuples: a dataclass takes ten times as long to define.
@@ -10,13 +9,13 @@ import json
 from collections import namedtuple
 from collections.abc import Callable
 
-from .errors import Error
+from .errors import CONTROLS, Error
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOSTNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 # Newlines and tabs are kept in commands and values: `sh -c` scripts hold them in real images.
-TEXT_CONTROLS = frozenset(chr(code) for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))) - {"\t", "\n"}
-NAME_CONTROLS = TEXT_CONTROLS | {"\t", "\n"}
+NAME_CONTROLS = frozenset(map(chr, CONTROLS))
+TEXT_CONTROLS = NAME_CONTROLS - {"\t", "\n"}
 PATH_MAX = 4096  # the kernel's: bwrap could not use a longer path
 MAX_VOLUMES = 256  # far beyond real images; each is a folder, a copy and a mount
 
@@ -24,18 +23,12 @@ MAX_VOLUMES = 256  # far beyond real images; each is a folder, a copy and a moun
 # ----- config.json -----------------------------------------------------------------------------
 
 
-class ImageConfig(
-    namedtuple(
-        "ImageConfig",
-        "user hostname workdir env volumes entrypoint cmd net rw ports",
-        defaults=("", "", "", (), (), (), (), False, False, ()),
-    )
-):
-    """The keys of config.json that d-run honours, checked: strings (user, hostname, workdir), tuples of
-    strings (env as "KEY=VALUE", volumes as paths, entrypoint, cmd, ports as -p takes them) and booleans
-    (net, rw)."""
-
-    __slots__ = ()
+# The keys of config.json that d-run honours, checked: env as "KEY=VALUE" strings, ports as -p takes them.
+ImageConfig = namedtuple(
+    "ImageConfig",
+    "user hostname workdir env volumes entrypoint cmd net rw ports",
+    defaults=("", "", "", (), (), (), (), False, False, ()),
+)
 
 
 def is_string_list(value: object) -> bool:
@@ -125,10 +118,7 @@ def parse_config(data: object) -> ImageConfig:
 # ----- users ----------------------------------------------------------------------------------------
 
 
-class Identity(namedtuple("Identity", "uid gid home")):
-    """Who runs inside: uid and gid (int), and the HOME (str) the image's /etc/passwd gives."""
-
-    __slots__ = ()
+Identity = namedtuple("Identity", "uid gid home")  # who runs inside, with the HOME /etc/passwd gives
 
 
 def is_number(text: str) -> bool:
@@ -136,18 +126,10 @@ def is_number(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
-def split_rows(text: str) -> list[list[str]]:
-    return [line.split(":") for line in text.splitlines() if not line.startswith("#")]
-
-
-def passwd_rows(text: str) -> list[list[str]]:
-    """The well-formed rows of an /etc/passwd: name, password, uid, gid, gecos, home, shell."""
-    return [row for row in split_rows(text) if len(row) == 7 and is_number(row[2]) and is_number(row[3])]
-
-
-def group_rows(text: str) -> list[list[str]]:
-    """The well-formed rows of an /etc/group: name, password, gid, members."""
-    return [row for row in split_rows(text) if len(row) == 4 and is_number(row[2])]
+def table_rows(text: str, width: int, numbers: tuple[int, ...]) -> list[list[str]]:
+    """The well-formed rows of /etc/passwd (7 columns, uid and gid numbers: 2, 3) or /etc/group (4, gid: 2)."""
+    rows = (line.split(":") for line in text.splitlines() if not line.startswith("#"))
+    return [row for row in rows if len(row) == width and all(is_number(row[column]) for column in numbers)]
 
 
 def find_row(rows: list[list[str]], name_or_id: str) -> list[str] | None:
@@ -165,21 +147,18 @@ def check_id(text: str) -> int:
 
 
 def resolve_user(spec: str, passwd: str, group: str) -> Identity:
-    """`NAME|UID[:GROUP|GID]` as Docker reads it, names looked up in the image's /etc/passwd and /etc/group.
-
-    No user means root. A user without a group gets its primary group from /etc/passwd (0 when the uid
-    is not listed there), and HOME comes from /etc/passwd ("/" when not listed).
-    """
+    """`NAME|UID[:GROUP|GID]` as Docker reads it, names looked up in the image's /etc/passwd and /etc/group;
+    as Docker, a uid not listed there gets group 0 and HOME "/"."""
     user, _, group_name = spec.partition(":")
     user = user or "0"
-    entry = find_row(passwd_rows(passwd), user)
+    entry = find_row(table_rows(passwd, 7, (2, 3)), user)
     if entry is None and not is_number(user):
         raise Error(f"user {user!r} is not in the image's /etc/passwd", "give a numeric UID, or a name listed there")
     uid = check_id(entry[2] if entry else user)
     home = (entry[5] if entry else "") or "/"
     if not group_name:
         return Identity(uid, check_id(entry[3]) if entry else 0, home)
-    match = find_row(group_rows(group), group_name)
+    match = find_row(table_rows(group, 4, (2,)), group_name)
     if match is None and not is_number(group_name):
         raise Error(
             f"group {group_name!r} is not in the image's /etc/group", "give a numeric GID, or a name listed there"
@@ -190,10 +169,8 @@ def resolve_user(spec: str, passwd: str, group: str) -> Identity:
 # ----- mounts, environment, command ------------------------------------------------------------------
 
 
-class Mount(namedtuple("Mount", "target source read_only", defaults=("", False))):
-    """`source` on the host bound at `target` in the container; an empty `source` is an anonymous volume."""
-
-    __slots__ = ()
+# `source` on the host bound at `target` in the container; an empty `source` is an anonymous volume.
+Mount = namedtuple("Mount", "target source read_only", defaults=("", False))
 
 
 def absolute_path(path: str) -> str:
@@ -246,10 +223,7 @@ def parse_env_file(text: str) -> list[tuple[str, str | None]]:
 def container_env(
     base: dict[str, str], image_env: tuple[str, ...], user_env: list[tuple[str, str | None]], host_env: dict[str, str]
 ) -> dict[str, str]:
-    """The whole environment: d-run's defaults, then the image's Env, then the user's (later wins).
-
-    A user's `KEY` without a value takes d-run's own value, and is left out when d-run has none.
-    """
+    """The whole environment: d-run's defaults, then the image's Env, then the user's (later wins)."""
     env = dict(base)
     env.update(item.split("=", 1) for item in image_env)
     for key, value in user_env:
@@ -317,27 +291,17 @@ def userns_error(max_namespaces: str, unprivileged_clone: str, euid: int) -> Err
 # ----- the sandbox and its bwrap command line ---------------------------------------------------------
 
 
-class Bind(namedtuple("Bind", "fd target read_only", defaults=(False,))):
-    """The open source `fd` (an O_PATH descriptor bwrap inherits) bound at `target`, a path free of links."""
-
-    __slots__ = ()
-
-
-class Sandbox(
-    namedtuple(
-        "Sandbox",
-        "root_fd command identity hostname workdir env binds data_files writable network seccomp_fd new_session "
-        "proc dev tmp ports",
-        defaults=((), (), False, False, None, True, "/proc", "/dev", "/tmp", ()),
-    )
-):
-    """Everything the bwrap command line is made of, resolved: the rootfs's fd, the command (tuple), an
-    Identity, hostname, workdir, env (dict), binds (Binds, in mount order), data_files ((fd bwrap reads,
-    read-only file it becomes) pairs), writable, network, seccomp_fd (int or None), new_session, and where
-    /proc, /dev and /tmp go (paths free of links: a rootfs may make them links), and ports (ports.Port,
-    published through pasta)."""
-
-    __slots__ = ()
+# The open source `fd` (an O_PATH descriptor bwrap inherits) bound at `target`, a path free of links.
+Bind = namedtuple("Bind", "fd target read_only", defaults=(False,))
+# Everything the bwrap command line is made of, resolved. binds are in mount order; data_files are (fd bwrap
+# reads, read-only file it becomes) pairs; proc, dev and tmp are paths free of links (a rootfs may make them
+# links); ports are ports.Port, published through pasta.
+Sandbox = namedtuple(
+    "Sandbox",
+    "root_fd command identity hostname workdir env binds data_files writable network seccomp_fd new_session "
+    "proc dev tmp ports",
+    defaults=((), (), False, False, None, True, "/proc", "/dev", "/tmp", ()),
+)
 
 
 def bwrap_argv(box: Sandbox) -> list[str]:

@@ -68,11 +68,8 @@ def table_section(table: Table) -> list[bytes]:
 
 
 def filter_program(machine: str) -> bytes | None:
-    """The packed filter for a host of `os.uname().machine`, or None where its tables are not known.
-
-    A call made through a table the host has but this filter does not list fails with ENOSYS,
-    rather than slipping past the rules.
-    """
+    """The packed filter for a host of `os.uname().machine`, or None where its tables are not known. A call
+    made through a table the host has but this filter does not list fails with ENOSYS, never slips past."""
     tables = TABLES.get(machine)
     if tables is None:
         return None
