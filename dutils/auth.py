@@ -12,8 +12,6 @@ from pathlib import Path
 from .errors import Error
 from .reference import DOCKER_HUB
 
-MIRRORS_ENV = "D_UTILS_MIRRORS"
-
 
 @dataclass(frozen=True)
 class Credentials:
@@ -28,12 +26,8 @@ def find_credentials(
     that has some."""
     if username is not None:
         return Credentials(username, password or "")
-    for path in auth_files():
-        config = read_json_file(path)
-        found = credentials_from_config(config, registry, repository, path)
-        if found:
-            return found
-    return None
+    found = (credentials_from_config(read_json_file(path), registry, repository, path) for path in auth_files())
+    return next(filter(None, found), None)
 
 
 def auth_files() -> list[Path]:
@@ -60,21 +54,14 @@ def read_json_file(path: Path) -> dict:
     return config if isinstance(config, dict) else {}
 
 
-def lookup_keys(registry: str, repository: str = "") -> list[str]:
+def lookup_keys(host: str, repository: str = "") -> list[str]:
     """The keys under which tools record credentials for a repository, most specific first: `host/team/app`,
     `host/team`, then the host in each spelling docker has written (containers-auth.json(5))."""
     parts = repository.split("/") if repository else []
-    scoped = [f"{registry}/{'/'.join(parts[:n])}" for n in range(len(parts), 0, -1)]
-    if registry == DOCKER_HUB:
-        hosts = ["https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io"]
-        return scoped + hosts
-    return scoped + [
-        registry,
-        f"https://{registry}",
-        f"http://{registry}",
-        f"https://{registry}/v1/",
-        f"https://{registry}/v2/",
-    ]
+    scoped = [f"{host}/{'/'.join(parts[:n])}" for n in range(len(parts), 0, -1)]
+    if host == DOCKER_HUB:
+        return scoped + ["https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io"]
+    return scoped + [host, f"https://{host}", f"http://{host}", f"https://{host}/v1/", f"https://{host}/v2/"]
 
 
 def credentials_from_config(config: dict, registry: str, repository: str, path: Path) -> Credentials | None:
@@ -133,21 +120,14 @@ def run_credential_helper(helper: str, server: str) -> Credentials | None:
     return Credentials(username, secret) if username or secret else None  # some helpers answer "" for none
 
 
-def mirrors_file() -> Path:
-    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "d-utils" / "mirrors.json"
-
-
 def find_mirrors(registry: str, given: list[str]) -> list[str]:
-    """Pull-through mirrors to try, in order, before `registry` itself.
-
-    From the --mirror flags, else $D_UTILS_MIRRORS ("docker.io=host:port,ghcr.io=host2"), else the file
-    ~/.config/d-utils/mirrors.json ({"docker.io": ["host:port"]}). Only what the user configured is used.
-    """
+    """Pull-through mirrors to try, in order, before `registry` itself: the --mirror flags, else $D_UTILS_MIRRORS
+    ("docker.io=host:port,ghcr.io=host2"), else ~/.config/d-utils/mirrors.json ({"docker.io": ["host:port"]})."""
     if given:
         return given
-    setting = os.environ.get(MIRRORS_ENV)
-    if setting:
+    if setting := os.environ.get("D_UTILS_MIRRORS"):
         pairs = (item.partition("=") for item in setting.split(","))
         return [mirror.strip() for name, _, mirror in pairs if name.strip() == registry and mirror.strip()]
-    mirrors = read_json_file(mirrors_file()).get(registry, [])
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    mirrors = read_json_file(config_home / "d-utils" / "mirrors.json").get(registry, [])
     return [m for m in mirrors if isinstance(m, str)] if isinstance(mirrors, list) else []

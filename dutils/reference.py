@@ -56,12 +56,9 @@ class Reference:
         return address.is_loopback or bool(mapped and mapped.is_loopback)
 
     def __str__(self) -> str:
-        text = f"{self.registry}/{self.repository}"
-        if self.tag:
-            text += f":{self.tag}"
-        if self.digest:
-            text += f"@{self.digest}"
-        return text
+        tag = f":{self.tag}" if self.tag else ""
+        digest = f"@{self.digest}" if self.digest else ""
+        return f"{self.registry}/{self.repository}{tag}{digest}"
 
 
 def parse_reference(text: str) -> Reference:
@@ -77,22 +74,17 @@ def parse_reference(text: str) -> Reference:
     else:
         registry, path = DOCKER_HUB, rest
     registry = DOCKER_HUB if registry in ("index.docker.io", DOCKER_HUB_API) else registry
-    path, tag = split_tag(path)
-    if tag is not None and not TAG.fullmatch(tag):
+    head, slash, last = path.rpartition("/")  # the tag follows the last `:` of the last path component
+    name, colon, tag = last.partition(":")
+    path = head + slash + name
+    if colon and not TAG.fullmatch(tag):
         raise invalid(text, f"bad tag {tag!r}")
     components = path.split("/")
     if not path or not all(COMPONENT.fullmatch(c) for c in components):
         raise invalid(text, "repository names are lowercase letters, digits and separators . _ - /")
     if registry == DOCKER_HUB and len(components) == 1:
         path = f"library/{path}"
-    return Reference(registry, path, tag if tag or digest else "latest", digest or None)
-
-
-def split_tag(path: str) -> tuple[str, str | None]:
-    """`repo:tag` -> (repo, tag); the tag is after the last `:` of the last path component."""
-    head, slash, last = path.rpartition("/")
-    name, colon, tag = last.partition(":")
-    return head + slash + name, tag if colon else None
+    return Reference(registry, path, tag or (None if digest else "latest"), digest or None)
 
 
 def invalid(text: str, why: str) -> Error:

@@ -1,9 +1,6 @@
-"""The registry HTTP API: the only module that imports requests.
-
-Each request states the statuses it expects; auth challenges, redirects, retries and transport errors are handled
-here once, so callers see a response they asked for or an Error that says what failed. Everything a server sends
-is bounded: non-blob bodies by size (never decompressed), every transfer by time without progress.
-"""
+"""The registry HTTP API, the only module that imports requests: each request states the statuses it expects; auth
+challenges, redirects, retries and transport errors are handled here once. Everything a server sends is bounded:
+non-blob bodies by size (never decompressed), every transfer by time without progress."""
 
 import base64
 import email.utils
@@ -114,9 +111,7 @@ class Registry:
 
     def ping(self) -> None:
         """Find out how the registry wants us to authenticate, and do it now (the `auth` task)."""
-        self.retrying(
-            f"the registry {self.ref.registry}", lambda: self.request("GET", "/v2/", what="the registry").close()
-        )
+        self.retrying(f"the registry {self.ref.registry}", lambda: self.request("/v2/", what="the registry").close())
 
     def get_manifest(self, wanted: str) -> tuple[bytes, str]:
         """The manifest bytes and media type for a tag or digest."""
@@ -125,19 +120,15 @@ class Registry:
         def attempt() -> tuple[bytes, str]:
             path = f"/v2/{self.ref.repository}/manifests/{wanted}"
             missing = lambda: self.unknown_manifest(what)  # noqa: E731
-            with self.request("GET", path, what=what, headers={"Accept": ACCEPT}, missing=missing) as response:
+            with self.request(path, what=what, headers={"Accept": ACCEPT}, missing=missing) as response:
                 body = self.read_body(response, MAX_MANIFEST, f"{what} from {self.ref.registry}")
             return body, response.headers.get("Content-Type", "").split(";")[0].strip()
 
         return self.retrying(f"{what} from {self.ref.registry}", attempt)
 
     def download_blob(self, digest: str, sink, url: str | None = None) -> None:
-        """Stream a blob into `sink` (fetch's PartialBlob: `have`, `missing`, `write`, `restart`) from its `have`
-        bytes on, resuming after every broken transfer.
-
-        From the registry, or from `url` (a non-distributable layer's), where no credentials of ours are sent. A
-        server that ignores our Range starts the sink over; one that answers another range is retried, then refused.
-        """
+        """Stream a blob into `sink` (fetch's PartialBlob) from its `have` bytes on, resuming after every broken
+        transfer; from the registry, or from `url` (a non-distributable layer's), where no credentials of ours go."""
         what = f"blob {digest}"
         where = f"blob {digest[:19]} from {urlsplit(url).netloc if url else self.ref.registry}"
         missing = lambda: BlobUnknown(  # noqa: E731
@@ -149,9 +140,7 @@ class Registry:
             start = sink.have
             headers = {"Range": f"bytes={start}-"} if start else {}
             path = url or f"/v2/{self.ref.repository}/blobs/{digest}"
-            with self.request(
-                "GET", path, what=what, expected={200, 206}, headers=headers, missing=missing
-            ) as response:
+            with self.request(path, what=what, expected={200, 206}, headers=headers, missing=missing) as response:
                 refuse_encoded(response, what)
                 if response.status_code == 206:
                     check_range(response, start)
@@ -193,7 +182,6 @@ class Registry:
 
     def request(
         self,
-        method: str,
         path: str,
         *,
         what: str,
@@ -205,15 +193,15 @@ class Registry:
         or Retryable. `missing` makes the Error for a 404 from the registry."""
         url = urljoin(self.base, path)
         try:
-            response = self.send(method, url, headers or {}, what)
+            response = self.send(url, headers or {}, what)
             self.fallback = None  # the registry answered: its scheme is settled (a CDN's failure must not change it)
             if response.status_code == 401 and self.answer_challenge(response):
-                response = self.send(method, url, headers or {}, what)
+                response = self.send(url, headers or {}, what)
         except NotTls:
             if not (self.fallback and url.startswith(self.base)):
                 raise
             self.base, self.fallback = self.fallback, None
-            return self.request(method, path, what=what, expected=expected, headers=headers, missing=missing)
+            return self.request(path, what=what, expected=expected, headers=headers, missing=missing)
         if response.status_code in expected:
             return response
         if response.status_code in RETRY_STATUSES:
@@ -221,12 +209,13 @@ class Registry:
             raise Retryable(f"HTTP {response.status_code}", retry_after(response.headers))
         raise self.failure(response, what, missing)
 
-    def send(self, method: str, url: str, headers: dict, what: str, auth: tuple[str, str] | None = None):
+    def send(self, url: str, headers: dict, what: str, auth: tuple[str, str] | None = None) -> requests.Response:
         """Send, following redirects here: requests would read each redirect's whole body into memory, decompressed
         (a gzip bomb), and follow a Location to any scheme. `auth` (origin, header), by default the registry's
         Authorization, goes to that scheme+host only, never to a CDN or another host a redirect names."""
         if auth is None and self.authorization:
             auth = (origin(self.base), self.authorization)
+        timeout = (CONNECT_TIMEOUT, self.retry.window)
         for _ in range(MAX_REDIRECTS):
             scheme = urlsplit(url).scheme
             if scheme not in ("http", "https"):
@@ -237,14 +226,8 @@ class Registry:
             if auth and origin(url) == auth[0]:
                 sent["Authorization"] = auth[1]
             try:
-                response = self.session().request(
-                    method,
-                    url,
-                    headers=sent,
-                    stream=True,
-                    allow_redirects=False,
-                    timeout=(CONNECT_TIMEOUT, self.retry.window),
-                    verify=self.verify,
+                response = self.session().get(
+                    url, headers=sent, stream=True, allow_redirects=False, timeout=timeout, verify=self.verify
                 )
             except requests.RequestException as err:
                 raise transport_failure(urlsplit(url).netloc, err) from None
@@ -316,7 +299,7 @@ class Registry:
     def own_realm(self) -> str:
         """The realm the registry's /v2/ challenge names ("" when it asks for none): asked once, unauthenticated."""
         if self.realm is None:
-            with self.send("GET", urljoin(self.base, "/v2/"), {}, "the registry", NO_AUTH) as response:
+            with self.send(urljoin(self.base, "/v2/"), {}, "the registry", NO_AUTH) as response:
                 self.realm = parse_challenge(response.headers.get("WWW-Authenticate", ""))[1].get("realm", "")
         return self.realm
 
@@ -330,7 +313,7 @@ class Registry:
         url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(query)}"
         own = self.credentials and realm == self.own_realm()
         auth = (origin(realm), basic_header(self.credentials)) if own else NO_AUTH
-        with self.send("GET", url, {}, server, auth) as response:
+        with self.send(url, {}, server, auth) as response:
             if response.status_code in RETRY_STATUSES:
                 raise Retryable(f"{server}: HTTP {response.status_code}", retry_after(response.headers))
             if response.status_code in (401, 403):
@@ -352,7 +335,7 @@ class Registry:
         where = f"{self.ref.registry}/{self.ref.repository}"
         try:
             path = f"/v2/{self.ref.repository}/tags/list?n=1"
-            with self.request("GET", path, expected={200, 404}, what="tags") as response:
+            with self.request(path, expected={200, 404}, what="tags") as response:
                 if response.status_code == 404 and "NAME_UNKNOWN" in self.error_codes(response):
                     return Error(f"unknown image {where}", "check the image name")
         except (Error, Retryable):
@@ -420,11 +403,8 @@ def check_range(response: requests.Response, start: int) -> None:
 
 
 def trusted_certificates(verify: bool | str) -> bool | str:
-    """What `verify` means to requests: a CA bundle given by the user, else the system's trust store.
-
-    requests alone would use certifi's bundle (or $REQUESTS_CA_BUNDLE); the system's store, as OpenSSL finds it
-    ($SSL_CERT_FILE, $SSL_CERT_DIR honoured), is where administrators install their CAs, as docker and skopeo read it.
-    """
+    """A CA bundle given by the user, else the system's trust store as OpenSSL finds it ($SSL_CERT_FILE honoured):
+    where administrators install their CAs (requests alone would use certifi's bundle, or $REQUESTS_CA_BUNDLE)."""
     if verify is True:
         system = ssl.get_default_verify_paths()
         return system.cafile or system.capath or True
@@ -438,21 +418,20 @@ def transport_failure(server: str, err: requests.RequestException) -> Error | Re
     if caused_by(err, socket.gaierror):
         return Error(f"cannot find the host {server}", "check the registry name and your network")
     found = re.search(r"\[(SSL|X509): (\w+)\] ([^(']*)", str(err))
-    if not isinstance(err, requests.exceptions.SSLError) or not found:
-        if isinstance(err, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)):
-            return Retryable(describe(err))
-        return Error(f"cannot ask {server}: {describe(err)}")
-    library, code, reason = found.group(1), found.group(2), found.group(3).strip()
-    if code == "CERTIFICATE_VERIFY_FAILED":
-        return Error(
-            f"cannot verify the TLS certificate of {server}: {reason}",
-            "give the registry's CA certificate with --ca-bundle FILE, or install it in the system's trust store",
-        )
-    if code in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST"):
-        return NotTls(f"{server} does not speak TLS ({reason})", "for a plain-HTTP registry, pass --insecure")
-    if library == "X509":
-        return Error(f"cannot use the CA certificates for {server}: {reason}", "give --ca-bundle a PEM file")
-    return Retryable(describe(err))
+    if isinstance(err, requests.exceptions.SSLError) and found:
+        library, code, reason = found.group(1), found.group(2), found.group(3).strip()
+        if code == "CERTIFICATE_VERIFY_FAILED":
+            return Error(
+                f"cannot verify the TLS certificate of {server}: {reason}",
+                "give the registry's CA certificate with --ca-bundle FILE, or install it in the system's trust store",
+            )
+        if code in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST"):
+            return NotTls(f"{server} does not speak TLS ({reason})", "for a plain-HTTP registry, pass --insecure")
+        if library == "X509":
+            return Error(f"cannot use the CA certificates for {server}: {reason}", "give --ca-bundle a PEM file")
+    if isinstance(err, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)):
+        return Retryable(describe(err))  # SSLError is one: a handshake cut short may go through next time
+    return Error(f"cannot ask {server}: {describe(err)}")
 
 
 def caused_by(err: BaseException, kind: type[BaseException]) -> bool:

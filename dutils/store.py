@@ -1,7 +1,5 @@
-"""On-disk facts shared by d-pull and d-run: the blob cache, the pull folder, atomic writes, locks.
-
-Standard library only: d-run imports this on its start-up path.
-"""
+"""On-disk facts shared by d-pull and d-run: the blob cache, the pull folder, atomic writes, locks. Standard library
+only: d-run imports this on its start-up path."""
 
 import contextlib
 import errno
@@ -10,7 +8,6 @@ import json
 import os
 import re
 import stat
-import time
 from collections import namedtuple
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +15,6 @@ from pathlib import Path
 from .errors import Error
 
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-CACHE_ENV = "D_UTILS_CACHE"
-RECORD = "image.json"  # what was pulled; the rest of the pull's state lives in STATE
-STATE = ".d-pull"
 
 
 def check_digest(digest: str) -> str:
@@ -32,8 +26,7 @@ def check_digest(digest: str) -> str:
 
 def cache_dir(override: str | None = None) -> Path:
     """The blob cache: --cache, then $D_UTILS_CACHE, then $XDG_CACHE_HOME/d-utils, then ~/.cache/d-utils."""
-    chosen = override or os.environ.get(CACHE_ENV)
-    if chosen:
+    if chosen := override or os.environ.get("D_UTILS_CACHE"):
         return Path(chosen).absolute()
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(xdg).absolute() / "d-utils"
@@ -184,12 +177,10 @@ RECORD_FIELDS = "reference digest platform complete config_digest config_xxh64"
 
 
 class Record(namedtuple("Record", RECORD_FIELDS, defaults=(False, "", ""))):
-    """What a pull folder holds: written when a pull starts, `complete` set by its last task.
-
-    `config_digest` is the image config that config.json was made from (the base for merging the user's edits),
-    `config_xxh64` the fingerprint of the config.json we wrote (to notice those edits). A namedtuple rather than
-    a dataclass: d-run imports this, and dataclasses (or typing) would cost it milliseconds at every start.
-    """
+    """What a pull folder holds: written when a pull starts, `complete` set by its last task. `config_digest`: the
+    image config that config.json was made from (the base for merging the user's edits), `config_xxh64`: the
+    fingerprint of the config.json we wrote (to notice those edits). A namedtuple rather than a dataclass: d-run
+    imports this, and dataclasses (or typing) would cost it milliseconds at every start."""
 
     __slots__ = ()
 
@@ -213,8 +204,8 @@ class PullDir:
         self.rootfs = self.root / "rootfs"
         self.config = self.root / "config.json"
         self.volumes = self.root / "volumes"
-        self.record_path = self.root / RECORD
-        self.state = self.root / STATE
+        self.record_path = self.root / "image.json"  # what was pulled; the rest of the pull's state lives in `state`
+        self.state = self.root / ".d-pull"
 
     def read_record(self) -> Record | None:
         """The record, or None when this folder was never the target of a pull."""
@@ -248,29 +239,21 @@ class PullDir:
 def touch(path: Path) -> None:
     """Mark a cache entry as used now, so that pruning by age keeps it."""
     with contextlib.suppress(OSError):
-        now = time.time()
-        os.utime(path, (now, now), follow_symlinks=False)
+        os.utime(path, follow_symlinks=False)
 
 
 def remove_tree(path: Path) -> None:
     """Remove `path` with everything below it, however deep; links are removed, never followed."""
-    try:
-        parent = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    try:
-        remove_entry(parent, path.name)
-    finally:
-        os.close(parent)
+    remove_entry(None, os.fspath(path))
 
 
 LISTABLE = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def remove_entry(dir_fd: int, name: str) -> None:
-    """Remove `name` in the directory open as `dir_fd`, and all below it. Iterative, one directory open at a time
-    (back up through ".."), so no depth or width is too much; a folder that an ordinary user could not empty
-    (read-only, mode 0000) is given owner rwx first."""
+def remove_entry(dir_fd: int | None, name: str) -> None:
+    """Remove `name` in the directory open as `dir_fd` (None: the current one), and all below it. Iterative, one
+    directory open at a time (back up through ".."), so no depth or width is too much; a folder that an ordinary
+    user could not empty (read-only, mode 0000) is given owner rwx first."""
     try:
         st = os.lstat(name, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -300,7 +283,7 @@ def remove_entry(dir_fd: int, name: str) -> None:
     os.rmdir(name, dir_fd=dir_fd)
 
 
-def open_to_empty(dir_fd: int, name: str) -> int:
+def open_to_empty(dir_fd: int | None, name: str) -> int:
     """Open directory `name` (not followed) to list and empty it, giving the owner rwx on it where missing."""
     try:
         fd = os.open(name, LISTABLE, dir_fd=dir_fd)
