@@ -2,7 +2,6 @@
 pull-through mirrors (flags, $D_UTILS_MIRRORS, a config file). No network here."""
 
 import base64
-import binascii
 import json
 import os
 import subprocess
@@ -94,7 +93,7 @@ def decode_auth_entry(entry: object, path: Path) -> Credentials | None:
         return None
     try:
         username, colon, password = base64.b64decode(entry["auth"], validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError, TypeError, ValueError):
+    except (TypeError, ValueError):  # binascii.Error and UnicodeDecodeError are ValueErrors
         colon = ""  # b64decode would otherwise drop stray characters and decode garbage to nothing
     if not colon:
         raise Error(f"{path}: an 'auth' entry is not base64 of user:password", "log in again")

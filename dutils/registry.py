@@ -3,6 +3,7 @@ challenges, redirects, retries and transport errors are handled here once. Every
 non-blob bodies by size (never decompressed), every transfer by time without progress."""
 
 import base64
+import contextlib
 import email.utils
 import json
 import os
@@ -296,13 +297,6 @@ class Registry:
                 raise Error(f"{self.ref.registry} asked for an unsupported authentication scheme {scheme!r}")
             return self.authorization != used  # the same again: those credentials were refused
 
-    def own_realm(self) -> str:
-        """The realm the registry's /v2/ challenge names ("" when it asks for none): asked once, unauthenticated."""
-        if self.realm is None:
-            with self.send(urljoin(self.base, "/v2/"), {}, "the registry", NO_AUTH) as response:
-                self.realm = parse_challenge(response.headers.get("WWW-Authenticate", ""))[1].get("realm", "")
-        return self.realm
-
     def fetch_token(self, params: dict[str, str]) -> str:
         """A Bearer token from the realm; with our credentials only when it is the registry's own /v2/ realm."""
         server = f"the token server of {self.ref.registry}"
@@ -311,7 +305,10 @@ class Registry:
         if "service" in params:
             query["service"] = params["service"]
         url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(query)}"
-        own = self.credentials and realm == self.own_realm()
+        if self.credentials and self.realm is None:  # which realm /v2/ names: asked once, unauthenticated
+            with self.send(urljoin(self.base, "/v2/"), {}, "the registry", NO_AUTH) as response:
+                self.realm = parse_challenge(response.headers.get("WWW-Authenticate", ""))[1].get("realm", "")
+        own = self.credentials and realm == self.realm
         auth = (origin(realm), basic_header(self.credentials)) if own else NO_AUTH
         with self.send(url, {}, server, auth) as response:
             if response.status_code in RETRY_STATUSES:
@@ -333,13 +330,10 @@ class Registry:
     def unknown_manifest(self, what: str) -> Error:
         """An unknown image or an unknown tag, as the repository's tag list tells (the less drastic when it cannot)."""
         where = f"{self.ref.registry}/{self.ref.repository}"
-        try:
-            path = f"/v2/{self.ref.repository}/tags/list?n=1"
-            with self.request(path, expected={200, 404}, what="tags") as response:
-                if response.status_code == 404 and "NAME_UNKNOWN" in self.error_codes(response):
-                    return Error(f"unknown image {where}", "check the image name")
-        except (Error, Retryable):
-            pass
+        tags = f"/v2/{self.ref.repository}/tags/list?n=1"
+        with contextlib.suppress(Error, Retryable), self.request(tags, expected={200, 404}, what="tags") as response:
+            if response.status_code == 404 and "NAME_UNKNOWN" in self.error_codes(response):
+                return Error(f"unknown image {where}", "check the image name")
         return Error(f"unknown {what} in {where}", "check the tag or digest")
 
     def failure(self, response: requests.Response, what: str, missing: Callable[[], Error] | None) -> Error:
@@ -454,9 +448,7 @@ def basic_header(credentials: Credentials) -> str:
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
     """Retry-After in seconds, from either of its forms (delta-seconds or an HTTP date)."""
-    value = headers.get("Retry-After")
-    if not value:
-        return None
+    value = headers.get("Retry-After") or ""
     if value.strip().isdigit():
         return float(value)
     try:
