@@ -21,8 +21,7 @@ class Credentials:
 def find_credentials(
     registry: str, username: str | None = None, password: str | None = None, repository: str = ""
 ) -> Credentials | None:
-    """The credentials for `repository` on `registry`: the ones given on the command line, else the first auth file
-    that has some."""
+    """The credentials given on the command line, else the first auth file's for `repository` on `registry`."""
     if username is not None:
         return Credentials(username, password or "")
     found = (credentials_from_config(read_json_file(path), registry, repository, path) for path in auth_files())
@@ -31,16 +30,18 @@ def find_credentials(
 
 def auth_files() -> list[Path]:
     """Where podman/skopeo, then docker keep credentials, in the order the containers tools read them."""
-    home = Path.home()
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    config_home = os.environ.get("XDG_CONFIG_HOME") or home / ".config"
     candidates = [
         os.environ.get("REGISTRY_AUTH_FILE"),
         f"{runtime}/containers/auth.json" if runtime else f"/run/containers/{os.getuid()}/auth.json",
-        Path(config_home) / "containers" / "auth.json",
-        Path(os.environ.get("DOCKER_CONFIG") or home / ".docker") / "config.json",
+        config_home() / "containers" / "auth.json",
+        Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker") / "config.json",
     ]
     return [Path(c) for c in candidates if c]
+
+
+def config_home() -> Path:
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
 
 
 def read_json_file(path: Path) -> dict:
@@ -65,10 +66,8 @@ def lookup_keys(host: str, repository: str = "") -> list[str]:
 
 def credentials_from_config(config: dict, registry: str, repository: str, path: Path) -> Credentials | None:
     """A registry's own credential helper, else its most specific `auths` entry, else the default store
-    (`credsStore`). Helpers know hosts only, as in the containers tools.
-
-    `docker login` with a store leaves an empty placeholder entry in `auths`: that one means "ask the store".
-    """
+    (`credsStore`). Helpers know hosts only, as in the containers tools. `docker login` with a store leaves an empty
+    placeholder entry in `auths`: that one means "ask the store"."""
     hosts = lookup_keys(registry)
     helpers = config.get("credHelpers") or {}
     for key in hosts:
@@ -127,6 +126,5 @@ def find_mirrors(registry: str, given: list[str]) -> list[str]:
     if setting := os.environ.get("D_UTILS_MIRRORS"):
         pairs = (item.partition("=") for item in setting.split(","))
         return [mirror.strip() for name, _, mirror in pairs if name.strip() == registry and mirror.strip()]
-    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    mirrors = read_json_file(config_home / "d-utils" / "mirrors.json").get(registry, [])
+    mirrors = read_json_file(config_home() / "d-utils" / "mirrors.json").get(registry, [])
     return [m for m in mirrors if isinstance(m, str)] if isinstance(mirrors, list) else []

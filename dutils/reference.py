@@ -1,8 +1,10 @@
 """Image references, parsed without I/O: `alpine` is `docker.io/library/alpine:latest`."""
 
+import contextlib
 import ipaddress
 import re
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from .errors import Error
 from .store import check_digest
@@ -45,15 +47,12 @@ class Reference:
     @property
     def is_local(self) -> bool:
         """Whether the registry is on loopback: localhost, 127.0.0.0/8, ::1 in any spelling (IPv4-mapped too)."""
-        host = self.registry.rsplit(":", 1)[0] if not self.registry.endswith("]") else self.registry
-        if host.lower().rstrip(".") == "localhost":
-            return True
-        try:
-            address = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
-        except ValueError:
-            return False
-        mapped = getattr(address, "ipv4_mapped", None)
-        return address.is_loopback or bool(mapped and mapped.is_loopback)
+        host = urlsplit(f"//{self.registry}").hostname or ""  # lowercase, without brackets or port
+        with contextlib.suppress(ValueError):
+            address = ipaddress.ip_address(host)
+            mapped = getattr(address, "ipv4_mapped", None)
+            return address.is_loopback or bool(mapped and mapped.is_loopback)
+        return host.rstrip(".") == "localhost"
 
     def __str__(self) -> str:
         tag = f":{self.tag}" if self.tag else ""

@@ -157,9 +157,8 @@ class Registry:
     # -- the one retry loop
 
     def retrying(self, where: str, attempt: Callable[[], T], kept: Callable[[], int] = lambda: 0) -> T:
-        """`attempt()` until it succeeds, gives a final Error, or `retry.attempts` failures or `retry.patience`
-        seconds pass without progress. Progress is bytes kept (`kept()`) beyond the most ever kept, so a server
-        whose answers go back and forth cannot keep us retrying forever."""
+        """`attempt()` until it succeeds, gives a final Error, or `retry.attempts` failures or `retry.patience` seconds
+        pass without progress: bytes kept beyond the most ever kept, so a server going back and forth gives up."""
         failures, best, since = 0, kept(), time.monotonic()
         while True:
             try:
@@ -223,9 +222,8 @@ class Registry:
                 raise Error(
                     f"{what} was redirected to a {scheme or 'relative'} URL {url[:200]}", "only http(s) is used"
                 )
-            sent = dict(headers)  # Range included: a resumed download stays resumed on the CDN
-            if auth and origin(url) == auth[0]:
-                sent["Authorization"] = auth[1]
+            # Range included: a resumed download stays resumed on the CDN
+            sent = {**headers, "Authorization": auth[1]} if auth and origin(url) == auth[0] else headers
             try:
                 response = self.session().get(
                     url, headers=sent, stream=True, allow_redirects=False, timeout=timeout, verify=self.verify
@@ -365,12 +363,10 @@ class Registry:
 
     def error_codes(self, response: requests.Response) -> list[str]:
         """The distribution spec's error codes in a failed response's body, if any (read up to MAX_BODY)."""
-        with response:
-            try:
-                errors = json.loads(self.read_body(response, MAX_BODY, "an error")).get("errors")
-                return [str(e.get("code", "")) for e in errors if isinstance(e, dict)]
-            except (Error, Retryable, ValueError, TypeError, AttributeError):
-                return []
+        with response, contextlib.suppress(Error, Retryable, ValueError, TypeError, AttributeError):
+            errors = json.loads(self.read_body(response, MAX_BODY, "an error")).get("errors")
+            return [str(e.get("code", "")) for e in errors if isinstance(e, dict)]
+        return []
 
 
 def origin(url: str) -> str:

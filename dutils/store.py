@@ -145,9 +145,8 @@ class NotRegular(OSError):
 
 
 def open_regular(path: str | os.PathLike[str], flags: int, mode: int = 0o644, dir_fd: int | None = None) -> int:
-    """Open `path` only as a regular file: never through a link (ELOOP), never waiting on a FIFO (O_NONBLOCK), and
-    anything else than a regular file closed again and refused (NotRegular). For every file that someone else may
-    have planted: cache files, and the image's own files that d-run reads."""
+    """Open `path` only as a regular file (else NotRegular), never through a link (ELOOP), never waiting on a FIFO:
+    for every file that someone else may have planted (cache files, the image's own files that d-run reads)."""
     fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -177,10 +176,9 @@ RECORD_FIELDS = "reference digest platform complete config_digest config_xxh64"
 
 
 class Record(namedtuple("Record", RECORD_FIELDS, defaults=(False, "", ""))):
-    """What a pull folder holds: written when a pull starts, `complete` set by its last task. `config_digest`: the
-    image config that config.json was made from (the base for merging the user's edits), `config_xxh64`: the
-    fingerprint of the config.json we wrote (to notice those edits). A namedtuple rather than a dataclass: d-run
-    imports this, and dataclasses (or typing) would cost it milliseconds at every start."""
+    """What a pull folder holds, `complete` set by its last task; `config_digest`: the image config that config.json
+    was made from (to merge the user's edits into), `config_xxh64`: the fingerprint of the config.json we wrote (to
+    notice them). A namedtuple: d-run imports this, and dataclasses (or typing) would cost it milliseconds."""
 
     __slots__ = ()
 
