@@ -70,26 +70,22 @@ def credentials_from_config(config: dict, registry: str, repository: str, path: 
     placeholder entry in `auths`: that one means "ask the store"."""
     hosts = lookup_keys(registry)
     helpers = config.get("credHelpers") or {}
-    for key in hosts:
-        if key in helpers:
-            return run_credential_helper(helpers[key], key)
+    if key := next((key for key in hosts if key in helpers), None):
+        return run_credential_helper(helpers[key], key)
     auths = config.get("auths") or {}
-    for key in lookup_keys(registry, repository):
-        found = decode_auth_entry(auths.get(key), path)
-        if found:
-            return found
+    found = (decode_auth_entry(auths.get(key), path) for key in lookup_keys(registry, repository))
+    if credentials := next(filter(None, found), None):
+        return credentials
     if config.get("credsStore"):
         return run_credential_helper(config["credsStore"], hosts[0])
     return None
 
 
 def decode_auth_entry(entry: object, path: Path) -> Credentials | None:
-    if not isinstance(entry, dict):
+    if not isinstance(entry, dict) or not (entry.get("username") or entry.get("auth")):
         return None
     if entry.get("username"):
         return Credentials(entry["username"], entry.get("password", ""))
-    if not entry.get("auth"):
-        return None
     try:
         username, colon, password = base64.b64decode(entry["auth"], validate=True).decode().partition(":")
     except (TypeError, ValueError):  # binascii.Error and UnicodeDecodeError are ValueErrors

@@ -1,6 +1,5 @@
-"""The registry HTTP API, the only module that imports requests: each request states the statuses it expects; auth
-challenges, redirects, retries and transport errors are handled here once. Everything a server sends is bounded:
-non-blob bodies by size (never decompressed), every transfer by time without progress."""
+"""The registry HTTP API, the only module importing requests: auth challenges, redirects, retries and transport errors
+handled once; non-blob bodies bounded by size (never decompressed), every transfer by time without progress."""
 
 import base64
 import contextlib
@@ -34,7 +33,6 @@ ACCEPT = ", ".join([OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST])
 MAX_MANIFEST = 4 << 20
 MAX_BODY = 64 << 10  # error bodies and token replies
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 10
 CHUNK = 1 << 20
 CONNECT_TIMEOUT = 15
@@ -189,8 +187,7 @@ class Registry:
         headers: dict | None = None,
         missing: Callable[[], Error] | None = None,
     ) -> requests.Response:
-        """One attempt, authenticated as the registry asks: a response with an expected status, else an Error,
-        or Retryable. `missing` makes the Error for a 404 from the registry."""
+        """One attempt, authenticated as the registry asks: a response of an expected status, or Error, or Retryable."""
         url = urljoin(self.base, path)
         try:
             response = self.send(url, headers or {}, what)
@@ -230,7 +227,7 @@ class Registry:
                 )
             except requests.RequestException as err:
                 raise transport_failure(urlsplit(url).netloc, err) from None
-            if response.status_code not in REDIRECTS or "Location" not in response.headers:
+            if not response.is_redirect:  # 301, 302, 303, 307 or 308 with a Location
                 return response
             response.close()
             url = urljoin(url, response.headers["Location"])

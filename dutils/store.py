@@ -28,8 +28,7 @@ def cache_dir(override: str | None = None) -> Path:
     """The blob cache: --cache, then $D_UTILS_CACHE, then $XDG_CACHE_HOME/d-utils, then ~/.cache/d-utils."""
     if chosen := override or os.environ.get("D_UTILS_CACHE"):
         return Path(chosen).absolute()
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg).absolute() / "d-utils"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").absolute() / "d-utils"
 
 
 # The cache's layout, all of it: CACHE/lock (shared by running pulls, taken whole by pruning), CACHE/pruned (when
@@ -96,7 +95,7 @@ def check_private(path: Path, info: os.stat_result) -> None:
     raise Error(f"refusing the cache: {path} {problem}", fix)
 
 
-def make_folder(path: Path, what: str) -> Path:
+def make_folder(path: Path, what: str) -> None:
     """Create `path` (and parents) or say in one line why it cannot be, and where else to go."""
     import tempfile  # d-pull's only: d-run's start-up does without
 
@@ -106,7 +105,6 @@ def make_folder(path: Path, what: str) -> Path:
             pass
     except OSError as err:
         raise Error(f"cannot write to the {what} {path}: {err.strerror}", f"choose another {what}") from None
-    return path
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -249,9 +247,8 @@ LISTABLE = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def remove_entry(dir_fd: int | None, name: str) -> None:
-    """Remove `name` in the directory open as `dir_fd` (None: the current one), and all below it. Iterative, one
-    directory open at a time (back up through ".."), so no depth or width is too much; a folder that an ordinary
-    user could not empty (read-only, mode 0000) is given owner rwx first."""
+    """Remove `name` in `dir_fd` (None: the current folder) and all below it, one folder open at a time (back up through
+    ".."): no depth or width is too much; folders an ordinary user could not empty (mode 0000) get owner rwx first."""
     try:
         st = os.lstat(name, dir_fd=dir_fd)
     except FileNotFoundError:
