@@ -1,5 +1,4 @@
-"""Who we are and where to ask: credentials (flags, docker/containers auth files, credential helpers) and
-pull-through mirrors (flags, $D_UTILS_MIRRORS, a config file). No network here."""
+"""Credentials (flags, docker/containers auth files, credential helpers) and pull-through mirrors; no network here."""
 
 import base64
 import json
@@ -65,9 +64,8 @@ def lookup_keys(host: str, repository: str = "") -> list[str]:
 
 
 def credentials_from_config(config: dict, registry: str, repository: str, path: Path) -> Credentials | None:
-    """A registry's own credential helper, else its most specific `auths` entry, else the default store
-    (`credsStore`). Helpers know hosts only, as in the containers tools. `docker login` with a store leaves an empty
-    placeholder entry in `auths`: that one means "ask the store"."""
+    """A registry's own credential helper (they know hosts only, as in the containers tools), else its most specific
+    non-empty `auths` entry (`docker login` with a store leaves an empty one: "ask the store"), else `credsStore`."""
     hosts = lookup_keys(registry)
     helpers = config.get("credHelpers") or {}
     if key := next((key for key in hosts if key in helpers), None):

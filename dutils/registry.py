@@ -60,8 +60,7 @@ class Retryable(Exception):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with jitter; a server's Retry-After is honoured up to `max_wait` seconds. `patience`:
-    seconds without progress after which a transfer is abandoned (--timeout)."""
+    """Backoff with jitter, Retry-After honoured up to `max_wait` s; `patience` (--timeout): seconds of no progress."""
 
     attempts: int = 6
     base_delay: float = 0.5
@@ -207,9 +206,8 @@ class Registry:
         raise self.failure(response, what, missing)
 
     def send(self, url: str, headers: dict, what: str, auth: tuple[str, str] | None = None) -> requests.Response:
-        """Send, following redirects here: requests would read each redirect's whole body into memory, decompressed
-        (a gzip bomb), and follow a Location to any scheme. `auth` (origin, header), by default the registry's
-        Authorization, goes to that scheme+host only, never to a CDN or another host a redirect names."""
+        """Send, following redirects here: requests would read each redirect's body into memory, decompressed (a gzip
+        bomb), and follow any scheme. `auth` (origin, header; by default the registry's) goes to that origin only."""
         if auth is None and self.authorization:
             auth = (origin(self.base), self.authorization)
         timeout = (CONNECT_TIMEOUT, self.retry.window)
@@ -234,11 +232,10 @@ class Registry:
         raise Error(f"too many redirects for {what}, last to {url[:200]}")
 
     def session(self) -> requests.Session:
-        session = getattr(self.local, "session", None)
-        if session is None:
-            session = self.local.session = requests.Session()
-            session.headers["Accept-Encoding"] = "identity"  # digests are of the bytes stored: no proxy may gzip them
-        return session
+        if not hasattr(self.local, "session"):
+            self.local.session = requests.Session()
+            self.local.session.headers["Accept-Encoding"] = "identity"  # digests are of the bytes stored: no gzip
+        return self.local.session
 
     def chunks(self, response: requests.Response) -> Iterator[bytes]:
         """The body as it arrives, undecoded; a transfer that breaks, or brings less than MIN_RATE bytes a second
@@ -435,8 +432,7 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
 
 
 def basic_header(credentials: Credentials) -> str:
-    token = base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
-    return f"Basic {token}"
+    return "Basic " + base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
@@ -452,6 +448,5 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
 
 def describe(err: BaseException) -> str:
     """The reason of a transport error in a few words, without urllib3's object reprs."""
-    text = str(err)
-    found = re.search(r"\[Errno -?\d+\][^'\")]*|Read timed out|Connection (?:aborted|broken|reset)[^'\")]*", text)
+    found = re.search(r"\[Errno -?\d+\][^'\")]*|Read timed out|Connection (?:aborted|broken|reset)[^'\")]*", str(err))
     return found.group(0).strip(" .,") if found else type(err).__name__

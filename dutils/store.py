@@ -1,5 +1,4 @@
-"""On-disk facts shared by d-pull and d-run: the blob cache, the pull folder, atomic writes, locks. Standard library
-only: d-run imports this on its start-up path."""
+"""On-disk facts shared by d-pull and d-run (cache, pull folder, atomic writes, locks); stdlib only, for d-run."""
 
 import contextlib
 import errno
@@ -101,8 +100,7 @@ def make_folder(path: Path, what: str) -> None:
 
     try:
         path.mkdir(0o755, parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
+        tempfile.TemporaryFile(dir=path).close()
     except OSError as err:
         raise Error(f"cannot write to the {what} {path}: {err.strerror}", f"choose another {what}") from None
 
