@@ -387,8 +387,8 @@ def check_range(response: requests.Response, start: int) -> None:
 
 
 def trusted_certificates(verify: bool | str) -> bool | str:
-    """A CA bundle given by the user, else the system's trust store as OpenSSL finds it ($SSL_CERT_FILE honoured):
-    where administrators install their CAs (requests alone would use certifi's bundle, or $REQUESTS_CA_BUNDLE)."""
+    """A CA bundle given by the user, else the system's trust store as OpenSSL finds it ($SSL_CERT_FILE, _DIR): where
+    administrators install their CAs, as docker and skopeo read it (requests alone would use certifi's bundle)."""
     if verify is True:
         system = ssl.get_default_verify_paths()
         return system.cafile or system.capath or True
