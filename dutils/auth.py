@@ -1,8 +1,6 @@
-"""Who we are and where to ask: credentials (flags, docker/containers auth files, credential helpers) and
-pull-through mirrors (flags, $D_UTILS_MIRRORS, a config file). No network here."""
+"""Credentials (flags, docker/containers auth files, credential helpers) and pull-through mirrors; no network here."""
 
 import base64
-import binascii
 import json
 import os
 import subprocess
@@ -11,8 +9,6 @@ from pathlib import Path
 
 from .errors import Error
 from .reference import DOCKER_HUB
-
-MIRRORS_ENV = "D_UTILS_MIRRORS"
 
 
 @dataclass(frozen=True)
@@ -24,30 +20,27 @@ class Credentials:
 def find_credentials(
     registry: str, username: str | None = None, password: str | None = None, repository: str = ""
 ) -> Credentials | None:
-    """The credentials for `repository` on `registry`: the ones given on the command line, else the first auth file
-    that has some."""
+    """The credentials given on the command line, else the first auth file's for `repository` on `registry`."""
     if username is not None:
         return Credentials(username, password or "")
-    for path in auth_files():
-        config = read_json_file(path)
-        found = credentials_from_config(config, registry, repository, path)
-        if found:
-            return found
-    return None
+    found = (credentials_from_config(read_json_file(path), registry, repository, path) for path in auth_files())
+    return next(filter(None, found), None)
 
 
 def auth_files() -> list[Path]:
     """Where podman/skopeo, then docker keep credentials, in the order the containers tools read them."""
-    home = Path.home()
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    config_home = os.environ.get("XDG_CONFIG_HOME") or home / ".config"
     candidates = [
         os.environ.get("REGISTRY_AUTH_FILE"),
         f"{runtime}/containers/auth.json" if runtime else f"/run/containers/{os.getuid()}/auth.json",
-        Path(config_home) / "containers" / "auth.json",
-        Path(os.environ.get("DOCKER_CONFIG") or home / ".docker") / "config.json",
+        config_home() / "containers" / "auth.json",
+        Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker") / "config.json",
     ]
     return [Path(c) for c in candidates if c]
+
+
+def config_home() -> Path:
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
 
 
 def read_json_file(path: Path) -> dict:
@@ -60,54 +53,40 @@ def read_json_file(path: Path) -> dict:
     return config if isinstance(config, dict) else {}
 
 
-def lookup_keys(registry: str, repository: str = "") -> list[str]:
+def lookup_keys(host: str, repository: str = "") -> list[str]:
     """The keys under which tools record credentials for a repository, most specific first: `host/team/app`,
     `host/team`, then the host in each spelling docker has written (containers-auth.json(5))."""
     parts = repository.split("/") if repository else []
-    scoped = [f"{registry}/{'/'.join(parts[:n])}" for n in range(len(parts), 0, -1)]
-    if registry == DOCKER_HUB:
-        hosts = ["https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io"]
-        return scoped + hosts
-    return scoped + [
-        registry,
-        f"https://{registry}",
-        f"http://{registry}",
-        f"https://{registry}/v1/",
-        f"https://{registry}/v2/",
-    ]
+    scoped = [f"{host}/{'/'.join(parts[:n])}" for n in range(len(parts), 0, -1)]
+    if host == DOCKER_HUB:
+        return scoped + ["https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io"]
+    return scoped + [host, f"https://{host}", f"http://{host}", f"https://{host}/v1/", f"https://{host}/v2/"]
 
 
 def credentials_from_config(config: dict, registry: str, repository: str, path: Path) -> Credentials | None:
-    """A registry's own credential helper, else its most specific `auths` entry, else the default store
-    (`credsStore`). Helpers know hosts only, as in the containers tools.
-
-    `docker login` with a store leaves an empty placeholder entry in `auths`: that one means "ask the store".
-    """
+    """A registry's own credential helper (they know hosts only, as in the containers tools), else its most specific
+    non-empty `auths` entry (`docker login` with a store leaves an empty one: "ask the store"), else `credsStore`."""
     hosts = lookup_keys(registry)
     helpers = config.get("credHelpers") or {}
-    for key in hosts:
-        if key in helpers:
-            return run_credential_helper(helpers[key], key)
+    if key := next((key for key in hosts if key in helpers), None):
+        return run_credential_helper(helpers[key], key)
     auths = config.get("auths") or {}
-    for key in lookup_keys(registry, repository):
-        found = decode_auth_entry(auths.get(key), path)
-        if found:
-            return found
+    found = (decode_auth_entry(auths.get(key), path) for key in lookup_keys(registry, repository))
+    if credentials := next(filter(None, found), None):
+        return credentials
     if config.get("credsStore"):
         return run_credential_helper(config["credsStore"], hosts[0])
     return None
 
 
 def decode_auth_entry(entry: object, path: Path) -> Credentials | None:
-    if not isinstance(entry, dict):
+    if not isinstance(entry, dict) or not (entry.get("username") or entry.get("auth")):
         return None
     if entry.get("username"):
         return Credentials(entry["username"], entry.get("password", ""))
-    if not entry.get("auth"):
-        return None
     try:
         username, colon, password = base64.b64decode(entry["auth"], validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError, TypeError, ValueError):
+    except (TypeError, ValueError):  # binascii.Error and UnicodeDecodeError are ValueErrors
         colon = ""  # b64decode would otherwise drop stray characters and decode garbage to nothing
     if not colon:
         raise Error(f"{path}: an 'auth' entry is not base64 of user:password", "log in again")
@@ -133,21 +112,13 @@ def run_credential_helper(helper: str, server: str) -> Credentials | None:
     return Credentials(username, secret) if username or secret else None  # some helpers answer "" for none
 
 
-def mirrors_file() -> Path:
-    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "d-utils" / "mirrors.json"
-
-
 def find_mirrors(registry: str, given: list[str]) -> list[str]:
-    """Pull-through mirrors to try, in order, before `registry` itself.
-
-    From the --mirror flags, else $D_UTILS_MIRRORS ("docker.io=host:port,ghcr.io=host2"), else the file
-    ~/.config/d-utils/mirrors.json ({"docker.io": ["host:port"]}). Only what the user configured is used.
-    """
+    """Pull-through mirrors to try, in order, before `registry` itself: the --mirror flags, else $D_UTILS_MIRRORS
+    ("docker.io=host:port,ghcr.io=host2"), else ~/.config/d-utils/mirrors.json ({"docker.io": ["host:port"]})."""
     if given:
         return given
-    setting = os.environ.get(MIRRORS_ENV)
-    if setting:
+    if setting := os.environ.get("D_UTILS_MIRRORS"):
         pairs = (item.partition("=") for item in setting.split(","))
         return [mirror.strip() for name, _, mirror in pairs if name.strip() == registry and mirror.strip()]
-    mirrors = read_json_file(mirrors_file()).get(registry, [])
+    mirrors = read_json_file(config_home() / "d-utils" / "mirrors.json").get(registry, [])
     return [m for m in mirrors if isinstance(m, str)] if isinstance(mirrors, list) else []

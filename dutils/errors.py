@@ -20,5 +20,4 @@ class Error(Exception):
 
     def __str__(self) -> str:
         # One line, always: the command-line edge prints exactly this, control characters escaped.
-        text = f"{self.message}; {self.hint}" if self.hint else self.message
-        return printable(text)
+        return printable(f"{self.message}; {self.hint}" if self.hint else self.message)

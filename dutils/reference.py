@@ -1,8 +1,10 @@
 """Image references, parsed without I/O: `alpine` is `docker.io/library/alpine:latest`."""
 
+import contextlib
 import ipaddress
 import re
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from .errors import Error
 from .store import check_digest
@@ -45,23 +47,17 @@ class Reference:
     @property
     def is_local(self) -> bool:
         """Whether the registry is on loopback: localhost, 127.0.0.0/8, ::1 in any spelling (IPv4-mapped too)."""
-        host = self.registry.rsplit(":", 1)[0] if not self.registry.endswith("]") else self.registry
-        if host.lower().rstrip(".") == "localhost":
-            return True
-        try:
-            address = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
-        except ValueError:
-            return False
-        mapped = getattr(address, "ipv4_mapped", None)
-        return address.is_loopback or bool(mapped and mapped.is_loopback)
+        host = urlsplit(f"//{self.registry}").hostname or ""  # lowercase, without brackets or port
+        with contextlib.suppress(ValueError):
+            address = ipaddress.ip_address(host)
+            mapped = getattr(address, "ipv4_mapped", None)
+            return address.is_loopback or bool(mapped and mapped.is_loopback)
+        return host.rstrip(".") == "localhost"
 
     def __str__(self) -> str:
-        text = f"{self.registry}/{self.repository}"
-        if self.tag:
-            text += f":{self.tag}"
-        if self.digest:
-            text += f"@{self.digest}"
-        return text
+        tag = f":{self.tag}" if self.tag else ""
+        digest = f"@{self.digest}" if self.digest else ""
+        return f"{self.registry}/{self.repository}{tag}{digest}"
 
 
 def parse_reference(text: str) -> Reference:
@@ -77,22 +73,17 @@ def parse_reference(text: str) -> Reference:
     else:
         registry, path = DOCKER_HUB, rest
     registry = DOCKER_HUB if registry in ("index.docker.io", DOCKER_HUB_API) else registry
-    path, tag = split_tag(path)
-    if tag is not None and not TAG.fullmatch(tag):
+    head, slash, last = path.rpartition("/")  # the tag follows the last `:` of the last path component
+    name, colon, tag = last.partition(":")
+    path = head + slash + name
+    if colon and not TAG.fullmatch(tag):
         raise invalid(text, f"bad tag {tag!r}")
     components = path.split("/")
     if not path or not all(COMPONENT.fullmatch(c) for c in components):
         raise invalid(text, "repository names are lowercase letters, digits and separators . _ - /")
     if registry == DOCKER_HUB and len(components) == 1:
         path = f"library/{path}"
-    return Reference(registry, path, tag if tag or digest else "latest", digest or None)
-
-
-def split_tag(path: str) -> tuple[str, str | None]:
-    """`repo:tag` -> (repo, tag); the tag is after the last `:` of the last path component."""
-    head, slash, last = path.rpartition("/")
-    name, colon, tag = last.partition(":")
-    return head + slash + name, tag if colon else None
+    return Reference(registry, path, tag or (None if digest else "latest"), digest or None)
 
 
 def invalid(text: str, why: str) -> Error:

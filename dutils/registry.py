@@ -1,11 +1,8 @@
-"""The registry HTTP API: the only module that imports requests.
-
-Each request states the statuses it expects; auth challenges, redirects, retries and transport errors are handled
-here once, so callers see a response they asked for or an Error that says what failed. Everything a server sends
-is bounded: non-blob bodies by size (never decompressed), every transfer by time without progress.
-"""
+"""The registry HTTP API, the only module importing requests: auth challenges, redirects, retries and transport errors
+handled once; non-blob bodies bounded by size (never decompressed), every transfer by time without progress."""
 
 import base64
+import contextlib
 import email.utils
 import json
 import os
@@ -36,7 +33,6 @@ ACCEPT = ", ".join([OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST])
 MAX_MANIFEST = 4 << 20
 MAX_BODY = 64 << 10  # error bodies and token replies
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 10
 CHUNK = 1 << 20
 CONNECT_TIMEOUT = 15
@@ -64,8 +60,7 @@ class Retryable(Exception):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with jitter; a server's Retry-After is honoured up to `max_wait` seconds. `patience`:
-    seconds without progress after which a transfer is abandoned (--timeout)."""
+    """Backoff with jitter, Retry-After honoured up to `max_wait` s; `patience` (--timeout): seconds of no progress."""
 
     attempts: int = 6
     base_delay: float = 0.5
@@ -114,9 +109,7 @@ class Registry:
 
     def ping(self) -> None:
         """Find out how the registry wants us to authenticate, and do it now (the `auth` task)."""
-        self.retrying(
-            f"the registry {self.ref.registry}", lambda: self.request("GET", "/v2/", what="the registry").close()
-        )
+        self.retrying(f"the registry {self.ref.registry}", lambda: self.request("/v2/", what="the registry").close())
 
     def get_manifest(self, wanted: str) -> tuple[bytes, str]:
         """The manifest bytes and media type for a tag or digest."""
@@ -125,19 +118,15 @@ class Registry:
         def attempt() -> tuple[bytes, str]:
             path = f"/v2/{self.ref.repository}/manifests/{wanted}"
             missing = lambda: self.unknown_manifest(what)  # noqa: E731
-            with self.request("GET", path, what=what, headers={"Accept": ACCEPT}, missing=missing) as response:
+            with self.request(path, what=what, headers={"Accept": ACCEPT}, missing=missing) as response:
                 body = self.read_body(response, MAX_MANIFEST, f"{what} from {self.ref.registry}")
             return body, response.headers.get("Content-Type", "").split(";")[0].strip()
 
         return self.retrying(f"{what} from {self.ref.registry}", attempt)
 
     def download_blob(self, digest: str, sink, url: str | None = None) -> None:
-        """Stream a blob into `sink` (fetch's PartialBlob: `have`, `missing`, `write`, `restart`) from its `have`
-        bytes on, resuming after every broken transfer.
-
-        From the registry, or from `url` (a non-distributable layer's), where no credentials of ours are sent. A
-        server that ignores our Range starts the sink over; one that answers another range is retried, then refused.
-        """
+        """Stream a blob into `sink` (fetch's PartialBlob) from its `have` bytes on, resuming after every broken
+        transfer; from the registry, or from `url` (a non-distributable layer's), where no credentials of ours go."""
         what = f"blob {digest}"
         where = f"blob {digest[:19]} from {urlsplit(url).netloc if url else self.ref.registry}"
         missing = lambda: BlobUnknown(  # noqa: E731
@@ -149,9 +138,7 @@ class Registry:
             start = sink.have
             headers = {"Range": f"bytes={start}-"} if start else {}
             path = url or f"/v2/{self.ref.repository}/blobs/{digest}"
-            with self.request(
-                "GET", path, what=what, expected={200, 206}, headers=headers, missing=missing
-            ) as response:
+            with self.request(path, what=what, expected={200, 206}, headers=headers, missing=missing) as response:
                 refuse_encoded(response, what)
                 if response.status_code == 206:
                     check_range(response, start)
@@ -167,9 +154,8 @@ class Registry:
     # -- the one retry loop
 
     def retrying(self, where: str, attempt: Callable[[], T], kept: Callable[[], int] = lambda: 0) -> T:
-        """`attempt()` until it succeeds, gives a final Error, or `retry.attempts` failures or `retry.patience`
-        seconds pass without progress. Progress is bytes kept (`kept()`) beyond the most ever kept, so a server
-        whose answers go back and forth cannot keep us retrying forever."""
+        """`attempt()` until it succeeds, gives a final Error, or `retry.attempts` failures or `retry.patience` seconds
+        pass without progress: bytes kept beyond the most ever kept, so a server going back and forth gives up."""
         failures, best, since = 0, kept(), time.monotonic()
         while True:
             try:
@@ -193,7 +179,6 @@ class Registry:
 
     def request(
         self,
-        method: str,
         path: str,
         *,
         what: str,
@@ -201,19 +186,18 @@ class Registry:
         headers: dict | None = None,
         missing: Callable[[], Error] | None = None,
     ) -> requests.Response:
-        """One attempt, authenticated as the registry asks: a response with an expected status, else an Error,
-        or Retryable. `missing` makes the Error for a 404 from the registry."""
+        """One attempt, authenticated as the registry asks: a response of an expected status, or Error, or Retryable."""
         url = urljoin(self.base, path)
         try:
-            response = self.send(method, url, headers or {}, what)
+            response = self.send(url, headers or {}, what)
             self.fallback = None  # the registry answered: its scheme is settled (a CDN's failure must not change it)
             if response.status_code == 401 and self.answer_challenge(response):
-                response = self.send(method, url, headers or {}, what)
+                response = self.send(url, headers or {}, what)
         except NotTls:
             if not (self.fallback and url.startswith(self.base)):
                 raise
             self.base, self.fallback = self.fallback, None
-            return self.request(method, path, what=what, expected=expected, headers=headers, missing=missing)
+            return self.request(path, what=what, expected=expected, headers=headers, missing=missing)
         if response.status_code in expected:
             return response
         if response.status_code in RETRY_STATUSES:
@@ -221,45 +205,37 @@ class Registry:
             raise Retryable(f"HTTP {response.status_code}", retry_after(response.headers))
         raise self.failure(response, what, missing)
 
-    def send(self, method: str, url: str, headers: dict, what: str, auth: tuple[str, str] | None = None):
-        """Send, following redirects here: requests would read each redirect's whole body into memory, decompressed
-        (a gzip bomb), and follow a Location to any scheme. `auth` (origin, header), by default the registry's
-        Authorization, goes to that scheme+host only, never to a CDN or another host a redirect names."""
+    def send(self, url: str, headers: dict, what: str, auth: tuple[str, str] | None = None) -> requests.Response:
+        """Send, following redirects here: requests would read each redirect's body into memory, decompressed (a gzip
+        bomb), and follow any scheme. `auth` (origin, header; by default the registry's) goes to that origin only."""
         if auth is None and self.authorization:
             auth = (origin(self.base), self.authorization)
+        timeout = (CONNECT_TIMEOUT, self.retry.window)
         for _ in range(MAX_REDIRECTS):
             scheme = urlsplit(url).scheme
             if scheme not in ("http", "https"):
                 raise Error(
                     f"{what} was redirected to a {scheme or 'relative'} URL {url[:200]}", "only http(s) is used"
                 )
-            sent = dict(headers)  # Range included: a resumed download stays resumed on the CDN
-            if auth and origin(url) == auth[0]:
-                sent["Authorization"] = auth[1]
+            # Range included: a resumed download stays resumed on the CDN
+            sent = {**headers, "Authorization": auth[1]} if auth and origin(url) == auth[0] else headers
             try:
-                response = self.session().request(
-                    method,
-                    url,
-                    headers=sent,
-                    stream=True,
-                    allow_redirects=False,
-                    timeout=(CONNECT_TIMEOUT, self.retry.window),
-                    verify=self.verify,
+                response = self.session().get(
+                    url, headers=sent, stream=True, allow_redirects=False, timeout=timeout, verify=self.verify
                 )
             except requests.RequestException as err:
                 raise transport_failure(urlsplit(url).netloc, err) from None
-            if response.status_code not in REDIRECTS or "Location" not in response.headers:
+            if not response.is_redirect:  # 301, 302, 303, 307 or 308 with a Location
                 return response
             response.close()
             url = urljoin(url, response.headers["Location"])
         raise Error(f"too many redirects for {what}, last to {url[:200]}")
 
     def session(self) -> requests.Session:
-        session = getattr(self.local, "session", None)
-        if session is None:
-            session = self.local.session = requests.Session()
-            session.headers["Accept-Encoding"] = "identity"  # digests are of the bytes stored: no proxy may gzip them
-        return session
+        if not hasattr(self.local, "session"):
+            self.local.session = requests.Session()
+            self.local.session.headers["Accept-Encoding"] = "identity"  # digests are of the bytes stored: no gzip
+        return self.local.session
 
     def chunks(self, response: requests.Response) -> Iterator[bytes]:
         """The body as it arrives, undecoded; a transfer that breaks, or brings less than MIN_RATE bytes a second
@@ -313,13 +289,6 @@ class Registry:
                 raise Error(f"{self.ref.registry} asked for an unsupported authentication scheme {scheme!r}")
             return self.authorization != used  # the same again: those credentials were refused
 
-    def own_realm(self) -> str:
-        """The realm the registry's /v2/ challenge names ("" when it asks for none): asked once, unauthenticated."""
-        if self.realm is None:
-            with self.send("GET", urljoin(self.base, "/v2/"), {}, "the registry", NO_AUTH) as response:
-                self.realm = parse_challenge(response.headers.get("WWW-Authenticate", ""))[1].get("realm", "")
-        return self.realm
-
     def fetch_token(self, params: dict[str, str]) -> str:
         """A Bearer token from the realm; with our credentials only when it is the registry's own /v2/ realm."""
         server = f"the token server of {self.ref.registry}"
@@ -328,9 +297,12 @@ class Registry:
         if "service" in params:
             query["service"] = params["service"]
         url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(query)}"
-        own = self.credentials and realm == self.own_realm()
+        if self.credentials and self.realm is None:  # which realm /v2/ names: asked once, unauthenticated
+            with self.send(urljoin(self.base, "/v2/"), {}, "the registry", NO_AUTH) as response:
+                self.realm = parse_challenge(response.headers.get("WWW-Authenticate", ""))[1].get("realm", "")
+        own = self.credentials and realm == self.realm
         auth = (origin(realm), basic_header(self.credentials)) if own else NO_AUTH
-        with self.send("GET", url, {}, server, auth) as response:
+        with self.send(url, {}, server, auth) as response:
             if response.status_code in RETRY_STATUSES:
                 raise Retryable(f"{server}: HTTP {response.status_code}", retry_after(response.headers))
             if response.status_code in (401, 403):
@@ -350,13 +322,10 @@ class Registry:
     def unknown_manifest(self, what: str) -> Error:
         """An unknown image or an unknown tag, as the repository's tag list tells (the less drastic when it cannot)."""
         where = f"{self.ref.registry}/{self.ref.repository}"
-        try:
-            path = f"/v2/{self.ref.repository}/tags/list?n=1"
-            with self.request("GET", path, expected={200, 404}, what="tags") as response:
-                if response.status_code == 404 and "NAME_UNKNOWN" in self.error_codes(response):
-                    return Error(f"unknown image {where}", "check the image name")
-        except (Error, Retryable):
-            pass
+        tags = f"/v2/{self.ref.repository}/tags/list?n=1"
+        with contextlib.suppress(Error, Retryable), self.request(tags, expected={200, 404}, what="tags") as response:
+            if response.status_code == 404 and "NAME_UNKNOWN" in self.error_codes(response):
+                return Error(f"unknown image {where}", "check the image name")
         return Error(f"unknown {what} in {where}", "check the tag or digest")
 
     def failure(self, response: requests.Response, what: str, missing: Callable[[], Error] | None) -> Error:
@@ -388,12 +357,10 @@ class Registry:
 
     def error_codes(self, response: requests.Response) -> list[str]:
         """The distribution spec's error codes in a failed response's body, if any (read up to MAX_BODY)."""
-        with response:
-            try:
-                errors = json.loads(self.read_body(response, MAX_BODY, "an error")).get("errors")
-                return [str(e.get("code", "")) for e in errors if isinstance(e, dict)]
-            except (Error, Retryable, ValueError, TypeError, AttributeError):
-                return []
+        with response, contextlib.suppress(Error, Retryable, ValueError, TypeError, AttributeError):
+            errors = json.loads(self.read_body(response, MAX_BODY, "an error")).get("errors")
+            return [str(e.get("code", "")) for e in errors if isinstance(e, dict)]
+        return []
 
 
 def origin(url: str) -> str:
@@ -420,11 +387,8 @@ def check_range(response: requests.Response, start: int) -> None:
 
 
 def trusted_certificates(verify: bool | str) -> bool | str:
-    """What `verify` means to requests: a CA bundle given by the user, else the system's trust store.
-
-    requests alone would use certifi's bundle (or $REQUESTS_CA_BUNDLE); the system's store, as OpenSSL finds it
-    ($SSL_CERT_FILE, $SSL_CERT_DIR honoured), is where administrators install their CAs, as docker and skopeo read it.
-    """
+    """A CA bundle given by the user, else the system's trust store as OpenSSL finds it ($SSL_CERT_FILE, _DIR): where
+    administrators install their CAs, as docker and skopeo read it (requests alone would use certifi's bundle)."""
     if verify is True:
         system = ssl.get_default_verify_paths()
         return system.cafile or system.capath or True
@@ -438,21 +402,20 @@ def transport_failure(server: str, err: requests.RequestException) -> Error | Re
     if caused_by(err, socket.gaierror):
         return Error(f"cannot find the host {server}", "check the registry name and your network")
     found = re.search(r"\[(SSL|X509): (\w+)\] ([^(']*)", str(err))
-    if not isinstance(err, requests.exceptions.SSLError) or not found:
-        if isinstance(err, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)):
-            return Retryable(describe(err))
-        return Error(f"cannot ask {server}: {describe(err)}")
-    library, code, reason = found.group(1), found.group(2), found.group(3).strip()
-    if code == "CERTIFICATE_VERIFY_FAILED":
-        return Error(
-            f"cannot verify the TLS certificate of {server}: {reason}",
-            "give the registry's CA certificate with --ca-bundle FILE, or install it in the system's trust store",
-        )
-    if code in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST"):
-        return NotTls(f"{server} does not speak TLS ({reason})", "for a plain-HTTP registry, pass --insecure")
-    if library == "X509":
-        return Error(f"cannot use the CA certificates for {server}: {reason}", "give --ca-bundle a PEM file")
-    return Retryable(describe(err))
+    if isinstance(err, requests.exceptions.SSLError) and found:
+        library, code, reason = found.group(1), found.group(2), found.group(3).strip()
+        if code == "CERTIFICATE_VERIFY_FAILED":
+            return Error(
+                f"cannot verify the TLS certificate of {server}: {reason}",
+                "give the registry's CA certificate with --ca-bundle FILE, or install it in the system's trust store",
+            )
+        if code in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST"):
+            return NotTls(f"{server} does not speak TLS ({reason})", "for a plain-HTTP registry, pass --insecure")
+        if library == "X509":
+            return Error(f"cannot use the CA certificates for {server}: {reason}", "give --ca-bundle a PEM file")
+    if isinstance(err, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)):
+        return Retryable(describe(err))  # SSLError is one: a handshake cut short may go through next time
+    return Error(f"cannot ask {server}: {describe(err)}")
 
 
 def caused_by(err: BaseException, kind: type[BaseException]) -> bool:
@@ -469,15 +432,12 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
 
 
 def basic_header(credentials: Credentials) -> str:
-    token = base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
-    return f"Basic {token}"
+    return "Basic " + base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
     """Retry-After in seconds, from either of its forms (delta-seconds or an HTTP date)."""
-    value = headers.get("Retry-After")
-    if not value:
-        return None
+    value = headers.get("Retry-After") or ""
     if value.strip().isdigit():
         return float(value)
     try:
@@ -488,6 +448,5 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
 
 def describe(err: BaseException) -> str:
     """The reason of a transport error in a few words, without urllib3's object reprs."""
-    text = str(err)
-    found = re.search(r"\[Errno -?\d+\][^'\")]*|Read timed out|Connection (?:aborted|broken|reset)[^'\")]*", text)
+    found = re.search(r"\[Errno -?\d+\][^'\")]*|Read timed out|Connection (?:aborted|broken|reset)[^'\")]*", str(err))
     return found.group(0).strip(" .,") if found else type(err).__name__

@@ -1,7 +1,4 @@
-"""On-disk facts shared by d-pull and d-run: the blob cache, the pull folder, atomic writes, locks.
-
-Standard library only: d-run imports this on its start-up path.
-"""
+"""On-disk facts shared by d-pull and d-run (cache, pull folder, atomic writes, locks); stdlib only, for d-run."""
 
 import contextlib
 import errno
@@ -10,7 +7,6 @@ import json
 import os
 import re
 import stat
-import time
 from collections import namedtuple
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +14,6 @@ from pathlib import Path
 from .errors import Error
 
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-CACHE_ENV = "D_UTILS_CACHE"
-RECORD = "image.json"  # what was pulled; the rest of the pull's state lives in STATE
-STATE = ".d-pull"
 
 
 def check_digest(digest: str) -> str:
@@ -32,11 +25,9 @@ def check_digest(digest: str) -> str:
 
 def cache_dir(override: str | None = None) -> Path:
     """The blob cache: --cache, then $D_UTILS_CACHE, then $XDG_CACHE_HOME/d-utils, then ~/.cache/d-utils."""
-    chosen = override or os.environ.get(CACHE_ENV)
-    if chosen:
+    if chosen := override or os.environ.get("D_UTILS_CACHE"):
         return Path(chosen).absolute()
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg).absolute() / "d-utils"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").absolute() / "d-utils"
 
 
 # The cache's layout, all of it: CACHE/lock (shared by running pulls, taken whole by pruning), CACHE/pruned (when
@@ -103,17 +94,15 @@ def check_private(path: Path, info: os.stat_result) -> None:
     raise Error(f"refusing the cache: {path} {problem}", fix)
 
 
-def make_folder(path: Path, what: str) -> Path:
+def make_folder(path: Path, what: str) -> None:
     """Create `path` (and parents) or say in one line why it cannot be, and where else to go."""
     import tempfile  # d-pull's only: d-run's start-up does without
 
     try:
         path.mkdir(0o755, parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
+        tempfile.TemporaryFile(dir=path).close()
     except OSError as err:
         raise Error(f"cannot write to the {what} {path}: {err.strerror}", f"choose another {what}") from None
-    return path
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -152,9 +141,8 @@ class NotRegular(OSError):
 
 
 def open_regular(path: str | os.PathLike[str], flags: int, mode: int = 0o644, dir_fd: int | None = None) -> int:
-    """Open `path` only as a regular file: never through a link (ELOOP), never waiting on a FIFO (O_NONBLOCK), and
-    anything else than a regular file closed again and refused (NotRegular). For every file that someone else may
-    have planted: cache files, and the image's own files that d-run reads."""
+    """Open `path` only as a regular file (else NotRegular), never through a link (ELOOP), never waiting on a FIFO:
+    for every file that someone else may have planted (cache files, the image's own files that d-run reads)."""
     fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -184,12 +172,9 @@ RECORD_FIELDS = "reference digest platform complete config_digest config_xxh64"
 
 
 class Record(namedtuple("Record", RECORD_FIELDS, defaults=(False, "", ""))):
-    """What a pull folder holds: written when a pull starts, `complete` set by its last task.
-
-    `config_digest` is the image config that config.json was made from (the base for merging the user's edits),
-    `config_xxh64` the fingerprint of the config.json we wrote (to notice those edits). A namedtuple rather than
-    a dataclass: d-run imports this, and dataclasses (or typing) would cost it milliseconds at every start.
-    """
+    """What a pull folder holds, `complete` set by its last task; `config_digest`: the image config that config.json
+    was made from (to merge the user's edits into), `config_xxh64`: the fingerprint of the config.json we wrote (to
+    notice them). A namedtuple: d-run imports this, and dataclasses (or typing) would cost it milliseconds."""
 
     __slots__ = ()
 
@@ -213,8 +198,8 @@ class PullDir:
         self.rootfs = self.root / "rootfs"
         self.config = self.root / "config.json"
         self.volumes = self.root / "volumes"
-        self.record_path = self.root / RECORD
-        self.state = self.root / STATE
+        self.record_path = self.root / "image.json"  # what was pulled; the rest of the pull's state lives in `state`
+        self.state = self.root / ".d-pull"
 
     def read_record(self) -> Record | None:
         """The record, or None when this folder was never the target of a pull."""
@@ -248,29 +233,20 @@ class PullDir:
 def touch(path: Path) -> None:
     """Mark a cache entry as used now, so that pruning by age keeps it."""
     with contextlib.suppress(OSError):
-        now = time.time()
-        os.utime(path, (now, now), follow_symlinks=False)
+        os.utime(path, follow_symlinks=False)
 
 
 def remove_tree(path: Path) -> None:
     """Remove `path` with everything below it, however deep; links are removed, never followed."""
-    try:
-        parent = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    try:
-        remove_entry(parent, path.name)
-    finally:
-        os.close(parent)
+    remove_entry(None, os.fspath(path))
 
 
 LISTABLE = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def remove_entry(dir_fd: int, name: str) -> None:
-    """Remove `name` in the directory open as `dir_fd`, and all below it. Iterative, one directory open at a time
-    (back up through ".."), so no depth or width is too much; a folder that an ordinary user could not empty
-    (read-only, mode 0000) is given owner rwx first."""
+def remove_entry(dir_fd: int | None, name: str) -> None:
+    """Remove `name` in `dir_fd` (None: the current folder) and all below it, one folder open at a time (back up through
+    ".."): no depth or width is too much; folders an ordinary user could not empty (mode 0000) get owner rwx first."""
     try:
         st = os.lstat(name, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -300,7 +276,7 @@ def remove_entry(dir_fd: int, name: str) -> None:
     os.rmdir(name, dir_fd=dir_fd)
 
 
-def open_to_empty(dir_fd: int, name: str) -> int:
+def open_to_empty(dir_fd: int | None, name: str) -> int:
     """Open directory `name` (not followed) to list and empty it, giving the owner rwx on it where missing."""
     try:
         fd = os.open(name, LISTABLE, dir_fd=dir_fd)
