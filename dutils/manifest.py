@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 
 from .apply import COMPRESSION
-from .config import MAX_CONFIG, diff_ids, load_json_object, read_image_config
+from .config import MAX_CONFIG, broken, diff_ids, load_json_object, read_image_config, typed
 from .errors import Error
 from .reference import Reference
 from .registry import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Registry
@@ -67,7 +67,7 @@ def compatible(wanted: Platform) -> list[Platform]:
     """The platforms that run on `wanted`, best first (containerd's platformVector): the platform itself, then lower
     variants (amd64/v3 runs v2 and v1 images, arm/v7 runs v6 and v5, arm64/v8.2 runs v8.1 and v8), then the 32-bit
     relative (386 on amd64, arm on arm64)."""
-    level = version(wanted.variant)
+    level = int(wanted.variant[1:]) if re.fullmatch(r"v\d{1,2}", wanted.variant) else 0  # v7 is 7
     if wanted.arch == "amd64":
         lower = [replace(wanted, variant=f"v{n}") for n in range(level - 1, 1, -1)]
         v1 = [replace(wanted, variant="")] if level > 1 else []
@@ -82,11 +82,6 @@ def compatible(wanted: Platform) -> list[Platform]:
             arm64 += [replace(wanted, variant=f"v8.{n}" if n else "v8") for n in range(min(minor + 5, 9), -1, -1)]
         return arm64 + compatible(Platform(wanted.os, "arm", "v8"))
     return [wanted]
-
-
-def version(variant: str) -> int:
-    """The number of a variant such as v7 (0 when there is none)."""
-    return int(variant[1:]) if re.fullmatch(r"v\d{1,2}", variant) else 0
 
 
 def parse_platform(text: str) -> Platform:
@@ -139,7 +134,7 @@ def resolve_image(
         digest = chosen["digest"]
         body, manifest = fetch_image_manifest(registry, digest, chosen["size"], ref)
     image = image_from_manifest(manifest, digest, ref)
-    platform = config_platform(read_checked_config(image, fetch, ref))
+    platform = config_platform(image, fetch, ref)
     if not chosen_from_index:
         check_platform(platform, wanted, ref)
     write_atomic(blob_path(cache, digest), body)
@@ -156,13 +151,13 @@ def fetch_image_manifest(registry: Registry, digest: str, size: int, ref: Refere
     return body, manifest
 
 
-def read_checked_config(image: Image, fetch: Callable[[Blob], Path], ref: Reference) -> dict:
-    """The image's config, fetched now (it is small), with one diff_id per layer."""
+def config_platform(image: Image, fetch: Callable[[Blob], Path], ref: Reference) -> Platform:
+    """The platform the image's config says, fetched now (it is small), which must list one diff_id per layer."""
     if image.config.size > MAX_CONFIG:
         raise Error(f"the image config of {ref} has {image.config.size} bytes, more than {MAX_CONFIG}")
     config = read_image_config(fetch(image.config))
     diff_ids(config, len(image.layers))
-    return config
+    return normalize(config.get("os", ""), config.get("architecture", ""), config.get("variant", ""))
 
 
 def check_platform(platform: Platform, wanted: Platform, ref: Reference) -> None:
@@ -174,10 +169,6 @@ def check_platform(platform: Platform, wanted: Platform, ref: Reference) -> None
             f"{ref} is an image for {platform}, not for {wanted}",
             f"pull it with --platform {platform} if you mean to run it on another machine or through an emulator",
         )
-
-
-def config_platform(config: dict) -> Platform:
-    return normalize(config.get("os", ""), config.get("architecture", ""), config.get("variant", ""))
 
 
 def verify_manifest(body: bytes, digest: str, size: int | None, ref: Reference) -> None:
@@ -193,8 +184,7 @@ def sha256_digest(data: bytes) -> str:
 
 def parse_manifest(body: bytes, media_type: str, ref: Reference) -> dict:
     manifest = load_json_object(body, f"the manifest of {ref}")
-    if not isinstance(manifest.get("mediaType", ""), str):
-        raise manifest_field_error(ref, "mediaType", "a string")
+    typed(manifest.get("mediaType", ""), str, f"the manifest of {ref}: mediaType")
     kind = manifest_type(manifest, media_type)
     if manifest.get("schemaVersion") == 1 or kind.startswith(SCHEMA1):
         raise Error(
@@ -227,13 +217,11 @@ def choose_platform(
     entries = index_entries(index, ref)
     preferred = compatible(wanted)
     offers = [(entry, entry_platform(entry, ref)) for entry in entries]
-    declared = [(entry, platform) for entry, platform in offers if platform is not None]
-    if not any(platform == preferred[0] for _, platform in declared):
-        undeclared = [entry for entry, platform in offers if platform is None]
-        if len(undeclared) > MAX_PROBES:
-            raise Error(f"the index of {ref} has {len(undeclared)} entries without a platform, more than {MAX_PROBES}")
-        probed = {id(entry): probe(entry) for entry in undeclared}
-        offers = [(entry, probed.get(id(entry), platform)) for entry, platform in offers]
+    if preferred[0] not in [platform for _, platform in offers]:
+        undeclared = sum(platform is None for _, platform in offers)
+        if undeclared > MAX_PROBES:
+            raise Error(f"the index of {ref} has {undeclared} entries without a platform, more than {MAX_PROBES}")
+        offers = [(entry, probe(entry) if platform is None else platform) for entry, platform in offers]
     runnable = [
         (entry, platform) for entry, platform in offers if platform and "unknown" not in (platform.os, platform.arch)
     ]
@@ -250,30 +238,22 @@ def choose_platform(
 
 def index_entries(index: dict, ref: Reference) -> list[dict]:
     """The index's `manifests`, each with a valid digest and size."""
-    entries = index.get("manifests")
-    if not isinstance(entries, list):
-        raise manifest_field_error(ref, "manifests", "a list")
+    entries = typed(index.get("manifests"), list, f"the manifest of {ref}: manifests")
     for n, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise manifest_field_error(ref, f"manifests[{n}]", "a JSON object")
-        check_descriptor(entry, f"manifests[{n}]", ref)
+        check_descriptor(entry, f"the manifest of {ref}: manifests[{n}]")
     return entries
 
 
 def entry_platform(entry: dict, ref: Reference) -> Platform | None:
     """An index entry's declared platform, normalised; None when it declares none."""
-    platform = entry.get("platform")
-    if platform is None:
+    if entry.get("platform") is None:
         return None
-    where = f"the platform of index entry {entry['digest']}"
-    if not isinstance(platform, dict):
-        raise manifest_field_error(ref, where, "a JSON object")
-    for key in ("os", "architecture", "variant"):
-        if not isinstance(platform.get(key, ""), str):
-            raise manifest_field_error(ref, f"{where}: {key}", "a string")
-    if not platform.get("architecture"):
-        return None
-    return normalize(platform.get("os", ""), platform["architecture"], platform.get("variant", ""))
+    where = f"the manifest of {ref}: the platform of index entry {entry['digest']}"
+    platform = typed(entry["platform"], dict, where)
+    os, arch, variant = (
+        typed(platform.get(key, ""), str, f"{where}: {key}") for key in ("os", "architecture", "variant")
+    )
+    return normalize(os, arch, variant) if arch else None
 
 
 def probe_platform(registry: Registry, entry: dict, ref: Reference, fetch: Callable[[Blob], Path]) -> Platform | None:
@@ -285,7 +265,7 @@ def probe_platform(registry: Registry, entry: dict, ref: Reference, fetch: Calla
         image = image_from_manifest(manifest, entry["digest"], ref)
     except Error:
         return None  # a signature, an SBOM, an encrypted image…: not a candidate
-    return config_platform(read_checked_config(image, fetch, ref))
+    return config_platform(image, fetch, ref)
 
 
 # -- the image manifest
@@ -294,31 +274,23 @@ def probe_platform(registry: Registry, entry: dict, ref: Reference, fetch: Calla
 def image_from_manifest(manifest: dict, digest: str, ref: Reference) -> Image:
     """The image a manifest describes, once it is known to be an image whose layers d-pull can apply."""
     check_not_artifact(manifest, ref)
-    config, layers = manifest.get("config"), manifest.get("layers")
-    if not isinstance(config, dict):
-        raise manifest_field_error(ref, "config", "a JSON object")
-    if not isinstance(layers, list):
-        raise manifest_field_error(ref, "layers", "a list")
+    what = f"the manifest of {ref}"
+    config = descriptor(manifest.get("config"), f"{what}: config")
+    if config.media_type not in ("", *IMAGE_CONFIGS):
+        raise not_an_image(ref, config.media_type)
+    layers = typed(manifest.get("layers"), list, f"{what}: layers")
     if len(layers) > MAX_LAYERS:
         raise Error(f"{ref} has {len(layers)} layers, more than the {MAX_LAYERS} d-pull accepts", "no real image has")
-    blobs = [descriptor(config, "config", ref)]
-    if blobs[0].media_type not in ("", *IMAGE_CONFIGS):
-        raise not_an_image(ref, blobs[0].media_type)
-    for n, layer in enumerate(layers):
-        if not isinstance(layer, dict):
-            raise manifest_field_error(ref, f"layers[{n}]", "a JSON object")
-        blobs.append(descriptor(layer, f"layers[{n}]", ref))
-    for blob in blobs[1:]:
+    blobs = tuple(descriptor(layer, f"{what}: layers[{n}]") for n, layer in enumerate(layers))
+    for blob in blobs:
         check_layer_type(blob, ref)
-    return Image(digest, "", blobs[0], tuple(blobs[1:]))
+    return Image(digest, "", config, blobs)
 
 
 def check_not_artifact(manifest: dict, ref: Reference) -> None:
     artifact = manifest.get("artifactType")
     if artifact is not None:
-        if not isinstance(artifact, str):
-            raise manifest_field_error(ref, "artifactType", "a string")
-        raise not_an_image(ref, artifact)
+        raise not_an_image(ref, typed(artifact, str, f"the manifest of {ref}: artifactType"))
 
 
 def not_an_image(ref: Reference, kind: object) -> Error:
@@ -338,26 +310,22 @@ def check_layer_type(layer: Blob, ref: Reference) -> None:
         raise Error(f"{ref} has a layer of unsupported media type {layer.media_type!r}", "d-pull applies tar layers")
 
 
-def descriptor(entry: dict, where: str, ref: Reference) -> Blob:
-    check_descriptor(entry, where, ref)
+def descriptor(entry: object, where: str) -> Blob:
+    """The blob a manifest's `where` ("the manifest of REF: layers[0]") describes, checked."""
+    entry = check_descriptor(entry, where)
     urls = entry.get("urls", [])
     if not isinstance(urls, list) or not all(isinstance(url, str) for url in urls):
-        raise manifest_field_error(ref, f"{where}.urls", "a list of strings")
+        raise broken(f"{where}.urls", "a list of strings")
     usable = tuple(url for url in urls if url.startswith(("https://", "http://")))
     return Blob(entry["digest"], entry["size"], entry.get("mediaType", ""), usable)
 
 
-def check_descriptor(entry: dict, where: str, ref: Reference) -> None:
-    """A descriptor's digest, size and mediaType have their types (bool is an int to Python, not to JSON)."""
+def check_descriptor(entry: object, where: str) -> dict:
+    """`entry` if it is a JSON object whose digest, size and mediaType have their types."""
+    entry = typed(entry, dict, where)
     size = entry.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise manifest_field_error(ref, f"{where}.size", "a non-negative integer")
-    if not isinstance(entry.get("mediaType", ""), str):
-        raise manifest_field_error(ref, f"{where}.mediaType", "a string")
-    if not isinstance(entry.get("digest"), str):
-        raise manifest_field_error(ref, f"{where}.digest", "a string")
-    check_digest(entry["digest"])
-
-
-def manifest_field_error(ref: Reference, field: str, kind: str) -> Error:
-    return Error(f"the manifest of {ref}: {field} is not {kind}", "the image is broken; ask its publisher")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:  # bool is an int to Python, not to JSON
+        raise broken(f"{where}.size", "a non-negative integer")
+    typed(entry.get("mediaType", ""), str, f"{where}.mediaType")
+    check_digest(typed(entry.get("digest"), str, f"{where}.digest"))
+    return entry
