@@ -27,7 +27,12 @@ def fetch_blob(registry: Registry, blob: Blob, cache: Path, progress: Progress, 
     try:
         download_verified(registry, blob, cache, progress, url)
     except OSError as err:  # the lock, the partial file, the rename: the cache's disk
-        raise write_error(final, err, blob.size) from None
+        if err.errno == errno.ENOSPC:
+            raise Error(
+                f"disk full while downloading into {final.parent}: {blob.size} more bytes are needed for this blob",
+                "free some space and run the same command again; what was downloaded is kept",
+            ) from None
+        raise Error(f"cannot write {final}: {err.strerror}", "choose another cache with --cache") from None
     progress.step(f"fetched {blob.digest[:19]} ({blob.size} bytes)")
     return final
 
@@ -56,7 +61,15 @@ class PartialBlob:
 
     def __init__(self, path: Path, blob: Blob, progress: Progress) -> None:
         self.path, self.blob, self.progress = path, blob, progress
-        self.file = os.fdopen(open_cache_file(path, os.O_RDWR | os.O_CREAT), "r+b")
+        hint = "someone else may be able to write to this cache: remove the file, and check the cache's permissions"
+        try:  # never through a link planted in its place (writing elsewhere), nor blocking on a FIFO
+            self.file = os.fdopen(open_regular(path, os.O_RDWR | os.O_CREAT), "r+b")
+        except NotRegular:
+            raise Error(f"{path} is not a regular file", hint) from None
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise Error(f"{path} is a symbolic link, not a file of d-pull's", hint) from None
+            raise
         self.hasher, self.have = hashlib.sha256(), 0
         if os.fstat(self.file.fileno()).st_size > blob.size:  # cannot be a prefix of this blob
             self.restart()
@@ -89,26 +102,3 @@ class PartialBlob:
         self.file.seek(0)
         self.file.truncate()
         self.hasher, self.have = hashlib.sha256(), 0
-
-
-def open_cache_file(path: Path, flags: int) -> int:
-    """Open a cache file without following a link, and only if it is a regular file: a link planted in its place
-    must not make us write elsewhere, nor a FIFO hang us (O_NONBLOCK)."""
-    hint = "someone else may be able to write to this cache: remove the file, and check the cache's permissions"
-    try:
-        return open_regular(path, flags)
-    except NotRegular:
-        raise Error(f"{path} is not a regular file", hint) from None
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise Error(f"{path} is a symbolic link, not a file of d-pull's", hint) from None
-        raise
-
-
-def write_error(path: Path, err: OSError, missing: int) -> Error:
-    if err.errno == errno.ENOSPC:
-        return Error(
-            f"disk full while downloading into {path.parent}: {missing} more bytes are needed for this blob",
-            "free some space and run the same command again; what was downloaded is kept",
-        )
-    return Error(f"cannot write {path}: {err.strerror}", "choose another cache with --cache")

@@ -214,9 +214,9 @@ def choose_platform(
     An entry without `platform` is looked into by `probe` (which reads its config), only when no entry declares
     the best platform. Attestations (unknown/unknown) are never chosen.
     """
-    entries = index_entries(index, ref)
+    entries = typed(index.get("manifests"), list, f"the manifest of {ref}: manifests")
+    offers = [index_entry(entry, n, ref) for n, entry in enumerate(entries)]
     preferred = compatible(wanted)
-    offers = [(entry, entry_platform(entry, ref)) for entry in entries]
     if preferred[0] not in [platform for _, platform in offers]:
         undeclared = sum(platform is None for _, platform in offers)
         if undeclared > MAX_PROBES:
@@ -236,24 +236,17 @@ def choose_platform(
     )
 
 
-def index_entries(index: dict, ref: Reference) -> list[dict]:
-    """The index's `manifests`, each with a valid digest and size."""
-    entries = typed(index.get("manifests"), list, f"the manifest of {ref}: manifests")
-    for n, entry in enumerate(entries):
-        check_descriptor(entry, f"the manifest of {ref}: manifests[{n}]")
-    return entries
-
-
-def entry_platform(entry: dict, ref: Reference) -> Platform | None:
-    """An index entry's declared platform, normalised; None when it declares none."""
+def index_entry(entry: object, n: int, ref: Reference) -> tuple[dict, Platform | None]:
+    """The index's n-th entry, checked, and the platform it declares, normalised (None when it declares none)."""
+    entry = check_descriptor(entry, f"the manifest of {ref}: manifests[{n}]")
     if entry.get("platform") is None:
-        return None
+        return entry, None
     where = f"the manifest of {ref}: the platform of index entry {entry['digest']}"
     platform = typed(entry["platform"], dict, where)
     os, arch, variant = (
         typed(platform.get(key, ""), str, f"{where}: {key}") for key in ("os", "architecture", "variant")
     )
-    return normalize(os, arch, variant) if arch else None
+    return entry, normalize(os, arch, variant) if arch else None
 
 
 def probe_platform(registry: Registry, entry: dict, ref: Reference, fetch: Callable[[Blob], Path]) -> Platform | None:

@@ -161,7 +161,7 @@ class Pull:
         self.mutex = threading.Lock()  # guards `registries` and `fetching`
         self.image: Image | None = None  # once the manifest task ran
         self.skipped = Skipped()
-        self.changed = False  # whether any fetch, apply or config work was done
+        self.changed = False  # whether the config task ran, as every pull that fetched or applied anything ends with
         self.holds = contextlib.ExitStack()  # `claimed`, from the manifest task until the config task or the run ends
         self.used_cache = False
         self.layers_done: list[str] | None = None
@@ -239,16 +239,13 @@ class Pull:
         if self.lock and not digest:  # the digest the tag names now, asked once: the lock records what is pulled
             body, _ = self.from_any_registry(lambda registry: registry.get_manifest(registry.ref.wanted))
             digest = sha256_digest(body)
-        platform, cache = self.options.platform, self.options.cache
-        self.image = self.from_any_registry(
-            lambda registry: resolve_image(
-                registry,
-                replace(registry.ref, digest=digest),
-                platform,
-                cache,
-                lambda blob: fetch_blob(registry, blob, cache, self.options.progress),
-            )
-        )
+        options = self.options
+
+        def resolve_on(registry: Registry) -> Image:
+            fetch = partial(fetch_blob, registry, cache=options.cache, progress=options.progress)
+            return resolve_image(registry, replace(registry.ref, digest=digest), options.platform, options.cache, fetch)
+
+        self.image = self.from_any_registry(resolve_on)
         if self.lock and not entry:
             pinned = {"reference": str(self.ref), "digest": digest, "manifest": self.image.digest}
             self.lock.pin(self.folder.root, pinned | {"platform": self.image.platform})
@@ -287,11 +284,10 @@ class Pull:
         done.result()
 
     def fetch(self, blob: Blob, downloads: threading.BoundedSemaphore) -> None:
-        self.changed = True
         try:
             with downloads:
                 self.from_any_registry(
-                    lambda registry: fetch_blob(registry, blob, self.options.cache, self.options.progress)
+                    partial(fetch_blob, blob=blob, cache=self.options.cache, progress=self.options.progress)
                 )
         except BlobUnknown:
             if not blob.urls:
@@ -347,7 +343,6 @@ class Pull:
             if self.is_applied(n):
                 continue
             self.fetched(layer, downloads)
-            self.changed = True
             self.folder.rootfs.mkdir(parents=True, exist_ok=True)
             blob = blob_path(self.options.cache, layer.digest)
             self.skipped += apply_layer(blob, layer.media_type, diff_ids[n], self.folder.rootfs)
