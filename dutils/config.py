@@ -9,7 +9,7 @@ from typing import TypeVar
 import xxhash
 
 from .errors import Error
-from .store import DIGEST, NotRegular, open_regular
+from .store import DIGEST, NotRegular, open_regular, write_atomic
 
 # d-run's own keys, written out so that users see them, and over the image's: an image config saying
 # "ports": ["0.0.0.0:22:22"] must not publish itself.
@@ -95,14 +95,6 @@ def run_config(image_config: dict) -> dict:
     return {**(image_config.get("config") or {}), **RUN_DEFAULTS}
 
 
-def fingerprint(data: bytes) -> str:
-    return xxhash.xxh64_hexdigest(data)
-
-
-def render(config: dict) -> bytes:
-    return (json.dumps(config, indent=2) + "\n").encode()
-
-
 def merge_edits(new: dict, base: dict | None, current: dict) -> dict:
     """`new`, except where the user changed `base` into `current`: those keys keep the user's value (or absence).
 
@@ -117,20 +109,23 @@ def merge_edits(new: dict, base: dict | None, current: dict) -> dict:
     return {key: value for key, value in merged.items() if value is not MISSING}
 
 
-def updated_config(path: Path, image_config: Path, base_config: Path | None, written_xxh64: str) -> bytes:
-    """config.json for `image_config`, keeping the user's edits to the one we wrote from `base_config`."""
-    new = run_config(read_image_config(image_config))
+def write_config(path: Path, image_config: Path, base_config: Path | None, written_xxh64: str) -> str:
+    """Write config.json for `image_config`, keeping the user's edits to the one we wrote from `base_config`; return
+    its fingerprint, by which the next pull tells whether the user edited it."""
+    config = run_config(read_image_config(image_config))
     try:
         current = path.read_bytes()
     except FileNotFoundError:
-        return render(new)
-    if fingerprint(current) == written_xxh64:
-        return render(new)  # not edited since we wrote it
-    try:
-        mine = json.loads(current)
-    except ValueError as err:
-        raise Error(f"{path} is not valid JSON ({err})", "fix it, or delete it to get the image's own") from None
-    if not isinstance(mine, dict):
-        raise Error(f"{path} is not a JSON object", "fix it, or delete it to get the image's own")
-    base = run_config(read_image_config(base_config)) if base_config and base_config.exists() else None
-    return render(merge_edits(new, base, mine))
+        current = None
+    if current is not None and xxhash.xxh64_hexdigest(current) != written_xxh64:  # edited since we wrote it
+        try:
+            mine = json.loads(current)
+        except ValueError as err:
+            raise Error(f"{path} is not valid JSON ({err})", "fix it, or delete it to get the image's own") from None
+        if not isinstance(mine, dict):
+            raise Error(f"{path} is not a JSON object", "fix it, or delete it to get the image's own")
+        base = run_config(read_image_config(base_config)) if base_config and base_config.exists() else None
+        config = merge_edits(config, base, mine)
+    data = (json.dumps(config, indent=2) + "\n").encode()
+    write_atomic(path, data)
+    return xxhash.xxh64_hexdigest(data)

@@ -27,8 +27,13 @@ SCHEMA1 = "application/vnd.docker.distribution.manifest.v1"
 # Docker and overlayfs stop at about 128 layers; 500 leaves room for any real image and bounds the work.
 MAX_LAYERS = 500
 MAX_PROBES = 16  # index entries without a `platform` whose config is fetched to learn it
-MACHINE_TO_ARCH = {"x86_64": ("amd64", ""), "aarch64": ("arm64", "v8"), "armv8l": ("arm", "v8")}
-MACHINE_TO_ARCH |= {"armv7l": ("arm", "v7"), "armv6l": ("arm", "v6"), "armv5tel": ("arm", "v5"), "i686": ("386", "")}
+# The spellings of uname and Debian for Go's architectures, with the variant each implies (None: the one given).
+ARCH_ALIASES = {"x86_64": ("amd64", None), "x86-64": ("amd64", None), "aarch64": ("arm64", None), "i386": ("386", "")}
+ARCH_ALIASES |= {"i686": ("386", ""), "armhf": ("arm", "v7"), "armel": ("arm", "v6"), "armv8l": ("arm", "v8")}
+ARCH_ALIASES |= {"armv7l": ("arm", "v7"), "armv6l": ("arm", "v6"), "armv5tel": ("arm", "v5")}
+# containerd's normal variants: arm is arm/v7 unless it says otherwise, arm64 is arm64/v8, amd64 has none (v1)
+VARIANTS = {"amd64": {"v1": ""}, "arm": {"": "v7", "5": "v5", "6": "v6", "7": "v7", "8": "v8"}}
+VARIANTS["arm64"] = {"": "v8", "8": "v8", "v8.0": "v8", "9": "v9", "9.0": "v9", "v9.0": "v9"}
 
 
 @dataclass(frozen=True)
@@ -44,23 +49,11 @@ class Platform:
 
 
 def normalize(os: str, arch: str, variant: str = "") -> Platform:
-    """containerd's normal form: arm is arm/v7 unless it says otherwise, arm64 is arm64/v8, amd64 has no variant
-    (v1), and the spellings of uname (x86_64, aarch64, armhf…) become Go's."""
-    os, arch, variant = os.lower() or "linux", arch.lower(), variant.lower()
-    if os == "macos":
-        os = "darwin"
-    if arch == "i386":
-        arch, variant = "386", ""
-    elif arch in ("x86_64", "x86-64", "amd64"):
-        arch, variant = "amd64", "" if variant == "v1" else variant
-    elif arch in ("aarch64", "arm64"):
-        arch = "arm64"
-        variant = {"": "v8", "8": "v8", "v8.0": "v8", "9": "v9", "9.0": "v9", "v9.0": "v9"}.get(variant, variant)
-    elif arch in ("armhf", "armel"):
-        arch, variant = "arm", "v7" if arch == "armhf" else "v6"
-    elif arch == "arm":
-        variant = {"": "v7", "5": "v5", "6": "v6", "7": "v7", "8": "v8"}.get(variant, variant)
-    return Platform(os, arch, variant)
+    """containerd's normal form (see VARIANTS), with the spellings of uname (x86_64, aarch64, armhf…) made Go's."""
+    arch, implied = ARCH_ALIASES.get(arch.lower(), (arch.lower(), None))
+    variant = variant.lower() if implied is None else implied
+    os = "darwin" if os.lower() == "macos" else os.lower() or "linux"
+    return Platform(os, arch, VARIANTS.get(arch, {}).get(variant, variant))
 
 
 def compatible(wanted: Platform) -> list[Platform]:
@@ -93,8 +86,7 @@ def parse_platform(text: str) -> Platform:
 
 
 def host_platform() -> Platform:
-    machine = host.machine()
-    return normalize("linux", *MACHINE_TO_ARCH.get(machine, (machine, "")))
+    return normalize("linux", host.machine())
 
 
 @dataclass(frozen=True)
@@ -126,8 +118,8 @@ def resolve_image(
     if ref.digest:
         verify_manifest(body, ref.digest, None, ref)
     digest = ref.digest or sha256_digest(body)
-    manifest = parse_manifest(body, media_type, ref)
-    chosen_from_index = manifest_type(manifest, media_type) in INDEXES
+    manifest, kind = parse_manifest(body, media_type, ref)
+    chosen_from_index = kind in INDEXES
     if chosen_from_index:
         check_not_artifact(manifest, ref)
         chosen = choose_platform(manifest, wanted, ref, partial(probe_platform, registry, ref=ref, fetch=fetch))
@@ -145,8 +137,8 @@ def fetch_image_manifest(registry: Registry, digest: str, size: int, ref: Refere
     """The verified bytes and the parsed form of an index entry's manifest, which must be an image manifest."""
     body, media_type = registry.get_manifest(digest)
     verify_manifest(body, digest, size, ref)
-    manifest = parse_manifest(body, media_type, ref)
-    if manifest_type(manifest, media_type) in INDEXES:
+    manifest, kind = parse_manifest(body, media_type, ref)
+    if kind in INDEXES:
         raise Error(f"{ref} is an index of indexes, which d-pull does not follow", "pull one of its entries by digest")
     return body, manifest
 
@@ -182,25 +174,19 @@ def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def parse_manifest(body: bytes, media_type: str, ref: Reference) -> dict:
+def parse_manifest(body: bytes, header_type: str, ref: Reference) -> tuple[dict, str]:
+    """The manifest and its media type: its own field, the HTTP header's, or what its shape says (OCI may omit it)."""
     manifest = load_json_object(body, f"the manifest of {ref}")
-    typed(manifest.get("mediaType", ""), str, f"the manifest of {ref}: mediaType")
-    kind = manifest_type(manifest, media_type)
+    kind = typed(manifest.get("mediaType", ""), str, f"the manifest of {ref}: mediaType") or header_type
+    if kind not in INDEXES + MANIFESTS and not kind.startswith(SCHEMA1):
+        kind = OCI_INDEX if "manifests" in manifest else OCI_MANIFEST if "layers" in manifest else kind
     if manifest.get("schemaVersion") == 1 or kind.startswith(SCHEMA1):
         raise Error(
             f"{ref} has a Docker schema 1 manifest, which is obsolete", "push the image again with a current tool"
         )
     if kind not in INDEXES + MANIFESTS:
         raise Error(f"the manifest of {ref} has an unsupported media type {kind!r}")
-    return manifest
-
-
-def manifest_type(manifest: dict, header_type: str) -> str:
-    """The media type: the manifest's own field, the HTTP header, or what its shape says (OCI allows omitting it)."""
-    kind = manifest.get("mediaType") or header_type
-    if kind in INDEXES + MANIFESTS or kind.startswith(SCHEMA1):
-        return kind
-    return OCI_INDEX if "manifests" in manifest else OCI_MANIFEST if "layers" in manifest else kind
+    return manifest, kind
 
 
 # -- choosing from an index

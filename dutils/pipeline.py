@@ -373,9 +373,7 @@ class Pull:
         record, cache = self.folder.read_record(), self.options.cache
         base = blob_path(cache, record.config_digest) if record.config_digest else None
         new = blob_path(cache, self.image.config.digest)
-        data = image_config.updated_config(self.folder.config, new, base, record.config_xxh64)
-        write_atomic(self.folder.config, data)
-        fingerprint = image_config.fingerprint(data)
+        fingerprint = image_config.write_config(self.folder.config, new, base, record.config_xxh64)
         self.folder.write_record(
             record._replace(complete=True, config_digest=self.image.config.digest, config_xxh64=fingerprint)
         )
