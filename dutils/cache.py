@@ -1,15 +1,13 @@
-"""d-cache: the blob cache's lifecycle. List it; prune what no pull has used for a while, never what one is using.
-
-Every pull holds a shared lock on the cache while it runs; pruning takes it exclusively.
-"""
+"""d-cache: the blob cache's lifecycle. List it; prune what no pull has used for a while, never what one is using:
+every pull holds a shared lock on the cache while it runs, and pruning takes it exclusively."""
 
 import argparse
 import contextlib
 import fcntl
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import Error
 from .progress import human
@@ -19,8 +17,7 @@ MAX_AGE = 30 * 86400  # seconds: entries unused this long are pruned after a pul
 PRUNE_EVERY = 86400
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     path: Path
     size: int
     used: float  # the mtime: set when written, refreshed whenever a pull uses the blob

@@ -97,9 +97,7 @@ def run_config(image_config: dict) -> dict:
 
 def merge_edits(new: dict, base: dict | None, current: dict) -> dict:
     """`new`, except where the user changed `base` into `current`: those keys keep the user's value (or absence).
-
-    Without the base (its blob was pruned from the cache) edits cannot be told apart, so the user's file wins.
-    """
+    Without the base (its blob was pruned from the cache) edits cannot be told apart, so the user's file wins."""
     if base is None:
         return current
     merged = dict(new)

@@ -12,17 +12,19 @@ from .registry import Registry
 from .store import NotRegular, blob_locked, blob_path, open_regular, partial_path, touch
 
 
-def fetch_blob(registry: Registry, blob: Blob, cache: Path, progress: Progress, url: str | None = None) -> Path:
-    """Return the cached, verified blob, downloading what is missing of it.
+def cached(cache: Path, digest: str) -> bool:
+    """Whether the blob is in the cache, marked used now: pruning goes by last use."""
+    path = blob_path(cache, digest)
+    touch(path)
+    return path.exists()
 
-    Bytes go to `<digest>.partial`, which survives interruptions (and reboots) and is resumed with a Range
-    request; the file takes its final name only once size and digest are verified. A lock per blob makes
-    concurrent pulls wait for one download instead of making their own. `url`: where a non-distributable
-    layer lives, instead of the registry.
-    """
+
+def fetch_blob(registry: Registry, blob: Blob, cache: Path, progress: Progress, url: str | None = None) -> Path:
+    """The cached, verified blob, downloading what is missing of it into `<digest>.partial` (which survives a kill and
+    a reboot, and is resumed by a Range request) under a lock per blob, so that concurrent pulls wait for one download
+    instead of making their own. `url`: where a non-distributable layer lives, instead of the registry."""
     final = blob_path(cache, blob.digest)
-    if final.exists():
-        touch(final)
+    if cached(cache, blob.digest):
         return final
     try:
         download_verified(registry, blob, cache, progress, url)

@@ -127,8 +127,14 @@ def resolve_image(
         body, manifest = fetch_image_manifest(registry, digest, chosen["size"], ref)
     image = image_from_manifest(manifest, digest, ref)
     platform = config_platform(image, fetch, ref)
-    if not chosen_from_index:
-        check_platform(platform, wanted, ref)
+    if not chosen_from_index:  # a single-platform image must run on `wanted`, as containerd says (Docker only warns)
+        if not platform.arch:
+            raise Error(f"the image config of {ref} names no architecture", "the image is broken; ask its publisher")
+        if platform not in compatible(wanted):
+            raise Error(
+                f"{ref} is an image for {platform}, not for {wanted}",
+                f"pull it with --platform {platform} if you mean to run it on another machine or through an emulator",
+            )
     write_atomic(blob_path(cache, digest), body)
     return replace(image, platform=str(platform))
 
@@ -150,17 +156,6 @@ def config_platform(image: Image, fetch: Callable[[Blob], Path], ref: Reference)
     config = read_image_config(fetch(image.config))
     diff_ids(config, len(image.layers))
     return normalize(config.get("os", ""), config.get("architecture", ""), config.get("variant", ""))
-
-
-def check_platform(platform: Platform, wanted: Platform, ref: Reference) -> None:
-    """Refuse a single-platform image that cannot run on `wanted` (as containerd does; Docker only warns)."""
-    if not platform.arch:
-        raise Error(f"the image config of {ref} names no architecture", "the image is broken; ask its publisher")
-    if platform not in compatible(wanted):
-        raise Error(
-            f"{ref} is an image for {platform}, not for {wanted}",
-            f"pull it with --platform {platform} if you mean to run it on another machine or through an emulator",
-        )
 
 
 def verify_manifest(body: bytes, digest: str, size: int | None, ref: Reference) -> None:
@@ -195,11 +190,9 @@ def parse_manifest(body: bytes, header_type: str, ref: Reference) -> tuple[dict,
 def choose_platform(
     index: dict, wanted: Platform, ref: Reference, probe: Callable[[dict], Platform | None] = lambda entry: None
 ) -> dict:
-    """The index entry containerd would choose for `wanted`: the first of the best compatible platform.
-
-    An entry without `platform` is looked into by `probe` (which reads its config), only when no entry declares
-    the best platform. Attestations (unknown/unknown) are never chosen.
-    """
+    """The index entry containerd would choose for `wanted`: the first of the best compatible platform. An entry
+    without `platform` is looked into by `probe` (which reads its config) only when no entry declares the best
+    platform. Attestations (unknown/unknown) are never chosen."""
     entries = typed(index.get("manifests"), list, f"the manifest of {ref}: manifests")
     offers = [index_entry(entry, n, ref) for n, entry in enumerate(entries)]
     preferred = compatible(wanted)

@@ -34,7 +34,7 @@ from .apply import Skipped, apply_layer
 from .auth import find_credentials, find_mirrors
 from .cache import in_use, prune_if_due
 from .errors import Error
-from .fetch import fetch_blob
+from .fetch import cached, fetch_blob
 from .manifest import Blob, Image, Platform, host_platform, resolve_image, sha256_digest
 from .progress import Lines, Progress
 from .reference import Reference, parse_reference
@@ -49,14 +49,10 @@ from .store import (
     make_folder,
     open_cache,
     remove_tree,
-    touch,
     write_atomic,
 )
 
 T = TypeVar("T")
-# doit captures an action's output by swapping sys.stdout/stderr, which threads running side by side can leave
-# swapped for good; our actions print nothing (Progress writes to the stream it was given), so nothing is captured.
-UNCAPTURED = {"capture": False}
 MIRROR_RETRY = RetryPolicy(attempts=2)  # a failing mirror costs little: the origin is there
 UPDATE_VAR = "dutils-update"  # `doit dutils-update=all` (or =FOLDER): move the lock file to what the tags name now
 
@@ -86,9 +82,6 @@ class LockFile:
         self.path = Path(path).absolute()
         self.mutex = threading.Lock()  # folders resolve side by side
 
-    def key(self, folder: Path) -> str:
-        return os.path.relpath(folder, self.path.parent)
-
     def read(self) -> dict[str, dict]:
         try:
             entries = json.loads(self.path.read_text())["sandboxes"]
@@ -102,12 +95,12 @@ class LockFile:
 
     def entry(self, folder: Path, reference: str) -> dict | None:
         """What the lock pins `folder` to, unless it names another reference (the dodo.py changed since)."""
-        entry = self.read().get(self.key(folder))
+        entry = self.read().get(os.path.relpath(folder, self.path.parent))
         return entry if entry and entry.get("reference") == reference else None
 
     def pin(self, folder: Path, entry: dict) -> None:
         with self.mutex:
-            entries = self.read() | {self.key(folder): entry}
+            entries = self.read() | {os.path.relpath(folder, self.path.parent): entry}
             write_atomic(self.path, (json.dumps({"sandboxes": entries}, indent=2, sort_keys=True) + "\n").encode())
 
 
@@ -308,11 +301,6 @@ class Pull:
                 return
         fetch_blob(origin, blob, self.options.cache, self.options.progress, blob.urls[-1])
 
-    def cached(self, blob: Blob) -> bool:
-        path = blob_path(self.options.cache, blob.digest)
-        touch(path)  # used now: pruning goes by last use
-        return path.exists()
-
     # -- apply
 
     def applied_path(self) -> Path:
@@ -396,7 +384,9 @@ def action(function: Callable, *args: object) -> Callable[[], TaskFailed | None]
 
 def task(function: Callable, *args: object, **fields: object) -> dict:
     """The doit task of `function(*args)`, described by its docstring (`doit list`)."""
-    return {"actions": [action(function, *args)], "io": UNCAPTURED, "doc": function.__doc__, **fields}
+    # doit captures an action's output by swapping sys.stdout/stderr, which threads running side by side can leave
+    # swapped for good; our actions print nothing (Progress writes to the stream it was given), so nothing is captured.
+    return {"actions": [action(function, *args)], "io": {"capture": False}, "doc": function.__doc__, **fields}
 
 
 def pull_tasks(pulls: list[Pull]) -> dict[str, Callable]:
@@ -426,15 +416,13 @@ def folder_tasks(pull: Pull, downloads: threading.BoundedSemaphore) -> Callable[
         if image and not pull.is_complete():
             blobs = {f"dutils-fetch:{key}/{blob.digest}": blob for blob in (image.config, *image.layers)}  # once each
             for name, blob in blobs.items():
-                yield task(
-                    pull.prefetch, blob, downloads, basename=name, task_dep=deps, uptodate=[partial(pull.cached, blob)]
-                )
+                in_cache = partial(cached, pull.options.cache, blob.digest)
+                yield task(pull.prefetch, blob, downloads, basename=name, task_dep=deps, uptodate=[in_cache])
             # one task applies the layers in order: a chain of a task per layer costs doit memory in the square of
             # their number (each task keeps the list of all it depends on, through the chain)
-            yield task(
-                pull.apply_all, downloads, basename=f"dutils-apply:{key}", task_dep=deps, uptodate=[pull.all_applied]
-            )
-            deps = [*blobs, f"dutils-apply:{key}"]  # doit runs only what the targets depend on
+            apply = f"dutils-apply:{key}"
+            yield task(pull.apply_all, downloads, basename=apply, task_dep=deps, uptodate=[pull.all_applied])
+            deps = [*blobs, apply]  # doit runs only what the targets depend on
         yield task(pull.write_config, basename=f"dutils-config:{key}", task_dep=deps, uptodate=[pull.is_complete])
         if pull.run:  # d-run's exit status is the task's result
             run = {"basename": f"dutils-run:{key}", "actions": [pull.run], "uptodate": [False], "verbosity": 2}
@@ -528,8 +516,7 @@ class MemoryDB(JsonDB):
 def run_pulls(pulls: list[Pull], debug: bool) -> list[str]:
     """Run the pipeline in this process; return the failures, one line each (none means every pull finished)."""
     reporter = Reporter(debug)
-    namespace: dict[str, object] = dict(pull_tasks(pulls))
-    namespace["DOIT_CONFIG"] = {
+    config = {
         "dep_file": "unused",
         "backend": "memory",
         "reporter": reporter,
@@ -538,6 +525,7 @@ def run_pulls(pulls: list[Pull], debug: bool) -> list[str]:
         "par_type": "thread",  # delayed tasks hold closures, which the process runner cannot pickle
         "default_tasks": ["dutils"],
     }
+    namespace = {**pull_tasks(pulls), "DOIT_CONFIG": config}
     try:
         plugins = {"BACKEND": {"memory": f"{__name__}:MemoryDB"}}
         # config_filenames=(): a doit.cfg or pyproject.toml in the current folder must not change a pull
