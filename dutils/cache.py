@@ -33,13 +33,8 @@ def list_entries(cache: Path) -> list[Entry]:
     return sorted(entries, key=lambda e: e.used)
 
 
-def prune(cache: Path, max_age: float) -> list[Entry]:
-    """Remove entries unused for `max_age` seconds (0: all). Waits for running pulls to finish."""
-    with locked(cache_lock(open_cache(cache))):
-        return remove_older(cache, max_age)
-
-
 def remove_older(cache: Path, max_age: float) -> list[Entry]:
+    """Remove the entries unused for `max_age` seconds (0: all), under the cache's lock."""
     now = time.time()
     removed = [e for e in list_entries(cache) if now - e.used >= max_age]
     for entry in removed:
@@ -80,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{human(e.size):>10}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.used))}  {e.path.name}")
             print(f"{len(entries)} entries, {human(sum(e.size for e in entries))} in {cache}")
         else:
-            removed = prune(cache, 0 if args.all else args.days * 86400)
+            with locked(cache_lock(open_cache(cache))):  # waits for running pulls to finish
+                removed = remove_older(cache, 0 if args.all else args.days * 86400)
             print(f"removed {len(removed)} entries, {human(sum(e.size for e in removed))} from {cache}")
     except OSError as err:
         print(f"d-cache: error: {cache}: {err.strerror}", file=sys.stderr)

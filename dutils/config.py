@@ -28,12 +28,9 @@ def load_json_object(data: bytes, what: str) -> dict:
     if data.count(b"{") + data.count(b"[") > MAX_CONTAINERS:
         raise Error(f"{what} holds more than {MAX_CONTAINERS} JSON objects and arrays", "this is not a real image")
     try:
-        value = json.loads(data)
+        return typed(json.loads(data), dict, what)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; deep nesting a RecursionError
         raise Error(f"{what} is not JSON", "is this an image registry?") from None
-    if not isinstance(value, dict):
-        raise Error(f"{what} is not a JSON object")
-    return value
 
 
 def read_image_config(blob: Path) -> dict:
@@ -56,11 +53,7 @@ def read_image_config(blob: Path) -> dict:
             f"the {what} in the cache does not match its digest",
             f"delete {blob} (someone else may have written it) and pull again",
         )
-    return check_image_config(load_json_object(data, what), what)
-
-
-def check_image_config(config: dict, what: str) -> dict:
-    """`config` if every field d-pull uses has its JSON type, else one line naming the field."""
+    config = load_json_object(data, what)  # then every field d-pull uses must have its JSON type
     for key in ("os", "architecture", "variant"):
         typed(config.get(key, ""), str, f"{what}: {key}")
     typed(config.get("config") or {}, dict, f"{what}: config")

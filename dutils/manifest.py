@@ -1,9 +1,6 @@
-"""The `manifest` stage: resolve a reference to one verified image manifest for one platform.
-
-Also checked here, before any layer is fetched: that the manifest is an image (not a Helm chart or another OCI
-artifact), that its layers can be applied (not encrypted), and that its config (small, fetched now) says a platform
-the user can run, with as many diff_ids as there are layers.
-"""
+"""The `manifest` stage: resolve a reference to one verified image manifest for one platform, and check before any
+layer is fetched that it is an image (not a Helm chart or another OCI artifact), that its layers can be applied (not
+encrypted), and that its config (small, fetched now) says a platform the user can run, with a diff_id per layer."""
 
 import hashlib
 import platform as host

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def pull(args: argparse.Namespace) -> int:
     from . import pipeline  # doit and requests load here, not for --help
-    from .manifest import parse_platform
+    from .manifest import host_platform, parse_platform
     from .progress import progress_for
     from .reference import parse_reference
     from .store import cache_dir
@@ -101,11 +101,9 @@ def pull(args: argparse.Namespace) -> int:
         progress=progress,
         username=args.username,
         password=read_password(args),
+        platform=parse_platform(args.platform) if args.platform else host_platform(),
     )
-    if args.platform:
-        options.platform = parse_platform(args.platform)
-    lock = pipeline.LockFile(args.lock) if args.lock else None
-    task = pipeline.Pull(args.image, folder, options, lock)
+    task = pipeline.Pull(args.image, folder, options, pipeline.LockFile(args.lock) if args.lock else None)
     try:
         failures = pipeline.run_pulls([task], debug=args.debug)
     finally:
