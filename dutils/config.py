@@ -9,13 +9,14 @@ from typing import TypeVar
 import xxhash
 
 from .errors import Error
-from .store import DIGEST, NotRegular, open_regular, write_atomic
+from .store import DIGEST, NotRegular, PullDir, blob_path, open_regular, write_atomic
 
 # d-run's own keys, written out so that users see them, and over the image's: an image config saying
 # "ports": ["0.0.0.0:22:22"] must not publish itself.
 RUN_DEFAULTS = {"net": False, "rw": False, "ports": []}
 MISSING = object()
 JSON_TYPES = {str: "a string", list: "a list", dict: "a JSON object"}
+PLATFORM_FIELDS = ("os", "architecture", "variant")  # of an image config, and of an index entry's `platform`
 T = TypeVar("T")
 MAX_CONFIG = 4 << 20  # as containers/image (skopeo, podman) caps a config; real ones are a few kB
 # Each JSON object or array costs Python ~60 bytes: 4 MiB of `{},` would take 100 MB once parsed. Real manifests
@@ -54,7 +55,7 @@ def read_image_config(blob: Path) -> dict:
             f"delete {blob} (someone else may have written it) and pull again",
         )
     config = load_json_object(data, what)  # then every field d-pull uses must have its JSON type
-    for key in ("os", "architecture", "variant"):
+    for key in PLATFORM_FIELDS:
         typed(config.get(key, ""), str, f"{what}: {key}")
     typed(config.get("config") or {}, dict, f"{what}: config")
     rootfs = typed(config.get("rootfs"), dict, f"{what}: rootfs")
@@ -100,23 +101,26 @@ def merge_edits(new: dict, base: dict | None, current: dict) -> dict:
     return {key: value for key, value in merged.items() if value is not MISSING}
 
 
-def write_config(path: Path, image_config: Path, base_config: Path | None, written_xxh64: str) -> str:
-    """Write config.json for `image_config`, keeping the user's edits to the one we wrote from `base_config`; return
-    its fingerprint, by which the next pull tells whether the user edited it."""
-    config = run_config(read_image_config(image_config))
+def write_config(folder: PullDir, cache: Path, digest: str) -> None:
+    """DIR/config.json from the image config `digest`, keeping the user's edits to the one we wrote (the record names
+    its image config and fingerprint); then the record is marked complete, which says the pull is finished."""
+    path, record = folder.config, folder.read_record()
+    config = run_config(read_image_config(blob_path(cache, digest)))
     try:
         current = path.read_bytes()
     except FileNotFoundError:
         current = None
-    if current is not None and xxhash.xxh64_hexdigest(current) != written_xxh64:  # edited since we wrote it
+    if current is not None and xxhash.xxh64_hexdigest(current) != record.config_xxh64:  # edited since we wrote it
         try:
             mine = json.loads(current)
         except ValueError as err:
             raise Error(f"{path} is not valid JSON ({err})", "fix it, or delete it to get the image's own") from None
         if not isinstance(mine, dict):
             raise Error(f"{path} is not a JSON object", "fix it, or delete it to get the image's own")
-        base = run_config(read_image_config(base_config)) if base_config and base_config.exists() else None
-        config = merge_edits(config, base, mine)
+        base = record.config_digest and blob_path(cache, record.config_digest)
+        base_config = run_config(read_image_config(base)) if base and base.exists() else None
+        config = merge_edits(config, base_config, mine)
     data = (json.dumps(config, indent=2) + "\n").encode()
     write_atomic(path, data)
-    return xxhash.xxh64_hexdigest(data)
+    fingerprint = xxhash.xxh64_hexdigest(data)
+    folder.write_record(record._replace(complete=True, config_digest=digest, config_xxh64=fingerprint))

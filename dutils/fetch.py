@@ -1,5 +1,6 @@
 """The `fetch` stage: one blob into the content-addressed cache, resumable, verified while it streams."""
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -57,7 +58,7 @@ def download_verified(registry: Registry, blob: Blob, cache: Path, progress: Pro
         os.replace(partial, final)
 
 
-class PartialBlob:
+class PartialBlob(contextlib.AbstractContextManager):
     """`<digest>.partial`: what earlier downloads left (hashed on opening), appended to as bytes arrive and
     flushed at once, so what was received survives a kill."""
 
@@ -78,9 +79,6 @@ class PartialBlob:
         while chunk := self.file.read(1 << 20):
             self.hasher.update(chunk)
             self.have += len(chunk)
-
-    def __enter__(self) -> "PartialBlob":
-        return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.file.close()

@@ -11,7 +11,7 @@ from functools import partial
 from pathlib import Path
 
 from .apply import COMPRESSION
-from .config import MAX_CONFIG, broken, diff_ids, load_json_object, read_image_config, typed
+from .config import MAX_CONFIG, PLATFORM_FIELDS, broken, diff_ids, load_json_object, read_image_config, typed
 from .errors import Error
 from .reference import Reference
 from .registry import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Registry
@@ -152,7 +152,7 @@ def config_platform(image: Image, fetch: Callable[[Blob], Path], ref: Reference)
         raise Error(f"the image config of {ref} has {image.config.size} bytes, more than {MAX_CONFIG}")
     config = read_image_config(fetch(image.config))
     diff_ids(config, len(image.layers))
-    return normalize(config.get("os", ""), config.get("architecture", ""), config.get("variant", ""))
+    return normalize(*(config.get(key, "") for key in PLATFORM_FIELDS))
 
 
 def verify_manifest(body: bytes, digest: str, size: int | None, ref: Reference) -> None:
@@ -219,9 +219,7 @@ def index_entry(entry: object, n: int, ref: Reference) -> tuple[dict, Platform |
         return entry, None
     where = f"the manifest of {ref}: the platform of index entry {entry['digest']}"
     platform = typed(entry["platform"], dict, where)
-    os, arch, variant = (
-        typed(platform.get(key, ""), str, f"{where}: {key}") for key in ("os", "architecture", "variant")
-    )
+    os, arch, variant = (typed(platform.get(key, ""), str, f"{where}: {key}") for key in PLATFORM_FIELDS)
     return entry, normalize(os, arch, variant) if arch else None
 
 

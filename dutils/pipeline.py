@@ -232,11 +232,10 @@ class Pull:
         if self.lock and not digest:  # the digest the tag names now, asked once: the lock records what is pulled
             body, _ = self.from_any_registry(lambda registry: registry.get_manifest(registry.ref.wanted))
             digest = sha256_digest(body)
-        options = self.options
 
         def resolve_on(registry: Registry) -> Image:
-            fetch = partial(fetch_blob, registry, cache=options.cache, progress=options.progress)
-            return resolve_image(registry, replace(registry.ref, digest=digest), options.platform, options.cache, fetch)
+            ref, fetch = replace(registry.ref, digest=digest), partial(self.download, registry)
+            return resolve_image(registry, ref, self.options.platform, self.options.cache, fetch)
 
         self.image = self.from_any_registry(resolve_on)
         if self.lock and not entry:
@@ -279,9 +278,7 @@ class Pull:
     def fetch(self, blob: Blob, downloads: threading.BoundedSemaphore) -> None:
         try:
             with downloads:
-                self.from_any_registry(
-                    partial(fetch_blob, blob=blob, cache=self.options.cache, progress=self.options.progress)
-                )
+                self.from_any_registry(partial(self.download, blob=blob))
         except BlobUnknown:
             if not blob.urls:
                 raise
@@ -297,9 +294,12 @@ class Pull:
         origin = self.connected()[-1]
         for url in blob.urls[:-1]:
             with contextlib.suppress(Error):
-                fetch_blob(origin, blob, self.options.cache, self.options.progress, url)
+                self.download(origin, blob, url)
                 return
-        fetch_blob(origin, blob, self.options.cache, self.options.progress, blob.urls[-1])
+        self.download(origin, blob, blob.urls[-1])
+
+    def download(self, registry: Registry, blob: Blob, url: str | None = None) -> Path:
+        return fetch_blob(registry, blob, self.options.cache, self.options.progress, url)
 
     # -- apply
 
@@ -355,16 +355,10 @@ class Pull:
         return bool(record and record.complete and self.folder.config.exists() and self.folder.rootfs.is_dir())
 
     def write_config(self) -> None:
-        """config.json last: with the record marked complete, it is what says the pull is finished."""
+        """config.json last, and the record marked complete: what says the pull is finished."""
         self.changed = True
         self.folder.rootfs.mkdir(exist_ok=True)  # an image of no layers runs with an empty root
-        record, cache = self.folder.read_record(), self.options.cache
-        base = blob_path(cache, record.config_digest) if record.config_digest else None
-        new = blob_path(cache, self.image.config.digest)
-        fingerprint = image_config.write_config(self.folder.config, new, base, record.config_xxh64)
-        self.folder.write_record(
-            record._replace(complete=True, config_digest=self.image.config.digest, config_xxh64=fingerprint)
-        )
+        image_config.write_config(self.folder, self.options.cache, self.image.config.digest)
         self.holds.close()  # done: the rest of the run (other folders, d-run tasks) needs neither lock
 
 

@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"d-pull: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\nd-pull: interrupted; run the same command again to resume", file=sys.stderr)
-        sys.stderr.flush()
+        print("\nd-pull: interrupted; run the same command again to resume", file=sys.stderr, flush=True)
         os._exit(130)  # download threads may be blocked in a read: leave without waiting for them
 
 
@@ -86,8 +85,7 @@ def pull(args: argparse.Namespace) -> int:
     from .reference import parse_reference
     from .store import cache_dir
 
-    ref = parse_reference(args.image)
-    folder = Path(args.dir or ref.name)
+    folder = Path(args.dir or parse_reference(args.image).name)
     progress = progress_for(sys.stderr, args.quiet)
     options = pipeline.Options(
         cache=cache_dir(args.cache),
