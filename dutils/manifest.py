@@ -57,7 +57,7 @@ def compatible(wanted: Platform) -> list[Platform]:
     """The platforms that run on `wanted`, best first (containerd's platformVector): the platform itself, then lower
     variants (amd64/v3 runs v2 and v1 images, arm/v7 runs v6 and v5, arm64/v8.2 runs v8.1 and v8), then the 32-bit
     relative (386 on amd64, arm on arm64)."""
-    level = int(wanted.variant[1:]) if re.fullmatch(r"v\d{1,2}", wanted.variant) else 0  # v7 is 7
+    level = int(wanted.variant[1:]) if re.fullmatch(r"v\d{1,2}", wanted.variant) else 0  # v7: 7; none: 0
     if wanted.arch == "amd64":
         lower = [replace(wanted, variant=f"v{n}") for n in range(level - 1, 1, -1)]
         v1 = [replace(wanted, variant="")] if level > 1 else []
