@@ -1,15 +1,13 @@
-"""d-cache: the blob cache's lifecycle. List it; prune what no pull has used for a while, never what one is using.
-
-Every pull holds a shared lock on the cache while it runs; pruning takes it exclusively.
-"""
+"""d-cache: the blob cache's lifecycle. List it; prune what no pull has used for a while, never what one is using:
+every pull holds a shared lock on the cache while it runs, and pruning takes it exclusively."""
 
 import argparse
 import contextlib
 import fcntl
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import Error
 from .progress import human
@@ -19,8 +17,7 @@ MAX_AGE = 30 * 86400  # seconds: entries unused this long are pruned after a pul
 PRUNE_EVERY = 86400
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     path: Path
     size: int
     used: float  # the mtime: set when written, refreshed whenever a pull uses the blob
@@ -36,13 +33,8 @@ def list_entries(cache: Path) -> list[Entry]:
     return sorted(entries, key=lambda e: e.used)
 
 
-def prune(cache: Path, max_age: float) -> list[Entry]:
-    """Remove entries unused for `max_age` seconds (0: all). Waits for running pulls to finish."""
-    with locked(cache_lock(open_cache(cache))):
-        return remove_older(cache, max_age)
-
-
 def remove_older(cache: Path, max_age: float) -> list[Entry]:
+    """Remove the entries unused for `max_age` seconds (0: all), under the cache's lock."""
     now = time.time()
     removed = [e for e in list_entries(cache) if now - e.used >= max_age]
     for entry in removed:
@@ -83,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{human(e.size):>10}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.used))}  {e.path.name}")
             print(f"{len(entries)} entries, {human(sum(e.size for e in entries))} in {cache}")
         else:
-            removed = prune(cache, 0 if args.all else args.days * 86400)
+            with locked(cache_lock(open_cache(cache))):  # waits for running pulls to finish
+                removed = remove_older(cache, 0 if args.all else args.days * 86400)
             print(f"removed {len(removed)} entries, {human(sum(e.size for e in removed))} from {cache}")
     except OSError as err:
         print(f"d-cache: error: {cache}: {err.strerror}", file=sys.stderr)

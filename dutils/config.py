@@ -4,16 +4,20 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import TypeVar
 
 import xxhash
 
 from .errors import Error
-from .store import DIGEST, NotRegular, open_regular
+from .store import DIGEST, NotRegular, PullDir, blob_path, open_regular, write_atomic
 
 # d-run's own keys, written out so that users see them, and over the image's: an image config saying
 # "ports": ["0.0.0.0:22:22"] must not publish itself.
 RUN_DEFAULTS = {"net": False, "rw": False, "ports": []}
 MISSING = object()
+JSON_TYPES = {str: "a string", list: "a list", dict: "a JSON object"}
+PLATFORM_FIELDS = ("os", "architecture", "variant")  # of an image config, and of an index entry's `platform`
+T = TypeVar("T")
 MAX_CONFIG = 4 << 20  # as containers/image (skopeo, podman) caps a config; real ones are a few kB
 # Each JSON object or array costs Python ~60 bytes: 4 MiB of `{},` would take 100 MB once parsed. Real manifests
 # and configs hold a few hundred; counting brackets (in strings too) over-counts, which errs on the safe side.
@@ -25,66 +29,51 @@ def load_json_object(data: bytes, what: str) -> dict:
     if data.count(b"{") + data.count(b"[") > MAX_CONTAINERS:
         raise Error(f"{what} holds more than {MAX_CONTAINERS} JSON objects and arrays", "this is not a real image")
     try:
-        value = json.loads(data)
+        return typed(json.loads(data), dict, what)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; deep nesting a RecursionError
         raise Error(f"{what} is not JSON", "is this an image registry?") from None
-    if not isinstance(value, dict):
-        raise Error(f"{what} is not a JSON object")
-    return value
 
 
 def read_image_config(blob: Path) -> dict:
-    """The image config (OCI image config / Docker container config) cached at `blob`, checked.
-
-    A cached blob is named by its digest: it is verified against that name at every read, so that a file planted in
-    the cache is never trusted. Read up to MAX_CONFIG bytes, never through a link, from a regular file only.
-    """
-    digest = "sha256:" + blob.name
-    data = read_capped(blob, MAX_CONFIG, f"image config {digest}")
-    if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+    """The image config cached at `blob`, checked: verified against its name (its digest) at every read, so that a
+    file planted in the cache is never trusted; read up to MAX_CONFIG bytes, from a regular file only, never through
+    a link (nor blocking on a FIFO)."""
+    what = f"image config sha256:{blob.name}"
+    try:
+        fd = open_regular(blob, os.O_RDONLY)
+    except NotRegular:
+        raise Error(f"{what} at {blob} is not a regular file", f"delete {blob} and pull again") from None
+    except OSError as err:
+        raise Error(f"cannot read {what} at {blob}: {err.strerror}", "pull again") from None
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(MAX_CONFIG + 1)
+    if len(data) > MAX_CONFIG:
+        raise Error(f"{what} is larger than {MAX_CONFIG} bytes", "this is not a real image")
+    if hashlib.sha256(data).hexdigest() != blob.name:
         raise Error(
-            f"the image config {digest} in the cache does not match its digest",
+            f"the {what} in the cache does not match its digest",
             f"delete {blob} (someone else may have written it) and pull again",
         )
-    return check_image_config(load_json_object(data, f"image config {digest}"), digest)
-
-
-def read_capped(path: Path, cap: int, what: str) -> bytes:
-    """At most `cap` bytes of the regular file `path`, opened without following a link (a FIFO cannot block)."""
-    try:
-        fd = open_regular(path, os.O_RDONLY)
-    except NotRegular:
-        raise Error(f"{what} at {path} is not a regular file", f"delete {path} and pull again") from None
-    except OSError as err:
-        raise Error(f"cannot read {what} at {path}: {err.strerror}", "pull again") from None
-    with os.fdopen(fd, "rb") as handle:
-        data = handle.read(cap + 1)
-    if len(data) > cap:
-        raise Error(f"{what} is larger than {cap} bytes", "this is not a real image")
-    return data
-
-
-def check_image_config(config: dict, digest: str) -> dict:
-    """`config` if every field d-pull uses has its JSON type, else one line naming the field."""
-
-    def wrong(field: str, kind: str) -> Error:
-        return Error(f"image config {digest}: {field} is not {kind}", "the image is broken; ask its publisher")
-
-    for key in ("os", "architecture", "variant"):
-        if not isinstance(config.get(key, ""), str):
-            raise wrong(key, "a string")
-    if not isinstance(config.get("config") or {}, dict):
-        raise wrong("config", "a JSON object")
-    rootfs = config.get("rootfs")
-    if not isinstance(rootfs, dict):
-        raise wrong("rootfs", "a JSON object")
-    ids = rootfs.get("diff_ids")
-    if not isinstance(ids, list):
-        raise wrong("rootfs.diff_ids", "a list")
-    for n, diff_id in enumerate(ids):
+    config = load_json_object(data, what)  # then every field d-pull uses must have its JSON type
+    for key in PLATFORM_FIELDS:
+        typed(config.get(key, ""), str, f"{what}: {key}")
+    typed(config.get("config") or {}, dict, f"{what}: config")
+    rootfs = typed(config.get("rootfs"), dict, f"{what}: rootfs")
+    for n, diff_id in enumerate(typed(rootfs.get("diff_ids"), list, f"{what}: rootfs.diff_ids")):
         if not isinstance(diff_id, str) or not DIGEST.fullmatch(diff_id):
-            raise wrong(f"rootfs.diff_ids[{n}]", "a sha256 digest")
+            raise broken(f"{what}: rootfs.diff_ids[{n}]", "a sha256 digest")
     return config
+
+
+def typed(value: object, kind: type[T], field: str) -> T:
+    """`value` if it has the JSON type `kind`, else one line naming the field of a manifest or an image config."""
+    if not isinstance(value, kind):
+        raise broken(field, JSON_TYPES[kind])
+    return value
+
+
+def broken(field: str, kind: str) -> Error:
+    return Error(f"{field} is not {kind}", "the image is broken; ask its publisher")
 
 
 def diff_ids(image_config: dict, layer_count: int) -> list[str]:
@@ -100,51 +89,38 @@ def run_config(image_config: dict) -> dict:
     return {**(image_config.get("config") or {}), **RUN_DEFAULTS}
 
 
-def fingerprint(data: bytes) -> str:
-    return xxhash.xxh64_hexdigest(data)
-
-
-def render(config: dict) -> bytes:
-    return (json.dumps(config, indent=2) + "\n").encode()
-
-
 def merge_edits(new: dict, base: dict | None, current: dict) -> dict:
-    """`new`, except where the user changed `base` into `current`: those keys keep the user's value.
-
-    Without the base (its blob was pruned from the cache) edits cannot be told apart, so the user's file wins.
-    """
+    """`new`, except where the user changed `base` into `current`: those keys keep the user's value (or absence).
+    Without the base (its blob was pruned from the cache) edits cannot be told apart, so the user's file wins."""
     if base is None:
         return current
     merged = dict(new)
     for key in base.keys() | current.keys():
-        mine = current.get(key, MISSING)
-        if mine == base.get(key, MISSING):
-            continue
-        if mine is MISSING:
-            merged.pop(key, None)
-        else:
-            merged[key] = mine
-    return merged
+        if current.get(key, MISSING) != base.get(key, MISSING):
+            merged[key] = current.get(key, MISSING)
+    return {key: value for key, value in merged.items() if value is not MISSING}
 
 
-def read_user_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_bytes())
-    except ValueError as err:
-        raise Error(f"{path} is not valid JSON ({err})", "fix it, or delete it to get the image's own") from None
-    if not isinstance(config, dict):
-        raise Error(f"{path} is not a JSON object", "fix it, or delete it to get the image's own")
-    return config
-
-
-def updated_config(path: Path, image_config: Path, base_config: Path | None, written_xxh64: str) -> bytes:
-    """config.json for `image_config`, keeping the user's edits to the one we wrote from `base_config`."""
-    new = run_config(read_image_config(image_config))
+def write_config(folder: PullDir, cache: Path, digest: str) -> None:
+    """DIR/config.json from the image config `digest`, keeping the user's edits to the one we wrote (the record names
+    its image config and fingerprint); then the record is marked complete, which says the pull is finished."""
+    path, record = folder.config, folder.read_record()
+    config = run_config(read_image_config(blob_path(cache, digest)))
     try:
         current = path.read_bytes()
     except FileNotFoundError:
-        return render(new)
-    if fingerprint(current) == written_xxh64:
-        return render(new)  # not edited since we wrote it
-    base = run_config(read_image_config(base_config)) if base_config and base_config.exists() else None
-    return render(merge_edits(new, base, read_user_config(path)))
+        current = None
+    if current is not None and xxhash.xxh64_hexdigest(current) != record.config_xxh64:  # edited since we wrote it
+        try:
+            mine = json.loads(current)
+        except ValueError as err:
+            raise Error(f"{path} is not valid JSON ({err})", "fix it, or delete it to get the image's own") from None
+        if not isinstance(mine, dict):
+            raise Error(f"{path} is not a JSON object", "fix it, or delete it to get the image's own")
+        base = record.config_digest and blob_path(cache, record.config_digest)
+        base_config = run_config(read_image_config(base)) if base and base.exists() else None
+        config = merge_edits(config, base_config, mine)
+    data = (json.dumps(config, indent=2) + "\n").encode()
+    write_atomic(path, data)
+    fingerprint = xxhash.xxh64_hexdigest(data)
+    folder.write_record(record._replace(complete=True, config_digest=digest, config_xxh64=fingerprint))

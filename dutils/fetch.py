@@ -1,5 +1,6 @@
 """The `fetch` stage: one blob into the content-addressed cache, resumable, verified while it streams."""
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -12,22 +13,29 @@ from .registry import Registry
 from .store import NotRegular, blob_locked, blob_path, open_regular, partial_path, touch
 
 
-def fetch_blob(registry: Registry, blob: Blob, cache: Path, progress: Progress, url: str | None = None) -> Path:
-    """Return the cached, verified blob, downloading what is missing of it.
+def cached(cache: Path, digest: str) -> bool:
+    """Whether the blob is in the cache, marked used now: pruning goes by last use."""
+    path = blob_path(cache, digest)
+    touch(path)
+    return path.exists()
 
-    Bytes go to `<digest>.partial`, which survives interruptions (and reboots) and is resumed with a Range
-    request; the file takes its final name only once size and digest are verified. A lock per blob makes
-    concurrent pulls wait for one download instead of making their own. `url`: where a non-distributable
-    layer lives, instead of the registry.
-    """
+
+def fetch_blob(registry: Registry, blob: Blob, cache: Path, progress: Progress, url: str | None = None) -> Path:
+    """The cached, verified blob, downloading what is missing of it into `<digest>.partial` (which survives a kill and
+    a reboot, and is resumed by a Range request) under a lock per blob, so that concurrent pulls wait for one download
+    instead of making their own. `url`: where a non-distributable layer lives, instead of the registry."""
     final = blob_path(cache, blob.digest)
-    if final.exists():
-        touch(final)
+    if cached(cache, blob.digest):
         return final
     try:
         download_verified(registry, blob, cache, progress, url)
     except OSError as err:  # the lock, the partial file, the rename: the cache's disk
-        raise write_error(final, err, blob.size) from None
+        if err.errno == errno.ENOSPC:
+            raise Error(
+                f"disk full while downloading into {final.parent}: {blob.size} more bytes are needed for this blob",
+                "free some space and run the same command again; what was downloaded is kept",
+            ) from None
+        raise Error(f"cannot write {final}: {err.strerror}", "choose another cache with --cache") from None
     progress.step(f"fetched {blob.digest[:19]} ({blob.size} bytes)")
     return final
 
@@ -50,22 +58,27 @@ def download_verified(registry: Registry, blob: Blob, cache: Path, progress: Pro
         os.replace(partial, final)
 
 
-class PartialBlob:
+class PartialBlob(contextlib.AbstractContextManager):
     """`<digest>.partial`: what earlier downloads left (hashed on opening), appended to as bytes arrive and
     flushed at once, so what was received survives a kill."""
 
     def __init__(self, path: Path, blob: Blob, progress: Progress) -> None:
         self.path, self.blob, self.progress = path, blob, progress
-        self.file = os.fdopen(open_cache_file(path, os.O_RDWR | os.O_CREAT), "r+b")
+        hint = "someone else may be able to write to this cache: remove the file, and check the cache's permissions"
+        try:  # never through a link planted in its place (writing elsewhere), nor blocking on a FIFO
+            self.file = os.fdopen(open_regular(path, os.O_RDWR | os.O_CREAT), "r+b")
+        except NotRegular:
+            raise Error(f"{path} is not a regular file", hint) from None
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise Error(f"{path} is a symbolic link, not a file of d-pull's", hint) from None
+            raise
         self.hasher, self.have = hashlib.sha256(), 0
         if os.fstat(self.file.fileno()).st_size > blob.size:  # cannot be a prefix of this blob
             self.restart()
         while chunk := self.file.read(1 << 20):
             self.hasher.update(chunk)
             self.have += len(chunk)
-
-    def __enter__(self) -> "PartialBlob":
-        return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.file.close()
@@ -89,26 +102,3 @@ class PartialBlob:
         self.file.seek(0)
         self.file.truncate()
         self.hasher, self.have = hashlib.sha256(), 0
-
-
-def open_cache_file(path: Path, flags: int) -> int:
-    """Open a cache file without following a link, and only if it is a regular file: a link planted in its place
-    must not make us write elsewhere, nor a FIFO hang us (O_NONBLOCK)."""
-    hint = "someone else may be able to write to this cache: remove the file, and check the cache's permissions"
-    try:
-        return open_regular(path, flags)
-    except NotRegular:
-        raise Error(f"{path} is not a regular file", hint) from None
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise Error(f"{path} is a symbolic link, not a file of d-pull's", hint) from None
-        raise
-
-
-def write_error(path: Path, err: OSError, missing: int) -> Error:
-    if err.errno == errno.ENOSPC:
-        return Error(
-            f"disk full while downloading into {path.parent}: {missing} more bytes are needed for this blob",
-            "free some space and run the same command again; what was downloaded is kept",
-        )
-    return Error(f"cannot write {path}: {err.strerror}", "choose another cache with --cache")

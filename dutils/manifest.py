@@ -1,9 +1,6 @@
-"""The `manifest` stage: resolve a reference to one verified image manifest for one platform.
-
-Also checked here, before any layer is fetched: that the manifest is an image (not a Helm chart or another OCI
-artifact), that its layers can be applied (not encrypted), and that its config (small, fetched now) says a platform
-the user can run, with as many diff_ids as there are layers.
-"""
+"""The `manifest` stage: resolve a reference to one verified image manifest for one platform, and check before any
+layer is fetched that it is an image (not a Helm chart or another OCI artifact), that its layers can be applied (not
+encrypted), and that its config (small, fetched now) says a platform the user can run, with a diff_id per layer."""
 
 import hashlib
 import platform as host
@@ -14,7 +11,7 @@ from functools import partial
 from pathlib import Path
 
 from .apply import COMPRESSION
-from .config import MAX_CONFIG, diff_ids, load_json_object, read_image_config
+from .config import MAX_CONFIG, PLATFORM_FIELDS, broken, diff_ids, load_json_object, read_image_config, typed
 from .errors import Error
 from .reference import Reference
 from .registry import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Registry
@@ -27,8 +24,13 @@ SCHEMA1 = "application/vnd.docker.distribution.manifest.v1"
 # Docker and overlayfs stop at about 128 layers; 500 leaves room for any real image and bounds the work.
 MAX_LAYERS = 500
 MAX_PROBES = 16  # index entries without a `platform` whose config is fetched to learn it
-MACHINE_TO_ARCH = {"x86_64": ("amd64", ""), "aarch64": ("arm64", "v8"), "armv8l": ("arm", "v8")}
-MACHINE_TO_ARCH |= {"armv7l": ("arm", "v7"), "armv6l": ("arm", "v6"), "armv5tel": ("arm", "v5"), "i686": ("386", "")}
+# The spellings of uname and Debian for Go's architectures, with the variant each implies (None: the one given).
+ARCH_ALIASES = {"x86_64": ("amd64", None), "x86-64": ("amd64", None), "aarch64": ("arm64", None), "i386": ("386", "")}
+ARCH_ALIASES |= {"i686": ("386", ""), "armhf": ("arm", "v7"), "armel": ("arm", "v6"), "armv8l": ("arm", "v8")}
+ARCH_ALIASES |= {"armv7l": ("arm", "v7"), "armv6l": ("arm", "v6"), "armv5tel": ("arm", "v5")}
+# containerd's normal variants: arm is arm/v7 unless it says otherwise, arm64 is arm64/v8, amd64 has none (v1)
+VARIANTS = {"amd64": {"v1": ""}, "arm": {"": "v7", "5": "v5", "6": "v6", "7": "v7", "8": "v8"}}
+VARIANTS["arm64"] = {"": "v8", "8": "v8", "v8.0": "v8", "9": "v9", "9.0": "v9", "v9.0": "v9"}
 
 
 @dataclass(frozen=True)
@@ -44,30 +46,18 @@ class Platform:
 
 
 def normalize(os: str, arch: str, variant: str = "") -> Platform:
-    """containerd's normal form: arm is arm/v7 unless it says otherwise, arm64 is arm64/v8, amd64 has no variant
-    (v1), and the spellings of uname (x86_64, aarch64, armhf…) become Go's."""
-    os, arch, variant = os.lower() or "linux", arch.lower(), variant.lower()
-    if os == "macos":
-        os = "darwin"
-    if arch == "i386":
-        arch, variant = "386", ""
-    elif arch in ("x86_64", "x86-64", "amd64"):
-        arch, variant = "amd64", "" if variant == "v1" else variant
-    elif arch in ("aarch64", "arm64"):
-        arch = "arm64"
-        variant = {"": "v8", "8": "v8", "v8.0": "v8", "9": "v9", "9.0": "v9", "v9.0": "v9"}.get(variant, variant)
-    elif arch in ("armhf", "armel"):
-        arch, variant = "arm", "v7" if arch == "armhf" else "v6"
-    elif arch == "arm":
-        variant = {"": "v7", "5": "v5", "6": "v6", "7": "v7", "8": "v8"}.get(variant, variant)
-    return Platform(os, arch, variant)
+    """containerd's normal form (see VARIANTS), with the spellings of uname (x86_64, aarch64, armhf…) made Go's."""
+    arch, implied = ARCH_ALIASES.get(arch.lower(), (arch.lower(), None))
+    variant = variant.lower() if implied is None else implied
+    os = "darwin" if os.lower() == "macos" else os.lower() or "linux"
+    return Platform(os, arch, VARIANTS.get(arch, {}).get(variant, variant))
 
 
 def compatible(wanted: Platform) -> list[Platform]:
     """The platforms that run on `wanted`, best first (containerd's platformVector): the platform itself, then lower
     variants (amd64/v3 runs v2 and v1 images, arm/v7 runs v6 and v5, arm64/v8.2 runs v8.1 and v8), then the 32-bit
     relative (386 on amd64, arm on arm64)."""
-    level = version(wanted.variant)
+    level = int(wanted.variant[1:]) if re.fullmatch(r"v\d{1,2}", wanted.variant) else 0  # v7: 7; none: 0
     if wanted.arch == "amd64":
         lower = [replace(wanted, variant=f"v{n}") for n in range(level - 1, 1, -1)]
         v1 = [replace(wanted, variant="")] if level > 1 else []
@@ -84,11 +74,6 @@ def compatible(wanted: Platform) -> list[Platform]:
     return [wanted]
 
 
-def version(variant: str) -> int:
-    """The number of a variant such as v7 (0 when there is none)."""
-    return int(variant[1:]) if re.fullmatch(r"v\d{1,2}", variant) else 0
-
-
 def parse_platform(text: str) -> Platform:
     """`--platform OS/ARCH[/VARIANT]`, normalised."""
     parts = text.split("/")
@@ -98,8 +83,7 @@ def parse_platform(text: str) -> Platform:
 
 
 def host_platform() -> Platform:
-    machine = host.machine()
-    return normalize("linux", *MACHINE_TO_ARCH.get(machine, (machine, "")))
+    return normalize("linux", host.machine())
 
 
 @dataclass(frozen=True)
@@ -131,17 +115,23 @@ def resolve_image(
     if ref.digest:
         verify_manifest(body, ref.digest, None, ref)
     digest = ref.digest or sha256_digest(body)
-    manifest = parse_manifest(body, media_type, ref)
-    chosen_from_index = manifest_type(manifest, media_type) in INDEXES
+    manifest, kind = parse_manifest(body, media_type, ref)
+    chosen_from_index = kind in INDEXES
     if chosen_from_index:
         check_not_artifact(manifest, ref)
         chosen = choose_platform(manifest, wanted, ref, partial(probe_platform, registry, ref=ref, fetch=fetch))
         digest = chosen["digest"]
         body, manifest = fetch_image_manifest(registry, digest, chosen["size"], ref)
     image = image_from_manifest(manifest, digest, ref)
-    platform = config_platform(read_checked_config(image, fetch, ref))
-    if not chosen_from_index:
-        check_platform(platform, wanted, ref)
+    platform = config_platform(image, fetch, ref)
+    if not chosen_from_index:  # a single-platform image must run on `wanted`, as containerd says (Docker only warns)
+        if not platform.arch:
+            raise Error(f"the image config of {ref} names no architecture", "the image is broken; ask its publisher")
+        if platform not in compatible(wanted):
+            raise Error(
+                f"{ref} is an image for {platform}, not for {wanted}",
+                f"pull it with --platform {platform} if you mean to run it on another machine or through an emulator",
+            )
     write_atomic(blob_path(cache, digest), body)
     return replace(image, platform=str(platform))
 
@@ -150,34 +140,19 @@ def fetch_image_manifest(registry: Registry, digest: str, size: int, ref: Refere
     """The verified bytes and the parsed form of an index entry's manifest, which must be an image manifest."""
     body, media_type = registry.get_manifest(digest)
     verify_manifest(body, digest, size, ref)
-    manifest = parse_manifest(body, media_type, ref)
-    if manifest_type(manifest, media_type) in INDEXES:
+    manifest, kind = parse_manifest(body, media_type, ref)
+    if kind in INDEXES:
         raise Error(f"{ref} is an index of indexes, which d-pull does not follow", "pull one of its entries by digest")
     return body, manifest
 
 
-def read_checked_config(image: Image, fetch: Callable[[Blob], Path], ref: Reference) -> dict:
-    """The image's config, fetched now (it is small), with one diff_id per layer."""
+def config_platform(image: Image, fetch: Callable[[Blob], Path], ref: Reference) -> Platform:
+    """The platform the image's config says, fetched now (it is small), which must list one diff_id per layer."""
     if image.config.size > MAX_CONFIG:
         raise Error(f"the image config of {ref} has {image.config.size} bytes, more than {MAX_CONFIG}")
     config = read_image_config(fetch(image.config))
     diff_ids(config, len(image.layers))
-    return config
-
-
-def check_platform(platform: Platform, wanted: Platform, ref: Reference) -> None:
-    """Refuse a single-platform image that cannot run on `wanted` (as containerd does; Docker only warns)."""
-    if not platform.arch:
-        raise Error(f"the image config of {ref} names no architecture", "the image is broken; ask its publisher")
-    if platform not in compatible(wanted):
-        raise Error(
-            f"{ref} is an image for {platform}, not for {wanted}",
-            f"pull it with --platform {platform} if you mean to run it on another machine or through an emulator",
-        )
-
-
-def config_platform(config: dict) -> Platform:
-    return normalize(config.get("os", ""), config.get("architecture", ""), config.get("variant", ""))
+    return normalize(*(config.get(key, "") for key in PLATFORM_FIELDS))
 
 
 def verify_manifest(body: bytes, digest: str, size: int | None, ref: Reference) -> None:
@@ -191,26 +166,19 @@ def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def parse_manifest(body: bytes, media_type: str, ref: Reference) -> dict:
+def parse_manifest(body: bytes, header_type: str, ref: Reference) -> tuple[dict, str]:
+    """The manifest and its media type: its own field, the HTTP header's, or what its shape says (OCI may omit it)."""
     manifest = load_json_object(body, f"the manifest of {ref}")
-    if not isinstance(manifest.get("mediaType", ""), str):
-        raise manifest_field_error(ref, "mediaType", "a string")
-    kind = manifest_type(manifest, media_type)
+    kind = typed(manifest.get("mediaType", ""), str, f"the manifest of {ref}: mediaType") or header_type
+    if kind not in INDEXES + MANIFESTS and not kind.startswith(SCHEMA1):
+        kind = OCI_INDEX if "manifests" in manifest else OCI_MANIFEST if "layers" in manifest else kind
     if manifest.get("schemaVersion") == 1 or kind.startswith(SCHEMA1):
         raise Error(
             f"{ref} has a Docker schema 1 manifest, which is obsolete", "push the image again with a current tool"
         )
     if kind not in INDEXES + MANIFESTS:
         raise Error(f"the manifest of {ref} has an unsupported media type {kind!r}")
-    return manifest
-
-
-def manifest_type(manifest: dict, header_type: str) -> str:
-    """The media type: the manifest's own field, the HTTP header, or what its shape says (OCI allows omitting it)."""
-    kind = manifest.get("mediaType") or header_type
-    if kind in INDEXES + MANIFESTS or kind.startswith(SCHEMA1):
-        return kind
-    return OCI_INDEX if "manifests" in manifest else OCI_MANIFEST if "layers" in manifest else kind
+    return manifest, kind
 
 
 # -- choosing from an index
@@ -219,21 +187,17 @@ def manifest_type(manifest: dict, header_type: str) -> str:
 def choose_platform(
     index: dict, wanted: Platform, ref: Reference, probe: Callable[[dict], Platform | None] = lambda entry: None
 ) -> dict:
-    """The index entry containerd would choose for `wanted`: the first of the best compatible platform.
-
-    An entry without `platform` is looked into by `probe` (which reads its config), only when no entry declares
-    the best platform. Attestations (unknown/unknown) are never chosen.
-    """
-    entries = index_entries(index, ref)
+    """The index entry containerd would choose for `wanted`: the first of the best compatible platform. An entry
+    without `platform` is looked into by `probe` (which reads its config) only when no entry declares the best
+    platform. Attestations (unknown/unknown) are never chosen."""
+    entries = typed(index.get("manifests"), list, f"the manifest of {ref}: manifests")
+    offers = [index_entry(entry, n, ref) for n, entry in enumerate(entries)]
     preferred = compatible(wanted)
-    offers = [(entry, entry_platform(entry, ref)) for entry in entries]
-    declared = [(entry, platform) for entry, platform in offers if platform is not None]
-    if not any(platform == preferred[0] for _, platform in declared):
-        undeclared = [entry for entry, platform in offers if platform is None]
-        if len(undeclared) > MAX_PROBES:
-            raise Error(f"the index of {ref} has {len(undeclared)} entries without a platform, more than {MAX_PROBES}")
-        probed = {id(entry): probe(entry) for entry in undeclared}
-        offers = [(entry, probed.get(id(entry), platform)) for entry, platform in offers]
+    if preferred[0] not in [platform for _, platform in offers]:
+        undeclared = sum(platform is None for _, platform in offers)
+        if undeclared > MAX_PROBES:
+            raise Error(f"the index of {ref} has {undeclared} entries without a platform, more than {MAX_PROBES}")
+        offers = [(entry, probe(entry) if platform is None else platform) for entry, platform in offers]
     runnable = [
         (entry, platform) for entry, platform in offers if platform and "unknown" not in (platform.os, platform.arch)
     ]
@@ -248,32 +212,15 @@ def choose_platform(
     )
 
 
-def index_entries(index: dict, ref: Reference) -> list[dict]:
-    """The index's `manifests`, each with a valid digest and size."""
-    entries = index.get("manifests")
-    if not isinstance(entries, list):
-        raise manifest_field_error(ref, "manifests", "a list")
-    for n, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise manifest_field_error(ref, f"manifests[{n}]", "a JSON object")
-        check_descriptor(entry, f"manifests[{n}]", ref)
-    return entries
-
-
-def entry_platform(entry: dict, ref: Reference) -> Platform | None:
-    """An index entry's declared platform, normalised; None when it declares none."""
-    platform = entry.get("platform")
-    if platform is None:
-        return None
-    where = f"the platform of index entry {entry['digest']}"
-    if not isinstance(platform, dict):
-        raise manifest_field_error(ref, where, "a JSON object")
-    for key in ("os", "architecture", "variant"):
-        if not isinstance(platform.get(key, ""), str):
-            raise manifest_field_error(ref, f"{where}: {key}", "a string")
-    if not platform.get("architecture"):
-        return None
-    return normalize(platform.get("os", ""), platform["architecture"], platform.get("variant", ""))
+def index_entry(entry: object, n: int, ref: Reference) -> tuple[dict, Platform | None]:
+    """The index's n-th entry, checked, and the platform it declares, normalised (None when it declares none)."""
+    entry = check_descriptor(entry, f"the manifest of {ref}: manifests[{n}]")
+    if entry.get("platform") is None:
+        return entry, None
+    where = f"the manifest of {ref}: the platform of index entry {entry['digest']}"
+    platform = typed(entry["platform"], dict, where)
+    os, arch, variant = (typed(platform.get(key, ""), str, f"{where}: {key}") for key in PLATFORM_FIELDS)
+    return entry, normalize(os, arch, variant) if arch else None
 
 
 def probe_platform(registry: Registry, entry: dict, ref: Reference, fetch: Callable[[Blob], Path]) -> Platform | None:
@@ -285,7 +232,7 @@ def probe_platform(registry: Registry, entry: dict, ref: Reference, fetch: Calla
         image = image_from_manifest(manifest, entry["digest"], ref)
     except Error:
         return None  # a signature, an SBOM, an encrypted image…: not a candidate
-    return config_platform(read_checked_config(image, fetch, ref))
+    return config_platform(image, fetch, ref)
 
 
 # -- the image manifest
@@ -294,31 +241,23 @@ def probe_platform(registry: Registry, entry: dict, ref: Reference, fetch: Calla
 def image_from_manifest(manifest: dict, digest: str, ref: Reference) -> Image:
     """The image a manifest describes, once it is known to be an image whose layers d-pull can apply."""
     check_not_artifact(manifest, ref)
-    config, layers = manifest.get("config"), manifest.get("layers")
-    if not isinstance(config, dict):
-        raise manifest_field_error(ref, "config", "a JSON object")
-    if not isinstance(layers, list):
-        raise manifest_field_error(ref, "layers", "a list")
+    what = f"the manifest of {ref}"
+    config = descriptor(manifest.get("config"), f"{what}: config")
+    if config.media_type not in ("", *IMAGE_CONFIGS):
+        raise not_an_image(ref, config.media_type)
+    layers = typed(manifest.get("layers"), list, f"{what}: layers")
     if len(layers) > MAX_LAYERS:
         raise Error(f"{ref} has {len(layers)} layers, more than the {MAX_LAYERS} d-pull accepts", "no real image has")
-    blobs = [descriptor(config, "config", ref)]
-    if blobs[0].media_type not in ("", *IMAGE_CONFIGS):
-        raise not_an_image(ref, blobs[0].media_type)
-    for n, layer in enumerate(layers):
-        if not isinstance(layer, dict):
-            raise manifest_field_error(ref, f"layers[{n}]", "a JSON object")
-        blobs.append(descriptor(layer, f"layers[{n}]", ref))
-    for blob in blobs[1:]:
+    blobs = tuple(descriptor(layer, f"{what}: layers[{n}]") for n, layer in enumerate(layers))
+    for blob in blobs:
         check_layer_type(blob, ref)
-    return Image(digest, "", blobs[0], tuple(blobs[1:]))
+    return Image(digest, "", config, blobs)
 
 
 def check_not_artifact(manifest: dict, ref: Reference) -> None:
     artifact = manifest.get("artifactType")
     if artifact is not None:
-        if not isinstance(artifact, str):
-            raise manifest_field_error(ref, "artifactType", "a string")
-        raise not_an_image(ref, artifact)
+        raise not_an_image(ref, typed(artifact, str, f"the manifest of {ref}: artifactType"))
 
 
 def not_an_image(ref: Reference, kind: object) -> Error:
@@ -338,26 +277,22 @@ def check_layer_type(layer: Blob, ref: Reference) -> None:
         raise Error(f"{ref} has a layer of unsupported media type {layer.media_type!r}", "d-pull applies tar layers")
 
 
-def descriptor(entry: dict, where: str, ref: Reference) -> Blob:
-    check_descriptor(entry, where, ref)
+def descriptor(entry: object, where: str) -> Blob:
+    """The blob a manifest's `where` ("the manifest of REF: layers[0]") describes, checked."""
+    entry = check_descriptor(entry, where)
     urls = entry.get("urls", [])
     if not isinstance(urls, list) or not all(isinstance(url, str) for url in urls):
-        raise manifest_field_error(ref, f"{where}.urls", "a list of strings")
+        raise broken(f"{where}.urls", "a list of strings")
     usable = tuple(url for url in urls if url.startswith(("https://", "http://")))
     return Blob(entry["digest"], entry["size"], entry.get("mediaType", ""), usable)
 
 
-def check_descriptor(entry: dict, where: str, ref: Reference) -> None:
-    """A descriptor's digest, size and mediaType have their types (bool is an int to Python, not to JSON)."""
+def check_descriptor(entry: object, where: str) -> dict:
+    """`entry` if it is a JSON object whose digest, size and mediaType have their types."""
+    entry = typed(entry, dict, where)
     size = entry.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise manifest_field_error(ref, f"{where}.size", "a non-negative integer")
-    if not isinstance(entry.get("mediaType", ""), str):
-        raise manifest_field_error(ref, f"{where}.mediaType", "a string")
-    if not isinstance(entry.get("digest"), str):
-        raise manifest_field_error(ref, f"{where}.digest", "a string")
-    check_digest(entry["digest"])
-
-
-def manifest_field_error(ref: Reference, field: str, kind: str) -> Error:
-    return Error(f"the manifest of {ref}: {field} is not {kind}", "the image is broken; ask its publisher")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:  # bool is an int to Python, not to JSON
+        raise broken(f"{where}.size", "a non-negative integer")
+    typed(entry.get("mediaType", ""), str, f"{where}.mediaType")
+    check_digest(typed(entry.get("digest"), str, f"{where}.digest"))
+    return entry

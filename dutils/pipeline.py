@@ -16,6 +16,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -33,7 +34,7 @@ from .apply import Skipped, apply_layer
 from .auth import find_credentials, find_mirrors
 from .cache import in_use, prune_if_due
 from .errors import Error
-from .fetch import fetch_blob
+from .fetch import cached, fetch_blob
 from .manifest import Blob, Image, Platform, host_platform, resolve_image, sha256_digest
 from .progress import Lines, Progress
 from .reference import Reference, parse_reference
@@ -48,21 +49,12 @@ from .store import (
     make_folder,
     open_cache,
     remove_tree,
-    touch,
     write_atomic,
 )
 
 T = TypeVar("T")
-# doit captures an action's output by swapping sys.stdout/stderr, which threads running side by side can leave
-# swapped for good; our actions print nothing (Progress writes to the stream it was given), so nothing is captured.
-UNCAPTURED = {"capture": False}
 MIRROR_RETRY = RetryPolicy(attempts=2)  # a failing mirror costs little: the origin is there
 UPDATE_VAR = "dutils-update"  # `doit dutils-update=all` (or =FOLDER): move the lock file to what the tags name now
-
-
-def mirror_ref(ref: Reference, mirror: str) -> Reference:
-    """The same repository on a pull-through mirror (which stores Docker Hub's under library/ too)."""
-    return replace(ref, registry=mirror.removeprefix("https://").removeprefix("http://").rstrip("/"))
 
 
 @dataclass
@@ -90,9 +82,6 @@ class LockFile:
         self.path = Path(path).absolute()
         self.mutex = threading.Lock()  # folders resolve side by side
 
-    def key(self, folder: Path) -> str:
-        return os.path.relpath(folder, self.path.parent)
-
     def read(self) -> dict[str, dict]:
         try:
             entries = json.loads(self.path.read_text())["sandboxes"]
@@ -106,12 +95,12 @@ class LockFile:
 
     def entry(self, folder: Path, reference: str) -> dict | None:
         """What the lock pins `folder` to, unless it names another reference (the dodo.py changed since)."""
-        entry = self.read().get(self.key(folder))
+        entry = self.read().get(os.path.relpath(folder, self.path.parent))
         return entry if entry and entry.get("reference") == reference else None
 
     def pin(self, folder: Path, entry: dict) -> None:
         with self.mutex:
-            entries = self.read() | {self.key(folder): entry}
+            entries = self.read() | {os.path.relpath(folder, self.path.parent): entry}
             write_atomic(self.path, (json.dumps({"sandboxes": entries}, indent=2, sort_keys=True) + "\n").encode())
 
 
@@ -162,25 +151,14 @@ class Pull:
         self.update = options.update  # replace a finished folder's image, and move its lock entry
         self.run = run  # the d-run command line of a `dutils-run:` task
         self.registries: list[Registry] = []  # mirrors first, the image's own registry last; see `connected`
-        self.connecting = threading.Lock()  # also guards `fetching`
+        self.mutex = threading.Lock()  # guards `registries` and `fetching`
         self.image: Image | None = None  # once the manifest task ran
         self.skipped = Skipped()
-        self.changed = False  # whether any fetch, apply or config work was done
-        self.holds = contextlib.ExitStack()  # `claimed`, from the manifest task until `release`
-        self.claimed = self.used_cache = False
+        self.changed = False  # whether the config task ran, as every pull that fetched or applied anything ends with
+        self.holds = contextlib.ExitStack()  # `claimed`, from the manifest task until the config task or the run ends
+        self.used_cache = False
         self.layers_done: list[str] | None = None
-        self.fetching: dict[str, threading.Event] = {}  # set once the blob is in the cache, or failed (`failed`)
-        self.failed: dict[str, Error] = {}
-        self.diff_ids: list[str] | None = None
-
-    def claim(self) -> None:
-        if not self.claimed:
-            self.holds.enter_context(claimed(self.folder, self.options.cache))
-            self.claimed = self.used_cache = True
-
-    def release(self) -> None:
-        self.holds.close()
-        self.claimed = False
+        self.fetching: dict[str, Future] = {}  # done once the blob is in the cache, or failed
 
     def remove(self) -> None:
         """`doit clean`: remove this folder if d-pull made it; never the cache, never another folder."""
@@ -193,11 +171,19 @@ class Pull:
 
     def connected(self) -> list[Registry]:
         """Connect on first use: a folder complete for its locked digest costs no request at all."""
-        with self.connecting:
+        with self.mutex:
             if not self.registries:
-                hosts = find_mirrors(self.ref.registry, self.options.mirrors)
-                mirrors = [self.connect(mirror_ref(self.ref, host), MIRROR_RETRY) for host in hosts]
-                usable = [mirror for mirror in mirrors if self.usable_mirror(mirror)]
+                usable = []
+                for host in find_mirrors(self.ref.registry, self.options.mirrors):
+                    # the same repository on a pull-through mirror (which stores Docker Hub's under library/ too)
+                    name = host.removeprefix("https://").removeprefix("http://").rstrip("/")
+                    mirror = self.connect(replace(self.ref, registry=name), MIRROR_RETRY)
+                    try:
+                        mirror.ping()
+                    except Error as err:
+                        self.options.progress.note(f"not using mirror {name}: {err}")
+                    else:
+                        usable.append(mirror)
                 origin = self.connect(self.ref, RetryPolicy())
                 if not usable:
                     origin.ping()  # fail early when the origin is the only way; a working mirror is enough otherwise
@@ -211,14 +197,6 @@ class Pull:
         retry, notify = replace(retry, patience=options.timeout), options.progress.note
         verify = options.ca_bundle or True
         return Registry(ref, credentials, plain_http=options.insecure, verify=verify, retry=retry, notify=notify)
-
-    def usable_mirror(self, mirror: Registry) -> bool:
-        try:
-            mirror.ping()
-        except Error as err:
-            self.options.progress.note(f"not using mirror {mirror.ref.registry}: {err}")
-            return False
-        return True
 
     def from_any_registry(self, operation: Callable[[Registry], T]) -> T:
         """Run `operation` against each mirror in turn, and against the image's own registry last."""
@@ -246,19 +224,20 @@ class Pull:
         return bool(record and (record.digest, record.platform) == wanted and self.is_complete())
 
     def resolve(self) -> None:
-        self.claim()
+        """Hold the folder, resolve its manifest, pin it in the lock file, and record what this pull makes."""
+        self.holds.enter_context(claimed(self.folder, self.options.cache))
+        self.used_cache = True
         entry = self.pinned()
-        digest = entry["digest"] if entry else self.ref.digest or (self.tag_digest() if self.lock else None)
-        platform, cache = self.options.platform, self.options.cache
-        self.image = self.from_any_registry(
-            lambda registry: resolve_image(
-                registry,
-                replace(registry.ref, digest=digest),
-                platform,
-                cache,
-                lambda blob: fetch_blob(registry, blob, cache, self.options.progress),
-            )
-        )
+        digest = entry["digest"] if entry else self.ref.digest
+        if self.lock and not digest:  # the digest the tag names now, asked once: the lock records what is pulled
+            body, _ = self.from_any_registry(lambda registry: registry.get_manifest(registry.ref.wanted))
+            digest = sha256_digest(body)
+
+        def resolve_on(registry: Registry) -> Image:
+            ref, fetch = replace(registry.ref, digest=digest), partial(self.download, registry)
+            return resolve_image(registry, ref, self.options.platform, self.options.cache, fetch)
+
+        self.image = self.from_any_registry(resolve_on)
         if self.lock and not entry:
             pinned = {"reference": str(self.ref), "digest": digest, "manifest": self.image.digest}
             self.lock.pin(self.folder.root, pinned | {"platform": self.image.platform})
@@ -266,24 +245,15 @@ class Pull:
         new = Record(str(self.ref), self.image.digest, self.image.platform)
         if record:  # a folder following its lock file changes image as the lock says
             new = record.retarget(*new[:3], self.folder.root, replace=self.update or entry is not None)
-            if new.digest != record.digest:
-                self.start_over()
+            if new.digest != record.digest:  # drop the rootfs of another image; config.json and volumes/ stay
+                remove_tree(self.folder.rootfs)
+                self.applied_path().unlink(missing_ok=True)
+                self.layers_done = []
         layers = [layer.digest for layer in self.image.layers]
         applied = self.applied() if self.folder.rootfs.is_dir() else []
         self.options.progress.expect_layers(len(layers) - sum(a == b for a, b in zip(applied, layers, strict=False)))
         # complete only while every layer is applied: d-run refuses a rootfs that is being rebuilt
         self.folder.write_record(new._replace(complete=new.complete and applied == layers))
-
-    def tag_digest(self) -> str:
-        """The digest the tag names now, asked once, so that the lock file records exactly what is then pulled."""
-        body, _ = self.from_any_registry(lambda registry: registry.get_manifest(registry.ref.wanted))
-        return sha256_digest(body)
-
-    def start_over(self) -> None:
-        """Drop the rootfs of another image (or of an unfinished pull of one); config.json and volumes/ stay."""
-        remove_tree(self.folder.rootfs)
-        self.applied_path().unlink(missing_ok=True)
-        self.layers_done = []
 
     # -- fetch
 
@@ -295,27 +265,20 @@ class Pull:
     def fetched(self, blob: Blob, downloads: threading.BoundedSemaphore) -> None:
         """`blob` in the cache, downloaded by whichever task asks first while the other waits: a download under
         way always progresses, so waiting for it cannot deadlock the task threads."""
-        with self.connecting:
+        with self.mutex:
             first = blob.digest not in self.fetching
-            done = self.fetching.setdefault(blob.digest, threading.Event())
+            done = self.fetching.setdefault(blob.digest, Future())
         if first:
             try:
-                self.fetch(blob, downloads)
-            except Error as err:
-                self.failed[blob.digest] = err
-            finally:
-                done.set()
-        done.wait()
-        if blob.digest in self.failed:
-            raise self.failed[blob.digest]
+                done.set_result(self.fetch(blob, downloads))
+            except BaseException as err:  # a bug's too: the task waiting for this blob must not wait for ever
+                done.set_exception(err)
+        done.result()
 
     def fetch(self, blob: Blob, downloads: threading.BoundedSemaphore) -> None:
-        self.changed = True
         try:
             with downloads:
-                self.from_any_registry(
-                    lambda registry: fetch_blob(registry, blob, self.options.cache, self.options.progress)
-                )
+                self.from_any_registry(partial(self.download, blob=blob))
         except BlobUnknown:
             if not blob.urls:
                 raise
@@ -331,14 +294,12 @@ class Pull:
         origin = self.connected()[-1]
         for url in blob.urls[:-1]:
             with contextlib.suppress(Error):
-                fetch_blob(origin, blob, self.options.cache, self.options.progress, url)
+                self.download(origin, blob, url)
                 return
-        fetch_blob(origin, blob, self.options.cache, self.options.progress, blob.urls[-1])
+        self.download(origin, blob, blob.urls[-1])
 
-    def cached(self, blob: Blob) -> bool:
-        path = blob_path(self.options.cache, blob.digest)
-        touch(path)  # used now: pruning goes by last use
-        return path.exists()
+    def download(self, registry: Registry, blob: Blob, url: str | None = None) -> Path:
+        return fetch_blob(registry, blob, self.options.cache, self.options.progress, url)
 
     # -- apply
 
@@ -358,29 +319,23 @@ class Pull:
     def all_applied(self) -> bool:
         return self.folder.rootfs.is_dir() and self.applied() == [layer.digest for layer in self.image.layers]
 
-    def apply_all(self, downloads: threading.BoundedSemaphore) -> None:
-        """Apply the layers onto DIR/rootfs in order, each as soon as its blob is in the cache."""
-        self.fetched(self.image.config, downloads)
-        for n, layer in enumerate(self.image.layers):
-            if not self.is_applied(n):
-                self.fetched(layer, downloads)
-                self.apply(n)
-
     def is_applied(self, n: int) -> bool:
         return self.folder.rootfs.is_dir() and self.applied()[n : n + 1] == [self.image.layers[n].digest]
 
-    def apply(self, n: int) -> None:
-        self.changed = True
-        layer, cache = self.image.layers[n], self.options.cache
-        if self.diff_ids is None:
-            config = image_config.read_image_config(blob_path(cache, self.image.config.digest))
-            self.diff_ids = image_config.diff_ids(config, len(self.image.layers))
-        self.folder.rootfs.mkdir(parents=True, exist_ok=True)
-        self.skipped += apply_layer(
-            blob_path(cache, layer.digest), layer.media_type, self.diff_ids[n], self.folder.rootfs
-        )
-        self.note_applied(n, layer.digest)
-        self.options.progress.layer_applied(f"applied layer {n + 1}/{len(self.image.layers)} {layer.digest[:19]}")
+    def apply_all(self, downloads: threading.BoundedSemaphore) -> None:
+        """Apply the layers onto DIR/rootfs in order, each as soon as its blob is in the cache."""
+        self.fetched(self.image.config, downloads)
+        config = image_config.read_image_config(blob_path(self.options.cache, self.image.config.digest))
+        diff_ids = image_config.diff_ids(config, len(self.image.layers))
+        for n, layer in enumerate(self.image.layers):
+            if self.is_applied(n):
+                continue
+            self.fetched(layer, downloads)
+            self.folder.rootfs.mkdir(parents=True, exist_ok=True)
+            blob = blob_path(self.options.cache, layer.digest)
+            self.skipped += apply_layer(blob, layer.media_type, diff_ids[n], self.folder.rootfs)
+            self.note_applied(n, layer.digest)
+            self.options.progress.layer_applied(f"applied layer {n + 1}/{len(self.image.layers)} {layer.digest[:19]}")
 
     def note_applied(self, n: int, digest: str) -> None:
         done = self.applied()
@@ -400,19 +355,11 @@ class Pull:
         return bool(record and record.complete and self.folder.config.exists() and self.folder.rootfs.is_dir())
 
     def write_config(self) -> None:
-        """config.json last: with the record marked complete, it is what says the pull is finished."""
+        """config.json last, and the record marked complete: what says the pull is finished."""
         self.changed = True
         self.folder.rootfs.mkdir(exist_ok=True)  # an image of no layers runs with an empty root
-        record, cache = self.folder.read_record(), self.options.cache
-        base = blob_path(cache, record.config_digest) if record.config_digest else None
-        new = blob_path(cache, self.image.config.digest)
-        data = image_config.updated_config(self.folder.config, new, base, record.config_xxh64)
-        write_atomic(self.folder.config, data)
-        fingerprint = image_config.fingerprint(data)
-        self.folder.write_record(
-            record._replace(complete=True, config_digest=self.image.config.digest, config_xxh64=fingerprint)
-        )
-        self.release()  # done: the rest of the run (other folders, d-run tasks) needs neither lock
+        image_config.write_config(self.folder, self.options.cache, self.image.config.digest)
+        self.holds.close()  # done: the rest of the run (other folders, d-run tasks) needs neither lock
 
 
 def action(function: Callable, *args: object) -> Callable[[], TaskFailed | None]:
@@ -429,8 +376,11 @@ def action(function: Callable, *args: object) -> Callable[[], TaskFailed | None]
     return run
 
 
-def task(name: str, function: Callable, *args: object, **fields: object) -> dict:
-    return {"basename": name, "actions": [action(function, *args)], "io": UNCAPTURED, "doc": function.__doc__, **fields}
+def task(function: Callable, *args: object, **fields: object) -> dict:
+    """The doit task of `function(*args)`, described by its docstring (`doit list`)."""
+    # doit captures an action's output by swapping sys.stdout/stderr, which threads running side by side can leave
+    # swapped for good; our actions print nothing (Progress writes to the stream it was given), so nothing is captured.
+    return {"actions": [action(function, *args)], "io": {"capture": False}, "doc": function.__doc__, **fields}
 
 
 def pull_tasks(pulls: list[Pull]) -> dict[str, Callable]:
@@ -440,22 +390,14 @@ def pull_tasks(pulls: list[Pull]) -> dict[str, Callable]:
     def task_manifest() -> Iterator[dict]:
         """Resolve the folder's locked digest (else its tag) to one manifest for the platform; clean: remove it."""
         for pull in pulls:
-            yield {
-                "name": pull.key,
-                "actions": [action(pull.resolve)],
-                "uptodate": [pull.settled],
-                "clean": [action(pull.remove)],
-                "io": UNCAPTURED,
-            }
+            yield task(pull.resolve, name=pull.key, uptodate=[pull.settled], clean=[action(pull.remove)])
 
     def task_dutils() -> dict:
         """Materialise every sandbox."""
         return {"actions": None, "task_dep": [f"dutils-config:{pull.key}" for pull in pulls]}
 
-    creators: dict[str, Callable] = {"task_dutils-manifest": task_manifest, "task_dutils": task_dutils}
-    for pull in pulls:
-        creators[f"task_dutils-folder:{pull.key}"] = folder_tasks(pull, downloads)
-    return creators
+    folders = {f"task_dutils-folder:{pull.key}": folder_tasks(pull, downloads) for pull in pulls}
+    return {"task_dutils-manifest": task_manifest, "task_dutils": task_dutils, **folders}
 
 
 def folder_tasks(pull: Pull, downloads: threading.BoundedSemaphore) -> Callable[[], Iterator[dict]]:
@@ -466,16 +408,16 @@ def folder_tasks(pull: Pull, downloads: threading.BoundedSemaphore) -> Callable[
     def create() -> Iterator[dict]:
         image, deps = pull.image, [f"dutils-manifest:{key}"]  # no image: the manifest task was up to date
         if image and not pull.is_complete():
-            blobs = {
-                f"dutils-fetch:{key}/{b.digest}": b for b in (image.config, *image.layers)
-            }  # a layer may come twice
+            blobs = {f"dutils-fetch:{key}/{blob.digest}": blob for blob in (image.config, *image.layers)}  # once each
             for name, blob in blobs.items():
-                yield task(name, pull.prefetch, blob, downloads, task_dep=deps, uptodate=[partial(pull.cached, blob)])
+                in_cache = partial(cached, pull.options.cache, blob.digest)
+                yield task(pull.prefetch, blob, downloads, basename=name, task_dep=deps, uptodate=[in_cache])
             # one task applies the layers in order: a chain of a task per layer costs doit memory in the square of
             # their number (each task keeps the list of all it depends on, through the chain)
-            yield task(f"dutils-apply:{key}", pull.apply_all, downloads, task_dep=deps, uptodate=[pull.all_applied])
-            deps = [*blobs, f"dutils-apply:{key}"]  # doit runs only what the targets depend on
-        yield task(f"dutils-config:{key}", pull.write_config, task_dep=deps, uptodate=[pull.is_complete])
+            apply = f"dutils-apply:{key}"
+            yield task(pull.apply_all, downloads, basename=apply, task_dep=deps, uptodate=[pull.all_applied])
+            deps = [*blobs, apply]  # doit runs only what the targets depend on
+        yield task(pull.write_config, basename=f"dutils-config:{key}", task_dep=deps, uptodate=[pull.is_complete])
         if pull.run:  # d-run's exit status is the task's result
             run = {"basename": f"dutils-run:{key}", "actions": [pull.run], "uptodate": [False], "verbosity": 2}
             yield run | {"task_dep": [f"dutils-config:{key}"]}
@@ -526,7 +468,7 @@ def finish(pulls: list[Pull]) -> None:
     """The end of a run: every folder released, then the caches used pruned when due."""
     used = {pull.options.cache for pull in pulls if pull.used_cache}
     for pull in pulls:
-        pull.release()
+        pull.holds.close()
     for cache in used:
         prune_if_due(cache)
 
@@ -568,8 +510,7 @@ class MemoryDB(JsonDB):
 def run_pulls(pulls: list[Pull], debug: bool) -> list[str]:
     """Run the pipeline in this process; return the failures, one line each (none means every pull finished)."""
     reporter = Reporter(debug)
-    namespace: dict[str, object] = dict(pull_tasks(pulls))
-    namespace["DOIT_CONFIG"] = {
+    config = {
         "dep_file": "unused",
         "backend": "memory",
         "reporter": reporter,
@@ -578,6 +519,7 @@ def run_pulls(pulls: list[Pull], debug: bool) -> list[str]:
         "par_type": "thread",  # delayed tasks hold closures, which the process runner cannot pickle
         "default_tasks": ["dutils"],
     }
+    namespace = {**pull_tasks(pulls), "DOIT_CONFIG": config}
     try:
         plugins = {"BACKEND": {"memory": f"{__name__}:MemoryDB"}}
         # config_filenames=(): a doit.cfg or pyproject.toml in the current folder must not change a pull

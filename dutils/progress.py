@@ -19,18 +19,12 @@ def human(size: float) -> str:
 
 
 class Progress:
-    """Counts bytes and steps from several threads; `Quiet` prints nothing, `Lines` a line per step."""
+    """Counts bytes and layers from several threads, and prints nothing (--quiet); `Lines` and `Terminal` print."""
 
     def __init__(self, stream: TextIO = sys.stderr) -> None:
         self.stream = stream
         self.lock = threading.Lock()
-        self.total = 0
-        self.done = 0
-        self.start = time.monotonic()
-        self.layers = 0
-        self.applied = 0
-        self.note_text = ""
-        self.drawn = 0.0
+        self.total = self.done = self.layers = self.applied = 0
 
     def expect(self, size: int) -> None:
         with self.lock:
@@ -43,19 +37,12 @@ class Progress:
     def advance(self, size: int) -> None:
         with self.lock:
             self.done += size
-            self.redraw()
 
     def note(self, message: str) -> None:
         """A passing condition the user should see now: a retry, a wait."""
-        with self.lock:
-            self.note_text = message
-            self.redraw(force=True)
 
     def step(self, message: str) -> None:
         """A finished step: a blob fetched, a layer applied."""
-        with self.lock:
-            self.note_text = ""
-            self.redraw(force=True)
 
     def layer_applied(self, message: str) -> None:
         with self.lock:
@@ -63,32 +50,7 @@ class Progress:
         self.step(message)
 
     def close(self) -> None:
-        pass
-
-    def redraw(self, force: bool = False) -> None:
-        pass
-
-    def rate(self) -> float:
-        return self.done / max(time.monotonic() - self.start, 1e-3)
-
-
-class Terminal(Progress):
-    def redraw(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.drawn < REFRESH:
-            return
-        self.drawn = now
-        line = f"{human(self.done)}/{human(self.total)} at {human(self.rate())}/s, layers {self.applied}/{self.layers}"
-        if self.note_text:
-            line += f" | {self.note_text}"
-        self.stream.write(f"\r\x1b[K{line}")
-        self.stream.flush()
-
-    def close(self) -> None:
-        with self.lock:
-            self.redraw(force=True)
-            self.stream.write("\n")
-            self.stream.flush()
+        """The pull ended."""
 
 
 class Lines(Progress):
@@ -96,16 +58,43 @@ class Lines(Progress):
         with self.lock:
             print(message, file=self.stream, flush=True)
 
-    def step(self, message: str) -> None:
+    step = note
+
+
+class Terminal(Progress):
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self.start, self.drawn, self.note_text = time.monotonic(), 0.0, ""
+
+    def advance(self, size: int) -> None:
+        super().advance(size)
         with self.lock:
-            print(message, file=self.stream, flush=True)
+            if time.monotonic() - self.drawn >= REFRESH:
+                self.redraw()
 
+    def note(self, message: str) -> None:
+        with self.lock:
+            self.note_text = message
+            self.redraw()
 
-class Quiet(Progress):
-    pass
+    def step(self, message: str) -> None:
+        self.note("")
+
+    def close(self) -> None:
+        with self.lock:
+            self.redraw()
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def redraw(self) -> None:  # with the lock held
+        self.drawn = time.monotonic()
+        rate = self.done / max(self.drawn - self.start, 1e-3)
+        line = f"{human(self.done)}/{human(self.total)} at {human(rate)}/s, layers {self.applied}/{self.layers}"
+        self.stream.write(f"\r\x1b[K{line}" + (f" | {self.note_text}" if self.note_text else ""))
+        self.stream.flush()
 
 
 def progress_for(stream: TextIO, quiet: bool) -> Progress:
     if quiet:
-        return Quiet(stream)
+        return Progress(stream)
     return Terminal(stream) if stream.isatty() else Lines(stream)

@@ -74,20 +74,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"d-pull: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\nd-pull: interrupted; run the same command again to resume", file=sys.stderr)
-        sys.stderr.flush()
+        print("\nd-pull: interrupted; run the same command again to resume", file=sys.stderr, flush=True)
         os._exit(130)  # download threads may be blocked in a read: leave without waiting for them
 
 
 def pull(args: argparse.Namespace) -> int:
     from . import pipeline  # doit and requests load here, not for --help
-    from .manifest import parse_platform
+    from .manifest import host_platform, parse_platform
     from .progress import progress_for
     from .reference import parse_reference
     from .store import cache_dir
 
-    ref = parse_reference(args.image)
-    folder = Path(args.dir or ref.name)
+    folder = Path(args.dir or parse_reference(args.image).name)
     progress = progress_for(sys.stderr, args.quiet)
     options = pipeline.Options(
         cache=cache_dir(args.cache),
@@ -101,11 +99,9 @@ def pull(args: argparse.Namespace) -> int:
         progress=progress,
         username=args.username,
         password=read_password(args),
+        platform=parse_platform(args.platform) if args.platform else host_platform(),
     )
-    if args.platform:
-        options.platform = parse_platform(args.platform)
-    lock = pipeline.LockFile(args.lock) if args.lock else None
-    task = pipeline.Pull(args.image, folder, options, lock)
+    task = pipeline.Pull(args.image, folder, options, pipeline.LockFile(args.lock) if args.lock else None)
     try:
         failures = pipeline.run_pulls([task], debug=args.debug)
     finally:
