@@ -28,11 +28,12 @@ def find_credentials(
 
 
 def auth_files() -> list[Path]:
-    """Where podman/skopeo, then docker keep credentials, in the order the containers tools read them."""
+    """Where podman/skopeo, then docker keep credentials, in the order the containers tools read them: the
+    primary file, which $REGISTRY_AUTH_FILE replaces (containers-auth.json(5)), then the read-only ones."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     candidates = [
-        os.environ.get("REGISTRY_AUTH_FILE"),
-        f"{runtime}/containers/auth.json" if runtime else f"/run/containers/{os.getuid()}/auth.json",
+        os.environ.get("REGISTRY_AUTH_FILE")
+        or (f"{runtime}/containers/auth.json" if runtime else f"/run/containers/{os.getuid()}/auth.json"),
         config_home() / "containers" / "auth.json",
         Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker") / "config.json",
     ]

@@ -115,7 +115,8 @@ def test_docker_hub_credentials_live_under_the_v1_url(home):
 
 
 def test_the_first_auth_file_with_an_entry_wins(home, monkeypatch):
-    """$REGISTRY_AUTH_FILE, then containers' auth.json (runtime, then config folder), then docker's config.json."""
+    """containers' auth.json (runtime, then config folder), then docker's config.json; $REGISTRY_AUTH_FILE takes
+    the runtime file's place."""
     files = [home / "given.json", home / "run" / "containers" / "auth.json", home / ".docker" / "config.json"]
     for n, path in enumerate(files):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +126,8 @@ def test_the_first_auth_file_with_an_entry_wins(home, monkeypatch):
     monkeypatch.setenv("REGISTRY_AUTH_FILE", str(files[0]))
     assert find_credentials("reg.example").username == "user0"
     assert find_credentials("reg.example", "flag-user", "flag-pw") == Credentials("flag-user", "flag-pw")
+    files[0].write_text(json.dumps({"auths": {}}))  # no entry in the override: the runtime file is not read
+    assert find_credentials("reg.example").username == "user2"
 
 
 def test_auth_files_are_read_in_the_containers_tools_order(home, monkeypatch):
@@ -142,8 +145,7 @@ def test_auth_files_are_read_in_the_containers_tools_order(home, monkeypatch):
     )
     use({"DOCKER_CONFIG": "/docker"}, monkeypatch)
     assert auth_files() == [
-        Path("/given.json"),
-        Path("/xdg-run/containers/auth.json"),
+        Path("/given.json"),  # in place of the runtime file, as the containers tools read it
         Path("/xdg-config/containers/auth.json"),
         Path("/docker/config.json"),
     ]
