@@ -104,6 +104,7 @@ class Image:
     platform: str
     config: Blob
     layers: tuple[Blob, ...]
+    resolved: str = ""  # the digest of what the reference named: the index, or this manifest
 
 
 def resolve_image(
@@ -114,7 +115,7 @@ def resolve_image(
     body, media_type = registry.get_manifest(ref.wanted)
     if ref.digest:
         verify_manifest(body, ref.digest, None, ref)
-    digest = ref.digest or sha256_digest(body)
+    digest = resolved = ref.digest or sha256_digest(body)
     manifest, kind = parse_manifest(body, media_type, ref)
     chosen_from_index = kind in INDEXES
     if chosen_from_index:
@@ -133,7 +134,7 @@ def resolve_image(
                 f"pull it with --platform {platform} if you mean to run it on another machine or through an emulator",
             )
     write_atomic(blob_path(cache, digest), body)
-    return replace(image, platform=str(platform))
+    return replace(image, platform=str(platform), resolved=resolved)
 
 
 def fetch_image_manifest(registry: Registry, digest: str, size: int, ref: Reference) -> tuple[bytes, dict]:

@@ -35,7 +35,7 @@ from .auth import find_credentials, find_mirrors
 from .cache import in_use, prune_if_due
 from .errors import Error
 from .fetch import cached, fetch_blob
-from .manifest import Blob, Image, Platform, host_platform, resolve_image, sha256_digest
+from .manifest import Blob, Image, Platform, host_platform, resolve_image
 from .progress import Lines, Progress
 from .reference import Reference, parse_reference
 from .registry import BlobUnknown, Registry, RetryPolicy
@@ -229,9 +229,6 @@ class Pull:
         self.used_cache = True
         entry = self.pinned()
         digest = entry["digest"] if entry else self.ref.digest
-        if self.lock and not digest:  # the digest the tag names now, asked once: the lock records what is pulled
-            body, _ = self.from_any_registry(lambda registry: registry.get_manifest(registry.ref.wanted))
-            digest = sha256_digest(body)
 
         def resolve_on(registry: Registry) -> Image:
             ref, fetch = replace(registry.ref, digest=digest), partial(self.download, registry)
@@ -239,7 +236,7 @@ class Pull:
 
         self.image = self.from_any_registry(resolve_on)
         if self.lock and not entry:
-            pinned = {"reference": str(self.ref), "digest": digest, "manifest": self.image.digest}
+            pinned = {"reference": str(self.ref), "digest": self.image.resolved, "manifest": self.image.digest}
             self.lock.pin(self.folder.root, pinned | {"platform": self.image.platform})
         record = self.folder.read_record()
         new = Record(str(self.ref), self.image.digest, self.image.platform)

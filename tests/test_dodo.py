@@ -89,6 +89,7 @@ def test_three_sandboxes_materialise_with_a_shared_layer_fetched_once_then_cost_
     assert (project / "sandboxes" / "three" / "rootfs" / "three").read_text() == "3\n"
     base = sha256(version("one").layer_blobs[0])
     assert registry.blob_gets(base) == 1  # shared by one and two, downloaded once
+    assert registry.manifest_gets() == 3  # one a sandbox: the lock records the digest of what the tag answered
     lock = json.loads((project / "sandboxes.lock").read_text())["sandboxes"]
     assert sorted(lock) == ["sandboxes/one", "sandboxes/three", "sandboxes/two"]
     for name, entry in lock.items():
