@@ -82,6 +82,10 @@ class Unprivileged:
         prefix = [RUNUSER, "-u", USER, "--"] if self.as_root else []
         return subprocess.run([*prefix, *map(str, argv)], env=env, **kwargs)
 
+    def tool(self, name: str, *args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+        """d-pull, d-run or d-cache, as installed, run as the ordinary user; its output captured as text."""
+        return self.run([self.bin / name, *args], capture_output=True, text=True, timeout=timeout)
+
 
 def ensure_user() -> bool:
     """Makes the ordinary user unless it exists; True when made here."""

@@ -200,18 +200,13 @@ def test_a_buildah_image_pulled_as_the_ordinary_user_is_umocis_rootless_tree_and
     how: str, pushed, umoci, workspace: Path, unprivileged
 ) -> None:
     folder = workspace / "pull" / how
-    done = unprivileged.run(
-        [unprivileged.bin / "d-pull", "--cache", workspace / "pull" / "cache", pushed[how], folder],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = unprivileged.tool("d-pull", "--cache", workspace / "pull" / "cache", pushed[how], folder)
     assert done.returncode == 0, done.stderr
     ours, theirs = tree(folder / "rootfs"), tree(umoci[UMOCI_TWIN[how]]["rootless"])
     assert without(ours, owner=None) == without(theirs, owner=None)
     user = pwd.getpwnam(USER)
     assert {entry.owner for entry in ours[0].values()} == {(user.pw_uid, user.pw_gid)}  # umoci's stay root's
-    ran = unprivileged.run([unprivileged.bin / "d-run", folder], capture_output=True, text=True, timeout=60)
+    ran = unprivileged.tool("d-run", folder, timeout=60)
     assert (ran.returncode, ran.stdout) == (0, GREETING), ran.stderr
 
 
@@ -249,10 +244,9 @@ def test_a_buildah_manifest_list_gives_what_containerd_gives(wanted, arch, manif
 
 def test_a_buildah_manifest_list_gives_this_host_its_image(manifest_list: str, workspace: Path, unprivileged) -> None:
     folder = workspace / "pull" / f"list-{manifest_list.rpartition(':')[2]}"
-    command = [unprivileged.bin / "d-pull", "--cache", workspace / "pull" / "cache", manifest_list, folder]
-    done = unprivileged.run(command, capture_output=True, text=True, timeout=120)
+    done = unprivileged.tool("d-pull", "--cache", workspace / "pull" / "cache", manifest_list, folder)
     assert done.returncode == 0, done.stderr
-    ran = unprivileged.run([unprivileged.bin / "d-run", folder], capture_output=True, text=True, timeout=60)
+    ran = unprivileged.tool("d-run", folder, timeout=60)
     assert (ran.returncode, ran.stdout) == (0, GREETING), ran.stderr
     offers = d_pull("--platform", "linux/arm/v5", manifest_list, str(folder) + "-v5", cache=workspace / "cache")
     assert_one_line_error(offers, "no image for platform linux/arm/v5", "linux/amd64, linux/arm/v6, linux/arm/v7")

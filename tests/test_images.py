@@ -89,12 +89,7 @@ def test_catalogue_pulled_as_the_ordinary_user_is_umocis_rootless_tree(
     how: str, catalogue_refs, umoci, workspace: Path, unprivileged
 ) -> None:
     folder = workspace / "pull" / how
-    done = unprivileged.run(
-        [unprivileged.bin / "d-pull", "--cache", workspace / "pull" / "cache", catalogue_refs[how], folder],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = unprivileged.tool("d-pull", "--cache", workspace / "pull" / "cache", catalogue_refs[how], folder)
     assert done.returncode == 0, done.stderr
     warnings = [line for line in done.stderr.splitlines() if "warning" in line]
     assert warnings == [
@@ -226,12 +221,7 @@ def test_malicious_images_pulled_by_the_ordinary_user_change_nothing_outside_dir
     before = outside_dirs(roots, folders)
 
     pulls = [
-        unprivileged.run(
-            [unprivileged.bin / "d-pull", "--cache", base / "cache", refs[row.name], folder],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        unprivileged.tool("d-pull", "--cache", base / "cache", refs[row.name], folder, timeout=60)
         for row, folder in zip(ROWS, folders, strict=True)
     ]
 
@@ -442,9 +432,7 @@ def test_debian_pulled_as_the_ordinary_user_is_umocis_rootless_tree_and_runs_dpk
     debian: str, debian_umoci, workspace: Path, unprivileged
 ) -> None:
     folder, cache = workspace / "pull" / "debian", workspace / "pull" / "cache"
-    done = unprivileged.run(
-        [unprivileged.bin / "d-pull", "--cache", cache, debian, folder], capture_output=True, text=True, timeout=300
-    )
+    done = unprivileged.tool("d-pull", "--cache", cache, debian, folder, timeout=300)
     assert done.returncode == 0, done.stderr
     root_entries = snapshot(debian_umoci["root"])[0]
     devices = [path for path, entry in root_entries.items() if entry.kind in "cb"]
@@ -453,6 +441,6 @@ def test_debian_pulled_as_the_ordinary_user_is_umocis_rootless_tree_and_runs_dpk
     assert_same_as_umoci_rootless(folder / "rootfs", debian_umoci["rootless"], devices)
 
     def d_run_as_user(folder: Path, *args: str) -> subprocess.CompletedProcess:
-        return unprivileged.run([unprivileged.bin / "d-run", folder, *args], capture_output=True, text=True, timeout=60)
+        return unprivileged.tool("d-run", folder, *args, timeout=60)
 
     assert_debian_runs(folder, d_run_as_user)

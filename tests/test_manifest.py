@@ -587,15 +587,9 @@ def test_an_image_of_no_layers_runs_for_the_ordinary_user(registry, unprivileged
     workspace = make_workspace()
     try:
         folder, cache = workspace / "pull" / "empty", workspace / "pull" / "cache"
-        done = unprivileged.run(
-            [unprivileged.bin / "d-pull", "--cache", cache, f"{registry.host}/empty:1", folder],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        done = unprivileged.tool("d-pull", "--cache", cache, f"{registry.host}/empty:1", folder)
         assert done.returncode == 0, done.stderr
-        d_run = [unprivileged.bin / "d-run", "-v", "/bin/busybox:/busybox", folder]
-        ran = unprivileged.run(d_run, capture_output=True, text=True, timeout=60)
+        ran = unprivileged.tool("d-run", "-v", "/bin/busybox:/busybox", folder, timeout=60)
         assert (ran.returncode, ran.stdout) == (0, "from an empty root\n"), ran.stderr
     finally:
         shutil.rmtree(workspace)

@@ -181,9 +181,7 @@ def test_missing_cache_folder_is_made(images, tmp_path: Path):
 
 
 def test_folder_the_user_cannot_write_is_a_clear_error(images, unprivileged, tmp_path: Path):
-    done = unprivileged.run(
-        ["d-pull", "--cache", "cache", images["busybox"], "/root/not-mine"], capture_output=True, text=True, timeout=60
-    )
+    done = unprivileged.tool("d-pull", "--cache", "cache", images["busybox"], "/root/not-mine", timeout=60)
     assert_one_line_error(done, "cannot use /root/not-mine", "Permission denied")
 
 
