@@ -1,7 +1,6 @@
 """Credentials (flags, docker/containers auth files, credential helpers) and pull-through mirrors; no network here."""
 
 import base64
-import json
 import os
 import subprocess
 from dataclasses import dataclass, field
@@ -9,6 +8,7 @@ from pathlib import Path
 
 from .errors import Error
 from .reference import DOCKER_HUB
+from .store import load_json
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def config_home() -> Path:
 
 def read_json_file(path: Path) -> dict:
     try:
-        config = json.loads(path.read_text())
+        config = load_json(path.read_text())
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as err:
@@ -106,7 +106,7 @@ def run_credential_helper(helper: str, server: str) -> Credentials | None:
     if done.returncode != 0:
         return None
     try:
-        answer = json.loads(done.stdout)
+        answer = load_json(done.stdout)
         username, secret = answer["Username"], answer["Secret"]
     except (ValueError, KeyError, TypeError):
         raise Error(f"credential helper {program} gave an answer that is not Username/Secret JSON") from None

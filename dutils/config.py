@@ -9,7 +9,7 @@ from typing import TypeVar
 import xxhash
 
 from .errors import Error
-from .store import DIGEST, NotRegular, PullDir, blob_path, open_regular, write_atomic
+from .store import DIGEST, NotRegular, PullDir, blob_path, load_json, open_regular, write_atomic
 
 # d-run's own keys, written out so that users see them, and over the image's: an image config saying
 # "ports": ["0.0.0.0:22:22"] must not publish itself.
@@ -29,8 +29,8 @@ def load_json_object(data: bytes, what: str) -> dict:
     if data.count(b"{") + data.count(b"[") > MAX_CONTAINERS:
         raise Error(f"{what} holds more than {MAX_CONTAINERS} JSON objects and arrays", "this is not a real image")
     try:
-        return typed(json.loads(data), dict, what)
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; deep nesting a RecursionError
+        return typed(load_json(data), dict, what)
+    except ValueError:  # UnicodeDecodeError and deep nesting too
         raise Error(f"{what} is not JSON", "is this an image registry?") from None
 
 
@@ -112,7 +112,7 @@ def write_config(folder: PullDir, cache: Path, digest: str) -> None:
         current = None
     if current is not None and xxhash.xxh64_hexdigest(current) != record.config_xxh64:  # edited since we wrote it
         try:
-            mine = json.loads(current)
+            mine = load_json(current)
         except ValueError as err:
             raise Error(f"{path} is not valid JSON ({err})", "fix it, or delete it to get the image's own") from None
         if not isinstance(mine, dict):

@@ -45,6 +45,7 @@ from .store import (
     blob_path,
     cache_dir,
     check_digest,
+    load_json,
     locked,
     make_folder,
     open_cache,
@@ -84,7 +85,7 @@ class LockFile:
 
     def read(self) -> dict[str, dict]:
         try:
-            entries = json.loads(self.path.read_text())["sandboxes"]
+            entries = load_json(self.path.read_text())["sandboxes"]
             for entry in entries.values():  # a digest names files: nothing else passes
                 check_digest(entry["digest"]), check_digest(entry["manifest"])
             return entries

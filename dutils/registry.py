@@ -4,7 +4,6 @@ handled once; non-blob bodies bounded by size (never decompressed), every transf
 import base64
 import contextlib
 import email.utils
-import json
 import os
 import random
 import re
@@ -23,6 +22,7 @@ from urllib3.exceptions import HTTPError as TransferError
 from .auth import Credentials
 from .errors import Error
 from .reference import Reference
+from .store import load_json
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -311,7 +311,7 @@ class Registry:
                 raise Error(f"{server} answered HTTP {response.status_code}")
             body = self.read_body(response, MAX_BODY, f"the answer of {server}")
         try:
-            answer = json.loads(body)
+            answer = load_json(body)
             token = answer.get("token") or answer["access_token"]
         except (ValueError, KeyError, AttributeError):
             raise Error(f"{server} sent no token") from None
@@ -358,7 +358,7 @@ class Registry:
     def error_codes(self, response: requests.Response) -> list[str]:
         """The distribution spec's error codes in a failed response's body, if any (read up to MAX_BODY)."""
         with response, contextlib.suppress(Error, Retryable, ValueError, TypeError, AttributeError):
-            errors = json.loads(self.read_body(response, MAX_BODY, "an error")).get("errors")
+            errors = load_json(self.read_body(response, MAX_BODY, "an error")).get("errors")
             return [str(e.get("code", "")) for e in errors if isinstance(e, dict)]
         return []
 

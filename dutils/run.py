@@ -9,7 +9,6 @@ Start-up matters (d-run should cost little more than bwrap itself): standard lib
 modules only, never `requests` or `doit`.
 """
 
-import json
 import os
 import signal
 import stat
@@ -20,7 +19,7 @@ from types import SimpleNamespace
 from . import ports, sandbox, seccomp
 from .errors import Error, printable
 from .rootfs import DIR_FLAGS, MAX_LINKS, Place, Root, children, join, lstat_or_none, make_missing_dir, stop_absent
-from .store import NotRegular, PullDir, open_regular
+from .store import NotRegular, PullDir, load_json, open_regular
 
 FILE_CAP = 4 << 20  # config.json, /etc/passwd, /etc/group: far above real ones, far below harm
 RESOLV_CONF = "/etc/resolv.conf"
@@ -95,8 +94,8 @@ def read_config(dir_fd: int, label: str) -> sandbox.ImageConfig:
     if data is None:
         raise Error(f"{label} is missing", "pull again into a new folder")
     try:
-        return sandbox.parse_config(json.loads(data))
-    except (ValueError, RecursionError) as err:
+        return sandbox.parse_config(load_json(data))
+    except ValueError as err:
         raise Error(f"{label}: not valid JSON ({err})", "fix config.json, or pull again into a new folder") from None
 
 

@@ -16,6 +16,15 @@ from .errors import Error
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
+def load_json(data: str | bytes) -> object:
+    """json.loads, with nesting too deep for Python's parser (a RecursionError) being the ValueError that any other
+    bad JSON is: callers that say "not valid JSON" in one line then say it for this too."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def check_digest(digest: str) -> str:
     """Return `digest` if it is `sha256:<64 hex>`; a digest also names files, so nothing else passes."""
     if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
@@ -204,7 +213,7 @@ class PullDir:
     def read_record(self) -> Record | None:
         """The record, or None when this folder was never the target of a pull."""
         try:
-            return Record(**json.loads(self.record_path.read_text()))
+            return Record(**load_json(self.record_path.read_text()))
         except FileNotFoundError:
             return None
         except OSError as err:

@@ -281,6 +281,19 @@ def test_a_gzip_bomb_as_a_token_reply_is_never_inflated(bomb, hostile, tmp_path)
     assert_refused(attack(hostile, tmp_path, password=True), "token server", "gzip-encoded")
 
 
+DEEP_JSON = b"[" * 60_000  # under the body cap, nested far deeper than Python's JSON parser goes
+
+
+def test_json_nested_too_deeply_in_an_error_body_or_a_token_reply_is_one_line(hostile, tmp_path):
+    json_body = {"Content-Type": "application/json"}
+    (tmp_path / "error").mkdir(), (tmp_path / "token").mkdir()
+    hostile.routes["/manifests/"] = hostile.routes["/tags/"] = lambda h: h.answer(404, DEEP_JSON, json_body)
+    assert_refused(attack(hostile, tmp_path / "error"), "unknown manifest")
+    hostile.routes["/v2/"] = unauthorized(f'Bearer realm="{hostile.url}/token",service="s"')
+    hostile.routes["*"] = lambda h: h.answer(200, DEEP_JSON, json_body)
+    assert_refused(attack(hostile, tmp_path / "token", password=True), "token server", "sent no token")
+
+
 def endless(chunked: bool, status: int = 200, piece: bytes = b" " * (64 << 10)) -> Callable[[HostileHandler], None]:
     """An answer whose body never ends: chunked, or announcing 100 GB."""
 

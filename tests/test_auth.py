@@ -201,6 +201,7 @@ def test_credential_helpers_are_asked_for_the_registry_and_may_know_nothing(home
         ({"credsStore": "no-such-helper"}, "docker-credential-no-such-helper is not installed"),
         ({"auths": {"reg.example": {"auth": "%%%"}}}, "not base64"),
         ("{not json", "cannot read"),
+        ('{"auths": ' + "[" * 100_000, "nested too deeply"),  # deeper than Python's JSON parser goes
     ],
 )
 def test_broken_credential_settings_are_one_line_errors(config, says, home):

@@ -54,7 +54,10 @@ def test_the_lock_file_is_stable_json_keyed_by_folder_relative_to_it(tmp_path: P
     assert lock.entry(tmp_path / "b", "r:other") is None  # the dodo.py now names another image
 
 
-@pytest.mark.parametrize("text", ["{", "[]", '{"sandboxes": {"a": {"digest": "sha256:../../x", "manifest": 1}}}'])
+# a committed lock file is another author's: "[" * 100_000 nests deeper than Python's JSON parser goes
+@pytest.mark.parametrize(
+    "text", ["{", "[]", '{"sandboxes": {"a": {"digest": "sha256:../../x", "manifest": 1}}}', "[" * 100_000]
+)
 def test_a_damaged_lock_file_is_one_clear_error(tmp_path: Path, text: str):
     (tmp_path / "sandboxes.lock").write_text(text)
     with pytest.raises(Error, match="sandboxes.lock is damaged"):

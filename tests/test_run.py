@@ -771,12 +771,15 @@ def test_missing_or_incomplete_folder(run, box, workspace):
     assert_error(run(str(workspace / "nowhere"), "true"), 1, "not a folder made by d-pull", "d-pull IMAGE DIR")
     write_record(box, complete=False)
     assert_error(run(str(box), "true"), 1, "incomplete", f"run the same d-pull again: d-pull busybox:latest {box}")
+    (box / "image.json").write_text("[" * 100_000)
+    assert_error(run(str(box), "true"), 1, "damaged pull record (nested too deeply)")
 
 
 @pytest.mark.parametrize(
     "text, words",
     [
         ("{not json", ["config.json: not valid JSON"]),
+        ("[" * 100_000, ["config.json: not valid JSON", "nested too deeply"]),
         ('["sh"]', ["must hold a JSON object"]),
         ('{"Cmd": "sh"}', ["'Cmd' must be a list of strings"]),
         ('{"Env": {"A": "1"}}', ["'Env'"]),
