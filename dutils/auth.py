@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import Error
 from .reference import DOCKER_HUB
-from .store import load_json
+from .store import load_json, read_small
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def config_home() -> Path:
 
 def read_json_file(path: Path) -> dict:
     try:
-        config = load_json(path.read_text())
+        config = load_json(read_small(path))
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as err:

@@ -1,15 +1,15 @@
 """The `config` stage: DIR/config.json from the image config, keeping whatever the user changed in it."""
 
+import errno
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import TypeVar
 
 import xxhash
 
 from .errors import Error
-from .store import DIGEST, NotRegular, PullDir, blob_path, load_json, open_regular, write_atomic
+from .store import DIGEST, NotRegular, PullDir, blob_path, load_json, read_small, write_atomic
 
 # d-run's own keys, written out so that users see them, and over the image's: an image config saying
 # "ports": ["0.0.0.0:22:22"] must not publish itself.
@@ -40,15 +40,13 @@ def read_image_config(blob: Path) -> dict:
     a link (nor blocking on a FIFO)."""
     what = f"image config sha256:{blob.name}"
     try:
-        fd = open_regular(blob, os.O_RDONLY)
+        data = read_small(blob, MAX_CONFIG)
     except NotRegular:
         raise Error(f"{what} at {blob} is not a regular file", f"delete {blob} and pull again") from None
     except OSError as err:
+        if err.errno == errno.EFBIG:
+            raise Error(f"{what} is larger than {MAX_CONFIG} bytes", "this is not a real image") from None
         raise Error(f"cannot read {what} at {blob}: {err.strerror}", "pull again") from None
-    with os.fdopen(fd, "rb") as handle:
-        data = handle.read(MAX_CONFIG + 1)
-    if len(data) > MAX_CONFIG:
-        raise Error(f"{what} is larger than {MAX_CONFIG} bytes", "this is not a real image")
     if hashlib.sha256(data).hexdigest() != blob.name:
         raise Error(
             f"the {what} in the cache does not match its digest",
@@ -107,9 +105,11 @@ def write_config(folder: PullDir, cache: Path, digest: str) -> None:
     path, record = folder.config, folder.read_record()
     config = run_config(read_image_config(blob_path(cache, digest)))
     try:
-        current = path.read_bytes()
+        current = read_small(path)
     except FileNotFoundError:
         current = None
+    except OSError as err:  # ours to write: a link, a FIFO or a huge file there is not the user's edit
+        raise Error(f"cannot read {path}: {err.strerror}", "move it away to get the image's own") from None
     if current is not None and xxhash.xxh64_hexdigest(current) != record.config_xxh64:  # edited since we wrote it
         try:
             mine = load_json(current)

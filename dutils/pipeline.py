@@ -49,6 +49,7 @@ from .store import (
     locked,
     make_folder,
     open_cache,
+    read_small,
     remove_tree,
     write_atomic,
 )
@@ -85,12 +86,14 @@ class LockFile:
 
     def read(self) -> dict[str, dict]:
         try:
-            entries = load_json(self.path.read_text())["sandboxes"]
+            entries = load_json(read_small(self.path))["sandboxes"]
             for entry in entries.values():  # a digest names files: nothing else passes
                 check_digest(entry["digest"]), check_digest(entry["manifest"])
             return entries
         except FileNotFoundError:
             return {}
+        except OSError as err:  # a FIFO, a link or more than store.SMALL_FILE bytes: no lock file of ours
+            raise Error(f"cannot read {self.path}: {err.strerror}", "restore it, or delete it to lock anew") from None
         except (ValueError, KeyError, TypeError, AttributeError, Error) as err:
             raise Error(f"{self.path} is damaged ({err})", "restore it, or delete it to lock anew") from None
 

@@ -9,6 +9,7 @@ Start-up matters (d-run should cost little more than bwrap itself): standard lib
 modules only, never `requests` or `doit`.
 """
 
+import errno
 import os
 import signal
 import stat
@@ -19,9 +20,8 @@ from types import SimpleNamespace
 from . import ports, sandbox, seccomp
 from .errors import Error, printable
 from .rootfs import DIR_FLAGS, MAX_LINKS, Place, Root, children, join, lstat_or_none, make_missing_dir, stop_absent
-from .store import NotRegular, PullDir, load_json, open_regular
+from .store import NotRegular, PullDir, load_json, open_regular, read_small
 
-FILE_CAP = 4 << 20  # config.json, /etc/passwd, /etc/group: far above real ones, far below harm
 RESOLV_CONF = "/etc/resolv.conf"
 # apt drops privileges to its _apt user for downloads, which a single mapped user cannot do.
 APT_CONF = "/etc/apt/apt.conf.d/99d-run"
@@ -67,26 +67,18 @@ class Owned(Sealed):
 
 
 def read_regular(dir_fd: int, name: str, what: str) -> bytes | None:
-    """The bytes of the regular file `name` in `dir_fd`, or None when there is none: never through a link,
-    never waiting on a FIFO, never reading a device, never more than FILE_CAP bytes."""
+    """The bytes of the regular file `name` in `dir_fd` (store.read_small: capped, never through a link, a FIFO or
+    a device), or None when there is none."""
     try:
-        st = lstat_or_none(name, dir_fd)
-        if st is None:
-            return None
-        if not stat.S_ISREG(st.st_mode):  # a device is never opened: lstat says what it is first
-            raise NotRegular
-        fd = open_regular(name, os.O_RDONLY, dir_fd=dir_fd)  # NotRegular too when swapped since the lstat
-        try:
-            data = os.read(fd, FILE_CAP + 1)  # a regular file gives all it has, up to the count
-        finally:
-            os.close(fd)
+        return read_small(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
     except NotRegular:
         raise Error(f"{what} is not a regular file", "replace it with one") from None
     except OSError as err:
-        raise Error(f"{what}: {err.strerror}") from None
-    if len(data) > FILE_CAP:
-        raise Error(f"{what} is larger than {FILE_CAP >> 20} MiB", "no real one is: replace it")
-    return data
+        raise Error(
+            f"{what}: {err.strerror}", "no real one is: replace it" if err.errno == errno.EFBIG else ""
+        ) from None
 
 
 def read_config(dir_fd: int, label: str) -> sandbox.ImageConfig:

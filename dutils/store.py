@@ -14,6 +14,7 @@ from pathlib import Path
 from .errors import Error
 
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+SMALL_FILE = 4 << 20  # records, lock and auth files, config.json, /etc/passwd: far above real ones, far below harm
 
 
 def load_json(data: str | bytes) -> object:
@@ -159,6 +160,23 @@ def open_regular(path: str | os.PathLike[str], flags: int, mode: int = 0o644, di
     return fd
 
 
+def read_small(path: str | os.PathLike[str], cap: int = SMALL_FILE, dir_fd: int | None = None) -> bytes:
+    """The bytes of the regular file `path`, never more than `cap`: a device is never opened (lstat says what it is
+    first), nor a FIFO waited on, nor a link followed (ELOOP). FileNotFoundError when there is none, NotRegular for
+    anything but a regular file, OSError EFBIG over `cap`."""
+    kind = os.lstat(path, dir_fd=dir_fd).st_mode
+    if not (stat.S_ISREG(kind) or stat.S_ISLNK(kind)):
+        raise NotRegular(errno.EINVAL, "not a regular file", os.fspath(path))
+    fd = open_regular(path, os.O_RDONLY, dir_fd=dir_fd)  # NotRegular too when swapped since the lstat
+    try:
+        data = os.read(fd, cap + 1)  # a regular file gives all it has, up to the count
+    finally:
+        os.close(fd)
+    if len(data) > cap:
+        raise OSError(errno.EFBIG, f"larger than {cap} bytes", os.fspath(path))
+    return data
+
+
 @contextlib.contextmanager
 def locked(path: Path, busy_message: str | None = None, kind: int = fcntl.LOCK_EX) -> Iterator[None]:
     """Hold a lock (`kind`: fcntl.LOCK_EX or LOCK_SH) on `path`: wait for it, or fail with `busy_message`."""
@@ -213,7 +231,7 @@ class PullDir:
     def read_record(self) -> Record | None:
         """The record, or None when this folder was never the target of a pull."""
         try:
-            return Record(**load_json(self.record_path.read_text()))
+            return Record(**load_json(read_small(self.record_path)))
         except FileNotFoundError:
             return None
         except OSError as err:

@@ -212,6 +212,19 @@ def test_broken_credential_settings_are_one_line_errors(config, says, home):
     assert says in str(caught.value) and "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "huge"])
+def test_an_auth_file_that_is_no_small_regular_file_is_one_line_at_once(kind, home):
+    path = home / ".docker" / "config.json"
+    path.parent.mkdir()
+    if kind == "fifo":
+        os.mkfifo(path)  # read at once, never waited on
+    else:
+        with open(path, "wb") as out:
+            out.truncate(1 << 30)  # sparse: a gigabyte to read, nothing on the disk
+    with pytest.raises(Error, match="cannot read"):
+        find_credentials("reg.example")
+
+
 def test_credentials_never_print_their_password():
     credentials = Credentials(USER, PASSWORD)
     assert PASSWORD not in repr(credentials) and PASSWORD not in str(credentials)

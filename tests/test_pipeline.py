@@ -2,6 +2,7 @@
 record's update policy."""
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -62,6 +63,20 @@ def test_a_damaged_lock_file_is_one_clear_error(tmp_path: Path, text: str):
     (tmp_path / "sandboxes.lock").write_text(text)
     with pytest.raises(Error, match="sandboxes.lock is damaged"):
         LockFile(tmp_path / "sandboxes.lock").entry(tmp_path / "a", "r:1")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "huge", "link"])
+def test_a_lock_file_that_is_no_small_regular_file_is_refused_at_once(tmp_path: Path, kind: str):
+    path = tmp_path / "sandboxes.lock"
+    if kind == "fifo":
+        os.mkfifo(path)  # read at once, never waited on
+    elif kind == "huge":
+        with open(path, "wb") as out:
+            out.truncate(1 << 30)  # sparse: a gigabyte to read, nothing on the disk
+    else:
+        path.symlink_to(tmp_path / "elsewhere.lock")
+    with pytest.raises(Error, match="cannot read .*sandboxes.lock"):
+        LockFile(path).entry(tmp_path / "a", "r:1")
 
 
 def pull_of_many_layers(tmp_path: Path) -> Pull:
