@@ -409,6 +409,9 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Sandbox:
         if apt is not None:
             apt.__exit__()
             files.append((APT_SETTINGS, APT_CONF))
+        # d-run's own files go into the image only: where a bind or volume covers their place it wins, as a
+        # `-v FILE:/etc/hosts` does in Docker, and nothing is made in the user's folder
+        files = [(data, target) for data, target in files if table.covering(target)[0] is None]
         data_files = [(data_fd(data), table.place(target, make_empty_file)) for data, target in files]
         workdir = args.workdir or config.workdir or "/"
         table.place(workdir, make_missing_dir)  # made when the image lacks it, as runc does

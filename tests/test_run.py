@@ -702,6 +702,18 @@ def test_volumes(run, box, workspace):
     assert relative == "from the host\n"
 
 
+def test_a_bind_over_d_runs_own_files_wins_and_nothing_is_made_in_it(run, box, workspace):
+    """/etc/hosts (and apt's 99d-run) are d-run's only in the image: a user's file bound there is what the container
+    sees, as in Docker, and a folder bound over /etc (read-only too) gets no file of ours."""
+    host = Path(tempfile.mkdtemp(dir=workspace))
+    (host / "hosts").write_text("10.1.2.3 mine\n")
+    (host / "etc").mkdir()
+    run.own(host)
+    assert run.out("-v", f"{host / 'hosts'}:/etc/hosts", str(box), "cat", "/etc/hosts") == "10.1.2.3 mine\n"
+    assert run.out("-v", f"{host / 'etc'}:/etc:ro", str(box), "ls", "/etc") == ""
+    assert list((host / "etc").iterdir()) == []
+
+
 def test_anonymous_volumes_live_in_the_pull_folder(run, box):
     run.out("-v", "/cache", str(box), "sh", "-c", "echo 1 > /cache/count")
     assert (box / "volumes" / "cache" / "count").read_text() == "1\n"
