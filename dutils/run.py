@@ -9,6 +9,7 @@ Start-up matters (d-run should cost little more than bwrap itself): standard lib
 modules only, never `requests` or `doit`.
 """
 
+import contextlib
 import errno
 import os
 import signal
@@ -20,7 +21,7 @@ from types import SimpleNamespace
 from . import ports, sandbox, seccomp
 from .errors import Error, printable
 from .rootfs import DIR_FLAGS, MAX_LINKS, Place, Root, children, join, lstat_or_none, make_missing_dir, stop_absent
-from .store import NotRegular, PullDir, load_json, open_regular, read_small
+from .store import NotRegular, PullDir, load_json, open_regular, read_small, remove_entry
 
 RESOLV_CONF = "/etc/resolv.conf"
 # apt drops privileges to its _apt user for downloads, which a single mapped user cannot do.
@@ -189,9 +190,8 @@ def make_volume(place: Place, rootfs: Root, target: str, skipped: list[int]) -> 
                     os.close(dest)
         os.rename(partial, place.name, src_dir_fd=place.fd, dst_dir_fd=place.fd)
     except BaseException:
-        import shutil  # only when a volume could not be made
-
-        shutil.rmtree(partial, dir_fd=place.fd, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the first failure is the one to report
+            remove_entry(place.fd, partial)
         raise
 
 
@@ -393,9 +393,10 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Sandbox:
             ports.check_ready(published, os.environ.get("PATH", os.defpath))
         sources = open_sources(pull, dir_fd, rootfs, mounts)
         table = MountTable(rootfs)
-        proc, dev, tmp = (table.place(path, make_missing_dir) for path in ("/proc", "/dev", "/tmp"))
-        for path, name in ((proc, "/proc"), (dev, "/dev"), (tmp, "/tmp")):
-            table.add(path, None, name)  # made afresh by bwrap: nothing of ours below them
+        made = {}  # bwrap makes these afresh (nothing of ours below them); each placed once those before are known,
+        for name in ("/proc", "/dev", "/tmp"):  # so that a /tmp linked into /proc is refused here
+            made[name] = table.place(name, make_missing_dir)
+            table.add(made[name], None, name)
         binds = []
         for mount, fd in zip(mounts, sources, strict=True):
             is_folder = stat.S_ISDIR(os.fstat(fd).st_mode)
@@ -433,9 +434,9 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Sandbox:
         # A terminal stays the container's, for job control, guarded by the seccomp filter; without
         # the filter (a machine it does not know), a new session is the only guard.
         new_session=not os.isatty(0) or program is None,
-        proc=proc,
-        dev=dev,
-        tmp=tmp,
+        proc=made["/proc"],
+        dev=made["/dev"],
+        tmp=made["/tmp"],
         ports=published,
     )
 

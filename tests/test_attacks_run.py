@@ -190,14 +190,16 @@ def test_mount_points_through_rootfs_links_create_nothing_on_the_host(run, box, 
 
 
 @pytest.mark.parametrize("link", ["/proc/self", "/proc/sys/kernel", "/dev/fd", "../dev/pts"])
-@pytest.mark.parametrize("what", ["volume", "hosts"])
+@pytest.mark.parametrize("what", ["volume", "hosts", "tmp"])
 def test_mount_points_through_links_into_proc_or_dev_are_refused(run, box, host, link, what):
     # bwrap makes /proc and /dev itself, with its own links (/dev/fd -> /proc/self/fd): nothing goes there.
     if what == "volume":
         plant_rootfs_link(box, "data", link)
         configure(box, Volumes={"/data/x": {}})
-    else:
+    elif what == "hosts":
         plant_rootfs_link(box, "etc/hosts", f"{link}/hosts")
+    else:  # bwrap's own /tmp mounted inside its /proc or /dev
+        plant_rootfs_link(box, "tmp", link)
     run.own(box)
     assert_error(timed(run, str(box), "true"), 1, "which d-run leaves as bwrap makes it")
     host.unchanged()
