@@ -168,6 +168,8 @@ def check_ready(ports: tuple[Port, ...], path: str) -> None:
 
     if shutil.which("pasta", path=path) is None:
         raise Error("-p needs pasta, which is not installed (or not on PATH)", "install passt: apt-get install passt")
+    if shutil.which("bwrap", path=path) is None:  # pasta would start it: its failure would be a traceback there
+        raise Error("bwrap is not installed (or not on PATH)", "install bubblewrap: apt-get install bubblewrap")
     check_tun()
     for port in ports:
         check_free(port)

@@ -449,6 +449,14 @@ def test_pasta_missing(run, box):
     assert_error(done, 1, "pasta", "not installed", "apt-get install passt")
 
 
+def test_bwrap_missing_with_ports_is_one_line_before_pasta_starts(run, box):
+    pasta_only = Path(tempfile.mkdtemp(dir=box.parent))
+    (pasta_only / "pasta").symlink_to("/usr/bin/pasta")
+    run.own(pasta_only)
+    done = run("-p", f"{free_port()}:80", str(box), "true", env={"PATH": str(pasta_only)})
+    assert_error(done, 1, "bwrap is not installed", "apt-get install bubblewrap")
+
+
 def test_tun_not_usable(run, box):
     if os.geteuid() != 0:
         pytest.skip("only root may change /dev/net/tun")
