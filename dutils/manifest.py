@@ -15,7 +15,7 @@ from .config import MAX_CONFIG, PLATFORM_FIELDS, broken, diff_ids, load_json_obj
 from .errors import Error
 from .reference import Reference
 from .registry import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Registry
-from .store import blob_path, check_digest, write_atomic
+from .store import check_digest
 
 INDEXES = (OCI_INDEX, DOCKER_LIST)
 MANIFESTS = (OCI_MANIFEST, DOCKER_MANIFEST)
@@ -107,11 +107,9 @@ class Image:
     resolved: str = ""  # the digest of what the reference named: the index, or this manifest
 
 
-def resolve_image(
-    registry: Registry, ref: Reference, wanted: Platform, cache: Path, fetch: Callable[[Blob], Path]
-) -> Image:
-    """Ask the registry for `ref`, narrow an index to `wanted`, verify and cache the manifest bytes, and check the
-    image through its config (`fetch` brings a blob into the cache)."""
+def resolve_image(registry: Registry, ref: Reference, wanted: Platform, fetch: Callable[[Blob], Path]) -> Image:
+    """Ask the registry for `ref`, narrow an index to `wanted`, verify the manifest bytes, and check the image through
+    its config (`fetch` brings a blob into the cache)."""
     body, media_type = registry.get_manifest(ref.wanted)
     if ref.digest:
         verify_manifest(body, ref.digest, None, ref)
@@ -122,7 +120,7 @@ def resolve_image(
         check_not_artifact(manifest, ref)
         chosen = choose_platform(manifest, wanted, ref, partial(probe_platform, registry, ref=ref, fetch=fetch))
         digest = chosen["digest"]
-        body, manifest = fetch_image_manifest(registry, digest, chosen["size"], ref)
+        manifest = fetch_image_manifest(registry, digest, chosen["size"], ref)
     image = image_from_manifest(manifest, digest, ref)
     platform = config_platform(image, fetch, ref)
     if not chosen_from_index:  # a single-platform image must run on `wanted`, as containerd says (Docker only warns)
@@ -133,18 +131,17 @@ def resolve_image(
                 f"{ref} is an image for {platform}, not for {wanted}",
                 f"pull it with --platform {platform} if you mean to run it on another machine or through an emulator",
             )
-    write_atomic(blob_path(cache, digest), body)
     return replace(image, platform=str(platform), resolved=resolved)
 
 
-def fetch_image_manifest(registry: Registry, digest: str, size: int, ref: Reference) -> tuple[bytes, dict]:
-    """The verified bytes and the parsed form of an index entry's manifest, which must be an image manifest."""
+def fetch_image_manifest(registry: Registry, digest: str, size: int, ref: Reference) -> dict:
+    """An index entry's manifest, verified and parsed; it must be an image manifest."""
     body, media_type = registry.get_manifest(digest)
     verify_manifest(body, digest, size, ref)
     manifest, kind = parse_manifest(body, media_type, ref)
     if kind in INDEXES:
         raise Error(f"{ref} is an index of indexes, which d-pull does not follow", "pull one of its entries by digest")
-    return body, manifest
+    return manifest
 
 
 def config_platform(image: Image, fetch: Callable[[Blob], Path], ref: Reference) -> Platform:
@@ -228,7 +225,7 @@ def probe_platform(registry: Registry, entry: dict, ref: Reference, fetch: Calla
     """The platform of an index entry that declares none, from its image's config; None for what is not an image."""
     if entry.get("mediaType") in INDEXES:
         return None  # an index of indexes is not followed
-    _, manifest = fetch_image_manifest(registry, entry["digest"], entry["size"], ref)
+    manifest = fetch_image_manifest(registry, entry["digest"], entry["size"], ref)
     try:
         image = image_from_manifest(manifest, entry["digest"], ref)
     except Error:

@@ -35,7 +35,7 @@ from .auth import find_credentials, find_mirrors
 from .cache import in_use, prune_if_due
 from .errors import Error
 from .fetch import cached, fetch_blob
-from .manifest import Blob, Image, Platform, host_platform, resolve_image
+from .manifest import Blob, Image, Platform, compatible, host_platform, parse_platform, resolve_image
 from .progress import Lines, Progress
 from .reference import Reference, parse_reference
 from .registry import BlobUnknown, Registry, RetryPolicy
@@ -222,10 +222,11 @@ class Pull:
         try:  # an up-to-date check that raises is a traceback: let the manifest task's action say it in one line
             entry = self.pinned()
             record = entry and self.folder.read_record()
+            # the image's own platform, which the one asked for may accept without naming it (386 on amd64)
+            runs = record and parse_platform(record.platform) in compatible(self.options.platform)
         except Error:
             return False
-        wanted = entry and (entry["manifest"], str(self.options.platform))
-        return bool(record and (record.digest, record.platform) == wanted and self.is_complete())
+        return bool(runs and record.digest == entry["manifest"] and self.is_complete())
 
     def resolve(self) -> None:
         """Hold the folder, resolve its manifest, pin it in the lock file, and record what this pull makes."""
@@ -236,7 +237,7 @@ class Pull:
 
         def resolve_on(registry: Registry) -> Image:
             ref, fetch = replace(registry.ref, digest=digest), partial(self.download, registry)
-            return resolve_image(registry, ref, self.options.platform, self.options.cache, fetch)
+            return resolve_image(registry, ref, self.options.platform, fetch)
 
         self.image = self.from_any_registry(resolve_on)
         if self.lock and not entry:
@@ -277,6 +278,8 @@ class Pull:
         done.result()
 
     def fetch(self, blob: Blob, downloads: threading.BoundedSemaphore) -> None:
+        if cached(self.options.cache, blob.digest):
+            return  # no download slot for it: a layer in the cache must not wait behind other folders' downloads
         try:
             with downloads:
                 self.from_any_registry(partial(self.download, blob=blob))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dutils.errors import Error
-from dutils.manifest import Blob, Image
+from dutils.manifest import Blob, Image, parse_platform
 from dutils.pipeline import LockFile, Options, Pull, Sandbox
 from dutils.store import Record
 
@@ -116,3 +116,23 @@ def test_a_finished_folder_changes_image_only_when_asked(tmp_path: Path):
     )
     unfinished = done._replace(complete=False)  # an interrupted pull of another image: simply replaced
     assert unfinished.retarget("r:2", digest(2), "linux/amd64", tmp_path, replace=False).digest == digest(2)
+
+
+@pytest.mark.parametrize(
+    ("image", "asked", "settled"),
+    [
+        ("linux/amd64", "linux/amd64", True),
+        ("linux/386", "linux/amd64", True),  # accepted without being named: still no request needed
+        ("linux/arm/v7", "linux/arm64", True),
+        ("linux/arm64/v8", "linux/amd64", False),  # another machine's: resolve again
+    ],
+)
+def test_a_locked_complete_folder_is_settled_for_any_platform_the_asked_one_runs(tmp_path: Path, image, asked, settled):
+    lock = LockFile(tmp_path / "sandboxes.lock")
+    options = Options(cache=tmp_path / "cache", platform=parse_platform(asked))
+    pull = Pull("localhost:5000/app:1", tmp_path / "app", options, lock)
+    lock.pin(pull.folder.root, {"reference": "localhost:5000/app:1", "digest": digest(1), "manifest": digest(2)})
+    pull.folder.rootfs.mkdir(parents=True)
+    pull.folder.config.write_text("{}")
+    pull.folder.write_record(Record("localhost:5000/app:1", digest(2), image, complete=True))
+    assert pull.settled() is settled
