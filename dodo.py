@@ -1,4 +1,4 @@
-"""Sandboxes for this repository, declared with d-utils' public API (README, "Sandboxes in a dodo.py").
+"""Sandboxes for this repository, declared with d-utils' public API (README, "Sandboxes in your own repository, with doit").
 
 `doit` materialises them pinned by sandboxes.lock, `doit dutils-update=all` moves the lock to what the tags name
 now, `doit dutils-run:sandboxes/busybox` runs one. Set D_UTILS_REGISTRY to pull from another registry (a local

@@ -40,7 +40,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("image", metavar="IMAGE", help="NAME[:TAG] or NAME@sha256:DIGEST; NAME may start with a registry host")
     add("dir", metavar="DIR", nargs="?", help="folder to pull into (default: ./NAME, the image's last name component)")
     add("--platform", metavar="OS/ARCH[/VARIANT]", help="which image of a multi-platform index (default: this host's)")
-    add("--cache", metavar="FOLDER", help="blob cache folder (default: $D_UTILS_CACHE or ~/.cache/d-utils)")
+    add(
+        "--cache",
+        metavar="FOLDER",
+        help="blob cache folder (default: $D_UTILS_CACHE, else $XDG_CACHE_HOME/d-utils or ~/.cache/d-utils)",
+    )
     add("--update", action="store_true",
         help="replace DIR's image when the tag now names another one (keeps config.json edits); with --lock, lock anew")  # fmt: skip
     add("--lock", metavar="FILE",
@@ -54,7 +58,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--username", metavar="USER", help="log in as USER; the password is read from standard input")
     add("--password-stdin", action="store_true", help="read the password from standard input (default with --username)")  # fmt: skip
     add("-j", "--jobs", type=positive, default=3, metavar="N", help="blobs downloaded at once (default: 3)")
-    add("--timeout", type=positive, default=300, metavar="SECONDS", help="give up after this long without progress")
+    add("--timeout", type=positive, default=300, metavar="SECONDS",
+        help="give up after this long without progress (default: 300)")  # fmt: skip
     add("-q", "--quiet", action="store_true", help="print nothing but errors")
     add("--debug", action="store_true", help="show tracebacks and doit's own output")
     return parser.parse_args(argv)

@@ -488,7 +488,8 @@ defaults (the safe ones):
   (apt cannot switch to its _apt user): unprivileged dpkg and apt-get work with -w (and -n).
   Missing mount points (a volume's target, /etc/hosts) and a missing working directory are
   made, empty, in DIR/rootfs by d-run itself, links resolved inside DIR/rootfs as the
-  container sees them; a link inside a volume on the way is refused.
+  container sees them; a link inside a volume on the way is refused. A -v or volume over
+  /etc/hosts (or over /etc, or apt's folder) wins: d-run then puts no file of its own there.
 
 DIR/config.json (edit it; flags win over it):
   User          as --user            Hostname     as --hostname (default: DIR's name)
