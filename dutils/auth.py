@@ -1,14 +1,17 @@
-"""Credentials (flags, docker/containers auth files, credential helpers) and pull-through mirrors; no network here."""
+"""Credentials (flags, docker/containers auth files, credential helpers): d-utils' only source of them; no network."""
 
 import base64
 import os
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import Error
 from .reference import DOCKER_HUB
-from .store import load_json, read_small
+from .store import load_json, read_small_followed
+
+HELPER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")  # a program name: no path, no option, no control character
 
 
 @dataclass(frozen=True)
@@ -46,10 +49,12 @@ def config_home() -> Path:
 
 def read_json_file(path: Path) -> dict:
     try:
-        config = load_json(read_small(path))
+        config = load_json(read_small_followed(path))  # dotfile managers make these links: follow them
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as err:
+    except OSError as err:  # a FIFO, a device, a file over the cap
+        raise Error(f"cannot read {path}: {err.strerror}", "fix or remove the file") from None
+    except ValueError as err:
         raise Error(f"cannot read {path}: {err}", "fix or remove the file") from None
     return config if isinstance(config, dict) else {}
 
@@ -96,6 +101,8 @@ def decode_auth_entry(entry: object, path: Path) -> Credentials | None:
 
 def run_credential_helper(helper: str, server: str) -> Credentials | None:
     """Ask `docker-credential-HELPER get`, the protocol docker uses; no answer means an anonymous pull."""
+    if not isinstance(helper, str) or not HELPER.fullmatch(helper) or ".." in helper:
+        raise Error(f"credential helper {str(helper)[:100]!r} is not a program name", "fix your docker config")
     program = f"docker-credential-{helper}"
     try:
         done = subprocess.run([program, "get"], input=server, capture_output=True, text=True, timeout=60)
@@ -111,15 +118,3 @@ def run_credential_helper(helper: str, server: str) -> Credentials | None:
     except (ValueError, KeyError, TypeError):
         raise Error(f"credential helper {program} gave an answer that is not Username/Secret JSON") from None
     return Credentials(username, secret) if username or secret else None  # some helpers answer "" for none
-
-
-def find_mirrors(registry: str, given: list[str]) -> list[str]:
-    """Pull-through mirrors to try, in order, before `registry` itself: the --mirror flags, else $D_UTILS_MIRRORS
-    ("docker.io=host:port,ghcr.io=host2"), else ~/.config/d-utils/mirrors.json ({"docker.io": ["host:port"]})."""
-    if given:
-        return given
-    if setting := os.environ.get("D_UTILS_MIRRORS"):
-        pairs = (item.partition("=") for item in setting.split(","))
-        return [mirror.strip() for name, _, mirror in pairs if name.strip() == registry and mirror.strip()]
-    mirrors = read_json_file(config_home() / "d-utils" / "mirrors.json").get(registry, [])
-    return [m for m in mirrors if isinstance(m, str)] if isinstance(mirrors, list) else []

@@ -31,11 +31,12 @@ from doit.reporter import ZeroReporter
 
 from . import config as image_config
 from .apply import Skipped, apply_layer
-from .auth import find_credentials, find_mirrors
+from .auth import find_credentials
 from .cache import in_use, prune_if_due
 from .errors import Error
 from .fetch import cached, fetch_blob
 from .manifest import Blob, Image, Platform, compatible, host_platform, parse_platform, resolve_image
+from .mirrors import connect_mirrored, from_first_answering
 from .progress import Lines, Progress
 from .reference import Reference, parse_reference
 from .registry import BlobUnknown, Registry, RetryPolicy
@@ -55,7 +56,6 @@ from .store import (
 )
 
 T = TypeVar("T")
-MIRROR_RETRY = RetryPolicy(attempts=2)  # a failing mirror costs little: the origin is there
 UPDATE_VAR = "dutils-update"  # `doit dutils-update=all` (or =FOLDER): move the lock file to what the tags name now
 
 
@@ -177,21 +177,9 @@ class Pull:
         """Connect on first use: a folder complete for its locked digest costs no request at all."""
         with self.mutex:
             if not self.registries:
-                usable = []
-                for host in find_mirrors(self.ref.registry, self.options.mirrors):
-                    # the same repository on a pull-through mirror (which stores Docker Hub's under library/ too)
-                    name = host.removeprefix("https://").removeprefix("http://").rstrip("/")
-                    mirror = self.connect(replace(self.ref, registry=name), MIRROR_RETRY)
-                    try:
-                        mirror.ping()
-                    except Error as err:
-                        self.options.progress.note(f"not using mirror {name}: {err}")
-                    else:
-                        usable.append(mirror)
-                origin = self.connect(self.ref, RetryPolicy())
-                if not usable:
-                    origin.ping()  # fail early when the origin is the only way; a working mirror is enough otherwise
-                self.registries = [*usable, origin]
+                self.registries = connect_mirrored(
+                    self.ref, self.options.mirrors, self.connect, self.options.progress.note
+                )
         return self.registries
 
     def connect(self, ref: Reference, retry: RetryPolicy) -> Registry:
@@ -204,13 +192,7 @@ class Pull:
 
     def from_any_registry(self, operation: Callable[[Registry], T]) -> T:
         """Run `operation` against each mirror in turn, and against the image's own registry last."""
-        *mirrors, origin = self.connected()
-        for mirror in mirrors:
-            try:
-                return operation(mirror)
-            except Error as err:
-                self.options.progress.note(f"mirror {mirror.ref.registry}: {err}; asking {self.ref.registry}")
-        return operation(origin)
+        return from_first_answering(self.connected(), operation, self.options.progress.note)
 
     # -- manifest
 

@@ -88,3 +88,21 @@ def parse_reference(text: str) -> Reference:
 
 def invalid(text: str, why: str) -> Error:
     return Error(f"invalid image reference {text!r}: {why}", "use NAME[:TAG] or NAME@sha256:DIGEST, e.g. alpine:3.20")
+
+
+def checked_url(url: str, what: str) -> str:
+    """`url` (a redirect's, a token realm's, a foreign layer's), or Error naming `what`: http(s) to a host, no user-info
+    (a password there would go out, and into messages), no control characters or spaces (urlsplit drops some)."""
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in ("http", "https") and parts.hostname and (parts.port or 0) >= 0
+    except ValueError:  # a port that is not a number, a bracketed host that is not IPv6
+        valid = False
+    if not valid or "@" in parts.netloc or not url.isprintable() or " " in url:
+        raise Error(f"{what} is not a plain http(s) URL: {shown_url(url)}", "only http(s) to a host name is followed")
+    return url
+
+
+def shown_url(url: str) -> str:
+    """`url` for a message: never its user-info (it may hold a password), at most 200 characters."""
+    return re.sub(r"^([^/?#]*//)?[^/?#]*@", r"\1", url)[:200]

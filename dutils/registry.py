@@ -1,14 +1,11 @@
-"""The registry HTTP API, the only module importing requests: auth challenges, redirects, retries and transport errors
-handled once; non-blob bodies bounded by size (never decompressed), every transfer by time without progress."""
+"""The registry HTTP API, with transport.py the only modules importing requests: auth challenges, redirects, retries
+handled once; non-blob bodies bounded by size (never decompressed), every wait by one Deadline."""
 
 import base64
 import contextlib
 import email.utils
-import os
 import random
 import re
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -21,8 +18,9 @@ from urllib3.exceptions import HTTPError as TransferError
 
 from .auth import Credentials
 from .errors import Error
-from .reference import Reference
+from .reference import Reference, checked_url, shown_url
 from .store import load_json
+from .transport import NotTls, Retryable, new_session, transport_failure, transport_reason, trusted_certificates
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -39,23 +37,13 @@ CONNECT_TIMEOUT = 15
 MIN_RATE = 512  # bytes a second, over a stall window: a slower transfer counts as a cut connection
 PROGRESS = 64 << 10  # bytes a retried download must add to the most it ever kept for its failures to be forgiven
 NO_AUTH = ("", "")  # for `Registry.send`: an origin that no URL has
+TOKEN = re.compile(r"[\x21-\x7e]{1,8192}")  # what may follow "Bearer ": visible ASCII
+ERROR_CODE = re.compile(r"[A-Z_]{1,64}")
 T = TypeVar("T")
 
 
 class BlobUnknown(Error):
     """The registry does not have a blob: for a non-distributable layer, its URLs are asked instead."""
-
-
-class NotTls(Error):
-    """The server answered a TLS handshake with plain text: a loopback registry is then asked over plain HTTP."""
-
-
-class Retryable(Exception):
-    """A failure that trying again may mend: a busy server, a broken, stalled or garbled transfer."""
-
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
-        super().__init__(reason)
-        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -77,6 +65,27 @@ class RetryPolicy:
         if retry_after is not None:
             return min(retry_after, self.max_wait)
         return min(self.max_delay, self.base_delay * 2**attempt) * random.uniform(0.5, 1.0)
+
+
+class Deadline:
+    """The one bound on every wait (connecting, sending, response headers, token requests, retries, Retry-After):
+    `patience` (--timeout) seconds after the last progress. Body bytes are progress (see `retrying`); headers not."""
+
+    def __init__(self, patience: float) -> None:
+        self.patience = patience
+        self.renew()
+
+    def renew(self) -> None:
+        self.end = time.monotonic() + self.patience
+
+    def left(self) -> float:
+        return max(0.0, self.end - time.monotonic())
+
+    def timeouts(self, window: float) -> tuple[float, float]:
+        """(connect, read) seconds for one request; HeadersInTime makes the read timeout bound all of its headers."""
+        if not (left := self.left()):
+            raise Retryable(f"no time left of the {self.patience:.0f} s without progress")
+        return min(CONNECT_TIMEOUT, left), min(window, left)
 
 
 class Registry:
@@ -128,6 +137,7 @@ class Registry:
         """Stream a blob into `sink` (fetch's PartialBlob) from its `have` bytes on, resuming after every broken
         transfer; from the registry, or from `url` (a non-distributable layer's), where no credentials of ours go."""
         what = f"blob {digest}"
+        url = url and checked_url(url, f"the URL of {what}")
         where = f"blob {digest[:19]} from {urlsplit(url).netloc if url else self.ref.registry}"
         missing = lambda: BlobUnknown(  # noqa: E731
             f"{what} is missing from {self.ref.registry}/{self.ref.repository}",
@@ -154,23 +164,26 @@ class Registry:
     # -- the one retry loop
 
     def retrying(self, where: str, attempt: Callable[[], T], kept: Callable[[], int] = lambda: 0) -> T:
-        """`attempt()` until it succeeds, gives a final Error, or `retry.attempts` failures or `retry.patience` seconds
-        pass without progress: bytes kept beyond the most ever kept, so a server going back and forth gives up."""
-        failures, best, since = 0, kept(), time.monotonic()
+        """`attempt()` until it succeeds, gives a final Error, or `retry.attempts` failures or the Deadline pass without
+        progress: bytes kept beyond the most ever kept, so a server going back and forth gives up."""
+        failures, best, deadline = 0, kept(), Deadline(self.retry.patience)
+        self.local.deadline = deadline  # for every request of this thread's attempts, token requests included
         while True:
             try:
                 return attempt()
             except Retryable as err:
                 if kept() >= best + PROGRESS:
-                    failures, best, since = 0, kept(), time.monotonic()
+                    failures, best = 0, kept()
+                    deadline.renew()
                 failures += 1
-                waited = time.monotonic() - since
-                if failures >= self.retry.attempts or waited >= self.retry.patience:
+                delay = self.retry.delay(failures - 1, err.retry_after)
+                if failures >= self.retry.attempts or delay >= deadline.left():
+                    waited = deadline.patience - deadline.left()
+                    late = f"; waiting {delay:.0f} s more would pass --timeout" if delay > deadline.left() else ""
                     raise Error(
-                        f"giving up on {where} after {failures} attempts in {waited:.0f} s without progress: {err}",
+                        f"giving up on {where} after {failures} attempts in {waited:.0f} s without progress: {err}{late}",
                         "check the registry name and your network, then run the same command again",
                     ) from None
-                delay = self.retry.delay(failures - 1, err.retry_after)
                 asked = " (the registry asked us to wait)" if err.retry_after else ""
                 self.notify(f"{where}: {err}; retrying in {delay:.0f} s{asked}")
                 time.sleep(delay)
@@ -210,31 +223,26 @@ class Registry:
         bomb), and follow any scheme. `auth` (origin, header; by default the registry's) goes to that origin only."""
         if auth is None and self.authorization:
             auth = (origin(self.base), self.authorization)
-        timeout = (CONNECT_TIMEOUT, self.retry.window)
         for _ in range(MAX_REDIRECTS):
-            scheme = urlsplit(url).scheme
-            if scheme not in ("http", "https"):
-                raise Error(
-                    f"{what} was redirected to a {scheme or 'relative'} URL {url[:200]}", "only http(s) is used"
-                )
-            # Range included: a resumed download stays resumed on the CDN
+            # Range included: a resumed download stays resumed on the CDN; origins name schemes: https -> http drops it
             sent = {**headers, "Authorization": auth[1]} if auth and origin(url) == auth[0] else headers
+            timeout = self.local.deadline.timeouts(self.retry.window)
             try:
                 response = self.session().get(
-                    url, headers=sent, stream=True, allow_redirects=False, timeout=timeout, verify=self.verify
-                )
+                    url, headers=sent, stream=True, allow_redirects=False, timeout=timeout, verify=self.verify,
+                    proxies=requests.utils.get_environ_proxies(url),  # $NO_PROXY, $HTTP(S)_PROXY, as trust_env does
+                )  # fmt: skip
             except requests.RequestException as err:
                 raise transport_failure(urlsplit(url).netloc, err) from None
             if not response.is_redirect:  # 301, 302, 303, 307 or 308 with a Location
                 return response
             response.close()
-            url = urljoin(url, response.headers["Location"])
-        raise Error(f"too many redirects for {what}, last to {url[:200]}")
+            url = checked_url(urljoin(url, response.headers["Location"]), f"the redirect of {what}")
+        raise Error(f"too many redirects for {what}, last to {shown_url(url)}")
 
     def session(self) -> requests.Session:
         if not hasattr(self.local, "session"):
-            self.local.session = requests.Session()
-            self.local.session.headers["Accept-Encoding"] = "identity"  # digests are of the bytes stored: no gzip
+            self.local.session = new_session()
         return self.local.session
 
     def chunks(self, response: requests.Response) -> Iterator[bytes]:
@@ -251,7 +259,7 @@ class Registry:
                         raise Retryable(f"stalled: {got} bytes in {window:.0f} s")
                     started, got = time.monotonic(), 0
         except (TransferError, OSError) as err:
-            raise Retryable(describe(err)) from None
+            raise Retryable(transport_reason(err)) from None
 
     def read_body(self, response: requests.Response, cap: int, what: str) -> bytes:
         """A non-blob body: at most `cap` bytes, never decompressed."""
@@ -292,7 +300,7 @@ class Registry:
     def fetch_token(self, params: dict[str, str]) -> str:
         """A Bearer token from the realm; with our credentials only when it is the registry's own /v2/ realm."""
         server = f"the token server of {self.ref.registry}"
-        realm = params["realm"]
+        realm = checked_url(params["realm"], f"the token realm of {self.ref.registry}")
         query = {"scope": params.get("scope") or self.ref.scope}
         if "service" in params:
             query["service"] = params["service"]
@@ -300,7 +308,12 @@ class Registry:
         if self.credentials and self.realm is None:  # which realm /v2/ names: asked once, unauthenticated
             with self.send(urljoin(self.base, "/v2/"), {}, "the registry", NO_AUTH) as response:
                 self.realm = parse_challenge(response.headers.get("WWW-Authenticate", ""))[1].get("realm", "")
-        own = self.credentials and realm == self.realm
+        # never in clear text what was asked for over TLS: a plain-HTTP realm is asked anonymously, as any stranger
+        own = (
+            self.credentials
+            and realm == self.realm
+            and not (self.base.startswith("https:") and realm.startswith("http:"))
+        )
         auth = (origin(realm), basic_header(self.credentials)) if own else NO_AUTH
         with self.send(url, {}, server, auth) as response:
             if response.status_code in RETRY_STATUSES:
@@ -315,7 +328,12 @@ class Registry:
             token = answer.get("token") or answer["access_token"]
         except (ValueError, KeyError, AttributeError):
             raise Error(f"{server} sent no token") from None
-        return str(token)
+        expires = answer.get("expires_in", 60)
+        if not isinstance(token, str) or not TOKEN.fullmatch(token):
+            raise Error(f"{server} sent a token that is not visible ASCII text of at most 8192 characters")
+        if type(expires) is not int or not 0 <= expires < 1 << 31:
+            raise Error(f"{server} sent an expires_in that is not a number of seconds: {str(expires)[:40]}")
+        return token
 
     # -- errors
 
@@ -359,7 +377,7 @@ class Registry:
         """The distribution spec's error codes in a failed response's body, if any (read up to MAX_BODY)."""
         with response, contextlib.suppress(Error, Retryable, ValueError, TypeError, AttributeError):
             errors = load_json(self.read_body(response, MAX_BODY, "an error")).get("errors")
-            return [str(e.get("code", "")) for e in errors if isinstance(e, dict)]
+            return [e["code"] for e in errors if isinstance(e, dict) and ERROR_CODE.fullmatch(str(e.get("code")))]
         return []
 
 
@@ -386,46 +404,6 @@ def check_range(response: requests.Response, start: int) -> None:
         raise Retryable(f"asked for the bytes from {start} on, the server sent the range {sent!r}")
 
 
-def trusted_certificates(verify: bool | str) -> bool | str:
-    """A CA bundle given by the user, else the system's trust store as OpenSSL finds it ($SSL_CERT_FILE, _DIR): where
-    administrators install their CAs, as docker and skopeo read it (requests alone would use certifi's bundle)."""
-    if verify is True:
-        system = ssl.get_default_verify_paths()
-        return system.cafile or system.capath or True
-    if verify and not os.path.exists(verify):
-        raise Error(f"CA bundle {verify} does not exist", "give --ca-bundle a PEM file of the registry's CA")
-    return verify
-
-
-def transport_failure(server: str, err: requests.RequestException) -> Error | Retryable:
-    """What a transport error means: a TLS failure or a host name that no retry can mend, else Retryable."""
-    if caused_by(err, socket.gaierror):
-        return Error(f"cannot find the host {server}", "check the registry name and your network")
-    found = re.search(r"\[(SSL|X509): (\w+)\] ([^(']*)", str(err))
-    if isinstance(err, requests.exceptions.SSLError) and found:
-        library, code, reason = found.group(1), found.group(2), found.group(3).strip()
-        if code == "CERTIFICATE_VERIFY_FAILED":
-            return Error(
-                f"cannot verify the TLS certificate of {server}: {reason}",
-                "give the registry's CA certificate with --ca-bundle FILE, or install it in the system's trust store",
-            )
-        if code in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST"):
-            return NotTls(f"{server} does not speak TLS ({reason})", "for a plain-HTTP registry, pass --insecure")
-        if library == "X509":
-            return Error(f"cannot use the CA certificates for {server}: {reason}", "give --ca-bundle a PEM file")
-    if isinstance(err, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)):
-        return Retryable(describe(err))  # SSLError is one: a handshake cut short may go through next time
-    return Error(f"cannot ask {server}: {describe(err)}")
-
-
-def caused_by(err: BaseException, kind: type[BaseException]) -> bool:
-    while err is not None:
-        if isinstance(err, kind):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     scheme, _, rest = header.strip().partition(" ")
     return scheme.lower(), dict(re.findall(r'(\w+)="([^"]*)"', rest))
@@ -436,17 +414,13 @@ def basic_header(credentials: Credentials) -> str:
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
-    """Retry-After in seconds, from either of its forms (delta-seconds or an HTTP date)."""
-    value = headers.get("Retry-After") or ""
-    if value.strip().isdigit():
+    """Retry-After in seconds, from either of its forms (delta-seconds or an HTTP date); Error for anything else."""
+    value = headers.get("Retry-After")
+    if value is None:
+        return None
+    if value.strip().isascii() and value.strip().isdigit():
         return float(value)
     try:
         return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
-def describe(err: BaseException) -> str:
-    """The reason of a transport error in a few words, without urllib3's object reprs."""
-    found = re.search(r"\[Errno -?\d+\][^'\")]*|Read timed out|Connection (?:aborted|broken|reset)[^'\")]*", str(err))
-    return found.group(0).strip(" .,") if found else type(err).__name__
+    except (TypeError, ValueError, OverflowError, IndexError):
+        raise Error(f"the registry sent a Retry-After that is neither seconds nor a date: {value[:60]!r}") from None

@@ -177,6 +177,11 @@ def read_small(path: str | os.PathLike[str], cap: int = SMALL_FILE, dir_fd: int 
     return data
 
 
+def read_small_followed(path: str | os.PathLike[str], cap: int = SMALL_FILE) -> bytes:
+    """read_small through symbolic links: for the user's own files, which dotfile managers make links."""
+    return read_small(os.path.realpath(path), cap)
+
+
 @contextlib.contextmanager
 def locked(path: Path, busy_message: str | None = None, kind: int = fcntl.LOCK_EX) -> Iterator[None]:
     """Hold a lock (`kind`: fcntl.LOCK_EX or LOCK_SH) on `path`: wait for it, or fail with `busy_message`."""

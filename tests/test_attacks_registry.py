@@ -9,10 +9,14 @@ time, redirect schemes, content encodings, cache files planted by another user."
 from __future__ import annotations
 
 import base64
+import email.utils
+import http.client
 import json
 import os
 import pwd
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -20,8 +24,10 @@ import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+from certs import Authority
 from cli import assert_one_line_error
 from conftest import USER as USER_NAME
 from conftest import Unprivileged
@@ -160,16 +166,18 @@ def attack(
     password: bool = False,
     limit: float = 120,
     user: Unprivileged | None = None,
+    env: dict[str, str] | None = None,
 ) -> Outcome:
     """d-pull SERVER/app:1 into tmp_path/app, with the victim's credentials when `password`, as the ordinary `user`
-    when given (from their install of d-utils); its peak memory."""
+    when given (from their install of d-utils), HOME tmp_path and `env` added; its peak memory."""
     peak = tmp_path / "peak"
     credentials = ["--username", USER, "--password-stdin"] if password else []
     python = str(user.bin / "python") if user else sys.executable
     command = [python, "-c", MEASURED, str(peak), "--cache", str(tmp_path / "cache"), *credentials, *args]
     command += [f"{server.host}/app:1", str(tmp_path / "app")]
     run = user.run if user else subprocess.run
-    env = {"HOME": str(tmp_path)} if user else isolated_env(tmp_path)
+    command = ["env", f"HOME={tmp_path}", *command] if user else command  # runuser sets the user's own HOME
+    env = ({"HOME": str(tmp_path)} if user else isolated_env(tmp_path)) | (env or {})
     started = time.monotonic()
     stdin = PASSWORD + "\n" if password else ""
     done = run(command, env=env, cwd=tmp_path, input=stdin, capture_output=True, text=True, timeout=limit)
@@ -411,8 +419,7 @@ def test_lying_content_ranges_end_in_bounded_retries(lie, hostile, tmp_path):
 @pytest.mark.parametrize("target", ["file:///etc/passwd", "ftp://127.0.0.1/blob", "gopher://127.0.0.1:70/x"])
 def test_a_redirect_to_another_scheme_is_one_line(target, hostile, tmp_path):
     hostile.routes["/blobs/"] = lambda h: (redirect(target) if LAYER in h.path else hostile.serve_blob)(h)
-    scheme = target.split(":")[0]
-    assert_refused(attack(hostile, tmp_path), f"redirected to a {scheme} URL", "http")
+    assert_refused(attack(hostile, tmp_path), "redirect", "not a plain http(s) URL", target)
 
 
 # -- content encodings: bytes are stored as the registry stores them, or refused
@@ -494,3 +501,320 @@ def test_a_fifo_planted_as_a_partial_never_hangs(victim, hostile):
     os.mkfifo(fifo)
     owned(fifo, user)
     assert_refused(attack(hostile, folder, limit=60, user=user), "not a regular file")
+
+
+# -- credentials come only from d-utils' own lookup, and never travel in clear text after TLS
+
+NETRC_USER, NETRC_PASSWORD = "netrc-user", "netrc-password-never-sent"
+
+
+def no_netrc_secret_in(*servers: Hostile) -> bool:
+    secrets = (NETRC_PASSWORD, base64.b64encode(f"{NETRC_USER}:{NETRC_PASSWORD}".encode()).decode())
+    return not [h for server in servers for _, h in server.seen if any(s in str(h) for s in secrets)]
+
+
+def write_owned(path: Path, content: bytes, user: Unprivileged | None, mode: int = 0o600) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    path.chmod(mode)
+    return owned(path, user)
+
+
+@pytest.mark.parametrize("entry", ["default", "machine 127.0.0.1", "machine localhost"])
+def test_netrc_passwords_go_to_no_registry_cdn_or_realm(entry, victim, hostile, other, third):
+    """~/.netrc is the victim's, for other tools: the registry (which asks for a token), the realm it names and the
+    CDN its blobs are redirected to (all on 127.0.0.1) get none of it; the anonymous pull works."""
+    folder, user = victim
+    write_owned(folder / ".netrc", f"{entry} login {NETRC_USER} password {NETRC_PASSWORD}\n".encode(), user)
+    host = "localhost" if "localhost" in entry else "127.0.0.1"
+    needs_token = lambda h: h.headers.get("Authorization") == "Bearer anon"  # noqa: E731
+    challenge = unauthorized(f'Bearer realm="http://{host}:{other.host.split(":")[1]}/token",service="s"')
+    hostile.routes["/v2/"] = lambda h: h.answer(200, b"{}") if needs_token(h) else challenge(h)
+    serve = hostile.routes["/manifests/"]
+    hostile.routes["/manifests/"] = lambda h: serve(h) if needs_token(h) else challenge(h)
+    hostile.routes["/blobs/"] = lambda h: redirect(f"http://{host}:{third.host.split(':')[1]}/cdn{h.path}")(h)
+    other.routes["*"] = lambda h: h.answer(200, b'{"token": "anon"}')
+    outcome = attack(hostile, folder, user=user)
+    assert outcome.done.returncode == 0, outcome.done.stderr
+    assert other.seen and third.seen and no_netrc_secret_in(hostile, other, third)
+    assert no_credentials_in(other, third)
+
+
+class RecordingProxy(LoopbackServer):
+    """A forward HTTP proxy: GET absolute-URI, relayed upstream; `seen` holds every URL it was asked for."""
+
+    class handler(Handler):
+        def do_GET(self) -> None:
+            with self.owner.lock:
+                self.owner.seen.append(self.path)
+            parts = urlsplit(self.path)
+            upstream = http.client.HTTPConnection(parts.netloc, timeout=30)
+            upstream.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""), headers=dict(self.headers))
+            answer = upstream.getresponse()
+            body = answer.read()
+            headers = {k: v for k, v in answer.getheaders() if k.lower() not in ("content-length", "connection")}
+            self.answer(answer.status, body, headers)
+            upstream.close()
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        super().__init__()
+
+
+def test_http_proxy_from_the_environment_still_carries_the_pull(victim, hostile):
+    """trust_env is off (no netrc): the proxy variables must still work, read by d-utils itself."""
+    folder, user = victim
+    with RecordingProxy() as proxy:
+        env = {"http_proxy": proxy.url, "HTTP_PROXY": proxy.url, "no_proxy": "", "NO_PROXY": ""}
+        outcome = attack(hostile, folder, user=user, env=env)
+    assert outcome.done.returncode == 0, outcome.done.stderr
+    assert f"{hostile.url}/v2/app/manifests/1" in proxy.seen
+    assert f"{hostile.url}/v2/app/blobs/{LAYER}" in proxy.seen
+
+
+def test_no_proxy_is_honoured(hostile):
+    with tempfile.TemporaryDirectory() as home, RecordingProxy() as proxy:
+        env = {"http_proxy": proxy.url, "HTTP_PROXY": proxy.url, "no_proxy": "127.0.0.1", "NO_PROXY": "127.0.0.1"}
+        outcome = attack(hostile, Path(home), env=env)
+    assert outcome.done.returncode == 0, outcome.done.stderr
+    assert hostile.seen and not proxy.seen
+
+
+class TlsHandler(HostileHandler):
+    """TLS or plain HTTP on the same port, as the first byte says (0x16 opens a TLS handshake)."""
+
+    def setup(self) -> None:
+        self.tls = self.request.recv(1, socket.MSG_PEEK) == b"\x16"
+        if self.tls:
+            self.request = self.owner.context.wrap_socket(self.request, server_side=True)
+        super().setup()
+
+    def do_GET(self) -> None:
+        with self.owner.lock:
+            self.owner.schemes.append(("https" if self.tls else "http", self.path, self.headers.get("Authorization")))
+        super().do_GET()
+
+
+class TlsHostile(Hostile):
+    handler = TlsHandler
+
+    def __init__(self, folder: Path) -> None:
+        authority = Authority()
+        cert, key = authority.issue("127.0.0.1", ["127.0.0.1"]).write(folder, "server")
+        self.ca = folder / "ca.pem"
+        self.ca.write_bytes(authority.root.cert_pem)
+        self.ca.chmod(0o644)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        self.schemes: list[tuple[str, str, str | None]] = []
+        super().__init__()
+        self.url = f"https://{self.host}"
+
+
+@pytest.fixture
+def tls_hostile(tmp_path):
+    folder = Path(tempfile.mkdtemp(prefix="tls-", dir="/tmp"))
+    folder.chmod(0o755)
+    with TlsHostile(folder) as server:
+        yield server
+    shutil.rmtree(folder)
+
+
+def basic_only(server: Hostile, route: str) -> None:
+    serve = server.routes[route]
+    server.routes[route] = lambda h: serve(h) if h.headers.get("Authorization") else unauthorized('Basic realm="r"')(h)
+
+
+def test_a_tls_registry_naming_a_plain_http_realm_gets_no_password(victim, tls_hostile, other):
+    """The realm is asked anonymously (a public image still pulls); the password never goes out in clear text."""
+    folder, user = victim
+    tls_hostile.routes["/v2/"] = unauthorized(f'Bearer realm="{other.url}/token",service="s"')
+    other.routes["*"] = lambda h: h.answer(200, b'{"token": "anonymous"}')
+    outcome = attack(tls_hostile, folder, "--ca-bundle", str(tls_hostile.ca), password=True, user=user)
+    assert_refused(outcome, "access denied")
+    assert [path for path, _ in other.seen if path.startswith("/token")]
+    assert no_credentials_in(other)
+    assert_secrets_kept(outcome)
+
+
+def test_a_redirect_from_https_to_plain_http_on_the_same_host_and_port_drops_the_password(victim, tls_hostile):
+    folder, user = victim
+    basic_only(tls_hostile, "/v2/")
+    basic_only(tls_hostile, "/manifests/")
+    serve = tls_hostile.serve_blob
+    tls_hostile.routes["/blobs/"] = lambda h: serve(h) if not h.tls else redirect(f"http://{h.owner.host}{h.path}")(h)
+    outcome = attack(tls_hostile, folder, "--ca-bundle", str(tls_hostile.ca), password=True, user=user)
+    assert outcome.done.returncode == 0, outcome.done.stderr
+    plain = [auth for scheme, path, auth in tls_hostile.schemes if scheme == "http"]
+    assert plain and plain == [None] * len(plain)
+    assert any(auth for scheme, _, auth in tls_hostile.schemes if scheme == "https")
+
+
+EVIL = '#!/bin/sh\ntouch \'{marker}\'\necho \'{{"Username": "u", "Secret": "p"}}\'\n'
+
+
+@pytest.mark.parametrize("key", ["credHelpers", "credsStore"])
+@pytest.mark.parametrize("name", ["x/../../{top}/somewhere/evil", "../evil", "-evil", "ev\x00il", "ev\nil", 5])
+def test_a_credential_helper_that_is_not_a_program_name_never_runs(key, name, victim, hostile):
+    folder, user = victim
+    marker = folder / "the-helper-ran"
+    evil = folder / "somewhere" / "evil"
+    write_owned(evil, EVIL.format(marker=marker).encode(), user, 0o755)
+    owned(evil.parent, user)
+    (folder / "docker-credential-x").mkdir()  # for x/../..: the folder the name walks out of
+    helper = name.format(top=folder.name) if isinstance(name, str) else name
+    config = {"credHelpers": {hostile.host: helper}} if key == "credHelpers" else {"credsStore": helper}
+    write_owned(folder / ".docker" / "config.json", json.dumps(config).encode(), user)
+    owned(folder / ".docker", user)
+    outcome = attack(hostile, folder, user=user)
+    assert_refused(outcome, "credential helper", "not a program name")
+    assert not marker.exists()
+
+
+def test_a_docker_config_that_is_a_symbolic_link_is_followed(victim, hostile):
+    """Dotfile managers link ~/.docker/config.json into their repository: its credentials are used."""
+    folder, user = victim
+    basic_only(hostile, "/v2/")
+    auth = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    real = write_owned(
+        folder / "dotfiles" / "docker.json", json.dumps({"auths": {hostile.host: {"auth": auth}}}).encode(), user
+    )
+    owned(real.parent, user)
+    (folder / ".docker").mkdir()
+    (folder / ".docker" / "config.json").symlink_to(real)
+    outcome = attack(hostile, folder, user=user)
+    assert outcome.done.returncode == 0, outcome.done.stderr
+    assert any(h.get("authorization") == f"Basic {auth}" for h in hostile.headers_seen())
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to /dev/zero", "5 MiB"])
+@pytest.mark.parametrize("where", [".docker/config.json", ".config/d-utils/mirrors.json"])
+def test_a_credential_or_mirror_file_that_is_special_or_huge_is_one_line(kind, where, victim, hostile):
+    folder, user = victim
+    path = folder / where
+    path.parent.mkdir(parents=True)
+    for made in (path.parent, path.parent.parent):
+        owned(made, user)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "5 MiB":
+        path.write_bytes(b" " * (5 << 20) + b"{}")
+    else:
+        path.symlink_to("/dev/zero")
+    owned(path, user)
+    says = "larger than" if kind == "5 MiB" else "not a regular file"
+    assert_refused(attack(hostile, folder, user=user, limit=60), where.rsplit("/", 1)[-1], says)
+
+
+# -- one deadline bounds every wait: response headers, token requests, Retry-After
+
+TRICKLE_HEADERS = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + b"X-Slow: " + b"a" * 100
+
+
+def trickle_headers(handler: HostileHandler) -> None:
+    """A status line, then the headers one byte every 3 s (each recv returns in time, the headers never end)."""
+    for byte in TRICKLE_HEADERS[:40]:
+        handler.wfile.write(bytes([byte]))
+        handler.wfile.flush()
+        time.sleep(3)
+
+
+@pytest.mark.parametrize("route", ["/manifests/", "token realm"])
+def test_response_headers_trickled_a_byte_at_a_time_end_within_the_timeout(route, hostile, other, tmp_path):
+    if route == "token realm":
+        hostile.routes["/v2/"] = unauthorized(f'Bearer realm="{other.url}/token",service="s"')
+        other.routes["*"] = trickle_headers
+    else:
+        hostile.routes[route] = trickle_headers
+    assert_refused(attack(hostile, tmp_path, "--timeout", "5", limit=90), "giving up", within=30)
+
+
+@pytest.mark.parametrize("value", ["600", "99999999999999999999999999999", "{date}"])
+def test_a_retry_after_beyond_the_timeout_gives_up_at_once(value, hostile, tmp_path):
+    later = email.utils.formatdate(time.time() + 86400 * 365, usegmt=True)
+    header = {"Retry-After": value.format(date=later)}
+    hostile.routes["/manifests/"] = lambda h: h.answer(503, b"", header)
+    assert_refused(attack(hostile, tmp_path, "--timeout", "10"), "would pass --timeout", within=QUICK / 2)
+
+
+# -- every field from the registry checked where it enters, every message escaped
+
+UNSHOWN = "hunter2-in-user-info"
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        f"http://user:{UNSHOWN}@127.0.0.1:1/x",
+        f"//user:{UNSHOWN}@127.0.0.1:1/x",
+        "http://127.0.0.1:99999999/x",
+        "http://[::1/x",
+        "http://127.0.0.1:1/a\x1b[2Jb",
+        "gopher://127.0.0.1:1/x",
+    ],
+)
+def test_a_location_that_is_not_a_plain_http_url_is_one_line(location, hostile, tmp_path):
+    hostile.routes["/blobs/"] = lambda h: h.answer(307, b"", {"Location": location})
+    outcome = attack(hostile, tmp_path)
+    assert_refused(outcome, "redirect", "not a plain http(s) URL")
+    assert UNSHOWN not in outcome.done.stderr and "\x1b" not in outcome.done.stderr
+
+
+@pytest.mark.parametrize(
+    "realm",
+    [f"http://u:{UNSHOWN}@127.0.0.1:{{port}}/token", "file:///etc/passwd", "http://127.0.0.1:{port}/t\x07oken", ""],
+)
+def test_a_challenge_with_an_odd_realm_is_one_line(realm, hostile, other, tmp_path):
+    realm = realm.format(port=other.host.split(":")[1])
+    hostile.routes["/v2/"] = unauthorized(f'Bearer realm="{realm}",service="s"')
+    outcome = attack(hostile, tmp_path, password=True)
+    assert_refused(outcome, "realm")
+    assert not other.seen and UNSHOWN not in outcome.done.stderr and "\x07" not in outcome.done.stderr
+
+
+@pytest.mark.parametrize(
+    ("reply", "says"),
+    [
+        ({"token": {"nested": 1}}, "token that is not"),
+        ({"token": "abc\r\nX-Injected: 1"}, "token that is not"),
+        ({"token": "t" * 9000}, "token that is not"),
+        ({"token": "t", "expires_in": "soon"}, "expires_in"),
+        ({"token": "t", "expires_in": -1}, "expires_in"),
+        ({"token": "t", "expires_in": 1e300}, "expires_in"),
+        ([1, 2], "sent no token"),
+    ],
+)
+def test_token_replies_with_odd_fields_are_one_line(reply, says, hostile, other, tmp_path):
+    hostile.routes["/v2/"] = unauthorized(f'Bearer realm="{other.url}/token",service="s"')
+    other.routes["*"] = lambda h: h.answer(200, json.dumps(reply).encode())
+    assert_refused(attack(hostile, tmp_path), says)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"errors": "NAME_UNKNOWN"}', b'{"errors": [{"code": {"a": 1}}]}', b'{"errors": [{"code": "\\u001b[2J"}]}',
+     b"[1, 2]", b'{"errors": 7}', b'{"errors": [null, 3, "x"]}'],
+)  # fmt: skip
+def test_error_bodies_of_odd_types_are_one_line(body, hostile, tmp_path):
+    hostile.routes["/manifests/"] = lambda h: h.answer(404, body)
+    outcome = attack(hostile, tmp_path)
+    assert_refused(outcome, "unknown manifest")
+    assert "\x1b" not in outcome.done.stderr and "internal error" not in outcome.done.stderr
+
+
+@pytest.mark.parametrize("length", ["-1", "abc", "99999999999999999999999", "12, 13"])
+def test_an_odd_content_length_is_one_line(length, hostile, tmp_path):
+    def lie(handler: HostileHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", json.loads(hostile.manifest)["mediaType"])
+        handler.send_header("Content-Length", length)
+        handler.end_headers()
+        handler.wfile.write(hostile.manifest)
+        handler.close_connection = True
+
+    hostile.routes["/manifests/"] = lie
+    outcome = attack(hostile, tmp_path, "--timeout", "5")
+    assert outcome.done.returncode in (0, 1), outcome.done.stderr
+    assert "Traceback" not in outcome.done.stderr and "internal error" not in outcome.done.stderr
+    if outcome.done.returncode:
+        assert_refused(outcome, "manifest")

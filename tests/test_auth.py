@@ -388,3 +388,23 @@ def test_the_password_is_never_an_argument(basic_registry, tmp_path):
         cwd=tmp_path,
     )
     assert done.returncode == 2, done.stderr
+
+
+@pytest.mark.parametrize(
+    "name", ["x/../../somewhere/evil", "/bin/sh", "../evil", "-h", "a..b", "ev\x00il", "e\nv", "", 7]
+)
+def test_a_credential_helper_name_that_is_not_a_program_name_is_refused(name, home):
+    (home / ".docker").mkdir()
+    (home / ".docker" / "config.json").write_text(json.dumps({"credHelpers": {"reg.example": name}}))
+    with pytest.raises(Error, match="is not a program name") as caught:
+        find_credentials("reg.example")
+    assert "\n" not in str(caught.value) and "\x00" not in str(caught.value)
+
+
+def test_an_auth_file_that_is_a_symbolic_link_is_followed(home):
+    (home / "dotfiles").mkdir()
+    entry = {"auths": {"reg.example": {"username": USER, "password": PASSWORD}}}
+    (home / "dotfiles" / "docker.json").write_text(json.dumps(entry))
+    (home / ".docker").mkdir()
+    (home / ".docker" / "config.json").symlink_to(home / "dotfiles" / "docker.json")
+    assert find_credentials("reg.example") == Credentials(USER, PASSWORD)

@@ -3,7 +3,7 @@
 import pytest
 
 from dutils.errors import Error
-from dutils.reference import parse_reference
+from dutils.reference import checked_url, parse_reference, shown_url
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -88,3 +88,53 @@ def test_invalid_references_say_what_is_wrong(text, says):
         parse_reference(text)
     assert says in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://auth.example/token?x=1",
+        "http://127.0.0.1:5000/v2/app/blobs/sha256:ab",
+        "https://[::1]:443/t",
+        "HTTPS://Host.Example/t",
+    ],
+)
+def test_plain_http_urls_pass(url):
+    assert checked_url(url, "the realm") == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///etc/passwd",
+        "ftp://host/x",
+        "https://user:secret@host/x",
+        "https://user@host/x",
+        "https:///nohost",
+        "https://host:99999/x",
+        "https://host:port/x",
+        "http://[::1/x",
+        "https://host/a b",
+        "https://host/\x1b[2J",
+        "https://ho\tst/x",
+        "/relative",
+        "",
+    ],
+)
+def test_urls_that_are_not_plain_http_are_one_line_without_their_user_info(url):
+    with pytest.raises(Error, match="the realm is not a plain http") as caught:
+        checked_url(url, "the realm")
+    assert "secret" not in str(caught.value) and "\x1b" not in str(caught.value) and "\t" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://u:p@host/x", "https://host/x"),
+        ("http:u:p@host", "host"),
+        ("https://host/x@y", "https://host/x@y"),
+        ("https://a@b@host/", "https://host/"),
+    ],
+)
+def test_shown_urls_never_carry_user_info(url, shown):
+    assert shown_url(url) == shown

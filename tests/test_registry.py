@@ -3,6 +3,7 @@ Content-Range checks and where a resumed download starts."""
 
 import email.utils
 import hashlib
+import ssl
 import time
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from dutils.fetch import PartialBlob
 from dutils.manifest import Blob
 from dutils.progress import Lines
 from dutils.reference import parse_reference
-from dutils.registry import PROGRESS, Registry, Retryable, RetryPolicy, check_range, parse_challenge, retry_after
+from dutils.registry import PROGRESS, Deadline, Registry, RetryPolicy, check_range, parse_challenge, retry_after
+from dutils.transport import NotTls, Retryable, transport_failure
 
 NO_WAIT = RetryPolicy(base_delay=0.0, max_delay=0.0)
 
@@ -28,9 +30,16 @@ def response(**headers: str) -> requests.Response:
 # -- Retry-After
 
 
-@pytest.mark.parametrize(("value", "seconds"), [("0", 0.0), ("120", 120.0), (" 7 ", 7.0), (None, None), ("soon", None)])
+@pytest.mark.parametrize(("value", "seconds"), [("0", 0.0), ("120", 120.0), (" 7 ", 7.0), (None, None)])
 def test_retry_after_in_seconds(value, seconds):
     assert retry_after({"Retry-After": value} if value is not None else {}) == seconds
+
+
+@pytest.mark.parametrize("value", ["soon", "-5", "1e5", "\u0669", "Mon, 01 Jan 99999 00:00:00 GMT", "\x1b[2J"])
+def test_a_retry_after_that_is_neither_seconds_nor_a_date_is_one_line(value):
+    with pytest.raises(Error, match="Retry-After that is neither seconds nor a date") as caught:
+        retry_after({"Retry-After": value})
+    assert "\x1b" not in str(caught.value)
 
 
 def test_retry_after_as_an_http_date():
@@ -210,3 +219,73 @@ def test_more_bytes_than_the_manifest_says_are_refused_and_dropped(tmp_path):
         sink.write(BLOB[10:] + b"extra")
     assert "larger than the" in str(caught.value)
     assert not (tmp_path / "blob.partial").exists()
+
+
+# -- the deadline: every wait bounded by what is left of --timeout
+
+
+def test_the_deadline_bounds_connect_and_read_timeouts_by_what_is_left():
+    deadline = Deadline(10.0)
+    connect, read = deadline.timeouts(30.0)
+    assert 9 < connect <= 10 and 9 < read <= 10
+    deadline.end = time.monotonic() + 2
+    assert all(t <= 2 for t in deadline.timeouts(30.0))
+    deadline.end = time.monotonic() - 1
+    with pytest.raises(Retryable, match="no time left"):
+        deadline.timeouts(30.0)
+    deadline.renew()
+    assert deadline.left() > 9
+
+
+def test_a_retry_after_longer_than_what_is_left_gives_up_at_once():
+    calls = []
+
+    def attempt():
+        calls.append(1)
+        raise Retryable("HTTP 503", retry_after=600.0)
+
+    started = time.monotonic()
+    with pytest.raises(Error, match="waiting 600 s more would pass --timeout"):
+        registry(RetryPolicy(patience=60)).retrying("manifest x", attempt)
+    assert calls == [1] and time.monotonic() - started < 5
+
+
+# -- TLS failures told apart by OpenSSL's exception objects, whatever their text says
+
+
+def wrapped(inner: ssl.SSLError) -> requests.exceptions.SSLError:
+    """`inner` under requests' SSLError, chained as urllib3 and requests chain it; the outer text says nothing."""
+    try:
+        try:
+            raise inner
+        except ssl.SSLError as err:
+            raise requests.exceptions.SSLError("some text that names no reason") from err
+    except requests.exceptions.SSLError as outer:
+        return outer
+
+
+def ssl_error(kind: type[ssl.SSLError], library: str, reason: str, **attributes: str) -> ssl.SSLError:
+    err = kind(1, "text that may change with OpenSSL")
+    err.library, err.reason = library, reason
+    for name, value in attributes.items():
+        setattr(err, name, value)
+    return err
+
+
+@pytest.mark.parametrize(
+    ("inner", "kind", "says"),
+    [
+        (
+            ssl_error(ssl.SSLCertVerificationError, "SSL", "CERTIFICATE_VERIFY_FAILED", verify_message="self-signed"),
+            Error,
+            "cannot verify the TLS certificate of h: self-signed",
+        ),
+        (ssl_error(ssl.SSLError, "SSL", "WRONG_VERSION_NUMBER"), NotTls, "h does not speak TLS"),
+        (ssl_error(ssl.SSLError, "SSL", "RECORD_LAYER_FAILURE"), NotTls, "h does not speak TLS"),
+        (ssl_error(ssl.SSLError, "X509", "NO_CERTIFICATE_OR_CRL_FOUND"), Error, "cannot use the CA certificates"),
+        (ssl_error(ssl.SSLError, "SSL", "UNEXPECTED_EOF_WHILE_READING"), Retryable, "SSLError"),
+    ],
+)
+def test_tls_failures_are_classified_from_the_exception_chain(inner, kind, says):
+    found = transport_failure("h", wrapped(inner))
+    assert type(found) is kind and says in str(found)
