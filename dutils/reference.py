@@ -4,7 +4,7 @@ import contextlib
 import ipaddress
 import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from .errors import Error
 from .store import check_digest
@@ -90,11 +90,11 @@ def invalid(text: str, why: str) -> Error:
     return Error(f"invalid image reference {text!r}: {why}", "use NAME[:TAG] or NAME@sha256:DIGEST, e.g. alpine:3.20")
 
 
-def checked_url(url: str, what: str) -> str:
-    """`url` (a redirect's, a token realm's, a foreign layer's), or Error naming `what`: http(s) to a host, no user-info
+def checked_url(url: str, what: str, base: str = "") -> str:
+    """`url` (a redirect's, relative to `base`; a token realm's; a foreign layer's), or Error naming `what`: http(s) to a host, no user-info
     (a password there would go out, and into messages), no control characters or spaces (urlsplit drops some)."""
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(url := urljoin(base, url))  # a Location may be relative to the URL it answered
         valid = parts.scheme in ("http", "https") and parts.hostname and (parts.port or 0) >= 0
     except ValueError:  # a port that is not a number, a bracketed host that is not IPv6
         valid = False

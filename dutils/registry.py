@@ -179,7 +179,7 @@ class Registry:
                 delay = self.retry.delay(failures - 1, err.retry_after)
                 if failures >= self.retry.attempts or delay >= deadline.left():
                     waited = deadline.patience - deadline.left()
-                    late = f"; waiting {delay:.0f} s more would pass --timeout" if delay > deadline.left() else ""
+                    late = f"; waiting {delay:.0f} s more would pass --timeout" if 0 < deadline.left() < delay else ""
                     raise Error(
                         f"giving up on {where} after {failures} attempts in {waited:.0f} s without progress: {err}{late}",
                         "check the registry name and your network, then run the same command again",
@@ -203,14 +203,15 @@ class Registry:
         url = urljoin(self.base, path)
         try:
             response = self.send(url, headers or {}, what)
-            self.fallback = None  # the registry answered: its scheme is settled (a CDN's failure must not change it)
-            if response.status_code == 401 and self.answer_challenge(response):
-                response = self.send(url, headers or {}, what)
         except NotTls:
             if not (self.fallback and url.startswith(self.base)):
                 raise
-            self.base, self.fallback = self.fallback, None
+            self.base, self.fallback, response = self.fallback, None, None
+        if response is None:  # asked again outside the handler: TLS errors of later requests must not chain to it
             return self.request(path, what=what, expected=expected, headers=headers, missing=missing)
+        self.fallback = None  # the registry answered: its scheme is settled (a CDN's failure must not change it)
+        if response.status_code == 401 and self.answer_challenge(response):
+            response = self.send(url, headers or {}, what)
         if response.status_code in expected:
             return response
         if response.status_code in RETRY_STATUSES:
@@ -234,10 +235,12 @@ class Registry:
                 )  # fmt: skip
             except requests.RequestException as err:
                 raise transport_failure(urlsplit(url).netloc, err) from None
+            except ValueError:  # requests parses a Location even when it does not follow it
+                raise Error(f"the redirect of {what} is not a plain http(s) URL", "only http(s) is followed") from None
             if not response.is_redirect:  # 301, 302, 303, 307 or 308 with a Location
                 return response
             response.close()
-            url = checked_url(urljoin(url, response.headers["Location"]), f"the redirect of {what}")
+            url = checked_url(response.headers["Location"], f"the redirect of {what}", url)
         raise Error(f"too many redirects for {what}, last to {shown_url(url)}")
 
     def session(self) -> requests.Session:
@@ -309,11 +312,8 @@ class Registry:
             with self.send(urljoin(self.base, "/v2/"), {}, "the registry", NO_AUTH) as response:
                 self.realm = parse_challenge(response.headers.get("WWW-Authenticate", ""))[1].get("realm", "")
         # never in clear text what was asked for over TLS: a plain-HTTP realm is asked anonymously, as any stranger
-        own = (
-            self.credentials
-            and realm == self.realm
-            and not (self.base.startswith("https:") and realm.startswith("http:"))
-        )
+        clear = self.base.startswith("https:") and realm.startswith("http:")
+        own = self.credentials and realm == self.realm and not clear
         auth = (origin(realm), basic_header(self.credentials)) if own else NO_AUTH
         with self.send(url, {}, server, auth) as response:
             if response.status_code in RETRY_STATUSES:
@@ -331,7 +331,7 @@ class Registry:
         expires = answer.get("expires_in", 60)
         if not isinstance(token, str) or not TOKEN.fullmatch(token):
             raise Error(f"{server} sent a token that is not visible ASCII text of at most 8192 characters")
-        if type(expires) is not int or not 0 <= expires < 1 << 31:
+        if type(expires) not in (int, float) or not 0 <= expires < 1 << 31:
             raise Error(f"{server} sent an expires_in that is not a number of seconds: {str(expires)[:40]}")
         return token
 

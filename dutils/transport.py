@@ -98,6 +98,8 @@ def transport_failure(server: str, err: requests.RequestException) -> Error | Re
         return NotTls(f"{server} does not speak TLS ({tls.reason})", "for a plain-HTTP registry, pass --insecure")
     if tls and tls.library == "X509":
         return Error(f"cannot use the CA certificates for {server}: {tls.reason}", "give --ca-bundle a PEM file")
+    if isinstance(err, requests.exceptions.InvalidHeader):  # Content-Length twice, a header urllib3 cannot parse
+        return Error(f"{server} sent invalid response headers", "this is not what a registry sends")
     if isinstance(err, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)):
         return Retryable(transport_reason(err))  # SSLError is one: a handshake cut short may go through next time
     return Error(f"cannot ask {server}: {transport_reason(err)}")

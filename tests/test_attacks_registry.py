@@ -817,4 +817,4 @@ def test_an_odd_content_length_is_one_line(length, hostile, tmp_path):
     assert outcome.done.returncode in (0, 1), outcome.done.stderr
     assert "Traceback" not in outcome.done.stderr and "internal error" not in outcome.done.stderr
     if outcome.done.returncode:
-        assert_refused(outcome, "manifest")
+        assert_refused(outcome)
