@@ -17,7 +17,7 @@ import requests
 from urllib3.exceptions import HTTPError as TransferError
 
 from .auth import Credentials
-from .errors import Error
+from .errors import Error, printable
 from .reference import Reference, checked_url, shown_url
 from .store import load_json
 from .transport import NotTls, Retryable, new_session, transport_failure, transport_reason, trusted_certificates
@@ -185,7 +185,7 @@ class Registry:
                         "check the registry name and your network, then run the same command again",
                     ) from None
                 asked = " (the registry asked us to wait)" if err.retry_after else ""
-                self.notify(f"{where}: {err}; retrying in {delay:.0f} s{asked}")
+                self.notify(printable(f"{where}: {err}; retrying in {delay:.0f} s{asked}"))
                 time.sleep(delay)
 
     # -- one request: auth and redirects
