@@ -3,7 +3,6 @@ Content-Range checks and where a resumed download starts."""
 
 import email.utils
 import hashlib
-import ssl
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from dutils.manifest import Blob
 from dutils.progress import Lines
 from dutils.reference import parse_reference
 from dutils.registry import PROGRESS, Deadline, Registry, RetryPolicy, check_range, parse_challenge, retry_after
-from dutils.transport import NotTls, Retryable, transport_failure
+from dutils.transport import Retryable
 
 NO_WAIT = RetryPolicy(base_delay=0.0, max_delay=0.0)
 
@@ -248,44 +247,3 @@ def test_a_retry_after_longer_than_what_is_left_gives_up_at_once():
     with pytest.raises(Error, match="waiting 600 s more would pass --timeout"):
         registry(RetryPolicy(patience=60)).retrying("manifest x", attempt)
     assert calls == [1] and time.monotonic() - started < 5
-
-
-# -- TLS failures told apart by OpenSSL's exception objects, whatever their text says
-
-
-def wrapped(inner: ssl.SSLError) -> requests.exceptions.SSLError:
-    """`inner` under requests' SSLError, chained as urllib3 and requests chain it; the outer text says nothing."""
-    try:
-        try:
-            raise inner
-        except ssl.SSLError as err:
-            raise requests.exceptions.SSLError("some text that names no reason") from err
-    except requests.exceptions.SSLError as outer:
-        return outer
-
-
-def ssl_error(kind: type[ssl.SSLError], library: str, reason: str, **attributes: str) -> ssl.SSLError:
-    err = kind(1, "text that may change with OpenSSL")
-    err.library, err.reason = library, reason
-    for name, value in attributes.items():
-        setattr(err, name, value)
-    return err
-
-
-@pytest.mark.parametrize(
-    ("inner", "kind", "says"),
-    [
-        (
-            ssl_error(ssl.SSLCertVerificationError, "SSL", "CERTIFICATE_VERIFY_FAILED", verify_message="self-signed"),
-            Error,
-            "cannot verify the TLS certificate of h: self-signed",
-        ),
-        (ssl_error(ssl.SSLError, "SSL", "WRONG_VERSION_NUMBER"), NotTls, "h does not speak TLS"),
-        (ssl_error(ssl.SSLError, "SSL", "RECORD_LAYER_FAILURE"), NotTls, "h does not speak TLS"),
-        (ssl_error(ssl.SSLError, "X509", "NO_CERTIFICATE_OR_CRL_FOUND"), Error, "cannot use the CA certificates"),
-        (ssl_error(ssl.SSLError, "SSL", "UNEXPECTED_EOF_WHILE_READING"), Retryable, "SSLError"),
-    ],
-)
-def test_tls_failures_are_classified_from_the_exception_chain(inner, kind, says):
-    found = transport_failure("h", wrapped(inner))
-    assert type(found) is kind and says in str(found)
