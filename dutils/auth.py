@@ -52,10 +52,8 @@ def read_json_file(path: Path) -> dict:
         config = load_json(read_small_followed(path))  # dotfile managers make these links: follow them
     except FileNotFoundError:
         return {}
-    except OSError as err:  # a FIFO, a device, a file over the cap
-        raise Error(f"cannot read {path}: {err.strerror}", "fix or remove the file") from None
-    except ValueError as err:
-        raise Error(f"cannot read {path}: {err}", "fix or remove the file") from None
+    except (OSError, ValueError) as err:  # a FIFO, a device, a file over the cap; JSON that is not
+        raise Error(f"cannot read {path}: {getattr(err, 'strerror', None) or err}", "fix or remove the file") from None
     return config if isinstance(config, dict) else {}
 
 

@@ -4,7 +4,9 @@ the attacker would run it: a loopback server that answers as a registry, d-pull 
 Every refusal is one `d-pull: error:` line, exit status 1, no traceback, in bounded time, with d-pull's peak
 memory (its VmHWM) under 150 MB; no credential ever reaches a host other than the registry and its own realm
 (each hostile server records every request it got). Classes: credential leaks, unbounded bodies, unbounded
-time, redirect schemes, content encodings, cache files planted by another user."""
+time, redirect schemes, content encodings, cache files planted by another user; credentials from outside d-utils'
+lookup (~/.netrc) or in clear text after TLS, credential helper names, special credential and mirror files; one
+deadline for every wait (trickled headers, token realms, Retry-After); every registry field checked as it enters."""
 
 from __future__ import annotations
 
