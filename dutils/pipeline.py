@@ -328,16 +328,13 @@ class Pull:
 
     def apply_all(self, downloads: threading.BoundedSemaphore) -> None:
         """Apply the layers onto DIR/rootfs in order, each as soon as its blob is in the cache."""
-        self.fetched(self.image.config, downloads)
-        config = image_config.read_image_config(blob_path(self.options.cache, self.image.config.digest))
-        diff_ids = image_config.diff_ids(config, len(self.image.layers))
         for n, layer in enumerate(self.image.layers):
             if self.is_applied(n):
                 continue
             self.fetched(layer, downloads)
             self.folder.rootfs.mkdir(parents=True, exist_ok=True)
             blob = blob_path(self.options.cache, layer.digest)
-            self.skipped += apply_layer(blob, layer.media_type, diff_ids[n], self.folder.rootfs)
+            self.skipped += apply_layer(blob, layer.media_type, self.image.diff_ids[n], self.folder.rootfs)
             self.note_applied(n, layer.digest)
             self.options.progress.layer_applied(f"applied layer {n + 1}/{len(self.image.layers)} {layer.digest[:19]}")
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dutils.config import MAX_CONFIG, diff_ids, merge_edits, read_image_config, run_config
+from dutils.config import merge_edits, run_config
 from dutils.errors import Error
+from dutils.oci import MAX_CONFIG, diff_ids, read_image_config
 
 
 def test_run_config_adds_dutils_keys():
