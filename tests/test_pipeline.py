@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from dutils.errors import Error
+from dutils.folder import AppliedLog, LockFile
 from dutils.manifest import Blob, Image, parse_platform
-from dutils.pipeline import LockFile, Options, Pull, Sandbox
+from dutils.pipeline import Options, Pull, Sandbox
 from dutils.store import Record
 
 LAYERS = 27_000  # far more than any real image: the work per layer must not grow with their number
@@ -90,20 +91,20 @@ def pull_of_many_layers(tmp_path: Path) -> Pull:
 
 def test_checking_every_layer_of_a_huge_image_costs_the_same_per_layer(tmp_path: Path):
     pull = pull_of_many_layers(tmp_path)
-    pull.applied_path().write_text("".join(f"{layer.digest}\n" for layer in pull.image.layers))
+    pull.log.path.write_text("".join(f"{layer.digest}\n" for layer in pull.image.layers))
     started = time.monotonic()
-    assert all(pull.is_applied(n) for n in range(LAYERS))
+    assert all(pull.log.is_applied(n, layer.digest) for n, layer in enumerate(pull.image.layers))
     assert time.monotonic() - started < 3  # re-reading the list per layer took minutes
 
 
 def test_a_layer_applied_again_voids_the_ones_after_it_and_a_cut_line(tmp_path: Path):
     pull = pull_of_many_layers(tmp_path)
-    pull.applied_path().write_text(f"{digest(0)}\n{digest(1)}\n{digest(2)[:20]}")  # killed mid-line
-    assert [pull.is_applied(n) for n in range(3)] == [True, True, False]
-    pull.note_applied(1, digest(1))
-    assert pull.applied_path().read_text() == f"{digest(0)}\n{digest(1)}\n"
-    pull.note_applied(2, digest(2))
-    assert Pull("localhost:5000/app:1", pull.folder.root, pull.options).applied() == [digest(n) for n in range(3)]
+    pull.log.path.write_text(f"{digest(0)}\n{digest(1)}\n{digest(2)[:20]}")  # killed mid-line
+    assert [pull.log.is_applied(n, digest(n)) for n in range(3)] == [True, True, False]
+    pull.log.note(1, digest(1))
+    assert pull.log.path.read_text() == f"{digest(0)}\n{digest(1)}\n"
+    pull.log.note(2, digest(2))
+    assert AppliedLog(pull.folder).applied() == [digest(n) for n in range(3)]
 
 
 def test_a_finished_folder_changes_image_only_when_asked(tmp_path: Path):
