@@ -33,7 +33,7 @@ from .apply import Skipped, apply_layer
 from .auth import find_credentials, find_mirrors
 from .cache import prune_if_due
 from .dodo_api import Sandbox
-from .errors import Error
+from .errors import Error, printable
 from .fetch import cached, fetch_blob
 from .folder import AppliedLog, LockFile, claimed, remove_folder
 from .manifest import Blob, Image, Platform, compatible, host_platform, parse_platform, resolve_image
@@ -253,18 +253,23 @@ class Pull:
         """config.json last, and the record marked complete: what says the pull is finished."""
         self.changed = True
         self.folder.rootfs.mkdir(exist_ok=True)  # an image of no layers runs with an empty root
-        image_config.write_config(self.folder, self.options.cache, self.image.config.digest)
+        if kept := image_config.write_config(self.folder, self.options.cache, self.image.config.digest):
+            self.options.progress.note(f"kept your edits to {self.folder.config}: {printable(', '.join(kept))}")
         self.holds.close()  # done: the rest of the run (other folders, d-run tasks) needs neither lock
 
 
 def action(function: Callable, *args: object) -> Callable[[], TaskFailed | None]:
-    """A doit action that fails with the Error's one line instead of a traceback."""
+    """A doit action that fails with the Error's one line instead of a traceback; so does an OSError (a full disk
+    writing image.json or config.json), as the file and the system's reason."""
 
     def run() -> TaskFailed | None:
         try:
             function(*args)
         except Error as err:
             return TaskFailed(str(err))
+        except OSError as err:
+            where = f"{printable(os.fsdecode(err.filename))}: " if err.filename else ""
+            return TaskFailed(f"{where}{err.strerror or err}")
         return None
 
     run.__name__ = function.__name__
@@ -327,7 +332,7 @@ def sandbox_tasks(
     README's "Sandboxes in your own repository" says which doit commands then do what."""
     options = options or Options()
     lockfile, update = LockFile(lock), get_var(UPDATE_VAR)
-    pulls = [Pull(s.image, s.folder, options, lockfile, s.d_run_argv()) for s in sandboxes]
+    pulls = [Pull(s.image, s.folder, s.options(options), lockfile, s.d_run_argv()) for s in sandboxes]
     if update not in (None, "all", *(pull.key for pull in pulls)):
         raise Error(f"{UPDATE_VAR}={update}: no such sandbox", f"name one of {', '.join(p.key for p in pulls)}, or all")
     for pull in pulls:

@@ -177,6 +177,19 @@ def read_small(path: str | os.PathLike[str], cap: int = SMALL_FILE, dir_fd: int 
     return data
 
 
+def read_small_json(path: Path, hint: str) -> object:
+    """The JSON in the small regular file `path` (see read_small), None when there is none; one line naming the file
+    when it cannot be read or is not JSON, with `hint` saying what to do."""
+    try:
+        return load_json(read_small(path))
+    except FileNotFoundError:
+        return None
+    except OSError as err:  # a link, a FIFO, a folder or a huge file there is none of ours
+        raise Error(f"cannot read {path}: {err.strerror}", hint) from None
+    except ValueError as err:
+        raise Error(f"{path} is not valid JSON ({err})", hint) from None
+
+
 @contextlib.contextmanager
 def locked(path: Path, busy_message: str | None = None, kind: int = fcntl.LOCK_EX) -> Iterator[None]:
     """Hold a lock (`kind`: fcntl.LOCK_EX or LOCK_SH) on `path`: wait for it, or fail with `busy_message`."""

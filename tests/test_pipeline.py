@@ -1,6 +1,8 @@
 """The pipeline's pure parts, without a registry: the lock file, d-run settings, the applied-layers list, the
 record's update policy."""
 
+import errno
+import io
 import json
 import os
 import sys
@@ -12,7 +14,8 @@ import pytest
 from dutils.errors import Error
 from dutils.folder import AppliedLog, LockFile
 from dutils.manifest import Blob, Image, parse_platform
-from dutils.pipeline import Options, Pull, Sandbox
+from dutils.pipeline import Options, Pull, Sandbox, action
+from dutils.progress import Lines
 from dutils.store import Record
 
 LAYERS = 27_000  # far more than any real image: the work per layer must not grow with their number
@@ -34,13 +37,40 @@ def test_run_settings_are_exactly_d_runs_flags(tmp_path: Path, monkeypatch):
         rw=True,
         user="app:app",
         workdir="/src",
+        ports=["127.0.0.1:8080:80", "53:53/udp"],
+        tmpfs=["/run", "/var/lib/nginx:size=16m"],
+        hostname="tools",
+        entrypoint=["/bin/sh", "-c"],
     )
     assert sandbox.d_run_argv() == [
         sys.executable, "-m", "dutils.run",
-        "-v", "src:/src", "-v", "/cache", "-e", "A=1", "-e", "B=x y", "-n", "-w", "-u", "app:app",
-        "--workdir", "/src", str(tmp_path / "sandboxes" / "tools"), "make", "-j2",
+        "-v", "src:/src", "-v", "/cache", "-e", "A=1", "-e", "B=x y", "-n", "--rw", "-u", "app:app",
+        "--workdir", "/src", "-p", "127.0.0.1:8080:80", "-p", "53:53/udp",
+        "--tmpfs", "/run", "--tmpfs", "/var/lib/nginx:size=16m", "--hostname", "tools",
+        "--entrypoint", '["/bin/sh", "-c"]', str(tmp_path / "sandboxes" / "tools"), "make", "-j2",
     ]  # fmt: skip
     assert Sandbox("s", "alpine").d_run_argv()[3:] == [str(tmp_path / "s")]  # d-run's defaults: nothing added
+    assert Sandbox("s", "alpine", entrypoint="/init").d_run_argv()[3:5] == ["--entrypoint", "/init"]
+
+
+def test_a_sandbox_pulls_for_its_platform_and_its_progress_lines_name_it(tmp_path: Path):
+    lines = io.StringIO()
+    options = Options(cache=tmp_path / "cache", platform=parse_platform("linux/amd64"), progress=Lines(lines))
+    mine = Sandbox("sandboxes/arm", "alpine", platform="linux/arm64").options(options)
+    assert (mine.platform, mine.cache) == (parse_platform("linux/arm64/v8"), options.cache)
+    assert Sandbox("sandboxes/host", "alpine").options(options).platform == options.platform
+    mine.progress.note("retrying")
+    mine.progress.expect(10)
+    assert lines.getvalue() == "sandboxes/arm: retrying\n"
+    assert options.progress.total == 10  # one status for all the sandboxes
+
+
+def test_an_os_error_in_a_task_is_one_line_naming_the_file(tmp_path: Path):
+    def write_image_json() -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "a\x1b[2J" / "image.json"))
+
+    failed = action(write_image_json)()
+    assert failed.message == f"{tmp_path}/a\\x1b[2J/image.json: No space left on device"
 
 
 def test_the_lock_file_is_stable_json_keyed_by_folder_relative_to_it(tmp_path: Path):

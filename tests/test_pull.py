@@ -170,3 +170,34 @@ def test_a_damaged_lock_file_is_a_one_line_error(images, tmp_path):
     done = d_pull("--lock", str(tmp_path / "sandboxes.lock"), images["busybox"], str(tmp_path / "bb"), cache=tmp_path)
     assert_one_line_error(done, "sandboxes.lock is damaged", "restore it")
     assert not (tmp_path / "bb").exists()
+
+
+@pytest.mark.parametrize("prune", [False, True], ids=["cache-kept", "after-prune-all"])
+def test_update_merges_env_per_variable_and_keeps_the_users_edits(prune, registry, tmp_path):
+    def image(n: int) -> Image:
+        config = {"Cmd": ["sh"], "Env": ["PATH=/bin", f"VERSION={n}", f"ONLY_IN_{n}=yes"], "Hostname": f"build{n}"}
+        return Image(layers=[busybox_layer(), Tar().file("etc/v", f"{n}\n".encode())], config=config)
+
+    name = f"moving-{int(prune)}"
+    push(registry.host, name, "latest", image(1))
+    ref, folder, cache = f"{registry.host}/{name}:latest", tmp_path / "app", tmp_path / "cache"
+    assert d_pull(ref, str(folder), cache=cache).returncode == 0
+    config = json.loads((folder / "config.json").read_text())
+    assert (
+        "Hostname" not in config
+    )  # the image's (buildah writes its build container's id there) is not the container's
+    assert json.loads((folder / ".d-pull" / "base.json").read_text()) == config  # in DIR, not only in the cache
+    config["Env"].append("MINE=kept")
+    (folder / "config.json").write_text(json.dumps(config | {"Hostname": "mybox"}))
+
+    push(registry.host, name, "latest", image(2))  # the tag moves
+    if prune:  # the old image's config is gone from the cache: the update must not change
+        pruned = subprocess.run([BIN / "d-cache", "--cache", str(cache), "prune", "--all"], capture_output=True)
+        assert pruned.returncode == 0 and not any((cache / "blobs" / "sha256").iterdir())
+    updated = d_pull("--update", ref, str(folder), cache=cache)
+    assert updated.returncode == 0, updated.stderr
+    config = json.loads((folder / "config.json").read_text())
+    assert config["Env"] == ["PATH=/bin", "VERSION=2", "ONLY_IN_2=yes", "MINE=kept"]
+    assert config["Hostname"] == "mybox"
+    assert f"kept your edits to {folder}/config.json: Env MINE, Hostname\n" in updated.stderr
+    assert d_run(folder, "sh", "-c", "echo $VERSION $MINE $ONLY_IN_1").stdout == "2 kept\n"
