@@ -12,6 +12,7 @@ record), never on doit's database alone: after a kill -9 that database holds not
 import atexit
 import contextlib
 import os
+import shlex
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -306,6 +307,7 @@ def folder_tasks(pull: Pull, downloads: threading.BoundedSemaphore) -> Callable[
 
     @create_after(executed=f"dutils-manifest:{key}", creates=[f"dutils-config:{key}", f"dutils-run:{key}"])
     def create() -> Iterator[dict]:
+        """Finish the folder after its manifest: fetch its blobs, apply its layers, write config.json (and run it)."""
         image, deps = pull.image, [f"dutils-manifest:{key}"]  # no image: the manifest task was up to date
         if image and not pull.is_complete():
             blobs = {f"dutils-fetch:{key}/{blob.digest}": blob for blob in (image.config, *image.layers)}  # once each
@@ -320,6 +322,7 @@ def folder_tasks(pull: Pull, downloads: threading.BoundedSemaphore) -> Callable[
         yield task(pull.write_config, basename=f"dutils-config:{key}", task_dep=deps, uptodate=[pull.is_complete])
         if pull.run:  # d-run's exit status is the task's result
             run = {"basename": f"dutils-run:{key}", "actions": [pull.run], "uptodate": [False], "verbosity": 2}
+            run["doc"] = f"Run the sandbox: d-run {printable(shlex.join(pull.run[3:]))}"
             yield run | {"task_dep": [f"dutils-config:{key}"]}
 
     return create
@@ -338,7 +341,16 @@ def sandbox_tasks(
     for pull in pulls:
         pull.update = update in ("all", pull.key)
     atexit.register(finish, pulls)  # doit has no end-of-run hook a dodo.py can use; teardowns run per thread
+    sys.excepthook = partial(quiet_interrupt, sys.excepthook)  # doit lets Ctrl-C escape as a traceback
     return pull_tasks(pulls)
+
+
+def quiet_interrupt(shown: Callable, kind: type[BaseException], *details: object) -> None:
+    """Ctrl-C under doit: one line, as d-pull says it, instead of the traceback doit lets escape (a rerun resumes)."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("\ninterrupted; run the same doit command again to resume", file=sys.stderr, flush=True)
+    else:
+        shown(kind, *details)
 
 
 def finish(pulls: list[Pull]) -> None:
