@@ -77,14 +77,20 @@ def open_cache(cache: Path) -> Path:
     """The cache, made if need be and trusted only when all of it is the user's alone (as ssh does with its keys)."""
     if not os.path.lexists(cache):
         make_folder(cache, "cache folder (--cache or $D_UTILS_CACHE)")
+    check_cache(cache)
+    for folder in (blob_folder(cache).parent, blob_folder(cache)):
+        make_folder(folder, "cache folder (--cache or $D_UTILS_CACHE)")
+    return cache
+
+
+def check_cache(cache: Path) -> Path:
+    """The existing cache, trusted only when all of it is the user's alone."""
     link = cache.lstat()  # the cache itself may be a link, if the user made it
     check_private(cache, cache.stat() if link.st_uid == os.geteuid() else link)
     for parent, folders, files in os.walk(cache):
         for name in folders + files:
             with contextlib.suppress(FileNotFoundError):  # a lock another pull removed meanwhile
                 check_private(Path(parent, name), os.lstat(os.path.join(parent, name)))
-    for folder in (blob_folder(cache).parent, blob_folder(cache)):
-        make_folder(folder, "cache folder (--cache or $D_UTILS_CACHE)")
     return cache
 
 
