@@ -41,10 +41,8 @@ def merge_edits(new: dict, base: dict | None, current: dict) -> tuple[dict, list
         if key in kept and None not in sides:
             inner, inner_kept = edit(*sides, f"{key} ")
             kept = [name for name in kept if name != key] + inner_kept
-            if inner or key in current:
+            if inner or key in current:  # else the user removed it, and so is it from `merged`
                 merged[key] = list(inner.values()) if key == "Env" else inner
-            else:
-                merged.pop(key, None)
     return merged, sorted(kept)
 
 

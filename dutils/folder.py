@@ -10,17 +10,7 @@ from pathlib import Path
 
 from .cache import in_use
 from .errors import Error
-from .store import (
-    PullDir,
-    check_digest,
-    load_json,
-    locked,
-    make_folder,
-    open_cache,
-    read_small,
-    remove_tree,
-    write_atomic,
-)
+from .store import PullDir, check_digest, locked, make_folder, open_cache, read_small_json, remove_tree, write_atomic
 
 
 @contextlib.contextmanager
@@ -108,17 +98,15 @@ class LockFile:
         self.mutex = threading.Lock()  # folders resolve side by side
 
     def read(self) -> dict[str, dict]:
+        hint = "restore it, or delete it to lock anew"
+        data = read_small_json(self.path, hint)
         try:
-            entries = load_json(read_small(self.path))["sandboxes"]
+            entries = {} if data is None else data["sandboxes"]
             for entry in entries.values():  # a digest names files: nothing else passes
                 check_digest(entry["digest"]), check_digest(entry["manifest"])
             return entries
-        except FileNotFoundError:
-            return {}
-        except OSError as err:  # a FIFO, a link or more than store.SMALL_FILE bytes: no lock file of ours
-            raise Error(f"cannot read {self.path}: {err.strerror}", "restore it, or delete it to lock anew") from None
-        except (ValueError, KeyError, TypeError, AttributeError, Error) as err:
-            raise Error(f"{self.path} is damaged ({err})", "restore it, or delete it to lock anew") from None
+        except (KeyError, TypeError, AttributeError, Error) as err:
+            raise Error(f"{self.path} is damaged ({err})", hint) from None
 
     def entry(self, folder: Path, reference: str) -> dict | None:
         """What the lock pins `folder` to, unless it names another reference (the dodo.py changed since)."""
