@@ -84,8 +84,9 @@ class AppliedLog:
             os.fsync(out.fileno())
         done.append(digest)
 
-    def clear(self) -> None:
-        """Another image replaces the rootfs: nothing of it is applied."""
+    def start_over(self) -> None:
+        """Another image replaces the rootfs: remove it, and what was applied to it."""
+        remove_tree(self.rootfs)
         self.path.unlink(missing_ok=True)
         self.done = []
 

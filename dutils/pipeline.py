@@ -41,7 +41,7 @@ from .manifest import Blob, Image, Platform, compatible, host_platform, parse_pl
 from .progress import Lines, Progress
 from .reference import Reference, parse_reference
 from .registry import BlobUnknown, Registry, RetryPolicy
-from .store import PullDir, Record, blob_path, cache_dir, remove_tree
+from .store import PullDir, Record, blob_path, cache_dir
 
 T = TypeVar("T")
 MIRROR_RETRY = RetryPolicy(attempts=2)  # a failing mirror costs little: the origin is there
@@ -171,8 +171,7 @@ class Pull:
         if record:  # a folder following its lock file changes image as the lock says
             new = record.retarget(*new[:3], self.folder.root, replace=self.update or entry is not None)
             if new.digest != record.digest:  # drop the rootfs of another image; config.json and volumes/ stay
-                remove_tree(self.folder.rootfs)
-                self.log.clear()
+                self.log.start_over()
         layers = [layer.digest for layer in self.image.layers]
         applied = self.log.applied()
         self.options.progress.expect_layers(len(layers) - sum(a == b for a, b in zip(applied, layers, strict=False)))
