@@ -1,21 +1,17 @@
-"""The pipeline's pure parts, without a registry: the lock file, d-run settings, the applied-layers list, the
-record's update policy."""
+"""The pipeline's pure parts, without a registry: one line for an OSError in a task, the cost per layer of a huge
+image, the record's update policy and when a locked folder is settled."""
 
 import errno
-import io
-import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from dutils.errors import Error
-from dutils.folder import AppliedLog, LockFile
+from dutils.folder import LockFile
 from dutils.manifest import Blob, Image, parse_platform
-from dutils.pipeline import Options, Pull, Sandbox, action
-from dutils.progress import Lines
+from dutils.pipeline import Options, Pull, action
 from dutils.store import Record
 
 LAYERS = 27_000  # far more than any real image: the work per layer must not grow with their number
@@ -25,89 +21,12 @@ def digest(n: int) -> str:
     return f"sha256:{n:064x}"
 
 
-def test_run_settings_are_exactly_d_runs_flags(tmp_path: Path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    sandbox = Sandbox(
-        "sandboxes/tools",
-        "alpine",
-        command=["make", "-j2"],
-        volumes=["src:/src", "/cache"],
-        env={"A": "1", "B": "x y"},
-        net=True,
-        rw=True,
-        user="app:app",
-        workdir="/src",
-        ports=["127.0.0.1:8080:80", "53:53/udp"],
-        tmpfs=["/run", "/var/lib/nginx:size=16m"],
-        hostname="tools",
-        entrypoint=["/bin/sh", "-c"],
-    )
-    assert sandbox.d_run_argv() == [
-        sys.executable, "-m", "dutils.run",
-        "-v", "src:/src", "-v", "/cache", "-e", "A=1", "-e", "B=x y", "-n", "--rw", "-u", "app:app",
-        "--workdir", "/src", "-p", "127.0.0.1:8080:80", "-p", "53:53/udp",
-        "--tmpfs", "/run", "--tmpfs", "/var/lib/nginx:size=16m", "--hostname", "tools",
-        "--entrypoint", '["/bin/sh", "-c"]', str(tmp_path / "sandboxes" / "tools"), "make", "-j2",
-    ]  # fmt: skip
-    assert Sandbox("s", "alpine").d_run_argv()[3:] == [str(tmp_path / "s")]  # d-run's defaults: nothing added
-    assert Sandbox("s", "alpine", entrypoint="/init").d_run_argv()[3:5] == ["--entrypoint", "/init"]
-
-
-def test_a_sandbox_pulls_for_its_platform_and_its_progress_lines_name_it(tmp_path: Path):
-    lines = io.StringIO()
-    options = Options(cache=tmp_path / "cache", platform=parse_platform("linux/amd64"), progress=Lines(lines))
-    mine = Sandbox("sandboxes/arm", "alpine", platform="linux/arm64").options(options)
-    assert (mine.platform, mine.cache) == (parse_platform("linux/arm64/v8"), options.cache)
-    assert Sandbox("sandboxes/host", "alpine").options(options).platform == options.platform
-    mine.progress.note("retrying")
-    mine.progress.expect(10)
-    assert lines.getvalue() == "sandboxes/arm: retrying\n"
-    assert options.progress.total == 10  # one status for all the sandboxes
-
-
 def test_an_os_error_in_a_task_is_one_line_naming_the_file(tmp_path: Path):
     def write_image_json() -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "a\x1b[2J" / "image.json"))
 
     failed = action(write_image_json)()
     assert failed.message == f"{tmp_path}/a\\x1b[2J/image.json: No space left on device"
-
-
-def test_the_lock_file_is_stable_json_keyed_by_folder_relative_to_it(tmp_path: Path):
-    lock = LockFile(tmp_path / "sandboxes.lock")
-    entry = {"reference": "r:1", "digest": digest(1), "manifest": digest(2), "platform": "linux/amd64"}
-    lock.pin(tmp_path / "b", entry)
-    lock.pin(tmp_path / "sub" / "a", entry | {"reference": "r:2"})
-    text = (tmp_path / "sandboxes.lock").read_text()
-    assert list(json.loads(text)["sandboxes"]) == ["b", "sub/a"] and text.endswith("}\n")
-    lock.pin(tmp_path / "b", entry)
-    assert (tmp_path / "sandboxes.lock").read_text() == text  # the same facts, the same bytes
-    assert lock.entry(tmp_path / "b", "r:1") == entry
-    assert lock.entry(tmp_path / "b", "r:other") is None  # the dodo.py now names another image
-
-
-# a committed lock file is another author's: "[" * 100_000 nests deeper than Python's JSON parser goes
-@pytest.mark.parametrize(
-    "text", ["{", "[]", '{"sandboxes": {"a": {"digest": "sha256:../../x", "manifest": 1}}}', "[" * 100_000]
-)
-def test_a_damaged_lock_file_is_one_clear_error(tmp_path: Path, text: str):
-    (tmp_path / "sandboxes.lock").write_text(text)
-    with pytest.raises(Error, match="sandboxes.lock is (damaged|not valid JSON)"):
-        LockFile(tmp_path / "sandboxes.lock").entry(tmp_path / "a", "r:1")
-
-
-@pytest.mark.parametrize("kind", ["fifo", "huge", "link"])
-def test_a_lock_file_that_is_no_small_regular_file_is_refused_at_once(tmp_path: Path, kind: str):
-    path = tmp_path / "sandboxes.lock"
-    if kind == "fifo":
-        os.mkfifo(path)  # read at once, never waited on
-    elif kind == "huge":
-        with open(path, "wb") as out:
-            out.truncate(1 << 30)  # sparse: a gigabyte to read, nothing on the disk
-    else:
-        path.symlink_to(tmp_path / "elsewhere.lock")
-    with pytest.raises(Error, match="cannot read .*sandboxes.lock"):
-        LockFile(path).entry(tmp_path / "a", "r:1")
 
 
 def pull_of_many_layers(tmp_path: Path) -> Pull:
@@ -125,16 +44,6 @@ def test_checking_every_layer_of_a_huge_image_costs_the_same_per_layer(tmp_path:
     started = time.monotonic()
     assert all(pull.log.is_applied(n, layer.digest) for n, layer in enumerate(pull.image.layers))
     assert time.monotonic() - started < 3  # re-reading the list per layer took minutes
-
-
-def test_a_layer_applied_again_voids_the_ones_after_it_and_a_cut_line(tmp_path: Path):
-    pull = pull_of_many_layers(tmp_path)
-    pull.log.path.write_text(f"{digest(0)}\n{digest(1)}\n{digest(2)[:20]}")  # killed mid-line
-    assert [pull.log.is_applied(n, digest(n)) for n in range(3)] == [True, True, False]
-    pull.log.note(1, digest(1))
-    assert pull.log.path.read_text() == f"{digest(0)}\n{digest(1)}\n"
-    pull.log.note(2, digest(2))
-    assert AppliedLog(pull.folder).applied() == [digest(n) for n in range(3)]
 
 
 def test_a_finished_folder_changes_image_only_when_asked(tmp_path: Path):
