@@ -89,6 +89,10 @@ def test_three_sandboxes_materialise_with_a_shared_layer_fetched_once_then_cost_
     assert first.returncode == 0, first.stderr
     assert [which(project, name) for name in ["one", "two"]] == ["one v1\n", "two v1\n"]
     assert (project / "sandboxes" / "three" / "rootfs" / "three").read_text() == "3\n"
+    progress = first.stderr.splitlines()  # interleaved, so each line names its sandbox
+    assert progress and all(
+        line.startswith(tuple(f"sandboxes/{n}: " for n in ["one", "two", "three"])) for line in progress
+    )
     base = sha256(version("one").layer_blobs[0])
     assert registry.blob_gets(base) == 1  # shared by one and two, downloaded once
     assert registry.manifest_gets() == 3  # one a sandbox: the lock records the digest of what the tag answered
