@@ -25,7 +25,6 @@ ORDER = [
     "policy",
     "signature",
     "tarstream",
-    "journal",
     "rootfs",
     "tree",
     "apply",
