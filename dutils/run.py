@@ -118,7 +118,10 @@ def make_entry(root: Root, path: str, make: Callable[[int, str], None]) -> str:
     with root.resolve(path, make_missing_dir) as place:
         st = lstat_or_none(place.name, place.fd)
         if st is None:
-            make(place.fd, place.name)
+            try:
+                make(place.fd, place.name)
+            except FileExistsError:  # made meanwhile by a d-run starting beside this one (build steps run side by side)
+                return make_entry(root, path, make)
         elif stat.S_ISDIR(st.st_mode) != (make is make_missing_dir):
             kind = "a folder" if make is make_missing_dir else "a file"
             raise Error(f"/{place.path} is not {kind}, and {kind} must be bound there", "remove it, or drop the mount")
