@@ -1,21 +1,13 @@
-"""Build steps: a command run in a sandbox by d-run, only when its inputs, image, command or settings changed.
+"""Build steps: doit's task `step:NAME` runs a command in a sandbox by d-run when its inputs (`file_dep`, which
+orders steps too), its sandbox's pinned digest, command or settings changed, or an output (`targets`) is missing;
+in a staging folder holding its inputs read-only and nothing else of the host, moved into place on success."""
 
-A step is a doit task (`step:NAME`). Its inputs are doit's `file_dep` (small files: doit's MD5 is fine, and a step
-reading another's output runs after it), its outputs `targets`, and the rest (the sandbox's pinned digest, read
-when doit checks the task, since `dutils-update` moves it during the run; the command, environment and settings)
-one fingerprint compared with the last successful run's. The step runs in a fresh staging folder bound writable
-at WORK, its inputs bound read-only on top at their relative paths, nothing else of the host; its outputs are
-moved into place only when it succeeded, so a failed step leaves none that doit could take as done.
-"""
-
-import contextlib
 import glob
 import hashlib
 import json
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -26,8 +18,6 @@ from .reference import parse_reference
 from .store import read_small, remove_tree
 
 WORK = "/tmp/work"  # on bwrap's fresh /tmp: no mount point made in the sandbox's folder, which steps share
-STAGING = ".dutils-steps"  # beside dodo.py: outputs are renamed from there into place
-NAME = re.compile(r"\w[\w.-]*")
 
 
 @dataclass
@@ -47,21 +37,6 @@ class Step:
         return [os.path.normpath(output) for output in self.outputs]
 
 
-class Unchanged:
-    """doit's `config_changed` for a value taken when doit checks the task, not when it loads the dodo.py."""
-
-    KEY = "dutils-step"
-
-    def __init__(self, fingerprint: Callable[[], str]) -> None:
-        self.fingerprint = fingerprint
-
-    def configure_task(self, task) -> None:
-        task.value_savers.append(lambda: {self.KEY: self.fingerprint()})
-
-    def __call__(self, task, values: dict) -> bool:
-        return values.get(self.KEY) == self.fingerprint()
-
-
 def step_tasks(steps: list[Step], lock: str | os.PathLike[str] = "sandboxes.lock") -> dict[str, Callable]:
     """What a dodo.py puts in its namespace (`globals().update(...)`) beside `sandbox_tasks`, with the same lock."""
     lockfile, base = LockFile(lock), Path.cwd()  # doit loads a dodo.py in its folder
@@ -77,35 +52,32 @@ def step_tasks(steps: list[Step], lock: str | os.PathLike[str] = "sandboxes.lock
 def step_task(step: Step, inputs: list[str], lock: LockFile, base: Path) -> dict:
     try:
         check_paths(step, inputs, base)
-        deps = {"file_dep": inputs, "targets": step.targets()}
+        clean = [action(remove_tree, base / name) for name in step.targets()]  # folders too; a link, not followed
+        deps = {"file_dep": inputs, "targets": step.targets(), "clean": clean}
     except Error:  # doit must not read what the step may not: its action says why, in one line
         deps = {}
     return deps | {
         "name": step.name,
         "actions": [action(run_step, step, inputs, base)],
         "task_dep": [f"dutils-config:{step.sandbox.folder}"],
-        "uptodate": [Unchanged(lambda: fingerprint(step, inputs, lock))],
-        "clean": [action(remove_outputs, step, inputs, base)],
+        "uptodate": [(unchanged, [step, inputs, lock])],
         "io": {"capture": False},  # the step's output is printed as it ends (see pipeline.task)
     }
 
 
 def expand(patterns: list[str], base: Path) -> list[str]:
-    """Each glob as the files it matches now (folders left out); other names as they are: a step may make them."""
+    """Each glob as the files it matches now (not folders); other names as they are: another step may make them."""
     found = []
     for pattern in patterns:
-        if not any(char in pattern for char in "*?["):
-            found.append(os.path.normpath(pattern))
-            continue
-        matches = sorted(glob.glob(pattern, root_dir=base, recursive=True))
-        found += [os.path.normpath(match) for match in matches if not (base / match).is_dir()]
+        matches = sorted(glob.glob(pattern, root_dir=base, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        found += [os.path.normpath(match) for match in matches if match == pattern or not (base / match).is_dir()]
     return list(dict.fromkeys(found))
 
 
 def check_paths(step: Step, inputs: list[str], base: Path) -> None:
     """Refuse, in one line, a step name or path that leads out of the dodo.py folder (by '..', an absolute name or a
     link) or that d-run's -v cannot carry; an input inside an output (which would replace it); a folder as input."""
-    if not NAME.fullmatch(step.name):
+    if not re.fullmatch(r"\w[\w.-]*", step.name):
         raise Error(f"step {step.name!r}: a step's name is letters, digits, '_', '.' and '-'")
     outputs = step.targets()
     for name in [*inputs, *outputs]:
@@ -119,23 +91,22 @@ def check_paths(step: Step, inputs: list[str], base: Path) -> None:
             raise Error(f"step {step.name}: the input {name} is inside its output {clash}")
 
 
-def fingerprint(step: Step, inputs: list[str], lock: LockFile) -> str:
-    """What the step's result depends on besides its inputs' contents."""
-    folder = Path(step.sandbox.folder).absolute()
-    try:
-        config = hashlib.sha256(read_small(folder / "config.json")).hexdigest()  # the user's edits: Env, User...
-        pinned = lock.entry(folder, str(parse_reference(step.sandbox.image)))
-    except (OSError, Error):  # run it, and let d-run or the action say what is wrong
-        config = pinned = None
-    settings = [pinned, config, step.command, step.env, step.net, inputs, step.outputs]
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+def unchanged(task: object, values: dict, step: Step, inputs: list[str], lock: LockFile) -> bool:
+    """doit's `config_changed` of all but the inputs, taken as doit checks the task: `dutils-update` moves the lock."""
+    folder = Path(step.sandbox.folder).absolute()  # complete: the step runs after its sandbox's config task
+    pinned = lock.entry(folder, str(parse_reference(step.sandbox.image)))
+    config = read_small(folder / "config.json").decode(errors="replace")  # the user's edits: Env, User...
+    settings = json.dumps([pinned, config, step.command, step.env, step.net, inputs, step.outputs], sort_keys=True)
+    now = hashlib.sha256(settings.encode()).hexdigest()
+    task.value_savers.append(lambda: {"dutils-step": now})
+    return values.get("dutils-step") == now
 
 
 def run_step(step: Step, inputs: list[str], base: Path) -> None:
     """Run the step in a fresh staging folder; move its outputs into place when it succeeded, and only then."""
     check_paths(step, inputs, base)
-    stage = base / STAGING / step.name
-    remove_tree(stage)  # what a killed run left
+    stage = base / f".dutils-step-{step.name}"  # beside the outputs, renamed from there into place
+    remove_tree(stage)  # what a killed run left, or a link planted there (removed, never followed)
     for output in step.outputs:  # a folder output is made, a file's folder too (bwrap binds none of them)
         (stage / output if output.endswith("/") else (stage / output).parent).mkdir(parents=True, exist_ok=True)
     stage.mkdir(parents=True, exist_ok=True)
@@ -144,8 +115,7 @@ def run_step(step: Step, inputs: list[str], base: Path) -> None:
     try:
         argv = replace(step.sandbox, **settings, rw=False).d_run_argv()  # nothing else of the sandbox's settings
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        sys.stdout.write(done.stdout.decode(errors="replace"))
-        sys.stdout.flush()
+        print(done.stdout.decode(errors="replace"), end="", flush=True)  # as d-run passes it on
         if done.returncode:
             raise Error(f"step {step.name} failed (exit status {done.returncode})")
         if missing := [name for name in step.targets() if not os.path.lexists(stage / name)]:
@@ -156,12 +126,3 @@ def run_step(step: Step, inputs: list[str], base: Path) -> None:
             os.replace(stage / name, base / name)
     finally:
         remove_tree(stage)
-        with contextlib.suppress(OSError):
-            stage.parent.rmdir()
-
-
-def remove_outputs(step: Step, inputs: list[str], base: Path) -> None:
-    """`doit clean`: the step's outputs, which may be folders."""
-    check_paths(step, inputs, base)
-    for name in step.targets():
-        remove_tree(base / name)
