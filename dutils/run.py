@@ -339,7 +339,8 @@ def open_source(mount: sandbox.Mount) -> int:
 def open_volumes(dir_fd: int, label: str) -> Owned:
     """DIR/volumes, made when missing; a link or another user's folder there is refused."""
     if lstat_or_none("volumes", dir_fd) is None:
-        os.mkdir("volumes", 0o755, dir_fd=dir_fd)
+        with contextlib.suppress(FileExistsError):  # made meanwhile by a d-run of DIR starting beside this one
+            os.mkdir("volumes", 0o755, dir_fd=dir_fd)
     try:
         return Owned(os.dup(dir_fd), "volumes", label)
     except NotADirectoryError:

@@ -79,15 +79,14 @@ def check_paths(step: Step, inputs: list[str], base: Path) -> None:
     link) or that d-run's -v cannot carry; an input inside an output (which would replace it); a folder as input."""
     if not re.fullmatch(r"\w[\w.-]*", step.name):
         raise Error(f"step {step.name!r}: a step's name is letters, digits, '_', '.' and '-'")
-    outputs = step.targets()
-    for name in [*inputs, *outputs]:
+    for name in [*inputs, *step.targets()]:
         path, real = PurePosixPath(name), os.path.realpath(base / name)
         if path.is_absolute() or ".." in path.parts or ":" in name or not real.startswith(f"{base}{os.sep}"):
             raise Error(f"step {step.name}: {name} is not inside {base}", "name files below the dodo.py folder")
     for name in inputs:
         if (base / name).is_dir():
             raise Error(f"step {step.name}: the input {name} is a folder", f"name its files, or a glob: {name}/**")
-        if clash := next((out for out in outputs if name == out or name.startswith(f"{out}/")), None):
+        if clash := next((out for out in step.targets() if name == out or name.startswith(f"{out}/")), None):
             raise Error(f"step {step.name}: the input {name} is inside its output {clash}")
 
 
