@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 from .errors import Error
-from .pipeline import LockFile, Sandbox, action
+from .pipeline import LockFile, Sandbox, action  # from folder and dodo_api
 from .reference import parse_reference
 from .store import read_small, remove_tree
 
@@ -111,8 +111,8 @@ def run_step(step: Step, inputs: list[str], base: Path) -> None:
     stage.mkdir(parents=True, exist_ok=True)
     binds = [f"{stage}:{WORK}", *(f"{base / name}:{WORK}/{name}:ro" for name in inputs)]
     settings = {"command": step.command, "volumes": binds, "env": step.env, "net": step.net, "workdir": WORK}
-    try:
-        argv = replace(step.sandbox, **settings, rw=False).d_run_argv()  # nothing else of the sandbox's settings
+    try:  # no other host path, network or writable root of the sandbox's settings
+        argv = replace(step.sandbox, **settings, rw=False, ports=[]).d_run_argv()
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         print(done.stdout.decode(errors="replace"), end="", flush=True)  # as d-run passes it on
         if done.returncode:
