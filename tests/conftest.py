@@ -13,7 +13,7 @@ import pytest
 from catalogue import unpack_with_umoci
 from images import push_standard_set
 from malicious import make_workspace
-from registry import Registry
+from registry_server import Registry
 
 REPO = Path(__file__).parents[1]
 USER = "dutest"

@@ -35,7 +35,7 @@ from malicious import (
     write_layer,
     write_streamed_layer,
 )
-from registry import Registry
+from registry_server import Registry
 
 from dutils.errors import Error
 from dutils.store import remove_tree

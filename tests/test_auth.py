@@ -16,7 +16,7 @@ from certs import Authority
 from cli import assert_one_line_error, d_pull
 from images import busybox_image
 from realworld import PERSONAL, assert_pulled, htpasswd_config, isolated_env, pull, requests_seen, seed, storage_config
-from registry import Registry
+from registry_server import Registry
 from tokenserver import SERVICE, TokenServer
 
 from dutils.auth import Credentials, auth_files, find_credentials

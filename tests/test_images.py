@@ -33,7 +33,7 @@ from images import (
     skopeo_push,
 )
 from malicious import ROWS, USER, Row, as_root, check_outcome, outside_state, plant_markers
-from registry import Registry, session
+from registry_server import Registry, session
 from trees import snapshot
 
 from dutils.store import locked

@@ -17,7 +17,7 @@ import pytest
 from cli import assert_one_line_error, d_pull, d_run, start_d_pull
 from httpd import Handler, LoopbackServer
 from images import Image, Tar, busybox_layer, push, push_blob, push_manifest, random_files, sha256
-from registry import Registry
+from registry_server import Registry
 from trees import snapshot, tree_without_folder_times
 
 pytestmark = pytest.mark.integration  # a registry, and d-run's bwrap

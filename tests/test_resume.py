@@ -14,7 +14,7 @@ import pytest
 from cli import BIN, assert_one_line_error, d_pull, start_d_pull
 from faultproxy import FaultProxy
 from images import Image, busybox_layer, push, random_files
-from registry import Registry
+from registry_server import Registry
 from trees import tree_without_folder_times
 
 PULL_TIMEOUT = 120

@@ -33,7 +33,7 @@ from images import (
     sha256,
     write_oci_layout,
 )
-from registry import Registry, session
+from registry_server import Registry, session
 
 REPO = Path(__file__).parents[1]
 
