@@ -27,24 +27,36 @@ def registry() -> Iterator[Registry]:
         yield started
 
 
-# Tests that need a registry, bwrap or the ordinary user: marked `integration`, so that
-# `pytest -m "not integration"` is a fast inner loop. Fixtures tell for most; these modules start their own.
-INTEGRATION_FIXTURES = {"registry", "images", "unprivileged", "umoci"}
-INTEGRATION_MODULES = {
-    "test_auth",
-    "test_faultproxy",
-    "test_registries",
-    "test_images",
-    "test_resume",
-    "test_rig",
-    "test_run",
-}
+# The inner loop, `pytest -m "not integration"`, holds every test that needs no registry, no bwrap, no other user
+# and no more than a second. The others are marked `integration`: by the fixtures they use (directly or through
+# other fixtures) when one of these is among them, and by hand (`pytest.mark.integration`) when they start a
+# server of their own or are slow. A slow test left unmarked is named at the end of the run.
+INTEGRATION_FIXTURES = {"registry", "unprivileged", "other_user", "bwrap"}
+SLOW = 2.0  # seconds a test may take before it is named: a second, and slack for a loaded machine
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in INTEGRATION_MODULES:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Names the tests of the inner loop that took longer than SLOW: a report, never a failure under load."""
+    reports = [report for kind in ("passed", "failed") for report in terminalreporter.stats.get(kind, ())]
+    slow = [r for r in reports if r.duration > SLOW and "integration" not in r.keywords and r.when == "call"]
+    if slow:
+        terminalreporter.section("slow tests not marked integration")
+        for report in slow:
+            terminalreporter.write_line(f"{report.duration:.1f} s {report.nodeid}")
+
+
+@pytest.fixture(scope="session")
+def bwrap() -> str:
+    """Where bubblewrap is: every fixture or test that starts a sandbox asks for it, which marks it integration."""
+    found = shutil.which("bwrap")
+    assert found, "bwrap is not installed: run ./install.sh"
+    return found
 
 
 @pytest.fixture(scope="session")

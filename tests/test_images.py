@@ -38,6 +38,8 @@ from trees import snapshot
 
 from dutils.store import locked
 
+pytestmark = pytest.mark.integration  # registries of its own
+
 # -- the catalogue, end to end
 
 # How the catalogue image reaches the registry: our push in each media type and compression, or skopeo's copy of

@@ -19,6 +19,8 @@ from images import busybox_image, platform_images, push_attestation, push_blob, 
 from realworld import assert_pulled, htpasswd_config, pull, seed, storage_config
 from registry_server import Registry, free_port
 
+pytestmark = pytest.mark.integration  # registries of its own
+
 USER, PASSWORD = "bob", "cdn-test-password"
 BUSYBOX = "team/tools/busybox:1.0"  # a nested repository path
 SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"

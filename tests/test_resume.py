@@ -17,6 +17,8 @@ from images import Image, busybox_layer, push, random_files
 from registry_server import Registry
 from trees import tree_without_folder_times
 
+pytestmark = pytest.mark.integration  # a registry of its own
+
 PULL_TIMEOUT = 120
 SLACK = 64 << 10  # what a resumed download may fetch twice, over all its interruptions
 POLL = 0.01
