@@ -37,7 +37,9 @@ SLOW = 2.0  # seconds a test may take before it is named: a second, and slack fo
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+        parametrized = getattr(item, "callspec", None)  # an argument named `registry` is no registry
+        fixtures = set(getattr(item, "fixturenames", ())) - set(parametrized.params if parametrized else ())
+        if INTEGRATION_FIXTURES & fixtures:
             item.add_marker(pytest.mark.integration)
 
 
