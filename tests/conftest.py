@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,9 +32,10 @@ def registry() -> Iterator[Registry]:
 # The inner loop, `pytest -m "not integration"`, holds every test that needs no registry, no bwrap, no other user
 # and no more than a second. The others are marked `integration`: by the fixtures they use (directly or through
 # other fixtures) when one of these is among them, and by hand (`pytest.mark.integration`) when they start a
-# server of their own or are slow. A slow test left unmarked is named at the end of the run.
+# server of their own or are slow. A slow test left unmarked is named at the end of the run, never failed: a
+# loaded machine stretches every test's time, but not the CPU it takes, and not by this much.
 INTEGRATION_FIXTURES = {"registry", "unprivileged", "other_user", "bwrap"}
-SLOW = 2.0  # seconds a test may take before it is named: a second, and slack for a loaded machine
+SLOW_CPU, SLOW_WALL = 1.0, 5.0  # seconds
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -43,14 +46,33 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of the children it has waited for (d-pull, d-run, tar, ...)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    started = cpu_seconds()
+    yield
+    item.user_properties.append(("cpu", cpu_seconds() - started))
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Names the tests of the inner loop that took longer than SLOW: a report, never a failure under load."""
+    """Names the tests of the inner loop that took over SLOW_CPU of CPU or SLOW_WALL of time."""
     reports = [report for kind in ("passed", "failed") for report in terminalreporter.stats.get(kind, ())]
-    slow = [r for r in reports if r.duration > SLOW and "integration" not in r.keywords and r.when == "call"]
+    slow = [
+        (report, cpu)
+        for report in reports
+        if report.when == "call" and "integration" not in report.keywords
+        for cpu in [dict(report.user_properties).get("cpu", 0.0)]
+        if cpu > SLOW_CPU or report.duration > SLOW_WALL
+    ]
     if slow:
         terminalreporter.section("slow tests not marked integration")
-        for report in slow:
-            terminalreporter.write_line(f"{report.duration:.1f} s {report.nodeid}")
+        for report, cpu in slow:
+            terminalreporter.write_line(f"{report.duration:.1f} s ({cpu:.1f} s of CPU) {report.nodeid}")
 
 
 @pytest.fixture(scope="session")
