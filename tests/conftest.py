@@ -1,4 +1,5 @@
-"""Shared fixtures: a real registry with the standard images, and an ordinary user with d-utils installed."""
+"""Shared fixtures (a real registry with the standard images, an ordinary user with d-utils installed, bwrap) and
+the rule that marks the tests needing them `integration`."""
 
 from __future__ import annotations
 
