@@ -88,6 +88,8 @@ def drawn(text: str) -> list[tuple[str, ...]]:
 
 
 class TtyStream(io.StringIO):
+    """A stream that says it is a terminal, read back exactly as written (a real one is tested at the end)."""
+
     def isatty(self) -> bool:
         return True
 
