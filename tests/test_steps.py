@@ -16,7 +16,7 @@ import pytest
 from cli import BIN
 from conftest import USER
 from images import Image, Tar, busybox_layer, push
-from registry import Registry
+from registry_server import Registry
 
 from dutils.errors import Error
 from dutils.pipeline import Sandbox
