@@ -242,7 +242,7 @@ class Pull:
             return resolve_image(registry, ref, self.options.platform, fetch)
 
         self.image = self.from_any_registry(resolve_on)
-        verified_by = check_image(self.options.policy, self.ref, self.image, self.from_any_registry, self.download)
+        verified = check_image(self.options.policy, self.ref, self.image.digest, self.from_any_registry, self.download)
         if self.lock and not entry:
             pinned = {"reference": str(self.ref), "digest": self.image.resolved, "manifest": self.image.digest}
             self.lock.pin(self.folder.root, pinned | {"platform": self.image.platform})
@@ -258,7 +258,7 @@ class Pull:
         applied = self.applied() if self.folder.rootfs.is_dir() else []
         self.options.progress.expect_layers(len(layers) - sum(a == b for a, b in zip(applied, layers, strict=False)))
         # complete only while every layer is applied: d-run refuses a rootfs that is being rebuilt
-        self.folder.write_record(new._replace(complete=new.complete and applied == layers, verified_by=verified_by))
+        self.folder.write_record(new._replace(complete=new.complete and applied == layers, verified_by=verified))
 
     # -- fetch
 

@@ -1,5 +1,4 @@
-"""The containers tools' trust policy (containers-policy.json(5)) with containers/image's semantics, enforced once the
-manifest is known and before any layer is fetched; signature.py (cryptography) loads only for sigstoreSigned."""
+"""The containers tools' trust policy (containers-policy.json(5)), with containers/image's semantics."""
 
 import os
 from collections.abc import Callable
@@ -7,7 +6,6 @@ from functools import partial
 from pathlib import Path
 
 from .errors import Error
-from .manifest import Image
 from .reference import Reference, parse_reference
 from .store import load_json, read_small
 
@@ -16,33 +14,26 @@ KNOWN = {"insecureAcceptAnything", "reject", "signedBy", "signedBaseLayer", "sig
 
 
 def load_policy(chosen: str | None) -> tuple[Path, dict] | None:
-    """--policy FILE, else ~/.config/containers/policy.json, else /etc/containers/policy.json, checked in shape (one
-    that does not parse is an error); None when there is none: accept anything, as the containers tools' default."""
+    """--policy FILE, else ~/.config/containers/policy.json, else /etc/containers/policy.json (none: accept anything)."""
     paths = [Path(chosen)] if chosen else [Path.home() / ".config/containers/policy.json", SYSTEM_POLICY]
     path = next((path for path in paths if chosen or os.path.lexists(path)), None)
     if path is None:
         return None
-    try:
+    try:  # one that does not parse is an error, never "accept anything"
         policy = load_json(read_small(path))
         lists = [policy["default"], *(r for scopes in policy.get("transports", {}).values() for r in scopes.values())]
         if not all(reqs and isinstance(reqs, list) and all(r["type"] in KNOWN for r in reqs) for reqs in lists):
             raise ValueError("every scope needs a list of requirements of known types")
-    except OSError as err:
-        raise Error(f"cannot read the policy {path}: {err.strerror}", "name a regular file with --policy") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise Error(f"the policy {path} is not valid ({err!r})", "see containers-policy.json(5)") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # OSError: missing, a FIFO, too large
+        raise Error(f"the policy {path} is not usable ({getattr(err, 'strerror', None) or repr(err)})") from None
     return path, policy
 
 
 def scopes(ref: Reference) -> list[str]:
-    """The `docker` scopes naming `ref`, most specific first: the reference, its repository and each namespace up to
-    the host, the host's `*.domain` wildcards, the transport's own default ""."""
-    name, found = f"{ref.registry}/{ref.repository}", [str(ref)]
-    while "/" in name:
-        found.append(name)
-        name = name.rpartition("/")[0]
-    host = name.partition(":")[0]
-    return [*found, name, *(f"*.{host.split('.', n)[-1]}" for n in range(1, host.count(".") + 1)), ""]
+    """The `docker` scopes naming `ref`, most specific first (down to the host, its `*.domain`s, then "")."""
+    parts, host = f"{ref.registry}/{ref.repository}".split("/"), ref.registry.partition(":")[0].split(".")
+    names = ["/".join(parts[:n]) for n in range(len(parts), 0, -1)]
+    return [str(ref), *names, *("*." + ".".join(host[n:]) for n in range(1, len(host))), ""]
 
 
 def requirements_for(policy: dict, ref: Reference) -> list[dict]:
@@ -50,34 +41,30 @@ def requirements_for(policy: dict, ref: Reference) -> list[dict]:
     return next((docker[scope] for scope in scopes(ref) if scope in docker), policy["default"])
 
 
-def check_image(chosen: str | None, ref: Reference, image: Image, on_registry: Callable, fetch: Callable) -> str:
-    """Enforce every requirement of the policy's scope for `ref`; return the keys that verified the image ("" when none
-    was asked for). `on_registry(operation)` runs `operation(registry)`, `fetch(registry, blob)` caches a blob."""
+def check_image(chosen: str | None, ref: Reference, digest: str, on_registry: Callable, fetch: Callable) -> str:
+    """Enforce the policy on manifest `digest` of `ref`: the keys that verified it ("" when none was asked for)."""
     found, verified = load_policy(chosen), []
     for requirement in requirements_for(found[1], ref) if found else []:
-        kind = requirement["type"]
-        if kind == "reject":
+        if (kind := requirement["type"]) == "reject":
             raise Error(f"the policy {found[0]} rejects {ref}", "change the policy if you trust this image")
         if kind in ("signedBy", "signedBaseLayer"):
             raise Error(f"{ref}: the policy {found[0]} asks for {kind} (GPG), which d-pull does not support")
         if kind == "sigstoreSigned":
-            from . import signature  # cryptography loads here only
+            from .signature import verify_image  # cryptography loads here only
 
-            read = lambda digest: on_registry(partial(signature.read_signatures, digest=digest, fetch=fetch))  # noqa: E731
             accepts = partial(identity_accepted, requirement.get("signedIdentity") or {}, ref)
-            verified.append(signature.verify_image(requirement, ref, image, read, accepts))
+            verified.append(verify_image(requirement, digest, on_registry, fetch, accepts))
     return ", ".join(verified)
 
 
 def identity_accepted(rule: dict, intended: Reference, signed: str) -> bool:
-    """Whether a signature's identity may stand for `intended` (containers/image's policy_reference_match.go): cosign
-    writes a repository only, which only matchRepository and exactRepository accept."""
+    """Whether a signature's identity may stand for `intended`, as in containers/image's policy_reference_match.go."""
     kind = rule.get("type", "matchRepoDigestOrExact")
     try:
         name, full = identity(signed)
-        if kind == "remapIdentity":
-            intended = remap(intended, rule["prefix"], rule["signedPrefix"])
-        if kind in ("matchRepository", "exactRepository"):
+        if kind == "remapIdentity" and (identity(str(intended))[0] + "/").startswith(rule["prefix"] + "/"):
+            intended = parse_reference(str(intended).replace(rule["prefix"], rule["signedPrefix"], 1))
+        if kind in ("matchRepository", "exactRepository"):  # the only ones to accept cosign's repository-only identity
             return name == identity(rule["dockerRepository"] if kind[0] == "e" else str(intended))[0]
         if kind in ("matchExact", "exactReference"):
             return (
@@ -97,11 +84,3 @@ def identity(text: str) -> tuple[str, str | None]:
     ref = parse_reference(text)
     tagged = ":" in text.partition("@")[0].rpartition("/")[2]
     return f"{ref.registry}/{ref.repository}", str(ref) if tagged or ref.digest else None
-
-
-def remap(intended: Reference, prefix: str, signed_prefix: str) -> Reference:
-    """remapIdentity: `intended` with `prefix` (a whole host, namespace or repository) replaced by `signed_prefix`."""
-    name = f"{intended.registry}/{intended.repository}"
-    if name != prefix and not name.startswith(prefix + "/"):
-        return intended
-    return parse_reference(str(intended).replace(prefix, signed_prefix, 1))

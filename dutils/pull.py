@@ -49,8 +49,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="replace DIR's image when the tag now names another one (keeps config.json edits); with --lock, lock anew")  # fmt: skip
     add("--lock", metavar="FILE",
         help="pull the digest FILE pins DIR to (a complete DIR then costs no request), else pin it there")  # fmt: skip
-    add("--policy", metavar="FILE",
-        help="trust policy (containers-policy.json); default: ~/.config/containers/policy.json, /etc/containers/policy.json")  # fmt: skip
+    add("--policy", metavar="FILE", help="trust policy, containers-policy.json(5) (default: where podman finds it)")
     add("--insecure", action="store_true", help="use plain HTTP (loopback registries fall back to it after HTTPS)")
     add("--ca-bundle", metavar="FILE", help="trust the CA certificates in FILE for the registry's TLS")
     add("--mirror", action="append", default=[], metavar="HOST[:PORT]",

@@ -41,16 +41,17 @@ def new_key(folder: Path, name: str) -> ec.EllipticCurvePrivateKey:
 
 
 def sign(
-    registry: str, repo: str, digest: str, key: ec.EllipticCurvePrivateKey, identity: str, tag_of: str = ""
+    registry: str, repo: str, digest: str, key: ec.EllipticCurvePrivateKey, identity: str, tag_of: str = "", **damage
 ) -> None:
     """Push a cosign signature of the manifest `digest` naming `identity`, under the `.sig` tag of `tag_of` (default:
-    of `digest` itself)."""
+    of `digest` itself); `damage` replaces the payload (`payload`) or fields of its layer descriptor."""
     critical = {"identity": {"docker-reference": identity}, "image": {"docker-manifest-digest": digest}}
     payload = json.dumps({"critical": critical | {"type": "cosign container image signature"}, "optional": None})
-    signature = base64.b64encode(key.sign(payload.encode(), ec.ECDSA(hashes.SHA256()))).decode()
+    payload = damage.pop("payload", payload.encode())
+    signature = base64.b64encode(key.sign(payload, ec.ECDSA(hashes.SHA256()))).decode()
     config = b"{}"
-    push_blob(registry, repo, payload.encode()), push_blob(registry, repo, config)
-    layer = descriptor(SIMPLE_SIGNING, payload.encode()) | {"annotations": {ANNOTATION: signature}}
+    push_blob(registry, repo, payload), push_blob(registry, repo, config)
+    layer = descriptor(SIMPLE_SIGNING, payload) | {"annotations": {ANNOTATION: signature}} | damage
     manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": [layer]}
     manifest["config"] = descriptor("application/vnd.oci.image.config.v1+json", config)
     push_manifest(registry, repo, (tag_of or digest).replace(":", "-") + ".sig", canonical_json(manifest))
@@ -116,6 +117,14 @@ FORGERIES = {
     "a signature moved from another image": ("names the manifest",),
     "an identity of another repository": ("identity", "is not accepted"),
     "cosign's identity under the default signedIdentity": ("identity", "is not accepted"),
+    "an oversized payload": ("lists a payload of 1048576 bytes",),
+    "a payload that is not JSON": ("malformed signature payload",),
+    "a signature that is not base64": ("does not verify",),
+}
+DAMAGE = {
+    "an oversized payload": {"size": 1 << 20},
+    "a payload that is not JSON": {"payload": b"{not json"},
+    "a signature that is not base64": {"annotations": {ANNOTATION: "not base64!"}},
 }
 
 
@@ -136,6 +145,8 @@ def test_a_forged_missing_or_misplaced_signature_is_refused_before_any_layer(for
     elif forgery == "cosign's identity under the default signedIdentity":
         sign(registry.host, repo, digest, key, identity)
         kind = "matchRepoDigestOrExact"
+    elif forgery in DAMAGE:
+        sign(registry.host, repo, digest, key, identity, **DAMAGE[forgery])
     policy = write_policy(tmp_path / "policy.json", registry.host, requirement(tmp_path / "publisher.pub", kind))
     done = d_pull("--policy", str(policy), f"{registry.host}/{repo}:v1", str(tmp_path / "app"), cache=tmp_path / "c")
     assert_one_line_error(done, "refused by the policy", *FORGERIES[forgery])
