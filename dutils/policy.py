@@ -59,9 +59,8 @@ def check_image(chosen: str | None, ref: Reference, digest: str, on_registry: Ca
 
 def identity_accepted(rule: dict, intended: Reference, signed: str) -> bool:
     """Whether a signature's identity may stand for `intended`, as in containers/image's policy_reference_match.go."""
-    kind = rule.get("type", "matchRepoDigestOrExact")
     try:
-        name, full = identity(signed)
+        kind, (name, full) = rule.get("type", "matchRepoDigestOrExact"), identity(signed)
         if kind == "remapIdentity" and (identity(str(intended))[0] + "/").startswith(rule["prefix"] + "/"):
             intended = parse_reference(str(intended).replace(rule["prefix"], rule["signedPrefix"], 1))
         if kind in ("matchRepository", "exactRepository"):  # the only ones to accept cosign's repository-only identity
@@ -72,11 +71,11 @@ def identity_accepted(rule: dict, intended: Reference, signed: str) -> bool:
             )
         if kind in ("matchRepoDigestOrExact", "remapIdentity"):
             return full is not None and (full == str(intended) if intended.tag else name == identity(str(intended))[0])
-    except (KeyError, TypeError) as err:
-        raise Error(f"signedIdentity {kind} in the policy lacks {err}", "see containers-policy.json(5)") from None
+    except (KeyError, TypeError, AttributeError) as err:
+        raise Error(f"the policy's signedIdentity {rule!r} is not valid ({err!r})", "see its man page") from None
     except Error:
         return False  # not a Docker reference: never accepted
-    raise Error(f"unknown signedIdentity type {kind!r} in the policy", "see containers-policy.json(5)")
+    raise Error(f"the policy's signedIdentity {rule!r} is not valid (unknown type)", "see its man page")
 
 
 def identity(text: str) -> tuple[str, str | None]:

@@ -111,7 +111,7 @@ def test_signed_identities_are_matched_as_containers_image_does(rule, intended, 
     assert identity_accepted(rule, intended, identity) is accepted
 
 
-@pytest.mark.parametrize("rule", [{"type": "exactRepository"}, {"type": "matchSomething"}])
+@pytest.mark.parametrize("rule", [{"type": "exactRepository"}, {"type": "matchSomething"}, "matchRepository"])
 def test_a_broken_signed_identity_is_an_error(rule):
     with pytest.raises(Error, match="signedIdentity"):
         identity_accepted(rule, INTENDED, "registry.example/team/app:v1")
