@@ -214,6 +214,7 @@ def test_a_real_cosign_signature_verifies():
     assert check_signature(load_keys(with_data), payload, signature, COSIGN_DIGEST, accepts).startswith("keyData (")
 
 
+@pytest.mark.integration  # a fresh interpreter importing doit and requests: over a second
 def test_only_a_policy_asking_for_a_signature_loads_cryptography(tmp_path):
     (tmp_path / "policy.json").write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
     code = f"""if True:
