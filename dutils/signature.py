@@ -11,9 +11,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from .config import load_json_object, typed
 from .errors import Error
-from .manifest import Blob
+from .oci import Blob, load_json_object, typed
 from .registry import Registry
 from .store import check_digest, load_json, read_small
 
