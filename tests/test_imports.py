@@ -23,8 +23,8 @@ ORDER = [
     "mirrors",  # each mirror in turn, then the origin: it walks registries
     "manifest",
     "fetch",
+    "signature",  # imported by policy only when a policy asks for a signature
     "policy",
-    "signature",
     "tarstream",
     "rootfs",
     "tree",
