@@ -63,10 +63,7 @@ class AppliedLog:
         if not self.rootfs.is_dir():
             return []
         if self.done is None:
-            try:
-                self.done = self.path.read_text().split()
-            except FileNotFoundError:
-                self.done = []
+            self.done = self.path.read_text().split() if self.path.exists() else []
         return self.done
 
     def is_applied(self, n: int, digest: str) -> bool:

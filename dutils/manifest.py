@@ -109,12 +109,8 @@ class Image:
 def resolve_image(registry: Registry, ref: Reference, wanted: Platform, fetch: Callable[[Blob], Path]) -> Image:
     """Ask the registry for `ref`, narrow an index to `wanted`, verify the manifest bytes, and check the image through
     its config (`fetch` brings a blob into the cache)."""
-    body, media_type = registry.get_manifest(ref.wanted)
-    if ref.digest:
-        verify_manifest(body, ref.digest, None, ref)
-    digest = resolved = ref.digest or sha256_digest(body)
-    manifest, kind = parse_manifest(body, media_type, ref)
-    chosen_from_index = kind in INDEXES
+    manifest, kind, resolved = fetch_manifest(registry, ref, ref.digest, None)
+    digest, chosen_from_index = resolved, kind in INDEXES
     if chosen_from_index:
         check_not_artifact(manifest, ref)
         chosen = choose_platform(manifest, wanted, ref, partial(probe_platform, registry, ref=ref, fetch=fetch))
@@ -135,9 +131,7 @@ def resolve_image(registry: Registry, ref: Reference, wanted: Platform, fetch: C
 
 def fetch_image_manifest(registry: Registry, digest: str, size: int, ref: Reference) -> dict:
     """An index entry's manifest, verified and parsed; it must be an image manifest."""
-    body, media_type = registry.get_manifest(digest)
-    verify_manifest(body, digest, size, ref)
-    manifest, kind = parse_manifest(body, media_type, ref)
+    manifest, kind, _ = fetch_manifest(registry, ref, digest, size)
     if kind in INDEXES:
         raise Error(f"{ref} is an index of indexes, which d-pull does not follow", "pull one of its entries by digest")
     return manifest
@@ -152,15 +146,15 @@ def config_platform(image: Image, fetch: Callable[[Blob], Path], ref: Reference)
     return normalize(*(config.get(key, "") for key in PLATFORM_FIELDS)), ids
 
 
-def verify_manifest(body: bytes, digest: str, size: int | None, ref: Reference) -> None:
+def fetch_manifest(registry: Registry, ref: Reference, digest: str | None, size: int | None) -> tuple[dict, str, str]:
+    """The manifest `digest` names (None: the reference's tag), verified and parsed, its media type and digest."""
+    body, media_type = registry.get_manifest(digest or ref.wanted)
     if size is not None and len(body) != size:
         raise Error(f"manifest {digest} of {ref} has {len(body)} bytes, not the {size} its index says")
-    if sha256_digest(body) != digest:
+    actual = "sha256:" + hashlib.sha256(body).hexdigest()
+    if digest and actual != digest:
         raise Error(f"manifest of {ref} does not match digest {digest}", "the registry sent other content")
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+    return *parse_manifest(body, media_type, ref), actual
 
 
 def parse_manifest(body: bytes, header_type: str, ref: Reference) -> tuple[dict, str]:

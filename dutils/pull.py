@@ -40,8 +40,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("image", metavar="IMAGE", help="NAME[:TAG] or NAME@sha256:DIGEST; NAME may start with a registry host")
     add("dir", metavar="DIR", nargs="?", help="folder to pull into (default: ./NAME, the image's last name component)")
     add("--platform", metavar="OS/ARCH[/VARIANT]", help="which image of a multi-platform index (default: this host's)")
-    add("--cache", metavar="FOLDER",
-        help="blob cache folder (default: $D_UTILS_CACHE, else $XDG_CACHE_HOME/d-utils or ~/.cache/d-utils)")  # fmt: skip
+    add(
+        "--cache",
+        metavar="FOLDER",
+        help="blob cache folder (default: $D_UTILS_CACHE, else $XDG_CACHE_HOME/d-utils or ~/.cache/d-utils)",
+    )
     add("--update", action="store_true",
         help="replace DIR's image when the tag now names another one (keeps config.json edits); with --lock, lock anew")  # fmt: skip
     add("--lock", metavar="FILE",
