@@ -279,7 +279,6 @@ def descriptor(entry: object, where: str) -> Blob:
 
 
 def check_descriptor(entry: object, where: str) -> dict:
-    """`entry` if it is a JSON object whose digest, size and mediaType have their types."""
     entry = typed(entry, dict, where)
     size = entry.get("size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:  # bool is an int to Python, not to JSON

@@ -125,7 +125,6 @@ class Pull:
         return Registry(ref, credentials, plain_http=options.insecure, verify=verify, retry=retry, notify=notify)
 
     def from_any_registry(self, operation: Callable[[Registry], T]) -> T:
-        """Run `operation` against each mirror in turn, and against the image's own registry last."""
         *mirrors, origin = self.connected()
         for mirror in mirrors:
             try:
@@ -299,7 +298,6 @@ def pull_tasks(pulls: list[Pull]) -> dict[str, Callable]:
 
 
 def folder_tasks(pull: Pull, downloads: threading.BoundedSemaphore) -> Callable[[], Iterator[dict]]:
-    """The creator of one folder's tasks after its manifest task: fetch, apply, config, run."""
     key = pull.key
 
     @create_after(executed=f"dutils-manifest:{key}", creates=[f"dutils-config:{key}", f"dutils-run:{key}"])
@@ -351,7 +349,6 @@ def quiet_interrupt(shown: Callable, kind: type[BaseException], *details: object
 
 
 def finish(pulls: list[Pull]) -> None:
-    """The end of a run: every folder released, then the caches used pruned when due."""
     used = {pull.options.cache for pull in pulls if pull.used_cache}
     for pull in pulls:
         pull.holds.close()
