@@ -25,10 +25,10 @@ FIX = "fix it, or delete it to get the image's own"
 
 def run_config(image_config: dict) -> dict:
     """What config.json holds for a fresh pull: the image's `config` object plus d-run's own keys."""
-    return {**without_not_copied(image_config.get("config") or {}), **RUN_DEFAULTS}
+    return {**copied(image_config.get("config") or {}), **RUN_DEFAULTS}
 
 
-def without_not_copied(config: dict) -> dict:
+def copied(config: dict) -> dict:  # without the keys in NOT_COPIED
     return {key: value for key, value in config.items() if key not in NOT_COPIED}
 
 
@@ -74,12 +74,11 @@ def write_config(folder: PullDir, cache: Path, digest: str) -> list[str]:
     kept = []
     if (current := read_config(path)) is not None:
         base = read_base(folder, cache, current)  # its NOT_COPIED keys are config.json's: the user's
-        config, kept = merge_edits(config, base and without_not_copied(base), current)
+        config, kept = merge_edits(config, base and copied(base), current)
     data = (json.dumps(config, indent=2) + "\n").encode()
     write_atomic(path, data)
     write_json(base_path, image_own)  # after config.json: a kill between the two measures edits against the old base
-    fingerprint = xxhash.xxh64_hexdigest(data)
-    folder.write_record(record._replace(complete=True, config_digest=digest, config_xxh64=fingerprint))
+    folder.write_record(record._replace(complete=True, config_digest=digest, config_xxh64=xxhash.xxh64_hexdigest(data)))
     return kept
 
 

@@ -10,21 +10,9 @@ from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
+from . import oci
 from .errors import Error
-from .oci import (
-    COMPRESSION,
-    IMAGE_CONFIGS,
-    MAX_CONFIG,
-    MAX_LAYERS,
-    PLATFORM_FIELDS,
-    SCHEMA1,
-    Blob,
-    broken,
-    diff_ids,
-    load_json_object,
-    read_image_config,
-    typed,
-)
+from .oci import MAX_LAYERS, Blob, broken, typed
 from .reference import Reference
 from .registry import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Registry
 from .store import check_digest
@@ -139,11 +127,11 @@ def fetch_image_manifest(registry: Registry, digest: str, size: int, ref: Refere
 
 def config_platform(image: Image, fetch: Callable[[Blob], Path], ref: Reference) -> tuple[Platform, tuple[str, ...]]:
     """The platform the image's config says, fetched now (it is small), and its diff_ids, one per layer."""
-    if image.config.size > MAX_CONFIG:
-        raise Error(f"the image config of {ref} has {image.config.size} bytes, more than {MAX_CONFIG}")
-    config = read_image_config(fetch(image.config))
-    ids = tuple(diff_ids(config, len(image.layers)))
-    return normalize(*(config.get(key, "") for key in PLATFORM_FIELDS)), ids
+    if image.config.size > oci.MAX_CONFIG:
+        raise Error(f"the image config of {ref} has {image.config.size} bytes, more than {oci.MAX_CONFIG}")
+    config = oci.read_image_config(fetch(image.config))
+    ids = tuple(oci.diff_ids(config, len(image.layers)))
+    return normalize(*(config.get(key, "") for key in oci.PLATFORM_FIELDS)), ids
 
 
 def fetch_manifest(registry: Registry, ref: Reference, digest: str | None, size: int | None) -> tuple[dict, str, str]:
@@ -159,11 +147,11 @@ def fetch_manifest(registry: Registry, ref: Reference, digest: str | None, size:
 
 def parse_manifest(body: bytes, header_type: str, ref: Reference) -> tuple[dict, str]:
     """The manifest and its media type: its own field, the HTTP header's, or what its shape says (OCI may omit it)."""
-    manifest = load_json_object(body, f"the manifest of {ref}")
+    manifest = oci.load_json_object(body, f"the manifest of {ref}")
     kind = typed(manifest.get("mediaType", ""), str, f"the manifest of {ref}: mediaType") or header_type
-    if kind not in INDEXES + MANIFESTS and not kind.startswith(SCHEMA1):
+    if kind not in INDEXES + MANIFESTS and not kind.startswith(oci.SCHEMA1):
         kind = OCI_INDEX if "manifests" in manifest else OCI_MANIFEST if "layers" in manifest else kind
-    if manifest.get("schemaVersion") == 1 or kind.startswith(SCHEMA1):
+    if manifest.get("schemaVersion") == 1 or kind.startswith(oci.SCHEMA1):
         raise Error(
             f"{ref} has a Docker schema 1 manifest, which is obsolete", "push the image again with a current tool"
         )
@@ -210,7 +198,7 @@ def index_entry(entry: object, n: int, ref: Reference) -> tuple[dict, Platform |
         return entry, None
     where = f"the manifest of {ref}: the platform of index entry {entry['digest']}"
     platform = typed(entry["platform"], dict, where)
-    os, arch, variant = (typed(platform.get(key, ""), str, f"{where}: {key}") for key in PLATFORM_FIELDS)
+    os, arch, variant = (typed(platform.get(key, ""), str, f"{where}: {key}") for key in oci.PLATFORM_FIELDS)
     return entry, normalize(os, arch, variant) if arch else None
 
 
@@ -234,7 +222,7 @@ def image_from_manifest(manifest: dict, digest: str, ref: Reference) -> Image:
     check_not_artifact(manifest, ref)
     what = f"the manifest of {ref}"
     config = descriptor(manifest.get("config"), f"{what}: config")
-    if config.media_type not in ("", *IMAGE_CONFIGS):
+    if config.media_type not in ("", *oci.IMAGE_CONFIGS):
         raise not_an_image(ref, config.media_type)
     layers = typed(manifest.get("layers"), list, f"{what}: layers")
     if len(layers) > MAX_LAYERS:
@@ -264,7 +252,7 @@ def check_layer_type(layer: Blob, ref: Reference) -> None:
             f"{ref} has encrypted layers ({layer.media_type})",
             "decrypt a copy first, e.g. skopeo copy --decryption-key KEY, and pull that",
         )
-    if layer.media_type not in COMPRESSION:
+    if layer.media_type not in oci.COMPRESSION:
         raise Error(f"{ref} has a layer of unsupported media type {layer.media_type!r}", "d-pull applies tar layers")
 
 
