@@ -62,7 +62,10 @@ class AppliedLog:
         if not self.rootfs.is_dir():
             return []
         if self.done is None:
-            self.done = self.path.read_text().split() if self.path.exists() else []
+            try:
+                self.done = self.path.read_text().split()
+            except FileNotFoundError:
+                self.done = []
         return self.done
 
     def is_applied(self, n: int, digest: str) -> bool:
