@@ -32,7 +32,6 @@ class Sandbox:
     platform: str | None = None  # OS/ARCH[/VARIANT] to pull (default: the Options', this host's)
 
     def d_run_argv(self) -> list[str]:
-        """The d-run command line of these settings."""
         flags = [word for volume in self.volumes for word in ("-v", volume)]
         flags += [word for key, value in self.env.items() for word in ("-e", f"{key}={value}")]
         flags += ["-n"] * self.net + ["--rw"] * self.rw + ["-u", self.user] * bool(self.user)
