@@ -73,11 +73,8 @@ def held_alone(cache: Path) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="d-cache", description="List or prune d-pull's blob cache.")
-    parser.add_argument(
-        "--cache",
-        metavar="FOLDER",
-        help="the cache (default: $D_UTILS_CACHE, else $XDG_CACHE_HOME/d-utils or ~/.cache/d-utils)",
-    )
+    cache_help = "the cache (default: $D_UTILS_CACHE, else $XDG_CACHE_HOME/d-utils or ~/.cache/d-utils)"
+    parser.add_argument("--cache", metavar="FOLDER", help=cache_help)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("list", help="every cached blob with its size and when a pull last used it")
     pruning = commands.add_parser("prune", help="remove blobs no pull has used recently (waits for running pulls)")

@@ -25,8 +25,11 @@ FIX = "fix it, or delete it to get the image's own"
 
 def run_config(image_config: dict) -> dict:
     """What config.json holds for a fresh pull: the image's `config` object plus d-run's own keys."""
-    image = {key: value for key, value in (image_config.get("config") or {}).items() if key not in NOT_COPIED}
-    return {**image, **RUN_DEFAULTS}
+    return {**copied(image_config.get("config") or {}), **RUN_DEFAULTS}
+
+
+def copied(config: dict) -> dict:  # without the keys in NOT_COPIED
+    return {key: value for key, value in config.items() if key not in NOT_COPIED}
 
 
 def merge_edits(new: dict, base: dict | None, current: dict) -> tuple[dict, list[str]]:
@@ -64,23 +67,18 @@ def entries(key: str, value: object) -> dict | None:
 
 
 def write_config(folder: PullDir, cache: Path, digest: str) -> list[str]:
-    """DIR/config.json from the image config `digest`, keeping the user's edits (measured against base.json, what the image
-    alone made); then the record is marked complete, which says the pull is
-    finished. Returns the user's edits kept."""
+    """DIR/config.json from the image config `digest`, keeping the user's edits (measured against base.json, what the
+    image alone made); then the record marked complete, which says the pull is finished. Returns the edits kept."""
     path, record, base_path = folder.config, folder.read_record(), folder.state / "base.json"
     config = image_own = run_config(read_image_config(blob_path(cache, digest)))
     kept = []
     if (current := read_config(path)) is not None:
-        base = read_base(folder, cache, current)
-        base = base and {
-            key: value for key, value in base.items() if key not in NOT_COPIED
-        }  # config.json's: the user's
-        config, kept = merge_edits(config, base, current)
+        base = read_base(folder, cache, current)  # its NOT_COPIED keys are config.json's: the user's
+        config, kept = merge_edits(config, base and copied(base), current)
     data = (json.dumps(config, indent=2) + "\n").encode()
     write_atomic(path, data)
     write_json(base_path, image_own)  # after config.json: a kill between the two measures edits against the old base
-    fingerprint = xxhash.xxh64_hexdigest(data)
-    folder.write_record(record._replace(complete=True, config_digest=digest, config_xxh64=fingerprint))
+    folder.write_record(record._replace(complete=True, config_digest=digest, config_xxh64=xxhash.xxh64_hexdigest(data)))
     return kept
 
 

@@ -1,9 +1,8 @@
 """What a dodo.py declares: a `Sandbox`, a folder made from an image and the d-run command line that runs it."""
 
-import dataclasses
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -33,7 +32,6 @@ class Sandbox:
     platform: str | None = None  # OS/ARCH[/VARIANT] to pull (default: the Options', this host's)
 
     def d_run_argv(self) -> list[str]:
-        """The d-run command line of these settings."""
         flags = [word for volume in self.volumes for word in ("-v", volume)]
         flags += [word for key, value in self.env.items() for word in ("-e", f"{key}={value}")]
         flags += ["-n"] * self.net + ["--rw"] * self.rw + ["-u", self.user] * bool(self.user)
@@ -49,4 +47,4 @@ class Sandbox:
     def options(self, options: OptionsT) -> OptionsT:
         """How to pull this sandbox: `options`, with its platform if it names one, and progress lines naming it."""
         platform = parse_platform(self.platform) if self.platform else options.platform
-        return dataclasses.replace(options, platform=platform, progress=Named(options.progress, self.folder))
+        return replace(options, platform=platform, progress=Named(options.progress, self.folder))

@@ -15,8 +15,7 @@ class Error(Exception):
 
     def __init__(self, message: str, hint: str = "") -> None:
         super().__init__(message)
-        self.message = message
-        self.hint = hint
+        self.message, self.hint = message, hint
 
     def __str__(self) -> str:
         # One line, always: the command-line edge prints exactly this, control characters escaped.

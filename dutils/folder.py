@@ -59,7 +59,6 @@ class AppliedLog:
         self.done: list[str] | None = None
 
     def applied(self) -> list[str]:
-        """The layers applied so far: none while there is no DIR/rootfs."""
         if not self.rootfs.is_dir():
             return []
         if self.done is None:

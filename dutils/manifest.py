@@ -10,21 +10,9 @@ from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
+from . import oci
 from .errors import Error
-from .oci import (
-    COMPRESSION,
-    IMAGE_CONFIGS,
-    MAX_CONFIG,
-    MAX_LAYERS,
-    PLATFORM_FIELDS,
-    SCHEMA1,
-    Blob,
-    broken,
-    diff_ids,
-    load_json_object,
-    read_image_config,
-    typed,
-)
+from .oci import MAX_LAYERS, Blob, broken, typed
 from .reference import Reference
 from .registry import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Registry
 from .store import check_digest
@@ -109,12 +97,8 @@ class Image:
 def resolve_image(registry: Registry, ref: Reference, wanted: Platform, fetch: Callable[[Blob], Path]) -> Image:
     """Ask the registry for `ref`, narrow an index to `wanted`, verify the manifest bytes, and check the image through
     its config (`fetch` brings a blob into the cache)."""
-    body, media_type = registry.get_manifest(ref.wanted)
-    if ref.digest:
-        verify_manifest(body, ref.digest, None, ref)
-    digest = resolved = ref.digest or sha256_digest(body)
-    manifest, kind = parse_manifest(body, media_type, ref)
-    chosen_from_index = kind in INDEXES
+    manifest, kind, resolved = fetch_manifest(registry, ref, ref.digest, None)
+    digest, chosen_from_index = resolved, kind in INDEXES
     if chosen_from_index:
         check_not_artifact(manifest, ref)
         chosen = choose_platform(manifest, wanted, ref, partial(probe_platform, registry, ref=ref, fetch=fetch))
@@ -135,9 +119,7 @@ def resolve_image(registry: Registry, ref: Reference, wanted: Platform, fetch: C
 
 def fetch_image_manifest(registry: Registry, digest: str, size: int, ref: Reference) -> dict:
     """An index entry's manifest, verified and parsed; it must be an image manifest."""
-    body, media_type = registry.get_manifest(digest)
-    verify_manifest(body, digest, size, ref)
-    manifest, kind = parse_manifest(body, media_type, ref)
+    manifest, kind, _ = fetch_manifest(registry, ref, digest, size)
     if kind in INDEXES:
         raise Error(f"{ref} is an index of indexes, which d-pull does not follow", "pull one of its entries by digest")
     return manifest
@@ -145,31 +127,31 @@ def fetch_image_manifest(registry: Registry, digest: str, size: int, ref: Refere
 
 def config_platform(image: Image, fetch: Callable[[Blob], Path], ref: Reference) -> tuple[Platform, tuple[str, ...]]:
     """The platform the image's config says, fetched now (it is small), and its diff_ids, one per layer."""
-    if image.config.size > MAX_CONFIG:
-        raise Error(f"the image config of {ref} has {image.config.size} bytes, more than {MAX_CONFIG}")
-    config = read_image_config(fetch(image.config))
-    ids = tuple(diff_ids(config, len(image.layers)))
-    return normalize(*(config.get(key, "") for key in PLATFORM_FIELDS)), ids
+    if image.config.size > oci.MAX_CONFIG:
+        raise Error(f"the image config of {ref} has {image.config.size} bytes, more than {oci.MAX_CONFIG}")
+    config = oci.read_image_config(fetch(image.config))
+    ids = tuple(oci.diff_ids(config, len(image.layers)))
+    return normalize(*(config.get(key, "") for key in oci.PLATFORM_FIELDS)), ids
 
 
-def verify_manifest(body: bytes, digest: str, size: int | None, ref: Reference) -> None:
+def fetch_manifest(registry: Registry, ref: Reference, digest: str | None, size: int | None) -> tuple[dict, str, str]:
+    """The manifest `digest` names (None: the reference's tag), verified and parsed, its media type and digest."""
+    body, media_type = registry.get_manifest(digest or ref.wanted)
     if size is not None and len(body) != size:
         raise Error(f"manifest {digest} of {ref} has {len(body)} bytes, not the {size} its index says")
-    if sha256_digest(body) != digest:
+    actual = "sha256:" + hashlib.sha256(body).hexdigest()
+    if digest and actual != digest:
         raise Error(f"manifest of {ref} does not match digest {digest}", "the registry sent other content")
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+    return *parse_manifest(body, media_type, ref), actual
 
 
 def parse_manifest(body: bytes, header_type: str, ref: Reference) -> tuple[dict, str]:
     """The manifest and its media type: its own field, the HTTP header's, or what its shape says (OCI may omit it)."""
-    manifest = load_json_object(body, f"the manifest of {ref}")
+    manifest = oci.load_json_object(body, f"the manifest of {ref}")
     kind = typed(manifest.get("mediaType", ""), str, f"the manifest of {ref}: mediaType") or header_type
-    if kind not in INDEXES + MANIFESTS and not kind.startswith(SCHEMA1):
+    if kind not in INDEXES + MANIFESTS and not kind.startswith(oci.SCHEMA1):
         kind = OCI_INDEX if "manifests" in manifest else OCI_MANIFEST if "layers" in manifest else kind
-    if manifest.get("schemaVersion") == 1 or kind.startswith(SCHEMA1):
+    if manifest.get("schemaVersion") == 1 or kind.startswith(oci.SCHEMA1):
         raise Error(
             f"{ref} has a Docker schema 1 manifest, which is obsolete", "push the image again with a current tool"
         )
@@ -216,7 +198,7 @@ def index_entry(entry: object, n: int, ref: Reference) -> tuple[dict, Platform |
         return entry, None
     where = f"the manifest of {ref}: the platform of index entry {entry['digest']}"
     platform = typed(entry["platform"], dict, where)
-    os, arch, variant = (typed(platform.get(key, ""), str, f"{where}: {key}") for key in PLATFORM_FIELDS)
+    os, arch, variant = (typed(platform.get(key, ""), str, f"{where}: {key}") for key in oci.PLATFORM_FIELDS)
     return entry, normalize(os, arch, variant) if arch else None
 
 
@@ -240,7 +222,7 @@ def image_from_manifest(manifest: dict, digest: str, ref: Reference) -> Image:
     check_not_artifact(manifest, ref)
     what = f"the manifest of {ref}"
     config = descriptor(manifest.get("config"), f"{what}: config")
-    if config.media_type not in ("", *IMAGE_CONFIGS):
+    if config.media_type not in ("", *oci.IMAGE_CONFIGS):
         raise not_an_image(ref, config.media_type)
     layers = typed(manifest.get("layers"), list, f"{what}: layers")
     if len(layers) > MAX_LAYERS:
@@ -270,7 +252,7 @@ def check_layer_type(layer: Blob, ref: Reference) -> None:
             f"{ref} has encrypted layers ({layer.media_type})",
             "decrypt a copy first, e.g. skopeo copy --decryption-key KEY, and pull that",
         )
-    if layer.media_type not in COMPRESSION:
+    if layer.media_type not in oci.COMPRESSION:
         raise Error(f"{ref} has a layer of unsupported media type {layer.media_type!r}", "d-pull applies tar layers")
 
 
@@ -285,7 +267,6 @@ def descriptor(entry: object, where: str) -> Blob:
 
 
 def check_descriptor(entry: object, where: str) -> dict:
-    """`entry` if it is a JSON object whose digest, size and mediaType have their types."""
     entry = typed(entry, dict, where)
     size = entry.get("size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:  # bool is an int to Python, not to JSON

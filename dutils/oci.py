@@ -14,20 +14,11 @@ OCI = "application/vnd.oci.image.layer.v1.tar"
 OCI_NONDISTRIBUTABLE = "application/vnd.oci.image.layer.nondistributable.v1.tar"
 DOCKER = "application/vnd.docker.image.rootfs.diff.tar"
 DOCKER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar"
-COMPRESSION = {
-    OCI: "tar",
-    OCI + "+gzip": "gzip",
-    OCI + "+zstd": "zstd",
-    OCI_NONDISTRIBUTABLE: "tar",
-    OCI_NONDISTRIBUTABLE + "+gzip": "gzip",
-    OCI_NONDISTRIBUTABLE + "+zstd": "zstd",
-    # Docker's schema 2 names gzip only; containerd and BuildKit also write the plain and zstd forms.
-    DOCKER: "tar",
-    DOCKER + ".gzip": "gzip",
-    DOCKER + ".zstd": "zstd",
-    DOCKER_FOREIGN: "tar",
-    DOCKER_FOREIGN + ".gzip": "gzip",
-}
+OCI_FORMS = {"": "tar", "+gzip": "gzip", "+zstd": "zstd"}  # an OCI layer's media type suffixes, and what they say
+# Docker's schema 2 names gzip only; containerd and BuildKit also write the plain and zstd forms.
+COMPRESSION = {base + suffix: kind for base in (OCI, OCI_NONDISTRIBUTABLE) for suffix, kind in OCI_FORMS.items()}
+COMPRESSION |= {DOCKER: "tar", DOCKER + ".gzip": "gzip", DOCKER + ".zstd": "zstd"}
+COMPRESSION |= {DOCKER_FOREIGN: "tar", DOCKER_FOREIGN + ".gzip": "gzip"}
 IMAGE_CONFIGS = ("application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json")
 SCHEMA1 = "application/vnd.docker.distribution.manifest.v1"
 JSON_TYPES = {str: "a string", list: "a list", dict: "a JSON object"}

@@ -59,7 +59,7 @@ class Options:
     ca_bundle: str | None = None
     username: str | None = None
     password: str | None = field(default=None, repr=False)
-    update: bool = False
+    update: bool = False  # replace a finished folder's image, and move its lock entry
     jobs: int = 3  # blobs downloaded at once, as Docker does
     foreign_urls: bool = False  # download non-distributable layers from the URLs their manifest lists
     mirrors: list[str] = field(default_factory=list)  # --mirror flags; else $D_UTILS_MIRRORS or mirrors.json
@@ -84,7 +84,6 @@ class Pull:
         self.key = os.fspath(folder)
         self.options = options
         self.lock = lock
-        self.update = options.update  # replace a finished folder's image, and move its lock entry
         self.run = run  # the d-run command line of a `dutils-run:` task
         self.registries: list[Registry] = []  # mirrors first, the image's own registry last; see `connected`
         self.mutex = threading.Lock()  # guards `registries` and `fetching`
@@ -122,7 +121,7 @@ class Pull:
     # -- manifest
 
     def pinned(self) -> dict | None:  # the lock file's entry for this folder, unless an update is asked for
-        return None if self.lock is None or self.update else self.lock.entry(self.folder.root, str(self.ref))
+        return None if self.lock is None or self.options.update else self.lock.entry(self.folder.root, str(self.ref))
 
     def settled(self) -> bool:
         """Complete for the manifest its lock entry names: nothing to ask any registry."""
@@ -154,14 +153,13 @@ class Pull:
         record = self.folder.read_record()
         new = Record(str(self.ref), self.image.digest, self.image.platform)
         if record:  # a folder following its lock file changes image as the lock says
-            new = record.retarget(*new[:3], self.folder.root, replace=self.update or entry is not None)
+            new = record.retarget(*new[:3], self.folder.root, replace=self.options.update or entry is not None)
             if new.digest != record.digest:  # drop the rootfs of another image; config.json and volumes/ stay
                 self.log.start_over()
-        layers = [layer.digest for layer in self.image.layers]
-        applied = self.log.applied()
-        self.options.progress.expect_layers(len(layers) - sum(a == b for a, b in zip(applied, layers, strict=False)))
+        applied = sum(self.log.is_applied(n, layer.digest) for n, layer in enumerate(self.image.layers))
+        self.options.progress.expect_layers(len(self.image.layers) - applied)
         # complete only while every layer is applied: d-run refuses a rootfs that is being rebuilt
-        self.folder.write_record(new._replace(complete=new.complete and applied == layers, verified_by=verified))
+        self.folder.write_record(new._replace(complete=new.complete and self.all_applied(), verified_by=verified))
 
     # -- fetch
 
@@ -286,7 +284,6 @@ def pull_tasks(pulls: list[Pull]) -> dict[str, Callable]:
 
 
 def folder_tasks(pull: Pull, downloads: threading.BoundedSemaphore) -> Callable[[], Iterator[dict]]:
-    """The creator of one folder's tasks after its manifest task: fetch, apply, config, run."""
     key = pull.key
 
     @create_after(executed=f"dutils-manifest:{key}", creates=[f"dutils-config:{key}", f"dutils-run:{key}"])
@@ -323,7 +320,7 @@ def sandbox_tasks(
     if update not in (None, "all", *(pull.key for pull in pulls)):
         raise Error(f"{UPDATE_VAR}={update}: no such sandbox", f"name one of {', '.join(p.key for p in pulls)}, or all")
     for pull in pulls:
-        pull.update = update in ("all", pull.key)
+        pull.options.update = update in ("all", pull.key)
     atexit.register(finish, pulls)  # doit has no end-of-run hook a dodo.py can use; teardowns run per thread
     sys.excepthook = partial(quiet_interrupt, sys.excepthook)  # doit lets Ctrl-C escape as a traceback
     return pull_tasks(pulls)
@@ -338,7 +335,6 @@ def quiet_interrupt(shown: Callable, kind: type[BaseException], *details: object
 
 
 def finish(pulls: list[Pull]) -> None:
-    """The end of a run: every folder released, then the caches used pruned when due."""
     used = {pull.options.cache for pull in pulls if pull.used_cache}
     for pull in pulls:
         pull.holds.close()

@@ -114,6 +114,4 @@ class Terminal(Progress):
 
 
 def progress_for(stream: TextIO, quiet: bool) -> Progress:
-    if quiet:
-        return Progress(stream)
-    return Terminal(stream) if stream.isatty() else Lines(stream)
+    return Progress(stream) if quiet else Terminal(stream) if stream.isatty() else Lines(stream)

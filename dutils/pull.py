@@ -26,7 +26,7 @@ environment:
   REGISTRY_AUTH_FILE, DOCKER_CONFIG   where credentials are looked up, as docker and podman do"""
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # allow_abbrev=False: `--password SECRET` must not pass for --password-stdin, and argv is visible to all
     parser = argparse.ArgumentParser(
         prog="d-pull",
@@ -73,7 +73,7 @@ def positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)  # None: sys.argv[1:]
     try:
         return pull(args)
     except Error as err:
