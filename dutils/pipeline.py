@@ -11,6 +11,7 @@ record), never on doit's database alone: after a kill -9 that database holds not
 
 import atexit
 import contextlib
+import fcntl
 import json
 import os
 import sys
@@ -45,6 +46,7 @@ from .store import (
     blob_path,
     cache_dir,
     check_digest,
+    hold_folder,
     load_json,
     locked,
     make_folder,
@@ -112,10 +114,13 @@ class LockFile:
 def claimed(folder: PullDir, cache: Path) -> Iterator[None]:
     """Hold `folder` for a pull (lock it, share the trusted cache); a pull that recorded nothing leaves no trace."""
     root, record = folder.root, folder.read_record()  # first: says in one line when DIR cannot be read
+    folder.check_trusted()
     refuse_links(folder)
     if record is None and not folder.state.is_dir() and root.is_dir() and any(root.iterdir()):
         raise Error(f"{root} exists and was not made by d-pull", "choose a new folder; this one is left untouched")
     made_root = not root.exists()
+    with contextlib.suppress(OSError):  # private, as umoci makes its bundle: what a root pull wrote is root's alone
+        root.mkdir(0o700, parents=True)  # (make_folder says why when it cannot be made)
     make_folder(folder.state, "folder")
     with locked(folder.state / "lock", f"another d-pull is writing {root}"):
         try:
@@ -248,6 +253,8 @@ class Pull:
         if record:  # a folder following its lock file changes image as the lock says
             new = record.retarget(*new[:3], self.folder.root, replace=self.update or entry is not None)
             if new.digest != record.digest:  # drop the rootfs of another image; config.json and volumes/ stay
+                busy = f"{self.folder.root} is in use by a running container"
+                self.holds.callback(os.close, hold_folder(self.folder.root, fcntl.LOCK_EX, busy))
                 remove_tree(self.folder.rootfs)
                 self.applied_path().unlink(missing_ok=True)
                 self.layers_done = []

@@ -8,6 +8,7 @@ modules only, never `requests` or `doit`.
 """
 
 import errno
+import fcntl
 import os
 import signal
 import stat
@@ -17,9 +18,9 @@ from types import SimpleNamespace
 
 from . import ports, sandbox, seccomp
 from .errors import Error
-from .mounts import MountTable, find_folder, inheritable, make_empty_file, open_sources
-from .rootfs import Root, make_missing_dir, stop_absent
-from .store import NotRegular, PullDir, load_json, read_small
+from .mounts import MountTable, find_folder, inheritable, make_empty_file, make_folder, open_sources
+from .rootfs import Root, stop_absent
+from .store import NotRegular, PullDir, hold_folder, load_json, read_small
 
 RESOLV_CONF = "/etc/resolv.conf"
 # apt drops privileges to its _apt user for downloads, which a single mapped user cannot do.
@@ -91,9 +92,8 @@ def check_user_namespaces() -> None:
 def read_env_files(paths: list[str]) -> list[tuple[str, str | None]]:
     pairs = []
     for path in paths:
-        try:
-            with open(path) as handle:
-                pairs += sandbox.parse_env_file(handle.read())
+        try:  # capped, and only a regular file (a link to /dev/zero would be read until memory runs out)
+            pairs += sandbox.parse_env_file(read_small(os.path.realpath(path)).decode())
         except OSError as err:
             raise Error(f"--env-file {path}: {err.strerror}") from None
         except ValueError as err:
@@ -118,6 +118,8 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
     except OSError as err:
         raise Error(f"cannot use {pull.root}: {err.strerror}") from None
     config = read_config(dir_fd, str(pull.config))
+    writable = args.rw or config.rw
+    lock_fd = hold_folder_for_run(pull, fcntl.LOCK_EX if writable else fcntl.LOCK_SH)  # before anything is made
     command = sandbox.container_command(config, args.entrypoint, args.command)
     check_user_namespaces()
     with open_rootfs(dir_fd, str(pull.rootfs)) as rootfs:
@@ -140,17 +142,20 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         table = MountTable(rootfs)
         made = {}  # bwrap makes these afresh (nothing of ours below them); each placed once those before are known,
         for name in ("/proc", "/dev", "/tmp"):  # so that a /tmp linked into /proc is refused here
-            made[name] = table.place(name, make_missing_dir)
+            made[name] = table.place(name, make_folder)
             table.add(made[name], None, name)
         binds = []
         for mount, fd in zip(mounts, sources, strict=True):
             is_folder = stat.S_ISDIR(os.fstat(fd).st_mode)
-            target = table.place(mount.target, make_missing_dir if is_folder else make_empty_file)
+            target = table.place(mount.target, make_folder if is_folder else make_empty_file)
             if target == "/":
                 raise Error(f"the volume {mount.target} leads to the image's root folder", "remove it")
             table.add(target, fd, mount.source or f"{pull.volumes}{mount.target}")
             binds.append(sandbox.Bind(fd, target, mount.read_only))
-        files = [(sandbox.hosts_file(hostname), "/etc/hosts")]
+        if table.nested and not writable:  # a running container may write where bwrap will mount: start alone
+            os.close(lock_fd)  # (what was made so far was made through descriptors: no path to race)
+            lock_fd = hold_folder_for_run(pull, fcntl.LOCK_EX)
+        files = [(sandbox.hosts_file(hostname), "/etc/hosts"), (f"{hostname}\n".encode(), "/etc/hostname")]
         apt = find_folder(rootfs, os.path.dirname(APT_CONF))
         if apt is not None:
             apt.__exit__()
@@ -158,9 +163,16 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         # d-run's own files go into the image only: where a bind or volume covers their place it wins, as a
         # `-v FILE:/etc/hosts` does in Docker, and nothing is made in the user's folder
         files = [(data, target) for data, target in files if table.covering(target)[0] is None]
-        data_files = [(data_fd(data), table.place(target, make_empty_file)) for data, target in files]
+        data_files = []
+        for data, target in files:
+            try:
+                data_files.append((table.place(target, make_empty_file), data))
+            except Error:  # a folder of others (root's, opened to all), written by no one else: the image's file stays
+                if os.fstat(rootfs.root).st_uid == os.geteuid():
+                    raise
+        data_files = [(data_fd(data), target) for target, data in data_files]
         workdir = args.workdir or config.workdir or "/"
-        table.place(workdir, make_missing_dir)  # made when the image lacks it, as runc does
+        table.place(workdir, make_folder)  # made when the image lacks it, as runc does
         root_fd = inheritable(os.dup(rootfs.root))
     os.close(dir_fd)
     program = seccomp.filter_program(os.uname().machine)
@@ -173,7 +185,7 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         env=env,
         binds=tuple(binds),
         data_files=tuple(data_files),
-        writable=args.rw or config.rw,
+        writable=writable,
         network=network,
         seccomp_fd=data_fd(program) if program else None,
         # A terminal stays the container's, for job control, guarded by the seccomp filter; without
@@ -183,7 +195,20 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         dev=made["/dev"],
         tmp=made["/tmp"],
         ports=published,
+        lock_fd=inheritable(lock_fd),
     )
+
+
+def hold_folder_for_run(pull: PullDir, kind: int) -> int:
+    """DIR's lock, shared by read-only runs, exclusive for one that a running container could race (see
+    store.hold_folder): a --rw root, or a mount inside a bind or volume, which bwrap resolves by path."""
+    if kind == fcntl.LOCK_SH:
+        busy = "is in use by a writable container (--rw, or a volume holding another mount point)"
+    else:
+        busy = (
+            "is in use by another container, and this run (--rw, or a volume holding another mount point) starts alone"
+        )
+    return hold_folder(pull.root, kind, f"{pull.root} {busy}")
 
 
 def open_rootfs(dir_fd: int, label: str) -> Root:

@@ -295,12 +295,12 @@ def userns_error(max_namespaces: str, unprivileged_clone: str, euid: int) -> Err
 Bind = namedtuple("Bind", "fd target read_only", defaults=(False,))
 # Everything the bwrap command line is made of, resolved. binds are in mount order; data_files are (fd bwrap
 # reads, read-only file it becomes) pairs; proc, dev and tmp are paths free of links (a rootfs may make them
-# links); ports are ports.Port, published through pasta.
+# links); ports are ports.Port, published through pasta; lock_fd holds DIR's lock (store.hold_folder) for bwrap.
 Plan = namedtuple(
     "Plan",
     "root_fd command identity hostname workdir env binds data_files writable network seccomp_fd new_session "
-    "proc dev tmp ports",
-    defaults=((), (), False, False, None, True, "/proc", "/dev", "/tmp", ()),
+    "proc dev tmp ports lock_fd",
+    defaults=((), (), False, False, None, True, "/proc", "/dev", "/tmp", (), None),
 )
 
 
@@ -312,6 +312,7 @@ def bwrap_argv(box: Plan) -> list[str]:
     argv += ["--hostname", box.hostname, "--die-with-parent"]
     argv += ["--new-session"] if box.new_session else []
     argv += ["--seccomp", str(box.seccomp_fd)] if box.seccomp_fd is not None else []
+    argv += ["--sync-fd", str(box.lock_fd)] if box.lock_fd is not None else []  # only bwrap's monitor keeps it
     # The root is bound writable first so that mounts can go on it, and made read-only last:
     # --remount-ro does not reach the mounts below it.
     argv += ["--bind-fd", str(box.root_fd), "/", "--proc", box.proc, "--dev", box.dev, "--tmpfs", box.tmp]
@@ -328,5 +329,5 @@ def bwrap_argv(box: Plan) -> list[str]:
 
 def inherited_fds(box: Plan) -> list[int]:
     """The descriptors bwrap must inherit for `box`."""
-    seccomp = [] if box.seccomp_fd is None else [box.seccomp_fd]
-    return [box.root_fd, *(bind.fd for bind in box.binds), *(fd for fd, _ in box.data_files), *seccomp]
+    extra = [fd for fd in (box.seccomp_fd, box.lock_fd) if fd is not None]
+    return [box.root_fd, *(bind.fd for bind in box.binds), *(fd for fd, _ in box.data_files), *extra]
