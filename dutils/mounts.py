@@ -119,7 +119,7 @@ class MountTable:
                     path = resolved
                     continue
                 _, fd, label = mount
-                if fd is None and rest and label != "/tmp":  # bwrap's own /proc and /dev, links in them
+                if fd is None and rest and label in ("/proc", "/dev"):  # bwrap's own, links in them
                     raise Error(f"{target} leads into {label}, which d-run leaves as bwrap makes it", "remove the link")
                 if fd is not None:
                     with Sealed(os.dup(fd), ".", label) as sealed:
@@ -275,15 +275,15 @@ def open_volumes(dir_fd: int, label: str, target: str) -> Owned:
         raise Error(f"{label} is not a folder (a symbolic link?)", "remove it: d-run makes it again") from None
 
 
-def open_sources(pull: PullDir, dir_fd: int, rootfs: Root, mounts: list[sandbox.Mount]) -> list[int]:
-    """Each mount's source as a descriptor bwrap inherits, anonymous volumes made first (in mount order, so
-    a volume's folder holds the folders of the volumes below it)."""
+def open_sources(pull: PullDir, dir_fd: int, rootfs: Root, mounts: list[sandbox.Mount]) -> list[int | None]:
+    """Each mount's source as a descriptor bwrap inherits (None for a tmpfs), anonymous volumes made first (in
+    mount order, so a volume's folder holds the folders of the volumes below it)."""
     sources, skipped = [], [0]
-    anonymous = [mount.target for mount in mounts if not mount.source]
+    anonymous = [mount.target for mount in mounts if not mount.source and mount.tmpfs is None]
     with open_volumes(dir_fd, str(pull.volumes), anonymous[0]) if anonymous else contextlib.nullcontext() as volumes:
         for mount in mounts:
-            if mount.source:
-                sources.append(open_source(mount))
+            if mount.source or mount.tmpfs is not None:
+                sources.append(open_source(mount) if mount.source else None)
                 continue
             try:
                 sources.append(inheritable(volumes.open_volume(rootfs, mount.target, skipped)))

@@ -454,7 +454,7 @@ class Sandbox:
         """The d-run command line of these settings."""
         flags = [word for volume in self.volumes for word in ("-v", volume)]
         flags += [word for key, value in self.env.items() for word in ("-e", f"{key}={value}")]
-        flags += ["-n"] * self.net + ["-w"] * self.rw + ["-u", self.user] * bool(self.user)
+        flags += ["-n"] * self.net + ["--rw"] * self.rw + ["-u", self.user] * bool(self.user)
         flags += ["--workdir", self.workdir] * bool(self.workdir)
         return [sys.executable, "-m", "dutils.run", *flags, str(Path(self.folder).absolute()), *self.command]
 

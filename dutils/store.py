@@ -243,21 +243,25 @@ class PullDir:
 
     def check_trusted(self) -> None:
         """Refuse a folder that someone else could have changed, as ssh judges its files: DIR and what d-pull and
-        d-run keep in it owned by the user or root and writable by no one else, and no link in DIR/.d-pull (one
-        planted there would make a pull write, as its owner, wherever it leads)."""
+        d-run keep in it owned by the user or root and writable by no one else who can reach it (a 0700 DIR keeps
+        out what a umask of 002 makes group-writable), and no link in DIR/.d-pull (one planted there would make a
+        pull write, as its owner, wherever it leads)."""
         parts = [self.root, self.state, self.rootfs, self.config, self.record_path, self.volumes]
         with contextlib.suppress(OSError):  # none, or not ours to list: nothing of it is used then
             parts += [self.state / name for name in os.listdir(self.state)]
+        others = 0o022  # the write bits that matter: for what is inside DIR, those of whoever can enter DIR
         for path in parts:
             try:
                 info = os.stat(path) if path == self.root else os.lstat(path)  # DIR itself is named by the user
             except OSError:  # missing, or not ours to see: what uses it says so
                 continue
+            if path == self.root:
+                others &= (info.st_mode & 0o011) << 1
             if stat.S_ISLNK(info.st_mode):
                 problem, fix = "is a symbolic link", f"remove it: rm {path}"
             elif info.st_uid not in (os.geteuid(), 0):
                 problem, fix = f"belongs to user {info.st_uid}", "pull into a folder of your own"
-            elif info.st_mode & 0o022:
+            elif info.st_mode & (0o022 if path == self.root else others):
                 problem, fix = "is writable by other users", f"chmod go-w {path}"
             else:
                 continue
@@ -290,7 +294,10 @@ def hold_folder(root: Path, kind: int, busy: str) -> int:
         fcntl.flock(fd, kind | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise Error(busy, "wait until it ends: only read-only runs of one folder run together") from None
+        raise Error(
+            busy,
+            "wait until it ends: a --rw run, or one mounting inside a volume, runs alone; read-only runs run together",
+        ) from None
     return fd
 
 

@@ -18,6 +18,9 @@ import test_run
 from test_run import Runner, assert_error, configure
 from trees import snapshot
 
+from dutils.errors import Error
+from dutils.store import PullDir
+
 # test_run's fixtures, shared: d-run as root and as the ordinary user, and a fresh busybox pull folder.
 workspace, run, box = test_run.workspace, test_run.run, test_run.box
 
@@ -212,11 +215,11 @@ def test_links_planted_by_a_writable_container_create_nothing_on_the_host_next_t
         f"ln -s {oldroot(victim)} /data && mv /etc /etc.old && mkdir /etc && ln -s {oldroot(victim)} /etc/hosts"
         f" && rmdir /srv 2>/dev/null; ln -s ../../../../../{oldroot(victim)} /srv"
     )
-    planted = run("-w", str(box), "sh", "-c", plant)
+    planted = run("--rw", str(box), "sh", "-c", plant)
     assert planted.returncode == 0, planted.stderr
     assert (box / "rootfs" / "etc" / "hosts").is_symlink()
     configure(box, Volumes={"/data/sub": {}}, WorkingDir="/srv/app")
-    for flags in ([], ["-w"], ["-v", "/data/other"]):
+    for flags in ([], ["--rw"], ["-v", "/data/other"]):
         ends_well(timed(run, *flags, str(box), "sh", "-c", "echo x > /etc/hosts; echo y > /data/sub/f"))
     assert not victim.exists()
     host.unchanged()
@@ -487,6 +490,23 @@ def test_a_folder_others_can_write_is_refused_naming_the_fix(run, box, host, par
     host.unchanged()
 
 
+def test_what_no_one_else_can_reach_may_be_group_writable(tmp_path):
+    # A umask of 002 makes rootfs and .d-pull's files group-writable; in a 0700 DIR, no one else can reach them.
+    folder = tmp_path / "pull"
+    (folder / ".d-pull").mkdir(parents=True)
+    (folder / "rootfs").mkdir()
+    (folder / ".d-pull" / "applied").touch()
+    (folder / ".d-pull" / "applied").chmod(0o664)
+    (folder / "rootfs").chmod(0o775)
+    for mode, refused in [(0o700, False), (0o701, False), (0o710, True), (0o755, True)]:
+        folder.chmod(mode)
+        if refused:
+            with pytest.raises(Error, match="writable by other users"):
+                PullDir(folder).check_trusted()
+        else:
+            PullDir(folder).check_trusted()
+
+
 @pytest.mark.parametrize("tool", ["d-run", "d-pull"])
 def test_a_dangling_link_planted_in_d_pull_state_is_refused_never_followed(run, box, host, images, tool):
     victim = host.etc / "nologin"
@@ -582,8 +602,8 @@ def test_two_read_only_runs_of_one_folder_run_together_and_a_writable_one_starts
     first = start_container(run, box)
     try:
         assert run.out(str(box), "echo", "beside") == "beside\n"
-        assert_error(run("--rw", str(box), "true"), 1, "is in use by another container", "starts alone")
-        assert_error(run("-v", "/cache", "-v", "/cache/sub", str(box), "true"), 1, "starts alone")
+        assert_error(run("--rw", str(box), "true"), 1, "is in use: this run must start alone", "runs alone")
+        assert_error(run("-v", "/cache", "-v", "/cache/sub", str(box), "true"), 1, "must start alone")
     finally:
         first.kill()
         first.wait(timeout=30)
