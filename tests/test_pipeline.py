@@ -36,7 +36,7 @@ def test_run_settings_are_exactly_d_runs_flags(tmp_path: Path, monkeypatch):
     )
     assert sandbox.d_run_argv() == [
         sys.executable, "-m", "dutils.run",
-        "-v", "src:/src", "-v", "/cache", "-e", "A=1", "-e", "B=x y", "-n", "-w", "-u", "app:app",
+        "-v", "src:/src", "-v", "/cache", "-e", "A=1", "-e", "B=x y", "-n", "--rw", "-u", "app:app",
         "--workdir", "/src", str(tmp_path / "sandboxes" / "tools"), "make", "-j2",
     ]  # fmt: skip
     assert Sandbox("s", "alpine").d_run_argv()[3:] == [str(tmp_path / "s")]  # d-run's defaults: nothing added
