@@ -218,11 +218,9 @@ def parse_tmpfs(spec: str) -> Mount:
 
 def parse_entrypoint(text: str) -> tuple[str, ...]:
     """`--entrypoint` as podman takes it: a JSON list of strings (`["/bin/sh", "-c"]`), else one program."""
-    if not text.startswith("["):
-        return (plain_text(text),) if text else ()
     try:
-        words = json.loads(text)
-    except ValueError:
+        words = json.loads(text) if text.startswith("[") else [text] * bool(text)
+    except (ValueError, RecursionError):
         words = None
     if not is_string_list(words):
         raise ValueError(f"expected a program or a JSON list of strings, not {shown(text)}")

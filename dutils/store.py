@@ -242,10 +242,9 @@ class PullDir:
             ) from None
 
     def check_trusted(self) -> None:
-        """Refuse a folder that someone else could have changed, as ssh judges its files: DIR and what d-pull and
-        d-run keep in it owned by the user or root and writable by no one else who can reach it (a 0700 DIR keeps
-        out what a umask of 002 makes group-writable), and no link in DIR/.d-pull (one planted there would make a
-        pull write, as its owner, wherever it leads)."""
+        """Refuse a folder someone else could have changed, as ssh judges its files: DIR and what d-pull and d-run keep
+        in it owned by the user or root, writable by no one else who can reach it (in a 0700 DIR, umask 002 is fine),
+        and no link in DIR/.d-pull (one planted there would make a pull write, as its owner, where it leads)."""
         parts = [self.root, self.state, self.rootfs, self.config, self.record_path, self.volumes]
         with contextlib.suppress(OSError):  # none, or not ours to list: nothing of it is used then
             parts += [self.state / name for name in os.listdir(self.state)]
@@ -285,19 +284,18 @@ class PullDir:
 
 
 def hold_folder(root: Path, kind: int, busy: str) -> int:
-    """A descriptor of `root` holding its flock `kind`: LOCK_SH while a container runs, LOCK_EX while one that can
-    change what a starting d-run mounts runs (or a pull changes DIR); Error(`busy`) when taken the other way.
-    The lock lasts as long as the descriptor: d-run hands it to bwrap as --sync-fd, which only bwrap's monitor
-    keeps open (never the container, which could otherwise unlock it)."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    """A descriptor of `root` holding its flock `kind` (LOCK_SH: a container runs; LOCK_EX: one that can change what a
+    starting d-run mounts, or a pull changing DIR), else Error(`busy`). d-run hands it to bwrap as --sync-fd, which
+    only bwrap's monitor keeps open: the container never has it, so it cannot unlock it."""
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as err:  # a folder root opened to others for running only (0711)
+        raise Error(f"cannot use {root}: {err.strerror}", "ask its owner to make it readable") from None
     try:
         fcntl.flock(fd, kind | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise Error(
-            busy,
-            "wait until it ends: a --rw run, or one mounting inside a volume, runs alone; read-only runs run together",
-        ) from None
+        raise Error(busy, "wait until it ends: a --rw run (or a volume's nested mount) runs alone") from None
     return fd
 
 

@@ -178,7 +178,15 @@ def test_command_is_entrypoint_then_arguments_or_cmd(entrypoint, cmd, override, 
 
 @pytest.mark.parametrize(
     "text, words",
-    [("sh", ("sh",)), ("", ()), ('["/bin/sh", "-c"]', ("/bin/sh", "-c")), ("[]", ()), ("[x", None), ('["a", 1]', None)],
+    [
+        ("sh", ("sh",)),
+        ("", ()),
+        ('["/bin/sh", "-c"]', ("/bin/sh", "-c")),
+        ("[]", ()),
+        ("[x", None),
+        ('["a", 1]', None),
+        ("[" * 100_000, None),
+    ],
 )
 def test_entrypoint_as_podman_takes_it(text, words):
     if words is None:
