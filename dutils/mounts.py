@@ -42,7 +42,7 @@ class Owned(Sealed):
     def open_volume(self, rootfs: Root, target: str, skipped: list[int]) -> int:
         """DIR/volumes/<target> as an O_PATH descriptor: a real folder of the user's own, made on first use as
         a copy of what the image holds at `target`, as Docker does (`skipped` counts what is not copied)."""
-        with self.parent(target) as place:
+        with self._walk(target, make_folder) as place:  # parents made as by another d-run starting at once
             st = lstat_or_none(place.name, place.fd)
             if st is None:
                 folder = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=place.fd)
