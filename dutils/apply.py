@@ -327,7 +327,7 @@ def apply_whiteout(name: str, base: str, tree: Tree) -> None:
         place = tree.find(name)
         if place is not None:
             with place:
-                tree.hide_children(place.fd, place.path.rpartition("/")[0])
+                tree.hide_children(place.fd, place.path.split("/")[:-1])
         return
     if base.startswith(WHITEOUT + WHITEOUT):
         return  # AUFS metadata (.wh..wh.aufs, .wh..wh.plnk), as Docker skips it
