@@ -13,6 +13,7 @@ from collections.abc import Iterator
 BLOCK = 512
 MAX_RECORD = 1 << 20  # bytes in one pax record set or GNU long name: Go's archive/tar maxSpecialFileSize
 BUFFER = 1 << 20
+MAX_DIGITS = 40  # of a number in a pax record: 2**64 has 20, a time to the nanosecond past 1e19 s has 30
 
 REGULAR, HARD_LINK, SYMLINK, CHAR, BLOCK_DEVICE, DIRECTORY, FIFO = b"0", b"1", b"2", b"3", b"4", b"5", b"6"
 LINKS = (HARD_LINK, SYMLINK)
@@ -21,6 +22,9 @@ PAX_LOCAL, PAX_GLOBAL, SOLARIS_PAX = b"x", b"g", b"X"
 LONG_NAME, LONG_LINK, SPARSE = b"L", b"K", b"S"
 USTAR = b"ustar\x0000"  # POSIX magic and version: only this format has the name prefix field
 XATTR = "SCHILY.xattr."
+# What a pax global record may set for every later entry: a name, link target, size or attribute given to them all
+# would make them one, and Go's archive/tar (umoci, containerd) applies no global record at all.
+GLOBAL_KEYS = ("uid", "gid", "mtime")
 
 
 class TarError(Exception):
@@ -67,7 +71,7 @@ class TarReader:
         self.stream = stream
         self.buffer, self.offset = b"", 0
         self.unread = 0  # data bytes of the current entry not yet read, plus its padding to a block
-        self.globals: dict[str, bytes] = {}  # pax global records, applied to every later entry
+        self.globals: dict[str, bytes] = {}  # pax global records of GLOBAL_KEYS, checked once, for every later entry
 
     def __iter__(self) -> Iterator[Member]:
         while True:
@@ -105,9 +109,7 @@ class TarReader:
             if kind in (PAX_LOCAL, SOLARIS_PAX, PAX_GLOBAL, LONG_NAME, LONG_LINK):
                 data = self.take_record(size, kind)
                 if kind == PAX_GLOBAL:
-                    self.globals.update(parse_pax(data))
-                    if sum(len(k) + len(v) for k, v in self.globals.items()) > MAX_RECORD:
-                        raise TarError(f"pax global records larger than {MAX_RECORD} bytes in all")
+                    self.globals.update(global_records(parse_pax(data)))
                 elif kind in (PAX_LOCAL, SOLARIS_PAX):
                     records = parse_pax(data)
                 elif kind == LONG_NAME:
@@ -265,8 +267,18 @@ def parse_pax(data: bytes) -> dict[str, bytes]:
     return records
 
 
+def global_records(records: dict[str, bytes]) -> dict[str, bytes]:
+    """The records of a pax global header that later entries take, checked here once: a few short numbers."""
+    kept = {key: records[key] for key in GLOBAL_KEYS if records.get(key)}
+    for key in kept.keys() - {"mtime"}:
+        decimal(kept, key)
+    if len(kept.get("mtime", b"")) > MAX_DIGITS:
+        raise TarError(f"invalid pax mtime record {kept['mtime'][:40]!r}")
+    return kept
+
+
 def decimal(records: dict[str, bytes], key: str) -> int:
     value = records[key]
-    if not value.isdigit():
+    if not value.isdigit() or len(value) > MAX_DIGITS:  # no number of a header is longer; int() is quadratic
         raise TarError(f"invalid pax {key} record {value[:40]!r}")
     return int(value)
