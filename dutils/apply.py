@@ -50,12 +50,19 @@ COMPRESSION = {
 DECOMPRESSORS: dict[str, Callable[[BinaryIO], BinaryIO]] = {
     "tar": lambda raw: raw,
     "gzip": lambda raw: igzip.IGzipFile(fileobj=raw, mode="rb"),
-    "zstd": lambda raw: zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True),
+    "zstd": lambda raw: zstandard.ZstdDecompressor(max_window_size=ZSTD_WINDOW).stream_reader(
+        raw, read_across_frames=True
+    ),
 }
-CORRUPT_DATA = (OSError, EOFError, igzip_lib.IsalError, zstandard.ZstdError)
+# isal refuses a gzip header (its name or comment field) longer than its buffer with OverflowError.
+CORRUPT_DATA = (OSError, EOFError, OverflowError, igzip_lib.IsalError, zstandard.ZstdError)
 OPAQUE = WHITEOUT + WHITEOUT + ".opq"
 FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 CHUNK = 1 << 20
+# A zstd frame asks for a window this large at most: what `zstd -19` writes, and the minimum the standard (RFC 8878)
+# asks decoders to support. A frame that asks more (`zstd --long`, --ultra -20 and up) is refused, not allocated.
+ZSTD_WINDOW = 8 << 20
+SHOWN = 200  # characters of a name shown in a message, at each end: a name may be a MiB long
 AHEAD = 4  # chunks decompressed ahead of the tar reader: memory stays bounded
 MAX_SECONDS = 2**63 // 10**9  # os.utime takes nanoseconds as a signed 64-bit number
 # Digits past the nanosecond are cut toward zero, as Go's archive/tar (umoci) does; 40 digits hold any time above.
@@ -197,11 +204,11 @@ def apply_members(stream: VerifyingReader, tree: Tree, skipped: Skipped, layer: 
             except OSError as err:
                 if err.errno == errno.ENOSPC:
                     raise  # apply_layer says how much space the layer needs
-                raise Error(f"{layer}: member {entry.name}: {describe_os_error(err)}") from None
+                raise Error(f"{layer}: member {shorten(entry.name)}: {describe_os_error(err)}") from None
     except RecordTooLarge as err:
         raise Error(f"{layer}: refused: {err}", "the layer is malformed or hostile") from None
     except TarError as err:
-        raise Error(f"{layer}: corrupt tar data ({err})") from None
+        raise Error(f"{layer}: corrupt tar data ({shorten(str(err))})") from None
 
 
 def apply_member(reader: TarReader, entry: Member, tree: Tree, skipped: Skipped) -> None:
@@ -341,4 +348,8 @@ def apply_whiteout(name: str, base: str, tree: Tree) -> None:
 
 
 def describe_os_error(err: OSError) -> str:
-    return f"{err.strerror}: {err.filename}" if err.filename else str(err.strerror or err)
+    return f"{err.strerror}: {shorten(str(err.filename))}" if err.filename else str(err.strerror or err)
+
+
+def shorten(name: str) -> str:
+    return name if len(name) <= 2 * SHOWN else f"{name[:SHOWN]}...{name[-SHOWN:]}"
