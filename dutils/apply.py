@@ -191,7 +191,7 @@ def unpacked_size(blob: Path, media_type: str) -> int:
     needed = 0
     with blob.open("rb") as raw, contextlib.suppress(TarError, *CORRUPT_DATA):
         for entry in TarReader(DECOMPRESSORS[COMPRESSION[media_type]](raw)):
-            needed += entry.size if entry.isreg() else 0
+            needed += entry.stored if entry.isreg() else 0
     return needed
 
 
@@ -271,19 +271,21 @@ def write_file(reader: TarReader, entry: Member, tree: Tree, place: Place, skipp
         tree.clear(place)
         fd = os.open(place.name, FILE_FLAGS, mode, dir_fd=place.fd)
     try:
-        for piece in reader.chunks(entry):
-            write_all(fd, piece)
+        for offset, piece in reader.extents(entry):
+            write_all(fd, piece, offset)
+        if entry.sparse is not None:
+            os.ftruncate(fd, entry.size)  # the holes are left unwritten: sparse where the filesystem allows
         # chmod only where the umask took bits away, or for setuid, setgid and sticky bits (chown clears them)
         set_metadata(fd, None, entry, entry.mode if entry.mode & (tree.umask | 0o7000) else None, tree, skipped)
     finally:
         os.close(fd)
 
 
-def write_all(fd: int, data: bytes) -> None:
-    written = os.write(fd, data)  # all of it, but where the disk fills up
-    view = memoryview(data)[written:]
-    while view:
-        view = view[os.write(fd, view) :]
+def write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:  # once, but where the disk fills up
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def set_metadata(

@@ -531,6 +531,14 @@ def gzip_of_many_members(directory: Path) -> Layer:
     return blob_layer(directory, tar, blob, "gzip")
 
 
+def old_gnu_sparse_endless() -> bytes:
+    """An old GNU sparse header whose map goes on in extension block after extension block (8 MiB of them)."""
+    header = bytearray(ustar_header(b"sparse", b"S"))
+    header[482], header[148:156] = 1, b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header) + (bytes(504) + b"\1" + bytes(7)) * (16 << 10) + END
+
+
 @dataclass(frozen=True)
 class Costly:
     layer: Callable[[Path], Layer]
@@ -577,6 +585,18 @@ COSTLY = {
     ),
     "zstd-frame-asking-a-128-mib-window": Costly(zstd_of_wide_window, refused="corrupt zstd data"),
     "gzip-file-name-field-of-8-mib": Costly(gzip_named, refused="corrupt gzip data"),
+    "sparse-file-claiming-4-tib": Costly(
+        lambda d: write_layer(
+            d,
+            pax_record("GNU.sparse.map=0,1", "GNU.sparse.numblocks=1", f"GNU.sparse.size={4 << 40}")
+            + file_entry(b"x")
+            + END,
+        ),
+        refused="a sparse file of 4398046511104 bytes, over the 1099511627776-byte limit",
+    ),
+    "old-gnu-sparse-map-of-endless-extension-blocks": Costly(
+        lambda d: write_layer(d, old_gnu_sparse_endless()), refused="a GNU sparse map larger than 1048576 bytes"
+    ),
     "gzip-of-200000-members": Costly(
         gzip_of_many_members, check=lambda rootfs: (rootfs / "placeholder").stat().st_size == 399_000
     ),
