@@ -50,9 +50,7 @@ COMPRESSION = {
 DECOMPRESSORS: dict[str, Callable[[BinaryIO], BinaryIO]] = {
     "tar": lambda raw: raw,
     "gzip": lambda raw: igzip.IGzipFile(fileobj=raw, mode="rb"),
-    "zstd": lambda raw: zstandard.ZstdDecompressor(max_window_size=ZSTD_WINDOW).stream_reader(
-        raw, read_across_frames=True
-    ),
+    "zstd": lambda raw: zstandard.ZstdDecompressor(max_window_size=WINDOW).stream_reader(raw, read_across_frames=True),
 }
 # isal refuses a gzip header (its name or comment field) longer than its buffer with OverflowError.
 CORRUPT_DATA = (OSError, EOFError, OverflowError, igzip_lib.IsalError, zstandard.ZstdError)
@@ -61,7 +59,7 @@ FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 CHUNK = 1 << 20
 # A zstd frame asks for a window this large at most: what `zstd -19` writes, and the minimum the standard (RFC 8878)
 # asks decoders to support. A frame that asks more (`zstd --long`, --ultra -20 and up) is refused, not allocated.
-ZSTD_WINDOW = 8 << 20
+WINDOW = 8 << 20
 SHOWN = 200  # characters of a name shown in a message, at each end: a name may be a MiB long
 AHEAD = 4  # chunks decompressed ahead of the tar reader: memory stays bounded
 MAX_SECONDS = 2**63 // 10**9  # os.utime takes nanoseconds as a signed 64-bit number
@@ -226,7 +224,7 @@ def apply_member(reader: TarReader, entry: Member, tree: Tree, skipped: Skipped)
         elif entry.islnk():
             tree.hard_link(place, entry.linkname)  # no metadata: it is the target's
         elif entry.isdevice() and tree.rootless:
-            tree.clear(place)  # the layer says something else is there: the old entry goes at least
+            tree.clear(place.fd, place.name)  # the layer says something else is there: the old entry goes at least
             skipped.devices += 1
         elif entry.isdir():
             make_dir(place, tree)
@@ -234,7 +232,7 @@ def apply_member(reader: TarReader, entry: Member, tree: Tree, skipped: Skipped)
             set_metadata(place.name, place.fd, entry, entry.mode | OWNER_RWX, tree, skipped)
             tree.set_dir_later(place, entry.mode, mtime_ns(entry))
         else:  # a symlink, a device or a FIFO
-            tree.clear(place)
+            tree.clear(place.fd, place.name)
             make_node(place, entry)
             mode = None if entry.issym() else entry.mode  # a symlink has no mode of its own
             set_metadata(place.name, place.fd, entry, mode, tree, skipped)
@@ -244,7 +242,7 @@ def make_dir(place: Place, tree: Tree) -> None:
     """A directory over a directory keeps the children; over anything else it replaces it."""
     st = lstat_or_none(place.name, place.fd)
     if st is None or not stat.S_ISDIR(st.st_mode):
-        tree.clear(place)
+        tree.clear(place.fd, place.name)
         os.mkdir(place.name, OWNER_RWX, dir_fd=place.fd)
     elif st.st_mode & OWNER_RWX != OWNER_RWX:  # writable while its attributes are set
         os.chmod(place.name, stat.S_IMODE(st.st_mode) | OWNER_RWX, dir_fd=place.fd, follow_symlinks=False)
@@ -268,7 +266,7 @@ def write_file(reader: TarReader, entry: Member, tree: Tree, place: Place, skipp
     try:
         fd = os.open(place.name, FILE_FLAGS, mode, dir_fd=place.fd)
     except FileExistsError:
-        tree.clear(place)
+        tree.clear(place.fd, place.name)
         fd = os.open(place.name, FILE_FLAGS, mode, dir_fd=place.fd)
     try:
         for offset, piece in reader.extents(entry):

@@ -59,8 +59,7 @@ def stop_absent(fd: int, name: str) -> None:
 
 
 class Trail(list):
-    """The folders from the root to one, as a walk goes: its text is their path, joined only when shown (joining it
-    at every step would cost a name of n folders n² in time)."""
+    """The folders from the root to one, as a walk goes; its text, their path, is joined only when shown."""
 
     def __str__(self) -> str:
         return "/".join(self)
@@ -90,8 +89,7 @@ class Root:
         os.close(self.top)
 
     def _enter(self, fd: int, name: str, path: Trail | str, st: os.stat_result) -> int:
-        """Open directory `name` (at `path` below the root, `st` its lstat) to resolve names in it; `path` is the
-        walk's own Trail, changed as it goes on: keep str() of it, never the Trail."""
+        """Open directory `name` (at `path` below the root, `st` its lstat) to resolve names in it (keep no Trail)."""
         return os.open(name, DIR_FLAGS, dir_fd=fd)
 
     def _link_target(self, fd: int, name: str, path: str) -> str:

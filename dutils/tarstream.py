@@ -39,14 +39,10 @@ class RecordTooLarge(TarError):
 class Member:
     """One member. `mtime` is the header's whole seconds (int) or a pax record's decimal text (str)."""
 
-    __slots__ = (
-        *("name", "kind", "mode", "uid", "gid", "size", "mtime", "linkname", "devmajor", "devminor", "xattrs"),
-        *("stored", "sparse"),  # data bytes in the archive; a sparse file's (offset, length) regions, or None
-    )
-
     def __init__(self) -> None:
         self.xattrs: dict[str, bytes] = {}
-        self.sparse: list[tuple[int, int]] | None = None
+        self.sparse: list[tuple[int, int]] | None = None  # a sparse file's (offset, length) regions of data
+        self.stored = 0  # bytes of data in the archive (a sparse file's are fewer than its size)
 
     def isdir(self) -> bool:
         return self.kind == DIRECTORY
@@ -133,9 +129,8 @@ class TarReader:
             return entry
 
     def read_sparse(self, entry: Member, block: bytes, records: dict[str, bytes]) -> None:
-        """A GNU sparse file, as Go's archive/tar reads it: its map of data regions in `entry.sparse`, its real size
-        in `entry.size`; in the old GNU format the map is in the header and extension blocks, in pax 0.0 and 0.1 in
-        records, in pax 1.0 before the data. Unknown versions are regular files, as Go reads them."""
+        """A GNU sparse file as Go's archive/tar reads it, its map in the header and extension blocks (old GNU format),
+        pax records (0.0, 0.1) or before the data (1.0); unknown versions are regular files, as Go reads them."""
         version = (records.get("GNU.sparse.major"), records.get("GNU.sparse.minor"))
         if entry.kind == SPARSE:
             entry.kind, entry.size = REGULAR, number(block[483:495], "sparse real size")
@@ -156,10 +151,8 @@ class TarReader:
             return
         if records.get("GNU.sparse.name"):
             entry.name = os.fsdecode(records["GNU.sparse.name"])
-        for key in ("GNU.sparse.size", "GNU.sparse.realsize"):
-            if records.get(key):
-                entry.size = decimal(records[key], key)
-                break
+        size = records.get("GNU.sparse.size") or records.get("GNU.sparse.realsize")
+        entry.size = decimal(size, "GNU.sparse.size") if size else entry.size
         entry.sparse = list(zip(numbers[::2], numbers[1::2], strict=True))
         check_sparse(entry)
 
@@ -328,10 +321,9 @@ def parse_pax(data: bytes) -> dict[str, bytes]:
 def global_records(records: dict[str, bytes]) -> dict[str, bytes]:
     """The records of a pax global header that later entries take, checked here once: a few short numbers."""
     kept = {key: records[key] for key in GLOBAL_KEYS if records.get(key)}
-    for key in kept.keys() - {"mtime"}:
-        decimal(kept[key], f"pax {key} record")
-    if len(kept.get("mtime", b"")) > MAX_DIGITS:
-        raise TarError(f"invalid pax mtime record {kept['mtime'][:40]!r}")
+    for key, value in kept.items():
+        if len(value) > MAX_DIGITS or key != "mtime" and not value.isdigit():
+            raise TarError(f"invalid pax {key} record {value[:40]!r}")
     return kept
 
 
@@ -343,17 +335,12 @@ def decimal(value: bytes, what: str) -> int:
 
 def old_gnu_map(field: bytes) -> list[int]:
     """Offsets and lengths of the old GNU format, 12 octal bytes each, up to the first empty offset."""
-    numbers = []
-    for at in range(0, len(field), 24):
-        if field[at] == 0:
-            break
-        numbers += [number(field[at : at + 12], "sparse offset"), number(field[at + 12 : at + 24], "sparse length")]
-    return numbers
+    end = next((at for at in range(0, len(field), 24) if field[at] == 0), len(field))
+    return [number(field[at : at + 12], "sparse map") for at in range(0, end, 12)]
 
 
 def check_sparse(entry: Member) -> None:
-    """Regions in order, apart, inside the file's real size, their lengths adding up to the data stored; a real
-    size over MAX_SPARSE_SIZE is refused, however little data the layer holds."""
+    """Regions in order, apart, inside a real size of at most MAX_SPARSE_SIZE, adding up to the data stored."""
     if not 0 <= entry.size <= MAX_SPARSE_SIZE:
         raise TarError(f"{entry.name}: a sparse file of {entry.size} bytes, over the {MAX_SPARSE_SIZE}-byte limit")
     end = total = 0

@@ -36,9 +36,8 @@ class Tree(Root):
         self.kept = Hashes()  # paths this layer wrote, and their ancestors (trail_hashes): whiteouts spare them
         self.ids: list[int] = []  # the journal ids of the folders on the last trail entered, from the root down
         rootfs.mkdir(parents=True, exist_ok=True)
-        root_stat = rootfs.lstat()
-        header = (layer, root_stat.st_dev, root_stat.st_ino)
-        self.journal = Journal(rootfs.parent / f".{rootfs.name}.d-utils-journal", header)
+        root = rootfs.lstat()
+        self.journal = Journal(rootfs.parent / f".{rootfs.name}.d-utils-journal", (layer, root.st_dev, root.st_ino))
         top = os.open(rootfs.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         super().__init__(top, rootfs.name)
 
@@ -49,12 +48,9 @@ class Tree(Root):
     def _enter(self, fd: int, name: str, path: Trail | str, st: os.stat_result) -> int:
         """Open directory `name` for use, saving its metadata first and giving an ordinary user rwx on it. Saved
         under its parent's journal id (the folder one up the trail), so that no record holds a whole path."""
-        depth = len(path)
-        parent = self.ids[depth - 1] if depth else 0
-        mode = stat.S_IMODE(st.st_mode)
-        self.ids[depth:] = [
-            self.journal.save_first(parent, path[-1] if depth else "", mode, st.st_atime_ns, st.st_mtime_ns)
-        ]
+        depth, mode = len(path), stat.S_IMODE(st.st_mode)
+        parent, here = (self.ids[depth - 1], path[-1]) if depth else (0, "")
+        self.ids[depth:] = [self.journal.save_first(parent, here, mode, st.st_atime_ns, st.st_mtime_ns)]
         if self.rootless and st.st_mode & OWNER_RWX != OWNER_RWX:
             os.chmod(name, mode | OWNER_RWX, dir_fd=fd, follow_symlinks=False)
         return os.open(name, DIR_FLAGS, dir_fd=fd)
@@ -75,11 +71,8 @@ class Tree(Root):
     def is_kept(self, path: str) -> bool:
         return bool(path) and trail_hashes(path.split("/"))[-1] in self.kept
 
-    def clear(self, place: Place) -> None:
-        """Remove whatever is at `place`: a file, a link, or a directory with everything in it."""
-        self.remove(place.fd, place.name)
-
-    def remove(self, fd: int, name: str) -> None:
+    def clear(self, fd: int, name: str) -> None:
+        """Remove whatever is at `name` in `fd`: a file, a link, or a directory with everything in it."""
         st = lstat_or_none(name, fd)
         if st is None:
             return
@@ -93,7 +86,7 @@ class Tree(Root):
     def hide(self, place: Place) -> None:
         """A whiteout: remove what lower layers have at `place`, sparing what this layer wrote."""
         if not self.is_kept(place.path):
-            self.clear(place)
+            self.clear(place.fd, place.name)
             return
         st = lstat_or_none(place.name, place.fd)
         if st is not None and stat.S_ISDIR(st.st_mode):
@@ -102,8 +95,8 @@ class Tree(Root):
                 self.hide_children(inside.fd, trail)
 
     def hide_children(self, fd: int, trail: list[str]) -> None:
-        """An opaque whiteout: hide every lower-layer entry below the open directory `fd`, `trail` the folders to
-        it from the root. Iterative, one directory open at a time (back up through ".."), so no depth is too deep."""
+        """An opaque whiteout: hide every lower-layer entry below the open directory `fd` (at `trail`), one directory
+        open at a time (back up through ".."), so that no depth is too deep."""
         trail = Trail(trail)
         hashes = trail_hashes(trail)  # of the folders on the trail, to tell a child's at once
         fd = os.dup(fd)
@@ -119,7 +112,7 @@ class Tree(Root):
                 name = todo[-1].pop()
                 value = hash((hashes[-1], name))
                 if value not in self.kept:
-                    self.remove(fd, name)
+                    self.clear(fd, name)
                     continue
                 st = lstat_or_none(name, fd)
                 if st is not None and stat.S_ISDIR(st.st_mode):
@@ -144,30 +137,28 @@ class Tree(Root):
             existing = lstat_or_none(place.name, place.fd)
             if existing and (existing.st_dev, existing.st_ino) == (source.st_dev, source.st_ino):
                 return  # already done, by an earlier run of this layer
-            self.clear(place)
+            self.clear(place.fd, place.name)
             os.link(target.name, place.name, src_dir_fd=target.fd, dst_dir_fd=place.fd, follow_symlinks=False)
 
     def set_dir_later(self, place: Place, mode: int, mtime_ns: int) -> None:
-        """This layer's mode and mtime for a directory, applied by finish() once its children are written. `place`
-        is the last one resolved: its parent's id is on the trail."""
+        """This layer's mode and mtime for a directory, put on by finish(); `place` was the last resolved."""
         parent = self.ids[place.path.count("/")] if place.path else 0
         self.journal.save(parent, place.name if place.path else "", mode, mtime_ns, mtime_ns)
 
     def finish(self) -> None:
-        """Put the saved modes and times on directories, each after all below it so that parents stay enterable:
-        depth first through the journal's tree, one directory open at a time (down by name, up through ".."), so
-        that no depth costs a walk each and nothing is held in memory but the folder at hand."""
+        """Put the saved modes and times on directories, each after all below it so that parents stay enterable: depth
+        first through the journal's tree, one directory open at a time (down by name, up through "..")."""
         record = self.journal.record(self.ids[0])  # the root's: id, parent, name, mode, atime, mtime
-        fd, after = os.dup(self.root), ""  # the folder of `record`, open; its children up to `after` are done
+        fd, after = os.dup(self.root), b""  # the folder of `record`, open; its children up to `after` are done
         try:
             while True:
                 child = self.journal.child_after(record[0], after)
                 if child is not None:
-                    inside = self._open_child(fd, child[2])
-                    if inside is None:
+                    st = lstat_or_none(child[2], fd)
+                    if st is None or not stat.S_ISDIR(st.st_mode):
                         after = child[2]  # no longer a directory: it and all below it are gone
                     else:
-                        fd, record, after = swap(fd, inside), child, ""
+                        fd, record, after = swap(fd, os.open(child[2], DIR_FLAGS, dir_fd=fd)), child, b""
                     continue
                 if not record[1]:
                     break
@@ -180,21 +171,11 @@ class Tree(Root):
         self.journal.close()
         self.journal.remove()
 
-    def _restore(self, fd: int, name: str, mode: int, atime_ns: int, mtime_ns: int) -> None:
+    def _restore(self, fd: int, name: str | bytes, mode: int, atime_ns: int, mtime_ns: int) -> None:
         st = lstat_or_none(name, fd)
         if st is not None and stat.S_ISDIR(st.st_mode):
             os.chmod(name, mode, dir_fd=fd, follow_symlinks=False)
             os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=fd, follow_symlinks=False)
-
-    @staticmethod
-    def _open_child(fd: int, name: str) -> int | None:
-        """The directory `name` in `fd`, opened; None when it is no longer one."""
-        try:
-            return os.open(name, DIR_FLAGS, dir_fd=fd)
-        except OSError as err:
-            if err.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-                return None
-            raise
 
 
 class Hashes:
@@ -221,8 +202,7 @@ class Hashes:
 
 
 def trail_hashes(trail: list[str]) -> list[int]:
-    """The hashes of the root (0) and of each folder down `trail`: each from its parent's and its name, so that
-    no hash reads a whole path."""
+    """The hashes of the root (0) and of each folder down `trail`, each from its parent's and its own name."""
     hashes = [0]
     for name in trail:
         hashes.append(hash((hashes[-1], name)))
@@ -230,17 +210,13 @@ def trail_hashes(trail: list[str]) -> list[int]:
 
 
 class Journal:
-    """What finish() puts back on directories, in an SQLite file beside the rootfs: a tree of records (id, parent's
-    id, name, mode, atime_ns, mtime_ns), so that a folder n deep costs one record of its own name, never its path.
-    Why not a dict in memory: a layer of a million directories would hold them all (~330 MB), where memory must stay
-    flat; SQLite keeps them on disk, each folder's children ordered by name for finish(), through a cache of a few
-    MB. In WAL mode without syncs a committed record is handed to the kernel at once (one write), so it survives a
-    kill -9 of this process, as the appended lines of the earlier journal did. Names are bytes: they need not be
-    UTF-8. The root's record has parent 0 and an empty name."""
+    """What finish() puts back on directories, in an SQLite file beside the rootfs (not in memory, which a million
+    directories would fill): a tree of records (id, parent's id, name as bytes, mode, atime_ns, mtime_ns; the root's
+    has parent 0 and an empty name), so that a folder n deep costs one record of its own name, never its path. In WAL
+    mode without syncs a committed record is handed to the kernel at once (one write): it survives a kill -9."""
 
     KNOWN = 1 << 16  # folders remembered as saved, with their ids, so that entering one again asks no query
     BATCH = 1 << 10  # records of save() stored at once
-    COLUMNS = "id, parent, name, mode, atime, mtime"
 
     def __init__(self, path: Path, header: tuple[str, int, int]) -> None:
         self.path = path
@@ -287,23 +263,17 @@ class Journal:
         key = (parent, name)
         found = self.known.get(key)
         if found is None:
-            row = (parent, os.fsencode(name))
             with sqlite_errors(self.path):
-                added = self.db.execute(
-                    "INSERT OR IGNORE INTO folders VALUES (NULL, ?, ?, ?, ?, ?)", (*row, mode, atime_ns, mtime_ns)
-                )
-                found = (
-                    added.lastrowid
-                    if added.rowcount == 1
-                    else self.db.execute("SELECT id FROM folders WHERE parent = ? AND name = ?", row).fetchone()[0]
-                )
+                found = self.db.execute(
+                    "INSERT INTO folders VALUES (NULL, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET id = id RETURNING id",
+                    (parent, os.fsencode(name), mode, atime_ns, mtime_ns),
+                ).fetchone()[0]
             self._know(key, found)
         return found
 
     def save(self, parent: int, name: str, mode: int, atime_ns: int, mtime_ns: int) -> None:
-        """Record what folder `name` in the folder of id `parent` must be once the layer is applied, over any earlier
-        record. Stored in batches: a run killed before it would make the same record again, as it applies the same
-        entry again."""
+        """Record what folder `name` in the folder of id `parent` must be once the layer is applied, over any record.
+        Stored in batches: a run killed before would make it again, as it applies the same entry again."""
         self.pending.append((parent, os.fsencode(name), mode, atime_ns, mtime_ns))
         if len(self.pending) >= self.BATCH:
             self._store_pending()
@@ -322,20 +292,16 @@ class Journal:
             self.known.clear()
         self.known[key] = found
 
-    def record(self, found: int) -> tuple:
-        """The record of id `found`: id, parent, name, mode, atime_ns, mtime_ns."""
+    def record(self, found: int) -> tuple | None:
+        """The record of id `found`: id, parent, name (bytes), mode, atime_ns, mtime_ns."""
         self._store_pending()
-        return self._decoded(self.db.execute(f"SELECT {self.COLUMNS} FROM folders WHERE id = ?", (found,)).fetchone())
+        return self.db.execute("SELECT * FROM folders WHERE id = ?", (found,)).fetchone()
 
-    def child_after(self, parent: int, name: str) -> tuple | None:
+    def child_after(self, parent: int, name: bytes) -> tuple | None:
         """The record of the first child of the folder of id `parent` whose name sorts after `name`, or None."""
-        query = f"SELECT {self.COLUMNS} FROM folders WHERE parent = ? AND name > ? ORDER BY name LIMIT 1"
+        query = "SELECT * FROM folders WHERE parent = ? AND name > ? ORDER BY name LIMIT 1"
         with sqlite_errors(self.path):
-            return self._decoded(self.db.execute(query, (parent, os.fsencode(name))).fetchone())
-
-    @staticmethod
-    def _decoded(row: tuple | None) -> tuple | None:
-        return row and (*row[:2], os.fsdecode(row[2]), *row[3:])
+            return self.db.execute(query, (parent, name)).fetchone()
 
     def close(self) -> None:
         self.db.close()  # writes the WAL into the file and removes it

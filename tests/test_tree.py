@@ -39,6 +39,7 @@ def records(journal: Journal) -> dict[str, tuple]:
     while (record := journal.record(number)) is not None:
         ident, parent, name, *saved = record
         assert parent < ident
+        name = os.fsdecode(name)
         paths[ident] = name if paths[parent] is None else f"{paths[parent]}/{name}".lstrip("/")
         found[paths[ident]] = tuple(saved)
         number += 1
@@ -61,8 +62,8 @@ def test_journal_keeps_first_records_and_later_settings_as_a_tree(tmp_path: Path
     journal.save(root, "new", 0o750, 6, 6)
     expected = {"": (0o555, 1, 0), "a": (0o555, 1, 1), "a/b": (0o700, 5, 5), odd: (0o555, 1, 4), "new": (0o750, 6, 6)}
     assert records(journal) == expected
-    assert [journal.child_after(root, after)[2] for after in ("", "a", odd)] == ["a", odd, "new"]
-    assert journal.child_after(root, "new") is None and journal.child_after(b, "") is None
+    assert [journal.child_after(root, os.fsencode(after))[2] for after in ("", "a", odd)] == [b"a", b"caf\xe9", b"new"]
+    assert journal.child_after(root, b"new") is None and journal.child_after(b, b"") is None
     journal.close()
 
     resumed = Journal(path, header)  # a rerun of the same layer finds every record made before
