@@ -260,15 +260,15 @@ class Journal:
     def save_first(self, parent: int, name: str, mode: int, atime_ns: int, mtime_ns: int) -> int:
         """Record what folder `name` in the folder of id `parent` is before this layer changes it, unless a record
         exists; stored once this returns. Its id."""
-        key = (parent, name)
-        found = self.known.get(key)
+        found = self.known.get((parent, name))
         if found is None:
-            with sqlite_errors(self.path):
-                found = self.db.execute(
-                    "INSERT INTO folders VALUES (NULL, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET id = id RETURNING id",
-                    (parent, os.fsencode(name), mode, atime_ns, mtime_ns),
-                ).fetchone()[0]
-            self._know(key, found)
+            row = (parent, os.fsencode(name))
+            with sqlite_errors(self.path):  # a folder already recorded is not written again: one query more
+                self.db.execute(
+                    "INSERT OR IGNORE INTO folders VALUES (NULL, ?, ?, ?, ?, ?)", (*row, mode, atime_ns, mtime_ns)
+                )
+                found = self.db.execute("SELECT id FROM folders WHERE parent = ? AND name = ?", row).fetchone()[0]
+            self._know((parent, name), found)
         return found
 
     def save(self, parent: int, name: str, mode: int, atime_ns: int, mtime_ns: int) -> None:
