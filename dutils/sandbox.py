@@ -296,15 +296,15 @@ Bind = namedtuple("Bind", "fd target read_only", defaults=(False,))
 # Everything the bwrap command line is made of, resolved. binds are in mount order; data_files are (fd bwrap
 # reads, read-only file it becomes) pairs; proc, dev and tmp are paths free of links (a rootfs may make them
 # links); ports are ports.Port, published through pasta.
-Sandbox = namedtuple(
-    "Sandbox",
+Plan = namedtuple(
+    "Plan",
     "root_fd command identity hostname workdir env binds data_files writable network seccomp_fd new_session "
     "proc dev tmp ports",
     defaults=((), (), False, False, None, True, "/proc", "/dev", "/tmp", ()),
 )
 
 
-def bwrap_argv(box: Sandbox) -> list[str]:
+def bwrap_argv(box: Plan) -> list[str]:
     """The whole bwrap command line for `box`. Sources are descriptors, so bwrap resolves no path of
     ours again; every destination was made by d-run, without links."""
     argv = ["bwrap", "--unshare-all", *(["--share-net"] if box.network else [])]
@@ -326,7 +326,7 @@ def bwrap_argv(box: Sandbox) -> list[str]:
     return [*argv, "--", *box.command]
 
 
-def inherited_fds(box: Sandbox) -> list[int]:
+def inherited_fds(box: Plan) -> list[int]:
     """The descriptors bwrap must inherit for `box`."""
     seccomp = [] if box.seccomp_fd is None else [box.seccomp_fd]
     return [box.root_fd, *(bind.fd for bind in box.binds), *(fd for fd, _ in box.data_files), *seccomp]
