@@ -154,10 +154,10 @@ class Tree(Root):
             while True:
                 child = self.journal.child_after(record[0], after)
                 if child is not None:
-                    st = lstat_or_none(child[2], fd)
-                    if st is None or not stat.S_ISDIR(st.st_mode):
-                        after = child[2]  # no longer a directory: it and all below it are gone
-                    else:
+                    after = child[2]  # done once put back; if no longer a directory, it and all below it are gone
+                    if self.journal.child_after(child[0], b"") is None:
+                        self._restore(fd, child[2], *child[3:])  # a leaf: put back from here, never entered
+                    elif (st := lstat_or_none(child[2], fd)) is not None and stat.S_ISDIR(st.st_mode):
                         fd, record, after = swap(fd, os.open(child[2], DIR_FLAGS, dir_fd=fd)), child, b""
                     continue
                 if not record[1]:
@@ -268,7 +268,9 @@ class Journal:
                     "INSERT OR IGNORE INTO folders VALUES (NULL, ?, ?, ?, ?, ?)", (*row, mode, atime_ns, mtime_ns)
                 )
                 found = self.db.execute("SELECT id FROM folders WHERE parent = ? AND name = ?", row).fetchone()[0]
-            self._know((parent, name), found)
+            if len(self.known) >= self.KNOWN:
+                self.known.clear()
+            self.known[(parent, name)] = found
         return found
 
     def save(self, parent: int, name: str, mode: int, atime_ns: int, mtime_ns: int) -> None:
@@ -286,11 +288,6 @@ class Journal:
                 self.pending,
             )
         self.pending.clear()
-
-    def _know(self, key: tuple[int, str], found: int) -> None:
-        if len(self.known) >= self.KNOWN:
-            self.known.clear()
-        self.known[key] = found
 
     def record(self, found: int) -> tuple | None:
         """The record of id `found`: id, parent, name (bytes), mode, atime_ns, mtime_ns."""
