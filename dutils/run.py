@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from types import SimpleNamespace
 
-from . import ports, sandbox, seccomp
+from . import ports, sandbox, seccomp, userns
 from .errors import Error, printable
 from .rootfs import DIR_FLAGS, MAX_LINKS, Place, Root, children, join, lstat_or_none, make_missing_dir, stop_absent
 from .store import NotRegular, PullDir, load_json, open_regular, read_small, remove_entry
@@ -385,6 +385,7 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Sandbox:
         env = sandbox.container_env(base_env, config.env, read_env_files(args.env_file) + args.env, dict(os.environ))
         published = ports.published(args.publish, config.ports, args.net or config.net)
         network = args.net or config.net or bool(published)  # with ports: pasta's network, shared by bwrap
+        mapping = userns.plan_mapping(bool(published))
         defaults = [sandbox.Mount(target) for target in config.volumes]
         if network and os.path.exists(RESOLV_CONF):
             defaults.append(sandbox.Mount(RESOLV_CONF, RESOLV_CONF, read_only=True))
@@ -409,7 +410,8 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Sandbox:
         apt = find_folder(rootfs, os.path.dirname(APT_CONF))
         if apt is not None:
             apt.__exit__()
-            files.append((APT_SETTINGS, APT_CONF))
+            if mapping != []:  # under root's identity mapping apt switches to _apt for real
+                files.append((APT_SETTINGS, APT_CONF))
         # d-run's own files go into the image only: where a bind or volume covers their place it wins, as a
         # `-v FILE:/etc/hosts` does in Docker, and nothing is made in the user's folder
         files = [(data, target) for data, target in files if table.covering(target)[0] is None]
@@ -418,7 +420,7 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Sandbox:
         table.place(workdir, make_missing_dir)  # made when the image lacks it, as runc does
         root_fd = inheritable(os.dup(rootfs.root))
     os.close(dir_fd)
-    program = seccomp.filter_program(os.uname().machine)
+    program = seccomp.filter_program(os.uname().machine, fake_chown=mapping != [], fake_ids=mapping is None)
     return sandbox.Sandbox(
         root_fd=root_fd,
         command=command,
@@ -438,6 +440,8 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Sandbox:
         dev=made["/dev"],
         tmp=made["/tmp"],
         ports=published,
+        userns=mapping,
+        groups=() if mapping is None else tuple(userns.image_groups(identity.uid, identity.gid, passwd, group)),
     )
 
 
@@ -446,6 +450,17 @@ def open_rootfs(dir_fd: int, label: str) -> Root:
         return Root(os.dup(dir_fd), "rootfs")
     except (NotADirectoryError, FileNotFoundError):
         raise Error(f"{label} is not a folder (a symbolic link?)", "pull again into a new folder") from None
+
+
+def enter_userns(box: sandbox.Sandbox) -> None:
+    """Into the namespace mapping the image's ids (see userns), as the image's user, groups and all."""
+    try:
+        userns.enter(box.userns)
+        userns.become(box.identity.uid, box.identity.gid, list(box.groups))
+    except OSError as err:
+        raise Error(
+            err.strerror or str(err), "check /etc/subuid, /etc/subgid and newuidmap (Debian's uidmap)"
+        ) from None
 
 
 def exec_bwrap(argv: list[str]) -> None:
@@ -629,6 +644,8 @@ def main(argv: list[str] | None = None) -> int:
         command = sandbox.bwrap_argv(box)
         if box.ports:
             command = ports.pasta_argv(box.ports, sys.executable, sandbox.inherited_fds(box), command)
+        if box.userns is not None:
+            enter_userns(box)
         if args.debug:
             import shlex
 

@@ -295,20 +295,24 @@ def userns_error(max_namespaces: str, unprivileged_clone: str, euid: int) -> Err
 Bind = namedtuple("Bind", "fd target read_only", defaults=(False,))
 # Everything the bwrap command line is made of, resolved. binds are in mount order; data_files are (fd bwrap
 # reads, read-only file it becomes) pairs; proc, dev and tmp are paths free of links (a rootfs may make them
-# links); ports are ports.Port, published through pasta.
+# links); ports are ports.Port, published through pasta; userns: how d-run maps the image's ids before bwrap
+# (userns.plan_mapping; None: bwrap maps the one user), groups: the image's groups for the user.
 Sandbox = namedtuple(
     "Sandbox",
     "root_fd command identity hostname workdir env binds data_files writable network seccomp_fd new_session "
-    "proc dev tmp ports",
-    defaults=((), (), False, False, None, True, "/proc", "/dev", "/tmp", ()),
+    "proc dev tmp ports userns groups",
+    defaults=((), (), False, False, None, True, "/proc", "/dev", "/tmp", (), None, ()),
 )
 
 
 def bwrap_argv(box: Sandbox) -> list[str]:
     """The whole bwrap command line for `box`. Sources are descriptors, so bwrap resolves no path of
     ours again; every destination was made by d-run, without links."""
-    argv = ["bwrap", "--unshare-all", *(["--share-net"] if box.network else [])]
-    argv += ["--unshare-user", "--uid", str(box.identity.uid), "--gid", str(box.identity.gid)]
+    argv = ["bwrap", "--unshare-all", *(["--share-net"] if box.network else []), "--unshare-user"]
+    if box.userns is not None:  # in d-run's namespace already: another only for a user without capabilities
+        argv = ["bwrap", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+        argv += ([] if box.network else ["--unshare-net"]) + (["--unshare-user"] if box.identity.uid else [])
+    argv += ["--uid", str(box.identity.uid), "--gid", str(box.identity.gid)]
     argv += ["--hostname", box.hostname, "--die-with-parent"]
     argv += ["--new-session"] if box.new_session else []
     argv += ["--seccomp", str(box.seccomp_fd)] if box.seccomp_fd is not None else []
