@@ -275,7 +275,7 @@ def copy_file(src: int, name: str, dest: int, copied: str) -> bool:
 
 
 def read_setting(path: str) -> str:
-    """A /proc/sys value, or "" where this kernel has no such setting."""
+    """A /proc/sys value or /etc/subuid's text, or "" where there is none."""
     try:
         with open(path) as handle:
             return handle.read()
@@ -385,7 +385,8 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Sandbox:
         env = sandbox.container_env(base_env, config.env, read_env_files(args.env_file) + args.env, dict(os.environ))
         published = ports.published(args.publish, config.ports, args.net or config.net)
         network = args.net or config.net or bool(published)  # with ports: pasta's network, shared by bwrap
-        mapping = userns.plan_mapping(bool(published))
+        maps = None if published else userns.plan_maps(identity.uid, identity.gid, read_setting)
+        root_maps = maps is not None and not maps[0]  # every id mapped to itself
         defaults = [sandbox.Mount(target) for target in config.volumes]
         if network and os.path.exists(RESOLV_CONF):
             defaults.append(sandbox.Mount(RESOLV_CONF, RESOLV_CONF, read_only=True))
@@ -410,7 +411,7 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Sandbox:
         apt = find_folder(rootfs, os.path.dirname(APT_CONF))
         if apt is not None:
             apt.__exit__()
-            if mapping != []:  # under root's identity mapping apt switches to _apt for real
+            if not root_maps:  # under root's mapping apt switches to _apt for real
                 files.append((APT_SETTINGS, APT_CONF))
         # d-run's own files go into the image only: where a bind or volume covers their place it wins, as a
         # `-v FILE:/etc/hosts` does in Docker, and nothing is made in the user's folder
@@ -420,7 +421,8 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Sandbox:
         table.place(workdir, make_missing_dir)  # made when the image lacks it, as runc does
         root_fd = inheritable(os.dup(rootfs.root))
     os.close(dir_fd)
-    program = seccomp.filter_program(os.uname().machine, fake_chown=mapping != [], fake_ids=mapping is None)
+    program = seccomp.filter_program(os.uname().machine, fake_chown=not root_maps, fake_ids=maps is None)
+    groups = userns.image_groups(identity.uid, identity.gid, passwd, group) if root_maps else []
     return sandbox.Sandbox(
         root_fd=root_fd,
         command=command,
@@ -440,8 +442,8 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Sandbox:
         dev=made["/dev"],
         tmp=made["/tmp"],
         ports=published,
-        userns=mapping,
-        groups=() if mapping is None else tuple(userns.image_groups(identity.uid, identity.gid, passwd, group)),
+        userns_fd=None if maps is None else userns.make(maps, identity.uid if root_maps else os.geteuid()),
+        groups=tuple(groups),
     )
 
 
@@ -450,17 +452,6 @@ def open_rootfs(dir_fd: int, label: str) -> Root:
         return Root(os.dup(dir_fd), "rootfs")
     except (NotADirectoryError, FileNotFoundError):
         raise Error(f"{label} is not a folder (a symbolic link?)", "pull again into a new folder") from None
-
-
-def enter_userns(box: sandbox.Sandbox) -> None:
-    """Into the namespace mapping the image's ids (see userns), as the image's user, groups and all."""
-    try:
-        userns.enter(box.userns)
-        userns.become(box.identity.uid, box.identity.gid, list(box.groups))
-    except OSError as err:
-        raise Error(
-            err.strerror or str(err), "check /etc/subuid, /etc/subgid and newuidmap (Debian's uidmap)"
-        ) from None
 
 
 def exec_bwrap(argv: list[str]) -> None:
@@ -498,9 +489,11 @@ defaults (the safe ones):
   With stdin not a terminal, the container gets a new session (no access to the terminal).
   On a terminal it keeps it, for job control and Ctrl-C, and a seccomp filter makes
   ioctl TIOCSTI/TIOCLINUX fail (no keystroke injection into your terminal).
-  bwrap maps a single user and group, so chown-family calls succeed without effect, and
-  an image with /etc/apt/apt.conf.d gets 99d-run there, setting APT::Sandbox::User "root"
-  (apt cannot switch to its _apt user): unprivileged dpkg and apt-get work with -w (and -n).
+  The image's users are real: as root every id maps to itself; as a user with a range in
+  /etc/subuid and /etc/subgid (newuidmap), your ids are the image user's and the range the others'.
+  Without either (or with -p) one user is mapped, and setuid, setgid, setgroups and chown calls
+  succeed without effect. Except under root, chown is faked and an image with /etc/apt/apt.conf.d
+  gets 99d-run there, setting APT::Sandbox::User "root". dpkg and apt-get work with --rw (and -n).
   Missing mount points (a volume's target, /etc/hosts) and a missing working directory are
   made, empty, in DIR/rootfs by d-run itself, links resolved inside DIR/rootfs as the
   container sees them; a link inside a volume on the way is refused. A -v or volume over
@@ -644,8 +637,8 @@ def main(argv: list[str] | None = None) -> int:
         command = sandbox.bwrap_argv(box)
         if box.ports:
             command = ports.pasta_argv(box.ports, sys.executable, sandbox.inherited_fds(box), command)
-        if box.userns is not None:
-            enter_userns(box)
+        if box.groups:  # root's mapping: the image's user, groups and all, before bwrap joins it
+            userns.become(box.identity.uid, box.identity.gid, list(box.groups))
         if args.debug:
             import shlex
 

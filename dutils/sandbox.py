@@ -295,12 +295,12 @@ def userns_error(max_namespaces: str, unprivileged_clone: str, euid: int) -> Err
 Bind = namedtuple("Bind", "fd target read_only", defaults=(False,))
 # Everything the bwrap command line is made of, resolved. binds are in mount order; data_files are (fd bwrap
 # reads, read-only file it becomes) pairs; proc, dev and tmp are paths free of links (a rootfs may make them
-# links); ports are ports.Port, published through pasta; userns: how d-run maps the image's ids before bwrap
-# (userns.plan_mapping; None: bwrap maps the one user), groups: the image's groups for the user.
+# links); ports are ports.Port, published through pasta; userns_fd: the user namespace mapping the image's ids
+# (see userns; None: bwrap maps the one user), groups: those d-run takes for the image's user under root.
 Sandbox = namedtuple(
     "Sandbox",
     "root_fd command identity hostname workdir env binds data_files writable network seccomp_fd new_session "
-    "proc dev tmp ports userns groups",
+    "proc dev tmp ports userns_fd groups",
     defaults=((), (), False, False, None, True, "/proc", "/dev", "/tmp", (), None, ()),
 )
 
@@ -309,9 +309,10 @@ def bwrap_argv(box: Sandbox) -> list[str]:
     """The whole bwrap command line for `box`. Sources are descriptors, so bwrap resolves no path of
     ours again; every destination was made by d-run, without links."""
     argv = ["bwrap", "--unshare-all", *(["--share-net"] if box.network else []), "--unshare-user"]
-    if box.userns is not None:  # in d-run's namespace already: another only for a user without capabilities
+    if box.userns_fd is not None:  # d-run's namespace (--unshare-all would add bwrap's own)
         argv = ["bwrap", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
-        argv += ([] if box.network else ["--unshare-net"]) + (["--unshare-user"] if box.identity.uid else [])
+        argv += ([] if box.network else ["--unshare-net"]) + ["--userns", str(box.userns_fd)]
+        argv += ["--cap-add", "ALL"] if box.identity.uid == 0 else []  # as bwrap gives its own root, in the namespace
     argv += ["--uid", str(box.identity.uid), "--gid", str(box.identity.gid)]
     argv += ["--hostname", box.hostname, "--die-with-parent"]
     argv += ["--new-session"] if box.new_session else []
@@ -332,5 +333,5 @@ def bwrap_argv(box: Sandbox) -> list[str]:
 
 def inherited_fds(box: Sandbox) -> list[int]:
     """The descriptors bwrap must inherit for `box`."""
-    seccomp = [] if box.seccomp_fd is None else [box.seccomp_fd]
-    return [box.root_fd, *(bind.fd for bind in box.binds), *(fd for fd, _ in box.data_files), *seccomp]
+    optional = [fd for fd in (box.seccomp_fd, box.userns_fd) if fd is not None]
+    return [box.root_fd, *(bind.fd for bind in box.binds), *(fd for fd, _ in box.data_files), *optional]

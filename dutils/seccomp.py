@@ -39,10 +39,8 @@ X32_BIT = 0x40000000
 # native table, where x32's own ioctl number, 514, is otherwise unused.
 # The set*id calls: setuid, setgid, setre*, setgroups, setres*, setfs* (and their 32-bit-id forms on 32-bit tables).
 IDS_32BIT = (23, 46, 70, 71, 81, 164, 170, 138, 139, 203, 204, 206, 208, 210, 213, 214, 215, 216)
-X86_64 = Table(
-    0xC000003E, ioctl=(16, 514), chown=(92, 93, 94, 260), ids=(105, 106, 113, 114, 116, 117, 119, 122, 123),
-    nr_mask=0xFFFFFFFF ^ X32_BIT,
-)  # fmt: skip
+X86_64_IDS = (105, 106, 113, 114, 116, 117, 119, 122, 123)
+X86_64 = Table(0xC000003E, ioctl=(16, 514), chown=(92, 93, 94, 260), ids=X86_64_IDS, nr_mask=0xFFFFFFFF ^ X32_BIT)
 I386 = Table(0x40000003, ioctl=(54,), chown=(16, 95, 182, 198, 207, 212, 298), ids=IDS_32BIT)
 # only fchownat and fchown exist on aarch64
 AARCH64 = Table(0xC00000B7, ioctl=(29,), chown=(54, 55), ids=(143, 144, 145, 146, 147, 149, 151, 152, 159))

@@ -1,126 +1,124 @@
-"""The user namespace d-run makes for itself before it execs bwrap, so that an image's users are real.
+"""The user namespace d-run makes for bwrap's `--userns`, so that an image's users are real.
 
-- Under root, an identity mapping of every id: the image's owners are the container's, a `USER 1000` writes
-  its own /home/app and not root's /etc, as under podman. A user namespace rather than podman's rootful
-  "no namespace, bounded capabilities": root inside holds its capabilities only over what the namespace
-  owns (no module loading, no device nodes, no host mounts), and bwrap runs the same way as for a user.
-- Under an ordinary user with a range in /etc/subuid and /etc/subgid (and Debian's `uidmap`), the user's own
-  ids are root's inside and the range everyone else's, written by newuidmap/newgidmap, as podman rootless
-  does. Files the user pulled are the user's, so inside they are root's: services that drop to their user
-  read them where the image made them readable to others, and what they write (a chown in the container
-  is faked) stays the user's on the host.
-- Elsewhere (no range, no newuidmap, `-p`, whose pasta makes its own namespace) there is no mapping, and
-  the seccomp filter makes setuid, setgid and setgroups succeed without effect.
-
-d-run unshares itself (CLONE_NEWUSER, through ctypes: Python 3.11 has no os.unshare) while a child forked
-before writes the maps, then takes the image's groups, gid and uid, and execs bwrap inside the namespace.
+As root: every id mapped to itself, so the image's owners are the container's (a `USER 1000` writes its
+/home/app, not root's /etc), as under podman. A namespace rather than podman's rootful "none, with fewer
+capabilities": root inside is capable only over what the namespace owns, and bwrap runs as for a user.
+The namespace belongs to the image's uid, which d-run becomes (groups and gid first) before the exec, so
+that bwrap joins it capable and switches ids no more (its --userns sets the uid before the gid).
+As a user with a range in /etc/subuid and /etc/subgid: the user's own ids are the image user's (root's, for
+most services) and the range everyone else's, written by newuidmap/newgidmap (podman's rootless mapping).
+Files the user pulled are the user's, so inside they are the image user's: a service dropping to its user
+reads what the image made readable to others. Otherwise (no range, or -p, whose pasta makes the namespace):
+no mapping; the seccomp filter fakes the set*id calls.
 """
 
 import errno
 import os
+from collections.abc import Callable
 
+from .errors import Error
 from .sandbox import find_row, is_number, table_rows
 
 CLONE_NEWUSER = 0x10000000
-EVERY_ID = "0 0 4294967295\n"  # (uid_t) -1 stays unmapped
+EVERY_ID = [0, 0, 2**32 - 1]  # (uid_t) -1 stays unmapped
 
 
 def subordinate_range(text: str, name: str, own: int) -> tuple[int, int] | None:
-    """The first `start:count` of /etc/subuid or /etc/subgid for the user `name` (or its number `own`)."""
+    """The first non-empty `start:count` of /etc/subuid or /etc/subgid for the user `name` (or number `own`)."""
     for line in text.splitlines():
         fields = line.split(":")
         numbers = fields[1:] if len(fields) == 3 and fields[0] in (name, str(own)) else []
-        if all(map(is_number, numbers)) and numbers and int(numbers[1]) > 0:
+        if numbers and all(map(is_number, numbers)) and int(numbers[1]) > 0:
             return int(numbers[0]), int(numbers[1])
     return None
 
 
-def read_text(path: str) -> str:
-    try:
-        with open(path) as handle:
-            return handle.read()
-    except OSError:
-        return ""
+def keep_id(inside: int, own: int, start: int, count: int) -> list[int]:
+    """(inside, outside, count) triples: `inside` is `own`, and the range fills 0... around it."""
+    below = min(inside, count)  # how many of the range go below `inside`; the rest go above it
+    rest = [0, start, below] * (below > 0) + [inside + 1, start + below, count - below] * (count > below)
+    return [inside, own, 1, *rest]
 
 
-def find_program(name: str) -> str | None:
-    directories = os.environ.get("PATH", os.defpath).split(":")
-    return next((f"{d}/{name}" for d in directories if d and os.access(f"{d}/{name}", os.X_OK)), None)
-
-
-def helper_commands(euid: int) -> list[list[str]] | None:
-    """The newuidmap and newgidmap calls (without the pid) mapping 0 to the user and 1... to their ranges, or
-    None when the user has no range or no newuidmap."""
-    import pwd  # a builtin module: cheap
+def plan_maps(uid: int, gid: int, read: Callable[[str], str]) -> tuple[list[str], list[int], list[int]] | None:
+    """How to map for the image's `uid` and `gid`: the tools to write the maps ([]: root writes them itself),
+    the uid and gid maps as (inside, outside, count) triples; None for no mapping. `read`: a file's text or ""."""
+    euid = os.geteuid()
+    if euid == 0:
+        return [], EVERY_ID, EVERY_ID
+    import pwd  # a builtin module
+    import shutil  # only for a user's mapping: it costs start-up
 
     try:
         name = pwd.getpwuid(euid).pw_name
     except KeyError:
         return None
-    commands = []
-    for tool, own, table in (("newuidmap", euid, "/etc/subuid"), ("newgidmap", os.getegid(), "/etc/subgid")):
-        program, found = find_program(tool), subordinate_range(read_text(table), name, euid)
+    tools, maps = [], []
+    for tool, inside, own, table in (("newuidmap", uid, euid, "subuid"), ("newgidmap", gid, os.getegid(), "subgid")):
+        program, found = shutil.which(tool), subordinate_range(read(f"/etc/{table}"), name, euid)
         if program is None or found is None:
             return None
-        commands.append([program, "0", str(own), "1", "1", str(found[0]), str(found[1])])
-    return commands
+        tools.append(program)
+        maps.append(keep_id(inside, own, *found))
+    return tools, *maps
 
 
-def plan_mapping(publishing: bool) -> list[list[str]] | None:
-    """What maps the ids: [] for root's identity mapping, the newuidmap/newgidmap calls for a user with a
-    range, None for no mapping (faked id calls)."""
-    if publishing:
-        return None
-    return [] if os.geteuid() == 0 else helper_commands(os.geteuid())
-
-
-def write_maps(pid: int, commands: list[list[str]]) -> bool:
-    """In the helper child: the maps of `pid`, by root's own writes or by newuidmap/newgidmap; True when done."""
-    if not commands:
-        for name in ("uid_map", "gid_map"):
+def write_maps(pid: int, tools: list[str], uid_map: list[int], gid_map: list[int]) -> bool:
+    """The maps of `pid`'s namespace, by root's own writes or by newuidmap/newgidmap; True when written."""
+    if not tools:
+        for name, triples in (("uid_map", uid_map), ("gid_map", gid_map)):
             with open(f"/proc/{pid}/{name}", "w") as handle:
-                handle.write(EVERY_ID)
+                handle.write(" ".join(map(str, triples)))
         return True
-    for argv in commands:
-        child = os.posix_spawn(argv[0], [argv[0], str(pid), *argv[1:]], os.environ)
+    for tool, triples in zip(tools, (uid_map, gid_map), strict=True):
+        child = os.posix_spawn(tool, [tool, str(pid), *map(str, triples)], os.environ)
         if os.waitpid(child, 0)[1] != 0:
             return False
     return True
 
 
-def enter(commands: list[list[str]]) -> None:
-    """Move this (single-threaded) process into a new user namespace with the ids mapped; an OSError if not."""
+def make(maps: tuple[list[str], list[int], list[int]], owner: int) -> int:
+    """A new user namespace with `maps`, belonging to the uid `owner`, as an inheritable descriptor for bwrap's
+    --userns. A child made for it unshares, waits until the maps are written, and exits."""
     import ctypes
 
-    parent = os.getpid()
-    read_end, write_end = os.pipe()
+    ready_read, ready_write = os.pipe()
+    done_read, done_write = os.pipe()
     child = os.fork()
-    if child == 0:  # the helper: waits until the parent has unshared, maps it, and reports by its status
+    if child == 0:  # in the child: only system calls, then _exit
         status = 1
         try:
-            os.close(write_end)
-            if os.read(read_end, 1) == b"u" and write_maps(parent, commands):
-                status = 0
+            os.close(ready_read)
+            os.close(done_write)
+            if owner != os.geteuid():
+                os.setresuid(owner, owner, owner)
+            status = 0 if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWUSER) == 0 else ctypes.get_errno()
+            os.write(ready_write, bytes([status]))
+            os.read(done_read, 1)
         finally:
             os._exit(status)
-    os.close(read_end)
-    unshared = ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWUSER) == 0
-    error = ctypes.get_errno()
-    os.write(write_end, b"u" if unshared else b"x")
-    os.close(write_end)
-    mapped = os.waitpid(child, 0)[1] == 0
-    if not unshared:
-        raise OSError(error, f"cannot make a user namespace: {os.strerror(error)}")
-    if not mapped:
-        raise OSError(errno.EPERM, "could not map the user namespace's ids (newuidmap or newgidmap failed)")
+    os.close(ready_write)
+    os.close(done_read)
+    try:
+        status = os.read(ready_read, 1)
+        if status != b"\0":
+            raise Error(f"cannot make a user namespace: {os.strerror(status[0] if status else errno.EPERM)}")
+        if not write_maps(child, *maps):
+            raise Error("newuidmap or newgidmap failed", "check your ranges in /etc/subuid and /etc/subgid")
+        fd = os.open(f"/proc/{child}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        os.set_inheritable(fd, True)
+        return fd
+    finally:
+        os.close(ready_read)
+        os.close(done_write)
+        os.waitpid(child, 0)
 
 
 def become(uid: int, gid: int, groups: list[int]) -> None:
-    """Take the image's groups and gid, and its uid unless root (whose capabilities bwrap needs)."""
+    """Root before the exec: the image's groups, gid and uid (bwrap then switches to none of them itself)."""
     os.setgroups(groups)
     os.setresgid(gid, gid, gid)
-    if uid != 0:
-        os.setresuid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
 
 
 def image_groups(uid: int, gid: int, passwd: str, group: str) -> list[int]:

@@ -40,44 +40,59 @@ def test_start_up_loads_neither_ctypes_nor_pwd() -> None:
     assert done.stdout == "[]\n"
 
 
-ENTER = (
-    "import os, sys; from dutils import userns; commands = userns.plan_mapping(False); print(commands is not None)\n"
-    "userns.enter(commands); userns.become(33, 33, [33, 50]); print(os.getresuid(), os.getresgid(), os.getgroups())\n"
-    "print(open('/proc/self/uid_map').read().split())"
+@pytest.mark.parametrize(
+    "inside, expected",
+    [
+        (0, [0, 1001, 1, 1, 100000, 65536]),
+        (33, [33, 1001, 1, 0, 100000, 33, 34, 100033, 65503]),
+        (65536, [65536, 1001, 1, 0, 100000, 65536]),
+        (70000, [70000, 1001, 1, 0, 100000, 65536]),
+    ],
 )
+def test_keep_id_puts_the_users_own_id_at_the_images(inside: int, expected: list[int]) -> None:
+    assert userns.keep_id(inside, 1001, 100000, 65536) == expected
+
+
+def namespace_maps(python: str, owner: int, run=subprocess.run) -> list[str]:
+    """The uid_map of the namespace userns.make gives, read from a process that joined it (nsenter)."""
+    code = (
+        "import os, subprocess, sys; from dutils import run, userns; maps = userns.plan_maps(33, 33, run.read_setting)\n"
+        f"fd = userns.make(maps, {owner}); os.set_inheritable(fd, True)\n"
+        "done = subprocess.run(['nsenter', f'--user=/proc/self/fd/{fd}', '--preserve-credentials', 'cat',"
+        " '/proc/self/uid_map'], pass_fds=[fd], capture_output=True, text=True)\n"
+        "print(done.stdout.split() or done.stderr)"
+    )
+    done = run([python, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 @as_root
 def test_root_maps_every_id_to_itself() -> None:
-    done = subprocess.run([sys.executable, "-c", ENTER], capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["True", "(33, 33, 33) (33, 33, 33) [33, 50]", "['0', '0', '4294967295']"]
+    assert namespace_maps(sys.executable, 1000) == "['0', '0', '4294967295']\n"
 
 
 @as_root
-def test_a_user_with_a_range_maps_it_behind_their_own_ids(unprivileged) -> None:
-    done = unprivileged.run([unprivileged.bin / "python", "-c", ENTER], capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+def test_a_user_with_a_range_gets_it_around_their_own_id(unprivileged) -> None:
     own = subprocess.run(["id", "-u", "dutest"], capture_output=True, text=True, check=True).stdout.strip()
-    assert lines[:2] == ["True", "(33, 33, 33) (33, 33, 33) [33, 50]"]
-    assert lines[2] == str(["0", own, "1", "1", "100000", "65536"]).replace('"', "'"), lines
+    maps = namespace_maps(unprivileged.bin / "python", int(own), unprivileged.run)
+    assert maps == str(["33", own, "1", "0", "100000", "33", "34", "100033", "65503"]) + "\n"
 
 
 @as_root
 def test_a_user_without_newuidmap_gets_no_mapping(unprivileged) -> None:
-    code = "from dutils import userns; print(userns.plan_mapping(False), userns.plan_mapping(True))"
+    code = "from dutils import run, userns; print(userns.plan_maps(0, 0, run.read_setting))"
     env = {"PATH": str(unprivileged.bin)}
     done = unprivileged.run([unprivileged.bin / "python", "-c", code], capture_output=True, text=True, env=env)
-    assert done.stdout == "None None\n", done.stderr
+    assert done.stdout == "None\n", done.stderr
 
 
 @as_root
 def test_a_map_refused_by_newuidmap_is_an_error(unprivileged) -> None:
     code = (
-        "from dutils import userns\n"
-        "try: userns.enter([['/usr/bin/newuidmap', '0', '0', '1']])\n"
-        "except OSError as err: print(err.strerror)"
+        "import os; from dutils import userns\n"
+        "try: userns.make((['/usr/bin/newuidmap', '/usr/bin/newgidmap'], [0, 0, 1], [0, 0, 1]), os.geteuid())\n"
+        "except Exception as err: print(err)"
     )
     done = unprivileged.run([unprivileged.bin / "python", "-c", code], capture_output=True, text=True, timeout=30)
     assert "newuidmap or newgidmap failed" in done.stdout, done
