@@ -312,6 +312,8 @@ def bwrap_argv(box: Sandbox) -> list[str]:
     if box.userns_fd is not None:  # d-run's namespace (--unshare-all would add bwrap's own)
         argv = ["bwrap", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
         argv += ([] if box.network else ["--unshare-net"]) + ["--userns", str(box.userns_fd)]
+        # bwrap 0.8 never closes --userns' descriptor: as --block-fd it does, before the command (a read fails at once)
+        argv += ["--block-fd", str(box.userns_fd)]
         argv += ["--cap-add", "ALL"] if box.identity.uid == 0 else []  # as bwrap gives its own root, in the namespace
     argv += ["--uid", str(box.identity.uid), "--gid", str(box.identity.gid)]
     argv += ["--hostname", box.hostname, "--die-with-parent"]
