@@ -522,7 +522,7 @@ networks: none (the default: only a loopback); -p: the container's own network w
 examples:
   d-run ./deb cat /etc/os-release
   d-run -p 8080:80 ./nginx          (then: curl http://127.0.0.1:8080/)
-  d-run -n -w ./deb apt-get install -y curl
+  d-run -n --rw ./deb apt-get install -y curl
   d-run -v "$PWD":/src:ro --workdir /src -u app ./deb make
 """
 

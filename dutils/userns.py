@@ -47,20 +47,20 @@ def plan_maps(uid: int, gid: int, read: Callable[[str], str]) -> tuple[list[str]
     if euid == 0:
         return [], EVERY_ID, EVERY_ID
     import pwd  # a builtin module
-    import shutil  # only for a user's mapping: it costs start-up
 
     try:
         name = pwd.getpwuid(euid).pw_name
     except KeyError:
         return None
-    tools, maps = [], []
-    for tool, inside, own, table in (("newuidmap", uid, euid, "subuid"), ("newgidmap", gid, os.getegid(), "subgid")):
-        program, found = shutil.which(tool), subordinate_range(read(f"/etc/{table}"), name, euid)
-        if program is None or found is None:
-            return None
-        tools.append(program)
-        maps.append(keep_id(inside, own, *found))
-    return tools, *maps
+    ranges = [subordinate_range(read(f"/etc/{table}"), name, euid) for table in ("subuid", "subgid")]
+    if None in ranges:
+        return None
+    import shutil  # only for a user with ranges: it costs start-up
+
+    tools = [shutil.which("newuidmap"), shutil.which("newgidmap")]
+    if None in tools:
+        return None
+    return tools, keep_id(uid, euid, *ranges[0]), keep_id(gid, os.getegid(), *ranges[1])
 
 
 def write_maps(pid: int, tools: list[str], uid_map: list[int], gid_map: list[int]) -> bool:

@@ -36,6 +36,7 @@ from dutils.store import locked
 
 pytestmark = pytest.mark.integration
 SERVICES_LAYER = CACHE / "debian-services.tar.gz"
+README = Path(__file__).parents[1] / "README.md"
 CONFIG = {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["bash"]}
 WHO = ["root", "user", "user-unmapped"]
 
@@ -221,7 +222,9 @@ def test_apt_get_installs_with_dependencies_from_a_local_repository(images, repo
     script = f"echo '{source}' > /etc/apt/sources.list && apt-get update -q"
     done = runner.run(folder, "-n", "--rw", ["sh", "-c", script])
     assert done.returncode == 0, done.stdout + done.stderr
-    done = runner.run(folder, "-n", "--rw", ["apt-get", "install", "-y", "dutest-a"])  # as the README has it
+    example = re.search(r"`d-run (-n --rw) \./deb (apt-get install -y) curl`", README.read_text())
+    assert example, "the README's apt example changed: test it as it is written"
+    done = runner.run(folder, *example[1].split(), [*example[2].split(), "dutest-a"])
     assert done.returncode == 0, done.stdout + done.stderr
     for name in ("dutest-a", "dutest-b"):
         assert (folder / "rootfs/usr/share" / name / "marker").read_text() == name
