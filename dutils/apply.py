@@ -2,7 +2,7 @@
 
 One loop over the tar entries (read by tarstream, which keeps none and caps header records): a whiteout hides
 lower-layer entries, any other entry replaces what was at its path (a directory over a directory keeps the
-children). Paths are resolved by rootfs.Tree, which keeps every change inside the rootfs. Every entry replaces
+children). Paths are resolved by tree.Tree, which keeps every change inside the rootfs. Every entry replaces
 whatever is at its path, so running the same layer again over a killed run gives exactly the tree of one clean
 run: a file the killed run left half-written is written again.
 """
@@ -25,8 +25,9 @@ import zstandard
 from isal import igzip, igzip_lib
 
 from .errors import Error
-from .rootfs import OWNER_RWX, WHITEOUT, Place, Tree, clean, lstat_or_none
-from .tarstream import CHAR, Entry, RecordTooLarge, TarError, TarReader
+from .rootfs import Place, clean, lstat_or_none
+from .tarstream import CHAR, Member, RecordTooLarge, TarError, TarReader
+from .tree import OWNER_RWX, WHITEOUT, Tree
 
 OCI = "application/vnd.oci.image.layer.v1.tar"
 OCI_NONDISTRIBUTABLE = "application/vnd.oci.image.layer.nondistributable.v1.tar"
@@ -164,7 +165,7 @@ def apply_layer(blob: Path, media_type: str, diff_id: str, rootfs: Path) -> Skip
         raise (
             disk_full(blob, media_type, rootfs, layer)
             if err.errno == errno.ENOSPC
-            else Error(f"{layer}: {describe(err)}")
+            else Error(f"{layer}: {describe_os_error(err)}")
         ) from None
     return skipped
 
@@ -196,14 +197,14 @@ def apply_members(stream: VerifyingReader, tree: Tree, skipped: Skipped, layer: 
             except OSError as err:
                 if err.errno == errno.ENOSPC:
                     raise  # apply_layer says how much space the layer needs
-                raise Error(f"{layer}: member {entry.name}: {describe(err)}") from None
+                raise Error(f"{layer}: member {entry.name}: {describe_os_error(err)}") from None
     except RecordTooLarge as err:
         raise Error(f"{layer}: refused: {err}", "the layer is malformed or hostile") from None
     except TarError as err:
         raise Error(f"{layer}: corrupt tar data ({err})") from None
 
 
-def apply_member(reader: TarReader, entry: Entry, tree: Tree, skipped: Skipped) -> None:
+def apply_member(reader: TarReader, entry: Member, tree: Tree, skipped: Skipped) -> None:
     parents, _, base = clean(entry.name).rpartition("/")
     if WHITEOUT in parents and any(part.startswith(WHITEOUT) for part in parents.split("/")):
         return  # inside a reserved name (AUFS metadata such as .wh..wh.plnk/ in old layers): not content
@@ -242,7 +243,7 @@ def make_dir(place: Place, tree: Tree) -> None:
         os.chmod(place.name, stat.S_IMODE(st.st_mode) | OWNER_RWX, dir_fd=place.fd, follow_symlinks=False)
 
 
-def make_node(place: Place, entry: Entry) -> None:
+def make_node(place: Place, entry: Member) -> None:
     if entry.issym():
         os.symlink(entry.linkname, place.name, dir_fd=place.fd)  # any target: it is never followed here
     elif entry.isfifo():
@@ -252,7 +253,7 @@ def make_node(place: Place, entry: Entry) -> None:
         os.mknod(place.name, kind | 0o600, os.makedev(entry.devmajor, entry.devminor), dir_fd=place.fd)
 
 
-def write_file(reader: TarReader, entry: Entry, tree: Tree, place: Place, skipped: Skipped) -> None:
+def write_file(reader: TarReader, entry: Member, tree: Tree, place: Place, skipped: Skipped) -> None:
     """Created afresh (never through what was there: a lower layer's hard link keeps its content), written, and
     given its metadata through the open descriptor. A run killed half-way may leave a partly written file: the
     next run of this layer replaces it, as it replaces every entry of it."""
@@ -279,7 +280,7 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 def set_metadata(
-    target: str | int, dir_fd: int | None, entry: Entry, mode: int | None, tree: Tree, skipped: Skipped
+    target: str | int, dir_fd: int | None, entry: Member, mode: int | None, tree: Tree, skipped: Skipped
 ) -> None:
     """On the open file `target`, or on the entry named `target` in `dir_fd` (not followed). Owner first (chown
     clears setuid bits), then attributes and mode (None: as it is, for a symlink or a file made with it), times
@@ -297,7 +298,7 @@ def set_metadata(
     os.utime(target, ns=(mtime_ns(entry),) * 2, **by_name)
 
 
-def set_xattrs(target: str | int, entry: Entry, skipped: Skipped) -> None:
+def set_xattrs(target: str | int, entry: Member, skipped: Skipped) -> None:
     for key, value in entry.xattrs.items():
         try:
             os.setxattr(target, key, value, follow_symlinks=isinstance(target, int))  # an fd is never a link
@@ -307,7 +308,7 @@ def set_xattrs(target: str | int, entry: Entry, skipped: Skipped) -> None:
             skipped.xattrs += 1
 
 
-def mtime_ns(entry: Entry) -> int:
+def mtime_ns(entry: Member) -> int:
     """The entry's mtime in nanoseconds, exactly: a pax record may give nine decimals or more (cut toward zero,
     as Go's archive/tar does). A malformed time, or one the system cannot store, is refused."""
     if isinstance(entry.mtime, int) and abs(entry.mtime) < MAX_SECONDS:
@@ -339,5 +340,5 @@ def apply_whiteout(name: str, base: str, tree: Tree) -> None:
             tree.hide(place)
 
 
-def describe(err: OSError) -> str:
+def describe_os_error(err: OSError) -> str:
     return f"{err.strerror}: {err.filename}" if err.filename else str(err.strerror or err)

@@ -1,15 +1,12 @@
 """d-run: run a command in a pulled image with bubblewrap, unprivileged, and exec into bwrap.
 
-The pure pieces are in `sandbox`; this module reads the pull folder, makes every mount point and volume, and
-execs. bwrap makes its mount points by following links *before* it pivots into the new root, so d-run makes
-them first, each resolved inside DIR by rootfs's resolver as the container sees it, through descriptors, and
-hands bwrap destinations with no link left on them and sources as open descriptors.
+The pure pieces are in `sandbox`, the mount points and volumes in `mounts`; this module reads the pull folder
+and the command line, plans the sandbox and execs.
 
 Start-up matters (d-run should cost little more than bwrap itself): standard library and small dutils
 modules only, never `requests` or `doit`.
 """
 
-import contextlib
 import errno
 import os
 import signal
@@ -19,52 +16,15 @@ from collections.abc import Callable
 from types import SimpleNamespace
 
 from . import ports, sandbox, seccomp, userns
-from .errors import Error, printable
-from .rootfs import DIR_FLAGS, MAX_LINKS, Place, Root, children, join, lstat_or_none, make_missing_dir, stop_absent
-from .store import NotRegular, PullDir, load_json, open_regular, read_small, remove_entry
+from .errors import Error
+from .mounts import MountTable, find_folder, inheritable, make_empty_file, open_sources
+from .rootfs import Root, make_missing_dir, stop_absent
+from .store import NotRegular, PullDir, load_json, read_small
 
 RESOLV_CONF = "/etc/resolv.conf"
 # apt drops privileges to its _apt user for downloads, which a single mapped user cannot do.
 APT_CONF = "/etc/apt/apt.conf.d/99d-run"
 APT_SETTINGS = b'// d-run: bwrap maps a single user, so apt cannot switch to _apt\nAPT::Sandbox::User "root";\n'
-
-
-# ----- folders d-run resolves in -------------------------------------------------------------------
-
-
-class Sealed(Root):
-    """A folder whose links d-run refuses rather than follows: a volume or a host folder, which a container
-    may have written (a link there would be resolved by bwrap on the host)."""
-
-    def __init__(self, top: int, name: str, label: str) -> None:
-        self.label = label
-        super().__init__(top, name)
-
-    def _link_target(self, fd: int, name: str, path: str) -> str:
-        raise Error(f"{self.label}/{path} is a symbolic link", "d-run follows no link in a volume: remove it")
-
-
-class Owned(Sealed):
-    """DIR/volumes: every folder in it a real folder of the user's own, before it is bound."""
-
-    def _enter(self, fd: int, name: str, path: str, st: os.stat_result) -> int:
-        if st.st_uid != os.geteuid():
-            shown = join(self.label, path)
-            raise Error(f"{shown} is owned by uid {st.st_uid}, not by you", "remove it, or pull into a new folder")
-        return super()._enter(fd, name, path, st)
-
-    def open_volume(self, rootfs: Root, target: str, skipped: list[int]) -> int:
-        """DIR/volumes/<target> as an O_PATH descriptor: a real folder of the user's own, made on first use as
-        a copy of what the image holds at `target`, as Docker does (`skipped` counts what is not copied)."""
-        with self.parent(target) as place:
-            st = lstat_or_none(place.name, place.fd)
-            if st is None:
-                make_volume(place, rootfs, target, skipped)
-                st = os.lstat(place.name, dir_fd=place.fd)
-            if not stat.S_ISDIR(st.st_mode):
-                kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a folder"
-                raise Error(f"{self.label}/{place.path} is {kind}", "remove it: d-run makes it again")
-            return self._enter(place.fd, place.name, place.path, st)  # checked as every folder on the way is
 
 
 def read_regular(dir_fd: int, name: str, what: str) -> bytes | None:
@@ -103,172 +63,6 @@ def read_image_file(rootfs: Root, path: str) -> str:
     except OSError as err:
         raise Error(f"{what}: {err.strerror}") from None
     return (data or b"").decode(errors="replace")
-
-
-# ----- mount points ------------------------------------------------------------------------------------
-
-
-def make_empty_file(fd: int, name: str) -> None:
-    os.mknod(name, stat.S_IFREG | 0o644, dir_fd=fd)
-
-
-def make_entry(root: Root, path: str, make: Callable[[int, str], None]) -> str:
-    """Make `path` below `root` exist, by `make` (make_missing_dir or make_empty_file) when it does not yet,
-    and return it resolved. A mount needs a folder to go on a folder, and a non-folder on a non-folder."""
-    with root.resolve(path, make_missing_dir) as place:
-        st = lstat_or_none(place.name, place.fd)
-        if st is None:
-            make(place.fd, place.name)
-        elif stat.S_ISDIR(st.st_mode) != (make is make_missing_dir):
-            kind = "a folder" if make is make_missing_dir else "a file"
-            raise Error(f"/{place.path} is not {kind}, and {kind} must be bound there", "remove it, or drop the mount")
-        return place.path
-
-
-class MountTable:
-    """What bwrap will have mounted when it comes to each destination, in its own order: the rootfs at /,
-    then (target free of links, source descriptor or None for a tmpfs it makes, label for messages)."""
-
-    def __init__(self, rootfs: Root) -> None:
-        self.rootfs = rootfs
-        self.mounts: list[tuple[str, int | None, str]] = []
-
-    def covering(self, path: str) -> tuple[tuple[str, int | None, str] | None, str]:
-        """The mount that `path` lies in (None: the rootfs, no mount) and the rest of `path` inside it."""
-        found, rest = None, path
-        for mount in self.mounts:
-            target = mount[0]
-            if (path == target or path.startswith(target + "/")) and (found is None or len(target) >= len(found[0])):
-                found, rest = mount, path[len(target) :]
-        return found, rest.lstrip("/")
-
-    def place(self, target: str, make: Callable[[int, str], None]) -> str:
-        """Make `target` exist (see make_entry), resolved as the container will see it, and return it free of
-        links: a link in the rootfs that leads into a mount hands the rest over to what is mounted there."""
-        path = target
-        for _ in range(MAX_LINKS):
-            mount, rest = self.covering(path)
-            try:
-                if mount is None:
-                    resolved = "/" + make_entry(self.rootfs, rest, make)
-                    if resolved == path or self.covering(resolved)[0] is None:
-                        return resolved
-                    path = resolved
-                    continue
-                _, fd, label = mount
-                if fd is None and rest and label != "/tmp":  # bwrap's own /proc and /dev, links in them
-                    raise Error(f"{target} leads into {label}, which d-run leaves as bwrap makes it", "remove the link")
-                if fd is not None:
-                    with Sealed(os.dup(fd), ".", label) as sealed:
-                        make_entry(sealed, rest, make)
-                return path
-            except OSError as err:
-                raise Error(f"cannot make the mount point {target}: {err.strerror} ({printable(rest)})") from None
-        raise Error(f"cannot make the mount point {target}: too many symbolic links")
-
-    def add(self, target: str, fd: int | None, label: str) -> None:
-        self.mounts.append((target, fd, label))
-
-
-# ----- anonymous volumes -------------------------------------------------------------------------------
-
-
-def make_volume(place: Place, rootfs: Root, target: str, skipped: list[int]) -> None:
-    """Fill a scratch folder beside `place`, then rename it into place: a volume is made whole or not at all."""
-    partial = f".{place.name}.partial-{os.getpid()}"
-    os.mkdir(partial, 0o755, dir_fd=place.fd)
-    try:
-        seed = find_folder(rootfs, target)
-        if seed is not None:
-            with seed, Root(os.dup(seed.fd), seed.name) as tree:
-                if not seed.path:
-                    raise Error(f"the volume {target} leads to the image's root folder", "remove it from Volumes")
-                dest = os.open(partial, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=place.fd)
-                try:
-                    skipped[0] += copy_tree(tree, dest)
-                finally:
-                    os.close(dest)
-        os.rename(partial, place.name, src_dir_fd=place.fd, dst_dir_fd=place.fd)
-    except BaseException:
-        with contextlib.suppress(OSError):  # the first failure is the one to report
-            remove_entry(place.fd, partial)
-        raise
-
-
-def find_folder(rootfs: Root, path: str) -> Place | None:
-    """Where the image holds the folder `path` (links followed inside it), or None when it holds none."""
-    try:
-        place = rootfs.resolve(path, stop_absent)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    st = lstat_or_none(place.name, place.fd)
-    if st is None or not stat.S_ISDIR(st.st_mode):
-        place.__exit__()
-        return None
-    return place
-
-
-def copy_tree(source: Root, dest: int) -> int:
-    """Copy the tree `source` into the empty folder open as `dest`, through descriptors: folders, regular
-    files, and symbolic links as links (never followed). Device nodes, FIFOs and sockets are skipped, never
-    opened: returns how many. No recursion: a deep tree costs a list, not the stack."""
-    with source.find("") as place:
-        st = os.lstat(place.name, dir_fd=place.fd)
-    skipped, folders, todo = 0, [(".", st)], [""]  # "." below `dest`: `dest` itself
-    last, src = None, -1  # the folder listed last, kept open: depth first, its child is most often next
-    while todo:
-        path = todo.pop()
-        parent, _, base = path.rpartition("/")
-        if parent == last:
-            folder = os.open(base, DIR_FLAGS, dir_fd=src)
-        else:
-            place = source.find(path)
-            if place is None:
-                continue  # gone since it was listed
-            with place:
-                folder = os.open(place.name, DIR_FLAGS, dir_fd=place.fd)
-        if src >= 0:
-            os.close(src)
-        last, src = path, folder
-        for name in children(src):
-            st = os.lstat(name, dir_fd=src)
-            copied = join(path, name)
-            if stat.S_ISDIR(st.st_mode):
-                os.mkdir(copied, 0o700, dir_fd=dest)  # filled first, its own mode set last
-                folders.append((copied, st))
-                todo.append(copied)
-            elif stat.S_ISLNK(st.st_mode):
-                os.symlink(os.readlink(name, dir_fd=src), copied, dir_fd=dest)
-                os.utime(copied, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dest, follow_symlinks=False)
-            elif not stat.S_ISREG(st.st_mode) or not copy_file(src, name, dest, copied):
-                skipped += 1
-    if src >= 0:
-        os.close(src)
-    for copied, st in reversed(folders):  # children before their parents
-        os.chmod(copied, stat.S_IMODE(st.st_mode), dir_fd=dest)
-        os.utime(copied, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dest)
-    return skipped
-
-
-def copy_file(src: int, name: str, dest: int, copied: str) -> bool:
-    """Copy the regular file `name` of `src` to `copied` below `dest`; False when it is no regular file."""
-    try:
-        fd_in = open_regular(name, os.O_RDONLY, dir_fd=src)
-    except NotRegular:
-        return False  # swapped since it was listed
-    try:
-        st = os.fstat(fd_in)
-        fd_out = open_regular(copied, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dest)
-        try:
-            while os.sendfile(fd_out, fd_in, None, 1 << 30):
-                pass
-            os.fchmod(fd_out, stat.S_IMODE(st.st_mode))
-            os.utime(fd_out, ns=(st.st_atime_ns, st.st_mtime_ns))
-        finally:
-            os.close(fd_out)
-    finally:
-        os.close(fd_in)
-    return True
 
 
 # ----- the sandbox --------------------------------------------------------------------------------------
@@ -315,57 +109,8 @@ def data_fd(data: bytes) -> int:
     return inheritable(read_end)
 
 
-def inheritable(fd: int) -> int:
-    os.set_inheritable(fd, True)
-    return fd
-
-
-def open_source(mount: sandbox.Mount) -> int:
-    """The host path of a -v, opened once (bwrap binds the descriptor, never the path again)."""
-    try:
-        return inheritable(os.open(mount.source, os.O_PATH | os.O_CLOEXEC))
-    except FileNotFoundError:
-        source = os.path.abspath(mount.source)
-        raise Error(
-            f"volume {mount.source}:{mount.target}: {source} does not exist", "create it, or fix the -v option"
-        ) from None
-    except OSError as err:
-        raise Error(f"volume {mount.source}:{mount.target}: {err.strerror}") from None
-
-
-def open_volumes(dir_fd: int, label: str) -> Owned:
-    """DIR/volumes, made when missing; a link or another user's folder there is refused."""
-    if lstat_or_none("volumes", dir_fd) is None:
-        os.mkdir("volumes", 0o755, dir_fd=dir_fd)
-    try:
-        return Owned(os.dup(dir_fd), "volumes", label)
-    except NotADirectoryError:
-        raise Error(f"{label} is not a folder (a symbolic link?)", "remove it: d-run makes it again") from None
-
-
-def open_sources(pull: PullDir, dir_fd: int, rootfs: Root, mounts: list[sandbox.Mount]) -> list[int]:
-    """Each mount's source as a descriptor bwrap inherits, anonymous volumes made first (in mount order, so
-    a volume's folder holds the folders of the volumes below it)."""
-    sources, skipped = [], [0]
-    with open_volumes(dir_fd, str(pull.volumes)) as volumes:
-        for mount in mounts:
-            if mount.source:
-                sources.append(open_source(mount))
-                continue
-            try:
-                sources.append(inheritable(volumes.open_volume(rootfs, mount.target, skipped)))
-            except OSError as err:
-                raise Error(f"anonymous volume {mount.target}: cannot make it in {pull.volumes}: {err}") from None
-    if skipped[0]:
-        print(
-            f"d-run: warning: {skipped[0]} device nodes, FIFOs or sockets of the image not copied into new volumes",
-            file=sys.stderr,
-        )
-    return sources
-
-
-def plan_sandbox(args: SimpleNamespace) -> sandbox.Sandbox:
-    """Resolve the flags, config.json and the image's files into a Sandbox, every mount point made."""
+def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
+    """Resolve the flags, config.json and the image's files into a Plan, every mount point made."""
     pull = PullDir(args.dir)
     pull.require_complete()
     try:
@@ -423,7 +168,7 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Sandbox:
     os.close(dir_fd)
     program = seccomp.filter_program(os.uname().machine, fake_chown=not root_maps, fake_ids=maps is None)
     groups = userns.image_groups(identity.uid, identity.gid, passwd, group) if root_maps else []
-    return sandbox.Sandbox(
+    return sandbox.Plan(
         root_fd=root_fd,
         command=command,
         identity=identity,

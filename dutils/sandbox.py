@@ -297,15 +297,15 @@ Bind = namedtuple("Bind", "fd target read_only", defaults=(False,))
 # reads, read-only file it becomes) pairs; proc, dev and tmp are paths free of links (a rootfs may make them
 # links); ports are ports.Port, published through pasta; userns_fd: the user namespace mapping the image's ids
 # (see userns; None: bwrap maps the one user), groups: those d-run takes for the image's user under root.
-Sandbox = namedtuple(
-    "Sandbox",
+Plan = namedtuple(
+    "Plan",
     "root_fd command identity hostname workdir env binds data_files writable network seccomp_fd new_session "
     "proc dev tmp ports userns_fd groups",
     defaults=((), (), False, False, None, True, "/proc", "/dev", "/tmp", (), None, ()),
 )
 
 
-def bwrap_argv(box: Sandbox) -> list[str]:
+def bwrap_argv(box: Plan) -> list[str]:
     """The whole bwrap command line for `box`. Sources are descriptors, so bwrap resolves no path of
     ours again; every destination was made by d-run, without links."""
     argv = ["bwrap", "--unshare-all", *(["--share-net"] if box.network else []), "--unshare-user"]
@@ -333,7 +333,7 @@ def bwrap_argv(box: Sandbox) -> list[str]:
     return [*argv, "--", *box.command]
 
 
-def inherited_fds(box: Sandbox) -> list[int]:
+def inherited_fds(box: Plan) -> list[int]:
     """The descriptors bwrap must inherit for `box`."""
     optional = [fd for fd in (box.seccomp_fd, box.userns_fd) if fd is not None]
     return [box.root_fd, *(bind.fd for bind in box.binds), *(fd for fd, _ in box.data_files), *optional]

@@ -31,7 +31,7 @@ class RecordTooLarge(TarError):
     """A header record over MAX_RECORD: refused before it is read."""
 
 
-class Entry:
+class Member:
     """One member. `mtime` is the header's whole seconds (int) or a pax record's decimal text (str)."""
 
     __slots__ = ("name", "kind", "mode", "uid", "gid", "size", "mtime", "linkname", "devmajor", "devminor", "xattrs")
@@ -69,7 +69,7 @@ class TarReader:
         self.unread = 0  # data bytes of the current entry not yet read, plus its padding to a block
         self.globals: dict[str, bytes] = {}  # pax global records, applied to every later entry
 
-    def __iter__(self) -> Iterator[Entry]:
+    def __iter__(self) -> Iterator[Member]:
         while True:
             self.skip(self.unread)
             entry = self.next_entry()
@@ -77,7 +77,7 @@ class TarReader:
                 return
             yield entry
 
-    def chunks(self, entry: Entry) -> Iterator[bytes]:
+    def chunks(self, entry: Member) -> Iterator[bytes]:
         """The data of `entry`, the current entry, in pieces of at most BUFFER bytes."""
         left = entry.size
         while left:
@@ -90,7 +90,7 @@ class TarReader:
 
     # -- headers
 
-    def next_entry(self) -> Entry | None:
+    def next_entry(self) -> Member | None:
         """The next member, its extended records applied, or None at the end of the archive."""
         records: dict[str, bytes] = {}
         long_name = long_link = None
@@ -117,7 +117,7 @@ class TarReader:
                 continue
             if kind == SPARSE:
                 raise TarError("GNU sparse files are not supported")
-            entry = make_entry(
+            entry = make_member(
                 block, kind, size, long_name, long_link, self.globals | records if self.globals else records
             )
             self.unread = entry.size + -entry.size % BLOCK if entry.isreg() else 0
@@ -173,10 +173,10 @@ class TarReader:
         self.unread = 0
 
 
-def make_entry(
+def make_member(
     block: bytes, kind: bytes, size: int, long_name: bytes | None, long_link: bytes | None, records: dict
-) -> Entry:
-    entry = Entry()
+) -> Member:
+    entry = Member()
     name = long_name if long_name is not None else text(block[0:100])
     if long_name is None and block[257:265] == USTAR and block[345] != 0:
         name = text(block[345:500]) + b"/" + name
@@ -202,7 +202,7 @@ def make_entry(
     return entry
 
 
-def apply_records(entry: Entry, records: dict[str, bytes], name: bytes, link: bytes) -> None:
+def apply_records(entry: Member, records: dict[str, bytes], name: bytes, link: bytes) -> None:
     """pax records override the header's fields; extended attributes come only from them."""
     if any(key.startswith("GNU.sparse.") for key in records):
         raise TarError(f"{os.fsdecode(name)}: GNU sparse files are not supported")

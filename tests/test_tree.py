@@ -1,0 +1,162 @@
+"""tree: one layer's changes and their journal, put back exactly after a kill at any moment."""
+
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from images import Tar
+from malicious import USER, Layer, as_root, make_workspace, write_layer
+from trees import snapshot
+
+from dutils.store import remove_tree
+from dutils.tree import Hashes, Journal
+
+
+def test_path_hashes_hold_what_was_added_across_merges() -> None:
+    hashes, added = Hashes(), set()
+    hashes.RECENT = 7  # merges every 7 additions
+    rng = random.Random(5)
+    for _ in range(500):
+        value = rng.randrange(-(2**63), 2**63)
+        hashes.add(value)
+        added.add(value)
+    assert len(hashes.merged) == 497 and len(hashes.recent) == 3
+    assert all(value in hashes for value in added)
+    assert not any(value in hashes for value in (rng.randrange(-(2**63), 2**63) for _ in range(500)))
+
+
+# -- the journal of directories: on disk, resumed by the same layer on the same rootfs only
+
+
+def records(journal: Journal) -> list[tuple]:
+    return list(journal.in_reverse_order())
+
+
+def test_journal_keeps_first_records_and_later_settings_in_reverse_path_order(tmp_path: Path) -> None:
+    path, header = tmp_path / "journal", ("sha256:layer", 1, 2)
+    journal = Journal(path, header)
+    journal.KNOWN, journal.BATCH = 2, 3  # most records reach the database, in several batches
+    odd = os.fsdecode(b"caf\xe9")  # not UTF-8
+    for name in ["", "a", "a/b", odd, "a", "a/b"]:
+        journal.save_first(name, 0o555, 1, len(name))  # entered again: the first record stays
+    journal.save("a/b", 0o700, 5, 5)  # a directory entry of the layer: its values win
+    journal.save_first("a/b", 0o777, 9, 9)
+    journal.save("new", 0o750, 6, 6)
+    assert records(journal) == [
+        ("new", 0o750, 6, 6),
+        (odd, 0o555, 1, 4),
+        ("a/b", 0o700, 5, 5),
+        ("a", 0o555, 1, 1),
+        ("", 0o555, 1, 0),
+    ]
+    journal.close()
+
+    resumed = Journal(path, header)  # a rerun of the same layer finds every record made before
+    resumed.save_first("a", 0o111, 7, 7)
+    assert records(resumed)[-2:] == [("a", 0o555, 1, 1), ("", 0o555, 1, 0)]
+    resumed.close()
+    for other in [("sha256:other", 1, 2), ("sha256:layer", 1, 3)]:  # another layer, or a new rootfs
+        fresh = Journal(path, other)
+        assert records(fresh) == []
+        fresh.close()
+    fresh.remove()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_journal_of_another_kind_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "journal"
+    path.write_text('{"layer": "sha256:layer", "root": [1, 2]}\n["a", 493, 1, 1]\n')  # the JSON lines of old
+    journal = Journal(path, ("sha256:layer", 1, 2))
+    assert records(journal) == []
+    journal.close()
+    path.unlink()
+    path.symlink_to(tmp_path / "elsewhere")  # never followed: replaced by a journal of its own
+    journal = Journal(path, ("sha256:layer", 1, 2))
+    journal.save_first("a", 0o755, 1, 1)
+    journal.close()
+    assert not path.is_symlink() and not (tmp_path / "elsewhere").exists()
+
+
+# -- kill -9 at any moment of a folder-heavy layer, then the same layer again: exactly the clean tree
+
+FOLDERS = 800
+KILLED_APPLY = """
+import sys
+from pathlib import Path
+from dutils import tree
+from dutils.apply import apply_layer
+tree.Journal.KNOWN, tree.Journal.BATCH = 100, 7  # small: most directories are looked up in the journal file
+print("ready", flush=True)
+apply_layer(Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4]))
+"""
+
+
+def folder_layers() -> tuple[Tar, Tar]:
+    """A lower layer of read-only and mode-0000 folders with files, and an upper one that adds folders and files
+    into them (their times and modes must be put back as they were), whites some out and sets others' modes."""
+    lower, upper = Tar().dir("."), Tar()
+    for n in range(FOLDERS):
+        lower.dir(f"d{n}", 0o555).file(f"d{n}/old", b"old").dir(f"d{n}/locked", 0).dir(f"d{n}/gone", 0o500)
+        upper.dir(f"d{n}/new", 0o500).file(f"d{n}/new/f", b"new", mode=0o400).file(f"d{n}/deep/er/f")
+        upper.file(f"d{n}/locked/added", b"added").whiteout(f"d{n}/gone")
+        upper.dir(f"d{n}/deep/er", 0o555).dir(f"d{n}/deep", 0o700)  # listed after the folders were made
+        if n % 3 == 0:
+            upper.dir(f"d{n}", 0o750)
+    return lower, upper
+
+
+def start_apply(user, layer: Layer, rootfs: Path) -> subprocess.Popen:
+    """apply_layer in a child of its own (as the ordinary user when `user` is given), once it says "ready"."""
+    python = str(user.bin / "python") if user else sys.executable
+    argv = [python, "-c", KILLED_APPLY, str(layer.blob), layer.media_type, layer.diff_id, str(rootfs)]
+    as_user = {"user": USER, "group": USER, "extra_groups": [], "env": user.env} if user else {}
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=rootfs.parent.parent, **as_user)
+    assert child.stdout.readline() == "ready\n"
+    return child
+
+
+def apply_whole(user, layer: Layer, rootfs: Path) -> float:
+    """The seconds it took, from "ready"."""
+    with start_apply(user, layer, rootfs) as child:
+        started = time.monotonic()
+        assert child.wait(timeout=120) == 0
+    return time.monotonic() - started
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("as_user", [False, pytest.param(True, marks=as_root)], ids=["as-root", "as-ordinary-user"])
+def test_folder_heavy_layer_killed_at_any_moment_then_run_again_gives_the_clean_tree(as_user: bool, request) -> None:
+    user = request.getfixturevalue("unprivileged") if as_user else None
+    workspace = make_workspace()
+    try:
+        folder = workspace / "pull"
+        lower, upper = (write_layer(workspace, tar.to_bytes()) for tar in folder_layers())
+        fractions = [0.1, 0.3, 0.5, 0.7, 0.85, 0.97]  # of a clean apply: the last ones in finish()
+        targets = [folder / "clean", *(folder / f"killed-{n}" for n in range(len(fractions)))]
+        for rootfs in targets:
+            apply_whole(user, lower, rootfs)
+        duration = apply_whole(user, upper, targets[0])
+
+        interrupted = 0
+        for fraction, rootfs in zip(fractions, targets[1:], strict=True):
+            for delay in (fraction * duration, fraction * duration / 2):  # killed twice: a rerun is killed too
+                with start_apply(user, upper, rootfs) as child:
+                    time.sleep(delay)
+                    child.kill()
+                    child.wait(timeout=30)
+                interrupted += (folder / f".{rootfs.name}.d-utils-journal").exists()
+            apply_whole(user, upper, rootfs)
+
+        clean = snapshot(targets[0])
+        assert clean[0]["d0"].mode == 0o750 and clean[0]["d1/locked"].mode == 0 and "d1/gone" not in clean[0]
+        for rootfs in targets[1:]:
+            assert snapshot(rootfs) == clean, rootfs.name  # modes and nanosecond times of every folder included
+        assert sorted(os.listdir(folder)) == sorted(rootfs.name for rootfs in targets)  # no journal left
+        # Not vacuous: kills landed mid-apply (on a loaded machine, a late one may come after the end: harmless)
+        assert interrupted >= len(fractions) // 2
+    finally:
+        remove_tree(workspace)
