@@ -18,7 +18,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from cli import BIN, d_pull
+from cli import BIN, assert_one_line_error, d_pull
 from malicious import USER
 from test_images import (
     CACHE,
@@ -242,3 +242,13 @@ def test_an_image_user_writes_its_home_and_not_etc_under_root(images, tmp_path: 
     etc = subprocess.run([*run, "touch /etc/mine"], capture_output=True, text=True, timeout=60)
     assert etc.returncode != 0 and "Permission denied" in etc.stderr
     assert not (tmp_path / "app/rootfs/etc/mine").exists()
+
+
+def test_a_failing_newuidmap_is_one_line(images, unprivileged, workspace: Path, tmp_path: Path) -> None:
+    runner = Runner("user-unmapped", unprivileged, workspace, tmp_path)
+    tools = Path(runner.path.split(":")[1])
+    for tool in ("newuidmap", "newgidmap"):  # found on PATH, and refusing, as with a range newuidmap rejects
+        (tools / tool).write_text("#!/bin/sh\nexit 1\n")
+        (tools / tool).chmod(0o755)
+    folder = runner.pull(images["services"])
+    assert_one_line_error(runner.run(folder, ["true"]), "newuidmap or newgidmap failed", program="d-run")
