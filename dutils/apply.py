@@ -25,28 +25,11 @@ import zstandard
 from isal import igzip, igzip_lib
 
 from .errors import Error
+from .oci import COMPRESSION
 from .rootfs import Place, clean, lstat_or_none
 from .tarstream import CHAR, Member, RecordTooLarge, TarError, TarReader
 from .tree import OWNER_RWX, WHITEOUT, Tree
 
-OCI = "application/vnd.oci.image.layer.v1.tar"
-OCI_NONDISTRIBUTABLE = "application/vnd.oci.image.layer.nondistributable.v1.tar"
-DOCKER = "application/vnd.docker.image.rootfs.diff.tar"
-DOCKER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar"
-COMPRESSION = {
-    OCI: "tar",
-    OCI + "+gzip": "gzip",
-    OCI + "+zstd": "zstd",
-    OCI_NONDISTRIBUTABLE: "tar",
-    OCI_NONDISTRIBUTABLE + "+gzip": "gzip",
-    OCI_NONDISTRIBUTABLE + "+zstd": "zstd",
-    # Docker's schema 2 names gzip only; containerd and BuildKit also write the plain and zstd forms.
-    DOCKER: "tar",
-    DOCKER + ".gzip": "gzip",
-    DOCKER + ".zstd": "zstd",
-    DOCKER_FOREIGN: "tar",
-    DOCKER_FOREIGN + ".gzip": "gzip",
-}
 DECOMPRESSORS: dict[str, Callable[[BinaryIO], BinaryIO]] = {
     "tar": lambda raw: raw,
     "gzip": lambda raw: igzip.IGzipFile(fileobj=raw, mode="rb"),

@@ -4,14 +4,16 @@ every pull holds a shared lock on the cache while it runs, and pruning takes it 
 import argparse
 import contextlib
 import fcntl
+import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 from .errors import Error
 from .progress import human
-from .store import blob_folder, cache_dir, cache_lock, locked, open_cache, pruned_marker, write_atomic
+from .store import blob_folder, cache_dir, cache_lock, check_cache, locked, open_cache, pruned_marker, write_atomic
 
 MAX_AGE = 30 * 86400  # seconds: entries unused this long are pruned after a pull, as in the original tool
 PRUNE_EVERY = 86400
@@ -57,6 +59,18 @@ def in_use(cache: Path) -> contextlib.AbstractContextManager[None]:
     return locked(cache_lock(cache), kind=fcntl.LOCK_SH)
 
 
+@contextlib.contextmanager
+def held_alone(cache: Path) -> Iterator[None]:
+    """The cache's lock taken whole, waiting for the running pulls to finish, and saying so."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(locked(cache_lock(cache), "busy"))
+        except Error:
+            print(f"d-cache: waiting for the pulls using {cache} to finish", file=sys.stderr, flush=True)
+            stack.enter_context(locked(cache_lock(cache)))
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="d-cache", description="List or prune d-pull's blob cache.")
     parser.add_argument(
@@ -74,12 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     cache = cache_dir(args.cache)
     try:
         if args.command == "list":
-            entries = list_entries(open_cache(cache))
+            entries = list_entries(check_cache(cache)) if os.path.lexists(cache) else []  # none: nothing made
             for e in entries:
                 print(f"{human(e.size):>10}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.used))}  {e.path.name}")
             print(f"{len(entries)} entries, {human(sum(e.size for e in entries))} in {cache}")
         else:
-            with locked(cache_lock(open_cache(cache))):  # waits for running pulls to finish
+            with held_alone(open_cache(cache)):
                 removed = remove_older(cache, 0 if args.all else args.days * 86400)
             print(f"removed {len(removed)} entries, {human(sum(e.size for e in removed))} from {cache}")
     except OSError as err:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from .errors import Error
-from .manifest import Blob
+from .oci import Blob
 from .progress import Progress
 from .registry import Registry
 from .store import NotRegular, blob_locked, blob_path, open_regular, partial_path, touch

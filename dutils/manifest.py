@@ -10,19 +10,27 @@ from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
-from .apply import COMPRESSION
-from .config import MAX_CONFIG, PLATFORM_FIELDS, broken, diff_ids, load_json_object, read_image_config, typed
 from .errors import Error
+from .oci import (
+    COMPRESSION,
+    IMAGE_CONFIGS,
+    MAX_CONFIG,
+    MAX_LAYERS,
+    PLATFORM_FIELDS,
+    SCHEMA1,
+    Blob,
+    broken,
+    diff_ids,
+    load_json_object,
+    read_image_config,
+    typed,
+)
 from .reference import Reference
 from .registry import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Registry
 from .store import check_digest
 
 INDEXES = (OCI_INDEX, DOCKER_LIST)
 MANIFESTS = (OCI_MANIFEST, DOCKER_MANIFEST)
-IMAGE_CONFIGS = ("application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json")
-SCHEMA1 = "application/vnd.docker.distribution.manifest.v1"
-# Docker and overlayfs stop at about 128 layers; 500 leaves room for any real image and bounds the work.
-MAX_LAYERS = 500
 MAX_PROBES = 16  # index entries without a `platform` whose config is fetched to learn it
 # The spellings of uname and Debian for Go's architectures, with the variant each implies (None: the one given).
 ARCH_ALIASES = {"x86_64": ("amd64", None), "x86-64": ("amd64", None), "aarch64": ("arm64", None), "i386": ("386", "")}
@@ -87,16 +95,6 @@ def host_platform() -> Platform:
 
 
 @dataclass(frozen=True)
-class Blob:
-    """A content descriptor: what to fetch, how big it is, and how to read it."""
-
-    digest: str
-    size: int
-    media_type: str
-    urls: tuple[str, ...] = ()  # where a non-distributable layer lives (the registry need not have it)
-
-
-@dataclass(frozen=True)
 class Image:
     """A resolved image manifest: its digest, the platform its config declares, its config and layers in order."""
 
@@ -105,6 +103,7 @@ class Image:
     config: Blob
     layers: tuple[Blob, ...]
     resolved: str = ""  # the digest of what the reference named: the index, or this manifest
+    diff_ids: tuple[str, ...] = ()  # from its config, one per layer: what each layer's content must hash to
 
 
 def resolve_image(registry: Registry, ref: Reference, wanted: Platform, fetch: Callable[[Blob], Path]) -> Image:
@@ -122,7 +121,7 @@ def resolve_image(registry: Registry, ref: Reference, wanted: Platform, fetch: C
         digest = chosen["digest"]
         manifest = fetch_image_manifest(registry, digest, chosen["size"], ref)
     image = image_from_manifest(manifest, digest, ref)
-    platform = config_platform(image, fetch, ref)
+    platform, ids = config_platform(image, fetch, ref)
     if not chosen_from_index:  # a single-platform image must run on `wanted`, as containerd says (Docker only warns)
         if not platform.arch:
             raise Error(f"the image config of {ref} names no architecture", "the image is broken; ask its publisher")
@@ -131,7 +130,7 @@ def resolve_image(registry: Registry, ref: Reference, wanted: Platform, fetch: C
                 f"{ref} is an image for {platform}, not for {wanted}",
                 f"pull it with --platform {platform} if you mean to run it on another machine or through an emulator",
             )
-    return replace(image, platform=str(platform), resolved=resolved)
+    return replace(image, platform=str(platform), resolved=resolved, diff_ids=ids)
 
 
 def fetch_image_manifest(registry: Registry, digest: str, size: int, ref: Reference) -> dict:
@@ -144,13 +143,13 @@ def fetch_image_manifest(registry: Registry, digest: str, size: int, ref: Refere
     return manifest
 
 
-def config_platform(image: Image, fetch: Callable[[Blob], Path], ref: Reference) -> Platform:
-    """The platform the image's config says, fetched now (it is small), which must list one diff_id per layer."""
+def config_platform(image: Image, fetch: Callable[[Blob], Path], ref: Reference) -> tuple[Platform, tuple[str, ...]]:
+    """The platform the image's config says, fetched now (it is small), and its diff_ids, one per layer."""
     if image.config.size > MAX_CONFIG:
         raise Error(f"the image config of {ref} has {image.config.size} bytes, more than {MAX_CONFIG}")
     config = read_image_config(fetch(image.config))
-    diff_ids(config, len(image.layers))
-    return normalize(*(config.get(key, "") for key in PLATFORM_FIELDS))
+    ids = tuple(diff_ids(config, len(image.layers)))
+    return normalize(*(config.get(key, "") for key in PLATFORM_FIELDS)), ids
 
 
 def verify_manifest(body: bytes, digest: str, size: int | None, ref: Reference) -> None:
@@ -230,7 +229,7 @@ def probe_platform(registry: Registry, entry: dict, ref: Reference, fetch: Calla
         image = image_from_manifest(manifest, entry["digest"], ref)
     except Error:
         return None  # a signature, an SBOM, an encrypted image…: not a candidate
-    return config_platform(image, fetch, ref)
+    return config_platform(image, fetch, ref)[0]
 
 
 # -- the image manifest

@@ -11,8 +11,8 @@ record), never on doit's database alone: after a kill -9 that database holds not
 
 import atexit
 import contextlib
-import json
 import os
+import shlex
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -32,27 +32,16 @@ from doit.reporter import ZeroReporter
 from . import config as image_config
 from .apply import Skipped, apply_layer
 from .auth import find_credentials, find_mirrors
-from .cache import in_use, prune_if_due
-from .errors import Error
+from .cache import prune_if_due
+from .dodo_api import Sandbox
+from .errors import Error, printable
 from .fetch import cached, fetch_blob
+from .folder import AppliedLog, LockFile, claimed, remove_folder
 from .manifest import Blob, Image, Platform, compatible, host_platform, parse_platform, resolve_image
 from .progress import Lines, Progress
 from .reference import Reference, parse_reference
 from .registry import BlobUnknown, Registry, RetryPolicy
-from .store import (
-    PullDir,
-    Record,
-    blob_path,
-    cache_dir,
-    check_digest,
-    load_json,
-    locked,
-    make_folder,
-    open_cache,
-    read_small,
-    remove_tree,
-    write_atomic,
-)
+from .store import PullDir, Record, blob_path, cache_dir
 
 T = TypeVar("T")
 MIRROR_RETRY = RetryPolicy(attempts=2)  # a failing mirror costs little: the origin is there
@@ -75,65 +64,6 @@ class Options:
     mirrors: list[str] = field(default_factory=list)  # --mirror flags; else $D_UTILS_MIRRORS or mirrors.json
     timeout: float = 300.0  # seconds without progress before a transfer, and so the pull, gives up
     progress: Progress = field(default_factory=Lines)
-
-
-class LockFile:
-    """sandboxes.lock, sorted JSON to commit: per folder, its reference, tag digest and platform manifest digest."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path).absolute()
-        self.mutex = threading.Lock()  # folders resolve side by side
-
-    def read(self) -> dict[str, dict]:
-        try:
-            entries = load_json(read_small(self.path))["sandboxes"]
-            for entry in entries.values():  # a digest names files: nothing else passes
-                check_digest(entry["digest"]), check_digest(entry["manifest"])
-            return entries
-        except FileNotFoundError:
-            return {}
-        except OSError as err:  # a FIFO, a link or more than store.SMALL_FILE bytes: no lock file of ours
-            raise Error(f"cannot read {self.path}: {err.strerror}", "restore it, or delete it to lock anew") from None
-        except (ValueError, KeyError, TypeError, AttributeError, Error) as err:
-            raise Error(f"{self.path} is damaged ({err})", "restore it, or delete it to lock anew") from None
-
-    def entry(self, folder: Path, reference: str) -> dict | None:
-        """What the lock pins `folder` to, unless it names another reference (the dodo.py changed since)."""
-        entry = self.read().get(os.path.relpath(folder, self.path.parent))
-        return entry if entry and entry.get("reference") == reference else None
-
-    def pin(self, folder: Path, entry: dict) -> None:
-        with self.mutex:
-            entries = self.read() | {os.path.relpath(folder, self.path.parent): entry}
-            write_atomic(self.path, (json.dumps({"sandboxes": entries}, indent=2, sort_keys=True) + "\n").encode())
-
-
-@contextlib.contextmanager
-def claimed(folder: PullDir, cache: Path) -> Iterator[None]:
-    """Hold `folder` for a pull (lock it, share the trusted cache); a pull that recorded nothing leaves no trace."""
-    root, record = folder.root, folder.read_record()  # first: says in one line when DIR cannot be read
-    refuse_links(folder)
-    if record is None and not folder.state.is_dir() and root.is_dir() and any(root.iterdir()):
-        raise Error(f"{root} exists and was not made by d-pull", "choose a new folder; this one is left untouched")
-    made_root = not root.exists()
-    make_folder(folder.state, "folder")
-    with locked(folder.state / "lock", f"another d-pull is writing {root}"):
-        try:
-            with in_use(open_cache(cache)):
-                yield
-        finally:
-            if folder.read_record() is None:
-                remove_tree(folder.state)
-                if made_root:
-                    with contextlib.suppress(OSError):
-                        root.rmdir()
-
-
-def refuse_links(folder: PullDir) -> None:
-    """DIR/.d-pull and DIR/rootfs are ours to write: never through a link to somewhere else."""
-    for path in (folder.state, folder.rootfs):
-        if path.is_symlink():
-            raise Error(f"{path} is a symbolic link", f"d-pull writes only inside {folder.root}: remove the link")
 
 
 class Pull:
@@ -161,15 +91,8 @@ class Pull:
         self.changed = False  # whether the config task ran, as every pull that fetched or applied anything ends with
         self.holds = contextlib.ExitStack()  # `claimed`, from the manifest task until the config task or the run ends
         self.used_cache = False
-        self.layers_done: list[str] | None = None
+        self.log = AppliedLog(self.folder)
         self.fetching: dict[str, Future] = {}  # done once the blob is in the cache, or failed
-
-    def remove(self) -> None:
-        """`doit clean`: remove this folder if d-pull made it; never the cache, never another folder."""
-        refuse_links(self.folder)
-        if self.folder.read_record() or self.folder.state.is_dir():
-            with locked(self.folder.state / "lock", f"another d-pull is writing {self.folder.root}"):
-                remove_tree(self.folder.root)
 
     # -- registries
 
@@ -248,11 +171,9 @@ class Pull:
         if record:  # a folder following its lock file changes image as the lock says
             new = record.retarget(*new[:3], self.folder.root, replace=self.update or entry is not None)
             if new.digest != record.digest:  # drop the rootfs of another image; config.json and volumes/ stay
-                remove_tree(self.folder.rootfs)
-                self.applied_path().unlink(missing_ok=True)
-                self.layers_done = []
+                self.log.start_over()
         layers = [layer.digest for layer in self.image.layers]
-        applied = self.applied() if self.folder.rootfs.is_dir() else []
+        applied = self.log.applied()
         self.options.progress.expect_layers(len(layers) - sum(a == b for a, b in zip(applied, layers, strict=False)))
         # complete only while every layer is applied: d-run refuses a rootfs that is being rebuilt
         self.folder.write_record(new._replace(complete=new.complete and applied == layers))
@@ -307,50 +228,20 @@ class Pull:
 
     # -- apply
 
-    def applied_path(self) -> Path:
-        return self.folder.state / "applied"
-
-    def applied(self) -> list[str]:
-        """Digests of the layers applied so far, in order: read once, then kept here; a line is appended as each
-        layer is done, so the list survives a kill and costs the same per layer whatever the number of layers."""
-        if self.layers_done is None:
-            try:
-                self.layers_done = self.applied_path().read_text().split()
-            except FileNotFoundError:
-                self.layers_done = []
-        return self.layers_done
-
     def all_applied(self) -> bool:
-        return self.folder.rootfs.is_dir() and self.applied() == [layer.digest for layer in self.image.layers]
-
-    def is_applied(self, n: int) -> bool:
-        return self.folder.rootfs.is_dir() and self.applied()[n : n + 1] == [self.image.layers[n].digest]
+        return self.log.applied() == [layer.digest for layer in self.image.layers]
 
     def apply_all(self, downloads: threading.BoundedSemaphore) -> None:
         """Apply the layers onto DIR/rootfs in order, each as soon as its blob is in the cache."""
-        self.fetched(self.image.config, downloads)
-        config = image_config.read_image_config(blob_path(self.options.cache, self.image.config.digest))
-        diff_ids = image_config.diff_ids(config, len(self.image.layers))
         for n, layer in enumerate(self.image.layers):
-            if self.is_applied(n):
+            if self.log.is_applied(n, layer.digest):
                 continue
             self.fetched(layer, downloads)
             self.folder.rootfs.mkdir(parents=True, exist_ok=True)
             blob = blob_path(self.options.cache, layer.digest)
-            self.skipped += apply_layer(blob, layer.media_type, diff_ids[n], self.folder.rootfs)
-            self.note_applied(n, layer.digest)
+            self.skipped += apply_layer(blob, layer.media_type, self.image.diff_ids[n], self.folder.rootfs)
+            self.log.note(n, layer.digest)
             self.options.progress.layer_applied(f"applied layer {n + 1}/{len(self.image.layers)} {layer.digest[:19]}")
-
-    def note_applied(self, n: int, digest: str) -> None:
-        done = self.applied()
-        if len(done) != n:  # applied again after an interruption (or a line cut short): what followed is void
-            del done[n:]
-            write_atomic(self.applied_path(), "".join(f"{d}\n" for d in done).encode())
-        with open(self.applied_path(), "a") as out:
-            out.write(digest + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        done.append(digest)
 
     # -- config
 
@@ -362,18 +253,23 @@ class Pull:
         """config.json last, and the record marked complete: what says the pull is finished."""
         self.changed = True
         self.folder.rootfs.mkdir(exist_ok=True)  # an image of no layers runs with an empty root
-        image_config.write_config(self.folder, self.options.cache, self.image.config.digest)
+        if kept := image_config.write_config(self.folder, self.options.cache, self.image.config.digest):
+            self.options.progress.note(f"kept your edits to {self.folder.config}: {printable(', '.join(kept))}")
         self.holds.close()  # done: the rest of the run (other folders, d-run tasks) needs neither lock
 
 
 def action(function: Callable, *args: object) -> Callable[[], TaskFailed | None]:
-    """A doit action that fails with the Error's one line instead of a traceback."""
+    """A doit action that fails with the Error's one line instead of a traceback; so does an OSError (a full disk
+    writing image.json or config.json), as the file and the system's reason."""
 
     def run() -> TaskFailed | None:
         try:
             function(*args)
         except Error as err:
             return TaskFailed(str(err))
+        except OSError as err:
+            where = f"{printable(os.fsdecode(err.filename))}: " if err.filename else ""
+            return TaskFailed(f"{where}{err.strerror or err}")
         return None
 
     run.__name__ = function.__name__
@@ -394,7 +290,7 @@ def pull_tasks(pulls: list[Pull]) -> dict[str, Callable]:
     def task_manifest() -> Iterator[dict]:
         """Resolve the folder's locked digest (else its tag) to one manifest for the platform; clean: remove it."""
         for pull in pulls:
-            yield task(pull.resolve, name=pull.key, uptodate=[pull.settled], clean=[action(pull.remove)])
+            yield task(pull.resolve, name=pull.key, uptodate=[pull.settled], clean=[action(remove_folder, pull.folder)])
 
     def task_dutils() -> dict:
         """Materialise every sandbox."""
@@ -410,6 +306,7 @@ def folder_tasks(pull: Pull, downloads: threading.BoundedSemaphore) -> Callable[
 
     @create_after(executed=f"dutils-manifest:{key}", creates=[f"dutils-config:{key}", f"dutils-run:{key}"])
     def create() -> Iterator[dict]:
+        """Finish the folder after its manifest: fetch its blobs, apply its layers, write config.json (and run it)."""
         image, deps = pull.image, [f"dutils-manifest:{key}"]  # no image: the manifest task was up to date
         if image and not pull.is_complete():
             blobs = {f"dutils-fetch:{key}/{blob.digest}": blob for blob in (image.config, *image.layers)}  # once each
@@ -424,32 +321,10 @@ def folder_tasks(pull: Pull, downloads: threading.BoundedSemaphore) -> Callable[
         yield task(pull.write_config, basename=f"dutils-config:{key}", task_dep=deps, uptodate=[pull.is_complete])
         if pull.run:  # d-run's exit status is the task's result
             run = {"basename": f"dutils-run:{key}", "actions": [pull.run], "uptodate": [False], "verbosity": 2}
+            run["doc"] = f"Run the sandbox: d-run {printable(shlex.join(pull.run[3:]))}"
             yield run | {"task_dep": [f"dutils-config:{key}"]}
 
     return create
-
-
-@dataclass
-class Sandbox:
-    """`folder` made from `image`, and how `doit dutils-run:FOLDER` runs it: each field is the d-run flag beside it."""
-
-    folder: str
-    image: str
-    command: list[str] = field(default_factory=list)  # replaces the image's Cmd (empty: the image's own)
-    volumes: list[str] = field(default_factory=list)  # -v HOST:CONTAINER[:ro], or CONTAINER (anonymous)
-    env: dict[str, str] = field(default_factory=dict)  # -e KEY=VALUE
-    net: bool = False  # -n: the host's network
-    rw: bool = False  # -w: a writable root
-    user: str | None = None  # -u NAME|UID[:GROUP|GID]
-    workdir: str | None = None  # --workdir PATH
-
-    def d_run_argv(self) -> list[str]:
-        """The d-run command line of these settings."""
-        flags = [word for volume in self.volumes for word in ("-v", volume)]
-        flags += [word for key, value in self.env.items() for word in ("-e", f"{key}={value}")]
-        flags += ["-n"] * self.net + ["-w"] * self.rw + ["-u", self.user] * bool(self.user)
-        flags += ["--workdir", self.workdir] * bool(self.workdir)
-        return [sys.executable, "-m", "dutils.run", *flags, str(Path(self.folder).absolute()), *self.command]
 
 
 def sandbox_tasks(
@@ -459,13 +334,22 @@ def sandbox_tasks(
     README's "Sandboxes in your own repository" says which doit commands then do what."""
     options = options or Options()
     lockfile, update = LockFile(lock), get_var(UPDATE_VAR)
-    pulls = [Pull(s.image, s.folder, options, lockfile, s.d_run_argv()) for s in sandboxes]
+    pulls = [Pull(s.image, s.folder, s.options(options), lockfile, s.d_run_argv()) for s in sandboxes]
     if update not in (None, "all", *(pull.key for pull in pulls)):
         raise Error(f"{UPDATE_VAR}={update}: no such sandbox", f"name one of {', '.join(p.key for p in pulls)}, or all")
     for pull in pulls:
         pull.update = update in ("all", pull.key)
     atexit.register(finish, pulls)  # doit has no end-of-run hook a dodo.py can use; teardowns run per thread
+    sys.excepthook = partial(quiet_interrupt, sys.excepthook)  # doit lets Ctrl-C escape as a traceback
     return pull_tasks(pulls)
+
+
+def quiet_interrupt(shown: Callable, kind: type[BaseException], *details: object) -> None:
+    """Ctrl-C under doit: one line, as d-pull says it, instead of the traceback doit lets escape (a rerun resumes)."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("\ninterrupted; run the same doit command again to resume", file=sys.stderr, flush=True)
+    else:
+        shown(kind, *details)
 
 
 def finish(pulls: list[Pull]) -> None:

@@ -53,6 +53,25 @@ class Progress:
         """The pull ended."""
 
 
+class Named:
+    """One folder's progress among several sharing `progress`: each of its lines starts with the folder's name."""
+
+    def __init__(self, progress: Progress, name: str) -> None:
+        self.progress, self.prefix = progress, f"{name}: "
+
+    def __getattr__(self, name: str) -> object:  # the counts: shared
+        return getattr(self.progress, name)
+
+    def note(self, message: str) -> None:
+        self.progress.note(self.prefix + message)
+
+    def step(self, message: str) -> None:
+        self.progress.step(self.prefix + message)
+
+    def layer_applied(self, message: str) -> None:
+        self.progress.layer_applied(self.prefix + message)
+
+
 class Lines(Progress):
     def note(self, message: str) -> None:
         with self.lock:

@@ -77,14 +77,20 @@ def open_cache(cache: Path) -> Path:
     """The cache, made if need be and trusted only when all of it is the user's alone (as ssh does with its keys)."""
     if not os.path.lexists(cache):
         make_folder(cache, "cache folder (--cache or $D_UTILS_CACHE)")
+    check_cache(cache)
+    for folder in (blob_folder(cache).parent, blob_folder(cache)):
+        make_folder(folder, "cache folder (--cache or $D_UTILS_CACHE)")
+    return cache
+
+
+def check_cache(cache: Path) -> Path:
+    """The existing cache, trusted only when all of it is the user's alone."""
     link = cache.lstat()  # the cache itself may be a link, if the user made it
     check_private(cache, cache.stat() if link.st_uid == os.geteuid() else link)
     for parent, folders, files in os.walk(cache):
         for name in folders + files:
             with contextlib.suppress(FileNotFoundError):  # a lock another pull removed meanwhile
                 check_private(Path(parent, name), os.lstat(os.path.join(parent, name)))
-    for folder in (blob_folder(cache).parent, blob_folder(cache)):
-        make_folder(folder, "cache folder (--cache or $D_UTILS_CACHE)")
     return cache
 
 
@@ -175,6 +181,19 @@ def read_small(path: str | os.PathLike[str], cap: int = SMALL_FILE, dir_fd: int 
     if len(data) > cap:
         raise OSError(errno.EFBIG, f"larger than {cap} bytes", os.fspath(path))
     return data
+
+
+def read_small_json(path: Path, hint: str) -> object:
+    """The JSON in the small regular file `path` (see read_small), None when there is none; one line naming the file
+    when it cannot be read or is not JSON, with `hint` saying what to do."""
+    try:
+        return load_json(read_small(path))
+    except FileNotFoundError:
+        return None
+    except OSError as err:  # a link, a FIFO, a folder or a huge file there is none of ours
+        raise Error(f"cannot read {path}: {err.strerror}", hint) from None
+    except ValueError as err:
+        raise Error(f"{path} is not valid JSON ({err})", hint) from None
 
 
 @contextlib.contextmanager

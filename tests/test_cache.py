@@ -2,6 +2,7 @@
 
 import fcntl
 import os
+import select
 import subprocess
 import time
 from pathlib import Path
@@ -68,8 +69,17 @@ def test_prune_waits_for_running_pulls(images, tmp_path: Path):
     assert d_pull(images["busybox"], str(tmp_path / "a"), cache=cache).returncode == 0
     with open(cache / "lock", "a+b") as pull_share:
         fcntl.flock(pull_share, fcntl.LOCK_SH)  # what every running d-pull holds
-        pruning = subprocess.Popen([BIN / "d-cache", "--cache", str(cache), "prune", "--all"], stdout=subprocess.PIPE)
-        time.sleep(1)
+        command = [BIN / "d-cache", "--cache", str(cache), "prune", "--all"]
+        pruning = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert select.select([pruning.stderr], [], [], 30)[0], "d-cache waits without a word"
+        said = pruning.stderr.readline()  # said before it waits: no timing to guess
+        assert said == f"d-cache: waiting for the pulls using {cache} to finish\n"
         assert pruning.poll() is None and blobs(cache)  # waiting, nothing removed under the pull
     assert pruning.wait(timeout=30) == 0
     assert blobs(cache) == []
+
+
+def test_listing_a_cache_that_does_not_exist_creates_nothing(tmp_path: Path):
+    listed = d_cache(tmp_path / "none" / "cache", "list")
+    assert listed.returncode == 0 and listed.stdout.startswith("0 entries"), listed
+    assert list(tmp_path.iterdir()) == []

@@ -7,6 +7,8 @@ import json
 import os
 import pwd
 import shutil
+import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -87,6 +89,10 @@ def test_three_sandboxes_materialise_with_a_shared_layer_fetched_once_then_cost_
     assert first.returncode == 0, first.stderr
     assert [which(project, name) for name in ["one", "two"]] == ["one v1\n", "two v1\n"]
     assert (project / "sandboxes" / "three" / "rootfs" / "three").read_text() == "3\n"
+    progress = first.stderr.splitlines()  # interleaved, so each line names its sandbox
+    assert progress and all(
+        line.startswith(tuple(f"sandboxes/{n}: " for n in ["one", "two", "three"])) for line in progress
+    )
     base = sha256(version("one").layer_blobs[0])
     assert registry.blob_gets(base) == 1  # shared by one and two, downloaded once
     assert registry.manifest_gets() == 3  # one a sandbox: the lock records the digest of what the tag answered
@@ -211,3 +217,40 @@ def test_an_ordinary_user_materialises_locks_and_runs_a_sandbox(images, unprivil
         assert "returned 4" in ran.stdout
     finally:
         shutil.rmtree(project)
+
+
+def test_ctrl_c_under_doit_is_one_line_and_a_rerun_resumes(tmp_path: Path):
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers: the manifest task waits
+        (tmp_path / "dodo.py").write_text(
+            "from pathlib import Path\nfrom dutils.pipeline import Options, Sandbox, sandbox_tasks\n"
+            f"SANDBOXES = [Sandbox('sb', '127.0.0.1:{silent.getsockname()[1]}/app:1')]\n"
+            "DOIT_CONFIG = {'default_tasks': ['dutils'], 'dep_file': 'doit.json', 'backend': 'json'}\n"
+            "globals().update(sandbox_tasks(SANDBOXES, Options(cache=Path('cache').absolute())))\n"
+        )
+        doit = subprocess.Popen(
+            [BIN / "doit"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
+        )
+        silent.settimeout(60)
+        silent.accept()[0].close()  # the task is asking the registry: interrupt it there
+        doit.send_signal(signal.SIGINT)
+        _, stderr = doit.communicate(timeout=60)
+    assert doit.returncode != 0
+    assert "Traceback" not in stderr and stderr.strip() == "interrupted; run the same doit command again to resume"
+
+
+def test_every_task_has_a_description_in_doit_list(tmp_path: Path):
+    (tmp_path / "dodo.py").write_text(
+        "from pathlib import Path\nfrom dutils.pipeline import Options, Sandbox, sandbox_tasks\n"
+        "SANDBOXES = [Sandbox('sb', '127.0.0.1:9/app:1', command=['true'])]\n"
+        "globals().update(sandbox_tasks(SANDBOXES, Options(cache=Path('cache').absolute())))\n"
+    )
+    listed = subprocess.run([BIN / "doit", "list", "--all"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    lines = listed.stdout.splitlines()
+    assert listed.returncode == 0 and len(lines) == 5, listed
+    assert all(len(line.split(maxsplit=1)) == 2 for line in lines), lines  # a name and its description
+    assert not (tmp_path / "sb").exists()  # listing pulls nothing

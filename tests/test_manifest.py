@@ -27,7 +27,6 @@ from images import (
 )
 from malicious import as_root, make_workspace
 
-from dutils.config import MAX_CONFIG
 from dutils.errors import Error
 from dutils.manifest import (
     MAX_LAYERS,
@@ -40,6 +39,7 @@ from dutils.manifest import (
     parse_manifest,
     parse_platform,
 )
+from dutils.oci import MAX_CONFIG
 from dutils.reference import parse_reference
 
 REF = parse_reference("127.0.0.1:5000/app:1")

@@ -2,12 +2,14 @@
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 from cli import BIN, assert_one_line_error, d_pull, d_run
 from images import Image, Tar, busybox_layer, push
+from malicious import make_workspace
 
 pytestmark = pytest.mark.integration  # a registry, and d-run's bwrap
 
@@ -170,3 +172,46 @@ def test_a_damaged_lock_file_is_a_one_line_error(images, tmp_path):
     done = d_pull("--lock", str(tmp_path / "sandboxes.lock"), images["busybox"], str(tmp_path / "bb"), cache=tmp_path)
     assert_one_line_error(done, "sandboxes.lock is damaged", "restore it")
     assert not (tmp_path / "bb").exists()
+
+
+@pytest.mark.parametrize("who", ["root", "user"])
+@pytest.mark.parametrize("prune", [False, True], ids=["cache-kept", "after-prune-all"])
+def test_update_merges_env_per_variable_and_keeps_the_users_edits(who, prune, registry, request, tmp_path):
+    def image(n: int) -> Image:
+        config = {"Cmd": ["sh"], "Env": ["PATH=/bin", f"VERSION={n}", f"ONLY_IN_{n}=yes"], "Hostname": f"build{n}"}
+        return Image(layers=[busybox_layer(), Tar().file("etc/v", f"{n}\n".encode())], config=config)
+
+    if who == "user":  # the ordinary user's own tools, in a folder of theirs
+        user, place = request.getfixturevalue("unprivileged"), make_workspace()
+        request.addfinalizer(lambda: shutil.rmtree(place))
+        place, tool = place / "pull", user.tool
+    else:
+        place = tmp_path
+
+        def tool(name: str, *args: object) -> subprocess.CompletedProcess:
+            return subprocess.run([BIN / name, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+    name = f"moving-{who}-{int(prune)}"
+    push(registry.host, name, "latest", image(1))
+    ref, folder, cache = f"{registry.host}/{name}:latest", place / "app", place / "cache"
+    assert tool("d-pull", "--cache", cache, ref, folder).returncode == 0
+    config = json.loads((folder / "config.json").read_text())
+    assert (
+        "Hostname" not in config
+    )  # the image's (buildah writes its build container's id there) is not the container's
+    assert json.loads((folder / ".d-pull" / "base.json").read_text()) == config  # in DIR, not only in the cache
+    config["Env"].append("MINE=kept")
+    (folder / "config.json").write_text(json.dumps(config | {"Hostname": "mybox"}))
+
+    push(registry.host, name, "latest", image(2))  # the tag moves
+    if prune:  # the old image's config is gone from the cache: the update must not change
+        assert tool("d-cache", "--cache", cache, "prune", "--all").returncode == 0
+        assert not any((cache / "blobs" / "sha256").iterdir())
+    updated = tool("d-pull", "--cache", cache, "--update", ref, folder)
+    assert updated.returncode == 0, updated.stderr
+    config = json.loads((folder / "config.json").read_text())
+    assert config["Env"] == ["PATH=/bin", "VERSION=2", "ONLY_IN_2=yes", "MINE=kept"]
+    assert config["Hostname"] == "mybox"
+    assert f"kept your edits to {folder}/config.json: Env MINE, Hostname\n" in updated.stderr
+    ran = tool("d-run", folder, "sh", "-c", "echo $VERSION $MINE $ONLY_IN_1")
+    assert ran.stdout == "2 kept\n", ran.stderr

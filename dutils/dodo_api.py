@@ -1,0 +1,52 @@
+"""What a dodo.py declares: a `Sandbox`, a folder made from an image and the d-run command line that runs it."""
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from .manifest import parse_platform
+from .progress import Named
+
+OptionsT = TypeVar("OptionsT")  # the pull's Options (pipeline.py, a later stage)
+
+
+@dataclass
+class Sandbox:
+    """`folder` made from `image`, and how `doit dutils-run:FOLDER` runs it: each field is the d-run flag beside it."""
+
+    folder: str
+    image: str
+    command: list[str] = field(default_factory=list)  # replaces the image's Cmd (empty: the image's own)
+    volumes: list[str] = field(default_factory=list)  # -v HOST:CONTAINER[:ro], or CONTAINER (anonymous)
+    env: dict[str, str] = field(default_factory=dict)  # -e KEY=VALUE
+    net: bool = False  # -n: the host's network
+    rw: bool = False  # --rw: a writable root
+    user: str | None = None  # -u NAME|UID[:GROUP|GID]
+    workdir: str | None = None  # --workdir PATH
+    ports: list[str] = field(default_factory=list)  # -p [HOST_IP:]HOST_PORT:CONTAINER_PORT[/udp]
+    entrypoint: str | list[str] | None = None  # --entrypoint PROGRAM, or a list: its JSON form, as podman takes it
+    hostname: str | None = None  # --hostname NAME
+    tmpfs: list[str] = field(default_factory=list)  # --tmpfs PATH[:size=…]
+    platform: str | None = None  # OS/ARCH[/VARIANT] to pull (default: the Options', this host's)
+
+    def d_run_argv(self) -> list[str]:
+        """The d-run command line of these settings."""
+        flags = [word for volume in self.volumes for word in ("-v", volume)]
+        flags += [word for key, value in self.env.items() for word in ("-e", f"{key}={value}")]
+        flags += ["-n"] * self.net + ["--rw"] * self.rw + ["-u", self.user] * bool(self.user)
+        flags += ["--workdir", self.workdir] * bool(self.workdir)
+        flags += [word for port in self.ports for word in ("-p", port)]
+        flags += [word for mount in self.tmpfs for word in ("--tmpfs", mount)]
+        flags += ["--hostname", self.hostname] * bool(self.hostname)
+        if self.entrypoint is not None:
+            entrypoint = self.entrypoint if isinstance(self.entrypoint, str) else json.dumps(self.entrypoint)
+            flags += ["--entrypoint", entrypoint]
+        return [sys.executable, "-m", "dutils.run", *flags, str(Path(self.folder).absolute()), *self.command]
+
+    def options(self, options: OptionsT) -> OptionsT:
+        """How to pull this sandbox: `options`, with its platform if it names one, and progress lines naming it."""
+        platform = parse_platform(self.platform) if self.platform else options.platform
+        return dataclasses.replace(options, platform=platform, progress=Named(options.progress, self.folder))

@@ -1,0 +1,120 @@
+"""The state of a pull folder that d-pull alone writes: holding it for a pull, the log of the layers applied to its
+rootfs, and the lock file that pins folders to digests."""
+
+import contextlib
+import json
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from .cache import in_use
+from .errors import Error
+from .store import PullDir, check_digest, locked, make_folder, open_cache, read_small_json, remove_tree, write_atomic
+
+
+@contextlib.contextmanager
+def claimed(folder: PullDir, cache: Path) -> Iterator[None]:
+    """Hold `folder` for a pull (lock it, share the trusted cache); a pull that recorded nothing leaves no trace."""
+    root, record = folder.root, folder.read_record()  # first: says in one line when DIR cannot be read
+    refuse_links(folder)
+    if record is None and not folder.state.is_dir() and root.is_dir() and any(root.iterdir()):
+        raise Error(f"{root} exists and was not made by d-pull", "choose a new folder; this one is left untouched")
+    made_root = not root.exists()
+    make_folder(folder.state, "folder")
+    with locked(folder.state / "lock", f"another d-pull is writing {root}"):
+        try:
+            with in_use(open_cache(cache)):
+                yield
+        finally:
+            if folder.read_record() is None:
+                remove_tree(folder.state)
+                if made_root:
+                    with contextlib.suppress(OSError):
+                        root.rmdir()
+
+
+def refuse_links(folder: PullDir) -> None:
+    """DIR/.d-pull and DIR/rootfs are ours to write: never through a link to somewhere else."""
+    for path in (folder.state, folder.rootfs):
+        if path.is_symlink():
+            raise Error(f"{path} is a symbolic link", f"d-pull writes only inside {folder.root}: remove the link")
+
+
+def remove_folder(folder: PullDir) -> None:
+    """`doit clean`: remove `folder` if d-pull made it; never the cache, never another folder."""
+    refuse_links(folder)
+    if folder.read_record() or folder.state.is_dir():
+        with locked(folder.state / "lock", f"another d-pull is writing {folder.root}"):
+            remove_tree(folder.root)
+
+
+class AppliedLog:
+    """DIR/.d-pull/applied: the digests of the layers applied to DIR/rootfs so far, in order. Read once, then kept
+    here; a line is appended as each layer is done, so the log survives a kill and costs the same per layer whatever
+    the number of layers."""
+
+    def __init__(self, folder: PullDir) -> None:
+        self.path, self.rootfs = folder.state / "applied", folder.rootfs
+        self.done: list[str] | None = None
+
+    def applied(self) -> list[str]:
+        """The layers applied so far: none while there is no DIR/rootfs."""
+        if not self.rootfs.is_dir():
+            return []
+        if self.done is None:
+            try:
+                self.done = self.path.read_text().split()
+            except FileNotFoundError:
+                self.done = []
+        return self.done
+
+    def is_applied(self, n: int, digest: str) -> bool:
+        return self.applied()[n : n + 1] == [digest]
+
+    def note(self, n: int, digest: str) -> None:
+        """Layer `n` is applied (its rootfs exists by then)."""
+        done = self.applied()
+        if len(done) != n:  # applied again after an interruption (or a line cut short): what followed is void
+            del done[n:]
+            write_atomic(self.path, "".join(f"{d}\n" for d in done).encode())
+        with open(self.path, "a") as out:
+            out.write(digest + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        done.append(digest)
+
+    def start_over(self) -> None:
+        """Another image replaces the rootfs: remove it, and what was applied to it."""
+        remove_tree(self.rootfs)
+        self.path.unlink(missing_ok=True)
+        self.done = []
+
+
+class LockFile:
+    """sandboxes.lock, sorted JSON to commit: per folder, its reference, tag digest and platform manifest digest."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).absolute()
+        self.mutex = threading.Lock()  # folders resolve side by side
+
+    def read(self) -> dict[str, dict]:
+        hint = "restore it, or delete it to lock anew"
+        data = read_small_json(self.path, hint)
+        try:
+            entries = {} if data is None else data["sandboxes"]
+            for entry in entries.values():  # a digest names files: nothing else passes
+                check_digest(entry["digest"]), check_digest(entry["manifest"])
+            return entries
+        except (KeyError, TypeError, AttributeError, Error) as err:
+            raise Error(f"{self.path} is damaged ({err})", hint) from None
+
+    def entry(self, folder: Path, reference: str) -> dict | None:
+        """What the lock pins `folder` to, unless it names another reference (the dodo.py changed since)."""
+        entry = self.read().get(os.path.relpath(folder, self.path.parent))
+        return entry if entry and entry.get("reference") == reference else None
+
+    def pin(self, folder: Path, entry: dict) -> None:
+        with self.mutex:
+            entries = self.read() | {os.path.relpath(folder, self.path.parent): entry}
+            write_atomic(self.path, (json.dumps({"sandboxes": entries}, indent=2, sort_keys=True) + "\n").encode())
