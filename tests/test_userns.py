@@ -68,6 +68,7 @@ def namespace_maps(python: str, owner: int, run=subprocess.run) -> list[str]:
 
 
 @as_root
+@pytest.mark.integration
 def test_root_maps_every_id_to_itself() -> None:
     assert namespace_maps(sys.executable, 1000) == "['0', '0', '4294967295']\n"
 
