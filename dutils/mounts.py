@@ -65,7 +65,10 @@ def make_mount_point(root: Root, path: str, make: Callable[[int, str], None]) ->
     with root.resolve(path, make_missing_dir) as place:
         st = lstat_or_none(place.name, place.fd)
         if st is None:
-            make(place.fd, place.name)
+            try:
+                make(place.fd, place.name)
+            except FileExistsError:  # made meanwhile by a d-run starting beside this one (build steps run side by side)
+                return make_mount_point(root, path, make)
         elif stat.S_ISDIR(st.st_mode) != (make is make_missing_dir):
             kind = "a folder" if make is make_missing_dir else "a file"
             raise Error(f"/{place.path} is not {kind}, and {kind} must be bound there", "remove it, or drop the mount")
@@ -242,7 +245,8 @@ def open_source(mount: sandbox.Mount) -> int:
 def open_volumes(dir_fd: int, label: str) -> Owned:
     """DIR/volumes, made when missing; a link or another user's folder there is refused."""
     if lstat_or_none("volumes", dir_fd) is None:
-        os.mkdir("volumes", 0o755, dir_fd=dir_fd)
+        with contextlib.suppress(FileExistsError):  # made meanwhile by a d-run of DIR starting beside this one
+            os.mkdir("volumes", 0o755, dir_fd=dir_fd)
     try:
         return Owned(os.dup(dir_fd), "volumes", label)
     except NotADirectoryError:

@@ -38,6 +38,7 @@ from .errors import Error, printable
 from .fetch import cached, fetch_blob
 from .folder import AppliedLog, LockFile, claimed, remove_folder
 from .manifest import Blob, Image, Platform, compatible, host_platform, parse_platform, resolve_image
+from .policy import check_image
 from .progress import Lines, Progress
 from .reference import Reference, parse_reference
 from .registry import BlobUnknown, Registry, RetryPolicy
@@ -63,6 +64,7 @@ class Options:
     foreign_urls: bool = False  # download non-distributable layers from the URLs their manifest lists
     mirrors: list[str] = field(default_factory=list)  # --mirror flags; else $D_UTILS_MIRRORS or mirrors.json
     timeout: float = 300.0  # seconds without progress before a transfer, and so the pull, gives up
+    policy: str | None = None  # --policy FILE; else the containers tools' policy.json, if any
     progress: Progress = field(default_factory=Lines)
 
 
@@ -163,6 +165,7 @@ class Pull:
             return resolve_image(registry, ref, self.options.platform, fetch)
 
         self.image = self.from_any_registry(resolve_on)
+        verified = check_image(self.options.policy, self.ref, self.image.digest, self.from_any_registry, self.download)
         if self.lock and not entry:
             pinned = {"reference": str(self.ref), "digest": self.image.resolved, "manifest": self.image.digest}
             self.lock.pin(self.folder.root, pinned | {"platform": self.image.platform})
@@ -176,7 +179,7 @@ class Pull:
         applied = self.log.applied()
         self.options.progress.expect_layers(len(layers) - sum(a == b for a, b in zip(applied, layers, strict=False)))
         # complete only while every layer is applied: d-run refuses a rootfs that is being rebuilt
-        self.folder.write_record(new._replace(complete=new.complete and applied == layers))
+        self.folder.write_record(new._replace(complete=new.complete and applied == layers, verified_by=verified))
 
     # -- fetch
 

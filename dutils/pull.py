@@ -49,6 +49,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="replace DIR's image when the tag now names another one (keeps config.json edits); with --lock, lock anew")  # fmt: skip
     add("--lock", metavar="FILE",
         help="pull the digest FILE pins DIR to (a complete DIR then costs no request), else pin it there")  # fmt: skip
+    add("--policy", metavar="FILE", help="trust policy, containers-policy.json(5) (default: where podman finds it)")
     add("--insecure", action="store_true", help="use plain HTTP (loopback registries fall back to it after HTTPS)")
     add("--ca-bundle", metavar="FILE", help="trust the CA certificates in FILE for the registry's TLS")
     add("--mirror", action="append", default=[], metavar="HOST[:PORT]",
@@ -101,6 +102,7 @@ def pull(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         timeout=args.timeout,
         foreign_urls=args.allow_foreign_urls,
+        policy=args.policy,
         progress=progress,
         username=args.username,
         password=read_password(args),

@@ -214,13 +214,14 @@ def locked(path: Path, busy_message: str | None = None, kind: int = fcntl.LOCK_E
         yield
 
 
-RECORD_FIELDS = "reference digest platform complete config_digest config_xxh64"
+RECORD_FIELDS = "reference digest platform complete config_digest config_xxh64 verified_by"
 
 
-class Record(namedtuple("Record", RECORD_FIELDS, defaults=(False, "", ""))):
+class Record(namedtuple("Record", RECORD_FIELDS, defaults=(False, "", "", ""))):
     """What a pull folder holds, `complete` set by its last task; `config_digest`: the image config that config.json
     was made from (to merge the user's edits into), `config_xxh64`: the fingerprint of the config.json we wrote (to
-    notice them). A namedtuple: d-run imports this, and dataclasses (or typing) would cost it milliseconds."""
+    notice them), `verified_by`: the keys that verified its signature (policy.py). A namedtuple: d-run imports this,
+    and dataclasses (or typing) would cost it milliseconds."""
 
     __slots__ = ()
 

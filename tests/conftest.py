@@ -1,11 +1,14 @@
-"""Shared fixtures: a real registry with the standard images, and an ordinary user with d-utils installed."""
+"""Shared fixtures (a real registry with the standard images, an ordinary user with d-utils installed, bwrap) and
+the rule that marks the tests needing them `integration`."""
 
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import pytest
 from catalogue import unpack_with_umoci
 from images import push_standard_set
 from malicious import make_workspace
-from registry import Registry
+from registry_server import Registry
 
 REPO = Path(__file__).parents[1]
 USER = "dutest"
@@ -27,24 +30,58 @@ def registry() -> Iterator[Registry]:
         yield started
 
 
-# Tests that need a registry, bwrap or the ordinary user: marked `integration`, so that
-# `pytest -m "not integration"` is a fast inner loop. Fixtures tell for most; these modules start their own.
-INTEGRATION_FIXTURES = {"registry", "images", "unprivileged", "umoci"}
-INTEGRATION_MODULES = {
-    "test_auth",
-    "test_faultproxy",
-    "test_registries",
-    "test_images",
-    "test_resume",
-    "test_rig",
-    "test_run",
-}
+# The inner loop, `pytest -m "not integration"`, holds every test that needs no registry, no bwrap, no other user
+# and no more than a second. The others are marked `integration`: by the fixtures they use (directly or through
+# other fixtures) when one of these is among them, and by hand (`pytest.mark.integration`) when they start a
+# server of their own or are slow. A slow test left unmarked is named at the end of the run, never failed: a
+# loaded machine stretches every test's time, but not the CPU it takes, and not by this much.
+INTEGRATION_FIXTURES = {"registry", "unprivileged", "other_user", "bwrap"}
+SLOW_CPU, SLOW_WALL = 1.0, 5.0  # seconds
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in INTEGRATION_MODULES:
+        parametrized = getattr(item, "callspec", None)  # an argument named `registry` is no registry
+        fixtures = set(getattr(item, "fixturenames", ())) - set(parametrized.params if parametrized else ())
+        if INTEGRATION_FIXTURES & fixtures:
             item.add_marker(pytest.mark.integration)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of the children it has waited for (d-pull, d-run, tar, ...)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    started = cpu_seconds()
+    yield
+    item.user_properties.append(("cpu", cpu_seconds() - started))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Names the tests of the inner loop that took over SLOW_CPU of CPU or SLOW_WALL of time."""
+    reports = [report for kind in ("passed", "failed") for report in terminalreporter.stats.get(kind, ())]
+    slow = [
+        (report, cpu)
+        for report in reports
+        if report.when == "call" and "integration" not in report.keywords
+        for cpu in [dict(report.user_properties).get("cpu", 0.0)]
+        if cpu > SLOW_CPU or report.duration > SLOW_WALL
+    ]
+    if slow:
+        terminalreporter.section("slow tests not marked integration")
+        for report, cpu in slow:
+            terminalreporter.write_line(f"{report.duration:.1f} s ({cpu:.1f} s of CPU) {report.nodeid}")
+
+
+@pytest.fixture(scope="session")
+def bwrap() -> str:
+    """Where bubblewrap is: every fixture or test that starts a sandbox asks for it, which marks it integration."""
+    found = shutil.which("bwrap")
+    assert found, "bwrap is not installed: run ./install.sh"
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 STOP_TIMEOUT = 10
+POLL = 0.05  # seconds between the serving thread's looks at stop(): socketserver's 0.5 s slows every test
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -43,7 +44,9 @@ class LoopbackServer:
         self.host = f"127.0.0.1:{self.httpd.server_address[1]}"
         self.url = f"http://{self.host}"
         self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name=type(self).__name__, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, args=(POLL,), name=type(self).__name__, daemon=True
+        )
         self.thread.start()
 
     def stop(self) -> None:

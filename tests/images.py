@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urljoin
 
-from registry import session
+from registry_server import session
 
 MTIME = 1_700_000_000  # fixed, so that the same layer always has the same digest
 TIMEOUT = 60

@@ -11,7 +11,7 @@ from pathlib import Path
 import bcrypt
 from cli import d_pull
 from images import Image, push
-from registry import Registry
+from registry_server import Registry
 
 # Where d-pull looks for credentials and mirrors: a test sets the ones it means, in a home of its own.
 PERSONAL = ("DOCKER_CONFIG", "REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "D_UTILS_MIRRORS")

@@ -184,6 +184,7 @@ def test_extended_attributes_are_set_as_root(blobs: Path, tmp_path: Path) -> Non
     assert os.getxattr(tmp_path / "rootfs" / "labelled", "trusted.secret") == b"x"
 
 
+@pytest.mark.integration  # slow: a 512 MiB layer
 def test_memory_stays_flat_as_a_layer_grows(tmp_path: Path) -> None:
     """A 512 MiB file is streamed through: the applying process never holds it."""
     size = 512 << 20

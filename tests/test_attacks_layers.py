@@ -35,7 +35,7 @@ from malicious import (
     write_layer,
     write_streamed_layer,
 )
-from registry import Registry
+from registry_server import Registry
 
 from dutils.errors import Error
 from dutils.store import remove_tree
@@ -280,6 +280,7 @@ def fast_folder(tmp_path: Path) -> Iterator[Path]:
     remove_tree(folder)  # read-only folders with files in them too, as an ordinary user
 
 
+@pytest.mark.integration  # slow: a million entries
 @pytest.mark.timeout(300)
 def test_a_million_entries_keep_memory_flat(fast_folder: Path) -> None:
     layer = write_streamed_layer(fast_folder, many_entries(1_000_000))
@@ -422,6 +423,7 @@ def check_deep(folder: Path, results: list) -> None:
     assert sorted(os.listdir(folder)) == sorted(DEEP_UPPERS)  # no journal left
 
 
+@pytest.mark.integration  # slow: deep trees
 @pytest.mark.timeout(300)
 def test_deep_trees_are_applied_replaced_and_whited_out(tmp_path: Path) -> None:
     try:

@@ -16,7 +16,7 @@ from certs import Authority
 from cli import assert_one_line_error, d_pull
 from images import busybox_image
 from realworld import PERSONAL, assert_pulled, htpasswd_config, isolated_env, pull, requests_seen, seed, storage_config
-from registry import Registry
+from registry_server import Registry
 from tokenserver import SERVICE, TokenServer
 
 from dutils.auth import Credentials, auth_files, find_credentials
@@ -281,6 +281,7 @@ def assert_keeps_secrets(done, folder: Path, tokens: TokenServer) -> None:
         assert not [s for s in secrets if s.encode() in data], path
 
 
+@pytest.mark.integration
 def test_anonymous_token_flow_like_docker_hub(token_registry, tokens, tmp_path):
     """401 + WWW-Authenticate: Bearer realm/service/scope -> an anonymous token -> the pull; one token serves it all."""
     before = len(tokens.requests)
@@ -292,6 +293,7 @@ def test_anonymous_token_flow_like_docker_hub(token_registry, tokens, tmp_path):
     assert_keeps_secrets(done, tmp_path / "bb", tokens)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("answer_key", ["token", "access_token"])
 def test_token_with_credentials_read_from_stdin(answer_key, token_registry, tokens, tmp_path, monkeypatch):
     monkeypatch.setattr(tokens, "answer_key", answer_key)  # Docker's token servers, and OAuth2-style ones
@@ -304,6 +306,7 @@ def test_token_with_credentials_read_from_stdin(answer_key, token_registry, toke
     assert_keeps_secrets(done, tmp_path / "bb", tokens)
 
 
+@pytest.mark.integration
 def test_basic_auth_with_credentials_read_from_stdin(basic_registry, tokens, tmp_path):
     done = pull(
         f"{basic_registry.host}/{PRIVATE}", tmp_path / "bb", "--username", USER, "--password-stdin", password=PASSWORD
@@ -315,6 +318,7 @@ def test_basic_auth_with_credentials_read_from_stdin(basic_registry, tokens, tmp
     )
 
 
+@pytest.mark.integration
 def test_a_token_that_expires_mid_pull_is_renewed_and_the_pull_goes_on(token_registry, tokens, tmp_path):
     with Cdn(busybox_image().blobs()) as cdn, RedirectingFront(token_registry.url, cdn) as front:
         front.expire_authorization()
@@ -326,6 +330,7 @@ def test_a_token_that_expires_mid_pull_is_renewed_and_the_pull_goes_on(token_reg
     assert_keeps_secrets(done, tmp_path / "bb", tokens)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["token", "basic"])
 @pytest.mark.parametrize("source", SOURCES)
 def test_stored_credentials_are_used(source, kind, registries, tokens, tmp_path):
@@ -336,6 +341,7 @@ def test_stored_credentials_are_used(source, kind, registries, tokens, tmp_path)
     assert_keeps_secrets(done, tmp_path / "bb", tokens)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["token", "basic"])
 @pytest.mark.parametrize(("key", "allowed"), [("private", True), ("private/busybox", True), ("team", False)])
 def test_a_key_scoped_to_the_repository_is_used_and_one_for_another_namespace_is_not(
@@ -356,6 +362,7 @@ def test_a_key_scoped_to_the_repository_is_used_and_one_for_another_namespace_is
     assert_keeps_secrets(done, tmp_path / "bb", tokens)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["token", "basic"])
 def test_wrong_credentials_are_refused_at_once_and_kept_secret(kind, registries, tokens, tmp_path):
     registry = registries[kind]
@@ -374,6 +381,7 @@ def test_wrong_credentials_are_refused_at_once_and_kept_secret(kind, registries,
     assert not (tmp_path / "bb").exists()
 
 
+@pytest.mark.integration
 def test_the_password_is_never_an_argument(basic_registry, tmp_path):
     """`--password SECRET IMAGE` must be a usage error, not a pull of an image named SECRET."""
     done = d_pull(

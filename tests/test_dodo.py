@@ -20,7 +20,7 @@ import pytest
 from cli import BIN
 from conftest import USER
 from images import Image, Tar, busybox_layer, push, sha256
-from registry import Registry
+from registry_server import Registry
 
 pytestmark = pytest.mark.integration
 

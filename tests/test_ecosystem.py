@@ -15,7 +15,7 @@ import pytest
 from catalogue import umoci_unpack
 from cli import BIN, assert_one_line_error, d_pull, d_run
 from malicious import USER, as_root, make_workspace
-from registry import Registry, session
+from registry_server import Registry, session
 from trees import snapshot, without
 
 BUILDAH_TIMEOUT = 180

@@ -11,7 +11,7 @@ import pytest
 import requests
 from faultproxy import Fault, FaultProxy
 from images import ALL_MANIFEST_TYPES, push_blob, sha256
-from registry import Registry, session
+from registry_server import Registry, session
 
 
 @pytest.fixture

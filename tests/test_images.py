@@ -33,10 +33,12 @@ from images import (
     skopeo_push,
 )
 from malicious import ROWS, USER, Row, as_root, check_outcome, outside_state, plant_markers
-from registry import Registry, session
+from registry_server import Registry, session
 from trees import snapshot
 
 from dutils.store import locked
+
+pytestmark = pytest.mark.integration  # registries of its own
 
 # -- the catalogue, end to end
 

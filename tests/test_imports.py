@@ -22,8 +22,8 @@ ORDER = [
     "registry",
     "manifest",
     "fetch",
+    "signature",  # imported by policy only when a policy asks for a signature
     "policy",
-    "signature",
     "tarstream",
     "rootfs",
     "tree",

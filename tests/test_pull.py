@@ -11,8 +11,6 @@ from cli import BIN, assert_one_line_error, d_pull, d_run
 from images import Image, Tar, busybox_layer, push
 from malicious import make_workspace
 
-pytestmark = pytest.mark.integration  # a registry, and d-run's bwrap
-
 
 @pytest.fixture(scope="module")
 def pulled(images, tmp_path_factory) -> Path:

@@ -17,7 +17,9 @@ from cli import assert_one_line_error, d_pull
 from httpd import Handler, LoopbackServer
 from images import busybox_image, platform_images, push_attestation, push_blob, push_index, push_manifest
 from realworld import assert_pulled, htpasswd_config, pull, seed, storage_config
-from registry import Registry, free_port
+from registry_server import Registry, free_port
+
+pytestmark = pytest.mark.integration  # registries of its own
 
 USER, PASSWORD = "bob", "cdn-test-password"
 BUSYBOX = "team/tools/busybox:1.0"  # a nested repository path

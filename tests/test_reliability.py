@@ -17,10 +17,9 @@ import pytest
 from cli import assert_one_line_error, d_pull, d_run, start_d_pull
 from httpd import Handler, LoopbackServer
 from images import Image, Tar, busybox_layer, push, push_blob, push_manifest, random_files, sha256
-from registry import Registry
+from registry_server import Registry
 from trees import snapshot, tree_without_folder_times
 
-pytestmark = pytest.mark.integration  # a registry, and d-run's bwrap
 PULL_TIMEOUT = 120
 
 
@@ -38,6 +37,7 @@ def served_once_each(registry: Registry, *images: Image) -> bool:
     return all(registry.blob_gets(digest) == 1 for image in images for digest in image.blobs())
 
 
+@pytest.mark.integration  # a registry of its own
 def test_concurrent_pulls_of_overlapping_images_share_one_download(fresh: Registry, tmp_path: Path):
     images = [image_with(random_files(f"data{n}", 4, 256 << 10).file("etc/which", f"{n}\n".encode())) for n in range(3)]
     refs = []
@@ -66,6 +66,7 @@ def test_a_second_pull_into_the_same_folder_refuses_clearly(images, tmp_path: Pa
     assert snapshot(folder) == before
 
 
+@pytest.mark.integration  # a registry of its own
 def test_pulls_killed_at_random_moments_end_in_the_clean_tree(fresh: Registry, tmp_path: Path):
     image = image_with(random_files("a", 8, 1 << 20), random_files("b", 200, 4 << 10), random_files("c", 4, 2 << 20))
     push(fresh.host, "big", "latest", image)
@@ -100,6 +101,7 @@ def assert_only_verified_blobs(cache: Path) -> None:
         assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name
 
 
+@pytest.mark.integration  # a registry of its own
 def test_update_keeps_user_edits_and_volumes_and_fetches_only_new_layers(fresh: Registry, tmp_path: Path):
     ref = f"{fresh.host}/app:stable"
     old = image_with(Tar().file("etc/version", b"1\n"), config={"Cmd": ["sh"], "Env": ["A=1"]})
@@ -150,6 +152,7 @@ def pushed_large(registry: Registry) -> str:
     return f"{registry.host}/large:latest"
 
 
+@pytest.mark.integration  # a registry of its own
 def test_disk_full_while_fetching_says_how_much_is_needed(fresh: Registry, small_disk: Path, tmp_path: Path):
     (small_disk / "mine.txt").write_text("kept")
     done = d_pull(pushed_large(fresh), str(tmp_path / "app"), cache=small_disk / "cache")
@@ -157,6 +160,7 @@ def test_disk_full_while_fetching_says_how_much_is_needed(fresh: Registry, small
     assert (small_disk / "mine.txt").read_text() == "kept"
 
 
+@pytest.mark.integration  # a registry of its own
 def test_disk_full_while_applying_says_how_much_is_needed(fresh: Registry, small_disk: Path, tmp_path: Path):
     done = d_pull(pushed_large(fresh), str(small_disk / "app"), cache=tmp_path / "cache")
     assert_one_line_error(done, "disk full", "unpacks to")
@@ -185,6 +189,7 @@ def test_folder_the_user_cannot_write_is_a_clear_error(images, unprivileged, tmp
     assert_one_line_error(done, "cannot use /root/not-mine", "Permission denied")
 
 
+@pytest.mark.integration  # a registry of its own
 def test_corrupt_layer_is_a_clear_error_and_the_next_pull_of_good_layers_works(fresh: Registry, tmp_path: Path):
     good = image_with(Tar().file("etc/ok", b"ok\n"))
     broken = json.loads(good.manifest)

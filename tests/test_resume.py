@@ -14,8 +14,10 @@ import pytest
 from cli import BIN, assert_one_line_error, d_pull, start_d_pull
 from faultproxy import FaultProxy
 from images import Image, busybox_layer, push, random_files
-from registry import Registry
+from registry_server import Registry
 from trees import tree_without_folder_times
+
+pytestmark = pytest.mark.integration  # a registry of its own
 
 PULL_TIMEOUT = 120
 SLACK = 64 << 10  # what a resumed download may fetch twice, over all its interruptions

@@ -33,7 +33,7 @@ from images import (
     sha256,
     write_oci_layout,
 )
-from registry import Registry, session
+from registry_server import Registry, session
 
 REPO = Path(__file__).parents[1]
 
@@ -216,6 +216,7 @@ def test_blob_and_manifest_counters_see_real_gets(registry: Registry, images: di
     assert registry.manifest_gets("latest") == manifests + 1
 
 
+@pytest.mark.integration
 def test_registry_takes_extra_config_and_stops_cleanly() -> None:
     registry = Registry({"http": {"headers": {"X-Rig": ["yes"]}}})
     try:
@@ -243,6 +244,7 @@ def test_push_stores_every_media_type_and_compression(media: str, registry: Regi
     assert [entry["digest"] for entry in listed.json()["manifests"]] == [image.manifest_digest for image in pushed]
 
 
+@pytest.mark.integration
 def test_registry_serves_tls_with_its_certificate(tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
@@ -295,6 +297,7 @@ def test_unprivileged_runs_the_installed_package_as_an_ordinary_user(unprivilege
 # -- the README's demo
 
 
+@pytest.mark.integration
 def test_demo_offline_pulls_and_runs_busybox() -> None:
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     done = subprocess.run([REPO / "scripts" / "demo-offline"], capture_output=True, text=True, timeout=180, env=env)

@@ -470,7 +470,7 @@ def workspace():
 
 
 @pytest.fixture(scope="session", params=["root", "ordinary-user"])
-def run(request) -> Runner:
+def run(request, bwrap) -> Runner:
     """d-run as root (this tree's, installed beside pytest's python), then as the ordinary user (installed
     for Debian's python, not editable)."""
     if request.param == "root":

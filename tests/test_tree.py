@@ -127,6 +127,7 @@ def apply_whole(user, layer: Layer, rootfs: Path) -> float:
     return time.monotonic() - started
 
 
+@pytest.mark.integration  # slow: minutes of kills
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("as_user", [False, pytest.param(True, marks=as_root)], ids=["as-root", "as-ordinary-user"])
 def test_folder_heavy_layer_killed_at_any_moment_then_run_again_gives_the_clean_tree(as_user: bool, request) -> None:
