@@ -121,7 +121,6 @@ class Registry:
         self.retrying(f"the registry {self.ref.registry}", lambda: self.request("/v2/", what="the registry").close())
 
     def get_manifest(self, wanted: str) -> tuple[bytes, str]:
-        """The manifest bytes and media type for a tag or digest."""
         what = f"manifest {self.ref.repository}:{wanted}" if not wanted.startswith("sha256:") else f"manifest {wanted}"
 
         def attempt() -> tuple[bytes, str]:
@@ -168,6 +167,7 @@ class Registry:
         progress: bytes kept beyond the most ever kept, so a server going back and forth gives up."""
         failures, best, deadline = 0, kept(), Deadline(self.retry.patience)
         self.local.deadline = deadline  # for every request of this thread's attempts, token requests included
+        self.local.session = getattr(self.local, "session", None) or new_session()
         while True:
             try:
                 return attempt()
@@ -229,7 +229,7 @@ class Registry:
             sent = {**headers, "Authorization": auth[1]} if auth and origin(url) == auth[0] else headers
             timeout = self.local.deadline.timeouts(self.retry.window)
             try:
-                response = self.session().get(
+                response = self.local.session.get(
                     url, headers=sent, stream=True, allow_redirects=False, timeout=timeout, verify=self.verify,
                     proxies=requests.utils.get_environ_proxies(url),  # $NO_PROXY, $HTTP(S)_PROXY, as trust_env does
                 )  # fmt: skip
@@ -242,11 +242,6 @@ class Registry:
             response.close()
             url = checked_url(response.headers["Location"], f"the redirect of {what}", url)
         raise Error(f"too many redirects for {what}, last to {shown_url(url)}")
-
-    def session(self) -> requests.Session:
-        if not hasattr(self.local, "session"):
-            self.local.session = new_session()
-        return self.local.session
 
     def chunks(self, response: requests.Response) -> Iterator[bytes]:
         """The body as it arrives, undecoded; a transfer that breaks, or brings less than MIN_RATE bytes a second
