@@ -133,8 +133,7 @@ class Registry:
         return self.retrying(f"{what} from {self.ref.registry}", attempt)
 
     def download_blob(self, digest: str, sink, url: str | None = None) -> None:
-        """Stream a blob into `sink` (fetch's PartialBlob) from its `have` bytes on, resuming after every broken
-        transfer; from the registry, or from `url` (a non-distributable layer's), where no credentials of ours go."""
+        """Into `sink` (a PartialBlob) from its `have` bytes on, resuming; from `url` (a foreign layer's): no credentials."""
         what = f"blob {digest}"
         url = url and checked_url(url, f"the URL of {what}")
         where = f"blob {digest[:19]} from {urlsplit(url).netloc if url else self.ref.registry}"
@@ -244,8 +243,7 @@ class Registry:
         raise Error(f"too many redirects for {what}, last to {shown_url(url)}")
 
     def chunks(self, response: requests.Response) -> Iterator[bytes]:
-        """The body as it arrives, undecoded; a transfer that breaks, or brings less than MIN_RATE bytes a second
-        over a window, raises Retryable. `read1` hands over whatever has arrived: nothing received is lost."""
+        """The body as it arrives, undecoded, or Retryable; `read1` hands over whatever has arrived: nothing is lost."""
         window = self.retry.window
         started, got = time.monotonic(), 0
         try:
