@@ -78,9 +78,7 @@ def credentials_from_config(config: dict, registry: str, repository: str, path: 
     found = (decode_auth_entry(auths.get(key), path) for key in lookup_keys(registry, repository))
     if credentials := next(filter(None, found), None):
         return credentials
-    if config.get("credsStore"):
-        return run_credential_helper(config["credsStore"], hosts[0])
-    return None
+    return run_credential_helper(config["credsStore"], hosts[0]) if config.get("credsStore") else None
 
 
 def decode_auth_entry(entry: object, path: Path) -> Credentials | None:
