@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .errors import Error
 from .reference import Reference, parse_reference
-from .store import load_json, read_small
+from .store import load_json, read_small_followed
 
 SYSTEM_POLICY = Path("/etc/containers/policy.json")
 KNOWN = {"insecureAcceptAnything", "reject", "signedBy", "signedBaseLayer", "sigstoreSigned"}
@@ -20,7 +20,7 @@ def load_policy(chosen: str | None) -> tuple[Path, dict] | None:
     if path is None:
         return None
     try:  # one that does not parse is an error, never "accept anything"
-        policy = load_json(read_small(path))
+        policy = load_json(read_small_followed(path))  # a dotfile manager's link too
         lists = [policy["default"], *(r for scopes in policy.get("transports", {}).values() for r in scopes.values())]
         if not all(reqs and isinstance(reqs, list) and all(r["type"] in KNOWN for r in reqs) for reqs in lists):
             raise ValueError("every scope needs a list of requirements of known types")

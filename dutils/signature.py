@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from .errors import Error
 from .oci import Blob, load_json_object, typed
 from .registry import Registry
-from .store import check_digest, load_json, read_small
+from .store import check_digest, load_json, read_small, read_small_followed
 
 SIMPLE_SIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
 ANNOTATION = "dev.cosignproject.cosign/signature"
@@ -78,7 +78,9 @@ def load_keys(requirement: dict) -> list[tuple[str, ec.EllipticCurvePublicKey]]:
         raise Error(f"sigstoreSigned with {name} is not supported", "give one of keyPath, keyPaths, keyData, keyDatas")
     try:
         values = requirement[name] if name.endswith("s") else [requirement[name]]
-        pems = [read_small(v, MAX_KEY) if "Path" in name else base64.b64decode(v, validate=True) for v in values]
+        pems = [
+            read_small_followed(v, MAX_KEY) if "Path" in name else base64.b64decode(v, validate=True) for v in values
+        ]
         keys = [load_pem_public_key(pem) for pem in pems]
     except (OSError, ValueError, TypeError) as err:  # binascii's and cryptography's errors are ValueErrors
         raise Error(f"the policy's {name} holds no usable public key ({err})") from None
