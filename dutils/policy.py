@@ -63,14 +63,14 @@ def identity_accepted(rule: dict, intended: Reference, signed: str) -> bool:
         kind, (name, full) = rule.get("type", "matchRepoDigestOrExact"), identity(signed)
         if kind == "remapIdentity" and (identity(str(intended))[0] + "/").startswith(rule["prefix"] + "/"):
             intended = parse_reference(str(intended).replace(rule["prefix"], rule["signedPrefix"], 1))
+        given = {"exactRepository": "dockerRepository", "exactReference": "dockerReference"}.get(kind)
+        wanted_name, wanted = identity(rule[given] if given else str(intended))  # the rule's, else the pulled one
         if kind in ("matchRepository", "exactRepository"):  # the only ones to accept cosign's repository-only identity
-            return name == identity(rule["dockerRepository"] if kind[0] == "e" else str(intended))[0]
+            return name == wanted_name
         if kind in ("matchExact", "exactReference"):
-            return (
-                full is not None and full == identity(rule["dockerReference"] if kind[0] == "e" else str(intended))[1]
-            )
+            return full is not None and full == wanted
         if kind in ("matchRepoDigestOrExact", "remapIdentity"):
-            return full is not None and (full == str(intended) if intended.tag else name == identity(str(intended))[0])
+            return full is not None and (full == str(intended) if intended.tag else name == wanted_name)
     except (KeyError, TypeError, AttributeError) as err:
         raise Error(f"the policy's signedIdentity {rule!r} is not valid ({err!r})", "see its man page") from None
     except Error:
