@@ -39,9 +39,8 @@ class Sandbox:
         flags += [word for port in self.ports for word in ("-p", port)]
         flags += [word for mount in self.tmpfs for word in ("--tmpfs", mount)]
         flags += ["--hostname", self.hostname] * bool(self.hostname)
-        if self.entrypoint is not None:
-            entrypoint = self.entrypoint if isinstance(self.entrypoint, str) else json.dumps(self.entrypoint)
-            flags += ["--entrypoint", entrypoint]
+        entrypoint = self.entrypoint if isinstance(self.entrypoint, str | None) else json.dumps(self.entrypoint)
+        flags += ["--entrypoint", entrypoint] * (entrypoint is not None)
         return [sys.executable, "-m", "dutils.run", *flags, str(Path(self.folder).absolute()), *self.command]
 
     def options(self, options: OptionsT) -> OptionsT:
