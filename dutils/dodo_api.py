@@ -44,6 +44,5 @@ class Sandbox:
         return [sys.executable, "-m", "dutils.run", *flags, str(Path(self.folder).absolute()), *self.command]
 
     def options(self, options: OptionsT) -> OptionsT:
-        """How to pull this sandbox: `options`, with its platform if it names one, and progress lines naming it."""
         platform = parse_platform(self.platform) if self.platform else options.platform
         return replace(options, platform=platform, progress=Named(options.progress, self.folder))
