@@ -213,6 +213,9 @@ def test_a_real_cosign_signature_verifies(tmp_path):
     (tmp_path / "cosign.pub").symlink_to(DATA / "cosign.pub")  # a dotfile manager's link: followed
     linked = load_keys({"type": "sigstoreSigned", "keyPath": str(tmp_path / "cosign.pub")})
     assert check_signature(linked, payload, signature, COSIGN_DIGEST, accepts).startswith("keyPath ")
+    paths = [str(DATA / "cosign.pub"), str(tmp_path / "cosign.pub")]
+    both = load_keys({"type": "sigstoreSigned", "keyPaths": paths})
+    assert [source.partition(" (sha256:")[0] for source, _ in both] == [f"keyPaths {path}" for path in paths]
     with_data = {"type": "sigstoreSigned", "keyData": base64.b64encode((DATA / "cosign.pub").read_bytes()).decode()}
     assert check_signature(load_keys(with_data), payload, signature, COSIGN_DIGEST, accepts).startswith("keyData (")
 
