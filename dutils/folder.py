@@ -17,10 +17,13 @@ from .store import PullDir, check_digest, locked, make_folder, open_cache, read_
 def claimed(folder: PullDir, cache: Path) -> Iterator[None]:
     """Hold `folder` for a pull (lock it, share the trusted cache); a pull that recorded nothing leaves no trace."""
     root, record = folder.root, folder.read_record()  # first: says in one line when DIR cannot be read
+    folder.check_trusted()
     refuse_links(folder)
     if record is None and not folder.state.is_dir() and root.is_dir() and any(root.iterdir()):
         raise Error(f"{root} exists and was not made by d-pull", "choose a new folder; this one is left untouched")
     made_root = not root.exists()
+    with contextlib.suppress(OSError):  # private, as umoci makes its bundle: what a root pull wrote is root's alone
+        root.mkdir(0o700, parents=True)  # (make_folder says why when it cannot be made)
     make_folder(folder.state, "folder")
     with locked(folder.state / "lock", f"another d-pull is writing {root}"):
         try:

@@ -4,6 +4,7 @@ pivots into the new root). Standard library and small dutils modules only: d-run
 """
 
 import contextlib
+import fcntl
 import os
 import stat
 import sys
@@ -41,10 +42,16 @@ class Owned(Sealed):
     def open_volume(self, rootfs: Root, target: str, skipped: list[int]) -> int:
         """DIR/volumes/<target> as an O_PATH descriptor: a real folder of the user's own, made on first use as
         a copy of what the image holds at `target`, as Docker does (`skipped` counts what is not copied)."""
-        with self.parent(target) as place:
+        with self._walk(target, make_folder) as place:  # parents made as by another d-run starting at once
             st = lstat_or_none(place.name, place.fd)
             if st is None:
-                make_volume(place, rootfs, target, skipped)
+                folder = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=place.fd)
+                try:  # another d-run of DIR may be making it: the second waits and takes the first's
+                    fcntl.flock(folder, fcntl.LOCK_EX)
+                    if lstat_or_none(place.name, place.fd) is None:
+                        make_volume(place, rootfs, target, skipped)
+                finally:
+                    os.close(folder)
                 st = os.lstat(place.name, dir_fd=place.fd)
             if not stat.S_ISDIR(st.st_mode):
                 kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a folder"
@@ -55,22 +62,27 @@ class Owned(Sealed):
 # ----- mount points ------------------------------------------------------------------------------------
 
 
+# Another d-run of the same DIR starting at once may make a mount point first: EEXIST is then what we wanted.
 def make_empty_file(fd: int, name: str) -> None:
-    os.mknod(name, stat.S_IFREG | 0o644, dir_fd=fd)
+    with contextlib.suppress(FileExistsError):
+        os.mknod(name, stat.S_IFREG | 0o644, dir_fd=fd)
+
+
+def make_folder(fd: int, name: str) -> None:
+    with contextlib.suppress(FileExistsError):
+        make_missing_dir(fd, name)
 
 
 def make_mount_point(root: Root, path: str, make: Callable[[int, str], None]) -> str:
-    """Make `path` below `root` exist, by `make` (make_missing_dir or make_empty_file) when it does not yet,
+    """Make `path` below `root` exist, by `make` (make_folder or make_empty_file) when it does not yet,
     and return it resolved. A mount needs a folder to go on a folder, and a non-folder on a non-folder."""
-    with root.resolve(path, make_missing_dir) as place:
+    with root.resolve(path, make_folder) as place:
         st = lstat_or_none(place.name, place.fd)
         if st is None:
-            try:
-                make(place.fd, place.name)
-            except FileExistsError:  # made meanwhile by a d-run starting beside this one (build steps run side by side)
-                return make_mount_point(root, path, make)
-        elif stat.S_ISDIR(st.st_mode) != (make is make_missing_dir):
-            kind = "a folder" if make is make_missing_dir else "a file"
+            make(place.fd, place.name)
+            st = os.lstat(place.name, dir_fd=place.fd)
+        if stat.S_ISDIR(st.st_mode) != (make is make_folder):
+            kind = "a folder" if make is make_folder else "a file"
             raise Error(f"/{place.path} is not {kind}, and {kind} must be bound there", "remove it, or drop the mount")
         return place.path
 
@@ -82,6 +94,7 @@ class MountTable:
     def __init__(self, rootfs: Root) -> None:
         self.rootfs = rootfs
         self.mounts: list[tuple[str, int | None, str]] = []
+        self.nested = False  # a mount goes inside a bind: a running container may write there while bwrap mounts
 
     def covering(self, path: str) -> tuple[tuple[str, int | None, str] | None, str]:
         """The mount that `path` lies in (None: the rootfs, no mount) and the rest of `path` inside it."""
@@ -106,7 +119,7 @@ class MountTable:
                     path = resolved
                     continue
                 _, fd, label = mount
-                if fd is None and rest and label != "/tmp":  # bwrap's own /proc and /dev, links in them
+                if fd is None and rest and label in ("/proc", "/dev"):  # bwrap's own, links in them
                     raise Error(f"{target} leads into {label}, which d-run leaves as bwrap makes it", "remove the link")
                 if fd is not None:
                     with Sealed(os.dup(fd), ".", label) as sealed:
@@ -117,6 +130,8 @@ class MountTable:
         raise Error(f"cannot make the mount point {target}: too many symbolic links")
 
     def add(self, target: str, fd: int | None, label: str) -> None:
+        covering = self.covering(target)[0]
+        self.nested |= covering is not None and covering[1] is not None
         self.mounts.append((target, fd, label))
 
 
@@ -242,25 +257,33 @@ def open_source(mount: sandbox.Mount) -> int:
         raise Error(f"volume {mount.source}:{mount.target}: {err.strerror}") from None
 
 
-def open_volumes(dir_fd: int, label: str) -> Owned:
-    """DIR/volumes, made when missing; a link or another user's folder there is refused."""
-    if lstat_or_none("volumes", dir_fd) is None:
-        with contextlib.suppress(FileExistsError):  # made meanwhile by a d-run of DIR starting beside this one
-            os.mkdir("volumes", 0o755, dir_fd=dir_fd)
+def open_volumes(dir_fd: int, label: str, target: str) -> Owned:
+    """DIR/volumes, made when missing (for the anonymous volume `target`); a link or another user's folder there is
+    refused. In a folder of others (root's, opened to all) nothing is written: one line says what to do instead."""
+    try:
+        os.mkdir("volumes", 0o755, dir_fd=dir_fd)
+    except FileExistsError:  # made before, or by another d-run of DIR starting at once
+        pass
+    except PermissionError:
+        raise Error(
+            f"anonymous volume {target}: {label} cannot be made, the folder is not yours",
+            f"bind a folder of yours there (-v HOST:{target}), or pull into a folder of your own",
+        ) from None
     try:
         return Owned(os.dup(dir_fd), "volumes", label)
     except NotADirectoryError:
         raise Error(f"{label} is not a folder (a symbolic link?)", "remove it: d-run makes it again") from None
 
 
-def open_sources(pull: PullDir, dir_fd: int, rootfs: Root, mounts: list[sandbox.Mount]) -> list[int]:
-    """Each mount's source as a descriptor bwrap inherits, anonymous volumes made first (in mount order, so
-    a volume's folder holds the folders of the volumes below it)."""
+def open_sources(pull: PullDir, dir_fd: int, rootfs: Root, mounts: list[sandbox.Mount]) -> list[int | None]:
+    """Each mount's source as a descriptor bwrap inherits (None for a tmpfs), anonymous volumes made first (in
+    mount order, so a volume's folder holds the folders of the volumes below it)."""
     sources, skipped = [], [0]
-    with open_volumes(dir_fd, str(pull.volumes)) as volumes:
+    anonymous = [mount.target for mount in mounts if not mount.source and mount.tmpfs is None]
+    with open_volumes(dir_fd, str(pull.volumes), anonymous[0]) if anonymous else contextlib.nullcontext() as volumes:
         for mount in mounts:
-            if mount.source:
-                sources.append(open_source(mount))
+            if mount.source or mount.tmpfs is not None:
+                sources.append(open_source(mount) if mount.source else None)
                 continue
             try:
                 sources.append(inheritable(volumes.open_volume(rootfs, mount.target, skipped)))

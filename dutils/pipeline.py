@@ -11,6 +11,7 @@ record), never on doit's database alone: after a kill -9 that database holds not
 
 import atexit
 import contextlib
+import fcntl
 import os
 import shlex
 import sys
@@ -43,7 +44,7 @@ from .policy import check_image
 from .progress import Lines, Progress
 from .reference import Reference, parse_reference
 from .registry import BlobUnknown, Registry, RetryPolicy
-from .store import PullDir, Record, blob_path, cache_dir
+from .store import PullDir, Record, blob_path, cache_dir, hold_folder
 
 T = TypeVar("T")
 UPDATE_VAR = "dutils-update"  # `doit dutils-update=all` (or =FOLDER): move the lock file to what the tags name now
@@ -155,6 +156,8 @@ class Pull:
         if record:  # a folder following its lock file changes image as the lock says
             new = record.retarget(*new[:3], self.folder.root, replace=self.options.update or entry is not None)
             if new.digest != record.digest:  # drop the rootfs of another image; config.json and volumes/ stay
+                busy = f"{self.folder.root} is in use by a running container"
+                self.holds.callback(os.close, hold_folder(self.folder.root, fcntl.LOCK_EX, busy))
                 self.log.start_over()
         applied = sum(self.log.is_applied(n, layer.digest) for n, layer in enumerate(self.image.layers))
         self.options.progress.expect_layers(len(self.image.layers) - applied)

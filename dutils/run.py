@@ -8,6 +8,7 @@ modules only, never `requests` or `doit`.
 """
 
 import errno
+import fcntl
 import os
 import signal
 import stat
@@ -17,14 +18,17 @@ from types import SimpleNamespace
 
 from . import ports, sandbox, seccomp
 from .errors import Error
-from .mounts import MountTable, find_folder, inheritable, make_empty_file, open_sources
-from .rootfs import Root, make_missing_dir, stop_absent
-from .store import NotRegular, PullDir, load_json, read_small
+from .mounts import MountTable, find_folder, inheritable, make_empty_file, make_folder, open_sources
+from .rootfs import Root, stop_absent
+from .store import NotRegular, PullDir, hold_folder, load_json, read_small
 
 RESOLV_CONF = "/etc/resolv.conf"
 # apt drops privileges to its _apt user for downloads, which a single mapped user cannot do.
 APT_CONF = "/etc/apt/apt.conf.d/99d-run"
 APT_SETTINGS = b'// d-run: bwrap maps a single user, so apt cannot switch to _apt\nAPT::Sandbox::User "root";\n'
+# DIR's lock (store.hold_folder) is shared by read-only runs, exclusive for one that a running container could
+# race: a --rw root, or a mount inside a bind or volume (bwrap resolves its path). What a start is told:
+IN_USE = {fcntl.LOCK_SH: "is in use by a writable container", fcntl.LOCK_EX: "is in use: this run must start alone"}
 
 
 def read_regular(dir_fd: int, name: str, what: str) -> bytes | None:
@@ -91,9 +95,8 @@ def check_user_namespaces() -> None:
 def read_env_files(paths: list[str]) -> list[tuple[str, str | None]]:
     pairs = []
     for path in paths:
-        try:
-            with open(path) as handle:
-                pairs += sandbox.parse_env_file(handle.read())
+        try:  # capped, and only a regular file (a link to /dev/zero would be read until memory runs out)
+            pairs += sandbox.parse_env_file(read_small(os.path.realpath(path)).decode())
         except OSError as err:
             raise Error(f"--env-file {path}: {err.strerror}") from None
         except ValueError as err:
@@ -118,6 +121,8 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
     except OSError as err:
         raise Error(f"cannot use {pull.root}: {err.strerror}") from None
     config = read_config(dir_fd, str(pull.config))
+    writable, kind = args.rw or config.rw, fcntl.LOCK_EX if args.rw or config.rw else fcntl.LOCK_SH
+    lock_fd = hold_folder(pull.root, kind, f"{pull.root} {IN_USE[kind]}")  # before anything is made
     command = sandbox.container_command(config, args.entrypoint, args.command)
     check_user_namespaces()
     with open_rootfs(dir_fd, str(pull.rootfs)) as rootfs:
@@ -133,24 +138,27 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         defaults = [sandbox.Mount(target) for target in config.volumes]
         if network and os.path.exists(RESOLV_CONF):
             defaults.append(sandbox.Mount(RESOLV_CONF, RESOLV_CONF, read_only=True))
-        mounts = sandbox.merged_mounts(defaults, args.volume)
+        mounts = sandbox.merged_mounts(defaults, args.volume + args.tmpfs)
         if published:
             ports.check_ready(published, os.environ.get("PATH", os.defpath))
         sources = open_sources(pull, dir_fd, rootfs, mounts)
         table = MountTable(rootfs)
         made = {}  # bwrap makes these afresh (nothing of ours below them); each placed once those before are known,
         for name in ("/proc", "/dev", "/tmp"):  # so that a /tmp linked into /proc is refused here
-            made[name] = table.place(name, make_missing_dir)
+            made[name] = table.place(name, make_folder)
             table.add(made[name], None, name)
         binds = []
         for mount, fd in zip(mounts, sources, strict=True):
-            is_folder = stat.S_ISDIR(os.fstat(fd).st_mode)
-            target = table.place(mount.target, make_missing_dir if is_folder else make_empty_file)
+            is_folder = fd is None or stat.S_ISDIR(os.fstat(fd).st_mode)
+            target = table.place(mount.target, make_folder if is_folder else make_empty_file)
             if target == "/":
                 raise Error(f"the volume {mount.target} leads to the image's root folder", "remove it")
             table.add(target, fd, mount.source or f"{pull.volumes}{mount.target}")
-            binds.append(sandbox.Bind(fd, target, mount.read_only))
-        files = [(sandbox.hosts_file(hostname), "/etc/hosts")]
+            binds.append(sandbox.Bind(fd, target, mount.read_only, mount.tmpfs))
+        if table.nested and not writable:  # a running container may write where bwrap will mount: start alone
+            os.close(lock_fd)  # (what was made so far was made through descriptors: no path to race)
+            lock_fd = hold_folder(pull.root, fcntl.LOCK_EX, f"{pull.root} {IN_USE[fcntl.LOCK_EX]}")
+        files = [(sandbox.hosts_file(hostname), "/etc/hosts"), (f"{hostname}\n".encode(), "/etc/hostname")]
         apt = find_folder(rootfs, os.path.dirname(APT_CONF))
         if apt is not None:
             apt.__exit__()
@@ -158,9 +166,16 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         # d-run's own files go into the image only: where a bind or volume covers their place it wins, as a
         # `-v FILE:/etc/hosts` does in Docker, and nothing is made in the user's folder
         files = [(data, target) for data, target in files if table.covering(target)[0] is None]
-        data_files = [(data_fd(data), table.place(target, make_empty_file)) for data, target in files]
+        data_files = []
+        for data, target in files:
+            try:
+                data_files.append((table.place(target, make_empty_file), data))
+            except Error:  # a folder of others (root's, opened to all), written by no one else: the image's file stays
+                if os.fstat(rootfs.root).st_uid == os.geteuid():
+                    raise
+        data_files = [(data_fd(data), target) for target, data in data_files]
         workdir = args.workdir or config.workdir or "/"
-        table.place(workdir, make_missing_dir)  # made when the image lacks it, as runc does
+        table.place(workdir, make_folder)  # made when the image lacks it, as runc does
         root_fd = inheritable(os.dup(rootfs.root))
     os.close(dir_fd)
     program = seccomp.filter_program(os.uname().machine)
@@ -173,7 +188,7 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         env=env,
         binds=tuple(binds),
         data_files=tuple(data_files),
-        writable=args.rw or config.rw,
+        writable=writable,
         network=network,
         seccomp_fd=data_fd(program) if program else None,
         # A terminal stays the container's, for job control, guarded by the seccomp filter; without
@@ -183,6 +198,7 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         dev=made["/dev"],
         tmp=made["/tmp"],
         ports=published,
+        lock_fd=inheritable(lock_fd),
     )
 
 
@@ -224,13 +240,14 @@ defaults (the safe ones):
   user, pid, ipc, uts, cgroup and network namespaces; the image's root read-only; a fresh /tmp,
   /proc and /dev; no network (only a loopback); the container dies with d-run's parent; a cleared
   environment holding only PATH, HOME, HOSTNAME, TERM (passed on when set), the image's Env and
-  the user's -e/--env-file; /etc/hosts names the container (127.0.1.1).
+  the user's -e/--env-file; /etc/hosts (127.0.1.1) and /etc/hostname name the container.
+  Read-only runs of one DIR run together; a --rw one (or one mounting inside a volume) alone.
   With stdin not a terminal, the container gets a new session (no access to the terminal).
   On a terminal it keeps it, for job control and Ctrl-C, and a seccomp filter makes
   ioctl TIOCSTI/TIOCLINUX fail (no keystroke injection into your terminal).
   bwrap maps a single user and group, so chown-family calls succeed without effect, and
   an image with /etc/apt/apt.conf.d gets 99d-run there, setting APT::Sandbox::User "root"
-  (apt cannot switch to its _apt user): unprivileged dpkg and apt-get work with -w (and -n).
+  (apt cannot switch to its _apt user): unprivileged dpkg and apt-get work with --rw (and -n).
   Missing mount points (a volume's target, /etc/hosts) and a missing working directory are
   made, empty, in DIR/rootfs by d-run itself, links resolved inside DIR/rootfs as the
   container sees them; a link inside a volume on the way is refused. A -v or volume over
@@ -243,7 +260,7 @@ DIR/config.json (edit it; flags win over it):
   Volumes       {"/path": {}}: anonymous volumes, kept in DIR/volumes/path; a new one starts
                 as a copy of what the image holds at that path (links copied as links;
                 device nodes, FIFOs and sockets left out)
-  net, rw       true: as -n, -w
+  net, rw       true: as -n, --rw
   ports         ["8080:80", "5353:53/udp", ...]: as -p (-p replaces them)
 
 COMMAND is taken as it is, even when it starts with '-': d-run reads options only before DIR
@@ -259,7 +276,7 @@ networks: none (the default: only a loopback); -p: the container's own network w
 examples:
   d-run ./deb cat /etc/os-release
   d-run -p 8080:80 ./nginx          (then: curl http://127.0.0.1:8080/)
-  d-run -n -w ./deb apt-get install -y curl
+  d-run -n --rw ./deb apt-get install -y curl
   d-run -v "$PWD":/src:ro --workdir /src -u app ./deb make
 """
 
@@ -276,18 +293,21 @@ OPTIONS = (
      "read KEY=VALUE or KEY lines from FILE ('#' comments), before -e (repeatable)"),
     (("-u", "--user"), "user", "NAME|UID[:GROUP|GID]", str,
      "run as this user (names from the image's /etc/passwd and /etc/group; default: User, else root)"),
-    (("-w", "--rw"), "rw", None, None, "make the image's root writable (changes stay in DIR/rootfs)"),
+    (("--rw",), "rw", None, None, "make the image's root writable (changes stay in DIR/rootfs)"),
     (("-n", "--net"), "net", None, None, "share the host's network, with its /etc/resolv.conf"),
     (("-p", "--publish"), "publish", "[HOST_ADDR:]HOST_PORT:CONTAINER_PORT[/tcp|/udp]", str,
      "forward the host's port (on 127.0.0.1 unless HOST_ADDR is given; [::1] for IPv6) to the container's, "
      "which gets its own network (see networks below); not with -n (repeatable)"),
-    (("--workdir",), "workdir", "PATH", sandbox.absolute_path, "start in PATH (default: WorkingDir, else /)"),
+    (("-w", "--workdir"), "workdir", "PATH", sandbox.absolute_path, "start in PATH (default: WorkingDir, else /)"),
+    (("--tmpfs",), "tmpfs", "PATH[:size=BYTES]", sandbox.parse_tmpfs,
+     "mount a fresh tmpfs at PATH, of at most BYTES (repeatable)"),
     (("--hostname",), "hostname", "NAME", sandbox.check_hostname, "the container's host name"),
-    (("--entrypoint",), "entrypoint", "PROGRAM", str,
-     "run PROGRAM instead of the image's Entrypoint and Cmd ('' for none)"),
+    (("--entrypoint",), "entrypoint", "PROGRAM|JSON", sandbox.parse_entrypoint,
+     "run PROGRAM, or a JSON list such as '[\"/bin/sh\",\"-c\"]', instead of the image's Entrypoint and Cmd "
+     "('' for none)"),
     (("--debug",), "debug", None, None, "print the bwrap command before running it; tracebacks on errors"),
 )  # fmt: skip
-REPEATED = {"volume", "env", "env_file", "publish"}
+REPEATED = {"volume", "env", "env_file", "publish", "tmpfs"}
 BY_FLAG = {flag: option for option in OPTIONS for flag in option[0]}
 
 

@@ -169,8 +169,9 @@ def resolve_user(spec: str, passwd: str, group: str) -> Identity:
 # ----- mounts, environment, command ------------------------------------------------------------------
 
 
-# `source` on the host bound at `target` in the container; an empty `source` is an anonymous volume.
-Mount = namedtuple("Mount", "target source read_only", defaults=("", False))
+# `source` on the host bound at `target` in the container; an empty `source` is an anonymous volume, and
+# `tmpfs` (its size in bytes, 0 for bwrap's default) a fresh tmpfs.
+Mount = namedtuple("Mount", "target source read_only tmpfs", defaults=("", False, None))
 
 
 def absolute_path(path: str) -> str:
@@ -206,6 +207,26 @@ def parse_volume(spec: str) -> Mount:
     raise ValueError(f"expected HOST:CONTAINER[:ro] or CONTAINER, not {spec!r}")
 
 
+def parse_tmpfs(spec: str) -> Mount:
+    """`--tmpfs PATH[:size=BYTES]`, as podman takes it (bytes only: bwrap's --size takes no suffix)."""
+    target, _, options = spec.partition(":")
+    size = options.removeprefix("size=")
+    if options and (size == options or not is_number(size)):
+        raise ValueError(f"expected PATH or PATH:size=BYTES, not {shown(spec)}")
+    return Mount(volume_target(target), tmpfs=int(size or 0))
+
+
+def parse_entrypoint(text: str) -> tuple[str, ...]:
+    """`--entrypoint` as podman takes it: a JSON list of strings (`["/bin/sh", "-c"]`), else one program."""
+    try:
+        words = json.loads(text) if text.startswith("[") else [text] * bool(text)
+    except (ValueError, RecursionError):
+        words = None
+    if not is_string_list(words):
+        raise ValueError(f"expected a program or a JSON list of strings, not {shown(text)}")
+    return tuple(map(plain_text, words))
+
+
 def parse_env(item: str) -> tuple[str, str | None]:
     """`KEY=VALUE`, or `KEY` alone (value None) to pass on the value d-run itself has, as Docker does."""
     key, equals, value = item.partition("=")
@@ -234,12 +255,9 @@ def container_env(
     return env
 
 
-def container_command(config: ImageConfig, entrypoint: str | None, args: list[str]) -> tuple[str, ...]:
+def container_command(config: ImageConfig, entrypoint: tuple[str, ...] | None, args: list[str]) -> tuple[str, ...]:
     """Entrypoint + Cmd as Docker combines them: arguments replace Cmd, --entrypoint replaces both."""
-    if entrypoint is not None:
-        command = (*filter(None, [entrypoint]), *args)
-    else:
-        command = (*config.entrypoint, *(args or config.cmd))
+    command = (*entrypoint, *args) if entrypoint is not None else (*config.entrypoint, *(args or config.cmd))
     if not command:
         raise Error("nothing to run: the image has no Entrypoint or Cmd", "give a command after DIR: d-run DIR CMD...")
     return command
@@ -291,16 +309,17 @@ def userns_error(max_namespaces: str, unprivileged_clone: str, euid: int) -> Err
 # ----- the sandbox and its bwrap command line ---------------------------------------------------------
 
 
-# The open source `fd` (an O_PATH descriptor bwrap inherits) bound at `target`, a path free of links.
-Bind = namedtuple("Bind", "fd target read_only", defaults=(False,))
+# The open source `fd` (an O_PATH descriptor bwrap inherits) bound at `target`, a path free of links; no `fd`:
+# a tmpfs of `size` bytes (0: bwrap's default).
+Bind = namedtuple("Bind", "fd target read_only size", defaults=(False, 0))
 # Everything the bwrap command line is made of, resolved. binds are in mount order; data_files are (fd bwrap
 # reads, read-only file it becomes) pairs; proc, dev and tmp are paths free of links (a rootfs may make them
-# links); ports are ports.Port, published through pasta.
+# links); ports are ports.Port, published through pasta; lock_fd holds DIR's lock (store.hold_folder) for bwrap.
 Plan = namedtuple(
     "Plan",
     "root_fd command identity hostname workdir env binds data_files writable network seccomp_fd new_session "
-    "proc dev tmp ports",
-    defaults=((), (), False, False, None, True, "/proc", "/dev", "/tmp", ()),
+    "proc dev tmp ports lock_fd",
+    defaults=((), (), False, False, None, True, "/proc", "/dev", "/tmp", (), None),
 )
 
 
@@ -312,11 +331,15 @@ def bwrap_argv(box: Plan) -> list[str]:
     argv += ["--hostname", box.hostname, "--die-with-parent"]
     argv += ["--new-session"] if box.new_session else []
     argv += ["--seccomp", str(box.seccomp_fd)] if box.seccomp_fd is not None else []
+    argv += ["--sync-fd", str(box.lock_fd)] if box.lock_fd is not None else []  # only bwrap's monitor keeps it
     # The root is bound writable first so that mounts can go on it, and made read-only last:
     # --remount-ro does not reach the mounts below it.
     argv += ["--bind-fd", str(box.root_fd), "/", "--proc", box.proc, "--dev", box.dev, "--tmpfs", box.tmp]
     for bind in box.binds:
-        argv += ["--ro-bind-fd" if bind.read_only else "--bind-fd", str(bind.fd), bind.target]
+        if bind.fd is None:
+            argv += [*(["--size", str(bind.size)] if bind.size else []), "--tmpfs", bind.target]
+        else:
+            argv += ["--ro-bind-fd" if bind.read_only else "--bind-fd", str(bind.fd), bind.target]
     for fd, target in box.data_files:
         argv += ["--ro-bind-data", str(fd), target]
     argv += [] if box.writable else ["--remount-ro", "/"]
@@ -328,5 +351,5 @@ def bwrap_argv(box: Plan) -> list[str]:
 
 def inherited_fds(box: Plan) -> list[int]:
     """The descriptors bwrap must inherit for `box`."""
-    seccomp = [] if box.seccomp_fd is None else [box.seccomp_fd]
-    return [box.root_fd, *(bind.fd for bind in box.binds), *(fd for fd, _ in box.data_files), *seccomp]
+    fds = [box.root_fd, *(bind.fd for bind in box.binds), *(fd for fd, _ in box.data_files)]
+    return [fd for fd in [*fds, box.seccomp_fd, box.lock_fd] if fd is not None]  # None: a tmpfs, no filter, no lock

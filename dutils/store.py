@@ -266,11 +266,37 @@ class PullDir:
                 f"{self.record_path}: damaged pull record ({err})", "delete the folder and pull again"
             ) from None
 
+    def check_trusted(self) -> None:
+        """Refuse a folder someone else could have changed, as ssh judges its files: DIR and what d-pull and d-run keep
+        in it owned by the user or root, writable by no one else who can reach it (in a 0700 DIR, umask 002 is fine),
+        and no link in DIR/.d-pull (one planted there would make a pull write, as its owner, where it leads)."""
+        parts = [self.root, self.state, self.rootfs, self.config, self.record_path, self.volumes]
+        with contextlib.suppress(OSError):  # none, or not ours to list: nothing of it is used then
+            parts += [self.state / name for name in os.listdir(self.state)]
+        others = 0o022  # the write bits that matter: for what is inside DIR, those of whoever can enter DIR
+        for path in parts:
+            try:
+                info = os.stat(path) if path == self.root else os.lstat(path)  # DIR itself is named by the user
+            except OSError:  # missing, or not ours to see: what uses it says so
+                continue
+            if path == self.root:
+                others &= (info.st_mode & 0o011) << 1
+            if stat.S_ISLNK(info.st_mode):
+                problem, fix = "is a symbolic link", f"remove it: rm {path}"
+            elif info.st_uid not in (os.geteuid(), 0):
+                problem, fix = f"belongs to user {info.st_uid}", "pull into a folder of your own"
+            elif info.st_mode & (0o022 if path == self.root else others):
+                problem, fix = "is writable by other users", f"chmod go-w {path}"
+            else:
+                continue
+            raise Error(f"refusing {path}: it {problem}", fix)
+
     def write_record(self, record: Record) -> None:
         write_json(self.record_path, record._asdict())
 
     def require_complete(self) -> Record:
         """The record of a finished pull, or an error saying how to finish it."""
+        self.check_trusted()
         record = self.read_record()
         if record is None:
             raise Error(f"{self.root} is not a folder made by d-pull", "run d-pull IMAGE DIR first")
@@ -280,6 +306,22 @@ class PullDir:
                 f"run the same d-pull again: d-pull {record.reference} {self.root}",
             )
         return record
+
+
+def hold_folder(root: Path, kind: int, busy: str) -> int:
+    """A descriptor of `root` holding its flock `kind` (LOCK_SH: a container runs; LOCK_EX: one that can change what a
+    starting d-run mounts, or a pull changing DIR), else Error(`busy`). d-run hands it to bwrap as --sync-fd, which
+    only bwrap's monitor keeps open: the container never has it, so it cannot unlock it."""
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as err:  # a folder root opened to others for running only (0711)
+        raise Error(f"cannot use {root}: {err.strerror}", "ask its owner to make it readable") from None
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise Error(busy, "wait until it ends: a --rw run (or a volume's nested mount) runs alone") from None
+    return fd
 
 
 def touch(path: Path) -> None:

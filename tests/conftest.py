@@ -20,6 +20,7 @@ from registry_server import Registry
 
 REPO = Path(__file__).parents[1]
 USER = "dutest"
+OTHER_USER = "dutest2"  # a second local user: an attacker among the machine's users
 RUNUSER = "/usr/sbin/runuser"  # absolute: the user's PATH, which runs it, has no sbin
 DEBIAN_PYTHON = "/usr/bin/python3"  # the pyenv python3 lives in /root, which an ordinary user cannot read
 
@@ -124,11 +125,11 @@ class Unprivileged:
         return self.run([self.bin / name, *args], capture_output=True, text=True, timeout=timeout)
 
 
-def ensure_user() -> bool:
-    """Makes the ordinary user unless it exists; True when made here."""
-    if subprocess.run(["id", "-u", USER], capture_output=True).returncode == 0:
+def ensure_user(name: str = USER) -> bool:
+    """Makes the user `name` unless it exists; True when made here."""
+    if subprocess.run(["id", "-u", name], capture_output=True).returncode == 0:
         return False
-    subprocess.run(["useradd", "-m", "-s", "/bin/sh", USER], check=True)
+    subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], check=True)
     return True
 
 
@@ -144,6 +145,18 @@ def unprivileged() -> Iterator[Unprivileged]:
         shutil.rmtree(user.root, ignore_errors=True)
         if made_user:
             subprocess.run(["userdel", "-r", USER], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def other_user() -> Iterator[str]:
+    """The second local user's name (made when missing, removed only when made here); root only: the tests
+    plant its files and run commands as it."""
+    if os.geteuid() != 0:
+        pytest.skip("acting as another user needs root")
+    made_user = ensure_user(OTHER_USER)
+    yield OTHER_USER
+    if made_user:
+        subprocess.run(["userdel", "-r", OTHER_USER], capture_output=True)
 
 
 @pytest.fixture(scope="module")

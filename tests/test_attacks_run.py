@@ -5,6 +5,7 @@ run ends in one clear line or a safe success, within a bounded time and a bounde
 
 import json
 import os
+import pwd
 import socket
 import stat
 import subprocess
@@ -16,6 +17,9 @@ import pytest
 import test_run
 from test_run import Runner, assert_error, configure
 from trees import snapshot
+
+from dutils.errors import Error
+from dutils.store import PullDir
 
 # test_run's fixtures, shared: d-run as root and as the ordinary user, and a fresh busybox pull folder.
 workspace, run, box = test_run.workspace, test_run.run, test_run.box
@@ -211,11 +215,11 @@ def test_links_planted_by_a_writable_container_create_nothing_on_the_host_next_t
         f"ln -s {oldroot(victim)} /data && mv /etc /etc.old && mkdir /etc && ln -s {oldroot(victim)} /etc/hosts"
         f" && rmdir /srv 2>/dev/null; ln -s ../../../../../{oldroot(victim)} /srv"
     )
-    planted = run("-w", str(box), "sh", "-c", plant)
+    planted = run("--rw", str(box), "sh", "-c", plant)
     assert planted.returncode == 0, planted.stderr
     assert (box / "rootfs" / "etc" / "hosts").is_symlink()
     configure(box, Volumes={"/data/sub": {}}, WorkingDir="/srv/app")
-    for flags in ([], ["-w"], ["-v", "/data/other"]):
+    for flags in ([], ["--rw"], ["-v", "/data/other"]):
         ends_well(timed(run, *flags, str(box), "sh", "-c", "echo x > /etc/hosts; echo y > /data/sub/f"))
     assert not victim.exists()
     host.unchanged()
@@ -441,3 +445,254 @@ def test_no_descriptor_of_d_run_reaches_the_container(run, box, host, workspace)
     listing = run.out("-n", "-v", f"{mine}:/mine:ro", "-v", "/cache", str(box), "ls", "/proc/self/fd")
     assert sorted(listing.split()) == ["0", "1", "2", "3"]  # 3: ls's own listing of the folder
     host.unchanged()
+
+
+# ----- class 8: other users of the machine (dutest2 attacks root and the ordinary user) -------------------
+
+
+def as_other(other_user: str, *paths: Path) -> None:
+    """Give `paths` to the second user, as if they had made them."""
+    subprocess.run(["chown", "-R", "-h", f"{other_user}:{other_user}", *map(str, paths)], check=True)
+
+
+def d_pull(run: Runner, *args: str) -> subprocess.CompletedProcess:
+    """d-pull beside `run`'s d-run, as the same user, with a cache of the folder's own."""
+    argv = [str(run.script.parent / "d-pull"), *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=run.env, cwd="/", **run.popen_args())
+
+
+def assert_pull_error(done: subprocess.CompletedProcess, *words: str) -> None:
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("d-pull: error: "), done.stderr
+    assert all(word in done.stderr for word in words), done.stderr
+
+
+def test_a_complete_fake_pull_in_another_users_folder_never_runs(run, box, host, other_user):
+    configure(box, Cmd=["echo", "the attacker's command ran"])
+    as_other(other_user, box)
+    done = timed(run, str(box))
+    uid = pwd.getpwnam(other_user).pw_uid
+    assert_error(done, 1, "refusing", f"belongs to user {uid}", "pull into a folder of your own")
+    assert "attacker" not in done.stdout
+    host.unchanged()
+
+
+@pytest.mark.parametrize("part", ["", "rootfs", "config.json", "image.json", "volumes", ".d-pull"])
+@pytest.mark.parametrize("bits", [0o020, 0o002])
+def test_a_folder_others_can_write_is_refused_naming_the_fix(run, box, host, part, bits):
+    (box / "volumes").mkdir()
+    (box / ".d-pull").mkdir()
+    run.own(box)
+    path = box / part
+    path.chmod(stat.S_IMODE(path.stat().st_mode) | bits)
+    done = timed(run, str(box), "true")
+    assert_error(done, 1, "it is writable by other users", f"chmod go-w {str(path).rstrip('/')}")
+    host.unchanged()
+
+
+def test_what_no_one_else_can_reach_may_be_group_writable(tmp_path):
+    # A umask of 002 makes rootfs and .d-pull's files group-writable; in a 0700 DIR, no one else can reach them.
+    folder = tmp_path / "pull"
+    (folder / ".d-pull").mkdir(parents=True)
+    (folder / "rootfs").mkdir()
+    (folder / ".d-pull" / "applied").touch()
+    (folder / ".d-pull" / "applied").chmod(0o664)
+    (folder / "rootfs").chmod(0o775)
+    for mode, refused in [(0o700, False), (0o701, False), (0o710, True), (0o755, True)]:
+        folder.chmod(mode)
+        if refused:
+            with pytest.raises(Error, match="writable by other users"):
+                PullDir(folder).check_trusted()
+        else:
+            PullDir(folder).check_trusted()
+
+
+@pytest.mark.parametrize("tool", ["d-run", "d-pull"])
+def test_a_dangling_link_planted_in_d_pull_state_is_refused_never_followed(run, box, host, images, tool):
+    victim = host.etc / "nologin"
+    (box / ".d-pull").mkdir()
+    (box / ".d-pull" / "applied").symlink_to(victim)
+    run.own(box)
+    if tool == "d-run":
+        assert_error(timed(run, str(box), "true"), 1, ".d-pull/applied: it is a symbolic link")
+    else:
+        done = d_pull(run, "--cache", str(box.parent / "cache"), "--update", images["busybox"], str(box))
+        assert_pull_error(done, ".d-pull/applied: it is a symbolic link")
+    assert not victim.exists() and not victim.is_symlink()
+    host.unchanged()
+
+
+def test_what_a_root_pull_writes_is_private_until_root_opens_it(workspace, images, other_user, unprivileged):
+    if os.geteuid() != 0:
+        pytest.skip("a root pull")
+    folder = Path(tempfile.mkdtemp(dir=workspace)) / "pulled"
+    folder.parent.chmod(0o755)
+    root = Runner(test_run.BIN / "d-run", test_run.HOST_ENV)
+    done = d_pull(root, "--cache", str(folder.parent / "cache"), images["busybox"], str(folder))
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    peek = subprocess.run(
+        ["/usr/sbin/runuser", "-u", other_user, "--", "ls", str(folder / "rootfs" / "bin")],
+        capture_output=True,
+        timeout=30,
+    )
+    assert peek.returncode != 0 and b"Permission denied" in peek.stderr
+    user = Runner(unprivileged.bin / "d-run", unprivileged.env, test_run.USER)
+    assert_error(timed(user, str(folder), "true"), 1, "Permission denied")
+    folder.chmod(0o755)  # root opens it on purpose: read-only runs for everyone, nothing written into it
+    before = snapshot(folder)
+    assert user.out(str(folder), "hostname") == "pulled\n"
+    assert snapshot(folder) == before
+    configure(folder, Volumes={"/data": {}})
+    assert_error(timed(user, str(folder), "true"), 1, "anonymous volume /data", "-v")
+
+
+# ----- class 9: a running container of the same DIR -------------------------------------------------------
+
+# Inside a --rw container: swap /etc with a link to the host folder, as bwrap sees it before it pivots, and back,
+# as fast as it can (renameat2 RENAME_EXCHANGE), until `seconds` have passed.
+SWAPPER = """
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+os.symlink(sys.argv[1], "/etc.evil")
+open("/ready", "w").close()
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    libc.renameat2(-100, b"/etc", -100, b"/etc.evil", 2)
+"""
+
+
+def test_a_writable_container_swapping_etc_cannot_redirect_200_starts(run, box, host, workspace):
+    victim = Path(tempfile.mkdtemp(dir=workspace, prefix="victim-"))
+    run.own(victim)
+    before = snapshot(victim)
+    swap = ["python3", "-c", SWAPPER, oldroot(victim), "300"]
+    attacker = subprocess.Popen(
+        [str(run.script), "--rw", *test_run.HOST_PYTHON, str(box), *swap],
+        env=run.env, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        **run.popen_args(),
+    )  # fmt: skip
+    try:
+        assert test_run.wait_until((box / "rootfs" / "ready").exists, timeout=30)
+        refused, started = 0, time.monotonic()
+        for _ in range(200):
+            done = run(*(["-v", "/data"] if _ % 2 else []), str(box), "cat", "/etc/hostname")
+            ends_well(done)
+            refused += "is in use by a writable container" in done.stderr
+            assert time.monotonic() - started < 240
+        assert refused == 200  # the defence, not luck: no start raced the swaps
+    finally:
+        attacker.kill()
+        attacker.communicate(timeout=30)
+    assert snapshot(victim) == before
+    host.unchanged()
+
+
+def start_container(run: Runner, box: Path, *flags: str) -> subprocess.Popen:
+    """A container of `box` running for 30 s, once it runs (its d-run's lock is bwrap's from then on)."""
+    mark = Path(tempfile.mkdtemp(dir=box.parent))
+    run.own(mark)
+    argv = [str(run.script), *flags, "-v", f"{mark}:/mark", str(box), "sh", "-c", "touch /mark/up; sleep 30"]
+    started = subprocess.Popen(argv, env=run.env, cwd="/", stdin=subprocess.DEVNULL, **run.popen_args())
+    assert test_run.wait_until((mark / "up").exists, timeout=20)
+    return started
+
+
+def test_two_read_only_runs_of_one_folder_run_together_and_a_writable_one_starts_alone(run, box):
+    first = start_container(run, box)
+    try:
+        assert run.out(str(box), "echo", "beside") == "beside\n"
+        assert_error(run("--rw", str(box), "true"), 1, "is in use: this run must start alone", "runs alone")
+        assert_error(run("-v", "/cache", "-v", "/cache/sub", str(box), "true"), 1, "must start alone")
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+    assert run.out("--rw", str(box), "echo", "alone") == "alone\n"
+
+
+def test_a_volume_holding_another_mount_point_keeps_its_folder_to_itself(run, box, host):
+    # The running container can write /data, where bwrap would mount /data/sub for the next run by path.
+    configure(box, Volumes={"/data": {}, "/data/sub": {}})
+    first = start_container(run, box)
+    try:
+        assert_error(run(str(box), "true"), 1, "is in use by a writable container")
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+    host.unchanged()
+
+
+def test_the_container_holds_no_descriptor_of_the_lock(run, box):
+    listing = run.out("--rw", str(box), "ls", "/proc/self/fd")
+    assert sorted(listing.split()) == ["0", "1", "2", "3"]
+
+
+def test_fresh_folders_started_twice_at_once_both_run(run, workspace):
+    for _ in range(10):  # the volumes folder and each volume made by one, taken by the other
+        folder = Path(tempfile.mkdtemp(dir=workspace)) / "twice"
+        folder.parent.chmod(0o755)
+        subprocess.run(["cp", "-a", str(workspace / "template"), str(folder)], check=True)
+        configure(folder, Volumes={"/data": {}, "/cache": {}, "/srv/www": {}})
+        test_run.write_record(folder, complete=True)
+        run.own(folder.parent)
+        argv = [str(run.script), str(folder), "true"]
+        pair = [
+            subprocess.Popen(argv, env=run.env, cwd="/", stderr=subprocess.PIPE, text=True, **run.popen_args())
+            for _ in range(2)
+        ]
+        for started in pair:
+            _, err = started.communicate(timeout=30)
+            assert started.returncode == 0, err
+
+
+def test_an_update_racing_a_running_container_ends_in_one_line(run, box, images, workspace):
+    folder = Path(tempfile.mkdtemp(dir=workspace)) / "updated"
+    folder.parent.chmod(0o755)
+    run.own(folder.parent)
+    cache = str(folder.parent / "cache")
+    assert d_pull(run, "--cache", cache, images["busybox"], str(folder)).returncode == 0
+    running = start_container(run, folder)
+    try:
+        done = d_pull(run, "--cache", cache, "--update", images["busybox-plain"], str(folder))
+        assert_pull_error(done, "is in use by a running container")
+    finally:
+        running.kill()
+        running.wait(timeout=30)
+    done = d_pull(run, "--cache", cache, "--update", images["busybox-plain"], str(folder))
+    assert done.returncode == 0, done.stderr
+    assert run.out(str(folder), "echo", "updated") == "updated\n"
+
+
+# ----- class 10: work and memory, fields and messages ------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["/dev/zero", "fifo", "huge"])
+def test_an_env_file_that_is_no_small_regular_file_is_refused(run, box, workspace, kind):
+    env_file = Path(tempfile.mkdtemp(dir=workspace)) / ".env"
+    if kind == "/dev/zero":
+        env_file.symlink_to("/dev/zero")  # as a cloned repository's .env may be
+    elif kind == "fifo":
+        os.mkfifo(env_file)
+    else:
+        with open(env_file, "wb") as out:
+            out.truncate(300 << 20)
+    run.own(env_file.parent)
+    done = timed(run, "--env-file", str(env_file), str(box), "true")
+    assert_error(done, 1, "--env-file", "not a regular file" if kind != "huge" else "larger than")
+    assert peak_kib(run, "--env-file", str(env_file), str(box), "true") < MAX_RSS_KIB
+
+
+def test_an_env_file_through_a_link_to_a_regular_file_is_read(run, box, workspace):
+    folder = Path(tempfile.mkdtemp(dir=workspace))
+    (folder / "real.env").write_text("FROM_FILE=yes\n")
+    (folder / ".env").symlink_to("real.env")  # as dotfile managers make them
+    run.own(folder)
+    assert run.out("--env-file", str(folder / ".env"), str(box), "sh", "-c", "echo $FROM_FILE") == "yes\n"
+
+
+@pytest.mark.parametrize("ports", [["8080:\x1b]0;title\x07"], "8080:80", [80]])
+def test_config_ports_are_checked_naming_the_field_escaped(run, box, ports):
+    configure(box, ports=ports)
+    done = timed(run, str(box), "true")
+    assert_error(done, 1, "ports")
+    assert "\x1b" not in done.stderr and "\x07" not in done.stderr

@@ -7,8 +7,8 @@ import pytest
 from trees import snapshot
 
 from dutils.errors import Error
-from dutils.mounts import MountTable, copy_tree, make_empty_file
-from dutils.rootfs import Root, make_missing_dir
+from dutils.mounts import MountTable, copy_tree, make_empty_file, make_folder
+from dutils.rootfs import Root
 
 
 def test_mount_points_are_made_inside_the_rootfs_links_rerooted(tmp_path):
@@ -24,15 +24,15 @@ def test_mount_points_are_made_inside_the_rootfs_links_rerooted(tmp_path):
     with Root(os.open(rootfs.parent, os.O_PATH), "rootfs") as root:
         table = MountTable(root)
         assert table.place("/etc/hosts", make_empty_file) == f"/oldroot{outside}/hosts"
-        assert table.place("/tmp", make_missing_dir) == f"/oldroot{outside}"
+        assert table.place("/tmp", make_folder) == f"/oldroot{outside}"
         table.add(f"/oldroot{outside}", None, "/tmp")
-        assert table.place("/data/x/y", make_missing_dir) == f"/oldroot{outside}/x/y"  # in the tmpfs: bwrap's
+        assert table.place("/data/x/y", make_folder) == f"/oldroot{outside}/x/y"  # in the tmpfs: bwrap's
         table.add("/vol", os.open(volume, os.O_PATH), str(volume))
-        assert table.place("/vol/sub/new", make_missing_dir) == "/vol/sub/new"
+        assert table.place("/vol/sub/new", make_folder) == "/vol/sub/new"
         with pytest.raises(Error, match="volume/sub/out is a symbolic link"):
-            table.place("/vol/sub/out/x", make_missing_dir)
+            table.place("/vol/sub/out/x", make_folder)
         with pytest.raises(Error, match="is not a folder"):
-            table.place("/etc/hosts", make_missing_dir)
+            table.place("/etc/hosts", make_folder)
     assert (rootfs / "oldroot" / str(outside).lstrip("/") / "hosts").is_file()
     assert (volume / "sub" / "new").is_dir()
     assert not outside.exists()

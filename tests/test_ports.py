@@ -512,6 +512,7 @@ def test_root_is_told_to_run_it_as_an_ordinary_user(box):
     if os.geteuid() != 0:
         pytest.skip("the tests do not run as root")
     as_root = Runner(Path(sys.executable).parent / "d-run", {"PATH": os.environ["PATH"]})
+    subprocess.run(["chown", "-R", "root:root", str(box)], check=True)  # root trusts only its own folders
     assert_error(as_root("-p", f"{free_port()}:80", str(box), "true"), 1, "does not run as root", "ordinary user")
 
 

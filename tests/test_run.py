@@ -41,8 +41,10 @@ from dutils.sandbox import (
     default_hostname,
     merged_mounts,
     parse_config,
+    parse_entrypoint,
     parse_env,
     parse_env_file,
+    parse_tmpfs,
     parse_volume,
     resolve_user,
     userns_error,
@@ -164,14 +166,44 @@ def test_environment_layers_later_wins():
         ((), ("sh",), None, ["ls", "-l"], ("ls", "-l")),
         (("tini", "--"), ("sh",), None, [], ("tini", "--", "sh")),
         (("tini", "--"), ("sh",), None, ["-x"], ("tini", "--", "-x")),
-        (("tini", "--"), ("sh",), "env", [], ("env",)),  # --entrypoint drops Cmd, as Docker does
-        (("tini", "--"), ("sh",), "echo", ["a"], ("echo", "a")),
-        (("tini", "--"), ("sh",), "", ["id"], ("id",)),
+        (("tini", "--"), ("sh",), ("env",), [], ("env",)),  # --entrypoint drops Cmd, as Docker does
+        (("tini", "--"), ("sh",), ("echo",), ["a"], ("echo", "a")),
+        (("tini", "--"), ("sh",), (), ["id"], ("id",)),
     ],
 )
 def test_command_is_entrypoint_then_arguments_or_cmd(entrypoint, cmd, override, args, expected):
     config = ImageConfig(entrypoint=entrypoint, cmd=cmd)
     assert container_command(config, override, args) == expected
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("sh", ("sh",)),
+        ("", ()),
+        ('["/bin/sh", "-c"]', ("/bin/sh", "-c")),
+        ("[]", ()),
+        ("[x", None),
+        ('["a", 1]', None),
+        ("[" * 100_000, None),
+    ],
+)
+def test_entrypoint_as_podman_takes_it(text, words):
+    if words is None:
+        with pytest.raises(ValueError, match="JSON list of strings"):
+            parse_entrypoint(text)
+    else:
+        assert parse_entrypoint(text) == words
+
+
+def test_tmpfs_mounts_in_mount_order_with_their_size():
+    assert parse_tmpfs("/run") == Mount("/run", tmpfs=0)
+    assert parse_tmpfs("/var/lib/x/:size=65536") == Mount("/var/lib/x", tmpfs=65536)
+    for spec in ("run", "/run:size=1m", "/run:mode=1777", "/", "/proc/x"):
+        with pytest.raises(ValueError):
+            parse_tmpfs(spec)
+    argv = bwrap_argv(sandbox(binds=(Bind(None, "/run", size=4096), Bind(4, "/run/x"), Bind(None, "/srv"))))
+    assert " ".join(argv).count("--size 4096 --tmpfs /run --bind-fd 4 /run/x --tmpfs /srv") == 1
 
 
 def test_nothing_to_run_is_an_error():
@@ -377,7 +409,9 @@ def test_start_up_imports_neither_requests_nor_doit_nor_argparse():
         ["DIR", "ls", "-l"],
         ["DIR", "--", "ls", "--", "x"],
         ["DIR", "-n", "--help"],
-        ["-n", "-w", "--debug", "DIR", "id"],
+        ["-n", "--rw", "--debug", "DIR", "id"],
+        ["-w", "/srv", "--tmpfs", "/run:size=4096", "--tmpfs=/var/cache", "DIR"],
+        ["--entrypoint", '["/bin/sh", "-c"]', "DIR", "echo hi"],
         ["--net", "--rw", "DIR"],
         ["-v", "/data", "-v", "/h:/c:ro", "--volume=/x", "--volume", "./s:/s", "DIR"],
         ["-e", "A=1", "--env", "B", "--env=C=2=3", "--env-file", "f", "--env-file=g", "DIR", "sh"],
@@ -402,6 +436,8 @@ def test_the_quick_parser_reads_as_argparse_does(argv):
         ["-v", "relative", "DIR"],
         ["-e", "=x", "DIR"],
         ["--workdir", "here", "DIR"],
+        ["--tmpfs", "/run:size=1g", "DIR"],
+        ["--entrypoint", "[sh", "DIR"],
         ["-u", "-1", "DIR"],
         ["--net=yes", "DIR"],
         ["-v"],
@@ -413,7 +449,9 @@ def test_the_quick_parser_leaves_the_rest_to_argparse(argv):
 
 
 def test_argparse_reads_what_the_quick_parser_leaves():
-    assert vars(parse_args(["-nw", "--deb", "DIR", "x"])) == vars(quick_parse(["-n", "-w", "--debug", "DIR", "x"]))
+    assert vars(parse_args(["-nw/srv", "--deb", "DIR", "x"])) == vars(
+        quick_parse(["-n", "-w", "/srv", "--debug", "DIR", "x"])
+    )
 
 
 # ----- real containers, as root and as the ordinary user ------------------------------------------------
@@ -579,6 +617,7 @@ def test_arguments_keep_the_entrypoint_even_when_they_look_like_options(run, box
     assert run.out(str(box), "-n", "--help") == "entry: -n --help\n"  # neither d-run's -n nor its --help
     assert run.out("--entrypoint", "id", str(box), "-u") == "0\n"
     assert run.out("--entrypoint", "", str(box), "echo", "plain") == "plain\n"
+    assert run.out("--entrypoint", '["/bin/sh", "-c"]', str(box), "echo $0", "json") == "json\n"
 
 
 @pytest.mark.parametrize(
@@ -590,7 +629,14 @@ def test_arguments_keep_the_entrypoint_even_when_they_look_like_options(run, box
         (["-u", "4321:77"], {}, ["sh", "-c", "id -u; id -g; echo $HOME"], "4321\n77\n/\n"),
         ([], {"User": "app"}, ["id", "-un"], "app\n"),
         (["-u", "root"], {"User": "app"}, ["id", "-un"], "root\n"),
-        (["--hostname", "web"], {}, ["sh", "-c", "hostname; grep -c web /etc/hosts"], "web\n1\n"),
+        (
+            ["--hostname", "web"],
+            {},
+            ["sh", "-c", "hostname; grep -c web /etc/hosts; cat /etc/hostname"],
+            "web\n1\nweb\n",
+        ),
+        ([], {}, ["cat", "/etc/hostname"], "busybox\n"),
+        (["-w", "/srv/app"], {}, ["pwd"], "/srv/app\n"),
         ([], {"Hostname": "cfg"}, ["sh", "-c", "hostname; echo $HOSTNAME"], "cfg\ncfg\n"),
         (["--workdir", "/home/app"], {}, ["pwd"], "/home/app\n"),
         ([], {"WorkingDir": "/etc"}, ["pwd"], "/etc\n"),
@@ -614,7 +660,15 @@ def test_env_file(run, box, workspace):
     assert run.out("--env-file", str(env_file), "-e", "B=flag", *command) == "from file, flag\n"
 
 
-@pytest.mark.parametrize("how", [["-w"], "config"])
+def test_tmpfs_on_a_read_only_root(run, box):
+    script = "touch /run/x /var/cache/y && grep -E ' /(run|var/cache) ' /proc/mounts && touch /z"
+    done = run("--tmpfs", "/run:size=65536", "--tmpfs", "/var/cache", str(box), "sh", "-c", script)
+    assert done.returncode == 1 and "Read-only file system" in done.stderr
+    assert "tmpfs /run tmpfs rw" in done.stdout and "size=64k" in done.stdout and "tmpfs /var/cache " in done.stdout
+    assert not (box / "rootfs" / "run" / "x").exists()
+
+
+@pytest.mark.parametrize("how", [["--rw"], "config"])
 def test_writable_root(run, box, how):
     if how == "config":
         configure(box, rw=True)
