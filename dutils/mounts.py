@@ -94,7 +94,6 @@ class MountTable:
     def __init__(self, rootfs: Root) -> None:
         self.rootfs = rootfs
         self.mounts: list[tuple[str, int | None, str]] = []
-        self.nested = False  # a mount goes inside a bind: a running container may write there while bwrap mounts
 
     def covering(self, path: str) -> tuple[tuple[str, int | None, str] | None, str]:
         """The mount that `path` lies in (None: the rootfs, no mount) and the rest of `path` inside it."""
@@ -130,8 +129,6 @@ class MountTable:
         raise Error(f"cannot make the mount point {target}: too many symbolic links")
 
     def add(self, target: str, fd: int | None, label: str) -> None:
-        covering = self.covering(target)[0]
-        self.nested |= covering is not None and covering[1] is not None
         self.mounts.append((target, fd, label))
 
 

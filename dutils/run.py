@@ -149,15 +149,21 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         for name in ("/proc", "/dev", "/tmp"):  # so that a /tmp linked into /proc is refused here
             made[name] = table.place(name, make_folder)
             table.add(made[name], None, name)
-        binds = []
+        binds, volumes, nested = [], set(), False  # volumes: where DIR's anonymous volumes go
         for mount, fd in zip(mounts, sources, strict=True):
             is_folder = fd is None or stat.S_ISDIR(os.fstat(fd).st_mode)
             target = table.place(mount.target, make_folder if is_folder else make_empty_file)
             if target == "/":
                 raise Error(f"the volume {mount.target} leads to the image's root folder", "remove it")
+            covering = table.covering(target)[0]
+            nested |= covering is not None and covering[0] in volumes
             table.add(target, fd, mount.source or f"{pull.volumes}{mount.target}")
             binds.append(sandbox.Bind(fd, target, mount.read_only, mount.tmpfs))
-        if table.nested and not writable:  # a running container may write where bwrap will mount: start alone
+            if not mount.source and fd is not None:  # not a -v HOST bind, not a tmpfs
+                volumes.add(target)
+        # A mount inside one of DIR's volumes, which a running container of DIR may write while bwrap mounts: start
+        # alone. (Inside a host folder of yours bound with -v, keeping other containers out is yours, as with -v.)
+        if nested and not writable:
             os.close(lock_fd)  # (what was made so far was made through descriptors: no path to race)
             lock_fd = hold_folder(pull.root, fcntl.LOCK_EX, f"{pull.root} {IN_USE[fcntl.LOCK_EX]}")
         files = [(sandbox.hosts_file(hostname), "/etc/hosts"), (f"{hostname}\n".encode(), "/etc/hostname")]
