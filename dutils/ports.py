@@ -10,6 +10,7 @@ import os
 from collections import namedtuple
 
 from .errors import Error
+from .store import read_setting
 
 DEFAULT_ADDRESS = "127.0.0.1"  # published on the host's loopback unless an address is given
 TUN = "/dev/net/tun"
@@ -137,8 +138,9 @@ def check_free(port: Port) -> None:
             if err.errno == errno.EADDRINUSE:
                 raise Error(f"host port {port} is already in use", "publish another host port with -p") from None
             if err.errno == errno.EACCES:
+                lowest = read_setting("/proc/sys/net/ipv4/ip_unprivileged_port_start").strip() or "1024"
                 raise Error(
-                    f"host port {port}: only root may bind ports below {unprivileged_port_start()}",
+                    f"host port {port}: only root may bind ports below {lowest}",
                     "publish a higher host port, e.g. -p 8080:80",
                 ) from None
             if err.errno == errno.EADDRNOTAVAIL:
@@ -147,14 +149,6 @@ def check_free(port: Port) -> None:
                     "give one of its addresses, or none for 127.0.0.1",
                 ) from None
             raise Error(f"host port {port}: {err.strerror}") from None
-
-
-def unprivileged_port_start() -> str:
-    try:
-        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as setting:
-            return setting.read().strip()
-    except OSError:
-        return "1024"
 
 
 def check_ready(ports: tuple[Port, ...], path: str) -> None:
