@@ -111,17 +111,6 @@ def published(flags: list[str], configured: tuple[str, ...], network: bool) -> t
     return chosen
 
 
-def check_tun() -> None:
-    """pasta makes its tap device through /dev/net/tun: it must open for reading and writing."""
-    try:
-        os.close(os.open(TUN, os.O_RDWR | os.O_CLOEXEC))
-    except OSError as err:
-        raise Error(
-            f"-p needs {TUN}, which cannot be opened for reading and writing: {err.strerror}",
-            f"it must exist and be readable and writable by you (mode 0666 on common distributions: as root, chmod 0666 {TUN})",
-        ) from None
-
-
 def check_free(port: Port) -> None:
     """The host port can be bound now, as pasta will: else a one-line Error saying why."""
     import errno
@@ -164,7 +153,13 @@ def check_ready(ports: tuple[Port, ...], path: str) -> None:
         raise Error("-p needs pasta, which is not installed (or not on PATH)", "install passt: apt-get install passt")
     if shutil.which("bwrap", path=path) is None:  # pasta would start it: its failure would be a traceback there
         raise Error("bwrap is not installed (or not on PATH)", "install bubblewrap: apt-get install bubblewrap")
-    check_tun()
+    try:  # pasta makes its tap device through /dev/net/tun
+        os.close(os.open(TUN, os.O_RDWR | os.O_CLOEXEC))
+    except OSError as err:
+        raise Error(
+            f"-p needs {TUN}, which cannot be opened for reading and writing: {err.strerror}",
+            f"it must exist and be readable and writable by you (mode 0666 on common distributions: as root, chmod 0666 {TUN})",
+        ) from None
     for port in ports:
         check_free(port)
 
