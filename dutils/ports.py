@@ -77,12 +77,8 @@ def parse_port(spec: str) -> Port:
     address, _, host_port = rest.rpartition(":")  # a bracketed IPv6 address holds no colon outside []
     if not host_port:
         raise ValueError("expected [HOST_ADDR:]HOST_PORT:CONTAINER_PORT[/tcp|/udp]")
-    return Port(
-        host_address(address) if address else DEFAULT_ADDRESS,
-        port_number(host_port),
-        port_number(container_port),
-        protocol or "tcp",
-    )
+    address = host_address(address) if address else DEFAULT_ADDRESS
+    return Port(address, port_number(host_port), port_number(container_port), protocol or "tcp")
 
 
 def parse_ports(specs: list[str], source: str) -> tuple[Port, ...]:
