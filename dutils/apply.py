@@ -33,12 +33,17 @@ from .tree import OWNER_RWX, WHITEOUT, Tree
 DECOMPRESSORS: dict[str, Callable[[BinaryIO], BinaryIO]] = {
     "tar": lambda raw: raw,
     "gzip": lambda raw: igzip.IGzipFile(fileobj=raw, mode="rb"),
-    "zstd": lambda raw: zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True),
+    "zstd": lambda raw: zstandard.ZstdDecompressor(max_window_size=WINDOW).stream_reader(raw, read_across_frames=True),
 }
-CORRUPT_DATA = (OSError, EOFError, igzip_lib.IsalError, zstandard.ZstdError)
+# isal refuses a gzip header (its name or comment field) longer than its buffer with OverflowError.
+CORRUPT_DATA = (OSError, EOFError, OverflowError, igzip_lib.IsalError, zstandard.ZstdError)
 OPAQUE = WHITEOUT + WHITEOUT + ".opq"
 FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 CHUNK = 1 << 20
+# A zstd frame asks for a window this large at most: what `zstd -19` writes, and the minimum the standard (RFC 8878)
+# asks decoders to support. A frame that asks more (`zstd --long`, --ultra -20 and up) is refused, not allocated.
+WINDOW = 8 << 20
+SHOWN = 200  # characters of a name shown in a message, at each end: a name may be a MiB long
 AHEAD = 4  # chunks decompressed ahead of the tar reader: memory stays bounded
 MAX_SECONDS = 2**63 // 10**9  # os.utime takes nanoseconds as a signed 64-bit number
 # Digits past the nanosecond are cut toward zero, as Go's archive/tar (umoci) does; 40 digits hold any time above.
@@ -167,7 +172,7 @@ def unpacked_size(blob: Path, media_type: str) -> int:
     needed = 0
     with blob.open("rb") as raw, contextlib.suppress(TarError, *CORRUPT_DATA):
         for entry in TarReader(DECOMPRESSORS[COMPRESSION[media_type]](raw)):
-            needed += entry.size if entry.isreg() else 0
+            needed += entry.stored if entry.isreg() else 0
     return needed
 
 
@@ -180,11 +185,11 @@ def apply_members(stream: VerifyingReader, tree: Tree, skipped: Skipped, layer: 
             except OSError as err:
                 if err.errno == errno.ENOSPC:
                     raise  # apply_layer says how much space the layer needs
-                raise Error(f"{layer}: member {entry.name}: {describe_os_error(err)}") from None
+                raise Error(f"{layer}: member {shorten(entry.name)}: {describe_os_error(err)}") from None
     except RecordTooLarge as err:
         raise Error(f"{layer}: refused: {err}", "the layer is malformed or hostile") from None
     except TarError as err:
-        raise Error(f"{layer}: corrupt tar data ({err})") from None
+        raise Error(f"{layer}: corrupt tar data ({shorten(str(err))})") from None
 
 
 def apply_member(reader: TarReader, entry: Member, tree: Tree, skipped: Skipped) -> None:
@@ -202,7 +207,7 @@ def apply_member(reader: TarReader, entry: Member, tree: Tree, skipped: Skipped)
         elif entry.islnk():
             tree.hard_link(place, entry.linkname)  # no metadata: it is the target's
         elif entry.isdevice() and tree.rootless:
-            tree.clear(place)  # the layer says something else is there: the old entry goes at least
+            tree.clear(place.fd, place.name)  # the layer says something else is there: the old entry goes at least
             skipped.devices += 1
         elif entry.isdir():
             make_dir(place, tree)
@@ -210,7 +215,7 @@ def apply_member(reader: TarReader, entry: Member, tree: Tree, skipped: Skipped)
             set_metadata(place.name, place.fd, entry, entry.mode | OWNER_RWX, tree, skipped)
             tree.set_dir_later(place, entry.mode, mtime_ns(entry))
         else:  # a symlink, a device or a FIFO
-            tree.clear(place)
+            tree.clear(place.fd, place.name)
             make_node(place, entry)
             mode = None if entry.issym() else entry.mode  # a symlink has no mode of its own
             set_metadata(place.name, place.fd, entry, mode, tree, skipped)
@@ -220,7 +225,7 @@ def make_dir(place: Place, tree: Tree) -> None:
     """A directory over a directory keeps the children; over anything else it replaces it."""
     st = lstat_or_none(place.name, place.fd)
     if st is None or not stat.S_ISDIR(st.st_mode):
-        tree.clear(place)
+        tree.clear(place.fd, place.name)
         os.mkdir(place.name, OWNER_RWX, dir_fd=place.fd)
     elif st.st_mode & OWNER_RWX != OWNER_RWX:  # writable while its attributes are set
         os.chmod(place.name, stat.S_IMODE(st.st_mode) | OWNER_RWX, dir_fd=place.fd, follow_symlinks=False)
@@ -244,22 +249,24 @@ def write_file(reader: TarReader, entry: Member, tree: Tree, place: Place, skipp
     try:
         fd = os.open(place.name, FILE_FLAGS, mode, dir_fd=place.fd)
     except FileExistsError:
-        tree.clear(place)
+        tree.clear(place.fd, place.name)
         fd = os.open(place.name, FILE_FLAGS, mode, dir_fd=place.fd)
     try:
-        for piece in reader.chunks(entry):
-            write_all(fd, piece)
+        for offset, piece in reader.extents(entry):
+            write_all(fd, piece, offset)
+        if entry.sparse is not None:
+            os.ftruncate(fd, entry.size)  # the holes are left unwritten: sparse where the filesystem allows
         # chmod only where the umask took bits away, or for setuid, setgid and sticky bits (chown clears them)
         set_metadata(fd, None, entry, entry.mode if entry.mode & (tree.umask | 0o7000) else None, tree, skipped)
     finally:
         os.close(fd)
 
 
-def write_all(fd: int, data: bytes) -> None:
-    written = os.write(fd, data)  # all of it, but where the disk fills up
-    view = memoryview(data)[written:]
-    while view:
-        view = view[os.write(fd, view) :]
+def write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:  # once, but where the disk fills up
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def set_metadata(
@@ -310,7 +317,7 @@ def apply_whiteout(name: str, base: str, tree: Tree) -> None:
         place = tree.find(name)
         if place is not None:
             with place:
-                tree.hide_children(place.fd, place.path.rpartition("/")[0])
+                tree.hide_children(place.fd, place.path.split("/")[:-1])
         return
     if base.startswith(WHITEOUT + WHITEOUT):
         return  # AUFS metadata (.wh..wh.aufs, .wh..wh.plnk), as Docker skips it
@@ -324,4 +331,8 @@ def apply_whiteout(name: str, base: str, tree: Tree) -> None:
 
 
 def describe_os_error(err: OSError) -> str:
-    return f"{err.strerror}: {err.filename}" if err.filename else str(err.strerror or err)
+    return f"{err.strerror}: {shorten(str(err.filename))}" if err.filename else str(err.strerror or err)
+
+
+def shorten(name: str) -> str:
+    return name if len(name) <= 2 * SHOWN else f"{name[:SHOWN]}...{name[-SHOWN:]}"

@@ -58,6 +58,13 @@ def stop_absent(fd: int, name: str) -> None:
     raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
 
 
+class Trail(list):
+    """The folders from the root to one, as a walk goes; its text, their path, is joined only when shown."""
+
+    def __str__(self) -> str:
+        return "/".join(self)
+
+
 class Root:
     """Names resolved inside the directory `name` of the open directory `top` (both closed on exit).
 
@@ -71,7 +78,7 @@ class Root:
         st = os.lstat(name, dir_fd=top)
         if not stat.S_ISDIR(st.st_mode):
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), name)
-        self.root = self._enter(top, name, "", st)
+        self.root = self._enter(top, name, Trail(), st)
 
     def __enter__(self) -> "Root":
         return self
@@ -81,8 +88,8 @@ class Root:
         os.close(self.root)
         os.close(self.top)
 
-    def _enter(self, fd: int, name: str, path: str, st: os.stat_result) -> int:
-        """Open directory `name` (at `path` below the root, `st` its lstat) to resolve names in it."""
+    def _enter(self, fd: int, name: str, path: Trail | str, st: os.stat_result) -> int:
+        """Open directory `name` (at `path` below the root, `st` its lstat) to resolve names in it (keep no Trail)."""
         return os.open(name, DIR_FLAGS, dir_fd=fd)
 
     def _link_target(self, fd: int, name: str, path: str) -> str:
@@ -97,7 +104,8 @@ class Root:
         *dirs, base = path.split("/")
         if self.last and self.last[0] == dirs:  # the common case: the same parent as the previous entry
             return Place(os.dup(self.last[1]), base, join(self.last[2], base))
-        todo, done, links = deque(dirs), [], 0
+        todo, done, links = deque(dirs), Trail(), 0
+        self.forget()  # _enter sees a new trail: what subclasses remember of the last one is gone
         fd = os.dup(self.root)
         try:
             while todo:
@@ -115,23 +123,22 @@ class Root:
                 if stat.S_ISLNK(st.st_mode):
                     links += 1
                     if links > MAX_LINKS:
-                        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), join("/".join(done), part))
-                    target = self._link_target(fd, part, join("/".join(done), part))
+                        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), join(str(done), part))
+                    target = self._link_target(fd, part, join(str(done), part))
                     if target.startswith("/"):
-                        done = []
+                        done.clear()
                         fd = swap(fd, self._open_dirs(done))
                     todo.extendleft(reversed(target.split("/")))
                     continue
                 if not stat.S_ISDIR(st.st_mode):
-                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), join("/".join(done), part))
+                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), join(str(done), part))
                 done.append(part)
-                fd = swap(fd, self._enter(fd, part, "/".join(done), st))
+                fd = swap(fd, self._enter(fd, part, done, st))
         except BaseException:
             os.close(fd)
             raise
-        self.forget()
-        self.last = (dirs, os.dup(fd), "/".join(done))
-        return Place(fd, base, join("/".join(done), base))
+        self.last = (dirs, os.dup(fd), str(done))
+        return Place(fd, base, join(self.last[2], base))
 
     def forget(self) -> None:
         """Drop the remembered parent: a directory or symlink went away, names may resolve differently."""

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from types import SimpleNamespace
 
-from . import ports, sandbox, seccomp
+from . import ports, sandbox, seccomp, userns
 from .errors import Error
 from .mounts import MountTable, find_folder, inheritable, make_empty_file, make_folder, open_sources
 from .rootfs import Root, stop_absent
@@ -126,6 +126,8 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         env = sandbox.container_env(base_env, config.env, read_env_files(args.env_file) + args.env, dict(os.environ))
         published = ports.published(args.publish, config.ports, args.net or config.net)
         network = args.net or config.net or bool(published)  # with ports: pasta's network, shared by bwrap
+        maps = None if published else userns.plan_maps(identity.uid, identity.gid, read_setting)
+        root_maps = maps is not None and not maps[0]  # every id mapped to itself
         defaults = [sandbox.Mount(target) for target in config.volumes]
         if network and os.path.exists(RESOLV_CONF):
             defaults.append(sandbox.Mount(RESOLV_CONF, RESOLV_CONF, read_only=True))
@@ -153,7 +155,8 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         apt = find_folder(rootfs, os.path.dirname(APT_CONF))
         if apt is not None:
             apt.__exit__()
-            files.append((APT_SETTINGS, APT_CONF))
+            if not root_maps:  # under root's mapping apt switches to _apt for real
+                files.append((APT_SETTINGS, APT_CONF))
         # d-run's own files go into the image only: where a bind or volume covers their place it wins, as a
         # `-v FILE:/etc/hosts` does in Docker, and nothing is made in the user's folder
         files = [(data, target) for data, target in files if table.covering(target)[0] is None]
@@ -169,7 +172,8 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         table.place(workdir, make_folder)  # made when the image lacks it, as runc does
         root_fd = inheritable(os.dup(rootfs.root))
     os.close(dir_fd)
-    program = seccomp.filter_program(os.uname().machine)
+    program = seccomp.filter_program(os.uname().machine, fake_chown=not root_maps, fake_ids=maps is None)
+    groups = userns.image_groups(identity.uid, identity.gid, passwd, group) if root_maps else []
     return sandbox.Plan(
         root_fd=root_fd,
         command=command,
@@ -190,6 +194,8 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         tmp=made["/tmp"],
         ports=published,
         lock_fd=inheritable(lock_fd),
+        userns_fd=None if maps is None else userns.make(maps, identity.uid if root_maps else os.geteuid()),
+        groups=tuple(groups),
     )
 
 
@@ -236,9 +242,11 @@ defaults (the safe ones):
   With stdin not a terminal, the container gets a new session (no access to the terminal).
   On a terminal it keeps it, for job control and Ctrl-C, and a seccomp filter makes
   ioctl TIOCSTI/TIOCLINUX fail (no keystroke injection into your terminal).
-  bwrap maps a single user and group, so chown-family calls succeed without effect, and
-  an image with /etc/apt/apt.conf.d gets 99d-run there, setting APT::Sandbox::User "root"
-  (apt cannot switch to its _apt user): unprivileged dpkg and apt-get work with --rw (and -n).
+  The image's users are real: as root every id maps to itself; as a user with a range in
+  /etc/subuid and /etc/subgid (newuidmap), your ids are the image user's and the range the others'.
+  Without either (or with -p) one user is mapped, and setuid, setgid, setgroups and chown calls
+  succeed without effect. Except under root, chown is faked and an image with /etc/apt/apt.conf.d
+  gets 99d-run there, setting APT::Sandbox::User "root". dpkg and apt-get work with --rw (and -n).
   Missing mount points (a volume's target, /etc/hosts) and a missing working directory are
   made, empty, in DIR/rootfs by d-run itself, links resolved inside DIR/rootfs as the
   container sees them; a link inside a volume on the way is refused. A -v or volume over
@@ -383,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         command = sandbox.bwrap_argv(box)
         if box.ports:
             command = ports.pasta_argv(box.ports, sys.executable, sandbox.inherited_fds(box), command)
+        if box.groups:  # root's mapping: the image's user, groups and all, before bwrap joins it
+            userns.become(box.identity.uid, box.identity.gid, list(box.groups))
         if args.debug:
             import shlex
 

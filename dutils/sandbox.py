@@ -312,20 +312,28 @@ def userns_error(max_namespaces: str, unprivileged_clone: str, euid: int) -> Err
 Bind = namedtuple("Bind", "fd target read_only size", defaults=(False, 0))
 # Everything the bwrap command line is made of, resolved. binds are in mount order; data_files are (fd bwrap
 # reads, read-only file it becomes) pairs; proc, dev and tmp are paths free of links (a rootfs may make them
-# links); ports are ports.Port, published through pasta; lock_fd holds DIR's lock (store.hold_folder) for bwrap.
+# links); ports are ports.Port, published through pasta; lock_fd holds DIR's lock (store.hold_folder) for bwrap;
+# userns_fd: the user namespace mapping the image's ids (see userns; None: bwrap maps the one user), groups:
+# those d-run takes for the image's user under root.
 Plan = namedtuple(
     "Plan",
     "root_fd command identity hostname workdir env binds data_files writable network seccomp_fd new_session "
-    "proc dev tmp ports lock_fd",
-    defaults=((), (), False, False, None, True, "/proc", "/dev", "/tmp", (), None),
+    "proc dev tmp ports lock_fd userns_fd groups",
+    defaults=((), (), False, False, None, True, "/proc", "/dev", "/tmp", (), None, None, ()),
 )
 
 
 def bwrap_argv(box: Plan) -> list[str]:
     """The whole bwrap command line for `box`. Sources are descriptors, so bwrap resolves no path of
     ours again; every destination was made by d-run, without links."""
-    argv = ["bwrap", "--unshare-all", *(["--share-net"] if box.network else [])]
-    argv += ["--unshare-user", "--uid", str(box.identity.uid), "--gid", str(box.identity.gid)]
+    argv = ["bwrap", "--unshare-all", *(["--share-net"] if box.network else []), "--unshare-user"]
+    if box.userns_fd is not None:  # d-run's namespace (--unshare-all would add bwrap's own)
+        argv = ["bwrap", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+        argv += ([] if box.network else ["--unshare-net"]) + ["--userns", str(box.userns_fd)]
+        # bwrap 0.8 never closes --userns' descriptor: as --block-fd it does, before the command (a read fails at once)
+        argv += ["--block-fd", str(box.userns_fd)]
+        argv += ["--cap-add", "ALL"] if box.identity.uid == 0 else []  # as bwrap gives its own root, in the namespace
+    argv += ["--uid", str(box.identity.uid), "--gid", str(box.identity.gid)]
     argv += ["--hostname", box.hostname, "--die-with-parent"]
     argv += ["--new-session"] if box.new_session else []
     argv += ["--seccomp", str(box.seccomp_fd)] if box.seccomp_fd is not None else []
@@ -349,4 +357,5 @@ def bwrap_argv(box: Plan) -> list[str]:
 
 def inherited_fds(box: Plan) -> list[int]:
     fds = [box.root_fd, *(bind.fd for bind in box.binds), *(fd for fd, _ in box.data_files)]
-    return [fd for fd in [*fds, box.seccomp_fd, box.lock_fd] if fd is not None]  # None: a tmpfs, no filter, no lock
+    optional = [box.seccomp_fd, box.lock_fd, box.userns_fd]  # None: a tmpfs, no filter, no lock, no namespace
+    return [fd for fd in [*fds, *optional] if fd is not None]

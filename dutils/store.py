@@ -319,7 +319,7 @@ def hold_folder(root: Path, kind: int, busy: str) -> int:
 
 
 def read_setting(path: str) -> str:
-    """A /proc/sys value, or "" where this kernel has no such setting."""
+    """A /proc/sys value or /etc/subuid's text, or "" where there is none."""
     try:
         with open(path) as handle:
             return handle.read()

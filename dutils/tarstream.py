@@ -3,8 +3,8 @@
 Python's tarfile keeps every member it read (611 MB for a million entries) and reads a pax record or a GNU long
 name whole, whatever size its header claims. This reader holds one entry at a time and refuses a header record
 larger than 1 MiB, as Go's archive/tar (umoci's reader) does, before reading any of it. It reads what layers
-hold: ustar, pax (local and global records) and GNU tar (long names and links, base-256 numbers); GNU sparse
-files, which no image builder writes, are refused.
+hold: ustar, pax (local and global records) and GNU tar (long names and links, base-256 numbers, sparse files in
+the old GNU format and in pax 0.0, 0.1 and 1.0, read as Go's archive/tar reads them, their maps capped).
 """
 
 import os
@@ -13,6 +13,8 @@ from collections.abc import Iterator
 BLOCK = 512
 MAX_RECORD = 1 << 20  # bytes in one pax record set or GNU long name: Go's archive/tar maxSpecialFileSize
 BUFFER = 1 << 20
+MAX_SPARSE_SIZE = 1 << 40  # bytes a sparse file may claim, holes included: no layer holds more than this
+MAX_DIGITS = 40  # of a number in a pax record: 2**64 has 20, a time to the nanosecond past 1e19 s has 30
 
 REGULAR, HARD_LINK, SYMLINK, CHAR, BLOCK_DEVICE, DIRECTORY, FIFO = b"0", b"1", b"2", b"3", b"4", b"5", b"6"
 LINKS = (HARD_LINK, SYMLINK)
@@ -21,6 +23,9 @@ PAX_LOCAL, PAX_GLOBAL, SOLARIS_PAX = b"x", b"g", b"X"
 LONG_NAME, LONG_LINK, SPARSE = b"L", b"K", b"S"
 USTAR = b"ustar\x0000"  # POSIX magic and version: only this format has the name prefix field
 XATTR = "SCHILY.xattr."
+# What a pax global record may set for every later entry: a name, link target, size or attribute given to them all
+# would make them one, and Go's archive/tar (umoci, containerd) applies no global record at all.
+GLOBAL_KEYS = ("uid", "gid", "mtime")
 
 
 class TarError(Exception):
@@ -34,10 +39,10 @@ class RecordTooLarge(TarError):
 class Member:
     """One member. `mtime` is the header's whole seconds (int) or a pax record's decimal text (str)."""
 
-    __slots__ = ("name", "kind", "mode", "uid", "gid", "size", "mtime", "linkname", "devmajor", "devminor", "xattrs")
-
     def __init__(self) -> None:
         self.xattrs: dict[str, bytes] = {}
+        self.sparse: list[tuple[int, int]] | None = None  # a sparse file's (offset, length) regions of data
+        self.stored = 0  # bytes of data in the archive (a sparse file's are fewer than its size)
 
     def isdir(self) -> bool:
         return self.kind == DIRECTORY
@@ -67,7 +72,7 @@ class TarReader:
         self.stream = stream
         self.buffer, self.offset = b"", 0
         self.unread = 0  # data bytes of the current entry not yet read, plus its padding to a block
-        self.globals: dict[str, bytes] = {}  # pax global records, applied to every later entry
+        self.globals: dict[str, bytes] = {}  # pax global records of GLOBAL_KEYS, checked once, for every later entry
 
     def __iter__(self) -> Iterator[Member]:
         while True:
@@ -77,16 +82,17 @@ class TarReader:
                 return
             yield entry
 
-    def chunks(self, entry: Member) -> Iterator[bytes]:
-        """The data of `entry`, the current entry, in pieces of at most BUFFER bytes."""
-        left = entry.size
-        while left:
-            piece = self.take_some(min(left, BUFFER))
-            if not piece:
-                raise TarError(f"{entry.name}: unexpected end of data")
-            left -= len(piece)
-            self.unread -= len(piece)
-            yield piece
+    def extents(self, entry: Member) -> Iterator[tuple[int, bytes]]:
+        """The data of `entry`, the current entry, in pieces of at most BUFFER bytes, each with its offset in the
+        file (a sparse file's holes are between them)."""
+        for offset, length in entry.sparse if entry.sparse is not None else [(0, entry.stored)]:
+            while length:
+                piece = self.take_some(min(length, BUFFER))
+                if not piece:
+                    raise TarError(f"{entry.name}: unexpected end of data")
+                yield offset, piece
+                offset, length = offset + len(piece), length - len(piece)
+                self.unread -= len(piece)
 
     # -- headers
 
@@ -105,9 +111,7 @@ class TarReader:
             if kind in (PAX_LOCAL, SOLARIS_PAX, PAX_GLOBAL, LONG_NAME, LONG_LINK):
                 data = self.take_record(size, kind)
                 if kind == PAX_GLOBAL:
-                    self.globals.update(parse_pax(data))
-                    if sum(len(k) + len(v) for k, v in self.globals.items()) > MAX_RECORD:
-                        raise TarError(f"pax global records larger than {MAX_RECORD} bytes in all")
+                    self.globals.update(global_records(parse_pax(data)))
                 elif kind in (PAX_LOCAL, SOLARIS_PAX):
                     records = parse_pax(data)
                 elif kind == LONG_NAME:
@@ -115,13 +119,56 @@ class TarReader:
                 else:
                     long_link = data.split(b"\0", 1)[0]
                 continue
-            if kind == SPARSE:
-                raise TarError("GNU sparse files are not supported")
             entry = make_member(
                 block, kind, size, long_name, long_link, self.globals | records if self.globals else records
             )
-            self.unread = entry.size + -entry.size % BLOCK if entry.isreg() else 0
+            entry.stored = entry.size
+            if kind == SPARSE or any(key.startswith("GNU.sparse.") for key in records):
+                self.read_sparse(entry, block, records)
+            self.unread = entry.stored + -entry.stored % BLOCK if entry.isreg() else 0
             return entry
+
+    def read_sparse(self, entry: Member, block: bytes, records: dict[str, bytes]) -> None:
+        """A GNU sparse file as Go's archive/tar reads it, its map in the header and extension blocks (old GNU format),
+        pax records (0.0, 0.1) or before the data (1.0); unknown versions are regular files, as Go reads them."""
+        version = (records.get("GNU.sparse.major"), records.get("GNU.sparse.minor"))
+        if entry.kind == SPARSE:
+            entry.kind, entry.size = REGULAR, number(block[483:495], "sparse real size")
+            numbers, extended, read = old_gnu_map(block[386:482]), block[482], 0
+            while extended:
+                if read >= MAX_RECORD:
+                    raise RecordTooLarge(f"{entry.name}: a GNU sparse map larger than {MAX_RECORD} bytes")
+                block, read = self.take_exactly(BLOCK), read + BLOCK
+                numbers += old_gnu_map(block[:504])
+                extended = block[504]
+        elif version == (b"1", b"0"):
+            numbers = self.sparse_map_in_data(entry)
+        elif version in ((b"0", b"0"), (b"0", b"1")) or (version == (None, None) and records.get("GNU.sparse.map")):
+            numbers = [decimal(n, "GNU.sparse.map") for n in records.get("GNU.sparse.map", b"").split(b",") if n]
+            if len(numbers) != 2 * decimal(records.get("GNU.sparse.numblocks", b"0"), "GNU.sparse.numblocks"):
+                raise TarError(f"{entry.name}: a GNU sparse map of another length than its numblocks")
+        else:
+            return
+        if records.get("GNU.sparse.name"):
+            entry.name = os.fsdecode(records["GNU.sparse.name"])
+        size = records.get("GNU.sparse.size") or records.get("GNU.sparse.realsize")
+        entry.size = decimal(size, "GNU.sparse.size") if size else entry.size
+        entry.sparse = list(zip(numbers[::2], numbers[1::2], strict=True))
+        check_sparse(entry)
+
+    def sparse_map_in_data(self, entry: Member) -> list[int]:
+        """pax 1.0: decimal lines (how many regions, then each one's offset and length) in blocks before the data."""
+        blocks, lines, count = [], 0, None
+        while count is None or lines < 1 + 2 * count:
+            if len(blocks) * BLOCK >= min(MAX_RECORD, entry.stored):
+                raise RecordTooLarge(f"{entry.name}: a GNU sparse map larger than {MAX_RECORD} bytes, or its data")
+            blocks.append(self.take_exactly(BLOCK))
+            lines += blocks[-1].count(b"\n")
+            if count is None and lines:
+                count = decimal(b"".join(blocks).partition(b"\n")[0], "GNU sparse map")
+        entry.stored -= len(blocks) * BLOCK
+        numbers = b"".join(blocks).split(b"\n")[1 : 1 + 2 * count]
+        return [decimal(n, "GNU sparse map") for n in numbers]
 
     def take_header(self) -> bytes | None:
         """The next header block; None at the end: a zero block, or the end of the data on a block boundary."""
@@ -204,15 +251,13 @@ def make_member(
 
 def apply_records(entry: Member, records: dict[str, bytes], name: bytes, link: bytes) -> None:
     """pax records override the header's fields; extended attributes come only from them."""
-    if any(key.startswith("GNU.sparse.") for key in records):
-        raise TarError(f"{os.fsdecode(name)}: GNU sparse files are not supported")
     if any(b"\0" in records.get(key, b"") for key in ("path", "linkpath")) or any("\0" in key for key in records):
         raise TarError(f"{os.fsdecode(name)}: a NUL byte in a pax name, link target or attribute name")
     entry.name = os.fsdecode(records.get("path", name))
     entry.linkname = os.fsdecode(records.get("linkpath", link))
     for key in ("uid", "gid", "size"):
         if key in records:
-            setattr(entry, key, decimal(records, key))
+            setattr(entry, key, decimal(records[key], f"pax {key} record"))
     if records.get("mtime"):  # an empty record means the header field
         entry.mtime = records["mtime"].decode("ascii", "replace")
     entry.xattrs = {key.removeprefix(XATTR): value for key, value in records.items() if key.startswith(XATTR)}
@@ -249,7 +294,7 @@ def check_sum(block: bytes) -> None:
 
 def parse_pax(data: bytes) -> dict[str, bytes]:
     """pax records, `LENGTH KEY=VALUE\\n` each; trailing NUL padding is allowed."""
-    records, offset = {}, 0
+    records, offset, regions = {}, 0, []
     while offset < len(data) and data[offset] != 0:
         space = data.find(b" ", offset, offset + 20)
         length = data[offset:space]
@@ -260,13 +305,48 @@ def parse_pax(data: bytes) -> dict[str, bytes]:
         key, equals, value = record.partition(b"=")
         if end > len(data) or not record.endswith(b"\n") or not equals:
             raise TarError("malformed pax header record")
-        records[key.decode("utf-8", "surrogateescape")] = value[:-1]
+        name, value = key.decode("utf-8", "surrogateescape"), value[:-1]
+        if name in ("GNU.sparse.offset", "GNU.sparse.numbytes"):  # pax 0.0: repeated, in pairs, in order
+            if (name == "GNU.sparse.offset") != (len(regions) % 2 == 0) or b"," in value:
+                raise TarError("malformed GNU sparse map in a pax header")
+            regions.append(value)
+        else:
+            records[name] = value
         offset = end
+    if regions:
+        records["GNU.sparse.map"] = b",".join(regions)
     return records
 
 
-def decimal(records: dict[str, bytes], key: str) -> int:
-    value = records[key]
-    if not value.isdigit():
-        raise TarError(f"invalid pax {key} record {value[:40]!r}")
+def global_records(records: dict[str, bytes]) -> dict[str, bytes]:
+    """The records of a pax global header that later entries take, checked here once: a few short numbers."""
+    kept = {key: records[key] for key in GLOBAL_KEYS if records.get(key)}
+    for key, value in kept.items():
+        if len(value) > MAX_DIGITS or key != "mtime" and not value.isdigit():
+            raise TarError(f"invalid pax {key} record {value[:40]!r}")
+    return kept
+
+
+def decimal(value: bytes, what: str) -> int:
+    if not value.isdigit() or len(value) > MAX_DIGITS:  # no number of a header is longer; int() is quadratic
+        raise TarError(f"invalid {what} {value[:40]!r}")
     return int(value)
+
+
+def old_gnu_map(field: bytes) -> list[int]:
+    """Offsets and lengths of the old GNU format, 12 octal bytes each, up to the first empty offset."""
+    end = next((at for at in range(0, len(field), 24) if field[at] == 0), len(field))
+    return [number(field[at : at + 12], "sparse map") for at in range(0, end, 12)]
+
+
+def check_sparse(entry: Member) -> None:
+    """Regions in order, apart, inside a real size of at most MAX_SPARSE_SIZE, adding up to the data stored."""
+    if not 0 <= entry.size <= MAX_SPARSE_SIZE:
+        raise TarError(f"{entry.name}: a sparse file of {entry.size} bytes, over the {MAX_SPARSE_SIZE}-byte limit")
+    end = total = 0
+    for offset, length in entry.sparse:
+        if offset < end or length < 0 or offset + length > entry.size:
+            raise TarError(f"{entry.name}: a GNU sparse map out of order or past the file's size")
+        end, total = offset + length, total + length
+    if total != entry.stored:
+        raise TarError(f"{entry.name}: a GNU sparse map of {total} bytes of data, where {entry.stored} are stored")

@@ -19,7 +19,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from .rootfs import DIR_FLAGS, Place, Root, children, join, lstat_or_none
+from .rootfs import DIR_FLAGS, Place, Root, Trail, children, lstat_or_none
 from .store import current_umask, remove_entry
 from .store import swap_fd as swap
 
@@ -33,11 +33,11 @@ class Tree(Root):
     def __init__(self, rootfs: Path, layer: str) -> None:
         self.rootless = os.geteuid() != 0  # decided once: an ordinary user cannot chown or mknod
         self.umask = current_umask()  # the bits that creating a file with its mode does not give it
-        self.kept = Hashes()  # paths this layer wrote, and their ancestors: whiteouts spare them
+        self.kept = Hashes()  # paths this layer wrote, and their ancestors (trail_hashes): whiteouts spare them
+        self.ids: list[int] = []  # the journal ids of the folders on the last trail entered, from the root down
         rootfs.mkdir(parents=True, exist_ok=True)
-        root_stat = rootfs.lstat()
-        header = (layer, root_stat.st_dev, root_stat.st_ino)
-        self.journal = Journal(rootfs.parent / f".{rootfs.name}.d-utils-journal", header)
+        root = rootfs.lstat()
+        self.journal = Journal(rootfs.parent / f".{rootfs.name}.d-utils-journal", (layer, root.st_dev, root.st_ino))
         top = os.open(rootfs.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         super().__init__(top, rootfs.name)
 
@@ -45,11 +45,14 @@ class Tree(Root):
         super().__exit__()
         self.journal.close()
 
-    def _enter(self, fd: int, name: str, path: str, st: os.stat_result) -> int:
-        """Open directory `name` for use, saving its metadata first and giving an ordinary user rwx on it."""
-        self.journal.save_first(path, stat.S_IMODE(st.st_mode), st.st_atime_ns, st.st_mtime_ns)
+    def _enter(self, fd: int, name: str, path: Trail | str, st: os.stat_result) -> int:
+        """Open directory `name` for use, saving its metadata first and giving an ordinary user rwx on it. Saved
+        under its parent's journal id (the folder one up the trail), so that no record holds a whole path."""
+        depth, mode = len(path), stat.S_IMODE(st.st_mode)
+        parent, here = (self.ids[depth - 1], path[-1]) if depth else (0, "")
+        self.ids[depth:] = [self.journal.save_first(parent, here, mode, st.st_atime_ns, st.st_mtime_ns)]
         if self.rootless and st.st_mode & OWNER_RWX != OWNER_RWX:
-            os.chmod(name, stat.S_IMODE(st.st_mode) | OWNER_RWX, dir_fd=fd, follow_symlinks=False)
+            os.chmod(name, mode | OWNER_RWX, dir_fd=fd, follow_symlinks=False)
         return os.open(name, DIR_FLAGS, dir_fd=fd)
 
     def parent(self, name: str) -> Place:
@@ -60,39 +63,42 @@ class Tree(Root):
 
     def keep(self, path: str) -> None:
         """Mark `path` and its ancestors as written by this layer (up to the first ancestor already marked)."""
-        kept = self.kept
-        while path and hash(path) not in kept:
-            kept.add(hash(path))
-            path = path.rpartition("/")[0]
+        for value in reversed(trail_hashes(path.split("/"))[1:] if path else []):
+            if value in self.kept:
+                return
+            self.kept.add(value)
 
     def is_kept(self, path: str) -> bool:
-        return hash(path) in self.kept
+        return bool(path) and trail_hashes(path.split("/"))[-1] in self.kept
 
-    def clear(self, place: Place) -> None:
-        """Remove whatever is at `place`: a file, a link, or a directory with everything in it."""
-        st = lstat_or_none(place.name, place.fd)
+    def clear(self, fd: int, name: str) -> None:
+        """Remove whatever is at `name` in `fd`: a file, a link, or a directory with everything in it."""
+        st = lstat_or_none(name, fd)
         if st is None:
             return
         if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
             self.forget()
         if stat.S_ISDIR(st.st_mode):
-            remove_entry(place.fd, place.name)
+            remove_entry(fd, name)
         else:
-            os.unlink(place.name, dir_fd=place.fd)
+            os.unlink(name, dir_fd=fd)
 
     def hide(self, place: Place) -> None:
         """A whiteout: remove what lower layers have at `place`, sparing what this layer wrote."""
         if not self.is_kept(place.path):
-            self.clear(place)
+            self.clear(place.fd, place.name)
             return
         st = lstat_or_none(place.name, place.fd)
         if st is not None and stat.S_ISDIR(st.st_mode):
-            with Place(self._enter(place.fd, place.name, place.path, st), "", place.path) as inside:
-                self.hide_children(inside.fd, inside.path)
+            trail = Trail(place.path.split("/"))
+            with Place(self._enter(place.fd, place.name, trail, st), "", place.path) as inside:
+                self.hide_children(inside.fd, trail)
 
-    def hide_children(self, fd: int, path: str) -> None:
-        """An opaque whiteout: hide every lower-layer entry below the open directory `fd` at `path`. Iterative,
-        one directory open at a time (back up through ".."), so no depth is too deep."""
+    def hide_children(self, fd: int, trail: list[str]) -> None:
+        """An opaque whiteout: hide every lower-layer entry below the open directory `fd` (at `trail`), one directory
+        open at a time (back up through ".."), so that no depth is too deep."""
+        trail = Trail(trail)
+        hashes = trail_hashes(trail)  # of the folders on the trail, to tell a child's at once
         fd = os.dup(fd)
         todo = [children(fd)]
         try:
@@ -100,16 +106,19 @@ class Tree(Root):
                 if not todo[-1]:
                     todo.pop()
                     if todo:
-                        fd, path = swap(fd, os.open("..", DIR_FLAGS, dir_fd=fd)), path.rpartition("/")[0]
+                        fd = swap(fd, os.open("..", DIR_FLAGS, dir_fd=fd))
+                        del trail[-1], hashes[-1]
                     continue
                 name = todo[-1].pop()
-                child = join(path, name)
-                if not self.is_kept(child):
-                    self.clear(Place(fd, name, child))
+                value = hash((hashes[-1], name))
+                if value not in self.kept:
+                    self.clear(fd, name)
                     continue
                 st = lstat_or_none(name, fd)
                 if st is not None and stat.S_ISDIR(st.st_mode):
-                    fd, path = swap(fd, self._enter(fd, name, child, st)), child
+                    trail.append(name)
+                    hashes.append(value)
+                    fd = swap(fd, self._enter(fd, name, trail, st))
                     todo.append(children(fd))
         finally:
             os.close(fd)
@@ -128,62 +137,45 @@ class Tree(Root):
             existing = lstat_or_none(place.name, place.fd)
             if existing and (existing.st_dev, existing.st_ino) == (source.st_dev, source.st_ino):
                 return  # already done, by an earlier run of this layer
-            self.clear(place)
+            self.clear(place.fd, place.name)
             os.link(target.name, place.name, src_dir_fd=target.fd, dst_dir_fd=place.fd, follow_symlinks=False)
 
     def set_dir_later(self, place: Place, mode: int, mtime_ns: int) -> None:
-        """This layer's mode and mtime for a directory, applied by finish() once its children are written."""
-        self.journal.save(place.path, mode, mtime_ns, mtime_ns)
+        """This layer's mode and mtime for a directory, put on by finish(); `place` was the last resolved."""
+        parent = self.ids[place.path.count("/")] if place.path else 0
+        self.journal.save(parent, place.name if place.path else "", mode, mtime_ns, mtime_ns)
 
     def finish(self) -> None:
-        """Put the saved modes and times on directories, each after all below it so that parents stay enterable.
-        In reverse order of their paths (a path sorts after its ancestors), which also keeps a subtree together:
-        the parent open for one directory is mostly the next one's too, or below it (reached through ".."), so
-        that no depth costs a walk each."""
-        last, last_fd = None, -1  # the parent directory opened last, its fd
+        """Put the saved modes and times on directories, each after all below it so that parents stay enterable: depth
+        first through the journal's tree, one directory open at a time (down by name, up through "..")."""
+        record = self.journal.record(self.ids[0])  # the root's: id, parent, name, mode, atime, mtime
+        fd, after = os.dup(self.root), b""  # the folder of `record`, open; its children up to `after` are done
         try:
-            for path, *saved in self.journal.in_reverse_order():
-                parent, _, name = path.rpartition("/")
-                fd = os.dup(self.top) if not path else self._open_folder(parent, last, last_fd)
-                if fd is None:
-                    continue  # something on the way is no longer a directory: this one is gone
-                if path:
-                    if last_fd >= 0:
-                        os.close(last_fd)
-                    last, last_fd = parent, os.dup(fd)
-                with Place(fd, name if path else self.root_name, path) as place:
-                    self._restore(place, *saved)
+            while True:
+                child = self.journal.child_after(record[0], after)
+                if child is not None:
+                    after = child[2]  # done once put back; if no longer a directory, it and all below it are gone
+                    if self.journal.child_after(child[0], b"") is None:
+                        self._restore(fd, child[2], *child[3:])  # a leaf: put back from here, never entered
+                    elif (st := lstat_or_none(child[2], fd)) is not None and stat.S_ISDIR(st.st_mode):
+                        fd, record, after = swap(fd, os.open(child[2], DIR_FLAGS, dir_fd=fd)), child, b""
+                    continue
+                if not record[1]:
+                    break
+                fd, after = swap(fd, os.open("..", DIR_FLAGS, dir_fd=fd)), record[2]
+                self._restore(fd, record[2], *record[3:])
+                record = self.journal.record(record[1])
         finally:
-            if last_fd >= 0:
-                os.close(last_fd)
+            os.close(fd)
+        self._restore(self.top, self.root_name, *record[3:])
         self.journal.close()
         self.journal.remove()
 
-    def _restore(self, place: Place, mode: int, atime_ns: int, mtime_ns: int) -> None:
-        st = lstat_or_none(place.name, place.fd)
+    def _restore(self, fd: int, name: str | bytes, mode: int, atime_ns: int, mtime_ns: int) -> None:
+        st = lstat_or_none(name, fd)
         if st is not None and stat.S_ISDIR(st.st_mode):
-            os.chmod(place.name, mode, dir_fd=place.fd, follow_symlinks=False)
-            os.utime(place.name, ns=(atime_ns, mtime_ns), dir_fd=place.fd, follow_symlinks=False)
-
-    def _open_folder(self, path: str, last: str | None, last_fd: int) -> int | None:
-        """Open the resolved directory `path`: up from `last` (open as `last_fd`) when it lies below, else from
-        the root; None when something on the way is no longer a directory."""
-        below = last is not None and (not path or last == path or last.startswith(path + "/"))
-        try:
-            if not below:
-                return self._open_dirs(path.split("/") if path else [])
-            fd = os.dup(last_fd)
-            try:
-                for _ in range(depth(last) - depth(path)):
-                    fd = swap(fd, os.open("..", DIR_FLAGS, dir_fd=fd))
-            except BaseException:
-                os.close(fd)
-                raise
-            return fd
-        except OSError as err:
-            if err.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-                return None
-            raise
+            os.chmod(name, mode, dir_fd=fd, follow_symlinks=False)
+            os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=fd, follow_symlinks=False)
 
 
 class Hashes:
@@ -209,24 +201,27 @@ class Hashes:
         return at < len(self.merged) and self.merged[at] == value
 
 
-def depth(path: str) -> int:
-    return path.count("/") + 1 if path else 0
+def trail_hashes(trail: list[str]) -> list[int]:
+    """The hashes of the root (0) and of each folder down `trail`, each from its parent's and its own name."""
+    hashes = [0]
+    for name in trail:
+        hashes.append(hash((hashes[-1], name)))
+    return hashes
 
 
 class Journal:
-    """What finish() puts back on directories: path -> (mode, atime_ns, mtime_ns), in an SQLite file beside the
-    rootfs. Why not a dict in memory: a layer of a million directories would hold them all (~330 MB), where memory
-    must stay flat; SQLite keeps them on disk, already ordered by path for finish(), through a cache of a few MB. In
-    WAL mode without syncs a committed record is handed to the kernel at once (one write), so it survives a kill -9
-    of this process, as the appended lines of the earlier journal did. Paths are bytes: names need not be UTF-8."""
+    """What finish() puts back on directories, in an SQLite file beside the rootfs (not in memory, which a million
+    directories would fill): a tree of records (id, parent's id, name as bytes, mode, atime_ns, mtime_ns; the root's
+    has parent 0 and an empty name), so that a folder n deep costs one record of its own name, never its path. In WAL
+    mode without syncs a committed record is handed to the kernel at once (one write): it survives a kill -9."""
 
-    KNOWN = 1 << 16  # paths remembered as saved, so that entering a directory again asks no query
+    KNOWN = 1 << 16  # folders remembered as saved, with their ids, so that entering one again asks no query
     BATCH = 1 << 10  # records of save() stored at once
 
     def __init__(self, path: Path, header: tuple[str, int, int]) -> None:
         self.path = path
-        self.known: set[str] = set()
-        self.pending: list[tuple[bytes, int, int, int]] = []
+        self.known: dict[tuple[int, str], int] = {}
+        self.pending: list[tuple[int, bytes, int, int, int]] = []
         self.db = self._resume(header) or self._create(header)
 
     def _resume(self, header: tuple[str, int, int]) -> sqlite3.Connection | None:
@@ -236,7 +231,7 @@ class Journal:
         db = sqlite3.connect(self.path, isolation_level=None)  # each statement its own transaction
         try:
             self._prepare(db)
-            if db.execute("SELECT layer, dev, ino FROM header").fetchone() == header:
+            if db.execute("SELECT layer, dev, ino FROM head").fetchone() == header:
                 return db
         except sqlite3.DatabaseError:
             pass  # not a journal, or one of an older version: start afresh
@@ -248,11 +243,12 @@ class Journal:
         with sqlite_errors(self.path):
             db = sqlite3.connect(self.path, isolation_level=None)
             self._prepare(db)
-            db.execute("CREATE TABLE header (layer TEXT, dev INTEGER, ino INTEGER)")
+            db.execute("CREATE TABLE head (layer TEXT, dev INTEGER, ino INTEGER)")
             db.execute(
-                "CREATE TABLE dirs (path BLOB PRIMARY KEY, mode INTEGER, atime INTEGER, mtime INTEGER) WITHOUT ROWID"
+                "CREATE TABLE folders (id INTEGER PRIMARY KEY, parent INTEGER, name BLOB, mode INTEGER, atime INTEGER,"
+                " mtime INTEGER, UNIQUE (parent, name))"
             )
-            db.execute("INSERT INTO header VALUES (?, ?, ?)", header)
+            db.execute("INSERT INTO head VALUES (?, ?, ?)", header)
         return db
 
     @staticmethod
@@ -261,39 +257,48 @@ class Journal:
         for pragma in ("locking_mode = EXCLUSIVE", "journal_mode = WAL", "synchronous = OFF"):
             db.execute(f"PRAGMA {pragma}")
 
-    def save_first(self, path: str, mode: int, atime_ns: int, mtime_ns: int) -> None:
-        """Record what `path` is before this layer changes it, unless a record exists; stored once this returns."""
-        if path not in self.known:
-            with sqlite_errors(self.path):
+    def save_first(self, parent: int, name: str, mode: int, atime_ns: int, mtime_ns: int) -> int:
+        """Record what folder `name` in the folder of id `parent` is before this layer changes it, unless a record
+        exists; stored once this returns. Its id."""
+        found = self.known.get((parent, name))
+        if found is None:
+            row = (parent, os.fsencode(name))
+            with sqlite_errors(self.path):  # a folder already recorded is not written again: one query more
                 self.db.execute(
-                    "INSERT OR IGNORE INTO dirs VALUES (?, ?, ?, ?)", (os.fsencode(path), mode, atime_ns, mtime_ns)
+                    "INSERT OR IGNORE INTO folders VALUES (NULL, ?, ?, ?, ?, ?)", (*row, mode, atime_ns, mtime_ns)
                 )
-            self._know(path)
+                found = self.db.execute("SELECT id FROM folders WHERE parent = ? AND name = ?", row).fetchone()[0]
+            if len(self.known) >= self.KNOWN:
+                self.known.clear()
+            self.known[(parent, name)] = found
+        return found
 
-    def save(self, path: str, mode: int, atime_ns: int, mtime_ns: int) -> None:
-        """Record what `path` must be once the layer is applied, over any earlier record. Stored in batches: a
-        run killed before it would make the same record again, as it applies the same entry again."""
-        self.pending.append((os.fsencode(path), mode, atime_ns, mtime_ns))
+    def save(self, parent: int, name: str, mode: int, atime_ns: int, mtime_ns: int) -> None:
+        """Record what folder `name` in the folder of id `parent` must be once the layer is applied, over any record.
+        Stored in batches: a run killed before would make it again, as it applies the same entry again."""
+        self.pending.append((parent, os.fsencode(name), mode, atime_ns, mtime_ns))
         if len(self.pending) >= self.BATCH:
             self._store_pending()
-        self._know(path)
 
     def _store_pending(self) -> None:
         with sqlite_errors(self.path):
-            self.db.executemany("INSERT OR REPLACE INTO dirs VALUES (?, ?, ?, ?)", self.pending)
+            self.db.executemany(
+                "INSERT INTO folders VALUES (NULL, ?, ?, ?, ?, ?) ON CONFLICT (parent, name) DO UPDATE SET"
+                " mode = excluded.mode, atime = excluded.atime, mtime = excluded.mtime",
+                self.pending,
+            )
         self.pending.clear()
 
-    def _know(self, path: str) -> None:
-        if len(self.known) >= self.KNOWN:
-            self.known.clear()
-        self.known.add(path)
-
-    def in_reverse_order(self) -> Iterator[tuple[str, int, int, int]]:
-        """Every record, by path from last to first (the table's own order: nothing is sorted in memory)."""
+    def record(self, found: int) -> tuple | None:
+        """The record of id `found`: id, parent, name (bytes), mode, atime_ns, mtime_ns."""
         self._store_pending()
+        return self.db.execute("SELECT * FROM folders WHERE id = ?", (found,)).fetchone()
+
+    def child_after(self, parent: int, name: bytes) -> tuple | None:
+        """The record of the first child of the folder of id `parent` whose name sorts after `name`, or None."""
+        query = "SELECT * FROM folders WHERE parent = ? AND name > ? ORDER BY name LIMIT 1"
         with sqlite_errors(self.path):
-            for path, *saved in self.db.execute("SELECT path, mode, atime, mtime FROM dirs ORDER BY path DESC"):
-                yield os.fsdecode(path), *saved
+            return self.db.execute(query, (parent, name)).fetchone()
 
     def close(self) -> None:
         self.db.close()  # writes the WAL into the file and removes it

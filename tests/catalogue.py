@@ -144,3 +144,29 @@ def assert_same_as_umoci_rootless(rootfs: Path, umoci_rootless: Path, devices: l
         assert (theirs[0][device].kind, theirs[0].pop(device).payload) == ("-", b"")
         assert device not in ours[0]
     assert ours == theirs
+
+
+# GNU tar's sparse files: the old GNU format and pax 0.0, 0.1 and 1.0
+SPARSE_FORMATS = [("gnu", None), ("posix", "0.0"), ("posix", "0.1"), ("posix", "1.0")]
+SPARSE_IDS = ["gnu", "pax-0.0", "pax-0.1", "pax-1.0"]
+
+
+def sparse_source(folder: Path) -> Path:
+    """Files with holes at the start, between data and at the end, one all hole, and an ordinary one."""
+    source = folder / "source"
+    source.mkdir()
+    with (source / "holes").open("wb") as file:
+        for offset in (1 << 20, 5 << 20, 9 << 20):
+            file.seek(offset)
+            file.write(b"data at %d\n" % offset * 500)
+        file.truncate(16 << 20)
+    with (source / "all-hole").open("wb") as file:
+        file.truncate(3 << 20)
+    (source / "dense").write_bytes(b"no holes" * 1000)
+    return source
+
+
+def gnu_sparse_tar(source: Path, tar_format: str, version: str | None) -> bytes:
+    versions = [f"--sparse-version={version}"] if version else []
+    command = ["tar", "--sparse", *versions, f"--format={tar_format}", "-cf", "-", "-C", str(source), "."]
+    return subprocess.run(command, check=True, capture_output=True).stdout

@@ -122,13 +122,18 @@ def gnu_long_name(name: bytes, kind: bytes = b"L") -> bytes:
     return ustar_header(b"././@LongLink", kind, len(name) + 1) + name + bytes(-(len(name) + 1) % 512 + 1)
 
 
-def pax_record(record: str) -> bytes:
-    """A pax header holding one `KEY=VALUE` record (any bytes in it), for the next member."""
+def pax_record(*records: str, kind: bytes = b"x") -> bytes:
+    """A pax header holding `KEY=VALUE` records (any bytes in them), for the next member (or, of kind `g`, every
+    later one)."""
+    data = b"".join(map(pax_line, records))
+    return ustar_header(b"././@PaxHeader", kind, len(data)) + data + bytes(-len(data) % 512)
+
+
+def pax_line(record: str) -> bytes:
     data = record.encode("utf-8", "surrogateescape") + b"\n"
     length = len(data) + 1 + len(str(len(data)))
     length += len(str(length)) - len(str(len(data)))  # the length counts its own digits
-    data = b"%d " % length + data
-    return ustar_header(b"././@PaxHeader", b"x", len(data)) + data + bytes(-len(data) % 512)
+    return b"%d " % length + data
 
 
 ESCAPES = "\x1b]0;owned\x07\x1b[2J\r\n\x9bname"  # retitle, clear the screen, a new line, a C1 escape

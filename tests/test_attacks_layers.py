@@ -4,22 +4,30 @@ through d-pull); then resources: huge header records, a million entries, trees d
 as root and as the ordinary user, the headline ones end to end through d-pull. Markers outside the rootfs stand
 for the host's files and stay byte-for-byte unchanged; peak memory is the applying process's VmHWM."""
 
+import gzip
+import hashlib
+import io
 import itertools
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import zstandard
 from images import MEDIA_TYPES, OCI_MANIFEST, Tar, canonical_json, descriptor, push_blob, push_manifest
 from malicious import (
     CLASSES,
     END,
+    MEDIA,
     USER,
     Layer,
     Row,
@@ -28,8 +36,10 @@ from malicious import (
     as_root,
     check_outcome,
     file_entry,
+    gnu_long_name,
     make_workspace,
     outside_state,
+    pax_record,
     plant_markers,
     ustar_header,
     write_layer,
@@ -470,3 +480,156 @@ def test_remove_tree_never_follows_links(tmp_path: Path) -> None:
     remove_tree(tmp_path / "tree")
     remove_tree(tmp_path / "missing")
     assert not (tmp_path / "tree").exists() and outside_state([out]) == before
+
+
+# -- cost linear in the input, memory flat, for every layer and every decompressor: one attack in many shapes
+
+DEEP_NAME = "/".join(["dd"] * 12_000) + "/f"  # one entry, 12,000 folders deep: 182 MB and 496 MB of journal once
+
+
+def read_deep(rootfs: Path, name: str) -> bytes:
+    """The file `name` below `rootfs`, however deep: one folder opened at a time (a path past PATH_MAX fails)."""
+    fd = os.open(rootfs, os.O_PATH)
+    for part in name.split("/")[:-1]:
+        fd, parent = os.open(part, os.O_PATH, dir_fd=fd), fd
+        os.close(parent)
+    with open(name.rpartition("/")[2], "rb", opener=lambda file, flags: os.open(file, flags, dir_fd=fd)) as file:
+        data = file.read()
+    os.close(fd)
+    return data
+
+
+def blob_layer(directory: Path, tar: bytes, blob: bytes, compression: str) -> Layer:
+    """A layer of the compressed bytes `blob` exactly (headers no compressor of ours writes), `tar` inside."""
+    path = directory / hashlib.sha256(blob).hexdigest()
+    path.write_bytes(blob)
+    path.chmod(0o644)
+    return Layer(path, MEDIA[compression], "sha256:" + hashlib.sha256(tar).hexdigest())
+
+
+def zstd_of_wide_window(directory: Path) -> Layer:
+    """A 4 KB zstd layer whose frame asks for a 128 MiB window (no content size: the window is what it says)."""
+    tar = file_entry(b"small") + END
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=27)
+    out = io.BytesIO()
+    with zstandard.ZstdCompressor(compression_params=params).stream_writer(out, closefd=False) as writer:
+        writer.write(tar)
+    assert zstandard.get_frame_parameters(out.getvalue()).window_size == 128 << 20
+    return blob_layer(directory, tar, out.getvalue(), "zstd")
+
+
+def gzip_named(directory: Path) -> Layer:
+    """A gzip member whose header's file name field (FNAME) runs 8 MiB before its NUL."""
+    tar = file_entry(b"small") + END
+    body = zlib.compressobj(1, zlib.DEFLATED, -15)
+    data = body.compress(tar) + body.flush() + struct.pack("<II", zlib.crc32(tar), len(tar))
+    return blob_layer(directory, tar, b"\x1f\x8b\x08\x08\0\0\0\0\0\xff" + b"n" * (8 << 20) + b"\0" + data, "gzip")
+
+
+def gzip_of_many_members(directory: Path) -> Layer:
+    """200,000 gzip members of 2 bytes of tar each: headers and trailers cost per member, never all at once."""
+    tar = file_entry(b"m" * 399_000) + END
+    blob = b"".join(gzip.compress(tar[at : at + 2], compresslevel=1, mtime=0) for at in range(0, len(tar), 2))
+    return blob_layer(directory, tar, blob, "gzip")
+
+
+def old_gnu_sparse_endless() -> bytes:
+    """An old GNU sparse header whose map goes on in extension block after extension block (8 MiB of them)."""
+    header = bytearray(ustar_header(b"sparse", b"S"))
+    header[482], header[148:156] = 1, b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header) + (bytes(504) + b"\1" + bytes(7)) * (16 << 10) + END
+
+
+@dataclass(frozen=True)
+class Costly:
+    layer: Callable[[Path], Layer]
+    refused: str = ""  # what the one line says; empty: applied
+    check: Callable[[Path], bool] = lambda rootfs: True
+
+
+COSTLY = {
+    "pax-global-header-of-80000-records": Costly(
+        lambda d: write_layer(
+            d,
+            pax_record(*(f"k{n}=v" for n in range(80_000)), kind=b"g")
+            + b"".join(file_entry(b"x", b"f%d" % n) for n in range(3_000))
+            + END,
+        ),
+        check=lambda rootfs: len(os.listdir(rootfs)) == 3_000,
+    ),
+    "pax-name-12000-folders-deep": Costly(
+        lambda d: write_layer(d, pax_record(f"path={DEEP_NAME}") + file_entry(b"deep") + END),
+        check=lambda rootfs: read_deep(rootfs, DEEP_NAME) == b"deep",
+    ),
+    "gnu-long-name-12000-folders-deep": Costly(
+        lambda d: write_layer(d, gnu_long_name(DEEP_NAME.encode()) + file_entry(b"deep") + END),
+        check=lambda rootfs: read_deep(rootfs, DEEP_NAME) == b"deep",
+    ),
+    "hard-link-to-a-file-12000-folders-deep": Costly(
+        lambda d: write_layer(
+            d,
+            pax_record(f"path={DEEP_NAME}")
+            + file_entry(b"deep")
+            + pax_record(f"linkpath={DEEP_NAME}")
+            + ustar_header(b"link", b"1")
+            + END,
+        ),
+        check=lambda rootfs: (rootfs / "link").read_bytes() == b"deep" and (rootfs / "link").stat().st_nlink == 2,
+    ),
+    "symlink-to-a-target-of-1-mib": Costly(
+        lambda d: write_layer(d, pax_record(f"linkpath={'t/' * 500_000}") + ustar_header(b"link", b"2") + END),
+        refused="member link: File name too long: t/t/",
+    ),
+    "pax-uid-of-100000-digits": Costly(
+        lambda d: write_layer(d, pax_record(f"uid={'9' * 100_000}") + file_entry(b"x") + END),
+        refused="invalid pax uid record",
+    ),
+    "zstd-frame-asking-a-128-mib-window": Costly(zstd_of_wide_window, refused="corrupt zstd data"),
+    "gzip-file-name-field-of-8-mib": Costly(gzip_named, refused="corrupt gzip data"),
+    "sparse-file-claiming-4-tib": Costly(
+        lambda d: write_layer(
+            d,
+            pax_record("GNU.sparse.map=0,1", "GNU.sparse.numblocks=1", f"GNU.sparse.size={4 << 40}")
+            + file_entry(b"x")
+            + END,
+        ),
+        refused="a sparse file of 4398046511104 bytes, over the 1099511627776-byte limit",
+    ),
+    "old-gnu-sparse-map-of-endless-extension-blocks": Costly(
+        lambda d: write_layer(d, old_gnu_sparse_endless()), refused="a GNU sparse map larger than 1048576 bytes"
+    ),
+    "gzip-of-200000-members": Costly(
+        gzip_of_many_members, check=lambda rootfs: (rootfs / "placeholder").stat().st_size == 399_000
+    ),
+}
+WRITTEN = "print(next(line.split()[1] for line in open('/proc/self/io') if line.startswith('wchar:')))"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("as_user", [False, pytest.param(True, marks=as_root)], ids=["as-root", "as-ordinary-user"])
+@pytest.mark.parametrize("name", COSTLY)
+def test_costly_layer_is_applied_or_refused_in_flat_memory_and_bounded_time(
+    name: str, as_user: bool, shared: Path, request
+) -> None:
+    """As the image's author would build it: applied as the layer says, or refused in one line, with the child's
+    peak memory under 150 MB, its writes (the journal's included) a few KiB per folder, and its time bounded."""
+    user = request.getfixturevalue("unprivileged") if as_user else None
+    folder = user_owned(shared, f"costly-{name}-{as_user}")
+    row = COSTLY[name]
+    layer = row.layer(folder)
+    started = time.monotonic()
+    argv = [*python_of(user), "-c", APPLY + WRITTEN, layer.blob, layer.media_type, layer.diff_id, folder / "rootfs"]
+    done = run_as(user, argv, 240, folder)
+    seconds = time.monotonic() - started
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
+    outcome, peak, written = done.stdout.splitlines()
+    if row.refused:
+        assert outcome.startswith(f"layer sha256:{layer.blob.name}: ") and row.refused in outcome
+        assert len(outcome) < 1_000  # the 1 MiB name is shortened
+    else:
+        assert outcome == "applied"
+        assert row.check(folder / "rootfs")
+    assert int(peak) < MAX_PEAK_KIB
+    assert int(written) < 12_000 * 16 << 10 and seconds < 200  # the quadratic journal wrote 496 MB
+    print(f"{name}: {seconds:.1f} s, peak {peak} KiB, {int(written) >> 20} MiB written")

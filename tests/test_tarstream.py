@@ -7,20 +7,27 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from catalogue import catalogue
+from catalogue import SPARSE_FORMATS, SPARSE_IDS, catalogue, gnu_sparse_tar, sparse_source
 from malicious import END, file_entry, pax_record, ustar_header
 
 from dutils.tarstream import MAX_RECORD, RecordTooLarge, TarError, TarReader
 
 
 def read_all(data: bytes) -> list[tuple]:
-    """Every entry of `data` as a tuple of its fields, its content included."""
+    """Every entry of `data` as a tuple of its fields, its content included (a sparse file's holes as zeros)."""
     reader = TarReader(io.BytesIO(data))
     return [
         (e.name, e.kind, e.mode, e.uid, e.gid, e.size, e.mtime, e.linkname, e.devmajor, e.devminor, e.xattrs, content)
         for e in reader
-        for content in [b"".join(reader.chunks(e)) if e.isreg() else None]
+        for content in [content_of(reader, e) if e.isreg() else None]
     ]
+
+
+def content_of(reader: TarReader, entry) -> bytes:
+    content = bytearray(entry.size)
+    for offset, piece in reader.extents(entry):
+        content[offset : offset + len(piece)] = piece
+    return bytes(content)
 
 
 def read_with_tarfile(data: bytes) -> list[tuple]:
@@ -28,7 +35,7 @@ def read_with_tarfile(data: bytes) -> list[tuple]:
         return [
             (
                 info.name,
-                info.type if info.type != tarfile.AREGTYPE else tarfile.REGTYPE,
+                info.type if info.type not in (tarfile.AREGTYPE, tarfile.GNUTYPE_SPARSE) else tarfile.REGTYPE,
                 info.mode,
                 info.uid,
                 info.gid,
@@ -76,6 +83,19 @@ def test_gnu_tar_archives_read_as_tarfile_reads_them(tar_format: str, tmp_path: 
     assert read_all(data) == read_with_tarfile(data)
 
 
+@pytest.mark.parametrize(("tar_format", "version"), SPARSE_FORMATS, ids=SPARSE_IDS)
+def test_gnu_tar_sparse_files_read_as_tarfile_reads_them(tar_format: str, version: str | None, tmp_path: Path) -> None:
+    data = gnu_sparse_tar(sparse_source(tmp_path), tar_format, version)
+    assert b"GNU.sparse" in data or tar_format == "gnu"
+    ours = read_all(data)
+    assert ours == read_with_tarfile(data)
+    assert {name: len(content) for name, kind, *_, content in ours if kind == b"0"} == {
+        "./holes": 16 << 20,
+        "./all-hole": 3 << 20,
+        "./dense": 8000,
+    }
+
+
 def test_numbers_in_base_256_and_old_directories() -> None:
     header = bytearray(ustar_header(b"old-dir/", b"\0"))
     header[108:116] = b"\x80" + (3_000_000_000).to_bytes(7, "big")  # GNU base-256 uid
@@ -91,13 +111,59 @@ def test_numbers_in_base_256_and_old_directories() -> None:
         (b"\x01" * 1024, "checksum"),
         (ustar_header(b"f", size=100) + b"x" * 50, "unexpected end of data"),
         (ustar_header(b"f")[:300], "unexpected end of data"),
-        (ustar_header(b"s", b"S") + END, "GNU sparse files are not supported"),
-        (pax_record("GNU.sparse.major=1") + file_entry(b"x") + END, "GNU sparse files are not supported"),
+        (
+            pax_record("GNU.sparse.map=0,2,1,1", "GNU.sparse.numblocks=2", "GNU.sparse.size=9")
+            + file_entry(b"xyz")
+            + END,
+            "out of order",
+        ),
+        (
+            pax_record("GNU.sparse.map=0,1,1,1", "GNU.sparse.numblocks=2", "GNU.sparse.size=1")
+            + file_entry(b"xy")
+            + END,
+            "past the file's size",
+        ),
+        (
+            pax_record("GNU.sparse.map=0,1", "GNU.sparse.numblocks=1", "GNU.sparse.size=1") + file_entry(b"xy") + END,
+            "1 bytes of data, where 2",
+        ),
+        (
+            pax_record("GNU.sparse.map=0,1", "GNU.sparse.numblocks=2", "GNU.sparse.size=9") + file_entry(b"x") + END,
+            "numblocks",
+        ),
+        (
+            pax_record("GNU.sparse.map=0,1", "GNU.sparse.numblocks=1", f"GNU.sparse.size={1 << 50}")
+            + file_entry(b"x")
+            + END,
+            "over the 1099511627776-byte limit",
+        ),
+        (
+            pax_record("GNU.sparse.numbytes=1", "GNU.sparse.offset=0") + file_entry(b"x") + END,
+            "malformed GNU sparse map",
+        ),
+        (
+            pax_record("GNU.sparse.major=1", "GNU.sparse.minor=0") + file_entry(b"99999999999\n" + bytes(500)) + END,
+            "larger than 1048576 bytes, or its data",
+        ),
+        (
+            pax_record("GNU.sparse.major=1", "GNU.sparse.minor=0") + file_entry(b"x\n" + bytes(510)) + END,
+            "invalid GNU sparse map",
+        ),
         (ustar_header(b"././@PaxHeader", b"x", 9) + b"99 a=b\n\0\0" + bytes(503) + END, "malformed pax header"),
         (ustar_header(b"././@PaxHeader", b"x", 9) + b"9 a_b_c\n\0" + bytes(503) + END, "malformed pax header"),
         (pax_record("size=12x") + file_entry(b"x") + END, "invalid pax size record"),
     ],
-    ids=["not-a-tar", "data-cut", "header-cut", "gnu-sparse", "pax-sparse", "pax-length", "pax-no-equals", "pax-size"],
+    ids=[
+        *("not-a-tar", "data-cut", "header-cut", "sparse-overlap", "sparse-past-the-end", "sparse-data-short"),
+        *(
+            "sparse-numblocks",
+            "sparse-huge",
+            "sparse-0.0-unpaired",
+            "sparse-1.0-endless-map",
+            "sparse-1.0-not-a-number",
+        ),
+        *("pax-length", "pax-no-equals", "pax-size"),
+    ],
 )
 def test_what_cannot_be_read_is_one_line(data: bytes, message: str) -> None:
     with pytest.raises(TarError, match=message) as caught:

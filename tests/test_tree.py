@@ -32,36 +32,47 @@ def test_path_hashes_hold_what_was_added_across_merges() -> None:
 # -- the journal of directories: on disk, resumed by the same layer on the same rootfs only
 
 
-def records(journal: Journal) -> list[tuple]:
-    return list(journal.in_reverse_order())
+def records(journal: Journal) -> dict[str, tuple]:
+    """Every record as path -> (mode, atime, mtime), each path made from the names up its parents' ids; a
+    child's id is larger than its parent's, and the first child of each folder in name order is the first asked."""
+    paths, found, number = {0: None}, {}, 1
+    while (record := journal.record(number)) is not None:
+        ident, parent, name, *saved = record
+        assert parent < ident
+        name = os.fsdecode(name)
+        paths[ident] = name if paths[parent] is None else f"{paths[parent]}/{name}".lstrip("/")
+        found[paths[ident]] = tuple(saved)
+        number += 1
+    return found
 
 
-def test_journal_keeps_first_records_and_later_settings_in_reverse_path_order(tmp_path: Path) -> None:
+def test_journal_keeps_first_records_and_later_settings_as_a_tree(tmp_path: Path) -> None:
     path, header = tmp_path / "journal", ("sha256:layer", 1, 2)
     journal = Journal(path, header)
     journal.KNOWN, journal.BATCH = 2, 3  # most records reach the database, in several batches
     odd = os.fsdecode(b"caf\xe9")  # not UTF-8
-    for name in ["", "a", "a/b", odd, "a", "a/b"]:
-        journal.save_first(name, 0o555, 1, len(name))  # entered again: the first record stays
-    journal.save("a/b", 0o700, 5, 5)  # a directory entry of the layer: its values win
-    journal.save_first("a/b", 0o777, 9, 9)
-    journal.save("new", 0o750, 6, 6)
-    assert records(journal) == [
-        ("new", 0o750, 6, 6),
-        (odd, 0o555, 1, 4),
-        ("a/b", 0o700, 5, 5),
-        ("a", 0o555, 1, 1),
-        ("", 0o555, 1, 0),
-    ]
+    root = journal.save_first(0, "", 0o555, 1, 0)
+    a = journal.save_first(root, "a", 0o555, 1, 1)
+    b = journal.save_first(a, "b", 0o555, 1, 3)
+    journal.save_first(root, odd, 0o555, 1, 4)
+    assert journal.save_first(root, "a", 0o111, 7, 7) == a  # entered again: the first record stays
+    assert journal.save_first(a, "b", 0o111, 7, 7) == b
+    journal.save(a, "b", 0o700, 5, 5)  # a directory entry of the layer: its values win
+    assert journal.save_first(a, "b", 0o777, 9, 9) == b
+    journal.save(root, "new", 0o750, 6, 6)
+    expected = {"": (0o555, 1, 0), "a": (0o555, 1, 1), "a/b": (0o700, 5, 5), odd: (0o555, 1, 4), "new": (0o750, 6, 6)}
+    assert records(journal) == expected
+    assert [journal.child_after(root, os.fsencode(after))[2] for after in ("", "a", odd)] == [b"a", b"caf\xe9", b"new"]
+    assert journal.child_after(root, b"new") is None and journal.child_after(b, b"") is None
     journal.close()
 
     resumed = Journal(path, header)  # a rerun of the same layer finds every record made before
-    resumed.save_first("a", 0o111, 7, 7)
-    assert records(resumed)[-2:] == [("a", 0o555, 1, 1), ("", 0o555, 1, 0)]
+    assert resumed.save_first(root, "a", 0o111, 7, 7) == a
+    assert records(resumed) == expected
     resumed.close()
     for other in [("sha256:other", 1, 2), ("sha256:layer", 1, 3)]:  # another layer, or a new rootfs
         fresh = Journal(path, other)
-        assert records(fresh) == []
+        assert records(fresh) == {}
         fresh.close()
     fresh.remove()
     assert list(tmp_path.iterdir()) == []
@@ -71,12 +82,12 @@ def test_journal_of_another_kind_is_replaced(tmp_path: Path) -> None:
     path = tmp_path / "journal"
     path.write_text('{"layer": "sha256:layer", "root": [1, 2]}\n["a", 493, 1, 1]\n')  # the JSON lines of old
     journal = Journal(path, ("sha256:layer", 1, 2))
-    assert records(journal) == []
+    assert records(journal) == {}
     journal.close()
     path.unlink()
     path.symlink_to(tmp_path / "elsewhere")  # never followed: replaced by a journal of its own
     journal = Journal(path, ("sha256:layer", 1, 2))
-    journal.save_first("a", 0o755, 1, 1)
+    journal.save_first(0, "a", 0o755, 1, 1)
     journal.close()
     assert not path.is_symlink() and not (tmp_path / "elsewhere").exists()
 
