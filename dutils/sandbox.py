@@ -304,6 +304,12 @@ def userns_error(max_namespaces: str, unprivileged_clone: str, euid: int) -> Err
     return None
 
 
+# What root inside a mapped namespace may do: podman's default set, enough for services and package managers
+# to switch users and own files, not to mount, trace or load anything (no CAP_SYS_ADMIN, CAP_SYS_PTRACE...).
+ROOT_CAPABILITIES = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_NET_BIND_SERVICE",
+                     "CAP_SETFCAP", "CAP_SETGID", "CAP_SETPCAP", "CAP_SETUID", "CAP_SYS_CHROOT")  # fmt: skip
+
+
 # ----- the sandbox and its bwrap command line ---------------------------------------------------------
 
 
@@ -332,7 +338,8 @@ def bwrap_argv(box: Plan) -> list[str]:
         argv += ([] if box.network else ["--unshare-net"]) + ["--userns", str(box.userns_fd)]
         # bwrap 0.8 never closes --userns' descriptor: as --block-fd it does, before the command (a read fails at once)
         argv += ["--block-fd", str(box.userns_fd)]
-        argv += ["--cap-add", "ALL"] if box.identity.uid == 0 else []  # as bwrap gives its own root, in the namespace
+        if box.identity.uid == 0:  # bwrap would keep every capability: only these
+            argv += ["--cap-drop", "ALL", *(word for cap in ROOT_CAPABILITIES for word in ("--cap-add", cap))]
     argv += ["--uid", str(box.identity.uid), "--gid", str(box.identity.gid)]
     argv += ["--hostname", box.hostname, "--die-with-parent"]
     argv += ["--new-session"] if box.new_session else []

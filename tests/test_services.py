@@ -141,6 +141,20 @@ def test_a_setpriv_entrypoint_drops_to_its_user(images, runner: Runner) -> None:
         assert done.stdout == "uid=1000(app) gid=1000(app) groups=1000(app),33(www-data)\n"
 
 
+# podman's default set: CHOWN 0, DAC_OVERRIDE 1, FOWNER 3, FSETID 4, KILL 5, SETGID 6, SETUID 7, SETPCAP 8,
+# NET_BIND_SERVICE 10, SYS_CHROOT 18, SETFCAP 31 (linux/capability.h)
+ROOT_CAPS = sum(1 << bit for bit in (0, 1, 3, 4, 5, 6, 7, 8, 10, 18, 31))
+
+
+def test_root_inside_a_mapped_namespace_has_a_bounded_capability_set(images, runner: Runner) -> None:
+    folder = runner.pull(images["services"])
+    script = "grep CapEff /proc/self/status; mount -t tmpfs none /mnt && echo MOUNTED"
+    done = runner.run(folder, ["sh", "-c", script])
+    effective = int(done.stdout.split()[1], 16)
+    assert effective == (0 if runner.who == "user-unmapped" else ROOT_CAPS), done.stdout
+    assert "MOUNTED" not in done.stdout  # no CAP_SYS_ADMIN: nothing mounted over the image, ro binds stay ro
+
+
 def nginx_script(port: int) -> str:
     """Starts nginx on `port`, waits (bounded) for its workers, prints `ps`, then READY, and waits."""
     return (
