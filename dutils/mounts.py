@@ -171,9 +171,8 @@ def find_folder(rootfs: Root, path: str) -> Place | None:
 
 
 def copy_tree(source: Root, dest: int) -> int:
-    """Copy the tree `source` into the empty folder open as `dest`, through descriptors: folders, regular
-    files, and symbolic links as links (never followed). Device nodes, FIFOs and sockets are skipped, never
-    opened: returns how many. No recursion: a deep tree costs a list, not the stack."""
+    """Copy the tree `source` into the empty folder `dest`, links as links; returns how many device nodes, FIFOs
+    and sockets it skipped (never opened). No recursion: a deep tree costs a list, not the stack."""
     with source.find("") as place:
         st = os.lstat(place.name, dir_fd=place.fd)
     skipped, folders, todo = 0, [(".", st)], [""]  # "." below `dest`: `dest` itself

@@ -20,7 +20,7 @@ from . import ports, sandbox, seccomp, userns
 from .errors import Error
 from .mounts import MountTable, find_folder, inheritable, make_empty_file, make_folder, open_sources
 from .rootfs import Root, stop_absent
-from .store import NotRegular, PullDir, hold_folder, load_json, read_small
+from .store import NotRegular, PullDir, hold_folder, load_json, read_setting, read_small, read_small_followed
 
 RESOLV_CONF = "/etc/resolv.conf"
 # apt drops privileges to its _apt user for downloads, which a single mapped user cannot do.
@@ -72,15 +72,6 @@ def read_image_file(rootfs: Root, path: str) -> str:
 # ----- the sandbox --------------------------------------------------------------------------------------
 
 
-def read_setting(path: str) -> str:
-    """A /proc/sys value or /etc/subuid's text, or "" where there is none."""
-    try:
-        with open(path) as handle:
-            return handle.read()
-    except OSError:
-        return ""
-
-
 def check_user_namespaces() -> None:
     # Checked before the exec: once bwrap runs, its own message is all the user would get.
     error = sandbox.userns_error(
@@ -96,7 +87,7 @@ def read_env_files(paths: list[str]) -> list[tuple[str, str | None]]:
     pairs = []
     for path in paths:
         try:  # capped, and only a regular file (a link to /dev/zero would be read until memory runs out)
-            pairs += sandbox.parse_env_file(read_small(os.path.realpath(path)).decode())
+            pairs += sandbox.parse_env_file(read_small_followed(path).decode())
         except OSError as err:
             raise Error(f"--env-file {path}: {err.strerror}") from None
         except ValueError as err:
@@ -370,8 +361,6 @@ def make_parser():  # -> argparse.ArgumentParser, imported only here: it costs d
     import argparse
 
     def checked(read: Callable[[str], object]) -> Callable[[str], object]:
-        """An argparse `type` that reports the ValueError of a reader as a usage error, with its message."""
-
         def check(text: str) -> object:
             try:
                 return read(text)

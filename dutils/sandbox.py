@@ -61,7 +61,6 @@ def config_value(data: dict, key: str, kind: str) -> object:
 
 
 def config_checked(key: str, value: str, check: Callable[[str], str]) -> str:
-    """`check(value)` for config.json's `key`, its ValueError an Error naming the key."""
     try:
         return check(value)
     except ValueError as err:
@@ -264,8 +263,7 @@ def container_command(config: ImageConfig, entrypoint: tuple[str, ...] | None, a
 
 
 def check_hostname(name: str) -> str:
-    """A host name as RFC 1123 allows: dot-separated labels of letters, digits and inner hyphens, each of
-    1 to 63 characters, 253 in all."""
+    """A host name as RFC 1123 allows: labels of letters, digits and inner hyphens."""
     labels = name.split(".")
     if not 0 < len(name) <= 253 or not all(
         0 < len(label) <= 63 and HOSTNAME_CHARS.issuperset(label) and label[0] != "-" and label[-1] != "-"
@@ -365,7 +363,6 @@ def bwrap_argv(box: Plan) -> list[str]:
 
 
 def inherited_fds(box: Plan) -> list[int]:
-    """The descriptors bwrap must inherit for `box`."""
     fds = [box.root_fd, *(bind.fd for bind in box.binds), *(fd for fd, _ in box.data_files)]
     optional = [box.seccomp_fd, box.lock_fd, box.userns_fd]  # None: a tmpfs, no filter, no lock, no namespace
     return [fd for fd in [*fds, *optional] if fd is not None]
