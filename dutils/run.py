@@ -126,8 +126,9 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         env = sandbox.container_env(base_env, config.env, read_env_files(args.env_file) + args.env, dict(os.environ))
         published = ports.published(args.publish, config.ports, args.net or config.net)
         network = args.net or config.net or bool(published)  # with ports: pasta's network, shared by bwrap
-        maps = None if published else userns.plan_maps(identity.uid, identity.gid, read_setting)
-        root_maps = maps is not None and not maps[0]  # every id mapped to itself
+        groups = userns.image_groups(identity.uid, identity.gid, passwd, group) if os.geteuid() == 0 else []
+        maps = None if published else userns.plan_maps(identity.uid, identity.gid, groups, read_setting)
+        root_maps = maps is not None and not maps[0]  # the image's ids mapped to themselves
         defaults = [sandbox.Mount(target) for target in config.volumes]
         if network and os.path.exists(RESOLV_CONF):
             defaults.append(sandbox.Mount(RESOLV_CONF, RESOLV_CONF, read_only=True))
@@ -179,7 +180,7 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         root_fd = inheritable(os.dup(rootfs.root))
     os.close(dir_fd)
     program = seccomp.filter_program(os.uname().machine, fake_chown=not root_maps, fake_ids=maps is None)
-    groups = userns.image_groups(identity.uid, identity.gid, passwd, group) if root_maps else []
+    groups = groups if root_maps else []
     return sandbox.Plan(
         root_fd=root_fd,
         command=command,

@@ -40,12 +40,21 @@ def keep_id(inside: int, own: int, start: int, count: int) -> list[int]:
     return [inside, own, 1, *rest]
 
 
-def plan_maps(uid: int, gid: int, read: Callable[[str], str]) -> tuple[list[str], list[int], list[int]] | None:
-    """How to map for the image's `uid` and `gid`: the tools to write the maps ([]: root writes them itself),
-    the uid and gid maps as (inside, outside, count) triples; None for no mapping. `read`: a file's text or ""."""
+def plan_maps(
+    uid: int, gid: int, groups: list[int], read: Callable[[str], str]
+) -> tuple[list[str], list[int], list[int]] | None:
+    """How to map for the image's `uid` and `gid` (and, under root, its `groups`): the tools to write the maps
+    ([]: root writes them itself), the uid and gid maps as (inside, outside, count) triples; None for no mapping.
+    `read`: a file's text or ""."""
     euid = os.geteuid()
-    if euid == 0:
-        return [], EVERY_ID, EVERY_ID
+    if euid == 0:  # root's identity mapping
+        if uid == 0:
+            return [], EVERY_ID, EVERY_ID
+        # The namespace then belongs to `uid`, whose processes on the host may join it with every capability in
+        # it: it maps only the ids the image gives that user, never root's (a joined uid 0 is the host's root).
+        if 0 in groups:
+            return None
+        return [], [uid, uid, 1], [number for group in groups for number in (group, group, 1)]
     import pwd  # a builtin module
 
     try:
@@ -67,8 +76,8 @@ def write_maps(pid: int, tools: list[str], uid_map: list[int], gid_map: list[int
     """The maps of `pid`'s namespace, by root's own writes or by newuidmap/newgidmap; True when written."""
     if not tools:
         for name, triples in (("uid_map", uid_map), ("gid_map", gid_map)):
-            with open(f"/proc/{pid}/{name}", "w") as handle:
-                handle.write(" ".join(map(str, triples)))
+            with open(f"/proc/{pid}/{name}", "w") as handle:  # one line a triple, in one write
+                handle.write("".join(f"{a} {b} {c}\n" for a, b, c in zip(*[iter(triples)] * 3, strict=True)))
         return True
     for tool, triples in zip(tools, (uid_map, gid_map), strict=True):
         child = os.posix_spawn(tool, [tool, str(pid), *map(str, triples)], os.environ)
