@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from types import SimpleNamespace
 
-from . import ports, sandbox, seccomp, userns
+from . import ports, sandbox, seccomp, store, userns
 from .errors import Error
 from .mounts import MountTable, find_folder, inheritable, make_empty_file, make_folder, open_sources
 from .rootfs import Root, stop_absent
@@ -200,7 +200,7 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         dev=made["/dev"],
         tmp=made["/tmp"],
         ports=published,
-        lock_fd=inheritable(lock_fd),
+        lock_fd=inheritable(store.hold_while_open(lock_fd)),
         userns_fd=None if maps is None else userns.make(maps, identity.uid if root_maps else os.geteuid()),
         groups=tuple(groups),
     )

@@ -304,8 +304,7 @@ class PullDir:
 
 def hold_folder(root: Path, kind: int, busy: str) -> int:
     """A descriptor of `root` holding its flock `kind` (LOCK_SH: a container runs; LOCK_EX: one that can change what a
-    starting d-run mounts, or a pull changing DIR), else Error(`busy`). d-run hands it to bwrap as --sync-fd, which
-    only bwrap's monitor keeps open: the container never has it, so it cannot unlock it."""
+    starting d-run mounts, or a pull changing DIR), else Error(`busy`). d-run gives it to a holder (hold_while_open)."""
     try:
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as err:  # a folder root opened to others for running only (0711)
@@ -316,6 +315,25 @@ def hold_folder(root: Path, kind: int, busy: str) -> int:
         os.close(fd)
         raise Error(busy, "wait until it ends: a --rw run (or a volume's nested mount) runs alone") from None
     return fd
+
+
+def hold_while_open(lock_fd: int) -> int:
+    """Hand the lock on `lock_fd` to a child process that keeps it until every copy of the returned pipe end is
+    closed. bwrap's init inside the sandbox keeps its --sync-fd open, where the container can take a copy
+    (pidfd_getfd): a copy of this pipe end can only make the lock last longer, never release it."""
+    read_end, write_end = os.pipe()
+    if os.fork() == 0:  # the holder: nothing but the lock and the pipe's other end
+        try:
+            low, high = sorted((lock_fd, read_end))  # the caller's output too: its reader must see it end
+            os.closerange(0, low)
+            os.closerange(low + 1, high)
+            os.closerange(high + 1, os.sysconf("SC_OPEN_MAX"))
+            os.read(read_end, 1)  # end of file: bwrap and everything in the sandbox are gone
+        finally:
+            os._exit(0)
+    os.close(read_end)
+    os.close(lock_fd)
+    return write_end
 
 
 def read_setting(path: str) -> str:

@@ -588,6 +588,15 @@ def test_a_writable_container_swapping_etc_cannot_redirect_200_starts(run, box, 
     host.unchanged()
 
 
+def test_the_lock_of_a_running_container_is_out_of_its_reach(run, box):
+    # bwrap's init inside keeps its --sync-fd open, and the container may copy it (pidfd_getfd) and unlock it:
+    # what bwrap gets is a pipe to the process holding the lock, never the lock itself.
+    links = run.out("--rw", str(box), "sh", "-c", "for fd in /proc/1/fd/*; do readlink $fd; done")
+    assert links.strip() and all(not link.startswith("/") or link.startswith("/dev/") for link in links.split()), links
+    assert any(link.startswith("pipe:") for link in links.split()), links
+    assert run.out("--rw", str(box), "echo", "after") == "after\n"  # the holder let go when the container ended
+
+
 def start_container(run: Runner, box: Path, *flags: str) -> subprocess.Popen:
     """A container of `box` running for 30 s, once it runs (its d-run's lock is bwrap's from then on)."""
     mark = Path(tempfile.mkdtemp(dir=box.parent))
