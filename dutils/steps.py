@@ -93,8 +93,11 @@ def check_paths(step: Step, inputs: list[str], base: Path) -> None:
 def unchanged(task: object, values: dict, step: Step, inputs: list[str], lock: LockFile) -> bool:
     """doit's `config_changed` of all but the inputs, taken as doit checks the task: `dutils-update` moves the lock."""
     folder = Path(step.sandbox.folder).absolute()  # complete: the step runs after its sandbox's config task
-    pinned = lock.entry(folder, str(parse_reference(step.sandbox.image)))
-    config = read_small(folder / "config.json").decode(errors="replace")  # the user's edits: Env, User...
+    try:
+        pinned = lock.entry(folder, str(parse_reference(step.sandbox.image)))
+        config = read_small(folder / "config.json").decode(errors="replace")  # the user's edits: Env, User...
+    except (OSError, Error):  # doit would show a traceback: the step runs, and its action says what is wrong
+        return False
     settings = json.dumps([pinned, config, step.command, step.env, step.net, inputs, step.outputs], sort_keys=True)
     now = hashlib.sha256(settings.encode()).hexdigest()
     task.value_savers.append(lambda: {"dutils-step": now})
@@ -120,8 +123,22 @@ def run_step(step: Step, inputs: list[str], base: Path) -> None:
         if missing := [name for name in step.targets() if not os.path.lexists(stage / name)]:
             raise Error(f"step {step.name} did not make {', '.join(missing)}")
         for name in step.targets():
+            check_staged(step, stage, name)
+        for name in step.targets():
             remove_tree(base / name)  # a link is removed, never followed
             (base / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(stage / name, base / name)
     finally:
         remove_tree(stage)
+
+
+def check_staged(step: Step, stage: Path, name: str) -> None:
+    """The container wrote the stage (and has ended: nothing changes it now): an output that is a symbolic link, or
+    is reached through one, would move a file of the host's into the dodo.py folder. Refused in one line."""
+    path = stage
+    for part in PurePosixPath(name).parts:
+        path = path / part
+        if path.is_symlink():
+            raise Error(
+                f"step {step.name}: its output {name} leads through the symbolic link {path.relative_to(stage)}"
+            )

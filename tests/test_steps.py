@@ -223,6 +223,20 @@ def test_a_path_out_of_the_project_is_refused_in_one_line_and_nothing_outside_ch
     assert target.read_text() == "keep me\n" and project.started() == 0
 
 
+@pytest.mark.integration
+def test_a_step_that_turns_its_output_folder_into_a_link_moves_no_host_file(project: Project):
+    secret = project.top / "secret"
+    secret.mkdir()
+    (secret / "key").write_text("private\n")
+    project.own()
+    link = f"rm -rf out && ln -s {secret} out"  # after the step, out/key would be the host's secret/key
+    project.dodo(f'[Step("steal", GEN, ["sh", "-c", "{link}"], outputs=["out/key"])]')
+    done = project.doit()
+    assert done.returncode != 0 and "leads through the symbolic link out" in done.stdout + done.stderr
+    assert (secret / "key").read_text() == "private\n"
+    assert not (project.path / "out").exists()
+
+
 def test_paths_leading_out_of_the_dodo_folder_are_refused(tmp_path: Path):
     base = tmp_path.resolve()
     (base / "src").mkdir()
