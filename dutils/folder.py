@@ -24,6 +24,8 @@ def claimed(folder: PullDir, cache: Path) -> Iterator[None]:
     made_root = not root.exists()
     with contextlib.suppress(OSError):  # private, as umoci makes its bundle: what a root pull wrote is root's alone
         root.mkdir(0o700, parents=True)  # (make_folder says why when it cannot be made)
+    if record is None and not folder.state.is_dir() and root.is_dir():  # an empty folder made before, too
+        root.chmod(0o700)
     make_folder(folder.state, "folder")
     with locked(folder.state / "lock", f"another d-pull is writing {root}"):
         try:

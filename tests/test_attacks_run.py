@@ -522,11 +522,14 @@ def test_a_dangling_link_planted_in_d_pull_state_is_refused_never_followed(run, 
     host.unchanged()
 
 
-def test_what_a_root_pull_writes_is_private_until_root_opens_it(workspace, images, other_user, unprivileged):
+@pytest.mark.parametrize("premade", [False, True], ids=["made by d-pull", "an empty 0755 folder made before"])
+def test_what_a_root_pull_writes_is_private_until_root_opens_it(workspace, images, other_user, unprivileged, premade):
     if os.geteuid() != 0:
         pytest.skip("a root pull")
     folder = Path(tempfile.mkdtemp(dir=workspace)) / "pulled"
     folder.parent.chmod(0o755)
+    if premade:
+        folder.mkdir(0o755)
     root = Runner(test_run.BIN / "d-run", test_run.HOST_ENV)
     done = d_pull(root, "--cache", str(folder.parent / "cache"), images["busybox"], str(folder))
     assert done.returncode == 0, done.stderr
