@@ -125,9 +125,12 @@ def make(maps: tuple[list[str], list[int], list[int]], owner: int) -> int:
 
 def become(uid: int, gid: int, groups: list[int]) -> None:
     """Root before the exec: the image's groups, gid and uid (bwrap then switches to none of them itself)."""
-    os.setgroups(groups)
-    os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
+    try:
+        os.setgroups(groups)
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError as err:  # more groups than the kernel takes (the image's /etc/group), an id it refuses
+        raise Error(f"cannot become the image's user {uid}:{gid}: {err.strerror}", "run it with -u") from None
 
 
 def image_groups(uid: int, gid: int, passwd: str, group: str) -> list[int]:
