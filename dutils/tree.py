@@ -68,9 +68,6 @@ class Tree(Root):
                 return
             self.kept.add(value)
 
-    def is_kept(self, path: str) -> bool:
-        return bool(path) and trail_hashes(path.split("/"))[-1] in self.kept
-
     def clear(self, fd: int, name: str) -> None:
         """Remove whatever is at `name` in `fd`: a file, a link, or a directory with everything in it."""
         st = lstat_or_none(name, fd)
@@ -85,7 +82,7 @@ class Tree(Root):
 
     def hide(self, place: Place) -> None:
         """A whiteout: remove what lower layers have at `place`, sparing what this layer wrote."""
-        if not self.is_kept(place.path):
+        if not place.path or trail_hashes(place.path.split("/"))[-1] not in self.kept:
             self.clear(place.fd, place.name)
             return
         st = lstat_or_none(place.name, place.fd)
