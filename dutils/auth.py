@@ -1,6 +1,7 @@
 """Credentials (flags, docker/containers auth files, credential helpers): d-utils' only source of them; no network."""
 
 import base64
+import contextlib
 import os
 import re
 import subprocess
@@ -34,13 +35,12 @@ def auth_files() -> list[Path]:
     """Where podman/skopeo, then docker keep credentials, in the order the containers tools read them: the
     primary file, which $REGISTRY_AUTH_FILE replaces (containers-auth.json(5)), then the read-only ones."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    candidates = [
-        os.environ.get("REGISTRY_AUTH_FILE")
-        or (f"{runtime}/containers/auth.json" if runtime else f"/run/containers/{os.getuid()}/auth.json"),
+    primary = f"{runtime}/containers/auth.json" if runtime else f"/run/containers/{os.getuid()}/auth.json"
+    return [
+        Path(os.environ.get("REGISTRY_AUTH_FILE") or primary),
         config_home() / "containers" / "auth.json",
         Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker") / "config.json",
     ]
-    return [Path(c) for c in candidates if c]
 
 
 def config_home() -> Path:
@@ -78,9 +78,7 @@ def credentials_from_config(config: dict, registry: str, repository: str, path: 
     found = (decode_auth_entry(auths.get(key), path) for key in lookup_keys(registry, repository))
     if credentials := next(filter(None, found), None):
         return credentials
-    if config.get("credsStore"):
-        return run_credential_helper(config["credsStore"], hosts[0])
-    return None
+    return run_credential_helper(config["credsStore"], hosts[0]) if config.get("credsStore") else None
 
 
 def decode_auth_entry(entry: object, path: Path) -> Credentials | None:
@@ -88,13 +86,12 @@ def decode_auth_entry(entry: object, path: Path) -> Credentials | None:
         return None
     if entry.get("username"):
         return Credentials(entry["username"], entry.get("password", ""))
-    try:
+    # validate: b64decode would otherwise drop stray characters and decode garbage to nothing
+    with contextlib.suppress(TypeError, ValueError):  # binascii.Error and UnicodeDecodeError are ValueErrors
         username, colon, password = base64.b64decode(entry["auth"], validate=True).decode().partition(":")
-    except (TypeError, ValueError):  # binascii.Error and UnicodeDecodeError are ValueErrors
-        colon = ""  # b64decode would otherwise drop stray characters and decode garbage to nothing
-    if not colon:
-        raise Error(f"{path}: an 'auth' entry is not base64 of user:password", "log in again")
-    return Credentials(username, password)
+        if colon:
+            return Credentials(username, password)
+    raise Error(f"{path}: an 'auth' entry is not base64 of user:password", "log in again")
 
 
 def run_credential_helper(helper: str, server: str) -> Credentials | None:

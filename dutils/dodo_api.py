@@ -39,12 +39,10 @@ class Sandbox:
         flags += [word for port in self.ports for word in ("-p", port)]
         flags += [word for mount in self.tmpfs for word in ("--tmpfs", mount)]
         flags += ["--hostname", self.hostname] * bool(self.hostname)
-        if self.entrypoint is not None:
-            entrypoint = self.entrypoint if isinstance(self.entrypoint, str) else json.dumps(self.entrypoint)
-            flags += ["--entrypoint", entrypoint]
+        entrypoint = self.entrypoint if isinstance(self.entrypoint, str | None) else json.dumps(self.entrypoint)
+        flags += ["--entrypoint", entrypoint] * (entrypoint is not None)
         return [sys.executable, "-m", "dutils.run", *flags, str(Path(self.folder).absolute()), *self.command]
 
     def options(self, options: OptionsT) -> OptionsT:
-        """How to pull this sandbox: `options`, with its platform if it names one, and progress lines naming it."""
         platform = parse_platform(self.platform) if self.platform else options.platform
         return replace(options, platform=platform, progress=Named(options.progress, self.folder))

@@ -53,9 +53,8 @@ def remove_folder(folder: PullDir) -> None:
 
 
 class AppliedLog:
-    """DIR/.d-pull/applied: the digests of the layers applied to DIR/rootfs so far, in order. Read once, then kept
-    here; a line is appended as each layer is done, so the log survives a kill and costs the same per layer whatever
-    the number of layers."""
+    """DIR/.d-pull/applied: the digests of the layers applied to DIR/rootfs, in order. A line is appended as each
+    layer is done: the log survives a kill, and costs the same per layer however many there are."""
 
     def __init__(self, folder: PullDir) -> None:
         self.path, self.rootfs = folder.state / "applied", folder.rootfs
@@ -65,10 +64,9 @@ class AppliedLog:
         if not self.rootfs.is_dir():
             return []
         if self.done is None:
-            try:
+            self.done = []
+            with contextlib.suppress(FileNotFoundError):
                 self.done = self.path.read_text().split()
-            except FileNotFoundError:
-                self.done = []
         return self.done
 
     def is_applied(self, n: int, digest: str) -> bool:

@@ -4,15 +4,13 @@ before the image's own registry, as containerd tries the hosts of its hosts.toml
 import os
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TypeVar
 
 from .auth import config_home, read_json_file
 from .errors import Error
 from .reference import HOST, Reference
-from .registry import Registry, RetryPolicy
+from .registry import Registry, RetryPolicy, T
 
 MIRROR_RETRY = RetryPolicy(attempts=2)  # a failing mirror costs little: the origin is there
-T = TypeVar("T")
 
 
 def find_mirrors(registry: str, given: list[str]) -> list[str]:

@@ -94,7 +94,6 @@ class MountTable:
     def __init__(self, rootfs: Root) -> None:
         self.rootfs = rootfs
         self.mounts: list[tuple[str, int | None, str]] = []
-        self.nested = False  # a mount goes inside a bind: a running container may write there while bwrap mounts
 
     def covering(self, path: str) -> tuple[tuple[str, int | None, str] | None, str]:
         """The mount that `path` lies in (None: the rootfs, no mount) and the rest of `path` inside it."""
@@ -130,8 +129,6 @@ class MountTable:
         raise Error(f"cannot make the mount point {target}: too many symbolic links")
 
     def add(self, target: str, fd: int | None, label: str) -> None:
-        covering = self.covering(target)[0]
-        self.nested |= covering is not None and covering[1] is not None
         self.mounts.append((target, fd, label))
 
 
@@ -174,9 +171,8 @@ def find_folder(rootfs: Root, path: str) -> Place | None:
 
 
 def copy_tree(source: Root, dest: int) -> int:
-    """Copy the tree `source` into the empty folder open as `dest`, through descriptors: folders, regular
-    files, and symbolic links as links (never followed). Device nodes, FIFOs and sockets are skipped, never
-    opened: returns how many. No recursion: a deep tree costs a list, not the stack."""
+    """Copy the tree `source` into the empty folder `dest`, links as links; returns how many device nodes, FIFOs
+    and sockets it skipped (never opened). No recursion: a deep tree costs a list, not the stack."""
     with source.find("") as place:
         st = os.lstat(place.name, dir_fd=place.fd)
     skipped, folders, todo = 0, [(".", st)], [""]  # "." below `dest`: `dest` itself

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .errors import Error
 from .reference import Reference, parse_reference
-from .store import load_json, read_small
+from .store import load_json, read_small_followed
 
 SYSTEM_POLICY = Path("/etc/containers/policy.json")
 KNOWN = {"insecureAcceptAnything", "reject", "signedBy", "signedBaseLayer", "sigstoreSigned"}
@@ -20,7 +20,7 @@ def load_policy(chosen: str | None) -> tuple[Path, dict] | None:
     if path is None:
         return None
     try:  # one that does not parse is an error, never "accept anything"
-        policy = load_json(read_small(path))
+        policy = load_json(read_small_followed(path))  # a dotfile manager's link too
         lists = [policy["default"], *(r for scopes in policy.get("transports", {}).values() for r in scopes.values())]
         if not all(reqs and isinstance(reqs, list) and all(r["type"] in KNOWN for r in reqs) for reqs in lists):
             raise ValueError("every scope needs a list of requirements of known types")
@@ -63,14 +63,14 @@ def identity_accepted(rule: dict, intended: Reference, signed: str) -> bool:
         kind, (name, full) = rule.get("type", "matchRepoDigestOrExact"), identity(signed)
         if kind == "remapIdentity" and (identity(str(intended))[0] + "/").startswith(rule["prefix"] + "/"):
             intended = parse_reference(str(intended).replace(rule["prefix"], rule["signedPrefix"], 1))
+        given = {"exactRepository": "dockerRepository", "exactReference": "dockerReference"}.get(kind)
+        wanted_name, wanted = identity(rule[given] if given else str(intended))  # the rule's, else the pulled one
         if kind in ("matchRepository", "exactRepository"):  # the only ones to accept cosign's repository-only identity
-            return name == identity(rule["dockerRepository"] if kind[0] == "e" else str(intended))[0]
+            return name == wanted_name
         if kind in ("matchExact", "exactReference"):
-            return (
-                full is not None and full == identity(rule["dockerReference"] if kind[0] == "e" else str(intended))[1]
-            )
+            return full is not None and full == wanted
         if kind in ("matchRepoDigestOrExact", "remapIdentity"):
-            return full is not None and (full == str(intended) if intended.tag else name == identity(str(intended))[0])
+            return full is not None and (full == str(intended) if intended.tag else name == wanted_name)
     except (KeyError, TypeError, AttributeError) as err:
         raise Error(f"the policy's signedIdentity {rule!r} is not valid ({err!r})", "see its man page") from None
     except Error:

@@ -10,6 +10,7 @@ import os
 from collections import namedtuple
 
 from .errors import Error
+from .store import read_setting
 
 DEFAULT_ADDRESS = "127.0.0.1"  # published on the host's loopback unless an address is given
 TUN = "/dev/net/tun"
@@ -76,12 +77,8 @@ def parse_port(spec: str) -> Port:
     address, _, host_port = rest.rpartition(":")  # a bracketed IPv6 address holds no colon outside []
     if not host_port:
         raise ValueError("expected [HOST_ADDR:]HOST_PORT:CONTAINER_PORT[/tcp|/udp]")
-    return Port(
-        host_address(address) if address else DEFAULT_ADDRESS,
-        port_number(host_port),
-        port_number(container_port),
-        protocol or "tcp",
-    )
+    address = host_address(address) if address else DEFAULT_ADDRESS
+    return Port(address, port_number(host_port), port_number(container_port), protocol or "tcp")
 
 
 def parse_ports(specs: list[str], source: str) -> tuple[Port, ...]:
@@ -110,17 +107,6 @@ def published(flags: list[str], configured: tuple[str, ...], network: bool) -> t
     return chosen
 
 
-def check_tun() -> None:
-    """pasta makes its tap device through /dev/net/tun: it must open for reading and writing."""
-    try:
-        os.close(os.open(TUN, os.O_RDWR | os.O_CLOEXEC))
-    except OSError as err:
-        raise Error(
-            f"-p needs {TUN}, which cannot be opened for reading and writing: {err.strerror}",
-            f"it must exist and be readable and writable by you (mode 0666 on common distributions: as root, chmod 0666 {TUN})",
-        ) from None
-
-
 def check_free(port: Port) -> None:
     """The host port can be bound now, as pasta will: else a one-line Error saying why."""
     import errno
@@ -137,8 +123,9 @@ def check_free(port: Port) -> None:
             if err.errno == errno.EADDRINUSE:
                 raise Error(f"host port {port} is already in use", "publish another host port with -p") from None
             if err.errno == errno.EACCES:
+                lowest = read_setting("/proc/sys/net/ipv4/ip_unprivileged_port_start").strip() or "1024"
                 raise Error(
-                    f"host port {port}: only root may bind ports below {unprivileged_port_start()}",
+                    f"host port {port}: only root may bind ports below {lowest}",
                     "publish a higher host port, e.g. -p 8080:80",
                 ) from None
             if err.errno == errno.EADDRNOTAVAIL:
@@ -147,14 +134,6 @@ def check_free(port: Port) -> None:
                     "give one of its addresses, or none for 127.0.0.1",
                 ) from None
             raise Error(f"host port {port}: {err.strerror}") from None
-
-
-def unprivileged_port_start() -> str:
-    try:
-        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as setting:
-            return setting.read().strip()
-    except OSError:
-        return "1024"
 
 
 def check_ready(ports: tuple[Port, ...], path: str) -> None:
@@ -170,7 +149,13 @@ def check_ready(ports: tuple[Port, ...], path: str) -> None:
         raise Error("-p needs pasta, which is not installed (or not on PATH)", "install passt: apt-get install passt")
     if shutil.which("bwrap", path=path) is None:  # pasta would start it: its failure would be a traceback there
         raise Error("bwrap is not installed (or not on PATH)", "install bubblewrap: apt-get install bubblewrap")
-    check_tun()
+    try:  # pasta makes its tap device through /dev/net/tun
+        os.close(os.open(TUN, os.O_RDWR | os.O_CLOEXEC))
+    except OSError as err:
+        raise Error(
+            f"-p needs {TUN}, which cannot be opened for reading and writing: {err.strerror}",
+            f"it must exist and be readable and writable by you (mode 0666 on common distributions: as root, chmod 0666 {TUN})",
+        ) from None
     for port in ports:
         check_free(port)
 

@@ -32,7 +32,6 @@ class Reference:
 
     @property
     def wanted(self) -> str:
-        """What to ask the registry for: the digest when there is one, else the tag."""
         return self.digest or self.tag or "latest"
 
     @property

@@ -121,7 +121,6 @@ class Registry:
         self.retrying(f"the registry {self.ref.registry}", lambda: self.request("/v2/", what="the registry").close())
 
     def get_manifest(self, wanted: str) -> tuple[bytes, str]:
-        """The manifest bytes and media type for a tag or digest."""
         what = f"manifest {self.ref.repository}:{wanted}" if not wanted.startswith("sha256:") else f"manifest {wanted}"
 
         def attempt() -> tuple[bytes, str]:
@@ -134,8 +133,7 @@ class Registry:
         return self.retrying(f"{what} from {self.ref.registry}", attempt)
 
     def download_blob(self, digest: str, sink, url: str | None = None) -> None:
-        """Stream a blob into `sink` (fetch's PartialBlob) from its `have` bytes on, resuming after every broken
-        transfer; from the registry, or from `url` (a non-distributable layer's), where no credentials of ours go."""
+        """Into `sink` (a PartialBlob) from its `have` bytes on, resuming; from `url` (a foreign layer's): no credentials."""
         what = f"blob {digest}"
         url = url and checked_url(url, f"the URL of {what}")
         where = f"blob {digest[:19]} from {urlsplit(url).netloc if url else self.ref.registry}"
@@ -168,6 +166,7 @@ class Registry:
         progress: bytes kept beyond the most ever kept, so a server going back and forth gives up."""
         failures, best, deadline = 0, kept(), Deadline(self.retry.patience)
         self.local.deadline = deadline  # for every request of this thread's attempts, token requests included
+        self.local.session = getattr(self.local, "session", None) or new_session()
         while True:
             try:
                 return attempt()
@@ -229,7 +228,7 @@ class Registry:
             sent = {**headers, "Authorization": auth[1]} if auth and origin(url) == auth[0] else headers
             timeout = self.local.deadline.timeouts(self.retry.window)
             try:
-                response = self.session().get(
+                response = self.local.session.get(
                     url, headers=sent, stream=True, allow_redirects=False, timeout=timeout, verify=self.verify,
                     proxies=requests.utils.get_environ_proxies(url),  # $NO_PROXY, $HTTP(S)_PROXY, as trust_env does
                 )  # fmt: skip
@@ -243,14 +242,8 @@ class Registry:
             url = checked_url(response.headers["Location"], f"the redirect of {what}", url)
         raise Error(f"too many redirects for {what}, last to {shown_url(url)}")
 
-    def session(self) -> requests.Session:
-        if not hasattr(self.local, "session"):
-            self.local.session = new_session()
-        return self.local.session
-
     def chunks(self, response: requests.Response) -> Iterator[bytes]:
-        """The body as it arrives, undecoded; a transfer that breaks, or brings less than MIN_RATE bytes a second
-        over a window, raises Retryable. `read1` hands over whatever has arrived: nothing received is lost."""
+        """The body as it arrives, undecoded, or Retryable; `read1` hands over whatever has arrived: nothing is lost."""
         window = self.retry.window
         started, got = time.monotonic(), 0
         try:

@@ -16,11 +16,11 @@ import sys
 from collections.abc import Callable
 from types import SimpleNamespace
 
-from . import ports, sandbox, seccomp
+from . import ports, sandbox, seccomp, userns
 from .errors import Error
 from .mounts import MountTable, find_folder, inheritable, make_empty_file, make_folder, open_sources
 from .rootfs import Root, stop_absent
-from .store import NotRegular, PullDir, hold_folder, load_json, read_small
+from .store import NotRegular, PullDir, hold_folder, load_json, read_setting, read_small, read_small_followed
 
 RESOLV_CONF = "/etc/resolv.conf"
 # apt drops privileges to its _apt user for downloads, which a single mapped user cannot do.
@@ -72,15 +72,6 @@ def read_image_file(rootfs: Root, path: str) -> str:
 # ----- the sandbox --------------------------------------------------------------------------------------
 
 
-def read_setting(path: str) -> str:
-    """A /proc/sys value, or "" where this kernel has no such setting."""
-    try:
-        with open(path) as handle:
-            return handle.read()
-    except OSError:
-        return ""
-
-
 def check_user_namespaces() -> None:
     # Checked before the exec: once bwrap runs, its own message is all the user would get.
     error = sandbox.userns_error(
@@ -96,7 +87,7 @@ def read_env_files(paths: list[str]) -> list[tuple[str, str | None]]:
     pairs = []
     for path in paths:
         try:  # capped, and only a regular file (a link to /dev/zero would be read until memory runs out)
-            pairs += sandbox.parse_env_file(read_small(os.path.realpath(path)).decode())
+            pairs += sandbox.parse_env_file(read_small_followed(path).decode())
         except OSError as err:
             raise Error(f"--env-file {path}: {err.strerror}") from None
         except ValueError as err:
@@ -135,6 +126,9 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         env = sandbox.container_env(base_env, config.env, read_env_files(args.env_file) + args.env, dict(os.environ))
         published = ports.published(args.publish, config.ports, args.net or config.net)
         network = args.net or config.net or bool(published)  # with ports: pasta's network, shared by bwrap
+        groups = userns.image_groups(identity.uid, identity.gid, passwd, group) if os.geteuid() == 0 else []
+        maps = None if published else userns.plan_maps(identity.uid, identity.gid, groups, read_setting)
+        root_maps = maps is not None and not maps[0]  # the image's ids mapped to themselves
         defaults = [sandbox.Mount(target) for target in config.volumes]
         if network and os.path.exists(RESOLV_CONF):
             defaults.append(sandbox.Mount(RESOLV_CONF, RESOLV_CONF, read_only=True))
@@ -147,22 +141,29 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         for name in ("/proc", "/dev", "/tmp"):  # so that a /tmp linked into /proc is refused here
             made[name] = table.place(name, make_folder)
             table.add(made[name], None, name)
-        binds = []
+        binds, volumes, nested = [], set(), False  # volumes: where DIR's anonymous volumes go
         for mount, fd in zip(mounts, sources, strict=True):
             is_folder = fd is None or stat.S_ISDIR(os.fstat(fd).st_mode)
             target = table.place(mount.target, make_folder if is_folder else make_empty_file)
             if target == "/":
                 raise Error(f"the volume {mount.target} leads to the image's root folder", "remove it")
+            covering = table.covering(target)[0]
+            nested |= covering is not None and covering[0] in volumes
             table.add(target, fd, mount.source or f"{pull.volumes}{mount.target}")
             binds.append(sandbox.Bind(fd, target, mount.read_only, mount.tmpfs))
-        if table.nested and not writable:  # a running container may write where bwrap will mount: start alone
+            if not mount.source and fd is not None:  # not a -v HOST bind, not a tmpfs
+                volumes.add(target)
+        # A mount inside one of DIR's volumes, which a running container of DIR may write while bwrap mounts: start
+        # alone. (Inside a host folder of yours bound with -v, keeping other containers out is yours, as with -v.)
+        if nested and not writable:
             os.close(lock_fd)  # (what was made so far was made through descriptors: no path to race)
             lock_fd = hold_folder(pull.root, fcntl.LOCK_EX, f"{pull.root} {IN_USE[fcntl.LOCK_EX]}")
         files = [(sandbox.hosts_file(hostname), "/etc/hosts"), (f"{hostname}\n".encode(), "/etc/hostname")]
         apt = find_folder(rootfs, os.path.dirname(APT_CONF))
         if apt is not None:
             apt.__exit__()
-            files.append((APT_SETTINGS, APT_CONF))
+            if not root_maps:  # under root's mapping apt switches to _apt for real
+                files.append((APT_SETTINGS, APT_CONF))
         # d-run's own files go into the image only: where a bind or volume covers their place it wins, as a
         # `-v FILE:/etc/hosts` does in Docker, and nothing is made in the user's folder
         files = [(data, target) for data, target in files if table.covering(target)[0] is None]
@@ -178,7 +179,8 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         table.place(workdir, make_folder)  # made when the image lacks it, as runc does
         root_fd = inheritable(os.dup(rootfs.root))
     os.close(dir_fd)
-    program = seccomp.filter_program(os.uname().machine)
+    program = seccomp.filter_program(os.uname().machine, fake_chown=not root_maps, fake_ids=maps is None)
+    groups = groups if root_maps else []
     return sandbox.Plan(
         root_fd=root_fd,
         command=command,
@@ -199,6 +201,8 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         tmp=made["/tmp"],
         ports=published,
         lock_fd=inheritable(lock_fd),
+        userns_fd=None if maps is None else userns.make(maps, identity.uid if root_maps else os.geteuid()),
+        groups=tuple(groups),
     )
 
 
@@ -245,9 +249,11 @@ defaults (the safe ones):
   With stdin not a terminal, the container gets a new session (no access to the terminal).
   On a terminal it keeps it, for job control and Ctrl-C, and a seccomp filter makes
   ioctl TIOCSTI/TIOCLINUX fail (no keystroke injection into your terminal).
-  bwrap maps a single user and group, so chown-family calls succeed without effect, and
-  an image with /etc/apt/apt.conf.d gets 99d-run there, setting APT::Sandbox::User "root"
-  (apt cannot switch to its _apt user): unprivileged dpkg and apt-get work with --rw (and -n).
+  The image's users are real: as root every id maps to itself; as a user with a range in
+  /etc/subuid and /etc/subgid (newuidmap), your ids are the image user's and the range the others'.
+  Without either (or with -p) one user is mapped, and setuid, setgid, setgroups and chown calls
+  succeed without effect. Except under root, chown is faked and an image with /etc/apt/apt.conf.d
+  gets 99d-run there, setting APT::Sandbox::User "root". dpkg and apt-get work with --rw (and -n).
   Missing mount points (a volume's target, /etc/hosts) and a missing working directory are
   made, empty, in DIR/rootfs by d-run itself, links resolved inside DIR/rootfs as the
   container sees them; a link inside a volume on the way is refused. A -v or volume over
@@ -356,8 +362,6 @@ def make_parser():  # -> argparse.ArgumentParser, imported only here: it costs d
     import argparse
 
     def checked(read: Callable[[str], object]) -> Callable[[str], object]:
-        """An argparse `type` that reports the ValueError of a reader as a usage error, with its message."""
-
         def check(text: str) -> object:
             try:
                 return read(text)
@@ -394,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         command = sandbox.bwrap_argv(box)
         if box.ports:
             command = ports.pasta_argv(box.ports, sys.executable, sandbox.inherited_fds(box), command)
+        if box.groups:  # root's mapping: the image's user, groups and all, before bwrap joins it
+            userns.become(box.identity.uid, box.identity.gid, list(box.groups))
         if args.debug:
             import shlex
 

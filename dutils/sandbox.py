@@ -61,7 +61,6 @@ def config_value(data: dict, key: str, kind: str) -> object:
 
 
 def config_checked(key: str, value: str, check: Callable[[str], str]) -> str:
-    """`check(value)` for config.json's `key`, its ValueError an Error naming the key."""
     try:
         return check(value)
     except ValueError as err:
@@ -264,8 +263,7 @@ def container_command(config: ImageConfig, entrypoint: tuple[str, ...] | None, a
 
 
 def check_hostname(name: str) -> str:
-    """A host name as RFC 1123 allows: dot-separated labels of letters, digits and inner hyphens, each of
-    1 to 63 characters, 253 in all."""
+    """A host name as RFC 1123 allows: labels of letters, digits and inner hyphens."""
     labels = name.split(".")
     if not 0 < len(name) <= 253 or not all(
         0 < len(label) <= 63 and HOSTNAME_CHARS.issuperset(label) and label[0] != "-" and label[-1] != "-"
@@ -306,6 +304,12 @@ def userns_error(max_namespaces: str, unprivileged_clone: str, euid: int) -> Err
     return None
 
 
+# What root inside a mapped namespace may do: podman's default set, enough for services and package managers
+# to switch users and own files, not to mount, trace or load anything (no CAP_SYS_ADMIN, CAP_SYS_PTRACE...).
+ROOT_CAPABILITIES = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_NET_BIND_SERVICE",
+                     "CAP_SETFCAP", "CAP_SETGID", "CAP_SETPCAP", "CAP_SETUID", "CAP_SYS_CHROOT")  # fmt: skip
+
+
 # ----- the sandbox and its bwrap command line ---------------------------------------------------------
 
 
@@ -314,20 +318,29 @@ def userns_error(max_namespaces: str, unprivileged_clone: str, euid: int) -> Err
 Bind = namedtuple("Bind", "fd target read_only size", defaults=(False, 0))
 # Everything the bwrap command line is made of, resolved. binds are in mount order; data_files are (fd bwrap
 # reads, read-only file it becomes) pairs; proc, dev and tmp are paths free of links (a rootfs may make them
-# links); ports are ports.Port, published through pasta; lock_fd holds DIR's lock (store.hold_folder) for bwrap.
+# links); ports are ports.Port, published through pasta; lock_fd holds DIR's lock (store.hold_folder) for bwrap;
+# userns_fd: the user namespace mapping the image's ids (see userns; None: bwrap maps the one user), groups:
+# those d-run takes for the image's user under root.
 Plan = namedtuple(
     "Plan",
     "root_fd command identity hostname workdir env binds data_files writable network seccomp_fd new_session "
-    "proc dev tmp ports lock_fd",
-    defaults=((), (), False, False, None, True, "/proc", "/dev", "/tmp", (), None),
+    "proc dev tmp ports lock_fd userns_fd groups",
+    defaults=((), (), False, False, None, True, "/proc", "/dev", "/tmp", (), None, None, ()),
 )
 
 
 def bwrap_argv(box: Plan) -> list[str]:
     """The whole bwrap command line for `box`. Sources are descriptors, so bwrap resolves no path of
     ours again; every destination was made by d-run, without links."""
-    argv = ["bwrap", "--unshare-all", *(["--share-net"] if box.network else [])]
-    argv += ["--unshare-user", "--uid", str(box.identity.uid), "--gid", str(box.identity.gid)]
+    argv = ["bwrap", "--unshare-all", *(["--share-net"] if box.network else []), "--unshare-user"]
+    if box.userns_fd is not None:  # d-run's namespace (--unshare-all would add bwrap's own)
+        argv = ["bwrap", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+        argv += ([] if box.network else ["--unshare-net"]) + ["--userns", str(box.userns_fd)]
+        # bwrap 0.8 never closes --userns' descriptor: as --block-fd it does, before the command (a read fails at once)
+        argv += ["--block-fd", str(box.userns_fd)]
+        if box.identity.uid == 0:  # bwrap would keep every capability: only these
+            argv += ["--cap-drop", "ALL", *(word for cap in ROOT_CAPABILITIES for word in ("--cap-add", cap))]
+    argv += ["--uid", str(box.identity.uid), "--gid", str(box.identity.gid)]
     argv += ["--hostname", box.hostname, "--die-with-parent"]
     argv += ["--new-session"] if box.new_session else []
     argv += ["--seccomp", str(box.seccomp_fd)] if box.seccomp_fd is not None else []
@@ -350,6 +363,6 @@ def bwrap_argv(box: Plan) -> list[str]:
 
 
 def inherited_fds(box: Plan) -> list[int]:
-    """The descriptors bwrap must inherit for `box`."""
     fds = [box.root_fd, *(bind.fd for bind in box.binds), *(fd for fd, _ in box.data_files)]
-    return [fd for fd in [*fds, box.seccomp_fd, box.lock_fd] if fd is not None]  # None: a tmpfs, no filter, no lock
+    optional = [box.seccomp_fd, box.lock_fd, box.userns_fd]  # None: a tmpfs, no filter, no lock, no namespace
+    return [fd for fd in [*fds, *optional] if fd is not None]

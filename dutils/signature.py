@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from .errors import Error
 from .oci import Blob, load_json_object, typed
 from .registry import Registry
-from .store import check_digest, load_json, read_small
+from .store import check_digest, load_json, read_small, read_small_followed
 
 SIMPLE_SIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
 ANNOTATION = "dev.cosignproject.cosign/signature"
@@ -76,11 +76,12 @@ def load_keys(requirement: dict) -> list[tuple[str, ec.EllipticCurvePublicKey]]:
     name, *others = [name for name in requirement if name not in ("type", "signedIdentity")] or ["no key"]
     if others or name not in ("keyPath", "keyPaths", "keyData", "keyDatas"):  # Fulcio, PKI, Rekor: not checked here
         raise Error(f"sigstoreSigned with {name} is not supported", "give one of keyPath, keyPaths, keyData, keyDatas")
+    keys = []
     try:
-        values = requirement[name] if name.endswith("s") else [requirement[name]]
-        pems = [read_small(v, MAX_KEY) if "Path" in name else base64.b64decode(v, validate=True) for v in values]
-        keys = [load_pem_public_key(pem) for pem in pems]
+        for value in requirement[name] if name.endswith("s") else [requirement[name]]:
+            pem = read_small_followed(value, MAX_KEY) if "Path" in name else base64.b64decode(value, validate=True)
+            where = f"{name} {value}" if "Path" in name else name  # not a whole keyData
+            keys.append((f"{where} (sha256:{hashlib.sha256(pem).hexdigest()})", load_pem_public_key(pem)))
     except (OSError, ValueError, TypeError) as err:  # binascii's and cryptography's errors are ValueErrors
         raise Error(f"the policy's {name} holds no usable public key ({err})") from None
-    where = [f"{name} {value}" if "Path" in name else name for value in values]  # not a whole keyData
-    return [(f"{w} (sha256:{hashlib.sha256(p).hexdigest()})", k) for w, p, k in zip(where, pems, keys, strict=True)]
+    return keys

@@ -18,8 +18,7 @@ SMALL_FILE = 4 << 20  # records, lock and auth files, config.json, /etc/passwd: 
 
 
 def load_json(data: str | bytes) -> object:
-    """json.loads, with nesting too deep for Python's parser (a RecursionError) being the ValueError that any other
-    bad JSON is: callers that say "not valid JSON" in one line then say it for this too."""
+    """json.loads, too deep a nesting (a RecursionError) being the ValueError any other bad JSON is, for callers."""
     try:
         return json.loads(data)
     except RecursionError:
@@ -84,7 +83,6 @@ def open_cache(cache: Path) -> Path:
 
 
 def check_cache(cache: Path) -> Path:
-    """The existing cache, trusted only when all of it is the user's alone."""
     link = cache.lstat()  # the cache itself may be a link, if the user made it
     check_private(cache, cache.stat() if link.st_uid == os.geteuid() else link)
     for parent, folders, files in os.walk(cache):
@@ -111,7 +109,6 @@ def check_private(path: Path, info: os.stat_result) -> None:
 
 
 def make_folder(path: Path, what: str) -> None:
-    """Create `path` (and parents) or say in one line why it cannot be, and where else to go."""
     import tempfile  # d-pull's only: d-run's start-up does without
 
     try:
@@ -184,8 +181,7 @@ def read_small(path: str | os.PathLike[str], cap: int = SMALL_FILE, dir_fd: int 
 
 
 def read_small_json(path: Path, hint: str) -> object:
-    """The JSON in the small regular file `path` (see read_small), None when there is none; one line naming the file
-    when it cannot be read or is not JSON, with `hint` saying what to do."""
+    """The JSON in the small regular file `path` (see read_small), None when there is none."""
     try:
         return load_json(read_small(path))
     except FileNotFoundError:
@@ -243,8 +239,6 @@ class Record(namedtuple("Record", RECORD_FIELDS, defaults=(False, "", "", ""))):
 
 
 class PullDir:
-    """The paths of one pull folder: DIR/rootfs, DIR/config.json, DIR/volumes, the record, the state."""
-
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).absolute()
         self.rootfs = self.root / "rootfs"
@@ -324,6 +318,15 @@ def hold_folder(root: Path, kind: int, busy: str) -> int:
     return fd
 
 
+def read_setting(path: str) -> str:
+    """A /proc/sys value or /etc/subuid's text, or "" where there is none."""
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except OSError:
+        return ""
+
+
 def touch(path: Path) -> None:
     """Mark a cache entry as used now, so that pruning by age keeps it."""
     with contextlib.suppress(OSError):
@@ -371,7 +374,6 @@ def remove_entry(dir_fd: int | None, name: str) -> None:
 
 
 def open_to_empty(dir_fd: int | None, name: str) -> int:
-    """Open directory `name` (not followed) to list and empty it, giving the owner rwx on it where missing."""
     try:
         fd = os.open(name, LISTABLE, dir_fd=dir_fd)
     except PermissionError:

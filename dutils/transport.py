@@ -106,7 +106,6 @@ def transport_failure(server: str, err: requests.RequestException) -> Error | Re
 
 
 def caused_by(err: BaseException | None, kind: type[E]) -> E | None:
-    """The first exception of `kind` in `err`'s chain (causes and contexts), if any."""
     while err is not None and not isinstance(err, kind):
         err = err.__cause__ or err.__context__
     return err

@@ -38,8 +38,8 @@ ORDER = [
     "pull",
     "seccomp",
     "ports",
-    "userns",
     "sandbox",
+    "userns",  # the image's users and groups, read by sandbox's table helpers
     "mounts",
     "run",
 ]

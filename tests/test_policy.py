@@ -151,6 +151,20 @@ def test_the_policy_is_found_where_the_containers_tools_look(tmp_path, monkeypat
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(Error, match="is not usable"):
         load_policy(str(tmp_path / "fifo"))  # read only as a regular file, never waited on
+    (tmp_path / "link").symlink_to(tmp_path / "fifo")
+    with pytest.raises(Error, match="is not usable"):
+        load_policy(str(tmp_path / "link"))  # nor through a link
+
+
+def test_the_users_policy_may_be_a_link_as_dotfile_managers_make(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    user, kept = tmp_path / "home" / ".config" / "containers" / "policy.json", tmp_path / "dotfiles" / "policy.json"
+    kept.parent.mkdir()
+    kept.write_text(json.dumps({"default": REJECT}))
+    user.parent.mkdir(parents=True)
+    user.symlink_to(kept)
+    assert load_policy(None) == (user, {"default": REJECT})
+    assert load_policy(str(user)) == (user, {"default": REJECT})
 
 
 def write(tmp_path: Path, requirements: list[dict]) -> str:

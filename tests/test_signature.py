@@ -193,7 +193,7 @@ def cosign_signature() -> tuple[bytes, str]:
     return base64.b64decode(stored["payload"]), stored["annotations"][ANNOTATION]
 
 
-def test_a_real_cosign_signature_verifies():
+def test_a_real_cosign_signature_verifies(tmp_path):
     keys = load_keys({"type": "sigstoreSigned", "keyPath": str(DATA / "cosign.pub")})
     assert sha256((DATA / "manifest.json").read_bytes()) == COSIGN_DIGEST
     intended = parse_reference(f"{COSIGN_REPOSITORY}:latest")
@@ -210,6 +210,12 @@ def test_a_real_cosign_signature_verifies():
     for arguments in refusals:
         with pytest.raises(Error):
             check_signature(keys, *arguments)
+    (tmp_path / "cosign.pub").symlink_to(DATA / "cosign.pub")  # a dotfile manager's link: followed
+    linked = load_keys({"type": "sigstoreSigned", "keyPath": str(tmp_path / "cosign.pub")})
+    assert check_signature(linked, payload, signature, COSIGN_DIGEST, accepts).startswith("keyPath ")
+    paths = [str(DATA / "cosign.pub"), str(tmp_path / "cosign.pub")]
+    both = load_keys({"type": "sigstoreSigned", "keyPaths": paths})
+    assert [source.partition(" (sha256:")[0] for source, _ in both] == [f"keyPaths {path}" for path in paths]
     with_data = {"type": "sigstoreSigned", "keyData": base64.b64encode((DATA / "cosign.pub").read_bytes()).decode()}
     assert check_signature(load_keys(with_data), payload, signature, COSIGN_DIGEST, accepts).startswith("keyData (")
 

@@ -1,0 +1,138 @@
+"""The user namespace d-run makes for bwrap's `--userns`, so that an image's users are real.
+
+As root: every id mapped to itself, so the image's owners are the container's (a `USER 1000` writes its
+/home/app, not root's /etc), as under podman. A namespace rather than podman's rootful "none, with fewer
+capabilities": root inside is capable only over what the namespace owns, and bwrap runs as for a user.
+The namespace belongs to the image's uid, which d-run becomes (groups and gid first) before the exec, so
+that bwrap joins it capable and switches ids no more (its --userns sets the uid before the gid).
+As a user with a range in /etc/subuid and /etc/subgid: the user's own ids are the image user's (root's, for
+most services) and the range everyone else's, written by newuidmap/newgidmap (podman's rootless mapping).
+Files the user pulled are the user's, so inside they are the image user's: a service dropping to its user
+reads what the image made readable to others. Otherwise (no range, or -p, whose pasta makes the namespace):
+no mapping; the seccomp filter fakes the set*id calls.
+"""
+
+import errno
+import os
+from collections.abc import Callable
+
+from .errors import Error
+from .sandbox import find_row, is_number, table_rows
+
+CLONE_NEWUSER = 0x10000000
+EVERY_ID = [0, 0, 2**32 - 1]  # (uid_t) -1 stays unmapped
+
+
+def subordinate_range(text: str, name: str, own: int) -> tuple[int, int] | None:
+    """The first non-empty `start:count` of /etc/subuid or /etc/subgid for the user `name` (or number `own`)."""
+    for line in text.splitlines():
+        fields = line.split(":")
+        numbers = fields[1:] if len(fields) == 3 and fields[0] in (name, str(own)) else []
+        if numbers and all(map(is_number, numbers)) and int(numbers[1]) > 0:
+            return int(numbers[0]), int(numbers[1])
+    return None
+
+
+def keep_id(inside: int, own: int, start: int, count: int) -> list[int]:
+    """(inside, outside, count) triples: `inside` is `own`, and the range fills 0... around it."""
+    below = min(inside, count)  # how many of the range go below `inside`; the rest go above it
+    rest = [0, start, below] * (below > 0) + [inside + 1, start + below, count - below] * (count > below)
+    return [inside, own, 1, *rest]
+
+
+def plan_maps(
+    uid: int, gid: int, groups: list[int], read: Callable[[str], str]
+) -> tuple[list[str], list[int], list[int]] | None:
+    """How to map for the image's `uid` and `gid` (and, under root, its `groups`): the tools to write the maps
+    ([]: root writes them itself), the uid and gid maps as (inside, outside, count) triples; None for no mapping.
+    `read`: a file's text or ""."""
+    euid = os.geteuid()
+    if euid == 0:  # root's identity mapping
+        if uid == 0:
+            return [], EVERY_ID, EVERY_ID
+        # The namespace then belongs to `uid`, whose processes on the host may join it with every capability in
+        # it: it maps only the ids the image gives that user, never root's (a joined uid 0 is the host's root).
+        if 0 in groups:
+            return None
+        return [], [uid, uid, 1], [number for group in groups for number in (group, group, 1)]
+    import pwd  # a builtin module
+
+    try:
+        name = pwd.getpwuid(euid).pw_name
+    except KeyError:
+        return None
+    ranges = [subordinate_range(read(f"/etc/{table}"), name, euid) for table in ("subuid", "subgid")]
+    if None in ranges:
+        return None
+    import shutil  # only for a user with ranges: it costs start-up
+
+    tools = [shutil.which("newuidmap"), shutil.which("newgidmap")]
+    if None in tools:
+        return None
+    return tools, keep_id(uid, euid, *ranges[0]), keep_id(gid, os.getegid(), *ranges[1])
+
+
+def write_maps(pid: int, tools: list[str], uid_map: list[int], gid_map: list[int]) -> bool:
+    """The maps of `pid`'s namespace, by root's own writes or by newuidmap/newgidmap; True when written."""
+    if not tools:
+        for name, triples in (("uid_map", uid_map), ("gid_map", gid_map)):
+            with open(f"/proc/{pid}/{name}", "w") as handle:  # one line a triple, in one write
+                handle.write("".join(f"{a} {b} {c}\n" for a, b, c in zip(*[iter(triples)] * 3, strict=True)))
+        return True
+    for tool, triples in zip(tools, (uid_map, gid_map), strict=True):
+        child = os.posix_spawn(tool, [tool, str(pid), *map(str, triples)], os.environ)
+        if os.waitpid(child, 0)[1] != 0:
+            return False
+    return True
+
+
+def make(maps: tuple[list[str], list[int], list[int]], owner: int) -> int:
+    """A new user namespace with `maps`, belonging to the uid `owner`, as an inheritable descriptor for bwrap's
+    --userns. A child made for it unshares, waits until the maps are written, and exits."""
+    import ctypes
+
+    ready_read, ready_write = os.pipe()
+    done_read, done_write = os.pipe()
+    child = os.fork()
+    if child == 0:  # in the child: only system calls, then _exit
+        status = 1
+        try:
+            os.close(ready_read)
+            os.close(done_write)
+            if owner != os.geteuid():
+                os.setresuid(owner, owner, owner)
+            status = 0 if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWUSER) == 0 else ctypes.get_errno()
+            os.write(ready_write, bytes([status]))
+            os.read(done_read, 1)
+        finally:
+            os._exit(status)
+    os.close(ready_write)
+    os.close(done_read)
+    try:
+        status = os.read(ready_read, 1)
+        if status != b"\0":
+            raise Error(f"cannot make a user namespace: {os.strerror(status[0] if status else errno.EPERM)}")
+        if not write_maps(child, *maps):
+            raise Error("newuidmap or newgidmap failed", "check your ranges in /etc/subuid and /etc/subgid")
+        fd = os.open(f"/proc/{child}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        os.set_inheritable(fd, True)
+        return fd
+    finally:
+        os.close(ready_read)
+        os.close(done_write)
+        os.waitpid(child, 0)
+
+
+def become(uid: int, gid: int, groups: list[int]) -> None:
+    """Root before the exec: the image's groups, gid and uid (bwrap then switches to none of them itself)."""
+    os.setgroups(groups)
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+
+
+def image_groups(uid: int, gid: int, passwd: str, group: str) -> list[int]:
+    """The primary group `gid`, then those the image's /etc/group lists the user `uid` in (by name)."""
+    entry = find_row(table_rows(passwd, 7, (2, 3)), str(uid))
+    rows = table_rows(group, 4, (2,)) if entry else []
+    listed = [int(row[2]) for row in rows if entry[0] in row[3].split(",")]
+    return [gid, *(number for number in listed if number != gid and number < 2**32 - 1)]

@@ -1,0 +1,268 @@
+"""Images run as their authors meant: services that drop privileges, apt, and image users, end to end on
+Debian bookworm with nginx, as root and as the ordinary user (with a subordinate id range, and without a
+mapping: no newuidmap on PATH)."""
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from cli import BIN, assert_one_line_error, d_pull
+from malicious import USER
+from test_images import (
+    CACHE,
+    DEBIAN_EXCLUDES,
+    DEBIAN_MIRROR,
+    DEBOOTSTRAP_TIMEOUT,
+    push_gzip_layer_image,
+    run_bounded,
+    skip_unless_debootstrap_can_run,
+    unmount_below,
+)
+from test_ports import tun  # noqa: F401 (a fixture: /dev/net/tun usable by the ordinary user)
+
+from dutils.store import locked
+
+pytestmark = pytest.mark.integration
+SERVICES_LAYER = CACHE / "debian-services.tar.gz"
+README = Path(__file__).parents[1] / "README.md"
+CONFIG = {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["bash"]}
+WHO = ["root", "user", "user-unmapped"]
+
+
+def build_services_layer() -> None:
+    """minbase with nginx-light and procps, a user `app` (1000) owning /home/app, and apt's partial folder
+    belonging to _apt as in an image whose build ran apt."""
+    partial = SERVICES_LAYER.with_name(SERVICES_LAYER.name + ".partial")
+    with tempfile.TemporaryDirectory(prefix="d-utils-debootstrap-") as scratch:
+        root = Path(scratch) / "rootfs"
+        try:
+            debootstrap = ["debootstrap", "--variant=minbase", "--include=nginx-light,procps"]
+            run_bounded([*debootstrap, "bookworm", root, DEBIAN_MIRROR], DEBOOTSTRAP_TIMEOUT)
+        finally:
+            unmount_below(root)
+        run_bounded(["chroot", root, "useradd", "-m", "-u", "1000", "-G", "www-data", "app"], 60)
+        run_bounded(["chroot", root, "chown", "_apt:root", "/var/cache/apt/archives/partial"], 60)
+        excludes = [f"--exclude={pattern}" for pattern in DEBIAN_EXCLUDES]
+        tar = ["tar", "--create", "--gzip", "--numeric-owner", "--sort=name", "--format=posix", *excludes]
+        run_bounded([*tar, "--directory", root, "--file", partial, "."], timeout=300)
+    os.replace(partial, SERVICES_LAYER)
+
+
+def services_layer() -> Path:
+    if not SERVICES_LAYER.exists():
+        skip_unless_debootstrap_can_run()
+        with locked(CACHE / "debian-services.lock"):
+            if not SERVICES_LAYER.exists():
+                build_services_layer()
+    return SERVICES_LAYER
+
+
+@pytest.fixture(scope="module")
+def images(registry) -> dict[str, str]:
+    layer = services_layer()
+    return {
+        "services": push_gzip_layer_image(registry.host, "services", "latest", layer, CONFIG),
+        "app": push_gzip_layer_image(registry.host, "services", "app", layer, {**CONFIG, "User": "1000"}),
+    }
+
+
+class Runner:
+    """d-pull and d-run as root, as the ordinary user, or as the ordinary user with no newuidmap on PATH."""
+
+    def __init__(self, who: str, unprivileged, workspace: Path, tmp_path: Path) -> None:
+        self.who, self.unprivileged = who, unprivileged
+        self.base = tmp_path if who == "root" else Path(tempfile.mkdtemp(dir=workspace / "pull"))
+        if who != "root":
+            shutil.chown(self.base, USER, USER)
+        self.path = ""
+        if who == "user-unmapped":  # bwrap and pasta, without newuidmap and newgidmap
+            tools = Path(tempfile.mkdtemp(dir=workspace))
+            tools.chmod(0o755)
+            for tool in ("bwrap", "pasta"):
+                (tools / tool).symlink_to(shutil.which(tool))
+            self.path = f"{unprivileged.bin}:{tools}"
+
+    def argv(self, tool: str, *args: object) -> list[str]:
+        if self.who == "root":
+            return [str(BIN / tool), *map(str, args)]
+        prefix = ["/usr/sbin/runuser", "-u", USER, "--", "env", f"HOME={self.unprivileged.home}"]
+        prefix += [f"PATH={self.path}"] if self.path else []
+        return [*prefix, str(self.unprivileged.bin / tool), *map(str, args)]
+
+    def pull(self, image: str) -> Path:
+        folder = self.base / "image"
+        done = subprocess.run(
+            self.argv("d-pull", "--cache", self.base / "cache", image, folder),
+            capture_output=True, text=True, timeout=300, cwd="/",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return folder
+
+    def run(self, folder: Path, *args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+        argv = self.argv("d-run", *args[:-1], folder, *args[-1]) if isinstance(args[-1], list) else None
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd="/")
+
+    def start(self, folder: Path, *options: str, command: list[str]) -> subprocess.Popen:
+        argv = self.argv("d-run", *options, folder, *command)
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd="/", start_new_session=True)
+
+
+@pytest.fixture(params=WHO)
+def runner(request, unprivileged, workspace: Path, tmp_path: Path) -> Runner:
+    return Runner(request.param, unprivileged, workspace, tmp_path)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_setpriv_entrypoint_drops_to_its_user(images, runner: Runner) -> None:
+    folder = runner.pull(images["services"])
+    script = "setpriv --reuid=app --regid=app --init-groups id"
+    done = runner.run(folder, ["sh", "-c", script])
+    assert done.returncode == 0, done.stderr
+    if runner.who == "user-unmapped":  # faked: the calls succeed, nothing changes
+        assert done.stdout.startswith("uid=0(root) gid=0(root)"), done.stdout
+    else:
+        assert done.stdout == "uid=1000(app) gid=1000(app) groups=1000(app),33(www-data)\n"
+
+
+# podman's default set: CHOWN 0, DAC_OVERRIDE 1, FOWNER 3, FSETID 4, KILL 5, SETGID 6, SETUID 7, SETPCAP 8,
+# NET_BIND_SERVICE 10, SYS_CHROOT 18, SETFCAP 31 (linux/capability.h)
+ROOT_CAPS = sum(1 << bit for bit in (0, 1, 3, 4, 5, 6, 7, 8, 10, 18, 31))
+
+
+def test_root_inside_a_mapped_namespace_has_a_bounded_capability_set(images, runner: Runner) -> None:
+    folder = runner.pull(images["services"])
+    script = "grep CapEff /proc/self/status; mount -t tmpfs none /mnt && echo MOUNTED"
+    done = runner.run(folder, ["sh", "-c", script])
+    effective = int(done.stdout.split()[1], 16)
+    assert effective == (0 if runner.who == "user-unmapped" else ROOT_CAPS), done.stdout
+    assert "MOUNTED" not in done.stdout  # no CAP_SYS_ADMIN: nothing mounted over the image, ro binds stay ro
+
+
+def nginx_script(port: int) -> str:
+    """Starts nginx on `port`, waits (bounded) for its workers, prints `ps`, then READY, and waits."""
+    return (
+        f"sed -i 's/80 default_server/{port} default_server/' /etc/nginx/sites-enabled/default"
+        " && nginx && for i in $(seq 100); do ps -eo args | grep -q '^nginx: worker' && break; sleep 0.1; done;"
+        " ps -eo user:12,args; echo READY; exec sleep 120"
+    )
+
+
+def serve_nginx(runner: Runner, folder: Path, options: list[str], inner: int, outer: int) -> tuple[str, str]:
+    """What `ps` showed inside, and the page at 127.0.0.1:`outer`."""
+    child = runner.start(folder, *options, command=["sh", "-c", nginx_script(inner)])
+    try:
+        lines = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (line := child.stdout.readline()) and line != "READY\n":
+            lines.append(line)
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy from the environment
+        with direct.open(f"http://127.0.0.1:{outer}/", timeout=30) as answer:
+            page = answer.read().decode()
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate(timeout=30)
+    return "".join(lines), page
+
+
+def test_nginx_serves_its_page_with_workers_as_www_data(images, runner: Runner) -> None:
+    folder = runner.pull(images["services"])
+    port = free_port()
+    ps, page = serve_nginx(runner, folder, ["-n", "--rw"], port, port)
+    assert "Welcome to nginx!" in page
+    rows = [line.split(None, 1) for line in ps.splitlines()]
+    workers = [user for user, args in rows if args.startswith("nginx: worker")]
+    assert workers, ps
+    assert set(workers) == {"root" if runner.who == "user-unmapped" else "www-data"}, ps
+
+
+@pytest.mark.usefixtures("tun")
+def test_nginx_serves_its_page_through_a_published_port(images, unprivileged, workspace, tmp_path) -> None:
+    runner = Runner("user", unprivileged, workspace, tmp_path)
+    folder = runner.pull(images["services"])
+    port = free_port()
+    ps, page = serve_nginx(runner, folder, ["--rw", "-p", f"{port}:80"], 80, port)
+    assert "Welcome to nginx!" in page
+    assert re.search(r"^\S+ +nginx: worker process$", ps, re.MULTILINE), ps  # under -p the id calls are faked
+
+
+def make_deb(where: Path, name: str, depends: str) -> Path:
+    tree = where / name
+    (tree / "DEBIAN").mkdir(parents=True)
+    (tree / "usr/share" / name).mkdir(parents=True)
+    (tree / "usr/share" / name / "marker").write_text(name)
+    control = f"Package: {name}\nVersion: 1.0\nArchitecture: all\nMaintainer: t <t@t>\nDescription: test\n"
+    (tree / "DEBIAN/control").write_text(control + (f"Depends: {depends}\n" if depends else ""))
+    run_bounded(["dpkg-deb", "--root-owner-group", "--build", tree, where / f"{name}.deb"], 60)
+    return where / f"{name}.deb"
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory):
+    """A flat apt repository of two packages, dutest-a depending on dutest-b, served on 127.0.0.1."""
+    where = tmp_path_factory.mktemp("repository")
+    stanzas = []
+    for name, depends in (("dutest-a", "dutest-b"), ("dutest-b", "")):
+        deb = make_deb(where, name, depends)
+        control = run_bounded(["dpkg-deb", "--field", deb], 60)
+        digest = hashlib.sha256(deb.read_bytes()).hexdigest()
+        stanzas.append(f"{control.strip()}\nFilename: ./{deb.name}\nSize: {deb.stat().st_size}\nSHA256: {digest}\n")
+    (where / "Packages").write_text("\n".join(stanzas))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(where)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_apt_get_installs_with_dependencies_from_a_local_repository(images, repository, runner: Runner) -> None:
+    folder = runner.pull(images["services"])
+    source = f"deb [trusted=yes] {repository} ./"
+    script = f"echo '{source}' > /etc/apt/sources.list && apt-get update -q"
+    done = runner.run(folder, "-n", "--rw", ["sh", "-c", script])
+    assert done.returncode == 0, done.stdout + done.stderr
+    example = re.search(r"`d-run (-n --rw) \./deb (apt-get install -y) curl`", README.read_text())
+    assert example, "the README's apt example changed: test it as it is written"
+    done = runner.run(folder, *example[1].split(), [*example[2].split(), "dutest-a"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("dutest-a", "dutest-b"):
+        assert (folder / "rootfs/usr/share" / name / "marker").read_text() == name
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root d-run")
+def test_an_image_user_writes_its_home_and_not_etc_under_root(images, tmp_path: Path) -> None:
+    done = d_pull("-q", images["app"], str(tmp_path / "app"), cache=tmp_path / "cache", timeout=300)
+    assert done.returncode == 0, done.stderr
+    run = [BIN / "d-run", "--rw", tmp_path / "app", "sh", "-c"]
+    home = subprocess.run([*run, "id; touch /home/app/mine"], capture_output=True, text=True, timeout=60)
+    assert home.returncode == 0, home.stderr
+    assert home.stdout == "uid=1000(app) gid=1000(app) groups=1000(app),33(www-data)\n"
+    assert (tmp_path / "app/rootfs/home/app/mine").stat().st_uid == 1000
+    etc = subprocess.run([*run, "touch /etc/mine"], capture_output=True, text=True, timeout=60)
+    assert etc.returncode != 0 and "Permission denied" in etc.stderr
+    assert not (tmp_path / "app/rootfs/etc/mine").exists()
+
+
+def test_a_failing_newuidmap_is_one_line(images, unprivileged, workspace: Path, tmp_path: Path) -> None:
+    runner = Runner("user-unmapped", unprivileged, workspace, tmp_path)
+    tools = Path(runner.path.split(":")[1])
+    for tool in ("newuidmap", "newgidmap"):  # found on PATH, and refusing, as with a range newuidmap rejects
+        (tools / tool).write_text("#!/bin/sh\nexit 1\n")
+        (tools / tool).chmod(0o755)
+    folder = runner.pull(images["services"])
+    assert_one_line_error(runner.run(folder, ["true"]), "newuidmap or newgidmap failed", program="d-run")
