@@ -159,21 +159,15 @@ def apply_layer(blob: Path, media_type: str, diff_id: str, rootfs: Path) -> Skip
 
 
 def disk_full(blob: Path, media_type: str, rootfs: Path, layer: str) -> Error:
-    free = shutil.disk_usage(rootfs).free
-    return Error(
-        f"{layer}: disk full in {rootfs}: the layer unpacks to {unpacked_size(blob, media_type)} bytes and {free} "
-        "bytes are free",
-        "free some space and run the same command again; the layers already applied are kept",
-    )
-
-
-def unpacked_size(blob: Path, media_type: str) -> int:
-    """The bytes of file data in the layer, or as far as it can be read: past where the disk filled up, it was not."""
-    needed = 0
+    """How much file data the layer holds, or as far as it can be read: past where the disk filled up, it was not."""
+    needed, free = 0, shutil.disk_usage(rootfs).free
     with blob.open("rb") as raw, contextlib.suppress(TarError, *CORRUPT_DATA):
         for entry in TarReader(DECOMPRESSORS[COMPRESSION[media_type]](raw)):
             needed += entry.stored if entry.isreg() else 0
-    return needed
+    return Error(
+        f"{layer}: disk full in {rootfs}: the layer unpacks to {needed} bytes and {free} bytes are free",
+        "free some space and run the same command again; the layers already applied are kept",
+    )
 
 
 def apply_members(stream: VerifyingReader, tree: Tree, skipped: Skipped, layer: str) -> None:
@@ -253,20 +247,16 @@ def write_file(reader: TarReader, entry: Member, tree: Tree, place: Place, skipp
         fd = os.open(place.name, FILE_FLAGS, mode, dir_fd=place.fd)
     try:
         for offset, piece in reader.extents(entry):
-            write_all(fd, piece, offset)
+            view = memoryview(piece)
+            while view:  # once, but where the disk fills up
+                written = os.pwrite(fd, view, offset)
+                view, offset = view[written:], offset + written
         if entry.sparse is not None:
             os.ftruncate(fd, entry.size)  # the holes are left unwritten: sparse where the filesystem allows
         # chmod only where the umask took bits away, or for setuid, setgid and sticky bits (chown clears them)
         set_metadata(fd, None, entry, entry.mode if entry.mode & (tree.umask | 0o7000) else None, tree, skipped)
     finally:
         os.close(fd)
-
-
-def write_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:  # once, but where the disk fills up
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
 
 
 def set_metadata(

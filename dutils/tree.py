@@ -68,9 +68,6 @@ class Tree(Root):
                 return
             self.kept.add(value)
 
-    def is_kept(self, path: str) -> bool:
-        return bool(path) and trail_hashes(path.split("/"))[-1] in self.kept
-
     def clear(self, fd: int, name: str) -> None:
         """Remove whatever is at `name` in `fd`: a file, a link, or a directory with everything in it."""
         st = lstat_or_none(name, fd)
@@ -85,7 +82,7 @@ class Tree(Root):
 
     def hide(self, place: Place) -> None:
         """A whiteout: remove what lower layers have at `place`, sparing what this layer wrote."""
-        if not self.is_kept(place.path):
+        if not place.path or trail_hashes(place.path.split("/"))[-1] not in self.kept:
             self.clear(place.fd, place.name)
             return
         st = lstat_or_none(place.name, place.fd)
@@ -147,27 +144,34 @@ class Tree(Root):
 
     def finish(self) -> None:
         """Put the saved modes and times on directories, each after all below it so that parents stay enterable: depth
-        first through the journal's tree, one directory open at a time (down by name, up through "..")."""
-        record = self.journal.record(self.ids[0])  # the root's: id, parent, name, mode, atime, mtime
-        fd, after = os.dup(self.root), b""  # the folder of `record`, open; its children up to `after` are done
+        first through the journal's tree, one directory open at a time (down by name, up through ".."). Children are
+        read a batch at a time, each told a leaf or not in the same query: a leaf is put back from its parent."""
+        root = self.journal.children(0)[0][0]  # the only record without a parent
+        stack = [([*root[:5], 0], *self.journal.children(root[0]))]  # entered folders: record, batch, more
+        fd = os.dup(self.root)
         try:
             while True:
-                child = self.journal.child_after(record[0], after)
-                if child is not None:
-                    after = child[2]  # done once put back; if no longer a directory, it and all below it are gone
-                    if self.journal.child_after(child[0], b"") is None:
-                        self._restore(fd, child[2], *child[3:])  # a leaf: put back from here, never entered
-                    elif (st := lstat_or_none(child[2], fd)) is not None and stat.S_ISDIR(st.st_mode):
-                        fd, record, after = swap(fd, os.open(child[2], DIR_FLAGS, dir_fd=fd)), child, b""
-                    continue
-                if not record[1]:
+                record, batch, more = stack[-1]
+                if not batch and more:  # the batch is used up, and the folder has more children after it
+                    stack[-1] = (record, *self.journal.children(record[0], record[-1]))
+                elif batch:
+                    child = batch.pop()
+                    record[-1] = child[1]  # the children up to this name are done
+                    if not child[5]:
+                        self._restore(fd, *child[1:5])  # no record below it: never entered
+                    elif (st := lstat_or_none(child[1], fd)) is not None and stat.S_ISDIR(st.st_mode):
+                        fd = swap(fd, os.open(child[1], DIR_FLAGS, dir_fd=fd))
+                        stack.append(([*child[:5], 0], *self.journal.children(child[0])))
+                    # else no longer a directory: it and all below it are gone
+                elif len(stack) == 1:
                     break
-                fd, after = swap(fd, os.open("..", DIR_FLAGS, dir_fd=fd)), record[2]
-                self._restore(fd, record[2], *record[3:])
-                record = self.journal.record(record[1])
+                else:
+                    stack.pop()
+                    fd = swap(fd, os.open("..", DIR_FLAGS, dir_fd=fd))
+                    self._restore(fd, *record[1:5])
         finally:
             os.close(fd)
-        self._restore(self.top, self.root_name, *record[3:])
+        self._restore(self.top, self.root_name, *record[2:5])
         self.journal.close()
         self.journal.remove()
 
@@ -215,6 +219,7 @@ class Journal:
     has parent 0 and an empty name), so that a folder n deep costs one record of its own name, never its path. In WAL
     mode without syncs a committed record is handed to the kernel at once (one write): it survives a kill -9."""
 
+    VERSION = 2  # of the tables: a journal of another is not resumed
     KNOWN = 1 << 16  # folders remembered as saved, with their ids, so that entering one again asks no query
     BATCH = 1 << 10  # records of save() stored at once
 
@@ -223,6 +228,7 @@ class Journal:
         self.known: dict[tuple[int, str], int] = {}
         self.pending: list[tuple[int, bytes, int, int, int]] = []
         self.db = self._resume(header) or self._create(header)
+        self.next = self.db.execute("SELECT coalesce(max(id), 0) + 1 FROM folders").fetchone()[0]  # ids given out
 
     def _resume(self, header: tuple[str, int, int]) -> sqlite3.Connection | None:
         """The journal of a killed run of this same layer on this same rootfs, or None."""
@@ -231,7 +237,10 @@ class Journal:
         db = sqlite3.connect(self.path, isolation_level=None)  # each statement its own transaction
         try:
             self._prepare(db)
-            if db.execute("SELECT layer, dev, ino FROM head").fetchone() == header:
+            if (
+                db.execute("PRAGMA user_version").fetchone() == (Journal.VERSION,)
+                and db.execute("SELECT * FROM head").fetchone() == header
+            ):
                 return db
         except sqlite3.DatabaseError:
             pass  # not a journal, or one of an older version: start afresh
@@ -243,10 +252,11 @@ class Journal:
         with sqlite_errors(self.path):
             db = sqlite3.connect(self.path, isolation_level=None)
             self._prepare(db)
+            db.execute(f"PRAGMA user_version = {Journal.VERSION}")
             db.execute("CREATE TABLE head (layer TEXT, dev INTEGER, ino INTEGER)")
-            db.execute(
-                "CREATE TABLE folders (id INTEGER PRIMARY KEY, parent INTEGER, name BLOB, mode INTEGER, atime INTEGER,"
-                " mtime INTEGER, UNIQUE (parent, name))"
+            db.execute(  # one B-tree, in the order finish() reads it
+                "CREATE TABLE folders (parent INTEGER, name BLOB, id INTEGER, mode INTEGER, atime INTEGER,"
+                " mtime INTEGER, PRIMARY KEY (parent, name)) WITHOUT ROWID"
             )
             db.execute("INSERT INTO head VALUES (?, ?, ?)", header)
         return db
@@ -264,10 +274,11 @@ class Journal:
         if found is None:
             row = (parent, os.fsencode(name))
             with sqlite_errors(self.path):  # a folder already recorded is not written again: one query more
-                self.db.execute(
-                    "INSERT OR IGNORE INTO folders VALUES (NULL, ?, ?, ?, ?, ?)", (*row, mode, atime_ns, mtime_ns)
-                )
-                found = self.db.execute("SELECT id FROM folders WHERE parent = ? AND name = ?", row).fetchone()[0]
+                query = "INSERT OR IGNORE INTO folders VALUES (?, ?, ?, ?, ?, ?)"
+                if self.db.execute(query, (*row, self.next, mode, atime_ns, mtime_ns)).rowcount == 1:
+                    found, self.next = self.next, self.next + 1
+                else:
+                    found = self.db.execute("SELECT id FROM folders WHERE parent = ? AND name = ?", row).fetchone()[0]
             if len(self.known) >= self.KNOWN:
                 self.known.clear()
             self.known[(parent, name)] = found
@@ -276,29 +287,37 @@ class Journal:
     def save(self, parent: int, name: str, mode: int, atime_ns: int, mtime_ns: int) -> None:
         """Record what folder `name` in the folder of id `parent` must be once the layer is applied, over any record.
         Stored in batches: a run killed before would make it again, as it applies the same entry again."""
-        self.pending.append((parent, os.fsencode(name), mode, atime_ns, mtime_ns))
+        self.pending.append((parent, os.fsencode(name), self.next, mode, atime_ns, mtime_ns))
+        self.next += 1  # unused if the folder has a record already: ids need only grow
         if len(self.pending) >= self.BATCH:
             self._store_pending()
 
     def _store_pending(self) -> None:
+        if not self.pending:
+            return
         with sqlite_errors(self.path):
+            self.db.execute("BEGIN")  # one transaction: one write
             self.db.executemany(
-                "INSERT INTO folders VALUES (NULL, ?, ?, ?, ?, ?) ON CONFLICT (parent, name) DO UPDATE SET"
+                "INSERT INTO folders VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (parent, name) DO UPDATE SET"
                 " mode = excluded.mode, atime = excluded.atime, mtime = excluded.mtime",
                 self.pending,
             )
+            self.db.execute("COMMIT")
         self.pending.clear()
 
-    def record(self, found: int) -> tuple | None:
-        """The record of id `found`: id, parent, name (bytes), mode, atime_ns, mtime_ns."""
+    def children(self, parent: int, after: bytes | int = 0) -> tuple[list[tuple], bool]:
+        """The next batch of children of the folder of id `parent` whose names sort after `after`, the last in name
+        order first: (id, name, mode, atime_ns, mtime_ns, whether it has children), and whether more may follow. The
+        default, 0, sorts before every name, even the root's empty one: SQLite puts any number before any BLOB."""
         self._store_pending()
-        return self.db.execute("SELECT * FROM folders WHERE id = ?", (found,)).fetchone()
-
-    def child_after(self, parent: int, name: bytes) -> tuple | None:
-        """The record of the first child of the folder of id `parent` whose name sorts after `name`, or None."""
-        query = "SELECT * FROM folders WHERE parent = ? AND name > ? ORDER BY name LIMIT 1"
+        query = (
+            "SELECT id, name, mode, atime, mtime, EXISTS (SELECT 1 FROM folders AS c WHERE c.parent = f.id)"
+            " FROM folders AS f WHERE parent = ? AND name > ? ORDER BY name LIMIT ?"
+        )
         with sqlite_errors(self.path):
-            return self.db.execute(query, (parent, name)).fetchone()
+            batch = self.db.execute(query, (parent, after, self.BATCH)).fetchall()
+        batch.reverse()
+        return batch, len(batch) == self.BATCH
 
     def close(self) -> None:
         self.db.close()  # writes the WAL into the file and removes it

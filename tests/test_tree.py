@@ -33,16 +33,20 @@ def test_path_hashes_hold_what_was_added_across_merges() -> None:
 
 
 def records(journal: Journal) -> dict[str, tuple]:
-    """Every record as path -> (mode, atime, mtime), each path made from the names up its parents' ids; a
-    child's id is larger than its parent's, and the first child of each folder in name order is the first asked."""
-    paths, found, number = {0: None}, {}, 1
-    while (record := journal.record(number)) is not None:
-        ident, parent, name, *saved = record
-        assert parent < ident
-        name = os.fsdecode(name)
-        paths[ident] = name if paths[parent] is None else f"{paths[parent]}/{name}".lstrip("/")
-        found[paths[ident]] = tuple(saved)
-        number += 1
+    """Every record as path -> (mode, atime, mtime), read down the tree from the root's (parent 0) in batches of
+    children; a child's id is larger than its parent's, and each tells whether it has children."""
+    found, todo = {}, [(0, None)]
+    while todo:
+        parent, path = todo.pop()
+        batch, more, after = [], True, 0
+        while more:
+            batch, more = journal.children(parent, after)
+            for ident, name, *saved, inside in reversed(batch):
+                assert parent < ident and (after == 0 or after < name)
+                after, name = name, os.fsdecode(name)
+                found[name if path is None else f"{path}/{name}".lstrip("/")] = tuple(saved)
+                todo.append((ident, name if path is None else f"{path}/{name}".lstrip("/")))
+                assert inside == bool(journal.children(ident)[0])
     return found
 
 
@@ -62,8 +66,9 @@ def test_journal_keeps_first_records_and_later_settings_as_a_tree(tmp_path: Path
     journal.save(root, "new", 0o750, 6, 6)
     expected = {"": (0o555, 1, 0), "a": (0o555, 1, 1), "a/b": (0o700, 5, 5), odd: (0o555, 1, 4), "new": (0o750, 6, 6)}
     assert records(journal) == expected
-    assert [journal.child_after(root, os.fsencode(after))[2] for after in ("", "a", odd)] == [b"a", b"caf\xe9", b"new"]
-    assert journal.child_after(root, b"new") is None and journal.child_after(b, b"") is None
+    assert [name for _, name, *_ in journal.children(root)[0]] == [b"new", b"caf\xe9", b"a"]  # BATCH 3: full
+    assert [name for _, name, *_ in journal.children(root, b"a")[0]] == [b"new", b"caf\xe9"]
+    assert journal.children(root, b"new") == ([], False) and journal.children(b) == ([], False)
     journal.close()
 
     resumed = Journal(path, header)  # a rerun of the same layer finds every record made before
