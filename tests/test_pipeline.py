@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from dutils.errors import Error
 from dutils.folder import LockFile
 from dutils.manifest import Blob, Image, parse_platform
 from dutils.pipeline import Options, Pull, action
@@ -44,18 +43,6 @@ def test_checking_every_layer_of_a_huge_image_costs_the_same_per_layer(tmp_path:
     started = time.monotonic()
     assert all(pull.log.is_applied(n, layer.digest) for n, layer in enumerate(pull.image.layers))
     assert time.monotonic() - started < 3  # re-reading the list per layer took minutes
-
-
-def test_a_finished_folder_changes_image_only_when_asked(tmp_path: Path):
-    done = Record("r:1", digest(1), "linux/amd64", complete=True)
-    assert done.retarget("r:1", digest(1), "linux/amd64", tmp_path, replace=False) is done
-    with pytest.raises(Error, match="--update"):
-        done.retarget("r:1", digest(2), "linux/amd64", tmp_path, replace=False)
-    assert done.retarget("r:1", digest(2), "linux/amd64", tmp_path, replace=True) == Record(
-        "r:1", digest(2), "linux/amd64"
-    )
-    unfinished = done._replace(complete=False)  # an interrupted pull of another image: simply replaced
-    assert unfinished.retarget("r:2", digest(2), "linux/amd64", tmp_path, replace=False).digest == digest(2)
 
 
 @pytest.mark.parametrize(

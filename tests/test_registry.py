@@ -1,18 +1,13 @@
 """The registry client's pure parts, without a network: Retry-After, challenges, backoff, the retry loop's bounds,
-Content-Range checks and where a resumed download starts."""
+and Content-Range checks."""
 
 import email.utils
-import hashlib
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
 from dutils.errors import Error
-from dutils.fetch import PartialBlob
-from dutils.manifest import Blob
-from dutils.progress import Lines
 from dutils.reference import parse_reference
 from dutils.registry import PROGRESS, Deadline, Registry, RetryPolicy, check_range, parse_challenge, retry_after
 from dutils.transport import Retryable
@@ -174,50 +169,6 @@ def test_a_range_from_the_offset_asked_for_is_accepted(header):
 def test_any_other_range_is_retryable(header):
     with pytest.raises(Retryable):
         check_range(response(**{"Content-Range": header}), 100)
-
-
-# -- resume offsets
-
-
-BLOB = bytes(range(256)) * 40
-
-
-def partial_blob(tmp_path: Path, existing: bytes | None) -> PartialBlob:
-    path = tmp_path / "blob.partial"
-    if existing is not None:
-        path.write_bytes(existing)
-    digest = "sha256:" + hashlib.sha256(BLOB).hexdigest()
-    return PartialBlob(path, Blob(digest, len(BLOB), "application/octet-stream"), Lines())
-
-
-@pytest.mark.parametrize("have", [0, 1, 5000, len(BLOB) - 1])
-def test_a_resume_starts_after_the_bytes_kept_and_hashes_them(have, tmp_path):
-    with partial_blob(tmp_path, BLOB[:have] if have else None) as sink:
-        assert (sink.have, sink.missing) == (have, len(BLOB) - have)
-        sink.write(BLOB[have:])
-        assert sink.hasher.hexdigest() == hashlib.sha256(BLOB).hexdigest()
-    assert (tmp_path / "blob.partial").read_bytes() == BLOB
-
-
-def test_a_partial_longer_than_the_blob_starts_over(tmp_path):
-    with partial_blob(tmp_path, BLOB + b"x") as sink:
-        assert sink.have == 0
-    assert (tmp_path / "blob.partial").read_bytes() == b""
-
-
-def test_a_restart_drops_the_bytes_kept(tmp_path):
-    with partial_blob(tmp_path, b"not the start of the blob") as sink:
-        sink.restart()
-        sink.write(BLOB)
-        assert sink.hasher.hexdigest() == hashlib.sha256(BLOB).hexdigest()
-    assert (tmp_path / "blob.partial").read_bytes() == BLOB
-
-
-def test_more_bytes_than_the_manifest_says_are_refused_and_dropped(tmp_path):
-    with partial_blob(tmp_path, BLOB[:10]) as sink, pytest.raises(Error) as caught:
-        sink.write(BLOB[10:] + b"extra")
-    assert "larger than the" in str(caught.value)
-    assert not (tmp_path / "blob.partial").exists()
 
 
 # -- the deadline: every wait bounded by what is left of --timeout

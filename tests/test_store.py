@@ -1,0 +1,88 @@
+"""The store's leaves on real files: digests, JSON, atomic writes, small reads that refuse what someone else
+planted, removing a tree without following its links, and a pull folder's record."""
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from malicious import outside_state, plant_markers
+from test_pipeline import digest
+
+from dutils.errors import Error
+from dutils.store import NotRegular, Record, check_digest, load_json, read_small, remove_tree, write_atomic
+
+
+@pytest.mark.parametrize("text", ["sha256:" + "0" * 64, "sha256:" + "af" * 32])
+def test_a_sha256_digest_passes(text):
+    assert check_digest(text) == text
+
+
+@pytest.mark.parametrize(
+    "text", ["sha256:" + "0" * 63, "sha256:" + "A" * 64, "sha512:" + "0" * 64, "sha256:../" + "0" * 61, None, 1]
+)
+def test_anything_else_is_no_digest(text):
+    with pytest.raises(Error, match="malformed digest"):
+        check_digest(text)
+
+
+def test_json_nested_too_deeply_is_bad_json():
+    assert load_json(b'{"a": [1]}') == {"a": [1]}
+    with pytest.raises(ValueError):
+        load_json("[" * 100_000 + "]" * 100_000)
+
+
+def test_write_atomic_replaces_the_whole_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "sub" / "config.json"
+    write_atomic(path, b"old")
+    write_atomic(path, b"new and longer")
+    assert path.read_bytes() == b"new and longer" and os.listdir(path.parent) == ["config.json"]
+    assert stat.S_IMODE(path.stat().st_mode) & 0o022 == 0  # never writable by others
+
+
+def test_read_small_reads_a_small_regular_file_and_no_more_than_its_cap(tmp_path):
+    (tmp_path / "small").write_bytes(b"12345")
+    assert read_small(tmp_path / "small") == b"12345"
+    with pytest.raises(OSError, match="larger than 4 bytes"):
+        read_small(tmp_path / "small", cap=4)
+    with pytest.raises(FileNotFoundError):
+        read_small(tmp_path / "missing")
+
+
+def test_read_small_refuses_a_fifo_at_once_and_never_follows_a_link(tmp_path):
+    os.mkfifo(tmp_path / "fifo")  # opened for reading, it would wait for a writer for ever
+    with pytest.raises(NotRegular):
+        read_small(tmp_path / "fifo")
+    (tmp_path / "target").write_bytes(b"secret")
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    with pytest.raises(OSError) as caught:
+        read_small(tmp_path / "link")
+    assert caught.value.errno == errno.ELOOP
+    with pytest.raises(NotRegular):
+        read_small(tmp_path)
+
+
+def test_a_finished_folder_changes_image_only_when_asked(tmp_path: Path):
+    done = Record("r:1", digest(1), "linux/amd64", complete=True)
+    assert done.retarget("r:1", digest(1), "linux/amd64", tmp_path, replace=False) is done
+    with pytest.raises(Error, match="--update"):
+        done.retarget("r:1", digest(2), "linux/amd64", tmp_path, replace=False)
+    assert done.retarget("r:1", digest(2), "linux/amd64", tmp_path, replace=True) == Record(
+        "r:1", digest(2), "linux/amd64"
+    )
+    unfinished = done._replace(complete=False)  # an interrupted pull of another image: simply replaced
+    assert unfinished.retarget("r:2", digest(2), "linux/amd64", tmp_path, replace=False).digest == digest(2)
+
+
+def test_remove_tree_never_follows_links(tmp_path: Path) -> None:
+    out = tmp_path / "outside"
+    plant_markers(out / "victim.txt")
+    (tmp_path / "tree" / "a").mkdir(parents=True)
+    (tmp_path / "tree" / "a" / "link").symlink_to(out)
+    (tmp_path / "tree" / "top-link").symlink_to(out)
+    (tmp_path / "tree" / "a").chmod(0)
+    before = outside_state([out])
+    remove_tree(tmp_path / "tree")
+    remove_tree(tmp_path / "missing")
+    assert not (tmp_path / "tree").exists() and outside_state([out]) == before
