@@ -40,9 +40,9 @@ CORRUPT_DATA = (OSError, EOFError, OverflowError, igzip_lib.IsalError, zstandard
 OPAQUE = WHITEOUT + WHITEOUT + ".opq"
 FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 CHUNK = 1 << 20
-# A zstd frame asks for a window this large at most: what `zstd -19` writes, and the minimum the standard (RFC 8878)
-# asks decoders to support. A frame that asks more (`zstd --long`, --ultra -20 and up) is refused, not allocated.
-WINDOW = 8 << 20
+# A zstd frame asks for a window this large at most: buildah's and podman's zstd:chunked layers ask 32 MiB
+# (`zstd -19` writes 8 MiB). A frame that asks more (`zstd --long`, --ultra -21 and up) is refused, not allocated.
+WINDOW = 32 << 20
 SHOWN = 200  # characters of a name shown in a message, at each end: a name may be a MiB long
 AHEAD = 4  # chunks decompressed ahead of the tar reader: memory stays bounded
 MAX_SECONDS = 2**63 // 10**9  # os.utime takes nanoseconds as a signed 64-bit number

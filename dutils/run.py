@@ -126,9 +126,8 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         env = sandbox.container_env(base_env, config.env, read_env_files(args.env_file) + args.env, dict(os.environ))
         published = ports.published(args.publish, config.ports, args.net or config.net)
         network = args.net or config.net or bool(published)  # with ports: pasta's network, shared by bwrap
-        groups = userns.image_groups(identity.uid, identity.gid, passwd, group) if os.geteuid() == 0 else []
-        maps = None if published else userns.plan_maps(identity.uid, identity.gid, groups, read_setting)
-        root_maps = maps is not None and not maps[0]  # the image's ids mapped to themselves
+        maps = None if published else userns.plan_maps(identity.uid, identity.gid, read_setting)
+        root_maps = maps is not None and not maps[0]  # every id mapped to itself
         defaults = [sandbox.Mount(target) for target in config.volumes]
         if network and os.path.exists(RESOLV_CONF):
             defaults.append(sandbox.Mount(RESOLV_CONF, RESOLV_CONF, read_only=True))
@@ -180,7 +179,7 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         root_fd = inheritable(os.dup(rootfs.root))
     os.close(dir_fd)
     program = seccomp.filter_program(os.uname().machine, fake_chown=not root_maps, fake_ids=maps is None)
-    groups = groups if root_maps else []
+    groups = userns.image_groups(identity.uid, identity.gid, passwd, group) if root_maps else []
     return sandbox.Plan(
         root_fd=root_fd,
         command=command,
@@ -249,10 +248,11 @@ defaults (the safe ones):
   With stdin not a terminal, the container gets a new session (no access to the terminal).
   On a terminal it keeps it, for job control and Ctrl-C, and a seccomp filter makes
   ioctl TIOCSTI/TIOCLINUX fail (no keystroke injection into your terminal).
-  The image's users are real: as root every id maps to itself; as a user with a range in
-  /etc/subuid and /etc/subgid (newuidmap), your ids are the image user's and the range the others'.
+  The image's users are real: as root every id maps to itself (for an image whose user is root);
+  as a user with a range in /etc/subuid and /etc/subgid (newuidmap), your ids are the image user's
+  and the range the others'.
   Without either (or with -p) one user is mapped, and setuid, setgid, setgroups and chown calls
-  succeed without effect. Except under root, chown is faked and an image with /etc/apt/apt.conf.d
+  succeed without effect. Except under root's mapping, chown is faked and an image with /etc/apt/apt.conf.d
   gets 99d-run there, setting APT::Sandbox::User "root". dpkg and apt-get work with --rw (and -n).
   Missing mount points (a volume's target, /etc/hosts) and a missing working directory are
   made, empty, in DIR/rootfs by d-run itself, links resolved inside DIR/rootfs as the

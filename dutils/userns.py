@@ -40,21 +40,15 @@ def keep_id(inside: int, own: int, start: int, count: int) -> list[int]:
     return [inside, own, 1, *rest]
 
 
-def plan_maps(
-    uid: int, gid: int, groups: list[int], read: Callable[[str], str]
-) -> tuple[list[str], list[int], list[int]] | None:
-    """How to map for the image's `uid` and `gid` (and, under root, its `groups`): the tools to write the maps
-    ([]: root writes them itself), the uid and gid maps as (inside, outside, count) triples; None for no mapping.
-    `read`: a file's text or ""."""
+def plan_maps(uid: int, gid: int, read: Callable[[str], str]) -> tuple[list[str], list[int], list[int]] | None:
+    """How to map for the image's `uid` and `gid`: the tools to write the maps ([]: root writes them itself),
+    the uid and gid maps as (inside, outside, count) triples; None for no mapping. `read`: a file's text or ""."""
     euid = os.geteuid()
-    if euid == 0:  # root's identity mapping
-        if uid == 0:
-            return [], EVERY_ID, EVERY_ID
-        # The namespace then belongs to `uid`, whose processes on the host may join it with every capability in
-        # it: it maps only the ids the image gives that user, never root's (a joined uid 0 is the host's root).
-        if 0 in groups:
-            return None
-        return [], [uid, uid, 1], [number for group in groups for number in (group, group, 1)]
+    if euid == 0:
+        # Root's identity mapping, only for the image's root. For another image user the namespace would belong
+        # to that uid, whose host processes could join it with every capability in it (a mapped 0: the host's
+        # root); mapping that user's ids alone leaves bwrap 0.8 unable to reach the private DIR. One user, then.
+        return ([], EVERY_ID, EVERY_ID) if uid == 0 else None
     import pwd  # a builtin module
 
     try:

@@ -245,6 +245,7 @@ def test_apt_get_installs_with_dependencies_from_a_local_repository(images, repo
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a root d-run")
+@pytest.mark.xfail(strict=True, reason="issue 18: under root, a non-root image user gets one mapped user (see README)")
 def test_an_image_user_writes_its_home_and_not_etc_under_root(images, tmp_path: Path) -> None:
     done = d_pull("-q", images["app"], str(tmp_path / "app"), cache=tmp_path / "cache", timeout=300)
     assert done.returncode == 0, done.stderr
