@@ -726,6 +726,7 @@ def trickle_headers(handler: HostileHandler) -> None:
         time.sleep(3)
 
 
+@pytest.mark.integration  # waits out a --timeout of 5 s
 @pytest.mark.parametrize("route", ["/manifests/", "token realm"])
 def test_response_headers_trickled_a_byte_at_a_time_end_within_the_timeout(route, hostile, other, tmp_path):
     if route == "token realm":
