@@ -101,6 +101,8 @@ class Pull:
     def connected(self) -> list[Registry]:
         """Connect on first use: a folder complete for its locked digest costs no request at all."""
         with self.mutex:
+            if not self.registries and hasattr(self.ref, "open_layout"):  # an image carried as a file: layout.Source
+                self.registries = [self.ref.open_layout()]
             if not self.registries:
                 self.registries = connect_mirrored(
                     self.ref, self.options.mirrors, self.connect, self.options.progress.note

@@ -60,7 +60,12 @@ class Reference:
 
 
 def parse_reference(text: str) -> Reference:
-    """Parse NAME[:TAG][@DIGEST] the way Docker does, or raise Error saying what is wrong."""
+    """Parse NAME[:TAG][@DIGEST] the way Docker does, or raise Error saying what is wrong; an image carried as a
+    file (`oci:PATH`, `docker-archive:FILE`, a path…) is a layout.Source."""
+    if text.startswith(("oci:", "oci-archive:", "docker-archive:", "/", "./", "../")):
+        from .layout import parse_source  # only for such images
+
+        return parse_source(text)
     rest, _, digest = text.partition("@")
     if digest:
         check_digest(digest)
