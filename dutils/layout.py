@@ -14,56 +14,20 @@ import json
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 from . import oci
 from .errors import Error
 from .manifest import check_descriptor
 from .oci import typed
-from .reference import Reference, parse_reference
+from .reference import Source, parse_reference
 from .registry import MAX_MANIFEST, OCI_MANIFEST
 from .store import DIGEST, LISTABLE, open_regular
 from .tarstream import BLOCK, TarError, TarReader
 
-TRANSPORTS = ("oci", "oci-archive", "docker-archive")
 NAMES = ("org.opencontainers.image.ref.name", "io.containerd.image.name")  # an index.json entry's names
 MAX_MEMBERS = 10_000  # of an archive: `docker save` of 500 layers writes about 1,500
 CHUNK = 1 << 20
 HINT = "this is not an image a tool wrote; do not use it"
-
-
-@dataclass(frozen=True)
-class Source(Reference):
-    """An image carried as a file, spelled as skopeo spells it: `registry` is TRANSPORT:PATH (PATH alone: a folder or
-    a tar told by its contents), `repository` the file's name (the default folder's), `tag` the REF (None: the only
-    image in it)."""
-
-    path: str = ""
-    transport: str = ""
-
-    def __str__(self) -> str:
-        return self.registry + (f":{self.tag}" if self.tag else "") + (f"@{self.digest}" if self.digest else "")
-
-    @property
-    def wanted(self) -> str:
-        return self.digest or self.tag or ""
-
-    def open_layout(self) -> "Layout":
-        return Layout(self)
-
-
-def parse_source(text: str) -> Source:
-    """`oci:PATH[:REF]`, `oci-archive:FILE[:REF]`, `docker-archive:FILE[:NAME:TAG|:@N]`, or a path that starts
-    with / or . (no image name does)."""
-    transport, colon, rest = text.partition(":")
-    path, _, ref = rest.partition(":") if colon and transport in TRANSPORTS else (text, "", "")
-    transport = transport if transport in TRANSPORTS else ""
-    if not path:
-        raise Error(f"{text!r} names no file", f"use {transport}:PATH")
-    path = os.path.abspath(path)
-    name = Path(path).name.removesuffix(".tar") or "image"
-    return Source(f"{transport}:{path}" if transport else path, name, ref or None, path=path, transport=transport)
 
 
 def member_name(name: str, where: str) -> str:

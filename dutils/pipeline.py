@@ -42,7 +42,7 @@ from .manifest import Blob, Image, Platform, compatible, host_platform, parse_pl
 from .mirrors import connect_mirrored, from_first_answering
 from .policy import check_image
 from .progress import Lines, Progress
-from .reference import Reference, parse_reference
+from .reference import Reference, Source, parse_reference
 from .registry import BlobUnknown, Registry, RetryPolicy
 from .store import PullDir, Record, blob_path, cache_dir, hold_folder
 
@@ -101,8 +101,10 @@ class Pull:
     def connected(self) -> list[Registry]:
         """Connect on first use: a folder complete for its locked digest costs no request at all."""
         with self.mutex:
-            if not self.registries and hasattr(self.ref, "open_layout"):  # an image carried as a file: layout.Source
-                self.registries = [self.ref.open_layout()]
+            if not self.registries and isinstance(self.ref, Source):  # an image carried as a file
+                from .layout import Layout
+
+                self.registries = [Layout(self.ref)]
             if not self.registries:
                 self.registries = connect_mirrored(
                     self.ref, self.options.mirrors, self.connect, self.options.progress.note

@@ -26,6 +26,7 @@ ORDER = [
     "signature",  # imported by policy only when a policy asks for a signature
     "policy",
     "tarstream",
+    "layout",  # images carried as files, read as a registry is: pipeline imports it only for them
     "rootfs",
     "tree",
     "apply",
