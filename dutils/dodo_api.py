@@ -17,7 +17,7 @@ class Sandbox:
     """`folder` made from `image`, and how `doit dutils-run:FOLDER` runs it: each field is the d-run flag beside it."""
 
     folder: str
-    image: str
+    image: str  # a registry reference, or a file: oci:DIR[:REF], oci-archive:FILE, docker-archive:FILE, ./PATH
     command: list[str] = field(default_factory=list)  # replaces the image's Cmd (empty: the image's own)
     volumes: list[str] = field(default_factory=list)  # -v HOST:CONTAINER[:ro], or CONTAINER (anonymous)
     env: dict[str, str] = field(default_factory=dict)  # -e KEY=VALUE

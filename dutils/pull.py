@@ -9,7 +9,7 @@ from .errors import Error
 
 USAGE = "d-pull [OPTIONS] IMAGE [DIR]"
 DESCRIPTION = """\
-Download IMAGE from an OCI/Docker registry into DIR: DIR/rootfs (the flattened image) and DIR/config.json
+Download IMAGE from an OCI/Docker registry (or a file) into DIR: DIR/rootfs (the flattened image) and DIR/config.json
 (the image's run configuration, yours to edit). Running the same command again resumes an interrupted pull
 and fetches nothing when DIR is complete. Run the result with d-run DIR."""
 EPILOG = """\
@@ -17,6 +17,7 @@ examples:
   d-pull alpine ./alpine                 docker.io/library/alpine:latest into ./alpine
   d-pull --platform linux/arm64/v8 debian:bookworm
   d-pull localhost:5000/tools/app@sha256:...
+  d-pull docker-archive:app.tar ./app    an image carried as a file: also oci:DIR[:REF], oci-archive:FILE[:REF]
   d-pull --lock sandboxes.lock alpine ./alpine      pinned to the digest the lock names (or pinned now)
 
 environment:
@@ -37,7 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawTextHelpFormatter,
     )
     add = parser.add_argument
-    add("image", metavar="IMAGE", help="NAME[:TAG] or NAME@sha256:DIGEST; NAME may start with a registry host")
+    add("image", metavar="IMAGE", help="NAME[:TAG] or NAME@sha256:DIGEST (NAME may start with a registry host), or"
+        " a file: oci:DIR[:REF], oci-archive:FILE[:REF], docker-archive:FILE[:NAME:TAG|:@N], a path starting / or .")  # fmt: skip
     add("dir", metavar="DIR", nargs="?", help="folder to pull into (default: ./NAME, the image's last name component)")
     add("--platform", metavar="OS/ARCH[/VARIANT]", help="which image of a multi-platform index (default: this host's)")
     add(

@@ -12,7 +12,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,7 @@ from images import (
     canonical_json,
     descriptor,
     index,
+    push,
     random_files,
     sha256,
     skopeo_push,
@@ -147,10 +148,14 @@ def pulled_config(ref: str, folder: Path) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def carried(registry, images: dict[str, str], umoci: dict[str, Path]) -> Iterator[dict[str, Expected]]:
+def carried(registry, umoci: dict[str, Path]) -> Iterator[dict[str, Expected]]:
     """The catalogue image as skopeo and Docker 25 write it, busybox as podman does (its vfs storage cannot hold the
     catalogue), each in a folder every user can read, with what pulling it must give."""
-    folder, layout = readable_folder("d-utils-layout-"), f"{umoci['layout']}:catalogue"
+    folder, unpacked, layout = (
+        readable_folder("d-utils-layout-"),
+        Path(tempfile.mkdtemp()),
+        f"{umoci['layout']}:catalogue",
+    )
     run(*SKOPEO, f"oci:{layout}", f"oci-archive:{folder}/skopeo.tar:catalogue")
     run(*SKOPEO, f"oci:{layout}", f"docker-archive:{folder}/skopeo-docker.tar:localhost/catalogue:v1")
     shutil.copytree(umoci["layout"], folder / "layout")
@@ -167,14 +172,17 @@ def carried(registry, images: dict[str, str], umoci: dict[str, Path]) -> Iterato
         "docker-25-as-docker-archive": f"docker-archive:{folder}/docker-25.tar:catalogue:latest",
     }
     expected = {how: Expected(source, umoci, DEVICES, config) for how, source in catalogue.items()}
-    write_oci_layout(folder / "busybox", busybox_image(), "latest")
-    trees = umoci_unpack(f"{folder}/busybox:latest", folder)
-    config = pulled_config(images["busybox-oci"], folder / "registry-busybox")
+    busybox = replace(busybox_image(), layers=[Tar().dir(".").to_bytes(), *busybox_image().layers])  # "." has a time
+    write_oci_layout(folder / "busybox", busybox, "latest")
+    trees = umoci_unpack(f"{folder}/busybox:latest", unpacked)  # not made readable by all below, as umoci made it
+    push(registry.host, "carried/busybox", "latest", busybox)
+    config = pulled_config(f"{registry.host}/carried/busybox:latest", folder / "registry-busybox")
     for how, source in podman_save(f"{folder}/busybox:latest", folder).items():
         expected[how] = Expected(source, trees, [], config)
     run("chmod", "-R", "a+rX", folder)
     yield expected
     shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(unpacked, ignore_errors=True)
 
 
 FORMATS = [
@@ -531,3 +539,29 @@ def test_a_hostile_layout_or_archive_is_one_line_and_changes_nothing_outside_dir
         assert not (target / "rootfs").exists() or not os.listdir(target / "rootfs")
     finally:
         shutil.rmtree(folder)
+
+
+DODO = """from pathlib import Path
+from dutils.pipeline import Options, Sandbox, sandbox_tasks
+DOIT_CONFIG = {"default_tasks": ["dutils"], "dep_file": "doit.json", "backend": "json"}
+SANDBOXES = [Sandbox("box", "docker-archive:app.tar"), Sandbox("plain", "./layout")]
+globals().update(sandbox_tasks(SANDBOXES, Options(cache=Path("cache").absolute())))
+"""
+
+
+@pytest.mark.parametrize("who", ["root", "user"])
+def test_a_dodo_materialises_sandboxes_from_files_carried_beside_it(who: str, workspace: Path, unprivileged) -> None:
+    folder = fresh_folder(workspace)
+    docker_archive(base(), folder / "app.tar")
+    write_oci_layout(folder / "layout", base(), "latest")
+    (folder / "dodo.py").write_text(DODO)
+    run("chmod", "-R", "a+rX", folder)
+    if who == "user":
+        run("chown", "-R", f"{USER}:{USER}", folder) if os.geteuid() == 0 else None
+        done = unprivileged.run([unprivileged.bin / "doit"], cwd=folder, capture_output=True, text=True, timeout=180)
+    else:
+        done = subprocess.run([BIN / "doit"], cwd=folder, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    for box in ("box", "plain"):
+        assert (folder / box / "rootfs" / "etc" / "added-by-layer-2").read_text() == "added by layer 2\n"
+    assert f'"reference": "docker-archive:{folder / "app.tar"}"' in (folder / "sandboxes.lock").read_text()
