@@ -9,6 +9,7 @@ manifest.json, its layers the uncompressed tars under their diff_ids, so that th
 are what every byte is checked against."""
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -61,7 +62,9 @@ class Folder:
             file = open_regular(last, os.O_RDONLY, dir_fd=fd)
         except FileNotFoundError:
             raise Error(f"{self.where} has no {name}", "the layout is incomplete") from None
-        except OSError:  # ELOOP, ENOTDIR, NotRegular
+        except OSError as err:
+            if err.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EINVAL):  # EINVAL: NotRegular
+                raise Error(f"cannot read {name} in {self.where}: {err.strerror}") from None
             raise Error(f"{self.where}: {name} is reached through a link or is not a regular file", HINT) from None
         finally:
             if fd != self.fd:
