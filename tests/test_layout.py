@@ -1,5 +1,5 @@
 """Images carried as files (issue 22): OCI layouts, OCI archives and docker-archives written by skopeo, podman and
-by hand in Docker 25's form, pulled as root and as the ordinary user into umoci's tree and a registry pull's
+buildah and by hand in Docker 25's form, pulled as root and as the ordinary user into umoci's tree and a registry pull's
 config.json; platforms, the lock file, --update and kill -9; hostile layouts and archives, each refused in one line
 with nothing changed outside DIR."""
 
@@ -42,7 +42,8 @@ from dutils.reference import Source, parse_reference
 
 REF_NAME = "org.opencontainers.image.ref.name"
 SKOPEO = ["skopeo", "--insecure-policy", "copy", "--quiet"]
-PODMAN_FORMATS = {"podman-oci-archive": "oci-archive", "podman-docker-archive": "docker-archive"}
+FILE_FORMATS = ("oci-archive", "docker-archive")
+NAMED = "localhost/busybox:v1"  # as podman and buildah name their files' images
 
 
 def readable_folder(prefix: str) -> Path:
@@ -117,16 +118,21 @@ def docker_25(docker_archive: Path, folder: Path) -> Path:
     return path
 
 
-def podman_save(layout: str, folder: Path) -> dict[str, str]:
-    """The image saved by podman in both formats, from a storage of its own (none of the machine's is touched)."""
-    podman = ["podman", "--root", folder / "podman", "--runroot", folder / "podman-run", "--storage-driver", "vfs"]
-    run(*podman, "tag", run(*podman, "pull", "-q", f"oci:{layout}").strip(), "localhost/catalogue:v1")
+def saved_by(tool: str, layout: str, folder: Path) -> dict[str, str]:
+    """The image written by podman (`save`) or buildah (`push`) in both formats, through a storage of their own
+    (none of the machine's is touched)."""
+    storage = [tool, "--root", folder / tool, "--runroot", folder / f"{tool}-run", "--storage-driver", "vfs"]
+    run(*storage, "tag", run(*storage, "pull", "-q", f"oci:{layout}").strip(), NAMED)
     saved = {}
-    for name, kind in PODMAN_FORMATS.items():
-        run(*podman, "save", "-q", "--format", kind, "-o", folder / f"{name}.tar", "localhost/catalogue:v1")
-        saved[name] = f"{kind}:{folder}/{name}.tar:localhost/catalogue:v1"
-    run(*podman, "rmi", "-a")
-    shutil.rmtree(folder / "podman", ignore_errors=True)
+    for kind in FILE_FORMATS:
+        path = folder / f"{tool}-{kind}.tar"
+        if tool == "podman":
+            run(*storage, "save", "-q", "--format", kind, "-o", path, NAMED)
+        else:
+            run(*storage, "push", "-q", NAMED, f"{kind}:{path}:{NAMED}")
+        saved[f"{tool}-{kind}"] = f"{kind}:{path}:{NAMED}"
+    run(*storage, "rmi", "-a")
+    shutil.rmtree(folder / tool, ignore_errors=True)
     return saved
 
 
@@ -149,8 +155,8 @@ def pulled_config(ref: str, folder: Path) -> bytes:
 
 @pytest.fixture(scope="module")
 def carried(registry, umoci: dict[str, Path]) -> Iterator[dict[str, Expected]]:
-    """The catalogue image as skopeo and Docker 25 write it, busybox as podman does (its vfs storage cannot hold the
-    catalogue), each in a folder every user can read, with what pulling it must give."""
+    """The catalogue image as skopeo and Docker 25 write it, busybox as podman and buildah do (their vfs storage
+    cannot hold the catalogue), each in a folder every user can read, with what pulling it must give."""
     folder, unpacked, layout = (
         readable_folder("d-utils-layout-"),
         Path(tempfile.mkdtemp()),
@@ -177,7 +183,10 @@ def carried(registry, umoci: dict[str, Path]) -> Iterator[dict[str, Expected]]:
     trees = umoci_unpack(f"{folder}/busybox:latest", unpacked)  # not made readable by all below, as umoci made it
     push(registry.host, "carried/busybox", "latest", busybox)
     config = pulled_config(f"{registry.host}/carried/busybox:latest", folder / "registry-busybox")
-    for how, source in podman_save(f"{folder}/busybox:latest", folder).items():
+    saved = saved_by("podman", f"{folder}/busybox:latest", folder) | saved_by(
+        "buildah", f"{folder}/busybox:latest", folder
+    )
+    for how, source in saved.items():
         expected[how] = Expected(source, trees, [], config)
     run("chmod", "-R", "a+rX", folder)
     yield expected
@@ -194,7 +203,7 @@ FORMATS = [
     "docker-archive-named",
     "docker-25",
     "docker-25-as-docker-archive",
-    *PODMAN_FORMATS,
+    *(f"{tool}-{kind}" for tool in ("podman", "buildah") for kind in FILE_FORMATS),
 ]
 
 
