@@ -114,6 +114,10 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
     config = read_config(dir_fd, str(pull.config))
     writable, kind = args.rw or config.rw, fcntl.LOCK_EX if args.rw or config.rw else fcntl.LOCK_SH
     lock_fd = hold_folder(pull.root, kind, f"{pull.root} {IN_USE[kind]}")  # before anything is made
+    if writable and os.path.lexists(pull.state / "shared"):  # its files are other folders' too (share.py)
+        from .share import make_private
+
+        make_private(pull, "d-run")
     command = sandbox.container_command(config, args.entrypoint, args.command)
     check_user_namespaces()
     with open_rootfs(dir_fd, str(pull.rootfs)) as rootfs:

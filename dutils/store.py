@@ -85,10 +85,13 @@ def open_cache(cache: Path) -> Path:
 def check_cache(cache: Path) -> Path:
     link = cache.lstat()  # the cache itself may be a link, if the user made it
     check_private(cache, cache.stat() if link.st_uid == os.geteuid() else link)
+    trees = os.path.join(cache, "trees")  # applied images (share.py): each tree's folder is checked, not its files
     for parent, folders, files in os.walk(cache):
         for name in folders + files:
             with contextlib.suppress(FileNotFoundError):  # a lock another pull removed meanwhile
                 check_private(Path(parent, name), os.lstat(os.path.join(parent, name)))
+        if parent == trees:
+            folders.clear()
     return cache
 
 
