@@ -22,16 +22,11 @@ from pathlib import Path
 
 from .errors import Error, printable
 from .folder import AppliedLog
-from .store import PullDir, hold_folder, locked, remove_tree, touch, write_atomic
+from .store import ANCHOR, PullDir, hold_folder, locked, remove_tree, touch, trees_folder, write_atomic
 
-ANCHOR = "anchor"
 SHARED = "shared"  # DIR/.d-pull/shared: a hard link to the anchor of the tree DIR/rootfs is linked from
 FICLONE = 0x40049409  # ioctl: make a file share another's blocks (XFS, Btrfs)
 RENAME_EXCHANGE = 2
-
-
-def trees_folder(cache: Path) -> Path:
-    return cache / "trees"
 
 
 def chain_ids(diff_ids: Sequence[str]) -> list[str]:

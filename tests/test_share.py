@@ -3,9 +3,11 @@ from it, and nothing written through one folder reaching the store or another fo
 as root and as the ordinary user."""
 
 import hashlib
+import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +17,9 @@ from images import Image, Tar, busybox_layer, push
 from malicious import make_workspace
 from trees import snapshot, tree_without_folder_times
 
+from dutils.cache import MAX_AGE, list_entries, remove_older
 from dutils.share import chain_ids
+from dutils.store import ANCHOR, check_cache, open_cache, trees_folder
 
 Tool = Callable[..., subprocess.CompletedProcess]
 
@@ -95,6 +99,24 @@ def test_chain_ids_are_the_oci_ones():
     assert chain_ids([]) == []
 
 
+def test_trees_expire_as_blobs_do_and_their_files_links_do_not_make_the_cache_untrusted(tmp_path):
+    cache = open_cache(tmp_path / "cache")
+    for name, days in (("old", 31), ("new", 1)):
+        tree = trees_folder(cache) / name
+        (tree / "rootfs").mkdir(parents=True)
+        (tree / "rootfs" / "file").write_bytes(b"x" * 5000)
+        os.link(tree / "rootfs" / "file", tree / "rootfs" / "link")  # the image's own hard link
+        (tree / ANCHOR).write_text(name)
+        os.link(tree / ANCHOR, tmp_path / f"folder-of-{name}")  # a folder made from it
+        then = time.time() - days * 86400
+        os.utime(tree / ANCHOR, (then, then))
+    check_cache(cache)
+    listed = {entry.path.name: entry for entry in list_entries(cache)}
+    assert (listed["new"].folders, listed["new"].size) == (1, 3 * 4096)  # the file once (two blocks), the anchor
+    assert [entry.path.name for entry in remove_older(cache, MAX_AGE)] == ["old"]
+    assert trees(cache) == [trees_folder(cache) / "new"]
+
+
 def test_shared_folders_are_one_tree_and_a_rw_run_writes_into_neither(tool, registry):
     place, run = tool
     push(registry.host, "shared-base", "latest", BASE)
@@ -154,7 +176,9 @@ def test_an_extending_image_starts_from_its_base_tree_and_update_prune_leave_sib
 
     listed = run("d-cache", "--cache", cache, "list")
     assert listed.returncode == 0, listed.stderr
-    assert f"2 folders  {base_tree.name}" in listed.stdout
+    assert f"tree, folders: 1  {base_tree.name}" in listed.stdout  # b; a moved on
+    for name in ("a", "b", "e"):  # a first run makes its mount points (/etc/hosts) in the folder
+        assert run("d-run", place / name, "true").returncode == 0
     before = {name: snapshot(place / name / "rootfs") for name in ("a", "b", "e")}
     pruned = run("d-cache", "--cache", cache, "prune", "--all")
     assert pruned.returncode == 0, pruned.stderr
