@@ -189,6 +189,20 @@ def test_an_extending_image_starts_from_its_base_tree_and_update_prune_leave_sib
         assert snapshot(place / name / "rootfs") == before[name]
 
 
+def test_two_pulls_at_once_apply_the_tree_once(registry, tmp_path):
+    push(registry.host, "at-once", "latest", BASE)
+    ref, cache = f"{registry.host}/at-once:latest", tmp_path / "cache"
+    argv = [BIN / "d-pull", "--cache", cache, "--share", ref]
+    started = [subprocess.Popen([*argv, tmp_path / name], stderr=subprocess.PIPE, text=True) for name in "ab"]
+    said = [process.communicate(timeout=120)[1] for process in started]
+    assert [process.returncode for process in started] == [0, 0], said
+    assert "".join(said).count("applied layer 2/2") == 1  # by one of them; the other waited for its lock
+    (tree,) = trees(cache)
+    stored = (tree / "rootfs" / "data" / "setuid").stat()
+    assert {(tmp_path / name / "rootfs/data/setuid").stat().st_ino for name in ("a", "b")} == {stored.st_ino}
+    assert not (tree / ".rootfs.d-utils-journal").exists() and (tree / ANCHOR).stat().st_nlink == 3
+
+
 def test_unshare_gives_a_folder_files_of_its_own(tool, registry):
     place, run = tool
     push(registry.host, "to-unshare", "latest", BASE)
