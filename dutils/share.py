@@ -53,7 +53,8 @@ class StoreTree:
     def build(self, apply_onto: Callable[..., None], *args: object) -> None:
         """Apply an image's layers once into the cache's store of trees, for the folders that share them (by the pull's
         `apply_onto(rootfs, log, keys, *args)`); a process building the same tree is waited for."""
-        self.folder.root.parent.mkdir(0o700, exist_ok=True)  # private: what a root pull applied stays root's
+        self.folder.root.parent.mkdir(exist_ok=True)
+        self.folder.root.parent.chmod(0o700)  # no one else reaches its trees' /tmp (1777) or root's setuid files
         self.folder.state.mkdir(parents=True, exist_ok=True)
         with locked(self.folder.state / "lock"):
             if self.complete():

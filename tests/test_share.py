@@ -126,6 +126,7 @@ def test_shared_folders_are_one_tree_and_a_rw_run_writes_into_neither(tool, regi
     pull(run, cache, ref, place / "private")
 
     (tree,) = trees(cache)
+    assert (cache / "trees").stat().st_mode & 0o777 == 0o700  # no other user reaches the store's /tmp (1777)
     assert snapshot(place / "a" / "rootfs") == snapshot(tree / "rootfs")  # folder times too
     same = tree_without_folder_times(place / "a" / "rootfs")  # those of folders no layer lists are the pull's
     assert same == tree_without_folder_times(place / "private" / "rootfs")
