@@ -74,8 +74,8 @@ def tool(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, Tool]:
         return tmp_path, run
     user, place = request.getfixturevalue("unprivileged"), make_workspace()
     request.addfinalizer(lambda: shutil.rmtree(place))
-    # skopeo run as root makes /run/containers 0700, where the user's default auth.json would be: not this test's
-    env = {"XDG_RUNTIME_DIR": str(place / "pull")}
+    # the user's home and /run/containers are shared with other tests running meanwhile: credentials from here only
+    env = {name: str(place / "pull") for name in ("XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "DOCKER_CONFIG")}
 
     def run_as_user(name: str, *args: object) -> subprocess.CompletedProcess:
         return user.run([user.bin / name, *args], env=env, capture_output=True, text=True, timeout=120)
