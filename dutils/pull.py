@@ -72,8 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("-q", "--quiet", action="store_true", help="print nothing but errors")
     add("--debug", action="store_true", help="show tracebacks and doit's own output")
     args = parser.parse_args(argv)
-    if not (args.image or args.unshare):
-        parser.error("the following arguments are required: IMAGE")
+    if bool(args.image) == bool(args.unshare):
+        parser.error("--unshare DIR pulls nothing: give no IMAGE" if args.image else "IMAGE is required")
     return args
 
 

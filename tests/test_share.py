@@ -150,6 +150,32 @@ def test_shared_folders_are_one_tree_and_a_rw_run_writes_into_neither(tool, regi
     assert again.returncode == 0 and again.stdout == "content\nmore\n" and "private" not in again.stderr
 
 
+def usage(*roots: Path) -> tuple[int, int]:
+    """The distinct inodes below `roots` (and the roots), and their blocks in bytes."""
+    blocks = {}
+    for root in roots:
+        for folder, _, files in os.walk(root):
+            for path in [folder, *(os.path.join(folder, name) for name in files)]:
+                info = os.lstat(path)
+                blocks[info.st_dev, info.st_ino] = info.st_blocks * 512
+    return len(blocks), sum(blocks.values())
+
+
+def test_ten_shared_folders_take_little_more_disk_than_one_unshared(tool, registry):
+    place, run = tool
+    files = Tar()
+    for n in range(2000):  # a hundred files a folder, as in the bench's small-files image
+        files = (files.dir(f"d{n // 100}") if n % 100 == 0 else files).file(f"d{n // 100}/f{n}", b"%d" % n * 300)
+    push(registry.host, "many-files", "latest", Image(layers=[files]))
+    ref, cache = f"{registry.host}/many-files:latest", place / "cache"
+    pull(run, cache, ref, place / "private")
+    for n in range(10):
+        pull(run, cache, "--share", ref, place / f"shared-{n}")
+    one = usage(place / "private" / "rootfs")
+    ten = usage(*trees(cache), *(place / f"shared-{n}" / "rootfs" for n in range(10)))
+    assert one[0] > 2000 and ten[0] <= 1.2 * one[0] and ten[1] <= 1.2 * one[1], (one, ten)
+
+
 def test_an_extending_image_starts_from_its_base_tree_and_update_prune_leave_siblings_alone(tool, registry):
     place, run = tool
     push(registry.host, "base", "latest", BASE)
