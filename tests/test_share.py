@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from cli import BIN
-from images import Image, Tar, busybox_layer, push
+from images import Image, Tar, busybox_layer, push, random_files
 from malicious import make_workspace
 from trees import snapshot, tree_without_folder_times
 
@@ -63,15 +63,15 @@ chmod 755 locked; echo n > locked/new; : > locked/secret; mkdir made; mkfifo mad
 """
 
 
+def subprocess_tool(name: str, *args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([BIN / name, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
 @pytest.fixture(params=["root", "user"])
 def tool(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, Tool]:
     """Where to pull, and d-pull/d-run/d-cache run as root, or as the ordinary user in a folder of theirs."""
     if request.param == "root":
-
-        def run(name: str, *args: object) -> subprocess.CompletedProcess:
-            return subprocess.run([BIN / name, *map(str, args)], capture_output=True, text=True, timeout=120)
-
-        return tmp_path, run
+        return tmp_path, subprocess_tool
     user, place = request.getfixturevalue("unprivileged"), make_workspace()
     request.addfinalizer(lambda: shutil.rmtree(place))
     # the user's home and /run/containers are shared with other tests running meanwhile: credentials from here only
@@ -228,6 +228,29 @@ def test_two_pulls_at_once_apply_the_tree_once(registry, tmp_path):
     stored = (tree / "rootfs" / "data" / "setuid").stat()
     assert {(tmp_path / name / "rootfs/data/setuid").stat().st_ino for name in ("a", "b")} == {stored.st_ino}
     assert not (tree / ".rootfs.d-utils-journal").exists() and (tree / ANCHOR).stat().st_nlink == 3
+
+
+def test_a_tree_killed_while_applied_is_resumed_to_the_clean_tree(registry, tmp_path):
+    push(registry.host, "killed", "latest", Image(layers=[busybox_layer(), random_files("a", 3000, 1 << 10)]))
+    ref, cache = f"{registry.host}/killed:latest", tmp_path / "cache"
+    pull(subprocess_tool, cache, ref, tmp_path / "clean")
+
+    def applying(at_least: int) -> Callable[[], bool]:
+        return lambda: any(len(os.listdir(a)) > at_least for a in cache.glob("trees/*/rootfs/a"))
+
+    for moment in (applying(300), applying(1500)):
+        started = time.monotonic()
+        process = subprocess.Popen([BIN / "d-pull", "-q", "--cache", cache, "--share", ref, tmp_path / "app"])
+        while not moment() and process.poll() is None and time.monotonic() - started < 60:
+            time.sleep(0.01)
+        caught = process.poll() is None and moment()
+        process.kill()
+        process.wait(timeout=10)
+        assert caught
+    pull(subprocess_tool, cache, "--share", ref, tmp_path / "app")
+    (tree,) = trees(cache)
+    clean = tree_without_folder_times(tmp_path / "clean" / "rootfs")
+    assert tree_without_folder_times(tree / "rootfs") == clean == tree_without_folder_times(tmp_path / "app" / "rootfs")
 
 
 def test_unshare_gives_a_folder_files_of_its_own(tool, registry):
