@@ -78,8 +78,9 @@ class StoreTree:
                 return
 
     def make_rootfs(self, folder: PullDir, log: AppliedLog, digests: list[str], note: Callable[[str], None]) -> None:
-        """Make DIR/rootfs from the store's tree: by hard links, by a reflink copy where the filesystem clones (then the folder is
-        private), else by a plain copy (the cache on another filesystem). The log then says every layer is applied."""
+        """Make DIR/rootfs from the store's tree: by hard links, by a reflink copy where the filesystem clones (then
+        the folder is private), else by a plain copy (the cache on another filesystem). Then the log says every layer
+        is applied."""
         log.start_over()
         (folder.state / SHARED).unlink(missing_ok=True)
         if os.stat(self.anchor).st_dev != os.stat(folder.root).st_dev:

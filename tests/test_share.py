@@ -18,6 +18,7 @@ from malicious import make_workspace
 from trees import snapshot, tree_without_folder_times
 
 from dutils.cache import MAX_AGE, list_entries, remove_older
+from dutils.pipeline import Options, Sandbox
 from dutils.share import chain_ids
 from dutils.store import ANCHOR, check_cache, open_cache, trees_folder
 
@@ -97,6 +98,12 @@ def test_chain_ids_are_the_oci_ones():
     one, two = "sha256:" + "1" * 64, "sha256:" + "2" * 64
     assert chain_ids([one, two]) == [one, "sha256:" + hashlib.sha256(f"{one} {two}".encode()).hexdigest()]
     assert chain_ids([]) == []
+
+
+def test_a_sandbox_shares_when_it_or_the_options_say_so():
+    assert Sandbox("a", "alpine", share=True).options(Options()).share
+    assert Sandbox("a", "alpine").options(Options(share=True)).share
+    assert not Sandbox("a", "alpine").options(Options()).share
 
 
 def test_trees_expire_as_blobs_do_and_their_files_links_do_not_make_the_cache_untrusted(tmp_path):
