@@ -303,7 +303,8 @@ OPTIONS = (
      "read KEY=VALUE or KEY lines from FILE ('#' comments), before -e (repeatable)"),
     (("-u", "--user"), "user", "NAME|UID[:GROUP|GID]", str,
      "run as this user (names from the image's /etc/passwd and /etc/group; default: User, else root)"),
-    (("--rw",), "rw", None, None, "make the image's root writable (changes stay in DIR/rootfs)"),
+    (("--rw",), "rw", None, None,
+     "make the image's root writable (changes stay in DIR/rootfs; a shared one first gets files of its own)"),
     (("-n", "--net"), "net", None, None, "share the host's network, with its /etc/resolv.conf"),
     (("-p", "--publish"), "publish", "[HOST_ADDR:]HOST_PORT:CONTAINER_PORT[/tcp|/udp]", str,
      "forward the host's port (on 127.0.0.1 unless HOST_ADDR is given; [::1] for IPv6) to the container's, "
