@@ -153,6 +153,10 @@ def test_shared_folders_are_one_tree_and_a_rw_run_writes_into_neither(tool, regi
     assert (data / "hard").read_text() == "content\nmore\n" and (data / "trunc").stat().st_size == 0
     assert not (data / "gone").exists() and (data / "moved" / "inner").exists()
     assert not (place / "a" / ".d-pull" / "shared").exists() and (tree / "anchor").stat().st_nlink == 2
+    attack = "echo x >> /data/file; : > /data/trunc; chmod 777 /data/mode; touch /data/hard; rm /data/old"
+    tried = run("d-run", place / "b", "sh", "-c", attack)  # a read-only run of a sibling, as an attacker would
+    assert tried.returncode != 0 and "Read-only file system" in tried.stderr
+    assert snapshot(tree / "rootfs") == store_before
     again = run("d-run", "--rw", place / "a", "cat", "/data/file")
     assert again.returncode == 0 and again.stdout == "content\nmore\n" and "private" not in again.stderr
 
