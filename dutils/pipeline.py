@@ -37,8 +37,8 @@ from .cache import prune_if_due
 from .dodo_api import Sandbox
 from .errors import Error, printable
 from .fetch import cached, fetch_blob
-from .folder import AppliedLog, LockFile, claimed, remove_folder
-from .manifest import Blob, Image, Platform, compatible, host_platform, parse_platform, resolve_image
+from .folder import AppliedLog, LockFile, claimed, is_complete, remove_folder, settled
+from .manifest import Blob, Image, Platform, host_platform, resolve_image
 from .mirrors import connect_mirrored, from_first_answering
 from .policy import check_image
 from .progress import Lines, Progress
@@ -125,15 +125,8 @@ class Pull:
         return None if self.lock is None or self.options.update else self.lock.entry(self.folder.root, str(self.ref))
 
     def settled(self) -> bool:
-        """Complete for the manifest its lock entry names: nothing to ask any registry."""
-        try:  # an up-to-date check that raises is a traceback: let the manifest task's action say it in one line
-            entry = self.pinned()
-            record = entry and self.folder.read_record()
-            # the image's own platform, which the one asked for may accept without naming it (386 on amd64)
-            runs = record and parse_platform(record.platform) in compatible(self.options.platform)
-        except Error:
-            return False
-        return bool(runs and record.digest == entry["manifest"] and self.is_complete())
+        """Complete for the manifest its lock entry names: nothing to ask any registry (`folder.settled` decides)."""
+        return not self.options.update and settled(self.folder, self.lock, str(self.ref), self.options.platform)
 
     def resolve(self) -> None:
         """Hold the folder, resolve its manifest, pin it in the lock file, and record what this pull makes."""
@@ -232,8 +225,7 @@ class Pull:
     # -- config
 
     def is_complete(self) -> bool:
-        record = self.folder.read_record()
-        return bool(record and record.complete and self.folder.config.exists() and self.folder.rootfs.is_dir())
+        return is_complete(self.folder)
 
     def write_config(self) -> None:
         """config.json last, and the record marked complete: what says the pull is finished."""
