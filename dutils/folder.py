@@ -53,12 +53,7 @@ def settled(folder: PullDir, lock: "LockFile | None", reference: str, wanted: Pl
         runs and folder.check_trusted()
     except Error:
         return False
-    return bool(runs and record.digest == entry["manifest"] and is_complete(folder))
-
-
-def is_complete(folder: PullDir) -> bool:
-    record = folder.read_record()
-    return bool(record and record.complete and folder.config.exists() and folder.rootfs.is_dir())
+    return bool(runs and record.digest == entry["manifest"] and folder.is_complete(record))
 
 
 def refuse_links(folder: PullDir) -> None:

@@ -38,7 +38,7 @@ from .auth import find_credentials
 from .cache import prune_if_due
 from .dodo_api import Sandbox
 from .errors import Error, printable
-from .folder import AppliedLog, LockFile, claimed, is_complete, remove_folder, settled
+from .folder import AppliedLog, LockFile, claimed, remove_folder, settled
 from .manifest import Blob, Image, Platform, host_platform, resolve_image
 from .progress import Lines, Progress
 from .reference import Reference, parse_reference
@@ -239,7 +239,7 @@ class Pull:
     # -- config
 
     def is_complete(self) -> bool:
-        return is_complete(self.folder)
+        return self.folder.is_complete(self.folder.read_record())
 
     def write_config(self) -> None:
         """config.json last, and the record marked complete: what says the pull is finished."""

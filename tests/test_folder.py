@@ -95,6 +95,9 @@ SPOILS = {  # what makes a folder unsettled: the full path then redoes it, or sa
     "other-image": lambda folder, lock: folder.write_record(folder.read_record()._replace(digest=digest(3))),
     "arm64-image": lambda folder, lock: folder.write_record(folder.read_record()._replace(platform="linux/arm64")),
     "damaged-record": lambda folder, lock: folder.record_path.write_text("{"),
+    "platform-not-text": lambda folder, lock: folder.record_path.write_text(
+        json.dumps(folder.read_record()._asdict() | {"platform": 5})
+    ),
     "damaged-lock": lambda folder, lock: lock.path.write_text('{"sandboxes": {"app": {"digest": "sha256:../x"}}}'),
 }
 

@@ -268,3 +268,15 @@ def test_a_locked_complete_folder_is_decided_before_requests_or_doit_load(who, r
     folder.chmod(0o770)  # a folder others may have changed is not settled: the full path refuses it in one line
     done, loaded = pull()
     assert_one_line_error(done, "refusing", "writable by other users")
+
+
+def test_a_locked_folder_with_a_damaged_record_is_one_line_from_the_full_path(tmp_path):
+    folder, lock = tmp_path / "app", tmp_path / "sandboxes.lock"
+    (folder / "rootfs").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    manifest = f"sha256:{2:064x}"
+    record = {"reference": "localhost:5000/app:1", "digest": manifest, "platform": 5, "complete": True}
+    (folder / "image.json").write_text(json.dumps(record))
+    lock.write_text(json.dumps({"sandboxes": {"app": record | {"manifest": manifest}}}))
+    done = d_pull("--lock", str(lock), "localhost:5000/app:1", str(folder), cache=tmp_path / "cache")
+    assert_one_line_error(done, "damaged pull record", "must be strings")
