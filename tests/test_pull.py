@@ -229,9 +229,10 @@ def test_a_locked_complete_folder_is_decided_before_requests_or_doit_load(who, r
     if who == "user":
         user, place = request.getfixturevalue("unprivileged"), make_workspace()
         request.addfinalizer(lambda: shutil.rmtree(place))
-        # as in a login session: /run/containers, which root's podman makes 0700, is not the user's auth folder
+        # credential folders of its own: what other tests leave in the user's (or /run/containers, which root's
+        # podman makes 0700) is not what this test is about
         place, python = place / "pull", user.bin / "python"
-        run = partial(user.run, env={"XDG_RUNTIME_DIR": str(place)})
+        run = partial(user.run, env=dict.fromkeys(["XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "DOCKER_CONFIG"], str(place)))
     else:
         place, python, run = tmp_path, BIN / "python", subprocess.run
     ref, lock, folder, cache = (
