@@ -114,7 +114,7 @@ def run_pipeline(
     args: argparse.Namespace, folder: Path, platform: Platform, password: str | None, lock: LockFile | None
 ) -> str:
     """Pull by the doit pipeline; what was done, or "" when it failed (said on stderr)."""
-    from . import pipeline  # doit and requests load here, not for --help nor a settled folder
+    from . import pipeline  # doit loads here (requests with the first task asking a registry), not for a settled folder
     from .progress import progress_for
     from .store import cache_dir
 
