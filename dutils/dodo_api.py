@@ -30,6 +30,7 @@ class Sandbox:
     hostname: str | None = None  # --hostname NAME
     tmpfs: list[str] = field(default_factory=list)  # --tmpfs PATH[:size=…]
     platform: str | None = None  # OS/ARCH[/VARIANT] to pull (default: the Options', this host's)
+    share: bool = False  # d-pull --share: the rootfs hard-linked from the cache's store, applied once for all
 
     def d_run_argv(self) -> list[str]:
         flags = [word for volume in self.volumes for word in ("-v", volume)]
@@ -45,4 +46,5 @@ class Sandbox:
 
     def options(self, options: OptionsT) -> OptionsT:
         platform = parse_platform(self.platform) if self.platform else options.platform
-        return replace(options, platform=platform, progress=Named(options.progress, self.folder))
+        share = self.share or options.share
+        return replace(options, platform=platform, share=share, progress=Named(options.progress, self.folder))

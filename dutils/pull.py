@@ -44,7 +44,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawTextHelpFormatter,
     )
     add = parser.add_argument
-    add("image", metavar="IMAGE", help="NAME[:TAG] or NAME@sha256:DIGEST; NAME may start with a registry host")
+    add(
+        "image",
+        metavar="IMAGE",
+        nargs="?",
+        help="NAME[:TAG] or NAME@sha256:DIGEST; NAME may start with a registry host",
+    )
     add("dir", metavar="DIR", nargs="?", help="folder to pull into (default: ./NAME, the image's last name component)")
     add("--platform", metavar="OS/ARCH[/VARIANT]", help="which image of a multi-platform index (default: this host's)")
     add(
@@ -54,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add("--update", action="store_true",
         help="replace DIR's image when the tag now names another one (keeps config.json edits); with --lock, lock anew")  # fmt: skip
+    add("--share", action="store_true",
+        help="make DIR/rootfs by hard links from the cache's applied copy of the image (see README: shared folders)")  # fmt: skip
+    add("--unshare", metavar="DIR", help="give the shared folder DIR files of its own (a copy), and pull nothing")
     add("--lock", metavar="FILE",
         help="pull the digest FILE pins DIR to (a complete DIR then costs no request), else pin it there")  # fmt: skip
     add("--policy", metavar="FILE", help="trust policy, containers-policy.json(5) (default: where podman finds it)")
@@ -70,7 +78,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="give up after this long without progress (default: 300)")  # fmt: skip
     add("-q", "--quiet", action="store_true", help="print nothing but errors")
     add("--debug", action="store_true", help="show tracebacks and doit's own output")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if bool(args.image) == bool(args.unshare):
+        parser.error("--unshare DIR pulls nothing: give no IMAGE" if args.image else "IMAGE is required")
+    return args
 
 
 def positive(text: str) -> int:
@@ -82,6 +93,11 @@ def positive(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)  # None: sys.argv[1:]
     try:
+        if args.unshare:
+            from .share import unshare
+
+            unshare(args.unshare)
+            return 0
         return pull(args)
     except Error as err:
         print(f"d-pull: error: {err}", file=sys.stderr)
@@ -124,6 +140,7 @@ def run_pipeline(
         insecure=args.insecure,
         ca_bundle=args.ca_bundle,
         update=args.update,
+        share=args.share,
         mirrors=args.mirror,
         jobs=args.jobs,
         timeout=args.timeout,

@@ -32,6 +32,7 @@ ORDER = [
     "config",
     "cache",
     "folder",
+    "share",  # the store of applied trees, and the folders linked from it
     "dodo_api",
     "pipeline",
     "steps",
