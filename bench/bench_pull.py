@@ -7,7 +7,8 @@ Three images: 20,000 small files in 2 layers, 300 MiB in 4 layers, and the Debia
 with debootstrap (cached in cache/test-images). In one interleaved run (the tools' order rotates; `sync` and a
 pause before every run) each image is pulled cold (fresh cache, fresh destination) by d-pull, skopeo + umoci and
 ch-image; its layers are extracted by GNU `tar -xzf` and hashed and inflated in memory (the floors); d-pull
-applies it from a cache that already holds its blobs (fresh destination) and re-pulls a complete folder (no-op).
+applies it from a cache that already holds its blobs (fresh destination) and re-pulls a complete folder (no-op): by
+its tag, and pinned by a lock file (`--lock`) with d-pull installed without dependencies in a venv of Debian's python3.
 Every result is checked (entries, a marker, a file's sha256; digests for the in-memory floor), so a failed run
 can never pass as a fast one. It prints the median of each and each ratio against its target, met or missed,
 with d-run's start-up from bench_run.py. `--quick` (fewer files, smaller layers, one repetition) is a smoke run
@@ -82,7 +83,7 @@ REQUIRED = {  # command -> Debian package
 }
 IMAGES = ("small", "large", "debian")
 # The tools, in the order of the table; "cold" pulls start from an empty cache.
-COLD, SKOPEO, CH_IMAGE, TAR, IN_MEMORY, CACHED, NO_OP = (
+COLD, SKOPEO, CH_IMAGE, TAR, IN_MEMORY, CACHED, NO_OP, NO_OP_LOCK = (
     "d-pull",
     "skopeo+umoci",
     "ch-image",
@@ -90,13 +91,16 @@ COLD, SKOPEO, CH_IMAGE, TAR, IN_MEMORY, CACHED, NO_OP = (
     "sha256+inflate",
     "d-pull cached",
     "d-pull no-op",
+    "no-op --lock",
 )
-D_PULLS = (COLD, CACHED, NO_OP)
-FROM_CACHE = (CACHED, NO_OP)  # must fetch no blob: else they would not measure what they are named for
+D_PULLS = (COLD, CACHED, NO_OP, NO_OP_LOCK)
+FROM_CACHE = (CACHED, NO_OP, NO_OP_LOCK)  # must fetch no blob: else they would not measure what they are named for
 # Targets (issue 12): ratios of medians, limits in their own units.
 COLD_RATIO, CACHED_RATIO = 0.5, 1.5
 RSS_LIMIT_MIB, RSS_FLAT = 150, 1.25
 NO_OP_SECONDS = 0.2
+LOCK = "sandboxes.lock"  # in each image's warm folder, pinning its complete pull folder
+NO_OP_LOCK_SECONDS = 0.06  # issue 20: a folder its lock file pins, decided before requests and doit load
 
 
 @dataclass(frozen=True)
@@ -454,7 +458,9 @@ def inflated_sha256(blob: bytes) -> str:
 # -- the tools
 
 
-def make_tools(certs: Certs, jobs: int) -> list[Runner]:
+def make_tools(certs: Certs, jobs: int, installed_d_pull: str) -> list[Runner]:
+    """`installed_d_pull`: d-pull as a user installs it in a venv of Debian's python3, without its dependencies:
+    the no-op with --lock needs neither requests nor doit, and would fail without them if it loaded either."""
     skopeo_copy = [*SKOPEO_COPY, "--src-cert-dir", str(certs.cert_dir)]
     umoci_unpack = ["umoci", "raw", "unpack", "--rootless", "--image"]
     d_pull = [sys.executable, "-m", "dutils.pull", "-q", "-j", str(jobs), "--ca-bundle", str(certs.ca)]
@@ -503,13 +509,24 @@ def make_tools(certs: Certs, jobs: int) -> list[Runner]:
             ],
             lambda image, work: image.warm / "pulled" / "rootfs",
         ),
+        Tool(
+            NO_OP_LOCK,
+            lambda image, work: [
+                [installed_d_pull, "-q", "--lock", str(image.warm / LOCK), image.ref, str(image.warm / "pulled")]
+            ],
+            lambda image, work: image.warm / "pulled" / "rootfs",
+        ),
     ]
 
 
 def warm_up(tools: list[Runner], image: BenchImage) -> None:
-    """The untimed cold d-pull that fills the cache and the complete folder the cached and no-op runs use."""
+    """The untimed cold d-pull that fills the cache and the complete folder the cached and no-op runs use, then
+    the d-pull that pins that folder in a lock file for the no-op with --lock."""
     image.warm.mkdir()
-    next(tool for tool in tools if tool.name == COLD).run(image, image.warm)
+    cold = next(tool for tool in tools if tool.name == COLD)
+    cold.run(image, image.warm)
+    *d_pull, ref, folder = cold.commands(image, image.warm)[0]
+    subprocess.run([*d_pull, "--lock", str(image.warm / LOCK), ref, folder], check=True, timeout=RUN_TIMEOUT)
 
 
 def only_child(folder: Path) -> Path:
@@ -680,6 +697,8 @@ def targets(results: Results, images: list[BenchImage], d_run_overhead_ms: float
         found.append(Target(f"{name}: applied from the cache, {CACHED} / {TAR}", ratio, CACHED_RATIO, "x"))
         no_op = median_seconds(results, name, NO_OP)
         found.append(Target(f"{name}: no-op re-pull of a complete DIR", no_op, NO_OP_SECONDS, "s"))
+        no_op = median_seconds(results, name, NO_OP_LOCK)
+        found.append(Target(f"{name}: no-op with --lock, installed d-pull", no_op, NO_OP_LOCK_SECONDS, "s"))
     runs = [sample for image in images for tool in D_PULLS for sample in results[image.name, tool]]
     peak = max(sample.rss_kib for sample in runs) / 1024
     found.append(Target("d-pull peak RSS, largest of all its runs", peak, RSS_LIMIT_MIB, "MiB"))
@@ -777,7 +796,7 @@ def run(args: argparse.Namespace, scratch: Path) -> None:
     certs = make_certs(scratch, host, address)
     registry, where = start_registry(scratch, host, address, certs)
     try:
-        tools = make_tools(certs, args.jobs)
+        tools = make_tools(certs, args.jobs, str(Path(d_run[0]).with_name("d-pull")))
         images = prepare_images(args.images, args.size, tools, scratch, where, certs)
         phases["images built, pushed and warmed"] = time.monotonic()
         results = bench(tools, images, args.size, scratch, scratch / "registry.log")
