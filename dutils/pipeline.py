@@ -143,8 +143,9 @@ class Pull:
 
     def resolve(self) -> None:
         """Hold the folder, resolve its manifest, pin it in the lock file, and record what this pull makes."""
-        from .policy import check_image
+        from .policy import check_image, load_policy
 
+        load_policy(self.options.policy)  # a missing or broken policy says so before any registry is asked
         self.holds.enter_context(claimed(self.folder, self.options.cache))
         self.used_cache = True
         entry = self.pinned()
