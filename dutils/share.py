@@ -10,6 +10,7 @@ files' inodes with the store and its siblings: before anything writes into them 
 private by a copy (make_private).
 """
 
+import contextlib
 import ctypes
 import fcntl
 import hashlib
@@ -23,6 +24,7 @@ from pathlib import Path
 from .errors import Error, printable
 from .folder import AppliedLog
 from .store import ANCHOR, PullDir, hold_folder, locked, remove_tree, touch, trees_folder, write_atomic
+from .tree import Journal, journal_path
 
 SHARED = "shared"  # DIR/.d-pull/shared: a hard link to the anchor of the tree DIR/rootfs is linked from
 FICLONE = 0x40049409  # ioctl: make a file share another's blocks (XFS, Btrfs)
@@ -40,12 +42,13 @@ def chain_ids(diff_ids: Sequence[str]) -> list[str]:
 class StoreTree:
     """The applied tree of the layers `diff_ids` in the store of `cache`."""
 
-    def __init__(self, cache: Path, diff_ids: Sequence[str]) -> None:
-        self.diff_ids = list(diff_ids)
+    def __init__(self, cache: Path, diff_ids: Sequence[str], digests: Sequence[str]) -> None:
+        self.diff_ids, self.digests = list(diff_ids), list(digests)
         self.below = [trees_folder(cache) / chain.removeprefix("sha256:") for chain in chain_ids(diff_ids)]
         self.folder = PullDir(self.below.pop())
         self.name = self.folder.root.name
         self.anchor = self.folder.root / ANCHOR
+        self.blobs = self.folder.state / "blobs"  # the layers' blobs that last applied into it, the one resumed too
 
     def complete(self) -> bool:
         return self.anchor.exists()
@@ -53,21 +56,35 @@ class StoreTree:
     def build(self, apply_onto: Callable[..., None], *args: object) -> None:
         """Apply an image's layers once into the cache's store of trees, for the folders that share them (by the pull's
         `apply_onto(rootfs, log, keys, *args)`); a process building the same tree is waited for."""
-        self.folder.root.parent.mkdir(exist_ok=True)
-        self.folder.root.parent.chmod(0o700)  # no one else reaches its trees' /tmp (1777) or root's setuid files
-        self.folder.state.mkdir(parents=True, exist_ok=True)
-        with locked(self.folder.state / "lock"):
+        for folder in (self.folder.root.parent, self.folder.root):  # whatever the umask: check_cache trusts 0700
+            folder.mkdir(0o700, exist_ok=True)
+            folder.chmod(0o700)  # no one else reaches its trees' /tmp (1777) or root's setuid files
+        with locked(self.folder.state / "lock", waiting=f"d-pull: waiting for another pull applying {self.name[:12]}"):
             if self.complete():
                 return
             log = AppliedLog(self.folder)  # diff_ids: the same tree whatever the layers' compression
-            if not log.applied():
+            done = len(log.applied())
+            # a layer cut short is resumed only by its own blob: another's files (an image whose config claims this
+            # tree's diff_ids, found out only at the layer's end) would stay under the layers that follow
+            if not done or self.blobs_before()[done : done + 1] != self.digests[done : done + 1]:
                 self.start_from_below(log)
-            apply_onto(self.folder.rootfs, log, self.diff_ids, *args)
+            write_atomic(self.blobs, "".join(f"{d}\n" for d in self.digests).encode())
+            try:
+                apply_onto(self.folder.rootfs, log, self.diff_ids, *args)
+            except Exception:  # a layer that failed its check, or anything else: no half-applied tree is kept
+                log.start_over()
+                raise
             write_atomic(self.anchor, f"{self.name}\n".encode())
+
+    def blobs_before(self) -> list[str]:
+        with contextlib.suppress(FileNotFoundError):
+            return self.blobs.read_text().split()
+        return []
 
     def start_from_below(self, log: AppliedLog) -> None:
         """A hard-linked copy of the longest complete tree below this one, if the store holds one."""
-        remove_tree(self.folder.rootfs)  # a copy that a kill cut short
+        log.start_over()  # a copy that a kill cut short, or a tree applied by other blobs: void their journal too
+        Journal.remove(journal_path(self.folder.rootfs))  # (a new rootfs may get the old one's inode number)
         for depth in range(len(self.below), 0, -1):
             base = self.below[depth - 1]
             if (base / ANCHOR).exists():

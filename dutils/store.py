@@ -7,6 +7,7 @@ import json
 import os
 import re
 import stat
+import sys
 from collections import namedtuple
 from collections.abc import Iterator
 from pathlib import Path
@@ -209,8 +210,11 @@ def read_small_followed(path: str | os.PathLike[str], cap: int = SMALL_FILE) -> 
 
 
 @contextlib.contextmanager
-def locked(path: Path, busy_message: str | None = None, kind: int = fcntl.LOCK_EX) -> Iterator[None]:
-    """Hold a lock (`kind`: fcntl.LOCK_EX or LOCK_SH) on `path`: wait for it, or fail with `busy_message`."""
+def locked(
+    path: Path, busy_message: str | None = None, kind: int = fcntl.LOCK_EX, waiting: str | None = None
+) -> Iterator[None]:
+    """Hold a lock (`kind`: fcntl.LOCK_EX or LOCK_SH) on `path`: wait for it (saying `waiting` when it is held), or
+    fail with `busy_message`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:  # whoever planted a link or a FIFO must not make us create or block on its target
         fd = open_regular(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -220,9 +224,12 @@ def locked(path: Path, busy_message: str | None = None, kind: int = fcntl.LOCK_E
         raise Error(f"cannot use the lock {path}: {err.strerror}", "remove it if it is a link") from None
     with open(fd, "r+b") as handle:
         try:
-            fcntl.flock(handle, kind | (fcntl.LOCK_NB if busy_message else 0))
+            fcntl.flock(handle, kind | (fcntl.LOCK_NB if busy_message or waiting else 0))
         except BlockingIOError:
-            raise Error(busy_message or "") from None
+            if not waiting:
+                raise Error(busy_message or "") from None
+            print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(handle, kind)
         yield
 
 

@@ -37,7 +37,7 @@ class Tree(Root):
         self.ids: list[int] = []  # the journal ids of the folders on the last trail entered, from the root down
         rootfs.mkdir(parents=True, exist_ok=True)
         root = rootfs.lstat()
-        self.journal = Journal(rootfs.parent / f".{rootfs.name}.d-utils-journal", (layer, root.st_dev, root.st_ino))
+        self.journal = Journal(journal_path(rootfs), (layer, root.st_dev, root.st_ino))
         top = os.open(rootfs.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         super().__init__(top, rootfs.name)
 
@@ -173,7 +173,7 @@ class Tree(Root):
             os.close(fd)
         self._restore(self.top, self.root_name, *record[2:5])
         self.journal.close()
-        self.journal.remove()
+        Journal.remove(self.journal.path)
 
     def _restore(self, fd: int, name: str | bytes, mode: int, atime_ns: int, mtime_ns: int) -> None:
         st = lstat_or_none(name, fd)
@@ -248,7 +248,7 @@ class Journal:
         return None
 
     def _create(self, header: tuple[str, int, int]) -> sqlite3.Connection:
-        self.remove()
+        Journal.remove(self.path)
         with sqlite_errors(self.path):
             db = sqlite3.connect(self.path, isolation_level=None)
             self._prepare(db)
@@ -322,9 +322,14 @@ class Journal:
     def close(self) -> None:
         self.db.close()  # writes the WAL into the file and removes it
 
-    def remove(self) -> None:
-        for name in (self.path.name, f"{self.path.name}-wal"):
-            self.path.with_name(name).unlink(missing_ok=True)
+    @staticmethod
+    def remove(path: Path) -> None:
+        for name in (path.name, f"{path.name}-wal"):
+            path.with_name(name).unlink(missing_ok=True)
+
+
+def journal_path(rootfs: Path) -> Path:
+    return rootfs.parent / f".{rootfs.name}.d-utils-journal"
 
 
 @contextlib.contextmanager

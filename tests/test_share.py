@@ -317,3 +317,58 @@ def test_sandboxes_sharing_an_image_are_made_from_one_application_of_its_layers(
     assert (tree / "anchor").stat().st_nlink == 4
     inodes = {(tmp_path / "sandboxes" / str(n) / "rootfs/data/file").stat().st_ino for n in range(3)}
     assert inodes == {(tree / "rootfs/data/file").stat().st_ino}
+
+
+def test_a_hostile_image_claiming_another_s_layers_leaves_nothing_in_its_tree(tool, registry):
+    """An image whose config claims the diff_ids of another's layers fails its last layer's check, after writing its
+    files into the tree named by them: a later pull of the real image must not resume on top of them."""
+    place, run = tool
+    legit = Image(layers=[busybox_layer(), Tar().file("app/run", b"legit\n")])
+    evil = Image(layers=[busybox_layer(), Tar().file("etc/ld.so.preload", b"/evil.so\n").file("app/backdoor")])
+    evil.__dict__["config_blob"] = legit.config_blob  # the cached property: the legit image's diff_ids
+    push(registry.host, "poison", "evil", evil)
+    push(registry.host, "poison", "legit", legit)
+    cache = place / "cache"
+    failed = run("d-pull", "--cache", cache, "--share", f"{registry.host}/poison:evil", place / "evil")
+    assert failed.returncode == 1 and "uncompressed content is" in failed.stderr, failed.stderr
+    pull(run, cache, "--share", f"{registry.host}/poison:legit", place / "legit")
+    pull(run, cache, f"{registry.host}/poison:legit", place / "private")
+    for rootfs in [place / "legit" / "rootfs", *(tree / "rootfs" for tree in trees(cache))]:
+        assert not (rootfs / "app" / "backdoor").exists() and not (rootfs / "etc" / "ld.so.preload").exists()
+    same = tree_without_folder_times(place / "private" / "rootfs")
+    assert tree_without_folder_times(place / "legit" / "rootfs") == same
+
+
+def test_a_tree_cut_short_by_another_blob_is_applied_again_from_below(registry, tmp_path):
+    """A kill -9 while a hostile layer is applied leaves its files and no failed check: only its blob may resume it."""
+    legit = Image(layers=[busybox_layer(), Tar().file("app/run", b"legit\n")])
+    evil = Image(layers=[busybox_layer(), random_files("evil", 3000, 1 << 10)])
+    evil.__dict__["config_blob"] = legit.config_blob
+    push(registry.host, "cut", "evil", evil)
+    push(registry.host, "cut", "legit", legit)
+    cache, started = tmp_path / "cache", time.monotonic()
+    argv = [BIN / "d-pull", "-q", "--cache", cache, "--share", f"{registry.host}/cut:evil", tmp_path / "evil"]
+    process = subprocess.Popen(argv)
+    while process.poll() is None and time.monotonic() - started < 60:
+        if any(len(os.listdir(folder)) > 300 for folder in cache.glob("trees/*/rootfs/evil")):
+            break
+        time.sleep(0.01)
+    process.kill()
+    assert process.wait(timeout=10) == -9
+    pull(subprocess_tool, cache, "--share", f"{registry.host}/cut:legit", tmp_path / "legit")
+    assert not (tmp_path / "legit" / "rootfs" / "evil").exists()
+
+
+def test_the_store_is_private_whatever_the_umask(tool, registry):
+    place, run = tool
+    push(registry.host, "umask", "latest", BASE)
+    ref, cache = f"{registry.host}/umask:latest", place / "cache"
+    pull(run, cache, ref, place / "private")  # the cache, made under the default umask
+    old = os.umask(0o002)  # inherited by the pull (as the ordinary user too: sudo keeps it)
+    try:
+        pull(run, cache, "--share", ref, place / "a")
+    finally:
+        os.umask(old)
+    (tree,) = trees(cache)
+    assert tree.stat().st_mode & 0o777 == 0o700 and (cache / "trees").stat().st_mode & 0o777 == 0o700
+    pull(run, cache, "--share", ref, place / "b")  # the cache is still trusted
