@@ -15,6 +15,8 @@ import ctypes
 import fcntl
 import hashlib
 import os
+import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -107,10 +109,40 @@ class StoreTree:
             how = ["--reflink=always"] if clones(self.anchor, folder.state) else ["-l"]
         copy_tree(self.folder.rootfs, folder.rootfs, how)
         if how == ["-l"]:
+            copy_exposed(self.folder.rootfs, folder.rootfs)
             os.link(self.anchor, folder.state / SHARED)
         touch(self.anchor)
         for n, digest in enumerate(digests):
             log.note(n, digest)
+
+
+def copy_exposed(tree: Path, rootfs: Path) -> None:
+    """Give `rootfs`, linked from `tree`, a copy of each file someone else could change in place: one writable by
+    group or others, or (a root pull's) another user's, as the image's uid 1000 is a host user's. Through a folder
+    opened to others (0711), its write would reach the store and every sibling. A file's hard links stay one."""
+    mine, copies = os.geteuid(), {}
+    for folder, _, names in os.walk(rootfs):
+        times, paths = os.lstat(folder), [os.path.join(folder, name) for name in names]
+        exposed = [(path, info) for path in paths if is_exposed(info := os.lstat(path), mine)]
+        for path, info in exposed:
+            source = os.path.join(tree, os.path.relpath(path, rootfs))
+            os.unlink(path)  # the folder is complete only once its log says so: a kill here is no harm
+            if info.st_ino in copies:
+                os.link(copies[info.st_ino], path)
+                continue
+            if stat.S_ISREG(info.st_mode):
+                shutil.copyfile(source, path, follow_symlinks=False)
+            else:
+                os.mknod(path, info.st_mode, info.st_rdev)
+            os.lchown(path, info.st_uid, info.st_gid)  # first: it clears setuid bits and capabilities
+            shutil.copystat(source, path, follow_symlinks=False)  # mode, times, extended attributes
+            copies[info.st_ino] = path
+        if exposed:
+            os.utime(folder, ns=(times.st_atime_ns, times.st_mtime_ns), follow_symlinks=False)
+
+
+def is_exposed(info: os.stat_result, mine: int) -> bool:
+    return not stat.S_ISLNK(info.st_mode) and (info.st_uid != mine or bool(info.st_mode & 0o022))
 
 
 def clones(source: Path, folder: Path) -> bool:

@@ -372,3 +372,36 @@ def test_the_store_is_private_whatever_the_umask(tool, registry):
     (tree,) = trees(cache)
     assert tree.stat().st_mode & 0o777 == 0o700 and (cache / "trees").stat().st_mode & 0o777 == 0o700
     pull(run, cache, "--share", ref, place / "b")  # the cache is still trusted
+
+
+def test_files_others_could_write_in_place_are_not_shared(tool, registry):
+    """Through a folder opened to others (0711), a file writable by group or others, or (a root pull's) owned by the
+    image's uid 1000, a host user, would let them write into the store and every sibling: each folder has its own."""
+    place, run = tool
+    exposed = (
+        Tar()
+        .dir("x")
+        .file("x/open", b"o", mode=0o666)
+        .hardlink("x/open-link", "x/open")
+        .file("x/group", b"g", mode=0o4775)
+        .file("x/theirs", b"t", uid=1000, gid=1000)
+        .file("x/mine", b"m")
+        .fifo("x/fifo", mode=0o622)
+        .symlink("x/link", "open")
+    )
+    push(registry.host, "exposed", "latest", Image(layers=[busybox_layer(), exposed]))
+    ref, cache = f"{registry.host}/exposed:latest", place / "cache"
+    for name in ("a", "b"):
+        pull(run, cache, "--share", ref, place / name)
+    (tree,) = trees(cache)
+    assert snapshot(place / "a" / "rootfs") == snapshot(tree / "rootfs")  # modes, owners, times, folder times too
+
+    def inode(root: Path, name: str) -> int:
+        return (root / "rootfs" / "x" / name).lstat().st_ino
+
+    as_root = place.stat().st_uid == 0
+    for name, shared in (("open", False), ("group", False), ("fifo", False), ("theirs", not as_root), ("mine", True)):
+        assert (inode(place / "a", name) == inode(tree, name)) == shared, name
+        assert (inode(place / "a", name) == inode(place / "b", name)) == shared, name
+    assert inode(place / "a", "open-link") == inode(place / "a", "open")
+    assert (place / "a" / "rootfs" / "bin" / "sh").stat().st_ino == (tree / "rootfs" / "bin" / "sh").stat().st_ino
