@@ -12,6 +12,7 @@ private by a copy (make_private).
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import hashlib
 import os
@@ -90,7 +91,7 @@ class StoreTree:
         for depth in range(len(self.below), 0, -1):
             base = self.below[depth - 1]
             if (base / ANCHOR).exists():
-                copy_tree(base / "rootfs", self.folder.rootfs, ["-l"])
+                link_tree(base / "rootfs", self.folder.rootfs, lambda said: print(f"d-pull: {said}", file=sys.stderr))
                 touch(base / ANCHOR)
                 for n, diff_id in enumerate(self.diff_ids[:depth]):
                     log.note(n, diff_id)
@@ -107,8 +108,9 @@ class StoreTree:
             how = []
         else:
             how = ["--reflink=always"] if clones(self.anchor, folder.state) else ["-l"]
-        copy_tree(self.folder.rootfs, folder.rootfs, how)
-        if how == ["-l"]:
+        if how != ["-l"]:
+            copy_tree(self.folder.rootfs, folder.rootfs, how)
+        elif link_tree(self.folder.rootfs, folder.rootfs, note):
             copy_exposed(self.folder.rootfs, folder.rootfs)
             os.link(self.anchor, folder.state / SHARED)
         touch(self.anchor)
@@ -155,6 +157,23 @@ def clones(source: Path, folder: Path) -> bool:
     return True
 
 
+class TooManyLinks(Error):
+    """A file of the tree has as many hard links as its filesystem allows (ext4: 65,000; a hostile image of links to
+    one file can take them all)."""
+
+
+def link_tree(source: Path, target: Path, note: Callable[[str], None]) -> bool:
+    """copy_tree by hard links, else (too many links) by a copy: whether it linked."""
+    try:
+        copy_tree(source, target, ["-l"])
+        return True
+    except TooManyLinks:
+        note(f"a file of {printable(str(source))} has too many hard links: copying, not sharing")
+    remove_tree(target)
+    copy_tree(source, target, ["--reflink=auto"])
+    return False
+
+
 def copy_tree(source: Path, target: Path, how: list[str]) -> None:
     """`cp -a` (with `how`: -l hard links, --reflink=…) of `source` to the new `target`. An ordinary user copies in a
     user namespace of its own where it is root: its mode-0000 folders and files are read there as root reads them.
@@ -162,10 +181,15 @@ def copy_tree(source: Path, target: Path, how: list[str]) -> None:
     argv = ["cp", "-a", *how, "--no-target-directory", "--", str(source), str(target)]
     if os.geteuid() != 0:
         argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--cap-add", "ALL", "--bind", "/", "/", *argv]
-    done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False, env=os.environ | {"LC_ALL": "C"}
+    )
     if done.returncode:
         said = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        raise Error(f"cannot copy {printable(str(source))}: {printable(said)}")
+        # (in English whatever the user's language, and on any line: "Too many links" is looked for)
+        raise (TooManyLinks if os.strerror(errno.EMLINK) in done.stderr else Error)(
+            f"cannot copy {printable(str(source))}: {printable(said)}"
+        )
 
 
 def is_shared(folder: PullDir) -> bool:

@@ -405,3 +405,23 @@ def test_files_others_could_write_in_place_are_not_shared(tool, registry):
         assert (inode(place / "a", name) == inode(place / "b", name)) == shared, name
     assert inode(place / "a", "open-link") == inode(place / "a", "open")
     assert (place / "a" / "rootfs" / "bin" / "sh").stat().st_ino == (tree / "rootfs" / "bin" / "sh").stat().st_ino
+
+
+def test_a_file_at_the_filesystem_s_link_limit_is_copied_not_shared(tool, registry):
+    """ext4 gives a file 65,000 links at most: a hostile image of links to a file of its base takes all those left,
+    and folders of the base are then made by a copy, saying so, instead of failing."""
+    place, run = tool
+    base = Tar().dir("bin").file("bin/tool", b"#!/bin/sh\necho base\n", mode=0o755)
+    links = Tar().dir("l")
+    for n in range(64997):  # with the base's tree, its folder a and the hostile tree's own link: 65,000
+        links = links.hardlink(f"l/{n}", "bin/tool")
+    push(registry.host, "link-base", "latest", Image(layers=[base]))
+    push(registry.host, "link-hostile", "latest", Image(layers=[base, links]))
+    cache = place / "cache"
+    pull(run, cache, "--share", f"{registry.host}/link-base:latest", place / "a")
+    hostile = pull(run, cache, "--share", f"{registry.host}/link-hostile:latest", place / "h")
+    assert "too many hard links: copying, not sharing" in hostile.stderr
+    done = pull(run, cache, "--share", f"{registry.host}/link-base:latest", place / "b")
+    assert done.stderr.count("too many hard links: copying, not sharing") == 1
+    assert (place / "b" / "rootfs" / "bin" / "tool").read_text() == "#!/bin/sh\necho base\n"
+    assert not (place / "b" / ".d-pull" / "shared").exists()
