@@ -201,24 +201,28 @@ def make_private(folder: PullDir, program: str) -> None:
     into it reaches the store or another folder; swapped in at once, so that a kill leaves the one or the other."""
     print(f"{program}: copying the files {printable(str(folder.rootfs))} shares, to make it private", file=sys.stderr)
     copy = folder.root / ".rootfs.private"
-    remove_tree(copy)  # a copy that a kill cut short
-    copy_tree(folder.rootfs, copy, ["--reflink=auto"])
-    libc = ctypes.CDLL(None, use_errno=True)
-    at_cwd = -100
-    if libc.renameat2(at_cwd, bytes(copy), at_cwd, bytes(folder.rootfs), RENAME_EXCHANGE):
-        code = ctypes.get_errno()
-        raise Error(f"cannot replace {printable(str(folder.rootfs))}: {os.strerror(code)}")
-    remove_tree(copy)
-    (folder.state / SHARED).unlink()
+    try:
+        remove_tree(copy)  # a copy that a kill cut short
+        copy_tree(folder.rootfs, copy, ["--reflink=auto"])
+        libc = ctypes.CDLL(None, use_errno=True)
+        at_cwd = -100
+        if libc.renameat2(at_cwd, bytes(copy), at_cwd, bytes(folder.rootfs), RENAME_EXCHANGE):
+            code = ctypes.get_errno()
+            raise Error(f"cannot replace {printable(str(folder.rootfs))}: {os.strerror(code)}")
+        remove_tree(copy)
+        (folder.state / SHARED).unlink()
+    except OSError as err:  # a folder left unremovable in the copy (made so by the image), say
+        where = printable(os.fsdecode(err.filename or copy))
+        raise Error(f"cannot make {printable(str(folder.rootfs))} private: {where}: {err.strerror}") from None
 
 
 def unshare(root: str) -> None:
     """d-pull --unshare DIR: make a shared folder private, while no pull and no container uses it."""
     folder = PullDir(root)
     folder.require_complete()
-    if not is_shared(folder):
-        raise Error(f"{printable(str(folder.root))} shares no files with other folders", "it is private already")
     with locked(folder.state / "lock", f"another d-pull is writing {printable(str(folder.root))}"):
+        if not is_shared(folder):  # asked under the lock: another --unshare may have just made it private
+            raise Error(f"{printable(str(folder.root))} shares no files with other folders", "it is private already")
         held = hold_folder(folder.root, fcntl.LOCK_EX, f"{printable(str(folder.root))} is in use by a container")
         try:
             make_private(folder, "d-pull")

@@ -425,3 +425,21 @@ def test_a_file_at_the_filesystem_s_link_limit_is_copied_not_shared(tool, regist
     assert done.stderr.count("too many hard links: copying, not sharing") == 1
     assert (place / "b" / "rootfs" / "bin" / "tool").read_text() == "#!/bin/sh\necho base\n"
     assert not (place / "b" / ".d-pull" / "shared").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chattr +i needs root")
+def test_unshare_says_in_one_line_what_it_cannot_remove(registry, tmp_path):
+    """A copy cut short that cannot be removed (here made immutable) is one error line, not a traceback."""
+    push(registry.host, "unremovable", "latest", BASE)
+    pull(subprocess_tool, tmp_path / "cache", "--share", f"{registry.host}/unremovable:latest", tmp_path / "a")
+    stuck = tmp_path / "a" / ".rootfs.private" / "stuck"
+    stuck.parent.mkdir()
+    stuck.write_bytes(b"")
+    subprocess.run(["chattr", "+i", stuck], check=True)
+    try:
+        done = subprocess_tool("d-pull", "--unshare", tmp_path / "a")
+    finally:
+        subprocess.run(["chattr", "-i", stuck], check=True)
+    assert done.returncode == 1 and done.stderr.count("\n") == 2, done.stderr  # the note, then the error
+    assert "d-pull: error: cannot make" in done.stderr and "Operation not permitted" in done.stderr
+    assert (tmp_path / "a" / ".d-pull" / "shared").exists()
