@@ -35,6 +35,8 @@ class Tree(Root):
         self.umask = current_umask()  # the bits that creating a file with its mode does not give it
         self.kept = Hashes()  # paths this layer wrote, and their ancestors (trail_hashes): whiteouts spare them
         self.ids: list[int] = []  # the journal ids of the folders on the last trail entered, from the root down
+        self.groups: list[int] = []  # and the group an entry made in each gets: its own when setgid (as root)
+        self.uid, self.gid = os.geteuid(), os.getegid()
         rootfs.mkdir(parents=True, exist_ok=True)
         root = rootfs.lstat()
         self.journal = Journal(rootfs.parent / f".{rootfs.name}.d-utils-journal", (layer, root.st_dev, root.st_ino))
@@ -51,6 +53,7 @@ class Tree(Root):
         depth, mode = len(path), stat.S_IMODE(st.st_mode)
         parent, here = (self.ids[depth - 1], path[-1]) if depth else (0, "")
         self.ids[depth:] = [self.journal.save_first(parent, here, mode, st.st_atime_ns, st.st_mtime_ns)]
+        self.groups[depth:] = [self._group(st)]
         if self.rootless and st.st_mode & OWNER_RWX != OWNER_RWX:
             os.chmod(name, mode | OWNER_RWX, dir_fd=fd, follow_symlinks=False)
         return os.open(name, DIR_FLAGS, dir_fd=fd)
@@ -60,6 +63,14 @@ class Tree(Root):
         place = super().parent(name)
         self.keep(place.path)
         return place
+
+    def new_owner(self, place: Place) -> tuple[int, int]:
+        """The owner of an entry made at `place`, the last resolved, before any chown."""
+        return self.uid, self.groups[place.path.count("/")]
+
+    def _group(self, st: os.stat_result) -> int:
+        """The group of an entry made in the folder `st`, before any chown."""
+        return st.st_gid if st.st_mode & stat.S_ISGID else self.gid
 
     def keep(self, path: str) -> None:
         """Mark `path` and its ancestors as written by this layer (up to the first ancestor already marked)."""
@@ -141,6 +152,8 @@ class Tree(Root):
         """This layer's mode and mtime for a directory, put on by finish(); `place` was the last resolved."""
         parent = self.ids[place.path.count("/")] if place.path else 0
         self.journal.save(parent, place.name if place.path else "", mode, mtime_ns, mtime_ns)
+        if not place.path:  # the root's group or setgid bit may have changed: it is never entered again
+            self.groups[0] = self._group(os.lstat(place.name, dir_fd=place.fd))
 
     def finish(self) -> None:
         """Put the saved modes and times on directories, each after all below it so that parents stay enterable: depth
@@ -178,7 +191,8 @@ class Tree(Root):
     def _restore(self, fd: int, name: str | bytes, mode: int, atime_ns: int, mtime_ns: int) -> None:
         st = lstat_or_none(name, fd)
         if st is not None and stat.S_ISDIR(st.st_mode):
-            os.chmod(name, mode, dir_fd=fd, follow_symlinks=False)
+            if stat.S_IMODE(st.st_mode) != mode:  # most folders are made with theirs: chmod costs 4 system calls
+                os.chmod(name, mode, dir_fd=fd, follow_symlinks=False)
             os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=fd, follow_symlinks=False)
 
 
