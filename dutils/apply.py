@@ -26,7 +26,7 @@ from isal import igzip, igzip_lib
 
 from .errors import Error
 from .oci import COMPRESSION
-from .rootfs import Place, clean, lstat_or_none
+from .rootfs import Place, clean
 from .tarstream import CHAR, Member, RecordTooLarge, TarError, TarReader
 from .tree import OWNER_RWX, WHITEOUT, Tree
 
@@ -204,7 +204,7 @@ def apply_member(reader: TarReader, entry: Member, tree: Tree, skipped: Skipped)
             tree.clear(place.fd, place.name)  # the layer says something else is there: the old entry goes at least
             skipped.devices += 1
         elif entry.isdir():
-            owner = make_dir(place, tree, entry)
+            owner = tree.make_dir(place, entry.mode)
             # Owner rwx until finish() puts the mode and times: children may follow, in this layer's later entries.
             # Set now only setuid, setgid and sticky bits, which entries made inside may inherit.
             mode = entry.mode | OWNER_RWX if entry.mode & 0o7000 else None
@@ -215,19 +215,6 @@ def apply_member(reader: TarReader, entry: Member, tree: Tree, skipped: Skipped)
             make_node(place, entry)
             mode = None if entry.issym() else entry.mode  # a symlink has no mode of its own
             set_metadata(place.name, place.fd, entry, mode, tree, skipped, tree.new_owner(place))
-
-
-def make_dir(place: Place, tree: Tree, entry: Member) -> tuple[int, int]:
-    """A directory over a directory keeps the children; over anything else it replaces it. Its owner now."""
-    st = lstat_or_none(place.name, place.fd)
-    if st is None or not stat.S_ISDIR(st.st_mode):
-        if st is not None:
-            tree.clear(place.fd, place.name)
-        os.mkdir(place.name, entry.mode & 0o777 | OWNER_RWX, dir_fd=place.fd)  # finish() need not chmod it
-        return tree.new_owner(place)
-    if st.st_mode & OWNER_RWX != OWNER_RWX:  # writable while its attributes are set
-        os.chmod(place.name, stat.S_IMODE(st.st_mode) | OWNER_RWX, dir_fd=place.fd, follow_symlinks=False)
-    return st.st_uid, st.st_gid
 
 
 def make_node(place: Place, entry: Member) -> None:
