@@ -214,7 +214,7 @@ def apply_member(reader: TarReader, entry: Member, tree: Tree, skipped: Skipped)
             tree.clear(place.fd, place.name)
             make_node(place, entry)
             mode = None if entry.issym() else entry.mode  # a symlink has no mode of its own
-            set_metadata(place.name, place.fd, entry, mode, tree, skipped, tree.new_owner(place))
+            set_metadata(place.name, place.fd, entry, mode, tree, skipped, tree.made_owner)
 
 
 def make_node(place: Place, entry: Member) -> None:
@@ -247,29 +247,22 @@ def write_file(reader: TarReader, entry: Member, tree: Tree, place: Place, skipp
             os.ftruncate(fd, entry.size)  # the holes are left unwritten: sparse where the filesystem allows
         # chmod only where the umask took bits away, or for setuid, setgid and sticky bits (chown clears them)
         mode = entry.mode if entry.mode & (tree.umask | 0o7000) else None
-        set_metadata(fd, None, entry, mode, tree, skipped, tree.new_owner(place))
+        set_metadata(fd, None, entry, mode, tree, skipped, tree.made_owner)
     finally:
         os.close(fd)
 
 
 def set_metadata(
-    target: str | int,
-    dir_fd: int | None,
-    entry: Member,
-    mode: int | None,
-    tree: Tree,
-    skipped: Skipped,
-    owner: tuple[int, int],
+    target: str | int, dir_fd: int | None, entry: Member, mode: int | None, tree: Tree, skipped: Skipped, owner: tuple
 ) -> None:
-    """On the open file `target`, or on the entry named `target` in `dir_fd` (not followed), owned by `owner` now.
-    Owner first (chown clears setuid bits), then attributes and mode (None: as it is, for a symlink or a file made
-    with it), times last (a folder's are put on by finish(), after its children)."""
+    """On the open file `target`, or on the entry named `target` in `dir_fd` (not followed), owned by `owner` now
+    (empty: not known). Owner first (chown clears setuid bits), then attributes and mode (None: as it is, for a
+    symlink or a file made with it), times last (a folder's are put on by finish(), after its children)."""
     by_name = {} if dir_fd is None else {"dir_fd": dir_fd, "follow_symlinks": False}
-    if not tree.rootless:
-        if (entry.uid, entry.gid) != owner:
-            os.chown(target, entry.uid, entry.gid, **by_name)
-    elif entry.uid or entry.gid:
-        skipped.owners += 1
+    if tree.rootless:
+        skipped.owners += bool(entry.uid or entry.gid)
+    elif (entry.uid, entry.gid) != owner:
+        os.chown(target, entry.uid, entry.gid, **by_name)
     if entry.xattrs:
         # setxattr takes no directory fd, but /proc resolves this one without following
         set_xattrs(target if dir_fd is None else f"/proc/self/fd/{dir_fd}/{target}", entry, skipped)

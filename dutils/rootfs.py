@@ -144,8 +144,7 @@ class Root:
         return Place(fd, base, join(str(done), base))
 
     def forget(self) -> None:
-        """Drop the remembered folders at the next parent(): a directory or symlink went away, names may resolve
-        differently (a place lent from them stays open until then)."""
+        """Drop the remembered folders at the next parent() (a place lent stays open): names may resolve anew."""
         self.stale = True
 
     def _drop(self, keep: int) -> None:
@@ -170,11 +169,9 @@ class Root:
         call (a lent place, valid until the next call) while no link is on the way; else walked from the root."""
         path = clean(name)
         *dirs, base = path.split("/")
-        if self.stale or dirs != self.names:
-            kept = 0
-            while not self.stale and kept < min(len(dirs), len(self.names)) and dirs[kept] == self.names[kept]:
-                kept += 1
-            self._drop(kept)
+        if self.stale or dirs != self.names:  # keep the folders this name shares with the last one
+            same = [*map(str.__eq__, dirs, self.names), False]
+            self._drop(0 if self.stale else same.index(False))
             self.stale = False
         fd = self.fds[-1] if self.fds else self.root
         for part in dirs[len(self.names) :]:  # plain names: clean() took out ".", ".." and empty ones

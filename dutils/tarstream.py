@@ -215,8 +215,6 @@ class TarReader:
         return b"".join(pieces)
 
     def skip(self, size: int) -> None:
-        if size <= len(self.buffer) - self.offset:  # most often: a padding, in the buffer
-            self.offset, size = self.offset + size, 0
         while size:
             piece = self.take_some(min(size, BUFFER))
             if not piece:

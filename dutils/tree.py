@@ -35,9 +35,10 @@ class Tree(Root):
         self.umask = current_umask()  # the bits that creating a file with its mode does not give it
         self.kept = Hashes()  # paths this layer wrote, and their ancestors (trail_hashes): whiteouts spare them
         self.ids: list[int] = []  # the journal ids of the folders on the last trail entered, from the root down
-        self.groups: list[int] = []  # and the group an entry made in each gets: its own when setgid (as root)
-        self.uid, self.gid = os.geteuid(), os.getegid()
-        self.made: set[tuple[int, str]] = set()  # folders make_dir() made (parent's journal id, name), lately
+        # The owner of an entry this layer makes, before any chown; none once a setgid folder is met (an entry
+        # made in one takes its group): chown then always.
+        self.made_owner: tuple = (os.geteuid(), os.getegid())
+        self.made: tuple[int, str] | None = None  # the folder make_dir() made last (parent's journal id, name)
         rootfs.mkdir(parents=True, exist_ok=True)
         root = rootfs.lstat()
         self.journal = Journal(rootfs.parent / f".{rootfs.name}.d-utils-journal", (layer, root.st_dev, root.st_ino))
@@ -53,9 +54,10 @@ class Tree(Root):
         under its parent's journal id (the folder one up the trail), so that no record holds a whole path."""
         depth, mode = len(path), stat.S_IMODE(st.st_mode)
         parent, here = (self.ids[depth - 1], path[-1]) if depth else (0, "")
-        made = (parent, here) in self.made  # by this run: no change to cover yet, the record may wait for others
-        self.ids[depth:] = [self.journal.save_first(parent, here, mode, st.st_atime_ns, st.st_mtime_ns, not made)]
-        self.groups[depth:] = [self._group(st)]
+        store = (parent, here) != self.made  # one this run made has no change to cover yet: its record may wait
+        self.ids[depth:] = [self.journal.save_first(parent, here, mode, st.st_atime_ns, st.st_mtime_ns, store)]
+        if st.st_mode & stat.S_ISGID:
+            self.made_owner = ()
         if self.rootless and st.st_mode & OWNER_RWX != OWNER_RWX:
             os.chmod(name, mode | OWNER_RWX, dir_fd=fd, follow_symlinks=False)
         return os.open(name, DIR_FLAGS, dir_fd=fd)
@@ -66,9 +68,11 @@ class Tree(Root):
         self.keep(place.path)
         return place
 
-    def make_dir(self, place: Place, mode: int) -> tuple[int, int]:
+    def make_dir(self, place: Place, mode: int) -> tuple:
         """A directory at `place` (the last resolved) with `mode` and owner rwx: a directory over a directory keeps
         the children; over anything else it replaces it. Its owner now."""
+        if mode & stat.S_ISGID:
+            self.made_owner = ()
         try:
             os.mkdir(place.name, mode & 0o777 | OWNER_RWX, dir_fd=place.fd)  # with its mode: finish() need not chmod
         except FileExistsError:
@@ -79,18 +83,8 @@ class Tree(Root):
             if st.st_mode & OWNER_RWX != OWNER_RWX:  # writable while its attributes are set
                 os.chmod(place.name, stat.S_IMODE(st.st_mode) | OWNER_RWX, dir_fd=place.fd, follow_symlinks=False)
             return st.st_uid, st.st_gid
-        if len(self.made) >= Journal.KNOWN:
-            self.made.clear()  # those left out are recorded at once: as slow as before, as safe
-        self.made.add((self.ids[place.path.count("/")], place.name))
-        return self.new_owner(place)
-
-    def new_owner(self, place: Place) -> tuple[int, int]:
-        """The owner of an entry made at `place`, the last resolved, before any chown."""
-        return self.uid, self.groups[place.path.count("/")]
-
-    def _group(self, st: os.stat_result) -> int:
-        """The group of an entry made in the folder `st`, before any chown."""
-        return st.st_gid if st.st_mode & stat.S_ISGID else self.gid
+        self.made = (self.ids[place.path.count("/")], place.name)
+        return self.made_owner
 
     def keep(self, path: str) -> None:
         """Mark `path` and its ancestors as written by this layer (up to the first ancestor already marked)."""
@@ -172,8 +166,6 @@ class Tree(Root):
         """This layer's mode and mtime for a directory, put on by finish(); `place` was the last resolved."""
         parent = self.ids[place.path.count("/")] if place.path else 0
         self.journal.save(parent, place.name if place.path else "", mode, mtime_ns, mtime_ns)
-        if not place.path:  # the root's group or setgid bit may have changed: it is never entered again
-            self.groups[0] = self._group(os.lstat(place.name, dir_fd=place.fd))
 
     def finish(self) -> None:
         """Put the saved modes and times on directories, each after all below it so that parents stay enterable: depth
@@ -252,8 +244,7 @@ class Journal:
     directories would fill): a tree of records (id, parent's id, name as bytes, mode, atime_ns, mtime_ns; the root's
     has parent 0 and an empty name), so that a folder n deep costs one record of its own name, never its path. In WAL
     mode without syncs a committed transaction is handed to the kernel at once (one write): it survives a kill -9.
-    Records are written in one transaction, committed every BATCH or at once when one must be stored before the
-    change it covers: no record is for a folder not on disk, none is missing for a change made."""
+    One is committed every BATCH records, or at once for a record that must be stored before the change it covers."""
 
     VERSION = 2  # of the tables: a journal of another is not resumed
     KNOWN = 1 << 16  # folders remembered as saved, with their ids, so that entering one again asks no query
