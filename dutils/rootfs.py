@@ -15,6 +15,7 @@ from collections.abc import Callable
 from .store import swap_fd as swap
 
 MAX_LINKS = 40  # symlinks followed while resolving one name, as the kernel's limit
+KEPT = 64  # folders kept open by parent() at most (a descriptor each): a deeper name is walked from the root
 DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -179,7 +180,7 @@ class Root:
             if st is None:
                 make_missing_dir(fd, part)
                 st = os.lstat(part, dir_fd=fd)
-            if not stat.S_ISDIR(st.st_mode):  # a link to follow, or not a folder: the walk from the root says which
+            if not stat.S_ISDIR(st.st_mode) or len(self.fds) >= KEPT:  # a link, not a folder, or deep: walk it
                 self._drop(0)
                 return self._walk(name, make_missing_dir)
             fd = self._enter(fd, part, Trail(dirs[: len(self.names) + 1]), st)
