@@ -3,7 +3,8 @@
 Every path is resolved from the root down, one component at a time, through directory fds opened with
 O_NOFOLLOW: a symlink met on the way is re-rooted at the root (as filepath-securejoin does) and `..` stops at
 the root, so no name reaches outside. The last component is never followed: it is lstat-ed, replaced or
-created relative to its parent's fd.
+created relative to its parent's fd. A layer's entries start from the folders of the previous entry that
+they share (each entered the same way), until a link is on the way.
 """
 
 import errno
