@@ -10,9 +10,10 @@ ch-image; its layers are extracted by GNU `tar -xzf` and hashed and inflated in 
 applies it from a cache that already holds its blobs (fresh destination) and re-pulls a complete folder (no-op).
 Every result is checked (entries, a marker, a file's sha256; digests for the in-memory floor), so a failed run
 can never pass as a fast one. It prints the median of each and each ratio against its target, met or missed,
-with d-run's start-up from bench_run.py. `--quick` (fewer files, smaller layers, one repetition) is a smoke run
-of about a minute. Needs: docker-registry, skopeo, umoci, openssl, time, tar, charliecloud-builders,
-charliecloud-runtime. Everything it starts or writes is removed on exit, Ctrl-C and SIGTERM included.
+with d-run's start-up from bench_run.py, and the system calls per entry of d-pull's apply and of GNU tar (strace
+-f -c; as root, as the ordinary user dutest too). `--quick` (fewer files, smaller layers, one repetition) is a
+smoke run of about a minute. Needs: docker-registry, skopeo, umoci, openssl, time, tar, strace,
+charliecloud-builders, charliecloud-runtime. Everything it starts or writes is removed on exit, Ctrl-C and SIGTERM included.
 """
 
 from __future__ import annotations
