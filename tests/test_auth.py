@@ -225,6 +225,25 @@ def test_an_auth_file_that_is_no_small_regular_file_is_one_line_at_once(kind, ho
         find_credentials("reg.example")
 
 
+def test_an_auth_file_in_a_folder_closed_to_the_user_is_none_of_theirs(unprivileged, tmp_path):
+    """Once root has run podman, /run/containers is root's alone: the default auth file of every other user lies
+    behind it. That is no file of theirs, not an error; their own unreadable file still is one."""
+    closed = tmp_path / "closed"
+    (closed / "containers").mkdir(parents=True)
+    (closed / "containers" / "auth.json").write_text("{}")
+    closed.chmod(0o700)
+    tmp_path.chmod(0o755)
+    unreadable = unprivileged.home / ".docker" / "config.json"
+    code = "from dutils.auth import find_credentials; print(find_credentials('reg.example'))"
+    for docker_config, says in [("", "None"), (unreadable, "cannot read")]:
+        if docker_config:
+            unprivileged.run(["mkdir", "-p", unreadable.parent], check=True, timeout=QUICK)
+            unprivileged.run(["install", "-m", "000", "/dev/null", unreadable], check=True, timeout=QUICK)
+        env = {"XDG_RUNTIME_DIR": str(closed)}
+        done = unprivileged.run([unprivileged.bin / "python", "-c", code], env=env, capture_output=True, text=True)
+        assert says in done.stdout + done.stderr
+
+
 def test_credentials_never_print_their_password():
     credentials = Credentials(USER, PASSWORD)
     assert PASSWORD not in repr(credentials) and PASSWORD not in str(credentials)
