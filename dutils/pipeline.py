@@ -338,8 +338,7 @@ def folder_tasks(pull: Pull, downloads: threading.BoundedSemaphore, trees: dict)
 def tree_tasks(pull: Pull, downloads: threading.BoundedSemaphore, trees: dict, deps: list[str]) -> Iterator[dict]:
     """The folder's rootfs made from the store's tree of its image, built by one task however many folders use it
     (its lock keeps other processes from building it at once)."""
-    digests = [layer.digest for layer in pull.image.layers]
-    tree = StoreTree(pull.options.cache, pull.image.diff_ids, digests)
+    tree = StoreTree(pull.options.cache, pull.image.diff_ids, [layer.digest for layer in pull.image.layers])
     name = f"dutils-tree:{tree.name}"
     if trees.setdefault(tree.name, pull.key) == pull.key:
         yield task(tree.build, pull.apply_onto, downloads, basename=name, task_dep=deps, uptodate=[tree.complete])
@@ -348,7 +347,6 @@ def tree_tasks(pull: Pull, downloads: threading.BoundedSemaphore, trees: dict, d
         tree.make_rootfs,
         pull.folder,
         pull.log,
-        digests,
         note,
         basename=key,
         task_dep=[*deps, name],

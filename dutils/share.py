@@ -10,7 +10,6 @@ files' inodes with the store and its siblings: before anything writes into them 
 private by a copy (make_private).
 """
 
-import contextlib
 import ctypes
 import errno
 import fcntl
@@ -66,10 +65,10 @@ class StoreTree:
             if self.complete():
                 return
             log = AppliedLog(self.folder)  # diff_ids: the same tree whatever the layers' compression
-            done = len(log.applied())
+            done, recorded = len(log.applied()), self.blobs.read_text().split() if self.blobs.exists() else []
             # a layer cut short is resumed only by its own blob: another's files (an image whose config claims this
             # tree's diff_ids, found out only at the layer's end) would stay under the layers that follow
-            if not done or self.blobs_before()[done : done + 1] != self.digests[done : done + 1]:
+            if not done or recorded[done : done + 1] != self.digests[done : done + 1]:
                 self.start_from_below(log)
             write_atomic(self.blobs, "".join(f"{d}\n" for d in self.digests).encode())
             try:
@@ -78,11 +77,6 @@ class StoreTree:
                 log.start_over()
                 raise
             write_atomic(self.anchor, f"{self.name}\n".encode())
-
-    def blobs_before(self) -> list[str]:
-        with contextlib.suppress(FileNotFoundError):
-            return self.blobs.read_text().split()
-        return []
 
     def start_from_below(self, log: AppliedLog) -> None:
         """A hard-linked copy of the longest complete tree below this one, if the store holds one."""
@@ -97,7 +91,7 @@ class StoreTree:
                     log.note(n, diff_id)
                 return
 
-    def make_rootfs(self, folder: PullDir, log: AppliedLog, digests: list[str], note: Callable[[str], None]) -> None:
+    def make_rootfs(self, folder: PullDir, log: AppliedLog, note: Callable[[str], None]) -> None:
         """Make DIR/rootfs from the store's tree: by hard links, by a reflink copy where the filesystem clones (then
         the folder is private), else by a plain copy (the cache on another filesystem). Then the log says every layer
         is applied."""
@@ -114,7 +108,7 @@ class StoreTree:
             copy_exposed(self.folder.rootfs, folder.rootfs)
             os.link(self.anchor, folder.state / SHARED)
         touch(self.anchor)
-        for n, digest in enumerate(digests):
+        for n, digest in enumerate(self.digests):
             log.note(n, digest)
 
 
@@ -124,8 +118,8 @@ def copy_exposed(tree: Path, rootfs: Path) -> None:
     opened to others (0711), its write would reach the store and every sibling. A file's hard links stay one."""
     mine, copies = os.geteuid(), {}
     for folder, _, names in os.walk(rootfs):
-        times, paths = os.lstat(folder), [os.path.join(folder, name) for name in names]
-        exposed = [(path, info) for path in paths if is_exposed(info := os.lstat(path), mine)]
+        times, infos = os.lstat(folder), [(path, os.lstat(path)) for path in (f"{folder}/{name}" for name in names)]
+        exposed = [(p, i) for p, i in infos if not stat.S_ISLNK(i.st_mode) and (i.st_uid != mine or i.st_mode & 0o022)]
         for path, info in exposed:
             source = os.path.join(tree, os.path.relpath(path, rootfs))
             os.unlink(path)  # the folder is complete only once its log says so: a kill here is no harm
@@ -143,10 +137,6 @@ def copy_exposed(tree: Path, rootfs: Path) -> None:
             os.utime(folder, ns=(times.st_atime_ns, times.st_mtime_ns), follow_symlinks=False)
 
 
-def is_exposed(info: os.stat_result, mine: int) -> bool:
-    return not stat.S_ISLNK(info.st_mode) and (info.st_uid != mine or bool(info.st_mode & 0o022))
-
-
 def clones(source: Path, folder: Path) -> bool:
     """Whether the filesystem of `folder` can clone `source` (a reflink): tried on one file."""
     with open(source, "rb") as original, tempfile.TemporaryFile(dir=folder) as copy:
@@ -158,8 +148,7 @@ def clones(source: Path, folder: Path) -> bool:
 
 
 class TooManyLinks(Error):
-    """A file of the tree has as many hard links as its filesystem allows (ext4: 65,000; a hostile image of links to
-    one file can take them all)."""
+    """A file has all the links its filesystem allows (ext4: 65,000, which a hostile image's links can take)."""
 
 
 def link_tree(source: Path, target: Path, note: Callable[[str], None]) -> bool:
@@ -181,15 +170,12 @@ def copy_tree(source: Path, target: Path, how: list[str]) -> None:
     argv = ["cp", "-a", *how, "--no-target-directory", "--", str(source), str(target)]
     if os.geteuid() != 0:
         argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--cap-add", "ALL", "--bind", "/", "/", *argv]
-    done = subprocess.run(
-        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False, env=os.environ | {"LC_ALL": "C"}
-    )
+    english = os.environ | {"LC_ALL": "C"}  # whatever the user's language: "Too many links" is looked for
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False, env=english)
     if done.returncode:
         said = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        # (in English whatever the user's language, and on any line: "Too many links" is looked for)
-        raise (TooManyLinks if os.strerror(errno.EMLINK) in done.stderr else Error)(
-            f"cannot copy {printable(str(source))}: {printable(said)}"
-        )
+        kind = TooManyLinks if os.strerror(errno.EMLINK) in done.stderr else Error  # on any line
+        raise kind(f"cannot copy {printable(str(source))}: {printable(said)}")
 
 
 def is_shared(folder: PullDir) -> bool:

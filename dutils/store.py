@@ -210,11 +210,9 @@ def read_small_followed(path: str | os.PathLike[str], cap: int = SMALL_FILE) -> 
 
 
 @contextlib.contextmanager
-def locked(
-    path: Path, busy_message: str | None = None, kind: int = fcntl.LOCK_EX, waiting: str | None = None
-) -> Iterator[None]:
-    """Hold a lock (`kind`: fcntl.LOCK_EX or LOCK_SH) on `path`: wait for it (saying `waiting` when it is held), or
-    fail with `busy_message`."""
+def locked(path: Path, busy_message: str | None = None, kind: int = fcntl.LOCK_EX, waiting: str = "") -> Iterator[None]:
+    """Hold a lock (`kind`: fcntl.LOCK_EX or LOCK_SH) on `path`: wait for it (saying `waiting`), or fail with
+    `busy_message`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:  # whoever planted a link or a FIFO must not make us create or block on its target
         fd = open_regular(path, os.O_RDWR | os.O_CREAT, 0o600)
