@@ -198,7 +198,7 @@ class Tree(Root):
             os.close(fd)
         self._restore(self.top, self.root_name, *record[2:5])
         self.journal.close()
-        Journal.remove(self.journal.path)
+        self.journal.remove()
 
     def _restore(self, fd: int, name: str | bytes, mode: int, atime_ns: int, mtime_ns: int) -> None:
         st = lstat_or_none(name, fd)
@@ -275,7 +275,7 @@ class Journal:
         return None
 
     def _create(self, header: tuple[str, int, int]) -> sqlite3.Connection:
-        Journal.remove(self.path)
+        self.remove()
         with sqlite_errors(self.path):
             db = sqlite3.connect(self.path, isolation_level=None)
             self._prepare(db)
@@ -356,10 +356,9 @@ class Journal:
         self.commit()  # the records waiting are of folders on disk
         self.db.close()  # writes the WAL into the file and removes it
 
-    @staticmethod
-    def remove(path: Path) -> None:
-        for name in (path.name, f"{path.name}-wal"):
-            path.with_name(name).unlink(missing_ok=True)
+    def remove(self) -> None:
+        for name in (self.path.name, f"{self.path.name}-wal"):
+            self.path.with_name(name).unlink(missing_ok=True)
 
 
 def journal_path(rootfs: Path) -> Path:
