@@ -109,12 +109,14 @@ class Positioned:
 
 def index_members(fd: int, where: str) -> dict[str, tuple[bool, int, int]]:
     """name -> (whether a plain regular file, where its data starts, its size), for every member of the tar."""
-    stream, members = Positioned(fd), {}
+    stream, members, end = Positioned(fd), {}, os.fstat(fd).st_size
     reader = TarReader(stream)
     try:
         while (entry := reader.next_entry()) is not None:
             start = stream.at - len(reader.buffer) + reader.offset
             name = member_name(entry.name, where)
+            if start + entry.stored > end:
+                raise Error(f"{where} ends before the {entry.stored} bytes of {name}", HINT)
             if name in members or len(members) >= MAX_MEMBERS:
                 raise Error(f"{where} holds {name} twice, or more than {MAX_MEMBERS} members", HINT)
             members[name] = (entry.isreg() and entry.sparse is None, start, entry.stored)
@@ -173,7 +175,9 @@ class Layout:
         name = self.blob_names.get(digest, digest) if self.docker else blob_name(digest)
         with self.files.opened(name) as (fd, start, size):
             while sink.missing and sink.have < size:
-                sink.write(os.pread(fd, min(CHUNK, size - sink.have), start + sink.have))
+                if not (chunk := os.pread(fd, min(CHUNK, size - sink.have), start + sink.have)):  # cut since opened
+                    raise Error(f"{self.where}: {name} ends before its {size} bytes", HINT)
+                sink.write(chunk)
         if sink.missing:
             raise Error(f"{self.where}: blob {digest} is shorter than its manifest says", HINT)
 
