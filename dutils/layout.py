@@ -27,6 +27,7 @@ from .tarstream import BLOCK, TarError, TarReader
 
 NAMES = ("org.opencontainers.image.ref.name", "io.containerd.image.name")  # an index.json entry's names
 MAX_MEMBERS = 10_000  # of an archive: `docker save` of 500 layers writes about 1,500
+MAX_NAME, MAX_NAMES = 4096, 4 << 20  # bytes in a member's name (PATH_MAX) and in all of them: memory bounded
 CHUNK = 1 << 20
 HINT = "this is not an image a tool wrote; do not use it"
 
@@ -109,11 +110,14 @@ class Positioned:
 
 def index_members(fd: int, where: str) -> dict[str, tuple[bool, int, int]]:
     """name -> (whether a plain regular file, where its data starts, its size), for every member of the tar."""
-    stream, members, end = Positioned(fd), {}, os.fstat(fd).st_size
+    stream, members, names, end = Positioned(fd), {}, 0, os.fstat(fd).st_size
     reader = TarReader(stream)
     try:
         while (entry := reader.next_entry()) is not None:
             start = stream.at - len(reader.buffer) + reader.offset
+            names += (length := len(os.fsencode(entry.name)))
+            if length > MAX_NAME or names > MAX_NAMES:
+                raise Error(f"{where} names a member in more than {MAX_NAME} bytes, or all in more than {MAX_NAMES}")
             name = member_name(entry.name, where)
             if start + entry.stored > end:
                 raise Error(f"{where} ends before the {entry.stored} bytes of {name}", HINT)

@@ -538,6 +538,10 @@ def blob_shorter_than_its_descriptor(folder: Path) -> str:
     return source
 
 
+def long_member_name(folder: Path) -> str:
+    return str(write_tar(folder / "a.tar", oci_members(base()), lambda tar: tar.file("x" * 5000, b"x")))
+
+
 def diff_ids_of_another_count(folder: Path) -> str:
     layers = json.loads(docker_members(base())["manifest.json"])[0]["Layers"]
     return str(write_tar(folder / "a.tar", docker_members(base(), Layers=layers[:1])))
@@ -568,6 +572,7 @@ HOSTILE = [
     (diff_ids_of_another_count, "diff_ids"),
     (truncated_archive, "ends before the"),
     (blob_shorter_than_its_descriptor, "shorter than its manifest says"),
+    (long_member_name, "more than 4096 bytes"),
 ]
 
 
