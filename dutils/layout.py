@@ -28,6 +28,7 @@ from .tarstream import BLOCK, TarError, TarReader
 NAMES = ("org.opencontainers.image.ref.name", "io.containerd.image.name")  # an index.json entry's names
 MAX_MEMBERS = 10_000  # of an archive: `docker save` of 500 layers writes about 1,500
 MAX_NAME, MAX_NAMES = 4096, 4 << 20  # bytes in a member's name (PATH_MAX) and in all of them: memory bounded
+MAX_IMAGES = 1_000  # in index.json or manifest.json: each may be a manifest to make, a config to read
 CHUNK = 1 << 20
 HINT = "this is not an image a tool wrote; do not use it"
 
@@ -150,10 +151,13 @@ class Layout:
         self.ref, self.where = ref, ref.registry
         self.files = open_files(ref.path, self.where)
         self.blob_names: dict[str, str] = {}  # digest -> member, of a docker-archive's made manifests
+        self.configs: dict[str, tuple[bytes, list]] = {}  # a docker-archive's config member -> it and its diff_ids
         self.docker = ref.transport == "docker-archive" or not (ref.transport or self.files.has("index.json"))
         if self.docker and not (ref.transport or self.files.has("manifest.json")):
             raise Error(f"{self.where} is neither an OCI layout nor a docker-archive (no index.json, no manifest.json)")
         self.images = self.docker_images() if self.docker else self.oci_images()
+        if len(self.images) > MAX_IMAGES:
+            raise Error(f"{self.where} holds {len(self.images)} images, more than {MAX_IMAGES}", HINT)
 
     # -- what the pipeline asks
 
@@ -162,9 +166,9 @@ class Layout:
         if DIGEST.fullmatch(wanted):  # a lock file's pin, or an entry of an index
             if not self.docker:
                 return self.blob(wanted, MAX_MANIFEST), ""
-            made = {hashlib.sha256(body).hexdigest(): body for body in map(self.docker_manifest, self.entries())}
-            if body := made.get(wanted.removeprefix("sha256:")):
-                return body, OCI_MANIFEST
+            for body in map(self.docker_manifest, self.entries()):  # made one at a time: the first that matches
+                if "sha256:" + hashlib.sha256(body).hexdigest() == wanted:
+                    return body, OCI_MANIFEST
             raise Error(f"{self.where} holds no image {wanted}", "pull it without the lock file's pin, with --update")
         entry = self.choose(wanted)
         if self.docker:
@@ -238,9 +242,11 @@ class Layout:
         where = f"{self.where}: manifest.json"
         config_name = member_name(typed(image.get("Config"), str, f"{where}: Config"), where)
         layers = [member_name(typed(name, str, where), where) for name in typed(image.get("Layers"), list, where)]
-        config = self.read(config_name, oci.MAX_CONFIG)
-        rootfs = typed(oci.load_json_object(config, f"{where}: {config_name}").get("rootfs"), dict, config_name)
-        ids = typed(rootfs.get("diff_ids"), list, f"{config_name}: rootfs.diff_ids")
+        if config_name not in self.configs:  # read and parsed once, however many images share it
+            config = self.read(config_name, oci.MAX_CONFIG)
+            rootfs = typed(oci.load_json_object(config, f"{where}: {config_name}").get("rootfs"), dict, config_name)
+            self.configs[config_name] = config, typed(rootfs.get("diff_ids"), list, f"{config_name}: rootfs.diff_ids")
+        config, ids = self.configs[config_name]
         if len(ids) != len(layers):
             raise Error(f"{where} lists {len(layers)} layers and their config {len(ids)} diff_ids", HINT)
         digest = "sha256:" + hashlib.sha256(config).hexdigest()

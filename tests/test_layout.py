@@ -542,6 +542,11 @@ def long_member_name(folder: Path) -> str:
     return str(write_tar(folder / "a.tar", oci_members(base()), lambda tar: tar.file("x" * 5000, b"x")))
 
 
+def too_many_images(folder: Path) -> str:
+    listed = json.loads(docker_members(base())["manifest.json"]) * 1001
+    return str(write_tar(folder / "a.tar", docker_members(base()) | {"manifest.json": json.dumps(listed).encode()}))
+
+
 def diff_ids_of_another_count(folder: Path) -> str:
     layers = json.loads(docker_members(base())["manifest.json"])[0]["Layers"]
     return str(write_tar(folder / "a.tar", docker_members(base(), Layers=layers[:1])))
@@ -573,6 +578,7 @@ HOSTILE = [
     (truncated_archive, "ends before the"),
     (blob_shorter_than_its_descriptor, "shorter than its manifest says"),
     (long_member_name, "more than 4096 bytes"),
+    (too_many_images, "1001 images, more than 1000"),
 ]
 
 
@@ -621,6 +627,15 @@ def test_a_layout_blob_cut_while_it_is_read_is_one_error_not_a_spin(tmp_path: Pa
         Layout(parse_reference(f"oci:{layout}")).download_blob(blob.digest, sink)
     assert raised.value.message == f"oci:{layout}: {blob_member(blob.digest)} ends before its {len(data)} bytes"
     assert progress.chunks == 2
+
+
+def test_a_pinned_image_of_a_docker_archive_is_the_first_that_matches_the_rest_unread(tmp_path: Path) -> None:
+    members = docker_members(base())
+    listed = json.loads(members["manifest.json"]) + [{"Config": "broken.json", "Layers": []}] * 999
+    more = {"manifest.json": json.dumps(listed).encode(), "broken.json": b"{" * 1000}
+    source = parse_reference(f"docker-archive:{write_tar(tmp_path / 'a.tar', members | more)}")
+    body, _ = Layout(source).get_manifest("@0")
+    assert Layout(source).get_manifest(sha256(body)) == (body, OCI_MANIFEST)
 
 
 DODO = """from pathlib import Path
