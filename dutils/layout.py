@@ -118,7 +118,7 @@ def index_members(fd: int, where: str) -> dict[str, tuple[bool, int, int]]:
             start = stream.at - len(reader.buffer) + reader.offset
             names += (length := len(os.fsencode(entry.name)))
             if length > MAX_NAME or names > MAX_NAMES:
-                raise Error(f"{where} names a member in more than {MAX_NAME} bytes, or all in more than {MAX_NAMES}")
+                raise Error(f"{where} has a name of over {MAX_NAME} bytes, or {MAX_NAMES >> 20} MiB of names", HINT)
             name = member_name(entry.name, where)
             if start + entry.stored > end:
                 raise Error(f"{where} ends before the {entry.stored} bytes of {name}", HINT)

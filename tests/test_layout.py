@@ -577,7 +577,7 @@ HOSTILE = [
     (diff_ids_of_another_count, "diff_ids"),
     (truncated_archive, "ends before the"),
     (blob_shorter_than_its_descriptor, "shorter than its manifest says"),
-    (long_member_name, "more than 4096 bytes"),
+    (long_member_name, "a name of over 4096 bytes"),
     (too_many_images, "1001 images, more than 1000"),
 ]
 
