@@ -547,6 +547,10 @@ def too_many_images(folder: Path) -> str:
     return str(write_tar(folder / "a.tar", docker_members(base()) | {"manifest.json": json.dumps(listed).encode()}))
 
 
+def too_many_indexed(folder: Path) -> str:
+    return f"oci-archive:{write_tar(folder / 'a.tar', oci_members(base(), [base().index_entry()] * 1001))}"
+
+
 def diff_ids_of_another_count(folder: Path) -> str:
     layers = json.loads(docker_members(base())["manifest.json"])[0]["Layers"]
     return str(write_tar(folder / "a.tar", docker_members(base(), Layers=layers[:1])))
@@ -579,6 +583,7 @@ HOSTILE = [
     (blob_shorter_than_its_descriptor, "shorter than its manifest says"),
     (long_member_name, "a name of over 4096 bytes"),
     (too_many_images, "1001 images, more than 1000"),
+    (too_many_indexed, "1001 images, more than 1000"),
 ]
 
 
