@@ -11,9 +11,10 @@ applies it from a cache that already holds its blobs (fresh destination) and re-
 its tag, and pinned by a lock file (`--lock`) with d-pull installed without dependencies in a venv of Debian's python3.
 Every result is checked (entries, a marker, a file's sha256; digests for the in-memory floor), so a failed run
 can never pass as a fast one. It prints the median of each and each ratio against its target, met or missed,
-with d-run's start-up from bench_run.py. `--quick` (fewer files, smaller layers, one repetition) is a smoke run
-of about a minute. Needs: docker-registry, skopeo, umoci, openssl, time, tar, charliecloud-builders,
-charliecloud-runtime. Everything it starts or writes is removed on exit, Ctrl-C and SIGTERM included.
+with d-run's start-up from bench_run.py, and the system calls per entry of d-pull's apply and of GNU tar (strace
+-f -c; as root, as the ordinary user dutest too). `--quick` (fewer files, smaller layers, one repetition) is a
+smoke run of about a minute. Needs: docker-registry, skopeo, umoci, openssl, time, tar, strace,
+charliecloud-builders, charliecloud-runtime. Everything it starts or writes is removed on exit, Ctrl-C and SIGTERM included.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ REQUIRED = {  # command -> Debian package
     "ch-image": "charliecloud-builders",
     "ch-run": "charliecloud-runtime",  # ch-image refuses to start without it
     TIME: "time",
+    "strace": "strace",
 }
 IMAGES = ("small", "large", "debian")
 # The tools, in the order of the table; "cold" pulls start from an empty cache.
@@ -101,6 +103,18 @@ RSS_LIMIT_MIB, RSS_FLAT = 150, 1.25
 NO_OP_SECONDS = 0.2
 LOCK = "sandboxes.lock"  # in each image's warm folder, pinning its complete pull folder
 NO_OP_LOCK_SECONDS = 0.06  # issue 20: a folder its lock file pins, decided before requests and doit load
+# System calls per tar entry (issue 20): d-pull's apply of the cached layers over GNU tar -xzf's, as the user
+# running the bench and, when it is root, as the tests' ordinary user too. `strace -f -c` counts them: the figure
+# does not depend on the machine's load, as wall times do.
+CALLS_RATIO = 1.0
+ORDINARY_USER = "dutest"
+APPLY_LAYERS = """
+import sys
+from pathlib import Path
+from dutils.apply import apply_layer
+for blob, diff_id in zip(sys.argv[2::2], sys.argv[3::2]):
+    apply_layer(Path(blob), "application/vnd.oci.image.layer.v1.tar+gzip", diff_id, Path(sys.argv[1]))
+"""
 
 
 @dataclass(frozen=True)
@@ -711,6 +725,62 @@ def targets(results: Results, images: list[BenchImage], d_run_overhead_ms: float
     return found
 
 
+def system_calls(command: list[str], user: str | None, work: Path) -> int:
+    """System calls made by `command` and its children, run by `user` (None: this process's) in `work`."""
+    summary = work / f"strace-{len(list(work.glob('strace-*')))}"
+    prefix = ["runuser", "-u", user, "--"] if user else []
+    done = subprocess.run(
+        [*prefix, "strace", "-f", "-c", "-o", str(summary), *command], capture_output=True, text=True, cwd=work
+    )
+    if done.returncode:
+        raise Error(f"strace {shlex.join(command)} failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
+    return int(summary.read_text().splitlines()[-1].split()[3])  # the total: % time, seconds, usecs/call, calls
+
+
+def calls_per_entry(image: BenchImage, user: str | None, python: str, scratch: Path) -> tuple[float, float]:
+    """System calls per entry of d-pull's apply (apply_layer on the cached blobs, in order) and of GNU tar -xzf."""
+    work = Path(tempfile.mkdtemp(prefix="strace-", dir=scratch))
+    if user:
+        scratch.chmod(0o711)  # the user reaches its folder and the blobs, and lists nothing
+        shutil.chown(work, user)
+    entries = 0
+    for blob in image.blobs:
+        with tarfile.open(blob, "r:gz") as layer:
+            entries += sum(1 for _ in layer)
+    layers = [str(part) for pair in zip(image.blobs, image.diff_ids, strict=True) for part in pair]
+    d_pull = system_calls([python, "-c", APPLY_LAYERS, str(work / "d-pull"), *layers], user, work)
+    tar = 0
+    for blob in image.blobs:
+        tar += system_calls(["sh", "-c", 'mkdir -p tar && exec tar -xzf "$0" -C tar', str(blob)], user, work)
+    return d_pull / entries, tar / entries
+
+
+def ordinary_python(scratch: Path) -> str:
+    """A venv of Debian's python holding d-utils and its dependencies, which an ordinary user can run (this
+    process's python may live in /root)."""
+    source, venv = scratch / "user-source", scratch / "user-venv"
+    ignore = shutil.ignore_patterns(".*", "*.egg-info", "__pycache__", "build", "cache", "tests", "bench")
+    shutil.copytree(REPO, source, ignore=ignore)  # pip must not build inside the repository
+    for command in ([bench_run.DEBIAN_PYTHON, "-m", "venv", venv], [venv / "bin" / "pip", "install", "-q", source]):
+        subprocess.run(command, check=True, capture_output=True, timeout=RUN_TIMEOUT)
+    subprocess.run(["chmod", "-R", "a+rX", venv], check=True)
+    return str(venv / "bin" / "python")
+
+
+def calls_targets(images: list[BenchImage], scratch: Path) -> list[Target]:
+    """d-pull's apply at GNU tar's count of system calls per entry or below, per image and user."""
+    as_root = os.geteuid() == 0 and subprocess.run(["id", "-u", ORDINARY_USER], capture_output=True).returncode == 0
+    pythons = {None: sys.executable} | ({ORDINARY_USER: ordinary_python(scratch)} if as_root else {})
+    found = []
+    for image in images:
+        for user, python in pythons.items():
+            d_pull, tar = calls_per_entry(image, user, python, scratch)
+            who = f"as {user or getpass.getuser()}"
+            what = f"{image.name}: system calls per entry {who}, apply {d_pull:.2f} / {TAR} {tar:.2f}"
+            found.append(Target(what, d_pull / tar, CALLS_RATIO, "x"))
+    return found
+
+
 def print_targets(found: list[Target]) -> None:
     width = max(len(target.what) for target in found)
     print(f"\n{'target':<{width}}  {'measured':>10}  {'limit':>11}")
@@ -818,7 +888,8 @@ def run(args: argparse.Namespace, scratch: Path) -> None:
         f"\nd-run DIR /bin/true: {startup['d-run']:.1f} ms, bare bwrap {startup['bwrap']:.1f} ms,"
         f" python3 -c pass {startup['python']:.1f} ms (median of {args.size.d_run_runs})"
     )
-    print_targets(targets(results, images, startup["d-run"] - startup["bwrap"]))
+    calls = calls_targets(images, scratch)
+    print_targets(targets(results, images, startup["d-run"] - startup["bwrap"]) + calls)
     print("\n".join(sharing))
     print_phases(phases)
 
