@@ -200,7 +200,7 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         tmp=made["/tmp"],
         ports=published,
         lock_fd=inheritable(store.hold_while_open(lock_fd)),
-        userns_fd=None if maps is None else userns.make(maps, identity.uid if root_maps else os.geteuid()),
+        userns_fd=None if maps is None else userns.make(maps),
         groups=tuple(groups),
     )
 
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         if box.ports:
             command = ports.pasta_argv(box.ports, sys.executable, sandbox.inherited_fds(box), command)
         if box.groups:  # root's mapping: the image's user, groups and all, before bwrap joins it
-            userns.become(box.identity.uid, box.identity.gid, list(box.groups))
+            userns.become(box.identity.uid, box.identity.gid, list(box.groups), box.userns_fd)
         if args.debug:
             import shlex
 

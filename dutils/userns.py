@@ -3,8 +3,9 @@
 As root: every id mapped to itself, so the image's owners are the container's (a `USER 1000` writes its
 /home/app, not root's /etc), as under podman. A namespace rather than podman's rootful "none, with fewer
 capabilities": root inside is capable only over what the namespace owns, and bwrap runs as for a user.
-The namespace belongs to the image's uid, which d-run becomes (groups and gid first) before the exec, so
-that bwrap joins it capable and switches ids no more (its --userns sets the uid before the gid).
+d-run becomes the image's user (groups and gid first) before the exec, so that bwrap switches ids no more (its
+--userns sets the uid before the gid, then lacks the capability). For a uid other than 0 bwrap then joins a
+namespace of that uid, nested in one of root's (see become): no host process of the uid can join either.
 As a user with a range in /etc/subuid and /etc/subgid: the user's own ids are the image user's (root's, for
 most services) and the range everyone else's, written by newuidmap/newgidmap (podman's rootless mapping).
 Files the user pulled are the user's, so inside they are the image user's: a service dropping to its user
@@ -21,6 +22,7 @@ from .sandbox import find_row, is_number, table_rows
 
 CLONE_NEWUSER = 0x10000000
 EVERY_ID = [0, 0, 2**32 - 1]  # (uid_t) -1 stays unmapped
+PR_SET_DUMPABLE = 4  # linux/prctl.h
 
 
 def subordinate_range(text: str, name: str, own: int) -> tuple[int, int] | None:
@@ -45,10 +47,7 @@ def plan_maps(uid: int, gid: int, read: Callable[[str], str]) -> tuple[list[str]
     the uid and gid maps as (inside, outside, count) triples; None for no mapping. `read`: a file's text or ""."""
     euid = os.geteuid()
     if euid == 0:
-        # Root's identity mapping, only for the image's root. For another image user the namespace would belong
-        # to that uid, whose host processes could join it with every capability in it (a mapped 0: the host's
-        # root); mapping that user's ids alone leaves bwrap 0.8 unable to reach the private DIR. One user, then.
-        return ([], EVERY_ID, EVERY_ID) if uid == 0 else None
+        return [], EVERY_ID, EVERY_ID
     import pwd  # a builtin module
 
     try:
@@ -80,9 +79,9 @@ def write_maps(pid: int, tools: list[str], uid_map: list[int], gid_map: list[int
     return True
 
 
-def make(maps: tuple[list[str], list[int], list[int]], owner: int) -> int:
-    """A new user namespace with `maps`, belonging to the uid `owner`, as an inheritable descriptor for bwrap's
-    --userns. A child made for it unshares, waits until the maps are written, and exits."""
+def make(maps: tuple[list[str], list[int], list[int]], owner: int | None = None) -> int:
+    """A new user namespace with `maps`, belonging to d-run's user or the uid `owner`, as an inheritable
+    descriptor for bwrap's --userns. A child made for it unshares, waits until the maps are written, and exits."""
     import ctypes
 
     ready_read, ready_write = os.pipe()
@@ -93,8 +92,9 @@ def make(maps: tuple[list[str], list[int], list[int]], owner: int) -> int:
         try:
             os.close(ready_read)
             os.close(done_write)
-            if owner != os.geteuid():
+            if owner is not None:  # dumpable, so that d-run, capable in its parent namespace only, opens it
                 os.setresuid(owner, owner, owner)
+                ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 1)
             status = 0 if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWUSER) == 0 else ctypes.get_errno()
             os.write(ready_write, bytes([status]))
             os.read(done_read, 1)
@@ -117,11 +117,22 @@ def make(maps: tuple[list[str], list[int], list[int]], owner: int) -> int:
         os.waitpid(child, 0)
 
 
-def become(uid: int, gid: int, groups: list[int]) -> None:
-    """Root before the exec: the image's groups, gid and uid (bwrap then switches to none of them itself)."""
+def become(uid: int, gid: int, groups: list[int], userns_fd: int) -> None:
+    """Root before the exec: the image's groups, gid and uid, so that bwrap switches to none of them (bwrap 0.8
+    sets the uid first, then lacks the capability for the gid). For a uid other than 0, bwrap's namespace must
+    then belong to that uid: d-run joins root's (`userns_fd`) and makes it there, in its place. Host processes
+    of that uid get no capability in it, as its parent is root's namespace, not theirs."""
     try:
         os.setgroups(groups)
         os.setresgid(gid, gid, gid)
+        if uid != 0:
+            import ctypes
+
+            if ctypes.CDLL(None, use_errno=True).setns(userns_fd, CLONE_NEWUSER) != 0:
+                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+            inner = make(([], EVERY_ID, EVERY_ID), uid)
+            os.dup2(inner, userns_fd)
+            os.close(inner)
         os.setresuid(uid, uid, uid)
     except OSError as err:  # more groups than the kernel takes (the image's /etc/group), an id it refuses
         raise Error(f"cannot become the image's user {uid}:{gid}: {err.strerror}", "run it with -u") from None

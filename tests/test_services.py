@@ -4,6 +4,7 @@ mapping: no newuidmap on PATH)."""
 
 import hashlib
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -245,7 +246,6 @@ def test_apt_get_installs_with_dependencies_from_a_local_repository(images, repo
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a root d-run")
-@pytest.mark.xfail(strict=True, reason="issue 18: under root, a non-root image user gets one mapped user (see README)")
 def test_an_image_user_writes_its_home_and_not_etc_under_root(images, tmp_path: Path) -> None:
     done = d_pull("-q", images["app"], str(tmp_path / "app"), cache=tmp_path / "cache", timeout=300)
     assert done.returncode == 0, done.stderr
@@ -257,6 +257,35 @@ def test_an_image_user_writes_its_home_and_not_etc_under_root(images, tmp_path: 
     etc = subprocess.run([*run, "touch /etc/mine"], capture_output=True, text=True, timeout=60)
     assert etc.returncode != 0 and "Permission denied" in etc.stderr
     assert not (tmp_path / "app/rootfs/etc/mine").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root d-run (a user's namespace is that user's to join)")
+def test_the_image_users_host_processes_cannot_join_its_namespace(images, workspace: Path, tmp_path: Path) -> None:
+    # The attacker is a host process of the container's uid. Were the namespace its (a child of the host's), it
+    # would join it with every capability there, over every host file: root's stand-in passwd would take its line.
+    uid = pwd.getpwnam(USER).pw_uid
+    done = d_pull("-q", images["app"], str(tmp_path / "app"), cache=tmp_path / "cache", timeout=300)
+    assert done.returncode == 0, done.stderr
+    standin = Path(tempfile.mkdtemp(dir=workspace)) / "passwd"
+    standin.parent.chmod(0o755)
+    standin.write_bytes(b"root:x:0:0::/root:/bin/sh\n")
+    argv = [BIN / "d-run", "-u", f"{uid}:{uid}", tmp_path / "app", "sh", "-c", "echo READY; exec sleep 60"]
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert child.stdout.readline() == "READY\n"
+        assert os.stat(f"/proc/{child.pid}").st_uid == uid  # bwrap's monitor: the image's user, in its namespace
+        for how in (["--user"], ["--user", "--preserve-credentials"], ["--user", "--mount"]):
+            attack = f"echo {USER}::0:0::/:/bin/sh >> {standin}"
+            nsenter = ["nsenter", f"--target={child.pid}", *how, "sh", "-c", attack]
+            done = subprocess.run(["runuser", "-u", USER, "--", *nsenter], capture_output=True, text=True, timeout=30)
+            assert done.returncode != 0 and re.search("Permission denied|Operation not permitted", done.stderr), done
+        peek = ["runuser", "-u", USER, "--", "cat", f"/proc/{child.pid}/root/etc/hostname"]  # a traced view: none
+        done = subprocess.run(peek, capture_output=True, text=True, timeout=30)
+        assert done.returncode != 0 and "Permission denied" in done.stderr, done
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate(timeout=30)
+    assert standin.read_bytes() == b"root:x:0:0::/root:/bin/sh\n"
 
 
 def test_a_failing_newuidmap_is_one_line(images, unprivileged, workspace: Path, tmp_path: Path) -> None:
