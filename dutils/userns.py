@@ -20,7 +20,7 @@ from collections.abc import Callable
 from .errors import Error
 from .sandbox import find_row, is_number, table_rows
 
-CLONE_NEWUSER = 0x10000000
+CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
 EVERY_ID = [0, 0, 2**32 - 1]  # (uid_t) -1 stays unmapped
 PR_SET_DUMPABLE = 4  # linux/prctl.h
 
@@ -79,9 +79,10 @@ def write_maps(pid: int, tools: list[str], uid_map: list[int], gid_map: list[int
     return True
 
 
-def make(maps: tuple[list[str], list[int], list[int]], owner: int | None = None) -> int:
+def make(maps: tuple[list[str], list[int], list[int]], owner: int | None = None, network: bool = False) -> list[int]:
     """A new user namespace with `maps`, belonging to d-run's user or the uid `owner`, as an inheritable
-    descriptor for bwrap's --userns. A child made for it unshares, waits until the maps are written, and exits."""
+    descriptor for bwrap's --userns, then (`network`) a network namespace it owns, for pasta. A child made
+    for them unshares, waits until the maps are written, and exits."""
     import ctypes
 
     ready_read, ready_write = os.pipe()
@@ -95,7 +96,8 @@ def make(maps: tuple[list[str], list[int], list[int]], owner: int | None = None)
             if owner is not None:  # dumpable, so that d-run, capable in its parent namespace only, opens it
                 os.setresuid(owner, owner, owner)
                 ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 1)
-            status = 0 if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWUSER) == 0 else ctypes.get_errno()
+            flags = CLONE_NEWUSER | CLONE_NEWNET * network
+            status = 0 if ctypes.CDLL(None, use_errno=True).unshare(flags) == 0 else ctypes.get_errno()
             os.write(ready_write, bytes([status]))
             os.read(done_read, 1)
         finally:
@@ -108,32 +110,50 @@ def make(maps: tuple[list[str], list[int], list[int]], owner: int | None = None)
             raise Error(f"cannot make a user namespace: {os.strerror(status[0] if status else errno.EPERM)}")
         if not write_maps(child, *maps):
             raise Error("newuidmap or newgidmap failed", "check your ranges in /etc/subuid and /etc/subgid")
-        fd = os.open(f"/proc/{child}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-        os.set_inheritable(fd, True)
-        return fd
+        fds = [os.open(f"/proc/{child}/ns/{kind}", os.O_RDONLY) for kind in ["user", "net"][: 1 + network]]
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        return fds
     finally:
         os.close(ready_read)
         os.close(done_write)
         os.waitpid(child, 0)
 
 
-def become(uid: int, gid: int, groups: list[int], userns_fd: int) -> None:
-    """Root before the exec: the image's groups, gid and uid, so that bwrap switches to none of them (bwrap 0.8
-    sets the uid first, then lacks the capability for the gid). For a uid other than 0, bwrap's namespace must
-    then belong to that uid: d-run joins root's (`userns_fd`) and makes it there, in its place. Host processes
-    of that uid get no capability in it, as its parent is root's namespace, not theirs."""
-    try:
-        os.setgroups(groups)
-        os.setresgid(gid, gid, gid)
-        if uid != 0:
-            import ctypes
+def join(fd: int, kind: int) -> None:
+    import ctypes
 
-            if ctypes.CDLL(None, use_errno=True).setns(userns_fd, CLONE_NEWUSER) != 0:
-                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-            inner = make(([], EVERY_ID, EVERY_ID), uid)
+    if ctypes.CDLL(None, use_errno=True).setns(fd, kind) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+def same_ids(table: str) -> list[int]:
+    """A map of every id of d-run's namespace to itself, from its /proc/self/uid_map or gid_map."""
+    with open(f"/proc/self/{table}") as lines:
+        return [int(number) for line in lines for number in (line.split()[0], *line.split()[::2])]
+
+
+def become(uid: int, gid: int, groups: list[int], userns_fd: int, netns_fd: int | None = None) -> None:
+    """Before the exec. Root takes the image's `groups`, gid and uid: bwrap 0.8 would set the uid first, then lack
+    the capability for the gid. Where bwrap's namespace must then be another uid's, or d-run be in -p's network
+    namespace (bwrap joins none), d-run joins `userns_fd` (and `netns_fd`) and makes bwrap's there, the same ids
+    mapped, in its place. Host processes of the image's uid get no capability in it: its parent is not theirs."""
+    try:
+        if groups:
+            os.setgroups(groups)
+            os.setresgid(gid, gid, gid)
+        if netns_fd is not None or groups and uid != 0:
+            join(userns_fd, CLONE_NEWUSER)
+            if netns_fd is not None:
+                join(netns_fd, CLONE_NEWNET)
+                os.close(netns_fd)
+                with open("/proc/sys/net/ipv4/ip_unprivileged_port_start", "w") as setting:
+                    setting.write("0")  # as Docker: root inside is not capable over the network namespace
+            inner = make(([], same_ids("uid_map"), same_ids("gid_map")), uid)[0]
             os.dup2(inner, userns_fd)
             os.close(inner)
-        os.setresuid(uid, uid, uid)
+        if groups:
+            os.setresuid(uid, uid, uid)
     except OSError as err:  # more groups than the kernel takes (the image's /etc/group), an id it refuses
         raise Error(f"cannot become the image's user {uid}:{gid}: {err.strerror}", "run it with -u") from None
 

@@ -57,7 +57,7 @@ def namespace_maps(python: str, run=subprocess.run, ids: str = "33, 33", table="
     """A map of the namespace userns.make gives for the image ids `ids`, read from a process that joined it."""
     code = (
         f"import os, subprocess, sys; from dutils import run, userns; maps = userns.plan_maps({ids}, run.read_setting)\n"
-        "fd = userns.make(maps); os.set_inheritable(fd, True)\n"
+        "fd = userns.make(maps)[0]\n"
         "done = subprocess.run(['nsenter', f'--user=/proc/self/fd/{fd}', '--preserve-credentials', 'cat',"
         f" '/proc/self/{table}'], pass_fds=[fd], capture_output=True, text=True)\n"
         "print(done.stdout.split() or done.stderr)"
