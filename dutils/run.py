@@ -401,10 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         command = sandbox.bwrap_argv(box)
         if box.ports and box.netns_fd is None:  # no mapping: pasta makes the namespaces and starts bwrap
             command = ports.pasta_argv(box.ports, sys.executable, sandbox.inherited_fds(box), command)
-        elif box.ports:  # pasta serves d-run's network namespace
-            ports.start_pasta(box.ports, box.userns_fd, box.netns_fd)
         if box.groups or box.netns_fd is not None:  # root's mapping, -p's network: see userns.become
-            userns.become(box.identity.uid, box.identity.gid, list(box.groups), box.userns_fd, box.netns_fd)
+            userns.become(box)
         if args.debug:
             import shlex
 

@@ -9,8 +9,8 @@ namespace of that uid, nested in one of root's (see become): no host process of 
 As a user with a range in /etc/subuid and /etc/subgid: the user's own ids are the image user's (root's, for
 most services) and the range everyone else's, written by newuidmap/newgidmap (podman's rootless mapping).
 Files the user pulled are the user's, so inside they are the image user's: a service dropping to its user
-reads what the image made readable to others. Otherwise (no range, or -p, whose pasta makes the namespace):
-no mapping; the seccomp filter fakes the set*id calls.
+reads what the image made readable to others. Otherwise (no range): no mapping; the seccomp filter fakes the
+set*id calls. With -p and a mapping, the network namespace is made with it, and bwrap's nested (see become).
 """
 
 import errno
@@ -18,7 +18,8 @@ import os
 from collections.abc import Callable
 
 from .errors import Error
-from .sandbox import find_row, is_number, table_rows
+from .ports import start_pasta
+from .sandbox import Plan, find_row, is_number, table_rows
 
 CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
 EVERY_ID = [0, 0, 2**32 - 1]  # (uid_t) -1 stays unmapped
@@ -80,9 +81,8 @@ def write_maps(pid: int, tools: list[str], uid_map: list[int], gid_map: list[int
 
 
 def make(maps: tuple[list[str], list[int], list[int]], owner: int | None = None, network: bool = False) -> list[int]:
-    """A new user namespace with `maps`, belonging to d-run's user or the uid `owner`, as an inheritable
-    descriptor for bwrap's --userns, then (`network`) a network namespace it owns, for pasta. A child made
-    for them unshares, waits until the maps are written, and exits."""
+    """A user namespace with `maps`, of d-run's user or the uid `owner`, for bwrap's --userns, then (`network`) a
+    network namespace it owns, for pasta: a child unshares, waits until the maps are written, and exits."""
     import ctypes
 
     ready_read, ready_write = os.pipe()
@@ -111,8 +111,7 @@ def make(maps: tuple[list[str], list[int], list[int]], owner: int | None = None,
         if not write_maps(child, *maps):
             raise Error("newuidmap or newgidmap failed", "check your ranges in /etc/subuid and /etc/subgid")
         fds = [os.open(f"/proc/{child}/ns/{kind}", os.O_RDONLY) for kind in ["user", "net"][: 1 + network]]
-        for fd in fds:
-            os.set_inheritable(fd, True)
+        os.set_inheritable(fds[0], True)  # for bwrap (pasta gets the network one through pass_fds)
         return fds
     finally:
         os.close(ready_read)
@@ -127,26 +126,27 @@ def join(fd: int, kind: int) -> None:
         raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
 
 
-def same_ids(table: str) -> list[int]:
-    """A map of every id of d-run's namespace to itself, from its /proc/self/uid_map or gid_map."""
+def same_ids(table: str) -> list[int]:  # every id of d-run's namespace mapped to itself (uid_map or gid_map)
     with open(f"/proc/self/{table}") as lines:
         return [int(number) for line in lines for number in (line.split()[0], *line.split()[::2])]
 
 
-def become(uid: int, gid: int, groups: list[int], userns_fd: int, netns_fd: int | None = None) -> None:
-    """Before the exec. Root takes the image's `groups`, gid and uid: bwrap 0.8 would set the uid first, then lack
+def become(box: Plan) -> None:
+    """Before the exec. Root takes the image's groups, gid and uid: bwrap 0.8 would set the uid first, then lack
     the capability for the gid. Where bwrap's namespace must then be another uid's, or d-run be in -p's network
-    namespace (bwrap joins none), d-run joins `userns_fd` (and `netns_fd`) and makes bwrap's there, the same ids
+    namespace (bwrap joins none), d-run starts pasta, joins its namespaces and makes bwrap's there, the same ids
     mapped, in its place. Host processes of the image's uid get no capability in it: its parent is not theirs."""
+    (uid, gid), groups, userns_fd, netns_fd = box.identity[:2], list(box.groups), box.userns_fd, box.netns_fd
     try:
+        if netns_fd is not None:  # with d-run's ids: a change of pasta's own would clear its death signal
+            start_pasta(box.ports, userns_fd, netns_fd)
         if groups:
             os.setgroups(groups)
             os.setresgid(gid, gid, gid)
         if netns_fd is not None or groups and uid != 0:
             join(userns_fd, CLONE_NEWUSER)
             if netns_fd is not None:
-                join(netns_fd, CLONE_NEWNET)
-                os.close(netns_fd)
+                join(netns_fd, CLONE_NEWNET)  # (its descriptor, as pasta's pipe, closed by the exec)
                 with open("/proc/sys/net/ipv4/ip_unprivileged_port_start", "w") as setting:
                     setting.write("0")  # as Docker: root inside is not capable over the network namespace
             inner = make(([], same_ids("uid_map"), same_ids("gid_map")), uid)[0]

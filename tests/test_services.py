@@ -31,7 +31,8 @@ from test_images import (
     skip_unless_debootstrap_can_run,
     unmount_below,
 )
-from test_ports import tun  # noqa: F401 (a fixture: /dev/net/tun usable by the ordinary user)
+from test_ports import pastas, tun  # noqa: F401 (tun: a fixture, /dev/net/tun usable by the ordinary user)
+from test_run import wait_until
 
 from dutils.store import locked
 
@@ -204,6 +205,19 @@ def test_nginx_serves_its_page_through_a_published_port(images, runner: Runner) 
     assert workers == {"root" if runner.who == "user-unmapped" else "www-data"}, ps
 
 
+@pytest.mark.usefixtures("tun")
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root d-run")
+def test_an_image_user_publishes_a_port_under_root_and_pasta_ends_with_it(images, tmp_path: Path) -> None:
+    # Root's pasta outlives bwrap's monitor, the image's uid, whose end may not signal it: d-run's watcher ends it.
+    done = d_pull("-q", images["app"], str(tmp_path / "app"), cache=tmp_path / "cache", timeout=300)
+    assert done.returncode == 0, done.stderr
+    port = free_port()
+    run = [BIN / "d-run", "-p", f"{port}:8080", tmp_path / "app", "sh", "-c", "id -u; ip -o -4 addr show scope global"]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("1000\n") and " inet " in done.stdout, done
+    assert wait_until(lambda: not pastas(port))
+
+
 def make_deb(where: Path, name: str, depends: str) -> Path:
     tree = where / name
     (tree / "DEBIAN").mkdir(parents=True)
@@ -260,17 +274,21 @@ def test_an_image_user_writes_its_home_and_not_etc_under_root(images, tmp_path: 
     assert not (tmp_path / "app/rootfs/etc/mine").exists()
 
 
+@pytest.mark.usefixtures("tun")
 @pytest.mark.skipif(os.geteuid() != 0, reason="a root d-run (a user's namespace is that user's to join)")
-def test_the_image_users_host_processes_cannot_join_its_namespace(images, workspace: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("publish", [False, True])
+def test_the_image_users_host_processes_cannot_join_its_namespace(images, workspace, tmp_path, publish) -> None:
     # The attacker is a host process of the container's uid. Were the namespace its (a child of the host's), it
     # would join it with every capability there, over every host file: root's stand-in passwd would take its line.
+    # With -p, d-run's network namespace and root's pasta are in the chain too.
     uid = pwd.getpwnam(USER).pw_uid
     done = d_pull("-q", images["app"], str(tmp_path / "app"), cache=tmp_path / "cache", timeout=300)
     assert done.returncode == 0, done.stderr
     standin = Path(tempfile.mkdtemp(dir=workspace)) / "passwd"
     standin.parent.chmod(0o755)
     standin.write_bytes(b"root:x:0:0::/root:/bin/sh\n")
-    argv = [BIN / "d-run", "-u", f"{uid}:{uid}", tmp_path / "app", "sh", "-c", "echo READY; exec sleep 60"]
+    argv = [BIN / "d-run", "-u", f"{uid}:{uid}", *["-p", f"{free_port()}:80"] * publish, tmp_path / "app"]
+    argv += ["sh", "-c", "echo READY; exec sleep 60"]
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert child.stdout.readline() == "READY\n"
