@@ -5,7 +5,7 @@ set -eu
 SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
-    bubblewrap passt busybox-static docker-registry skopeo umoci buildah nginx-light openssl time \
+    bubblewrap passt busybox-static docker-registry skopeo umoci buildah podman nginx-light openssl time \
     python3-venv python3-pip tmux debootstrap zstd ca-certificates uidmap >/dev/null
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip

@@ -63,6 +63,7 @@ FILES_PER_FOLDER = 100
 MARKER = "etc/bench-marker"  # written by every layer: the result must hold the last layer's content
 CHUNK = MiB
 REGISTRY_START = 15.0  # seconds
+SHARED_FOLDERS = 10  # folders of one image, made shared and not (bench_sharing)
 RUN_TIMEOUT = 600.0  # one pull, seconds
 NEW_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
 CA_OPTIONS = ["-days", "1", "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign"]
@@ -610,6 +611,31 @@ def bench(tools: list[Runner], images: list[BenchImage], size: Size, scratch: Pa
     return results
 
 
+def bench_sharing(image: BenchImage, certs: Certs, work: Path) -> list[str]:
+    """Ten folders of one image from its warm cache: d-pull, d-pull --share (its first folder builds the store's
+    tree), and, from one complete folder, `cp -al` and a full `cp -a`: the time of the first and of each of the
+    others (median), and the disk of all ten (du: hard-linked files once; --share's store included)."""
+    d_pull = [sys.executable, "-m", "dutils.pull", "-q", "--ca-bundle", str(certs.ca), "--cache", str(work / "cache")]
+    shutil.copytree(image.warm / "cache" / "blobs", work / "cache" / "blobs")  # a store of its own: no tree yet
+    ways = {
+        "d-pull": lambda folder: [*d_pull, image.ref, folder],
+        "d-pull --share": lambda folder: [*d_pull, "--share", image.ref, folder],
+        "cp -al": lambda folder: ["cp", "-al", image.warm / "pulled", folder],
+        "cp -a": lambda folder: ["cp", "-a", image.warm / "pulled", folder],
+    }
+    lines = [f"\nten folders of {image.heading}: the first, each of the other nine (median), the disk of the ten"]
+    for n, (name, command) in enumerate(ways.items()):
+        folders = [work / f"way-{n}" / str(k) for k in range(SHARED_FOLDERS)]
+        folders[0].parent.mkdir()
+        seconds = [measure(list(map(str, command(folder))), dict(os.environ), work).seconds for folder in folders]
+        counted = [*folders, *([work / "cache" / "trees"] if "--share" in name else [])]
+        du = subprocess.run(["du", "-sck", *map(str, counted)], capture_output=True, text=True, check=True)
+        mib = int(du.stdout.splitlines()[-1].split()[0]) / 1024
+        lines.append(f"  {name:<16} {seconds[0]:6.2f} s  {statistics.median(seconds[1:]):6.2f} s  {mib:8.1f} MiB")
+        print(f"  {lines[-1].strip()}", file=sys.stderr, flush=True)
+    return lines
+
+
 # -- report
 
 
@@ -756,6 +782,10 @@ def run(args: argparse.Namespace, scratch: Path) -> None:
         phases["images built, pushed and warmed"] = time.monotonic()
         results = bench(tools, images, args.size, scratch, scratch / "registry.log")
         phases["runs"] = time.monotonic()
+        sharing = []
+        for image in images[:1] if images[0].name == "small" else []:
+            sharing = bench_sharing(image, certs, Path(tempfile.mkdtemp(prefix="sharing-", dir=scratch)))
+            phases["ten folders, shared and not"] = time.monotonic()
     finally:
         stop(registry)
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -770,6 +800,7 @@ def run(args: argparse.Namespace, scratch: Path) -> None:
         f" python3 -c pass {startup['python']:.1f} ms (median of {args.size.d_run_runs})"
     )
     print_targets(targets(results, images, startup["d-run"] - startup["bwrap"]))
+    print("\n".join(sharing))
     print_phases(phases)
 
 

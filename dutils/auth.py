@@ -53,6 +53,8 @@ def read_json_file(path: Path) -> dict:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as err:  # a FIFO, a device, a file over the cap; JSON that is not
+        if isinstance(err, PermissionError) and not os.access(path.parent, os.X_OK):
+            return {}  # in a folder closed to us (/run/containers once root has run podman): none of ours
         raise Error(f"cannot read {path}: {getattr(err, 'strerror', None) or err}", "fix or remove the file") from None
     return config if isinstance(config, dict) else {}
 

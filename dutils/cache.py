@@ -1,5 +1,6 @@
-"""d-cache: the blob cache's lifecycle. List it; prune what no pull has used for a while, never what one is using:
-every pull holds a shared lock on the cache while it runs, and pruning takes it exclusively."""
+"""d-cache: the cache's lifecycle (blobs, and the store of applied trees). List it; prune what no pull has used for a
+while, never what one is using: every pull holds a shared lock on the cache while it runs, and pruning takes it
+exclusively. A tree may go at any time: the folders made from it hold links to its files."""
 
 import argparse
 import contextlib
@@ -13,7 +14,19 @@ from typing import NamedTuple
 
 from .errors import Error
 from .progress import human
-from .store import blob_folder, cache_dir, cache_lock, check_cache, locked, open_cache, pruned_marker, write_atomic
+from .store import (
+    ANCHOR,
+    blob_folder,
+    cache_dir,
+    cache_lock,
+    check_cache,
+    locked,
+    open_cache,
+    pruned_marker,
+    remove_tree,
+    trees_folder,
+    write_atomic,
+)
 
 MAX_AGE = 30 * 86400  # seconds: entries unused this long are pruned after a pull, as in the original tool
 PRUNE_EVERY = 86400
@@ -22,17 +35,33 @@ PRUNE_EVERY = 86400
 class Entry(NamedTuple):
     path: Path
     size: int
-    used: float  # the mtime: set when written, refreshed whenever a pull uses the blob
+    used: float  # the mtime: set when written, refreshed whenever a pull uses the blob (a tree: its anchor)
+    folders: int | None = None  # a tree's: the folders hard-linked from it (its anchor's other links)
 
 
 def list_entries(cache: Path) -> list[Entry]:
-    """Blobs, partial downloads and their locks, oldest use first."""
+    """Blobs, partial downloads and their locks, and the store's trees, oldest use first."""
     entries = []
     for path in blob_folder(cache).glob("*"):
         with contextlib.suppress(FileNotFoundError):
             info = path.stat()
             entries.append(Entry(path, info.st_size, info.st_mtime))
+    for path in trees_folder(cache).glob("*"):
+        with contextlib.suppress(FileNotFoundError):
+            info = (path / ANCHOR).stat() if (path / ANCHOR).exists() else path.stat()  # else: being built, or cut
+            entries.append(Entry(path, tree_size(path), info.st_mtime, info.st_nlink - 1))
     return sorted(entries, key=lambda e: e.used)
+
+
+def tree_size(path: Path) -> int:
+    """The bytes of the files below `path`, each file once however many names it has."""
+    sizes = {}
+    for folder, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                info = os.lstat(os.path.join(folder, name))
+                sizes[info.st_ino] = info.st_blocks * 512
+    return sum(sizes.values())
 
 
 def remove_older(cache: Path, max_age: float) -> list[Entry]:
@@ -40,7 +69,7 @@ def remove_older(cache: Path, max_age: float) -> list[Entry]:
     now = time.time()
     removed = [e for e in list_entries(cache) if now - e.used >= max_age]
     for entry in removed:
-        entry.path.unlink(missing_ok=True)
+        remove_tree(entry.path)
     write_atomic(pruned_marker(cache), b"")  # a new file: never through a link planted under its name
     return removed
 
@@ -76,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     cache_help = "the cache (default: $D_UTILS_CACHE, else $XDG_CACHE_HOME/d-utils or ~/.cache/d-utils)"
     parser.add_argument("--cache", metavar="FOLDER", help=cache_help)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("list", help="every cached blob with its size and when a pull last used it")
-    pruning = commands.add_parser("prune", help="remove blobs no pull has used recently (waits for running pulls)")
+    commands.add_parser("list", help="every cached blob and tree with its size and when a pull last used it")
+    pruning = commands.add_parser("prune", help="remove what no pull has used recently (waits for running pulls)")
     age = pruning.add_mutually_exclusive_group()
     age.add_argument("--days", type=float, default=MAX_AGE / 86400, help="unused for this many days (default 30)")
     age.add_argument("--all", action="store_true", help="everything")
@@ -87,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             entries = list_entries(check_cache(cache)) if os.path.lexists(cache) else []  # none: nothing made
             for e in entries:
-                print(f"{human(e.size):>10}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.used))}  {e.path.name}")
+                used = "" if e.folders is None else f"tree, folders: {e.folders}  "
+                print(
+                    f"{human(e.size):>10}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.used))}  {used}{e.path.name}"
+                )
             print(f"{len(entries)} entries, {human(sum(e.size for e in entries))} in {cache}")
         else:
             with held_alone(open_cache(cache)):

@@ -17,7 +17,7 @@ class Sandbox:
     """`folder` made from `image`, and how `doit dutils-run:FOLDER` runs it: each field is the d-run flag beside it."""
 
     folder: str
-    image: str
+    image: str  # a registry reference, or a file: oci:DIR[:REF], oci-archive:FILE, docker-archive:FILE, ./PATH
     command: list[str] = field(default_factory=list)  # replaces the image's Cmd (empty: the image's own)
     volumes: list[str] = field(default_factory=list)  # -v HOST:CONTAINER[:ro], or CONTAINER (anonymous)
     env: dict[str, str] = field(default_factory=dict)  # -e KEY=VALUE
@@ -30,6 +30,7 @@ class Sandbox:
     hostname: str | None = None  # --hostname NAME
     tmpfs: list[str] = field(default_factory=list)  # --tmpfs PATH[:size=…]
     platform: str | None = None  # OS/ARCH[/VARIANT] to pull (default: the Options', this host's)
+    share: bool = False  # d-pull --share: the rootfs hard-linked from the cache's store, applied once for all
 
     def d_run_argv(self) -> list[str]:
         flags = [word for volume in self.volumes for word in ("-v", volume)]
@@ -45,4 +46,5 @@ class Sandbox:
 
     def options(self, options: OptionsT) -> OptionsT:
         platform = parse_platform(self.platform) if self.platform else options.platform
-        return replace(options, platform=platform, progress=Named(options.progress, self.folder))
+        share = self.share or options.share
+        return replace(options, platform=platform, share=share, progress=Named(options.progress, self.folder))

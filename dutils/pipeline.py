@@ -42,8 +42,9 @@ from .manifest import Blob, Image, Platform, compatible, host_platform, parse_pl
 from .mirrors import connect_mirrored, from_first_answering
 from .policy import check_image
 from .progress import Lines, Progress
-from .reference import Reference, parse_reference
+from .reference import Reference, Source, parse_reference
 from .registry import BlobUnknown, Registry, RetryPolicy
+from .share import StoreTree, is_shared
 from .store import PullDir, Record, blob_path, cache_dir, hold_folder
 
 T = TypeVar("T")
@@ -61,6 +62,7 @@ class Options:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     update: bool = False  # replace a finished folder's image, and move its lock entry
+    share: bool = False  # make DIR/rootfs from the cache's store of applied trees (share.py)
     jobs: int = 3  # blobs downloaded at once, as Docker does
     foreign_urls: bool = False  # download non-distributable layers from the URLs their manifest lists
     mirrors: list[str] = field(default_factory=list)  # --mirror flags; else $D_UTILS_MIRRORS or mirrors.json
@@ -101,6 +103,10 @@ class Pull:
     def connected(self) -> list[Registry]:
         """Connect on first use: a folder complete for its locked digest costs no request at all."""
         with self.mutex:
+            if not self.registries and isinstance(self.ref, Source):  # an image carried as a file
+                from .layout import Layout
+
+                self.registries = [Layout(self.ref)]
             if not self.registries:
                 self.registries = connect_mirrored(
                     self.ref, self.options.mirrors, self.connect, self.options.progress.note
@@ -219,14 +225,18 @@ class Pull:
 
     def apply_all(self, downloads: threading.BoundedSemaphore) -> None:
         """Apply the layers onto DIR/rootfs in order, each as soon as its blob is in the cache."""
+        self.apply_onto(self.folder.rootfs, self.log, [layer.digest for layer in self.image.layers], downloads)
+
+    def apply_onto(self, rootfs: Path, log: AppliedLog, keys: list[str], downloads: threading.BoundedSemaphore) -> None:
+        """Apply the layers not yet in `log` onto `rootfs`, noting `keys[n]` (digest or diff_id) for layer n."""
         for n, layer in enumerate(self.image.layers):
-            if self.log.is_applied(n, layer.digest):
+            if log.is_applied(n, keys[n]):
                 continue
             self.fetched(layer, downloads)
-            self.folder.rootfs.mkdir(parents=True, exist_ok=True)
+            rootfs.mkdir(parents=True, exist_ok=True)
             blob = blob_path(self.options.cache, layer.digest)
-            self.skipped += apply_layer(blob, layer.media_type, self.image.diff_ids[n], self.folder.rootfs)
-            self.log.note(n, layer.digest)
+            self.skipped += apply_layer(blob, layer.media_type, self.image.diff_ids[n], rootfs)
+            log.note(n, keys[n])
             self.options.progress.layer_applied(f"applied layer {n + 1}/{len(self.image.layers)} {layer.digest[:19]}")
 
     # -- config
@@ -282,11 +292,12 @@ def pull_tasks(pulls: list[Pull]) -> dict[str, Callable]:
         """Materialise every sandbox."""
         return {"actions": None, "task_dep": [f"dutils-config:{pull.key}" for pull in pulls]}
 
-    folders = {f"task_dutils-folder:{pull.key}": folder_tasks(pull, downloads) for pull in pulls}
+    trees: dict[str, str] = {}  # the store's trees that a folder's tasks build, by the folder
+    folders = {f"task_dutils-folder:{pull.key}": folder_tasks(pull, downloads, trees) for pull in pulls}
     return {"task_dutils-manifest": task_manifest, "task_dutils": task_dutils, **folders}
 
 
-def folder_tasks(pull: Pull, downloads: threading.BoundedSemaphore) -> Callable[[], Iterator[dict]]:
+def folder_tasks(pull: Pull, downloads: threading.BoundedSemaphore, trees: dict) -> Callable[[], Iterator[dict]]:
     key = pull.key
 
     @create_after(executed=f"dutils-manifest:{key}", creates=[f"dutils-config:{key}", f"dutils-run:{key}"])
@@ -301,7 +312,10 @@ def folder_tasks(pull: Pull, downloads: threading.BoundedSemaphore) -> Callable[
             # one task applies the layers in order: a chain of a task per layer costs doit memory in the square of
             # their number (each task keeps the list of all it depends on, through the chain)
             apply = f"dutils-apply:{key}"
-            yield task(pull.apply_all, downloads, basename=apply, task_dep=deps, uptodate=[pull.all_applied])
+            if image.layers and (pull.options.share or is_shared(pull.folder)):  # --update keeps a folder shared
+                yield from tree_tasks(pull, downloads, trees, deps)
+            else:
+                yield task(pull.apply_all, downloads, basename=apply, task_dep=deps, uptodate=[pull.all_applied])
             deps = [*blobs, apply]  # doit runs only what the targets depend on
         yield task(pull.write_config, basename=f"dutils-config:{key}", task_dep=deps, uptodate=[pull.is_complete])
         if pull.run:  # d-run's exit status is the task's result
@@ -310,6 +324,26 @@ def folder_tasks(pull: Pull, downloads: threading.BoundedSemaphore) -> Callable[
             yield run | {"task_dep": [f"dutils-config:{key}"]}
 
     return create
+
+
+def tree_tasks(pull: Pull, downloads: threading.BoundedSemaphore, trees: dict, deps: list[str]) -> Iterator[dict]:
+    """The folder's rootfs made from the store's tree of its image, built by one task however many folders use it
+    (its lock keeps other processes from building it at once)."""
+    tree, digests = StoreTree(pull.options.cache, pull.image.diff_ids), [layer.digest for layer in pull.image.layers]
+    name = f"dutils-tree:{tree.name}"
+    if trees.setdefault(tree.name, pull.key) == pull.key:
+        yield task(tree.build, pull.apply_onto, downloads, basename=name, task_dep=deps, uptodate=[tree.complete])
+    note, key = pull.options.progress.note, f"dutils-apply:{pull.key}"
+    yield task(
+        tree.make_rootfs,
+        pull.folder,
+        pull.log,
+        digests,
+        note,
+        basename=key,
+        task_dep=[*deps, name],
+        uptodate=[pull.all_applied],
+    )
 
 
 def sandbox_tasks(

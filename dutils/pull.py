@@ -9,7 +9,7 @@ from .errors import Error
 
 USAGE = "d-pull [OPTIONS] IMAGE [DIR]"
 DESCRIPTION = """\
-Download IMAGE from an OCI/Docker registry into DIR: DIR/rootfs (the flattened image) and DIR/config.json
+Download IMAGE from an OCI/Docker registry (or a file) into DIR: DIR/rootfs (the flattened image) and DIR/config.json
 (the image's run configuration, yours to edit). Running the same command again resumes an interrupted pull
 and fetches nothing when DIR is complete. Run the result with d-run DIR."""
 EPILOG = """\
@@ -17,6 +17,7 @@ examples:
   d-pull alpine ./alpine                 docker.io/library/alpine:latest into ./alpine
   d-pull --platform linux/arm64/v8 debian:bookworm
   d-pull localhost:5000/tools/app@sha256:...
+  d-pull docker-archive:app.tar ./app    an image carried as a file: also oci:DIR[:REF], oci-archive:FILE[:REF]
   d-pull --lock sandboxes.lock alpine ./alpine      pinned to the digest the lock names (or pinned now)
 
 environment:
@@ -37,7 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawTextHelpFormatter,
     )
     add = parser.add_argument
-    add("image", metavar="IMAGE", help="NAME[:TAG] or NAME@sha256:DIGEST; NAME may start with a registry host")
+    add("image", metavar="IMAGE", nargs="?", help="NAME[:TAG] or NAME@sha256:DIGEST (NAME may start with a registry"
+        " host), or a file: oci:DIR[:REF], oci-archive:FILE[:REF], docker-archive:FILE[:NAME:TAG|:@N], a path starting / or .")  # fmt: skip
     add("dir", metavar="DIR", nargs="?", help="folder to pull into (default: ./NAME, the image's last name component)")
     add("--platform", metavar="OS/ARCH[/VARIANT]", help="which image of a multi-platform index (default: this host's)")
     add(
@@ -47,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add("--update", action="store_true",
         help="replace DIR's image when the tag now names another one (keeps config.json edits); with --lock, lock anew")  # fmt: skip
+    add("--share", action="store_true",
+        help="make DIR/rootfs by hard links from the cache's applied copy of the image (see README: shared folders)")  # fmt: skip
+    add("--unshare", metavar="DIR", help="give the shared folder DIR files of its own (a copy), and pull nothing")
     add("--lock", metavar="FILE",
         help="pull the digest FILE pins DIR to (a complete DIR then costs no request), else pin it there")  # fmt: skip
     add("--policy", metavar="FILE", help="trust policy, containers-policy.json(5) (default: where podman finds it)")
@@ -63,7 +68,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="give up after this long without progress (default: 300)")  # fmt: skip
     add("-q", "--quiet", action="store_true", help="print nothing but errors")
     add("--debug", action="store_true", help="show tracebacks and doit's own output")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if bool(args.image) == bool(args.unshare):
+        parser.error("--unshare DIR pulls nothing: give no IMAGE" if args.image else "IMAGE is required")
+    return args
 
 
 def positive(text: str) -> int:
@@ -75,6 +83,11 @@ def positive(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)  # None: sys.argv[1:]
     try:
+        if args.unshare:
+            from .share import unshare
+
+            unshare(args.unshare)
+            return 0
         return pull(args)
     except Error as err:
         print(f"d-pull: error: {err}", file=sys.stderr)
@@ -98,6 +111,7 @@ def pull(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         ca_bundle=args.ca_bundle,
         update=args.update,
+        share=args.share,
         mirrors=args.mirror,
         jobs=args.jobs,
         timeout=args.timeout,

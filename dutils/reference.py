@@ -2,6 +2,7 @@
 
 import contextlib
 import ipaddress
+import os
 import re
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -13,6 +14,7 @@ DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
 COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 TAG = re.compile(r"[\w][\w.-]{0,127}")
+TRANSPORTS = ("oci", "oci-archive", "docker-archive")  # images carried as files, as skopeo names them
 HOST = re.compile(r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?\.?)+(?::[0-9]+)?|\[[0-9a-fA-F:.]+\](?::[0-9]+)?")
 
 
@@ -60,7 +62,10 @@ class Reference:
 
 
 def parse_reference(text: str) -> Reference:
-    """Parse NAME[:TAG][@DIGEST] the way Docker does, or raise Error saying what is wrong."""
+    """Parse NAME[:TAG][@DIGEST] the way Docker does, or raise Error saying what is wrong; an image carried as a
+    file (`oci:PATH`, `docker-archive:FILE`, a path…) is a Source."""
+    if text.startswith(tuple(f"{transport}:" for transport in TRANSPORTS) + ("/", "./", "../")):
+        return parse_source(text)
     rest, _, digest = text.partition("@")
     if digest:
         check_digest(digest)
@@ -83,6 +88,36 @@ def parse_reference(text: str) -> Reference:
     if registry == DOCKER_HUB and len(components) == 1:
         path = f"library/{path}"
     return Reference(registry, path, tag or (None if digest else "latest"), digest or None)
+
+
+@dataclass(frozen=True)
+class Source(Reference):
+    """An image carried as a file, spelled as skopeo spells it: `registry` is TRANSPORT:PATH (PATH alone: a folder or
+    a tar told by its contents), `repository` the file's name (the default folder's), `tag` the REF (None: the only
+    image in it)."""
+
+    path: str = ""
+    transport: str = ""
+
+    def __str__(self) -> str:
+        return self.registry + (f":{self.tag}" if self.tag else "") + (f"@{self.digest}" if self.digest else "")
+
+    @property
+    def wanted(self) -> str:
+        return self.digest or self.tag or ""
+
+
+def parse_source(text: str) -> Source:
+    """`oci:PATH[:REF]`, `oci-archive:FILE[:REF]`, `docker-archive:FILE[:NAME:TAG|:@N]`, or a path that starts
+    with / or . (no image name does)."""
+    transport, colon, rest = text.partition(":")
+    path, _, ref = rest.partition(":") if colon and transport in TRANSPORTS else (text, "", "")
+    transport = transport if transport in TRANSPORTS else ""
+    if not path:
+        raise Error(f"{text!r} names no file", f"use {transport}:PATH")
+    path = os.path.abspath(path)
+    name = os.path.basename(path).removesuffix(".tar") or "image"
+    return Source(f"{transport}:{path}" if transport else path, name, ref or None, path=path, transport=transport)
 
 
 def invalid(text: str, why: str) -> Error:

@@ -114,6 +114,10 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
     config = read_config(dir_fd, str(pull.config))
     writable, kind = args.rw or config.rw, fcntl.LOCK_EX if args.rw or config.rw else fcntl.LOCK_SH
     lock_fd = hold_folder(pull.root, kind, f"{pull.root} {IN_USE[kind]}")  # before anything is made
+    if writable and os.path.lexists(pull.state / "shared"):  # its files are other folders' too (share.py)
+        from .share import make_private
+
+        make_private(pull, "d-run")
     command = sandbox.container_command(config, args.entrypoint, args.command)
     check_user_namespaces()
     with open_rootfs(dir_fd, str(pull.rootfs)) as rootfs:
@@ -302,7 +306,8 @@ OPTIONS = (
      "read KEY=VALUE or KEY lines from FILE ('#' comments), before -e (repeatable)"),
     (("-u", "--user"), "user", "NAME|UID[:GROUP|GID]", str,
      "run as this user (names from the image's /etc/passwd and /etc/group; default: User, else root)"),
-    (("--rw",), "rw", None, None, "make the image's root writable (changes stay in DIR/rootfs)"),
+    (("--rw",), "rw", None, None,
+     "make the image's root writable (changes stay in DIR/rootfs; a shared one first gets files of its own)"),
     (("-n", "--net"), "net", None, None, "share the host's network, with its /etc/resolv.conf"),
     (("-p", "--publish"), "publish", "[HOST_ADDR:]HOST_PORT:CONTAINER_PORT[/tcp|/udp]", str,
      "forward the host's port (on 127.0.0.1 unless HOST_ADDR is given; [::1] for IPv6) to the container's, "

@@ -50,6 +50,14 @@ def blob_folder(cache: Path) -> Path:
     return cache / "blobs" / "sha256"
 
 
+ANCHOR = "anchor"
+
+
+def trees_folder(cache: Path) -> Path:
+    """The store of applied images (share.py): CACHE/trees/HEX, HEX/anchor written last and linked into each folder."""
+    return cache / "trees"
+
+
 def partial_path(cache: Path, digest: str) -> Path:
     return blob_path(cache, digest).with_suffix(".partial")
 
@@ -85,10 +93,13 @@ def open_cache(cache: Path) -> Path:
 def check_cache(cache: Path) -> Path:
     link = cache.lstat()  # the cache itself may be a link, if the user made it
     check_private(cache, cache.stat() if link.st_uid == os.geteuid() else link)
+    trees = os.fspath(trees_folder(cache))  # each tree's folder is checked, not its files: they are the image's
     for parent, folders, files in os.walk(cache):
         for name in folders + files:
             with contextlib.suppress(FileNotFoundError):  # a lock another pull removed meanwhile
                 check_private(Path(parent, name), os.lstat(os.path.join(parent, name)))
+        if parent == trees:
+            folders.clear()
     return cache
 
 

@@ -42,6 +42,9 @@ SECRETS = (PASSWORD, base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode())
 PEAK_KIB = 150 << 10
 QUICK = 30  # seconds: a refusal never waits out a default timeout
 FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+# Each test starts a server of its own and a d-pull process against it (half a second of CPU, most of the inner
+# loop's time when they were in it): they run with the integration tests.
+pytestmark = pytest.mark.integration
 
 
 def odd_sized_image() -> Image:
@@ -279,14 +282,12 @@ def gzipped(status: int, body: bytes, extra: dict | None = None) -> Callable[[Ho
     return lambda h: h.answer(status, body, headers)
 
 
-@pytest.mark.integration  # slow: the bomb takes seconds to make
 @pytest.mark.parametrize("status", [400, 404])
 def test_a_gzip_bomb_as_an_error_body_is_never_inflated(status, bomb, hostile, tmp_path):
     hostile.routes["/manifests/"] = hostile.routes["/tags/"] = gzipped(status, bomb)
     assert_refused(attack(hostile, tmp_path), "manifest")
 
 
-@pytest.mark.integration  # slow: the bomb takes seconds to make
 def test_a_gzip_bomb_as_a_token_reply_is_never_inflated(bomb, hostile, tmp_path):
     hostile.routes["/v2/"] = unauthorized(f'Bearer realm="{hostile.url}/token",service="s"')
     hostile.routes["*"] = gzipped(200, bomb)
@@ -368,7 +369,6 @@ def stall(after: int) -> Callable[[HostileHandler], None]:
     return send
 
 
-@pytest.mark.integration  # slow: waits out --timeout
 @pytest.mark.parametrize(("route", "says"), [(trickle(0.5), "stalled"), (stall(1000), "timed out")])
 def test_a_transfer_without_progress_gives_up_within_the_timeout(route, says, hostile, tmp_path):
     hostile.routes["/blobs/"] = lambda h: (route if LAYER in h.path else hostile.serve_blob)(h)
@@ -376,7 +376,6 @@ def test_a_transfer_without_progress_gives_up_within_the_timeout(route, says, ho
     assert_refused(outcome, "giving up", LAYER[:19], says, within=20)
 
 
-@pytest.mark.integration  # slow: waits out --timeout
 def test_silence_before_any_answer_gives_up_within_the_timeout(hostile, tmp_path):
     hostile.routes["/manifests/"] = lambda h: h.rfile.read(1)
     assert_refused(attack(hostile, tmp_path, "--timeout", "2"), "giving up", "manifest", within=20)
@@ -410,7 +409,6 @@ LIES = {
 }
 
 
-@pytest.mark.integration  # slow: a real retry back-off
 @pytest.mark.parametrize("lie", LIES)
 def test_lying_content_ranges_end_in_bounded_retries(lie, hostile, tmp_path):
     assert len(IMAGE.blobs()[LAYER]) % 2 == 1
@@ -466,7 +464,7 @@ def planted(top: Path, suffix: str, user: Unprivileged | None = None) -> Path:
     return folder / (LAYER.removeprefix("sha256:") + suffix)
 
 
-@pytest.fixture(params=["root", pytest.param("ordinary user", marks=pytest.mark.integration)])
+@pytest.fixture(params=["root", "ordinary user"])
 def victim(request, tmp_path) -> tuple[Path, Unprivileged | None]:
     """A folder of the victim's, who pulls: root, or the ordinary user (owning the folder)."""
     if request.param == "root":
@@ -726,7 +724,6 @@ def trickle_headers(handler: HostileHandler) -> None:
         time.sleep(3)
 
 
-@pytest.mark.integration  # waits out a --timeout of 5 s
 @pytest.mark.parametrize("route", ["/manifests/", "token realm"])
 def test_response_headers_trickled_a_byte_at_a_time_end_within_the_timeout(route, hostile, other, tmp_path):
     if route == "token realm":

@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -223,6 +224,29 @@ def test_an_auth_file_that_is_no_small_regular_file_is_one_line_at_once(kind, ho
             out.truncate(1 << 30)  # sparse: a gigabyte to read, nothing on the disk
     with pytest.raises(Error, match="cannot read"):
         find_credentials("reg.example")
+
+
+def test_an_auth_file_in_a_folder_closed_to_the_user_is_none_of_theirs(unprivileged):
+    """Once root has run podman, /run/containers is root's alone: the default auth file of every other user lies
+    behind it. That is no file of theirs, not an error; a file the user reaches but cannot read still is one."""
+    with tempfile.TemporaryDirectory(dir=unprivileged.root) as top:  # a folder the user can reach
+        check_closed_and_unreadable_auth_files(unprivileged, Path(top))
+
+
+def check_closed_and_unreadable_auth_files(unprivileged, tmp_path: Path) -> None:
+    closed, docker = tmp_path / "closed", tmp_path / "docker"
+    (closed / "containers").mkdir(parents=True)
+    (closed / "containers" / "auth.json").write_text("{}")
+    closed.chmod(0o700)
+    docker.mkdir()
+    (docker / "config.json").write_text("{}")
+    (docker / "config.json").chmod(0o000)  # root's file, not the user's to read
+    tmp_path.chmod(0o755)
+    code = "from dutils.auth import find_credentials; print(find_credentials('reg.example'))"
+    for docker_config, says in [(tmp_path / "none", "None"), (docker, "cannot read")]:
+        env = {"XDG_RUNTIME_DIR": str(closed), "XDG_CONFIG_HOME": str(tmp_path), "DOCKER_CONFIG": str(docker_config)}
+        done = unprivileged.run([unprivileged.bin / "python", "-c", code], env=env, capture_output=True, text=True)
+        assert says in done.stdout + done.stderr
 
 
 def test_credentials_never_print_their_password():

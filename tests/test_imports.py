@@ -26,12 +26,14 @@ ORDER = [
     "signature",  # imported by policy only when a policy asks for a signature
     "policy",
     "tarstream",
+    "layout",  # images carried as files, read as a registry is: pipeline imports it only for them
     "rootfs",
     "tree",
     "apply",
     "config",
     "cache",
     "folder",
+    "share",  # the store of applied trees, and the folders linked from it
     "dodo_api",
     "pipeline",
     "steps",

@@ -1,0 +1,319 @@
+"""Folders sharing disk (d-pull --share, Sandbox(share=True)): one applied tree in the cache's store, folders linked
+from it, and nothing written through one folder reaching the store or another folder. Against the real registry,
+as root and as the ordinary user."""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cli import BIN
+from images import Image, Tar, busybox_layer, push, random_files
+from malicious import make_workspace
+from trees import snapshot, tree_without_folder_times
+
+from dutils.cache import MAX_AGE, list_entries, remove_older
+from dutils.pipeline import Options, Sandbox
+from dutils.share import chain_ids
+from dutils.store import ANCHOR, check_cache, open_cache, trees_folder
+
+Tool = Callable[..., subprocess.CompletedProcess]
+
+
+def data_layer() -> Tar:
+    """Entries of every kind, for a --rw run to write, truncate, chmod, delete and rename."""
+    return (
+        Tar()
+        .dir("data")
+        .file("data/file", b"content\n")
+        .hardlink("data/hard", "data/file")
+        .file("data/trunc", b"to be truncated\n")
+        .file("data/mode", b"m")
+        .file("data/setuid", b"s", mode=0o4755)
+        .file("data/ro", b"read-only\n", mode=0o444)
+        .file("data/gone", b"g")
+        .file("data/old", b"o")
+        .symlink("data/link", "file")
+        .fifo("data/fifo")
+        .device("data/null")  # skipped as an ordinary user
+        .dir("data/dir")
+        .file("data/dir/inner", b"i")
+        .dir("data/locked", 0o000)
+        .file("data/locked/secret", b"x", mode=0o000)
+    )
+
+
+def upper_layer() -> Tar:
+    """An image extending the base: a file replaced, one whited out, a folder's mode changed, one added."""
+    return Tar().file("data/file", b"upper\n", mode=0o600).whiteout("data/gone").dir("data/dir", 0o700).file("data/new")
+
+
+BASE = Image(layers=[busybox_layer(), data_layer()])
+EXTENDED = Image(layers=[busybox_layer(), data_layer(), upper_layer()])
+
+# In place (through every link the folder's files have): append, truncate, chmod, touch; and deletes, renames.
+RW_SCRIPT = """set -e; cd /data
+echo more >> file; : > trunc; echo w >> ro; chmod 600 mode; chmod u-s setuid; touch hard
+rm gone fifo; rm -f null; mv old renamed; mv dir moved; ln -sf elsewhere link
+chmod 755 locked; echo n > locked/new; : > locked/secret; mkdir made; mkfifo made/fifo
+"""
+
+
+def subprocess_tool(name: str, *args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([BIN / name, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(params=["root", "user"])
+def tool(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, Tool]:
+    """Where to pull, and d-pull/d-run/d-cache run as root, or as the ordinary user in a folder of theirs."""
+    if request.param == "root":
+        return tmp_path, subprocess_tool
+    user, place = request.getfixturevalue("unprivileged"), make_workspace()
+    request.addfinalizer(lambda: shutil.rmtree(place))
+    # the user's home and /run/containers are shared with other tests running meanwhile: credentials from here only
+    env = {name: str(place / "pull") for name in ("XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "DOCKER_CONFIG")}
+
+    def run_as_user(name: str, *args: object) -> subprocess.CompletedProcess:
+        return user.run([user.bin / name, *args], env=env, capture_output=True, text=True, timeout=120)
+
+    return place / "pull", run_as_user
+
+
+def pull(tool: Tool, cache: Path, *args: object) -> subprocess.CompletedProcess:
+    done = tool("d-pull", "--cache", cache, *args)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def trees(cache: Path) -> list[Path]:
+    return sorted(path for path in (cache / "trees").iterdir() if path.is_dir())
+
+
+def test_chain_ids_are_the_oci_ones():
+    one, two = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    assert chain_ids([one, two]) == [one, "sha256:" + hashlib.sha256(f"{one} {two}".encode()).hexdigest()]
+    assert chain_ids([]) == []
+
+
+def test_a_sandbox_shares_when_it_or_the_options_say_so():
+    assert Sandbox("a", "alpine", share=True).options(Options()).share
+    assert Sandbox("a", "alpine").options(Options(share=True)).share
+    assert not Sandbox("a", "alpine").options(Options()).share
+
+
+def test_trees_expire_as_blobs_do_and_their_files_links_do_not_make_the_cache_untrusted(tmp_path):
+    cache = open_cache(tmp_path / "cache")
+    for name, days in (("old", 31), ("new", 1)):
+        tree = trees_folder(cache) / name
+        (tree / "rootfs").mkdir(parents=True)
+        (tree / "rootfs" / "file").write_bytes(b"x" * 5000)
+        os.link(tree / "rootfs" / "file", tree / "rootfs" / "link")  # the image's own hard link
+        (tree / ANCHOR).write_text(name)
+        os.link(tree / ANCHOR, tmp_path / f"folder-of-{name}")  # a folder made from it
+        then = time.time() - days * 86400
+        os.utime(tree / ANCHOR, (then, then))
+    check_cache(cache)
+    listed = {entry.path.name: entry for entry in list_entries(cache)}
+    assert (listed["new"].folders, listed["new"].size) == (1, 3 * 4096)  # the file once (two blocks), the anchor
+    assert [entry.path.name for entry in remove_older(cache, MAX_AGE)] == ["old"]
+    assert trees(cache) == [trees_folder(cache) / "new"]
+
+
+def test_shared_folders_are_one_tree_and_a_rw_run_writes_into_neither(tool, registry):
+    place, run = tool
+    push(registry.host, "shared-base", "latest", BASE)
+    ref, cache = f"{registry.host}/shared-base:latest", place / "cache"
+    for name in ("a", "b"):
+        pull(run, cache, "--share", ref, place / name)
+    pull(run, cache, ref, place / "private")
+
+    (tree,) = trees(cache)
+    assert (cache / "trees").stat().st_mode & 0o777 == 0o700  # no other user reaches the store's /tmp (1777)
+    assert snapshot(place / "a" / "rootfs") == snapshot(tree / "rootfs")  # folder times too
+    same = tree_without_folder_times(place / "a" / "rootfs")  # those of folders no layer lists are the pull's
+    assert same == tree_without_folder_times(place / "private" / "rootfs")
+    stored = (tree / "rootfs" / "data" / "file").stat()
+    for name in ("a", "b"):
+        assert (place / name / "rootfs" / "data" / "file").stat().st_ino == stored.st_ino
+    assert stored.st_nlink == 2 * 3  # data/file and data/hard, in the store and in a and b
+    assert (tree / "anchor").stat().st_nlink == 3
+
+    store_before, sibling_before = snapshot(tree / "rootfs"), snapshot(place / "b" / "rootfs")
+    ran = run("d-run", "--rw", place / "a", "sh", "-c", RW_SCRIPT)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stderr.count("to make it private") == 1
+    assert snapshot(tree / "rootfs") == store_before
+    assert snapshot(place / "b" / "rootfs") == sibling_before
+    data = place / "a" / "rootfs" / "data"
+    assert (data / "hard").read_text() == "content\nmore\n" and (data / "trunc").stat().st_size == 0
+    assert not (data / "gone").exists() and (data / "moved" / "inner").exists()
+    assert not (place / "a" / ".d-pull" / "shared").exists() and (tree / "anchor").stat().st_nlink == 2
+    attack = "echo x >> /data/file; : > /data/trunc; chmod 777 /data/mode; touch /data/hard; rm /data/old"
+    tried = run("d-run", place / "b", "sh", "-c", attack)  # a read-only run of a sibling, as an attacker would
+    assert tried.returncode != 0 and "Read-only file system" in tried.stderr
+    assert snapshot(tree / "rootfs") == store_before
+    again = run("d-run", "--rw", place / "a", "cat", "/data/file")
+    assert again.returncode == 0 and again.stdout == "content\nmore\n" and "private" not in again.stderr
+
+
+def usage(*roots: Path) -> tuple[int, int]:
+    """The distinct inodes below `roots` (and the roots), and their blocks in bytes."""
+    blocks = {}
+    for root in roots:
+        for folder, _, files in os.walk(root):
+            for path in [folder, *(os.path.join(folder, name) for name in files)]:
+                info = os.lstat(path)
+                blocks[info.st_dev, info.st_ino] = info.st_blocks * 512
+    return len(blocks), sum(blocks.values())
+
+
+def test_ten_shared_folders_take_little_more_disk_than_one_unshared(tool, registry):
+    place, run = tool
+    files = Tar()
+    for n in range(2000):  # a hundred files a folder, as in the bench's small-files image
+        files = (files.dir(f"d{n // 100}") if n % 100 == 0 else files).file(f"d{n // 100}/f{n}", b"%d" % n * 300)
+    push(registry.host, "many-files", "latest", Image(layers=[files]))
+    ref, cache = f"{registry.host}/many-files:latest", place / "cache"
+    pull(run, cache, ref, place / "private")
+    for n in range(10):
+        pull(run, cache, "--share", ref, place / f"shared-{n}")
+    one = usage(place / "private" / "rootfs")
+    ten = usage(*trees(cache), *(place / f"shared-{n}" / "rootfs" for n in range(10)))
+    assert one[0] > 2000 and ten[0] <= 1.2 * one[0] and ten[1] <= 1.2 * one[1], (one, ten)
+
+
+def test_an_extending_image_starts_from_its_base_tree_and_update_prune_leave_siblings_alone(tool, registry):
+    place, run = tool
+    push(registry.host, "base", "latest", BASE)
+    push(registry.host, "extended", "latest", EXTENDED)
+    base, extended, cache = f"{registry.host}/base:latest", f"{registry.host}/extended:latest", place / "cache"
+    for name in ("a", "b"):
+        pull(run, cache, "--share", base, place / name)
+    (base_tree,) = trees(cache)
+    base_before = snapshot(base_tree / "rootfs")
+
+    pull(run, cache, "--share", extended, place / "e")
+    pull(run, cache, extended, place / "private")
+    assert snapshot(base_tree / "rootfs") == base_before  # applying onto its links wrote into none of its files
+    assert tree_without_folder_times(place / "e" / "rootfs") == tree_without_folder_times(place / "private" / "rootfs")
+    kept, replaced = Path("rootfs/data/setuid"), Path("rootfs/data/file")
+    assert (place / "e" / kept).stat().st_ino == (base_tree / kept).stat().st_ino  # linked from the base tree
+    assert (place / "e" / replaced).read_text() == "upper\n" and (base_tree / replaced).read_text() == "content\n"
+
+    push(registry.host, "base", "latest", EXTENDED)  # the tag moves: --update moves a to the extended tree
+    sibling = snapshot(place / "b" / "rootfs")
+    pull(run, cache, "--update", base, place / "a")
+    assert snapshot(place / "a" / "rootfs") == snapshot(place / "e" / "rootfs")
+    assert (place / "a" / replaced).stat().st_ino == (place / "e" / replaced).stat().st_ino
+    assert snapshot(place / "b" / "rootfs") == sibling and snapshot(base_tree / "rootfs") == base_before
+
+    listed = run("d-cache", "--cache", cache, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert f"tree, folders: 1  {base_tree.name}" in listed.stdout  # b; a moved on
+    for name in ("a", "b", "e"):  # a first run makes its mount points (/etc/hosts) in the folder
+        assert run("d-run", place / name, "true").returncode == 0
+    before = {name: snapshot(place / name / "rootfs") for name in ("a", "b", "e")}
+    pruned = run("d-cache", "--cache", cache, "prune", "--all")
+    assert pruned.returncode == 0, pruned.stderr
+    assert trees(cache) == []
+    for name in ("a", "b", "e"):  # the folders' links keep the files
+        ran = run("d-run", place / name, "cat", "/data/setuid")
+        assert (ran.returncode, ran.stdout) == (0, "s"), ran.stderr
+        assert snapshot(place / name / "rootfs") == before[name]
+
+
+def test_two_pulls_at_once_apply_the_tree_once(registry, tmp_path):
+    push(registry.host, "at-once", "latest", BASE)
+    ref, cache = f"{registry.host}/at-once:latest", tmp_path / "cache"
+    argv = [BIN / "d-pull", "--cache", cache, "--share", ref]
+    started = [subprocess.Popen([*argv, tmp_path / name], stderr=subprocess.PIPE, text=True) for name in "ab"]
+    said = [process.communicate(timeout=120)[1] for process in started]
+    assert [process.returncode for process in started] == [0, 0], said
+    assert "".join(said).count("applied layer 2/2") == 1  # by one of them; the other waited for its lock
+    (tree,) = trees(cache)
+    stored = (tree / "rootfs" / "data" / "setuid").stat()
+    assert {(tmp_path / name / "rootfs/data/setuid").stat().st_ino for name in ("a", "b")} == {stored.st_ino}
+    assert not (tree / ".rootfs.d-utils-journal").exists() and (tree / ANCHOR).stat().st_nlink == 3
+
+
+def test_a_tree_killed_while_applied_is_resumed_to_the_clean_tree(registry, tmp_path):
+    push(registry.host, "killed", "latest", Image(layers=[busybox_layer(), random_files("a", 3000, 1 << 10)]))
+    ref, cache = f"{registry.host}/killed:latest", tmp_path / "cache"
+    pull(subprocess_tool, cache, ref, tmp_path / "clean")
+
+    def applying(at_least: int) -> Callable[[], bool]:
+        return lambda: any(len(os.listdir(a)) > at_least for a in cache.glob("trees/*/rootfs/a"))
+
+    for moment in (applying(300), applying(1500)):
+        started = time.monotonic()
+        process = subprocess.Popen([BIN / "d-pull", "-q", "--cache", cache, "--share", ref, tmp_path / "app"])
+        while not moment() and process.poll() is None and time.monotonic() - started < 60:
+            time.sleep(0.01)
+        caught = process.poll() is None and moment()
+        process.kill()
+        process.wait(timeout=10)
+        assert caught
+    pull(subprocess_tool, cache, "--share", ref, tmp_path / "app")
+    (tree,) = trees(cache)
+    clean = tree_without_folder_times(tmp_path / "clean" / "rootfs")
+    assert tree_without_folder_times(tree / "rootfs") == clean == tree_without_folder_times(tmp_path / "app" / "rootfs")
+
+
+def test_unshare_gives_a_folder_files_of_its_own(tool, registry):
+    place, run = tool
+    push(registry.host, "to-unshare", "latest", BASE)
+    ref, cache = f"{registry.host}/to-unshare:latest", place / "cache"
+    pull(run, cache, "--share", ref, place / "a")
+    (tree,) = trees(cache)
+    before = snapshot(place / "a" / "rootfs")
+    done = run("d-pull", "--unshare", place / "a")
+    assert done.returncode == 0, done.stderr
+    assert snapshot(place / "a" / "rootfs") == before
+    stored = (tree / "rootfs" / "data" / "file").stat()
+    assert (place / "a" / "rootfs" / "data" / "file").stat().st_ino != stored.st_ino and stored.st_nlink == 2
+    again = run("d-pull", "--unshare", place / "a")
+    assert again.returncode == 1 and again.stderr.startswith("d-pull: error: ") and "shares no files" in again.stderr
+
+
+def test_a_cache_on_another_filesystem_gives_a_copy_and_says_so(tool, registry):
+    place, run = tool
+    push(registry.host, "elsewhere", "latest", BASE)
+    cache = Path(tempfile.mkdtemp(dir="/dev/shm"))  # tmpfs, not the disk the folder is on
+    try:
+        shutil.chown(cache, place.owner(), place.group())
+        done = pull(run, cache, "--share", f"{registry.host}/elsewhere:latest", place / "a")
+        assert done.stderr.count("copying, not sharing") == 1
+        assert not (place / "a" / ".d-pull" / "shared").exists()
+        (tree,) = trees(cache)
+        assert snapshot(place / "a" / "rootfs") == snapshot(tree / "rootfs")
+    finally:
+        shutil.rmtree(cache)
+
+
+DODO = """\
+from pathlib import Path
+from dutils.pipeline import Options, Sandbox, sandbox_tasks
+
+SANDBOXES = [Sandbox(f"sandboxes/{n}", "%(image)s", share=True) for n in range(3)]
+DOIT_CONFIG = {"default_tasks": ["dutils"], "dep_file": "doit.json", "backend": "json", "par_type": "thread"}
+globals().update(sandbox_tasks(SANDBOXES, Options(cache=Path("cache").absolute())))
+"""
+
+
+def test_sandboxes_sharing_an_image_are_made_from_one_application_of_its_layers(registry, tmp_path):
+    push(registry.host, "sandboxed", "latest", BASE)
+    (tmp_path / "dodo.py").write_text(DODO % {"image": f"{registry.host}/sandboxed:latest"})
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    done = subprocess.run([BIN / "doit", "-n", "3"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    (tree,) = trees(tmp_path / "cache")
+    assert done.stdout.count("dutils-tree:") == 1, done.stdout
+    assert sum("applied layer 1/" in line for line in done.stderr.splitlines()) == 1, done.stderr
+    assert (tree / "anchor").stat().st_nlink == 4
+    inodes = {(tmp_path / "sandboxes" / str(n) / "rootfs/data/file").stat().st_ino for n in range(3)}
+    assert inodes == {(tree / "rootfs/data/file").stat().st_ino}
