@@ -201,7 +201,7 @@ def test_nginx_serves_its_page_through_a_published_port(images, runner: Runner) 
     ps, page = serve_nginx(runner, folder, ["--rw", "-p", f"{port}:80"], 80, port)
     assert "Welcome to nginx!" in page
     workers = {user for user, args in (line.split(None, 1) for line in ps.splitlines()) if args.startswith("nginx: w")}
-    # Without a range the drop is faked (seccomp): the workers stay the one mapped user, root inside.
+    # Without a range the drop is faked (seccomp): the workers stay the one mapped user, your own uid (root inside).
     assert workers == {"root" if runner.who == "user-unmapped" else "www-data"}, ps
 
 
