@@ -6,7 +6,7 @@ SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
     bubblewrap passt busybox-static docker-registry skopeo umoci buildah podman nginx-light openssl time \
-    python3-venv python3-pip tmux debootstrap zstd ca-certificates uidmap >/dev/null
+    python3-venv python3-pip tmux debootstrap zstd ca-certificates uidmap strace >/dev/null
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[test]'

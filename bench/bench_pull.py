@@ -7,12 +7,14 @@ Three images: 20,000 small files in 2 layers, 300 MiB in 4 layers, and the Debia
 with debootstrap (cached in cache/test-images). In one interleaved run (the tools' order rotates; `sync` and a
 pause before every run) each image is pulled cold (fresh cache, fresh destination) by d-pull, skopeo + umoci and
 ch-image; its layers are extracted by GNU `tar -xzf` and hashed and inflated in memory (the floors); d-pull
-applies it from a cache that already holds its blobs (fresh destination) and re-pulls a complete folder (no-op).
+applies it from a cache that already holds its blobs (fresh destination) and re-pulls a complete folder (no-op): by
+its tag, and pinned by a lock file (`--lock`) with d-pull installed without dependencies in a venv of Debian's python3.
 Every result is checked (entries, a marker, a file's sha256; digests for the in-memory floor), so a failed run
 can never pass as a fast one. It prints the median of each and each ratio against its target, met or missed,
-with d-run's start-up from bench_run.py. `--quick` (fewer files, smaller layers, one repetition) is a smoke run
-of about a minute. Needs: docker-registry, skopeo, umoci, openssl, time, tar, charliecloud-builders,
-charliecloud-runtime. Everything it starts or writes is removed on exit, Ctrl-C and SIGTERM included.
+with d-run's start-up from bench_run.py, and the system calls per entry of d-pull's apply and of GNU tar (strace
+-f -c; as root, as the ordinary user dutest too). `--quick` (fewer files, smaller layers, one repetition) is a
+smoke run of about a minute. Needs: docker-registry, skopeo, umoci, openssl, time, tar, strace,
+charliecloud-builders, charliecloud-runtime. Everything it starts or writes is removed on exit, Ctrl-C and SIGTERM included.
 """
 
 from __future__ import annotations
@@ -79,10 +81,11 @@ REQUIRED = {  # command -> Debian package
     "ch-image": "charliecloud-builders",
     "ch-run": "charliecloud-runtime",  # ch-image refuses to start without it
     TIME: "time",
+    "strace": "strace",
 }
 IMAGES = ("small", "large", "debian")
 # The tools, in the order of the table; "cold" pulls start from an empty cache.
-COLD, SKOPEO, CH_IMAGE, TAR, IN_MEMORY, CACHED, NO_OP = (
+COLD, SKOPEO, CH_IMAGE, TAR, IN_MEMORY, CACHED, NO_OP, NO_OP_LOCK = (
     "d-pull",
     "skopeo+umoci",
     "ch-image",
@@ -90,13 +93,28 @@ COLD, SKOPEO, CH_IMAGE, TAR, IN_MEMORY, CACHED, NO_OP = (
     "sha256+inflate",
     "d-pull cached",
     "d-pull no-op",
+    "no-op --lock",
 )
-D_PULLS = (COLD, CACHED, NO_OP)
-FROM_CACHE = (CACHED, NO_OP)  # must fetch no blob: else they would not measure what they are named for
+D_PULLS = (COLD, CACHED, NO_OP, NO_OP_LOCK)
+FROM_CACHE = (CACHED, NO_OP, NO_OP_LOCK)  # must fetch no blob: else they would not measure what they are named for
 # Targets (issue 12): ratios of medians, limits in their own units.
 COLD_RATIO, CACHED_RATIO = 0.5, 1.5
 RSS_LIMIT_MIB, RSS_FLAT = 150, 1.25
 NO_OP_SECONDS = 0.2
+LOCK = "sandboxes.lock"  # in each image's warm folder, pinning its complete pull folder
+NO_OP_LOCK_SECONDS = 0.06  # issue 20: a folder its lock file pins, decided before requests and doit load
+# System calls per tar entry (issue 20): d-pull's apply of the cached layers over GNU tar -xzf's, as the user
+# running the bench and, when it is root, as the tests' ordinary user too. `strace -f -c` counts them: the figure
+# does not depend on the machine's load, as wall times do.
+CALLS_RATIO = 1.0
+ORDINARY_USER = "dutest"
+APPLY_LAYERS = """
+import sys
+from pathlib import Path
+from dutils.apply import apply_layer
+for blob, diff_id in zip(sys.argv[2::2], sys.argv[3::2]):
+    apply_layer(Path(blob), "application/vnd.oci.image.layer.v1.tar+gzip", diff_id, Path(sys.argv[1]))
+"""
 
 
 @dataclass(frozen=True)
@@ -454,7 +472,9 @@ def inflated_sha256(blob: bytes) -> str:
 # -- the tools
 
 
-def make_tools(certs: Certs, jobs: int) -> list[Runner]:
+def make_tools(certs: Certs, jobs: int, installed_d_pull: str) -> list[Runner]:
+    """`installed_d_pull`: d-pull as a user installs it in a venv of Debian's python3, without its dependencies:
+    the no-op with --lock needs neither requests nor doit, and would fail without them if it loaded either."""
     skopeo_copy = [*SKOPEO_COPY, "--src-cert-dir", str(certs.cert_dir)]
     umoci_unpack = ["umoci", "raw", "unpack", "--rootless", "--image"]
     d_pull = [sys.executable, "-m", "dutils.pull", "-q", "-j", str(jobs), "--ca-bundle", str(certs.ca)]
@@ -503,13 +523,24 @@ def make_tools(certs: Certs, jobs: int) -> list[Runner]:
             ],
             lambda image, work: image.warm / "pulled" / "rootfs",
         ),
+        Tool(
+            NO_OP_LOCK,
+            lambda image, work: [
+                [installed_d_pull, "-q", "--lock", str(image.warm / LOCK), image.ref, str(image.warm / "pulled")]
+            ],
+            lambda image, work: image.warm / "pulled" / "rootfs",
+        ),
     ]
 
 
 def warm_up(tools: list[Runner], image: BenchImage) -> None:
-    """The untimed cold d-pull that fills the cache and the complete folder the cached and no-op runs use."""
+    """The untimed cold d-pull that fills the cache and the complete folder the cached and no-op runs use, then
+    the d-pull that pins that folder in a lock file for the no-op with --lock."""
     image.warm.mkdir()
-    next(tool for tool in tools if tool.name == COLD).run(image, image.warm)
+    cold = next(tool for tool in tools if tool.name == COLD)
+    cold.run(image, image.warm)
+    *d_pull, ref, folder = cold.commands(image, image.warm)[0]
+    subprocess.run([*d_pull, "--lock", str(image.warm / LOCK), ref, folder], check=True, timeout=RUN_TIMEOUT)
 
 
 def only_child(folder: Path) -> Path:
@@ -680,6 +711,8 @@ def targets(results: Results, images: list[BenchImage], d_run_overhead_ms: float
         found.append(Target(f"{name}: applied from the cache, {CACHED} / {TAR}", ratio, CACHED_RATIO, "x"))
         no_op = median_seconds(results, name, NO_OP)
         found.append(Target(f"{name}: no-op re-pull of a complete DIR", no_op, NO_OP_SECONDS, "s"))
+        no_op = median_seconds(results, name, NO_OP_LOCK)
+        found.append(Target(f"{name}: no-op with --lock, installed d-pull", no_op, NO_OP_LOCK_SECONDS, "s"))
     runs = [sample for image in images for tool in D_PULLS for sample in results[image.name, tool]]
     peak = max(sample.rss_kib for sample in runs) / 1024
     found.append(Target("d-pull peak RSS, largest of all its runs", peak, RSS_LIMIT_MIB, "MiB"))
@@ -689,6 +722,62 @@ def targets(results: Results, images: list[BenchImage], d_run_overhead_ms: float
         found.append(Target(what, max(by_image) / min(by_image), RSS_FLAT, "x"))
     what = f"d-run DIR /bin/true, ms over bare bwrap ({bench_run.DEBIAN_PYTHON} venv)"
     found.append(Target(what, d_run_overhead_ms, bench_run.TARGET_MS, "ms"))
+    return found
+
+
+def system_calls(command: list[str], user: str | None, work: Path) -> int:
+    """System calls made by `command` and its children, run by `user` (None: this process's) in `work`."""
+    summary = work / f"strace-{len(list(work.glob('strace-*')))}"
+    prefix = ["runuser", "-u", user, "--"] if user else []
+    done = subprocess.run(
+        [*prefix, "strace", "-f", "-c", "-o", str(summary), *command], capture_output=True, text=True, cwd=work
+    )
+    if done.returncode:
+        raise Error(f"strace {shlex.join(command)} failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
+    return int(summary.read_text().splitlines()[-1].split()[3])  # the total: % time, seconds, usecs/call, calls
+
+
+def calls_per_entry(image: BenchImage, user: str | None, python: str, scratch: Path) -> tuple[float, float]:
+    """System calls per entry of d-pull's apply (apply_layer on the cached blobs, in order) and of GNU tar -xzf."""
+    work = Path(tempfile.mkdtemp(prefix="strace-", dir=scratch))
+    if user:
+        scratch.chmod(0o711)  # the user reaches its folder and the blobs, and lists nothing
+        shutil.chown(work, user)
+    entries = 0
+    for blob in image.blobs:
+        with tarfile.open(blob, "r:gz") as layer:
+            entries += sum(1 for _ in layer)
+    layers = [str(part) for pair in zip(image.blobs, image.diff_ids, strict=True) for part in pair]
+    d_pull = system_calls([python, "-c", APPLY_LAYERS, str(work / "d-pull"), *layers], user, work)
+    tar = 0
+    for blob in image.blobs:
+        tar += system_calls(["sh", "-c", 'mkdir -p tar && exec tar -xzf "$0" -C tar', str(blob)], user, work)
+    return d_pull / entries, tar / entries
+
+
+def ordinary_python(scratch: Path) -> str:
+    """A venv of Debian's python holding d-utils and its dependencies, which an ordinary user can run (this
+    process's python may live in /root)."""
+    source, venv = scratch / "user-source", scratch / "user-venv"
+    ignore = shutil.ignore_patterns(".*", "*.egg-info", "__pycache__", "build", "cache", "tests", "bench")
+    shutil.copytree(REPO, source, ignore=ignore)  # pip must not build inside the repository
+    for command in ([bench_run.DEBIAN_PYTHON, "-m", "venv", venv], [venv / "bin" / "pip", "install", "-q", source]):
+        subprocess.run(command, check=True, capture_output=True, timeout=RUN_TIMEOUT)
+    subprocess.run(["chmod", "-R", "a+rX", venv], check=True)
+    return str(venv / "bin" / "python")
+
+
+def calls_targets(images: list[BenchImage], scratch: Path) -> list[Target]:
+    """d-pull's apply at GNU tar's count of system calls per entry or below, per image and user."""
+    as_root = os.geteuid() == 0 and subprocess.run(["id", "-u", ORDINARY_USER], capture_output=True).returncode == 0
+    pythons = {None: sys.executable} | ({ORDINARY_USER: ordinary_python(scratch)} if as_root else {})
+    found = []
+    for image in images:
+        for user, python in pythons.items():
+            d_pull, tar = calls_per_entry(image, user, python, scratch)
+            who = f"as {user or getpass.getuser()}"
+            what = f"{image.name}: system calls per entry {who}, apply {d_pull:.2f} / {TAR} {tar:.2f}"
+            found.append(Target(what, d_pull / tar, CALLS_RATIO, "x"))
     return found
 
 
@@ -777,7 +866,7 @@ def run(args: argparse.Namespace, scratch: Path) -> None:
     certs = make_certs(scratch, host, address)
     registry, where = start_registry(scratch, host, address, certs)
     try:
-        tools = make_tools(certs, args.jobs)
+        tools = make_tools(certs, args.jobs, str(Path(d_run[0]).with_name("d-pull")))
         images = prepare_images(args.images, args.size, tools, scratch, where, certs)
         phases["images built, pushed and warmed"] = time.monotonic()
         results = bench(tools, images, args.size, scratch, scratch / "registry.log")
@@ -799,7 +888,8 @@ def run(args: argparse.Namespace, scratch: Path) -> None:
         f"\nd-run DIR /bin/true: {startup['d-run']:.1f} ms, bare bwrap {startup['bwrap']:.1f} ms,"
         f" python3 -c pass {startup['python']:.1f} ms (median of {args.size.d_run_runs})"
     )
-    print_targets(targets(results, images, startup["d-run"] - startup["bwrap"]))
+    calls = calls_targets(images, scratch)
+    print_targets(targets(results, images, startup["d-run"] - startup["bwrap"]) + calls)
     print("\n".join(sharing))
     print_phases(phases)
 

@@ -26,7 +26,7 @@ from isal import igzip, igzip_lib
 
 from .errors import Error
 from .oci import COMPRESSION
-from .rootfs import Place, clean, lstat_or_none
+from .rootfs import Place, clean
 from .tarstream import CHAR, Member, RecordTooLarge, TarError, TarReader
 from .tree import OWNER_RWX, WHITEOUT, Tree
 
@@ -204,25 +204,17 @@ def apply_member(reader: TarReader, entry: Member, tree: Tree, skipped: Skipped)
             tree.clear(place.fd, place.name)  # the layer says something else is there: the old entry goes at least
             skipped.devices += 1
         elif entry.isdir():
-            make_dir(place, tree)
-            # Owner rwx until finish(): children may follow, in this layer's later entries.
-            set_metadata(place.name, place.fd, entry, entry.mode | OWNER_RWX, tree, skipped)
+            owner = tree.make_dir(place, entry.mode)
+            # Owner rwx until finish() puts the mode and times: children may follow, in this layer's later entries.
+            # Set now only setuid, setgid and sticky bits, which entries made inside may inherit.
+            mode = entry.mode | OWNER_RWX if entry.mode & 0o7000 else None
+            set_metadata(place.name, place.fd, entry, mode, tree, skipped, owner)
             tree.set_dir_later(place, entry.mode, mtime_ns(entry))
         else:  # a symlink, a device or a FIFO
             tree.clear(place.fd, place.name)
             make_node(place, entry)
             mode = None if entry.issym() else entry.mode  # a symlink has no mode of its own
-            set_metadata(place.name, place.fd, entry, mode, tree, skipped)
-
-
-def make_dir(place: Place, tree: Tree) -> None:
-    """A directory over a directory keeps the children; over anything else it replaces it."""
-    st = lstat_or_none(place.name, place.fd)
-    if st is None or not stat.S_ISDIR(st.st_mode):
-        tree.clear(place.fd, place.name)
-        os.mkdir(place.name, OWNER_RWX, dir_fd=place.fd)
-    elif st.st_mode & OWNER_RWX != OWNER_RWX:  # writable while its attributes are set
-        os.chmod(place.name, stat.S_IMODE(st.st_mode) | OWNER_RWX, dir_fd=place.fd, follow_symlinks=False)
+            set_metadata(place.name, place.fd, entry, mode, tree, skipped, tree.made_owner)
 
 
 def make_node(place: Place, entry: Member) -> None:
@@ -254,28 +246,30 @@ def write_file(reader: TarReader, entry: Member, tree: Tree, place: Place, skipp
         if entry.sparse is not None:
             os.ftruncate(fd, entry.size)  # the holes are left unwritten: sparse where the filesystem allows
         # chmod only where the umask took bits away, or for setuid, setgid and sticky bits (chown clears them)
-        set_metadata(fd, None, entry, entry.mode if entry.mode & (tree.umask | 0o7000) else None, tree, skipped)
+        mode = entry.mode if entry.mode & (tree.umask | 0o7000) else None
+        set_metadata(fd, None, entry, mode, tree, skipped, tree.made_owner)
     finally:
         os.close(fd)
 
 
 def set_metadata(
-    target: str | int, dir_fd: int | None, entry: Member, mode: int | None, tree: Tree, skipped: Skipped
+    target: str | int, dir_fd: int | None, entry: Member, mode: int | None, tree: Tree, skipped: Skipped, owner: tuple
 ) -> None:
-    """On the open file `target`, or on the entry named `target` in `dir_fd` (not followed). Owner first (chown
-    clears setuid bits), then attributes and mode (None: as it is, for a symlink or a file made with it), times
-    last."""
+    """On the open file `target`, or on the entry named `target` in `dir_fd` (not followed), owned by `owner` now
+    (empty: not known). Owner first (chown clears setuid bits), then attributes and mode (None: as it is, for a
+    symlink or a file made with it), times last (a folder's are put on by finish(), after its children)."""
     by_name = {} if dir_fd is None else {"dir_fd": dir_fd, "follow_symlinks": False}
-    if not tree.rootless:
+    if tree.rootless:
+        skipped.owners += bool(entry.uid or entry.gid)
+    elif (entry.uid, entry.gid) != owner:
         os.chown(target, entry.uid, entry.gid, **by_name)
-    elif entry.uid or entry.gid:
-        skipped.owners += 1
     if entry.xattrs:
         # setxattr takes no directory fd, but /proc resolves this one without following
         set_xattrs(target if dir_fd is None else f"/proc/self/fd/{dir_fd}/{target}", entry, skipped)
     if mode is not None:
         os.chmod(target, mode, **by_name)
-    os.utime(target, ns=(mtime_ns(entry),) * 2, **by_name)
+    if not entry.isdir():
+        os.utime(target, ns=(mtime_ns(entry),) * 2, **by_name)
 
 
 def set_xattrs(target: str | int, entry: Member, skipped: Skipped) -> None:

@@ -8,14 +8,16 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from .cache import in_use
 from .errors import Error
+from .manifest import Platform, compatible, parse_platform
 from .store import PullDir, check_digest, locked, make_folder, open_cache, read_small_json, remove_tree, write_atomic
 
 
 @contextlib.contextmanager
 def claimed(folder: PullDir, cache: Path) -> Iterator[None]:
     """Hold `folder` for a pull (lock it, share the trusted cache); a pull that recorded nothing leaves no trace."""
+    from .cache import in_use  # here: a settled folder (d-pull's no-op) never loads the cache's module
+
     root, record = folder.root, folder.read_record()  # first: says in one line when DIR cannot be read
     folder.check_trusted()
     refuse_links(folder)
@@ -37,6 +39,21 @@ def claimed(folder: PullDir, cache: Path) -> Iterator[None]:
                 if made_root:
                     with contextlib.suppress(OSError):
                         root.rmdir()
+
+
+def settled(folder: PullDir, lock: "LockFile | None", reference: str, wanted: Platform) -> bool:
+    """Complete for the manifest the lock pins it to, on a platform `wanted` runs, and a folder d-pull trusts: nothing
+    to ask any registry. The one decision of the manifest task's up-to-date check and of d-pull's no-op (which makes
+    it before importing requests or doit); anything amiss is not settled, and the full path says why in one line."""
+    try:
+        entry = lock and lock.entry(folder.root, reference)
+        record = entry and folder.read_record()
+        # the image's own platform, which the one asked for may accept without naming it (386 on amd64)
+        runs = record and parse_platform(record.platform) in compatible(wanted)
+        runs and folder.check_trusted()
+    except Error:
+        return False
+    return bool(runs and record.digest == entry["manifest"] and folder.is_complete(record))
 
 
 def refuse_links(folder: PullDir) -> None:

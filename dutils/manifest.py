@@ -2,20 +2,25 @@
 layer is fetched that it is an image (not a Helm chart or another OCI artifact), that its layers can be applied (not
 encrypted), and that its config (small, fetched now) says a platform the user can run, with a diff_id per layer."""
 
+from __future__ import annotations  # Registry for type checkers only: platforms are d-pull's no-op's, without requests
+
 import hashlib
-import platform as host
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
+from os import uname  # the platform module costs d-pull's no-op milliseconds
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import oci
 from .errors import Error
-from .oci import MAX_LAYERS, Blob, broken, typed
+from .oci import DOCKER_LIST, DOCKER_MANIFEST, MAX_LAYERS, OCI_INDEX, OCI_MANIFEST, Blob, broken, typed
 from .reference import Reference
-from .registry import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Registry
 from .store import check_digest
+
+if TYPE_CHECKING:
+    from .registry import Registry
 
 INDEXES = (OCI_INDEX, DOCKER_LIST)
 MANIFESTS = (OCI_MANIFEST, DOCKER_MANIFEST)
@@ -79,7 +84,7 @@ def parse_platform(text: str) -> Platform:
 
 
 def host_platform() -> Platform:
-    return normalize("linux", host.machine())
+    return normalize("linux", uname().machine)
 
 
 @dataclass(frozen=True)

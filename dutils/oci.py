@@ -14,6 +14,10 @@ OCI = "application/vnd.oci.image.layer.v1.tar"
 OCI_NONDISTRIBUTABLE = "application/vnd.oci.image.layer.nondistributable.v1.tar"
 DOCKER = "application/vnd.docker.image.rootfs.diff.tar"
 DOCKER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 OCI_FORMS = {"": "tar", "+gzip": "gzip", "+zstd": "zstd"}  # an OCI layer's media type suffixes, and what they say
 # Docker's schema 2 names gzip only; containerd and BuildKit also write the plain and zstd forms.
 COMPRESSION = {base + suffix: kind for base in (OCI, OCI_NONDISTRIBUTABLE) for suffix, kind in OCI_FORMS.items()}

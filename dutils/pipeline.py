@@ -9,6 +9,8 @@ blob). Every up-to-date check rests on facts on disk (a verified blob under its 
 record), never on doit's database alone: after a kill -9 that database holds nothing of the run.
 """
 
+from __future__ import annotations  # the modules that import requests load with the first task that asks a registry
+
 import atexit
 import contextlib
 import fcntl
@@ -21,7 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from doit import create_after, get_var
 from doit.cmd_base import ModuleTaskLoader
@@ -36,16 +38,15 @@ from .auth import find_credentials
 from .cache import prune_if_due
 from .dodo_api import Sandbox
 from .errors import Error, printable
-from .fetch import cached, fetch_blob
-from .folder import AppliedLog, LockFile, claimed, remove_folder
-from .manifest import Blob, Image, Platform, compatible, host_platform, parse_platform, resolve_image
-from .mirrors import connect_mirrored, from_first_answering
-from .policy import check_image
+from .folder import AppliedLog, LockFile, claimed, remove_folder, settled
+from .manifest import Blob, Image, Platform, host_platform, resolve_image
 from .progress import Lines, Progress
 from .reference import Reference, Source, parse_reference
-from .registry import BlobUnknown, Registry, RetryPolicy
 from .share import StoreTree, is_shared
 from .store import PullDir, Record, blob_path, cache_dir, hold_folder
+
+if TYPE_CHECKING:  # sandboxes all up to date need no registry: a dodo.py's doit run then never loads requests
+    from .registry import Registry, RetryPolicy
 
 T = TypeVar("T")
 UPDATE_VAR = "dutils-update"  # `doit dutils-update=all` (or =FOLDER): move the lock file to what the tags name now
@@ -102,6 +103,8 @@ class Pull:
 
     def connected(self) -> list[Registry]:
         """Connect on first use: a folder complete for its locked digest costs no request at all."""
+        from .mirrors import connect_mirrored
+
         with self.mutex:
             if not self.registries and isinstance(self.ref, Source):  # an image carried as a file
                 from .layout import Layout
@@ -114,6 +117,8 @@ class Pull:
         return self.registries
 
     def connect(self, ref: Reference, retry: RetryPolicy) -> Registry:
+        from .registry import Registry
+
         options, own = self.options, ref == self.ref  # the user's login goes to the image's own registry only
         login = (options.username, options.password) if own else (None, None)
         credentials = find_credentials(ref.registry, *login, ref.repository)
@@ -123,6 +128,8 @@ class Pull:
 
     def from_any_registry(self, operation: Callable[[Registry], T]) -> T:
         """Run `operation` against each mirror in turn, and against the image's own registry last."""
+        from .mirrors import from_first_answering
+
         return from_first_answering(self.connected(), operation, self.options.progress.note)
 
     # -- manifest
@@ -131,18 +138,14 @@ class Pull:
         return None if self.lock is None or self.options.update else self.lock.entry(self.folder.root, str(self.ref))
 
     def settled(self) -> bool:
-        """Complete for the manifest its lock entry names: nothing to ask any registry."""
-        try:  # an up-to-date check that raises is a traceback: let the manifest task's action say it in one line
-            entry = self.pinned()
-            record = entry and self.folder.read_record()
-            # the image's own platform, which the one asked for may accept without naming it (386 on amd64)
-            runs = record and parse_platform(record.platform) in compatible(self.options.platform)
-        except Error:
-            return False
-        return bool(runs and record.digest == entry["manifest"] and self.is_complete())
+        """Complete for the manifest its lock entry names: nothing to ask any registry (`folder.settled` decides)."""
+        return not self.options.update and settled(self.folder, self.lock, str(self.ref), self.options.platform)
 
     def resolve(self) -> None:
         """Hold the folder, resolve its manifest, pin it in the lock file, and record what this pull makes."""
+        from .policy import check_image, load_policy
+
+        load_policy(self.options.policy)  # a missing or broken policy says so before any registry is asked
         self.holds.enter_context(claimed(self.folder, self.options.cache))
         self.used_cache = True
         entry = self.pinned()
@@ -191,6 +194,9 @@ class Pull:
         done.result()
 
     def fetch(self, blob: Blob, downloads: threading.BoundedSemaphore) -> None:
+        from .fetch import cached
+        from .registry import BlobUnknown
+
         if cached(self.options.cache, blob.digest):
             return  # no download slot for it: a layer in the cache must not wait behind other folders' downloads
         try:
@@ -216,6 +222,8 @@ class Pull:
         self.download(origin, blob, blob.urls[-1])
 
     def download(self, registry: Registry, blob: Blob, url: str | None = None) -> Path:
+        from .fetch import fetch_blob
+
         return fetch_blob(registry, blob, self.options.cache, self.options.progress, url)
 
     # -- apply
@@ -242,8 +250,7 @@ class Pull:
     # -- config
 
     def is_complete(self) -> bool:
-        record = self.folder.read_record()
-        return bool(record and record.complete and self.folder.config.exists() and self.folder.rootfs.is_dir())
+        return self.folder.is_complete(self.folder.read_record())
 
     def write_config(self) -> None:
         """config.json last, and the record marked complete: what says the pull is finished."""
@@ -305,6 +312,8 @@ def folder_tasks(pull: Pull, downloads: threading.BoundedSemaphore, trees: dict)
         """Finish the folder after its manifest: fetch its blobs, apply its layers, write config.json (and run it)."""
         image, deps = pull.image, [f"dutils-manifest:{key}"]  # no image: the manifest task was up to date
         if image and not pull.is_complete():
+            from .fetch import cached
+
             blobs = {f"dutils-fetch:{key}/{blob.digest}": blob for blob in (image.config, *image.layers)}  # once each
             for name, blob in blobs.items():
                 in_cache = partial(cached, pull.options.cache, blob.digest)

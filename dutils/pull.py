@@ -1,11 +1,18 @@
 """d-pull: download an image into DIR/rootfs and DIR/config.json, resumably (the doit pipeline, in-process)."""
 
+from __future__ import annotations
+
 import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import Error
+
+if TYPE_CHECKING:  # d-pull's modules load as needed: a settled folder needs neither requests nor doit
+    from .folder import LockFile
+    from .manifest import Platform
 
 USAGE = "d-pull [OPTIONS] IMAGE [DIR]"
 DESCRIPTION = """\
@@ -98,13 +105,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def pull(args: argparse.Namespace) -> int:
-    from . import pipeline  # doit and requests load here, not for --help
+    from .folder import LockFile, settled
     from .manifest import host_platform, parse_platform
-    from .progress import progress_for
     from .reference import parse_reference
+    from .store import PullDir
+
+    ref = parse_reference(args.image)
+    folder = Path(args.dir or ref.name)
+    password, lock = read_password(args), LockFile(args.lock) if args.lock else None
+    platform = parse_platform(args.platform) if args.platform else host_platform()
+    if not args.update and settled(PullDir(folder), lock, str(ref), platform):
+        status = f"up to date: {ref}"  # decided before requests and doit load
+    elif not (status := run_pipeline(args, folder, platform, password, lock)):
+        return 1
+    if not args.quiet:
+        print(f"{status} ({PullDir(folder).read_record().digest}) in {folder}", file=sys.stderr)
+    return 0
+
+
+def run_pipeline(
+    args: argparse.Namespace, folder: Path, platform: Platform, password: str | None, lock: LockFile | None
+) -> str:
+    """Pull by the doit pipeline; what was done, or "" when it failed (said on stderr)."""
+    from . import pipeline  # doit loads here (requests with the first task asking a registry), not for a settled folder
+    from .progress import progress_for
     from .store import cache_dir
 
-    folder = Path(args.dir or parse_reference(args.image).name)
     progress = progress_for(sys.stderr, args.quiet)
     options = pipeline.Options(
         cache=cache_dir(args.cache),
@@ -119,24 +145,19 @@ def pull(args: argparse.Namespace) -> int:
         policy=args.policy,
         progress=progress,
         username=args.username,
-        password=read_password(args),
-        platform=parse_platform(args.platform) if args.platform else host_platform(),
+        password=password,
+        platform=platform,
     )
-    task = pipeline.Pull(args.image, folder, options, pipeline.LockFile(args.lock) if args.lock else None)
+    task = pipeline.Pull(args.image, folder, options, lock)
     try:
         failures = pipeline.run_pulls([task], debug=args.debug)
     finally:
         progress.close()
-    if failures:
-        for message in failures:
-            print(f"d-pull: error: {message}", file=sys.stderr)
-        return 1
-    if task.skipped.total():
+    for message in failures:
+        print(f"d-pull: error: {message}", file=sys.stderr)
+    if task.skipped.total() and not failures:
         print(f"d-pull: warning: {task.skipped.describe()}", file=sys.stderr)
-    if not args.quiet:
-        status = "pulled" if task.changed else "up to date:"
-        print(f"{status} {task.ref} ({task.folder.read_record().digest}) in {folder}", file=sys.stderr)
-    return 0
+    return "" if failures else f"pulled {task.ref}" if task.changed else f"up to date: {task.ref}"
 
 
 def read_password(args: argparse.Namespace) -> str | None:

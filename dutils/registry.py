@@ -18,14 +18,11 @@ from urllib3.exceptions import HTTPError as TransferError
 
 from .auth import Credentials
 from .errors import Error, printable
+from .oci import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from .reference import Reference, checked_url, shown_url
 from .store import load_json
 from .transport import NotTls, Retryable, new_session, transport_failure, transport_reason, trusted_certificates
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 # Strict registries answer 404 when the index types are missing: always ask for all four.
 ACCEPT = ", ".join([OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST])
 MAX_MANIFEST = 4 << 20

@@ -3,7 +3,8 @@
 Every path is resolved from the root down, one component at a time, through directory fds opened with
 O_NOFOLLOW: a symlink met on the way is re-rooted at the root (as filepath-securejoin does) and `..` stops at
 the root, so no name reaches outside. The last component is never followed: it is lstat-ed, replaced or
-created relative to its parent's fd.
+created relative to its parent's fd. A layer's entries start from the folders of the previous entry that
+they share (each entered the same way), until a link is on the way.
 """
 
 import errno
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from .store import swap_fd as swap
 
 MAX_LINKS = 40  # symlinks followed while resolving one name, as the kernel's limit
+KEPT = 64  # folders kept open by parent() at most (a descriptor each): a deeper name is walked from the root
 DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -37,16 +39,18 @@ def lstat_or_none(name: str, fd: int) -> os.stat_result | None:
 
 
 class Place:
-    """Where an entry goes: `name` in the open directory `fd`; `path` is its resolved path below the root."""
+    """Where an entry goes: `name` in the open directory `fd`; `path` is its resolved path below the root. A `lent`
+    descriptor belongs to the Root, which keeps it for the next entry: the place does not close it."""
 
-    def __init__(self, fd: int, name: str, path: str) -> None:
-        self.fd, self.name, self.path = fd, name, path
+    def __init__(self, fd: int, name: str, path: str, lent: bool = False) -> None:
+        self.fd, self.name, self.path, self.lent = fd, name, path, lent
 
     def __enter__(self) -> "Place":
         return self
 
     def __exit__(self, *_: object) -> None:
-        os.close(self.fd)
+        if not self.lent:
+            os.close(self.fd)
 
 
 def make_missing_dir(fd: int, name: str) -> None:
@@ -74,7 +78,11 @@ class Root:
 
     def __init__(self, top: int, name: str) -> None:
         self.top, self.root_name = top, name
-        self.last: tuple[list[str], int, str] | None = None  # the last parent resolved: names, fd, path
+        # The folders of the last parent() that met no link, from the root's child down (names, fds): the next
+        # entry's parent is most often the same or near it. `stale` when a walk or a removal may change them.
+        self.names = Trail()
+        self.fds: list[int] = []
+        self.stale = False
         st = os.lstat(name, dir_fd=top)
         if not stat.S_ISDIR(st.st_mode):
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), name)
@@ -84,7 +92,7 @@ class Root:
         return self
 
     def __exit__(self, *_: object) -> None:
-        self.forget()
+        self._drop(0)
         os.close(self.root)
         os.close(self.top)
 
@@ -102,8 +110,6 @@ class Root:
         if not path:
             return Place(os.dup(self.top), self.root_name, "")
         *dirs, base = path.split("/")
-        if self.last and self.last[0] == dirs:  # the common case: the same parent as the previous entry
-            return Place(os.dup(self.last[1]), base, join(self.last[2], base))
         todo, done, links = deque(dirs), Trail(), 0
         self.forget()  # _enter sees a new trail: what subclasses remember of the last one is gone
         fd = os.dup(self.root)
@@ -137,14 +143,17 @@ class Root:
         except BaseException:
             os.close(fd)
             raise
-        self.last = (dirs, os.dup(fd), str(done))
-        return Place(fd, base, join(self.last[2], base))
+        return Place(fd, base, join(str(done), base))
 
     def forget(self) -> None:
-        """Drop the remembered parent: a directory or symlink went away, names may resolve differently."""
-        if self.last:
-            os.close(self.last[1])
-            self.last = None
+        """Drop the remembered folders at the next parent() (a place lent stays open): names may resolve anew."""
+        self.stale = True
+
+    def _drop(self, keep: int) -> None:
+        """Close the remembered folders past the first `keep`."""
+        for fd in self.fds[keep:]:
+            os.close(fd)
+        del self.names[keep:], self.fds[keep:]
 
     def _open_dirs(self, parts: list[str]) -> int:
         """Open the already resolved directory `parts` afresh from the root."""
@@ -158,8 +167,27 @@ class Root:
         return fd
 
     def parent(self, name: str) -> Place:
-        """Where entry `name` goes, its missing parent directories made."""
-        return self._walk(name, make_missing_dir)
+        """Where entry `name` goes, its missing parent directories made. Found from the folders of the previous
+        call (a lent place, valid until the next call) while no link is on the way; else walked from the root."""
+        path = clean(name)
+        *dirs, base = path.split("/")
+        if self.stale or dirs != self.names:  # keep the folders this name shares with the last one
+            same = [*map(str.__eq__, dirs, self.names), False]
+            self._drop(0 if self.stale else same.index(False))
+            self.stale = False
+        fd = self.fds[-1] if self.fds else self.root
+        for part in dirs[len(self.names) :]:  # plain names: clean() took out ".", ".." and empty ones
+            st = lstat_or_none(part, fd)
+            if st is None:
+                make_missing_dir(fd, part)
+                st = os.lstat(part, dir_fd=fd)
+            if not stat.S_ISDIR(st.st_mode) or len(self.fds) >= KEPT:  # a link, not a folder, or deep: walk it
+                self._drop(0)
+                return self._walk(name, make_missing_dir)
+            fd = self._enter(fd, part, Trail(dirs[: len(self.names) + 1]), st)
+            self.names.append(part)
+            self.fds.append(fd)
+        return Place(fd, base, path, lent=True) if path else Place(self.top, self.root_name, "", lent=True)
 
     def find(self, name: str) -> Place | None:
         """Where entry `name` is, or None when one of its parents is missing; nothing is made."""

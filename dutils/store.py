@@ -261,7 +261,10 @@ class PullDir:
     def read_record(self) -> Record | None:
         """The record, or None when this folder was never the target of a pull."""
         try:
-            return Record(**load_json(read_small(self.record_path)))
+            record = Record(**load_json(read_small(self.record_path)))
+            if not all(isinstance(text, str) for text in record[:3]):  # what a no-op compares and parses
+                raise TypeError("its reference, digest and platform must be strings")
+            return record
         except FileNotFoundError:
             return None
         except OSError as err:
@@ -299,13 +302,16 @@ class PullDir:
     def write_record(self, record: Record) -> None:
         write_json(self.record_path, record._asdict())
 
+    def is_complete(self, record: Record | None) -> bool:
+        return bool(record and record.complete and self.config.exists() and self.rootfs.is_dir())
+
     def require_complete(self) -> Record:
         """The record of a finished pull, or an error saying how to finish it."""
         self.check_trusted()
         record = self.read_record()
         if record is None:
             raise Error(f"{self.root} is not a folder made by d-pull", "run d-pull IMAGE DIR first")
-        if not record.complete or not self.config.exists() or not self.rootfs.is_dir():
+        if not self.is_complete(record):
             raise Error(
                 f"the pull into {self.root} is incomplete",
                 f"run the same d-pull again: d-pull {record.reference} {self.root}",

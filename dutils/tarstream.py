@@ -8,6 +8,8 @@ the old GNU format and in pax 0.0, 0.1 and 1.0, read as Go's archive/tar reads t
 """
 
 import os
+import sys
+import zlib
 from collections.abc import Iterator
 
 BLOCK = 512
@@ -26,6 +28,7 @@ XATTR = "SCHILY.xattr."
 # What a pax global record may set for every later entry: a name, link target, size or attribute given to them all
 # would make them one, and Go's archive/tar (umoci, containerd) applies no global record at all.
 GLOBAL_KEYS = ("uid", "gid", "mtime")
+NAMES = (sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())  # os.fsdecode's, without its checks
 
 
 class TarError(Exception):
@@ -123,7 +126,7 @@ class TarReader:
                 block, kind, size, long_name, long_link, self.globals | records if self.globals else records
             )
             entry.stored = entry.size
-            if kind == SPARSE or any(key.startswith("GNU.sparse.") for key in records):
+            if kind == SPARSE or records and any(key.startswith("GNU.sparse.") for key in records):
                 self.read_sparse(entry, block, records)
             self.unread = entry.stored + -entry.stored % BLOCK if entry.isreg() else 0
             return entry
@@ -241,7 +244,7 @@ def make_member(
     if records:
         apply_records(entry, records, name, link)
     else:
-        entry.name, entry.linkname = os.fsdecode(name), os.fsdecode(link)
+        entry.name, entry.linkname = name.decode(*NAMES), link.decode(*NAMES)
     if kind == DIRECTORY:
         entry.name = entry.name.rstrip("/") or "/"  # named as tar lists it, in messages too
     if entry.uid < 0 or entry.gid < 0 or entry.size < 0:
@@ -269,25 +272,27 @@ def text(field: bytes) -> bytes:
 
 def number(field: bytes, what: str) -> int:
     """A numeric header field: octal digits padded with spaces or NULs (as Go trims them), or GNU's base-256."""
+    digits = field.strip(b" \0")
+    if digits.isdigit():  # the common case first. isdigit: no sign, no underscores, which int() would take
+        try:
+            return int(digits, 8)
+        except ValueError:
+            raise TarError(f"invalid {what} field {digits!r} in a header") from None
     if field[0] & 0x80:
         if field[0] & 0x40:  # negative, two's complement
             return int.from_bytes(field, "big", signed=True)
         return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
-    digits = field.strip(b" \0")
-    if not digits:
-        return 0
-    if not digits.isdigit():  # isdigit: no sign, no underscores, which int() would take
+    if digits:
         raise TarError(f"invalid {what} field {digits!r} in a header")
-    try:
-        return int(digits, 8)
-    except ValueError:
-        raise TarError(f"invalid {what} field {digits!r} in a header") from None
+    return 0
 
 
 def check_sum(block: bytes) -> None:
     """The header checksum, as unsigned bytes (POSIX) or as signed ones (some old tars)."""
     stored = number(block[148:156], "checksum")
-    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
+    # adler32's low half is 1 + the sum of the bytes modulo 65521: exact for 256 bytes, and 3 times faster than sum()
+    unsigned = (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) - 2
+    unsigned += 8 * 32 - sum(block[148:156])
     if stored != unsigned and stored != unsigned - 256 * sum(byte >= 0x80 for byte in block[:148] + block[156:]):
         raise TarError("bad header checksum: not a tar archive, or a damaged one")
 

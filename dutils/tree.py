@@ -35,6 +35,10 @@ class Tree(Root):
         self.umask = current_umask()  # the bits that creating a file with its mode does not give it
         self.kept = Hashes()  # paths this layer wrote, and their ancestors (trail_hashes): whiteouts spare them
         self.ids: list[int] = []  # the journal ids of the folders on the last trail entered, from the root down
+        # The owner of an entry this layer makes, before any chown; none once a setgid folder is met (an entry
+        # made in one takes its group): chown then always.
+        self.made_owner: tuple = (os.geteuid(), os.getegid())
+        self.made: tuple[int, str] | None = None  # the folder make_dir() made last (parent's journal id, name)
         rootfs.mkdir(parents=True, exist_ok=True)
         root = rootfs.lstat()
         self.journal = Journal(rootfs.parent / f".{rootfs.name}.d-utils-journal", (layer, root.st_dev, root.st_ino))
@@ -50,7 +54,10 @@ class Tree(Root):
         under its parent's journal id (the folder one up the trail), so that no record holds a whole path."""
         depth, mode = len(path), stat.S_IMODE(st.st_mode)
         parent, here = (self.ids[depth - 1], path[-1]) if depth else (0, "")
-        self.ids[depth:] = [self.journal.save_first(parent, here, mode, st.st_atime_ns, st.st_mtime_ns)]
+        store = (parent, here) != self.made  # one this run made has no change to cover yet: its record may wait
+        self.ids[depth:] = [self.journal.save_first(parent, here, mode, st.st_atime_ns, st.st_mtime_ns, store)]
+        if st.st_mode & stat.S_ISGID:
+            self.made_owner = ()
         if self.rootless and st.st_mode & OWNER_RWX != OWNER_RWX:
             os.chmod(name, mode | OWNER_RWX, dir_fd=fd, follow_symlinks=False)
         return os.open(name, DIR_FLAGS, dir_fd=fd)
@@ -60,6 +67,24 @@ class Tree(Root):
         place = super().parent(name)
         self.keep(place.path)
         return place
+
+    def make_dir(self, place: Place, mode: int) -> tuple:
+        """A directory at `place` (the last resolved) with `mode` and owner rwx: a directory over a directory keeps
+        the children; over anything else it replaces it. Its owner now."""
+        if mode & stat.S_ISGID:
+            self.made_owner = ()
+        try:
+            os.mkdir(place.name, mode & 0o777 | OWNER_RWX, dir_fd=place.fd)  # with its mode: finish() need not chmod
+        except FileExistsError:
+            st = os.lstat(place.name, dir_fd=place.fd)
+            if not stat.S_ISDIR(st.st_mode):
+                self.clear(place.fd, place.name)
+                return self.make_dir(place, mode)
+            if st.st_mode & OWNER_RWX != OWNER_RWX:  # writable while its attributes are set
+                os.chmod(place.name, stat.S_IMODE(st.st_mode) | OWNER_RWX, dir_fd=place.fd, follow_symlinks=False)
+            return st.st_uid, st.st_gid
+        self.made = (self.ids[place.path.count("/")], place.name)
+        return self.made_owner
 
     def keep(self, path: str) -> None:
         """Mark `path` and its ancestors as written by this layer (up to the first ancestor already marked)."""
@@ -178,7 +203,8 @@ class Tree(Root):
     def _restore(self, fd: int, name: str | bytes, mode: int, atime_ns: int, mtime_ns: int) -> None:
         st = lstat_or_none(name, fd)
         if st is not None and stat.S_ISDIR(st.st_mode):
-            os.chmod(name, mode, dir_fd=fd, follow_symlinks=False)
+            if stat.S_IMODE(st.st_mode) != mode:  # most folders are made with theirs: chmod costs 4 system calls
+                os.chmod(name, mode, dir_fd=fd, follow_symlinks=False)
             os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=fd, follow_symlinks=False)
 
 
@@ -217,16 +243,17 @@ class Journal:
     """What finish() puts back on directories, in an SQLite file beside the rootfs (not in memory, which a million
     directories would fill): a tree of records (id, parent's id, name as bytes, mode, atime_ns, mtime_ns; the root's
     has parent 0 and an empty name), so that a folder n deep costs one record of its own name, never its path. In WAL
-    mode without syncs a committed record is handed to the kernel at once (one write): it survives a kill -9."""
+    mode without syncs a committed transaction is handed to the kernel at once (one write): it survives a kill -9.
+    One is committed every BATCH records, or at once for a record that must be stored before the change it covers."""
 
     VERSION = 2  # of the tables: a journal of another is not resumed
     KNOWN = 1 << 16  # folders remembered as saved, with their ids, so that entering one again asks no query
-    BATCH = 1 << 10  # records of save() stored at once
+    BATCH = 1 << 10  # records written in one transaction at most
 
     def __init__(self, path: Path, header: tuple[str, int, int]) -> None:
         self.path = path
         self.known: dict[tuple[int, str], int] = {}
-        self.pending: list[tuple[int, bytes, int, int, int]] = []
+        self.waiting = 0  # records written in the open transaction
         self.db = self._resume(header) or self._create(header)
         self.next = self.db.execute("SELECT coalesce(max(id), 0) + 1 FROM folders").fetchone()[0]  # ids given out
 
@@ -267,17 +294,17 @@ class Journal:
         for pragma in ("locking_mode = EXCLUSIVE", "journal_mode = WAL", "synchronous = OFF"):
             db.execute(f"PRAGMA {pragma}")
 
-    def save_first(self, parent: int, name: str, mode: int, atime_ns: int, mtime_ns: int) -> int:
+    def save_first(self, parent: int, name: str, mode: int, atime_ns: int, mtime_ns: int, store: bool = True) -> int:
         """Record what folder `name` in the folder of id `parent` is before this layer changes it, unless a record
-        exists; stored once this returns. Its id."""
+        exists; stored once this returns when `store` (else with the next batch: a folder this run made). Its id."""
         found = self.known.get((parent, name))
         if found is None:
             row = (parent, os.fsencode(name))
-            with sqlite_errors(self.path):  # a folder already recorded is not written again: one query more
-                query = "INSERT OR IGNORE INTO folders VALUES (?, ?, ?, ?, ?, ?)"
-                if self.db.execute(query, (*row, self.next, mode, atime_ns, mtime_ns)).rowcount == 1:
-                    found, self.next = self.next, self.next + 1
-                else:
+            query = "INSERT OR IGNORE INTO folders VALUES (?, ?, ?, ?, ?, ?)"
+            if self._write(query, (*row, self.next, mode, atime_ns, mtime_ns), store) == 1:
+                found, self.next = self.next, self.next + 1
+            else:  # a folder already recorded is not written again: one query more
+                with sqlite_errors(self.path):
                     found = self.db.execute("SELECT id FROM folders WHERE parent = ? AND name = ?", row).fetchone()[0]
             if len(self.known) >= self.KNOWN:
                 self.known.clear()
@@ -287,29 +314,35 @@ class Journal:
     def save(self, parent: int, name: str, mode: int, atime_ns: int, mtime_ns: int) -> None:
         """Record what folder `name` in the folder of id `parent` must be once the layer is applied, over any record.
         Stored in batches: a run killed before would make it again, as it applies the same entry again."""
-        self.pending.append((parent, os.fsencode(name), self.next, mode, atime_ns, mtime_ns))
+        query = (
+            "INSERT INTO folders VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (parent, name) DO UPDATE SET"
+            " mode = excluded.mode, atime = excluded.atime, mtime = excluded.mtime"
+        )
+        self._write(query, (parent, os.fsencode(name), self.next, mode, atime_ns, mtime_ns), False)
         self.next += 1  # unused if the folder has a record already: ids need only grow
-        if len(self.pending) >= self.BATCH:
-            self._store_pending()
 
-    def _store_pending(self) -> None:
-        if not self.pending:
-            return
+    def _write(self, query: str, row: tuple, store: bool) -> int:
+        """Run `query` on `row` in the open transaction, committed now when `store`; how many rows it changed."""
         with sqlite_errors(self.path):
-            self.db.execute("BEGIN")  # one transaction: one write
-            self.db.executemany(
-                "INSERT INTO folders VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (parent, name) DO UPDATE SET"
-                " mode = excluded.mode, atime = excluded.atime, mtime = excluded.mtime",
-                self.pending,
-            )
-            self.db.execute("COMMIT")
-        self.pending.clear()
+            if not self.db.in_transaction:
+                self.db.execute("BEGIN")
+            changed = self.db.execute(query, row).rowcount
+        self.waiting += 1
+        if store or self.waiting >= self.BATCH:
+            self.commit()
+        return changed
+
+    def commit(self) -> None:
+        if self.waiting:
+            with sqlite_errors(self.path):
+                self.db.execute("COMMIT")  # one write
+            self.waiting = 0
 
     def children(self, parent: int, after: bytes | int = 0) -> tuple[list[tuple], bool]:
         """The next batch of children of the folder of id `parent` whose names sort after `after`, the last in name
         order first: (id, name, mode, atime_ns, mtime_ns, whether it has children), and whether more may follow. The
         default, 0, sorts before every name, even the root's empty one: SQLite puts any number before any BLOB."""
-        self._store_pending()
+        self.commit()
         query = (
             "SELECT id, name, mode, atime, mtime, EXISTS (SELECT 1 FROM folders AS c WHERE c.parent = f.id)"
             " FROM folders AS f WHERE parent = ? AND name > ? ORDER BY name LIMIT ?"
@@ -320,6 +353,7 @@ class Journal:
         return batch, len(batch) == self.BATCH
 
     def close(self) -> None:
+        self.commit()  # the records waiting are of folders on disk
         self.db.close()  # writes the WAL into the file and removes it
 
     def remove(self) -> None:

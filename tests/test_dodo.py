@@ -111,6 +111,11 @@ def test_three_sandboxes_materialise_with_a_shared_layer_fetched_once_then_cost_
     ran = [line for line in again.stdout.splitlines() if not line.startswith("-- ")]
     assert ran == [], again.stdout  # every task up to date
     assert {"-- dutils-manifest:sandboxes/one", "-- dutils-config:sandboxes/three"} <= set(again.stdout.splitlines())
+    with (project / "dodo.py").open("a") as dodo:  # as doit ends: did d-utils' own code load requests?
+        dodo.write(
+            'import atexit, sys\natexit.register(lambda: print("loaded", {"requests", "urllib3"} & {*sys.modules}))\n'
+        )
+    assert doit(project, registry).stdout.splitlines()[-1] == "loaded set()"  # all up to date: no registry asked
 
 
 def test_a_moved_tag_changes_a_locked_sandbox_only_when_the_lock_is_updated(project: Project):

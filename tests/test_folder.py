@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from dutils.errors import Error
-from dutils.folder import AppliedLog, LockFile
-from dutils.store import PullDir
+from dutils.folder import AppliedLog, LockFile, settled
+from dutils.manifest import parse_platform
+from dutils.store import PullDir, Record
 
 
 def digest(n: int) -> str:
@@ -74,3 +75,42 @@ def test_the_log_says_nothing_is_applied_without_a_rootfs_and_starts_over_with_i
     assert log.applied() == [digest(0)]
     log.start_over()
     assert not folder.rootfs.exists() and not log.path.exists() and AppliedLog(folder).applied() == []
+
+
+def settled_folder(tmp_path: Path) -> tuple[PullDir, LockFile]:
+    """A complete folder of localhost:5000/app:1 for linux/amd64, pinned to what it holds."""
+    folder, lock = PullDir(tmp_path / "app"), LockFile(tmp_path / "sandboxes.lock")
+    folder.rootfs.mkdir(parents=True)
+    folder.root.chmod(0o700)
+    folder.config.write_text("{}")
+    folder.write_record(Record("localhost:5000/app:1", digest(2), "linux/amd64", complete=True))
+    lock.pin(folder.root, {"reference": "localhost:5000/app:1", "digest": digest(1), "manifest": digest(2)})
+    return folder, lock
+
+
+SPOILS = {  # what makes a folder unsettled: the full path then redoes it, or says in one line what is wrong
+    "untrusted": lambda folder, lock: folder.root.chmod(0o770),  # others could have changed it
+    "no-config": lambda folder, lock: folder.config.unlink(),
+    "incomplete": lambda folder, lock: folder.write_record(folder.read_record()._replace(complete=False)),
+    "other-image": lambda folder, lock: folder.write_record(folder.read_record()._replace(digest=digest(3))),
+    "arm64-image": lambda folder, lock: folder.write_record(folder.read_record()._replace(platform="linux/arm64")),
+    "damaged-record": lambda folder, lock: folder.record_path.write_text("{"),
+    "platform-not-text": lambda folder, lock: folder.record_path.write_text(
+        json.dumps(folder.read_record()._asdict() | {"platform": 5})
+    ),
+    "damaged-lock": lambda folder, lock: lock.path.write_text('{"sandboxes": {"app": {"digest": "sha256:../x"}}}'),
+}
+
+
+def test_a_complete_trusted_folder_of_the_locked_manifest_is_settled(tmp_path: Path):
+    folder, lock = settled_folder(tmp_path)
+    assert settled(folder, lock, "localhost:5000/app:1", parse_platform("linux/amd64"))
+    assert not settled(folder, None, "localhost:5000/app:1", parse_platform("linux/amd64"))  # nothing pinned
+    assert not settled(folder, lock, "localhost:5000/app:2", parse_platform("linux/amd64"))  # the dodo.py moved
+
+
+@pytest.mark.parametrize("spoil", SPOILS.values(), ids=SPOILS.keys())
+def test_anything_amiss_is_not_settled(tmp_path: Path, spoil):
+    folder, lock = settled_folder(tmp_path)
+    spoil(folder, lock)
+    assert not settled(folder, lock, "localhost:5000/app:1", parse_platform("linux/amd64"))

@@ -199,3 +199,16 @@ def test_a_sigstore_requirement_d_pull_cannot_check_is_refused(requirement, word
     path = write(tmp_path, [{"type": "sigstoreSigned", **requirement}])
     with pytest.raises(Error, match=words):
         check_image(path, parse_reference("alpine"), None, None, None)
+
+
+@pytest.mark.parametrize("text", [None, "{not json"])
+def test_a_missing_or_broken_policy_is_said_before_any_registry_is_asked(text, tmp_path, capsys):
+    """Port 1 of loopback answers nobody: had d-pull asked it first, the error would be about the connection."""
+    from dutils.pull import main
+
+    if text is not None:
+        (tmp_path / "policy.json").write_text(text)
+    argv = ["--policy", str(tmp_path / "policy.json"), "--timeout", "1", "127.0.0.1:1/img", str(tmp_path / "box")]
+    assert main(argv) == 1
+    error = capsys.readouterr().err
+    assert f"the policy {tmp_path / 'policy.json'} is not usable" in error and "127.0.0.1:1" not in error

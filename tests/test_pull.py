@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,70 @@ def test_update_merges_env_per_variable_and_keeps_the_users_edits(who, prune, re
     assert f"kept your edits to {folder}/config.json: Env MINE, Hostname\n" in updated.stderr
     ran = tool("d-run", folder, "sh", "-c", "echo $VERSION $MINE $ONLY_IN_1")
     assert ran.stdout == "2 kept\n", ran.stderr
+
+
+# d-pull's main in a fresh interpreter, the modules it loaded printed as its last line of output
+WITH_MODULES = "import sys; from dutils.pull import main; code = main(); print(sorted(sys.modules)); sys.exit(code)"
+HEAVY = {"requests", "urllib3", "doit"}
+
+
+@pytest.mark.parametrize("who", ["root", "user"])
+def test_a_locked_complete_folder_is_decided_before_requests_or_doit_load(who, registry, request, tmp_path):
+    versions = [Image(layers=[busybox_layer(), Tar().file("etc/v", f"{n}\n".encode())]) for n in (1, 2)]
+    name = f"settled-{who}"
+    push(registry.host, name, "latest", versions[0])
+    if who == "user":
+        user, place = request.getfixturevalue("unprivileged"), make_workspace()
+        request.addfinalizer(lambda: shutil.rmtree(place))
+        # credential folders of its own: what other tests leave in the user's (or /run/containers, which root's
+        # podman makes 0700) is not what this test is about
+        place, python = place / "pull", user.bin / "python"
+        run = partial(user.run, env=dict.fromkeys(["XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "DOCKER_CONFIG"], str(place)))
+    else:
+        place, python, run = tmp_path, BIN / "python", subprocess.run
+    ref, lock, folder, cache = (
+        f"{registry.host}/{name}:latest",
+        place / "sandboxes.lock",
+        place / "app",
+        place / "cache",
+    )
+
+    def pull(*flags: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+        argv = [python, "-c", WITH_MODULES, "--cache", cache, "--lock", lock, *flags, ref, folder]
+        done = run(argv, capture_output=True, text=True, timeout=120)
+        return done, set(json.loads(done.stdout.replace("'", '"')))
+
+    done, loaded = pull()
+    assert done.returncode == 0 and loaded >= HEAVY, done.stderr  # the first pull: the whole pipeline
+    served = len(registry.responses())
+    done, loaded = pull()
+    assert done.returncode == 0, done.stderr
+    assert not HEAVY & loaded
+    assert done.stderr == f"up to date: {ref} ({versions[0].manifest_digest}) in {folder}\n"
+    assert len(registry.responses()) == served
+    done, loaded = pull("--update")  # always the full path, which asks the registry
+    assert done.returncode == 0 and loaded >= HEAVY and len(registry.responses()) > served, done.stderr
+
+    push(registry.host, name, "latest", versions[1])
+    pinned = json.loads(lock.read_text())
+    pinned["sandboxes"]["app"] |= {"digest": versions[1].manifest_digest, "manifest": versions[1].manifest_digest}
+    lock.write_text(json.dumps(pinned))  # a lock that names another image than the folder's: the full path
+    done, loaded = pull()
+    assert done.returncode == 0 and loaded >= HEAVY, done.stderr
+    assert (folder / "rootfs" / "etc" / "v").read_text() == "2\n"
+
+    folder.chmod(0o770)  # a folder others may have changed is not settled: the full path refuses it in one line
+    done, loaded = pull()
+    assert_one_line_error(done, "refusing", "writable by other users")
+
+
+def test_a_locked_folder_with_a_damaged_record_is_one_line_from_the_full_path(tmp_path):
+    folder, lock = tmp_path / "app", tmp_path / "sandboxes.lock"
+    (folder / "rootfs").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    manifest = f"sha256:{2:064x}"
+    record = {"reference": "localhost:5000/app:1", "digest": manifest, "platform": 5, "complete": True}
+    (folder / "image.json").write_text(json.dumps(record))
+    lock.write_text(json.dumps({"sandboxes": {"app": record | {"manifest": manifest}}}))
+    done = d_pull("--lock", str(lock), "localhost:5000/app:1", str(folder), cache=tmp_path / "cache")
+    assert_one_line_error(done, "damaged pull record", "must be strings")

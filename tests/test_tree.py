@@ -177,3 +177,60 @@ def test_folder_heavy_layer_killed_at_any_moment_then_run_again_gives_the_clean_
         assert interrupted >= len(fractions) // 2
     finally:
         remove_tree(workspace)
+
+
+# -- system calls per entry: the apply path at GNU tar's count (issue 20)
+
+APPLY = """
+import sys
+from pathlib import Path
+from dutils.apply import apply_layer
+apply_layer(Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4]))
+"""
+MAX_CALLS_PER_ENTRY = 4.5  # a file costs 4 (openat, pwrite64, utimensat, close) and a folder of 10 about 7 more
+
+
+def system_calls(user, layer: Layer, rootfs: Path) -> int:
+    """What applying `layer` onto the new `rootfs` costs in system calls (strace -f -c: its last line is the total)."""
+    python = str(user.bin / "python") if user else sys.executable
+    as_user = {"user": USER, "group": USER, "extra_groups": [], "env": user.env} if user else {}
+    summary = rootfs.parent / f"{rootfs.name}.strace"
+    argv = [
+        "strace",
+        "-f",
+        "-c",
+        "-o",
+        summary,
+        python,
+        "-c",
+        APPLY,
+        layer.blob,
+        layer.media_type,
+        layer.diff_id,
+        rootfs,
+    ]
+    subprocess.run(argv, check=True, timeout=120, cwd=rootfs.parent, **as_user)
+    return int(summary.read_text().splitlines()[-1].split()[3])  # % time, seconds, usecs/call, calls, ...
+
+
+@pytest.mark.integration  # strace slows it to seconds
+@pytest.mark.parametrize("as_user", [False, pytest.param(True, marks=as_root)], ids=["as-root", "as-ordinary-user"])
+def test_an_entry_costs_at_most_a_few_system_calls(as_user: bool, request) -> None:
+    """Two layers of small files, ten in a folder, that differ only in size: the difference in calls over the
+    difference in entries is what an entry costs, the interpreter's start-up left out. It does not depend on load."""
+    user = request.getfixturevalue("unprivileged") if as_user else None
+    workspace = make_workspace()
+    try:
+        calls, entries = [], []
+        for folders in (20, 220):
+            tar = Tar().dir("usr")
+            for n in range(folders):
+                tar.dir(f"usr/d{n}")
+                for k in range(10):
+                    tar.file(f"usr/d{n}/f{k}", b"%d\n" % k)
+            calls.append(system_calls(user, write_layer(workspace, tar.to_bytes()), workspace / "pull" / f"r{folders}"))
+            entries.append(1 + 11 * folders)
+        per_entry = (calls[1] - calls[0]) / (entries[1] - entries[0])
+        assert 4 <= per_entry <= MAX_CALLS_PER_ENTRY, f"{per_entry:.2f} system calls per entry"
+    finally:
+        remove_tree(workspace)
