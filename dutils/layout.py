@@ -27,6 +27,8 @@ from .tarstream import BLOCK, TarError, TarReader
 
 NAMES = ("org.opencontainers.image.ref.name", "io.containerd.image.name")  # an index.json entry's names
 MAX_MEMBERS = 10_000  # of an archive: `docker save` of 500 layers writes about 1,500
+MAX_NAME, MAX_NAMES = 4096, 4 << 20  # bytes in a member's name (PATH_MAX) and in all of them: memory bounded
+MAX_IMAGES = 1_000  # in index.json or manifest.json: each may be a manifest to make, a config to read
 CHUNK = 1 << 20
 HINT = "this is not an image a tool wrote; do not use it"
 
@@ -109,12 +111,17 @@ class Positioned:
 
 def index_members(fd: int, where: str) -> dict[str, tuple[bool, int, int]]:
     """name -> (whether a plain regular file, where its data starts, its size), for every member of the tar."""
-    stream, members = Positioned(fd), {}
+    stream, members, names, end = Positioned(fd), {}, 0, os.fstat(fd).st_size
     reader = TarReader(stream)
     try:
         while (entry := reader.next_entry()) is not None:
             start = stream.at - len(reader.buffer) + reader.offset
+            names += (length := len(os.fsencode(entry.name)))
+            if length > MAX_NAME or names > MAX_NAMES:
+                raise Error(f"{where} has a name of over {MAX_NAME} bytes, or {MAX_NAMES >> 20} MiB of names", HINT)
             name = member_name(entry.name, where)
+            if start + entry.stored > end:
+                raise Error(f"{where} ends before the {entry.stored} bytes of {name}", HINT)
             if name in members or len(members) >= MAX_MEMBERS:
                 raise Error(f"{where} holds {name} twice, or more than {MAX_MEMBERS} members", HINT)
             members[name] = (entry.isreg() and entry.sparse is None, start, entry.stored)
@@ -144,10 +151,13 @@ class Layout:
         self.ref, self.where = ref, ref.registry
         self.files = open_files(ref.path, self.where)
         self.blob_names: dict[str, str] = {}  # digest -> member, of a docker-archive's made manifests
+        self.configs: dict[str, tuple[bytes, list]] = {}  # a docker-archive's config member -> it and its diff_ids
         self.docker = ref.transport == "docker-archive" or not (ref.transport or self.files.has("index.json"))
         if self.docker and not (ref.transport or self.files.has("manifest.json")):
             raise Error(f"{self.where} is neither an OCI layout nor a docker-archive (no index.json, no manifest.json)")
         self.images = self.docker_images() if self.docker else self.oci_images()
+        if len(self.images) > MAX_IMAGES:
+            raise Error(f"{self.where} holds {len(self.images)} images, more than {MAX_IMAGES}", HINT)
 
     # -- what the pipeline asks
 
@@ -156,9 +166,9 @@ class Layout:
         if DIGEST.fullmatch(wanted):  # a lock file's pin, or an entry of an index
             if not self.docker:
                 return self.blob(wanted, MAX_MANIFEST), ""
-            made = {hashlib.sha256(body).hexdigest(): body for body in map(self.docker_manifest, self.entries())}
-            if body := made.get(wanted.removeprefix("sha256:")):
-                return body, OCI_MANIFEST
+            for body in map(self.docker_manifest, self.entries()):  # made one at a time: the first that matches
+                if "sha256:" + hashlib.sha256(body).hexdigest() == wanted:
+                    return body, OCI_MANIFEST
             raise Error(f"{self.where} holds no image {wanted}", "pull it without the lock file's pin, with --update")
         entry = self.choose(wanted)
         if self.docker:
@@ -173,7 +183,9 @@ class Layout:
         name = self.blob_names.get(digest, digest) if self.docker else blob_name(digest)
         with self.files.opened(name) as (fd, start, size):
             while sink.missing and sink.have < size:
-                sink.write(os.pread(fd, min(CHUNK, size - sink.have), start + sink.have))
+                if not (chunk := os.pread(fd, min(CHUNK, size - sink.have), start + sink.have)):  # cut since opened
+                    raise Error(f"{self.where}: {name} ends before its {size} bytes", HINT)
+                sink.write(chunk)
         if sink.missing:
             raise Error(f"{self.where}: blob {digest} is shorter than its manifest says", HINT)
 
@@ -230,9 +242,11 @@ class Layout:
         where = f"{self.where}: manifest.json"
         config_name = member_name(typed(image.get("Config"), str, f"{where}: Config"), where)
         layers = [member_name(typed(name, str, where), where) for name in typed(image.get("Layers"), list, where)]
-        config = self.read(config_name, oci.MAX_CONFIG)
-        rootfs = typed(oci.load_json_object(config, f"{where}: {config_name}").get("rootfs"), dict, config_name)
-        ids = typed(rootfs.get("diff_ids"), list, f"{config_name}: rootfs.diff_ids")
+        if config_name not in self.configs:  # read and parsed once, however many images share it
+            config = self.read(config_name, oci.MAX_CONFIG)
+            rootfs = typed(oci.load_json_object(config, f"{where}: {config_name}").get("rootfs"), dict, config_name)
+            self.configs[config_name] = config, typed(rootfs.get("diff_ids"), list, f"{config_name}: rootfs.diff_ids")
+        config, ids = self.configs[config_name]
         if len(ids) != len(layers):
             raise Error(f"{where} lists {len(layers)} layers and their config {len(ids)} diff_ids", HINT)
         digest = "sha256:" + hashlib.sha256(config).hexdigest()

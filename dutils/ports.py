@@ -1,4 +1,4 @@
-"""Published ports (`d-run -p`): parse and check them, and wrap bwrap's command line in pasta.
+"""Published ports (`d-run -p`): parse and check them, and serve them with pasta (start_pasta, pasta_argv).
 
 pasta (Debian's `passt`) gives the container its own network namespace with outbound access and
 forwards the published host ports into it; nothing else of the host's network, its loopback
@@ -138,11 +138,6 @@ def check_free(port: Port) -> None:
 
 def check_ready(ports: tuple[Port, ...], path: str) -> None:
     """Everything pasta needs, checked before d-run execs it: after that, only pasta's own messages reach the user."""
-    if os.geteuid() == 0:
-        raise Error(
-            "-p runs pasta, which does not run as root (it would switch to the user nobody)",
-            "run d-run -p as an ordinary user",
-        )
     import shutil  # only with ports: it costs d-run's start-up
 
     if shutil.which("pasta", path=path) is None:
@@ -169,10 +164,38 @@ def forward_options(ports: tuple[Port, ...], protocol: str) -> list[str]:
 
 
 def pasta_argv(ports: tuple[Port, ...], python: str, keep_fds: list[int], bwrap: list[str]) -> list[str]:
-    """pasta, in the foreground, starting bwrap (through STARTER, run by `python`) in a new network
-    namespace with outbound access and `ports` forwarded into it. -T/-U none and --no-map-gw: no port
-    of the host's loopback is forwarded into the namespace, nor is its gateway address mapped to it."""
-    argv = ["pasta", "--quiet", "--foreground", "--config-net", "--no-map-gw", "-T", "none", "-U", "none"]
-    argv += forward_options(ports, "tcp") + forward_options(ports, "udp")
+    """pasta, in the foreground, starting bwrap (through STARTER, run by `python`) in its network namespace."""
     starter = [python, "-I", "-S", "-c", STARTER, ",".join(map(str, keep_fds))]
-    return [*argv, "--", *starter, *bwrap]
+    return [*pasta_options(ports), "--", *starter, *bwrap]
+
+
+def pasta_options(ports: tuple[Port, ...]) -> list[str]:
+    """-T/-U none, --no-map-gw: no port of the host's loopback is forwarded inside, nor is its gateway mapped."""
+    argv = ["pasta", "--quiet", "--foreground", "--config-net", "--no-map-gw", "-T", "none", "-U", "none"]
+    return argv + forward_options(ports, "tcp") + forward_options(ports, "udp")
+
+
+def start_pasta(ports: tuple[Port, ...], userns_fd: int, netns_fd: int) -> None:
+    """pasta, in the host's network, serving d-run's namespaces `netns_fd` and `userns_fd` as d-run's user (root
+    too: only root joins root's) until d-run's process, then bwrap's, ends; ready once it writes its pid."""
+    import ctypes
+    import select
+    import signal
+    import subprocess
+
+    ready_read, ready_write = os.pipe()  # both closed on d-run's exec, as `monitor`
+    fds = (userns_fd, netns_fd, ready_write)
+    argv = [*pasta_options(ports), *["--runas", "0:0"] * (os.geteuid() == 0)]
+    paths = [f"/proc/self/fd/{fd}" for fd in fds]
+    argv += ["--userns", paths[0], "--netns", paths[1], "--pid", paths[2]]
+    monitor = os.pidfd_open(os.getpid())
+    if os.fork() == 0:  # pasta's parent, d-run's user still (bwrap's monitor may be another uid, whose end would
+        try:  # not signal root's pasta), ending when the monitor does, and pasta with it (PR_SET_PDEATHSIG, 1)
+            subprocess.Popen(argv, pass_fds=fds, preexec_fn=lambda: ctypes.CDLL(None).prctl(1, signal.SIGTERM))
+            os.close(ready_write)
+            select.select([monitor], [], [])
+        finally:
+            os._exit(0)
+    os.close(ready_write)
+    if not os.read(ready_read, 32):
+        raise Error("pasta did not start (see its message above)")

@@ -130,7 +130,7 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         env = sandbox.container_env(base_env, config.env, read_env_files(args.env_file) + args.env, dict(os.environ))
         published = ports.published(args.publish, config.ports, args.net or config.net)
         network = args.net or config.net or bool(published)  # with ports: pasta's network, shared by bwrap
-        maps = None if published else userns.plan_maps(identity.uid, identity.gid, read_setting)
+        maps = userns.plan_maps(identity.uid, identity.gid, read_setting)
         root_maps = maps is not None and not maps[0]  # every id mapped to itself
         defaults = [sandbox.Mount(target) for target in config.volumes]
         if network and os.path.exists(RESOLV_CONF):
@@ -184,6 +184,7 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
     os.close(dir_fd)
     program = seccomp.filter_program(os.uname().machine, fake_chown=not root_maps, fake_ids=maps is None)
     groups = userns.image_groups(identity.uid, identity.gid, passwd, group) if root_maps else []
+    namespaces = [None, None] if maps is None else [*userns.make(maps, network=bool(published)), None]
     return sandbox.Plan(
         root_fd=root_fd,
         command=command,
@@ -204,8 +205,9 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         tmp=made["/tmp"],
         ports=published,
         lock_fd=inheritable(store.hold_while_open(lock_fd)),
-        userns_fd=None if maps is None else userns.make(maps, identity.uid if root_maps else os.geteuid()),
+        userns_fd=namespaces[0],
         groups=tuple(groups),
+        netns_fd=namespaces[1],
     )
 
 
@@ -279,7 +281,8 @@ COMMAND is taken as it is, even when it starts with '-': d-run reads options onl
 networks: none (the default: only a loopback); -p: the container's own network with outbound
   access through pasta (apt-get install passt; it needs /dev/net/tun readable and writable by you),
   the published ports forwarded from the host and nothing of the host's loopback reachable; -n: the
-  host's network itself. With -p, d-run execs pasta, which runs bwrap and exits with its status.
+  host's network itself. With -p, pasta serves d-run's network namespace (without a user
+  namespace of d-run's: d-run execs pasta, which runs bwrap and exits with its status).
   d-run's own errors (-p's included: pasta missing, /dev/net/tun not usable, a host port in use, a
   malformed -p) are one line with exit status 1.
 
@@ -401,10 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # one close_range(2) call on Linux
         box = plan_sandbox(args)
         command = sandbox.bwrap_argv(box)
-        if box.ports:
+        if box.ports and box.netns_fd is None:  # no mapping: pasta makes the namespaces and starts bwrap
             command = ports.pasta_argv(box.ports, sys.executable, sandbox.inherited_fds(box), command)
-        if box.groups:  # root's mapping: the image's user, groups and all, before bwrap joins it
-            userns.become(box.identity.uid, box.identity.gid, list(box.groups))
+        if box.groups or box.netns_fd is not None:  # root's mapping, -p's network: see userns.become
+            userns.become(box)
         if args.debug:
             import shlex
 

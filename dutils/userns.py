@@ -3,13 +3,14 @@
 As root: every id mapped to itself, so the image's owners are the container's (a `USER 1000` writes its
 /home/app, not root's /etc), as under podman. A namespace rather than podman's rootful "none, with fewer
 capabilities": root inside is capable only over what the namespace owns, and bwrap runs as for a user.
-The namespace belongs to the image's uid, which d-run becomes (groups and gid first) before the exec, so
-that bwrap joins it capable and switches ids no more (its --userns sets the uid before the gid).
+d-run becomes the image's user (groups and gid first) before the exec, so that bwrap switches ids no more (its
+--userns sets the uid before the gid, then lacks the capability). For a uid other than 0 bwrap then joins a
+namespace of that uid, nested in one of root's (see become): no host process of the uid can join either.
 As a user with a range in /etc/subuid and /etc/subgid: the user's own ids are the image user's (root's, for
 most services) and the range everyone else's, written by newuidmap/newgidmap (podman's rootless mapping).
 Files the user pulled are the user's, so inside they are the image user's: a service dropping to its user
-reads what the image made readable to others. Otherwise (no range, or -p, whose pasta makes the namespace):
-no mapping; the seccomp filter fakes the set*id calls.
+reads what the image made readable to others. Otherwise (no range): no mapping; the seccomp filter fakes the
+set*id calls. With -p and a mapping, the network namespace is made with it, and bwrap's nested (see become).
 """
 
 import errno
@@ -17,10 +18,12 @@ import os
 from collections.abc import Callable
 
 from .errors import Error
-from .sandbox import find_row, is_number, table_rows
+from .ports import start_pasta
+from .sandbox import Plan, find_row, is_number, table_rows
 
-CLONE_NEWUSER = 0x10000000
+CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
 EVERY_ID = [0, 0, 2**32 - 1]  # (uid_t) -1 stays unmapped
+PR_SET_DUMPABLE = 4  # linux/prctl.h
 
 
 def subordinate_range(text: str, name: str, own: int) -> tuple[int, int] | None:
@@ -45,10 +48,7 @@ def plan_maps(uid: int, gid: int, read: Callable[[str], str]) -> tuple[list[str]
     the uid and gid maps as (inside, outside, count) triples; None for no mapping. `read`: a file's text or ""."""
     euid = os.geteuid()
     if euid == 0:
-        # Root's identity mapping, only for the image's root. For another image user the namespace would belong
-        # to that uid, whose host processes could join it with every capability in it (a mapped 0: the host's
-        # root); mapping that user's ids alone leaves bwrap 0.8 unable to reach the private DIR. One user, then.
-        return ([], EVERY_ID, EVERY_ID) if uid == 0 else None
+        return [], EVERY_ID, EVERY_ID
     import pwd  # a builtin module
 
     try:
@@ -80,9 +80,9 @@ def write_maps(pid: int, tools: list[str], uid_map: list[int], gid_map: list[int
     return True
 
 
-def make(maps: tuple[list[str], list[int], list[int]], owner: int) -> int:
-    """A new user namespace with `maps`, belonging to the uid `owner`, as an inheritable descriptor for bwrap's
-    --userns. A child made for it unshares, waits until the maps are written, and exits."""
+def make(maps: tuple[list[str], list[int], list[int]], owner: int | None = None, network: bool = False) -> list[int]:
+    """A user namespace with `maps`, of d-run's user or the uid `owner`, for bwrap's --userns, then (`network`) a
+    network namespace it owns, for pasta: a child unshares, waits until the maps are written, and exits."""
     import ctypes
 
     ready_read, ready_write = os.pipe()
@@ -93,9 +93,11 @@ def make(maps: tuple[list[str], list[int], list[int]], owner: int) -> int:
         try:
             os.close(ready_read)
             os.close(done_write)
-            if owner != os.geteuid():
+            if owner is not None:  # dumpable, so that d-run, capable in its parent namespace only, opens it
                 os.setresuid(owner, owner, owner)
-            status = 0 if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWUSER) == 0 else ctypes.get_errno()
+                ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 1)
+            flags = CLONE_NEWUSER | CLONE_NEWNET * network
+            status = 0 if ctypes.CDLL(None, use_errno=True).unshare(flags) == 0 else ctypes.get_errno()
             os.write(ready_write, bytes([status]))
             os.read(done_read, 1)
         finally:
@@ -108,21 +110,50 @@ def make(maps: tuple[list[str], list[int], list[int]], owner: int) -> int:
             raise Error(f"cannot make a user namespace: {os.strerror(status[0] if status else errno.EPERM)}")
         if not write_maps(child, *maps):
             raise Error("newuidmap or newgidmap failed", "check your ranges in /etc/subuid and /etc/subgid")
-        fd = os.open(f"/proc/{child}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-        os.set_inheritable(fd, True)
-        return fd
+        fds = [os.open(f"/proc/{child}/ns/{kind}", os.O_RDONLY) for kind in ["user", "net"][: 1 + network]]
+        os.set_inheritable(fds[0], True)  # for bwrap (pasta gets the network one through pass_fds)
+        return fds
     finally:
         os.close(ready_read)
         os.close(done_write)
         os.waitpid(child, 0)
 
 
-def become(uid: int, gid: int, groups: list[int]) -> None:
-    """Root before the exec: the image's groups, gid and uid (bwrap then switches to none of them itself)."""
+def join(fd: int, kind: int) -> None:
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).setns(fd, kind) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+def same_ids(table: str) -> list[int]:  # every id of d-run's namespace mapped to itself (uid_map or gid_map)
+    with open(f"/proc/self/{table}") as lines:
+        return [int(number) for line in lines for number in (line.split()[0], *line.split()[::2])]
+
+
+def become(box: Plan) -> None:
+    """Before the exec. Root takes the image's groups, gid and uid: bwrap 0.8 would set the uid first, then lack
+    the capability for the gid. Where bwrap's namespace must then be another uid's, or d-run be in -p's network
+    namespace (bwrap joins none), d-run starts pasta, joins its namespaces and makes bwrap's there, the same ids
+    mapped, in its place. Host processes of the image's uid get no capability in it: its parent is not theirs."""
+    (uid, gid), groups, userns_fd, netns_fd = box.identity[:2], list(box.groups), box.userns_fd, box.netns_fd
     try:
-        os.setgroups(groups)
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
+        if netns_fd is not None:  # with d-run's ids: a change of pasta's own would clear its death signal
+            start_pasta(box.ports, userns_fd, netns_fd)
+        if groups:
+            os.setgroups(groups)
+            os.setresgid(gid, gid, gid)
+        if netns_fd is not None or groups and uid != 0:
+            join(userns_fd, CLONE_NEWUSER)
+            if netns_fd is not None:
+                join(netns_fd, CLONE_NEWNET)  # (its descriptor, as pasta's pipe, closed by the exec)
+                with open("/proc/sys/net/ipv4/ip_unprivileged_port_start", "w") as setting:
+                    setting.write("0")  # as Docker: root inside is not capable over the network namespace
+            inner = make(([], same_ids("uid_map"), same_ids("gid_map")), uid)[0]
+            os.dup2(inner, userns_fd)
+            os.close(inner)
+        if groups:
+            os.setresuid(uid, uid, uid)
     except OSError as err:  # more groups than the kernel takes (the image's /etc/group), an id it refuses
         raise Error(f"cannot become the image's user {uid}:{gid}: {err.strerror}", "run it with -u") from None
 

@@ -38,6 +38,10 @@ from malicious import USER
 from trees import snapshot, tree_without_folder_times
 
 from dutils.errors import Error
+from dutils.fetch import PartialBlob
+from dutils.layout import Layout
+from dutils.oci import Blob
+from dutils.progress import Progress
 from dutils.reference import Source, parse_reference
 
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -518,6 +522,35 @@ def a_fifo(folder: Path) -> str:
     return f"docker-archive:{folder / 'a.tar'}"
 
 
+def truncated_archive(folder: Path) -> str:
+    """Its last member, a layer, cut in the middle: its header claims more bytes than the file holds."""
+    path = docker_archive(base(), folder / "a.tar")
+    data, layer = path.read_bytes(), base().layers[-1]
+    path.write_bytes(data[: data.find(layer) + len(layer) // 2])
+    return f"docker-archive:{path}"
+
+
+def blob_shorter_than_its_descriptor(folder: Path) -> str:
+    source = blobs_folder_is_a_link(folder)
+    (folder / "layout" / "blobs").unlink()
+    shutil.copytree(folder / "outside" / "blobs", folder / "layout" / "blobs")
+    os.truncate(folder / "layout" / layer_member(base()), 1000)
+    return source
+
+
+def long_member_name(folder: Path) -> str:
+    return str(write_tar(folder / "a.tar", oci_members(base()), lambda tar: tar.file("x" * 5000, b"x")))
+
+
+def too_many_images(folder: Path) -> str:
+    listed = json.loads(docker_members(base())["manifest.json"]) * 1001
+    return str(write_tar(folder / "a.tar", docker_members(base()) | {"manifest.json": json.dumps(listed).encode()}))
+
+
+def too_many_indexed(folder: Path) -> str:
+    return f"oci-archive:{write_tar(folder / 'a.tar', oci_members(base(), [base().index_entry()] * 1001))}"
+
+
 def diff_ids_of_another_count(folder: Path) -> str:
     layers = json.loads(docker_members(base())["manifest.json"])[0]["Layers"]
     return str(write_tar(folder / "a.tar", docker_members(base(), Layers=layers[:1])))
@@ -546,6 +579,11 @@ HOSTILE = [
     (compressed, "not a tar archive"),
     (a_fifo, "neither a folder nor a file"),
     (diff_ids_of_another_count, "diff_ids"),
+    (truncated_archive, "ends before the"),
+    (blob_shorter_than_its_descriptor, "shorter than its manifest says"),
+    (long_member_name, "a name of over 4096 bytes"),
+    (too_many_images, "1001 images, more than 1000"),
+    (too_many_indexed, "1001 images, more than 1000"),
 ]
 
 
@@ -566,6 +604,43 @@ def test_a_hostile_layout_or_archive_is_one_line_and_changes_nothing_outside_dir
         assert not (target / "rootfs").exists() or not os.listdir(target / "rootfs")
     finally:
         shutil.rmtree(folder)
+
+
+class CuttingProgress(Progress):
+    """Counts a download's chunks, the layout's owner cutting its blob once the first has come; so many chunks are
+    allowed, and no more, that a reader spinning at the file's new end fails instead of hanging."""
+
+    def __init__(self, blob: Path) -> None:
+        super().__init__()
+        self.blob, self.chunks = blob, 0
+
+    def advance(self, size: int) -> None:
+        os.truncate(self.blob, 3 << 19)  # 1.5 MiB of 3, after 1 MiB was read
+        self.chunks += 1
+        assert self.chunks < 10, "the blob's reader spins at its end"
+
+
+def test_a_layout_blob_cut_while_it_is_read_is_one_error_not_a_spin(tmp_path: Path) -> None:
+    data, layout = os.urandom(3 << 20), tmp_path / "layout"
+    members = oci_members(base()) | {blob_member(sha256(data)): data}
+    for name, content in members.items():
+        (layout / name).parent.mkdir(parents=True, exist_ok=True)
+        (layout / name).write_bytes(content)
+    blob = Blob(sha256(data), len(data), OCI_MANIFEST)
+    progress = CuttingProgress(layout / blob_member(blob.digest))
+    with PartialBlob(tmp_path / "partial", blob, progress) as sink, pytest.raises(Error) as raised:
+        Layout(parse_reference(f"oci:{layout}")).download_blob(blob.digest, sink)
+    assert raised.value.message == f"oci:{layout}: {blob_member(blob.digest)} ends before its {len(data)} bytes"
+    assert progress.chunks == 2
+
+
+def test_a_pinned_image_of_a_docker_archive_is_the_first_that_matches_the_rest_unread(tmp_path: Path) -> None:
+    members = docker_members(base())
+    listed = json.loads(members["manifest.json"]) + [{"Config": "broken.json", "Layers": []}] * 999
+    more = {"manifest.json": json.dumps(listed).encode(), "broken.json": b"{" * 1000}
+    source = parse_reference(f"docker-archive:{write_tar(tmp_path / 'a.tar', members | more)}")
+    body, _ = Layout(source).get_manifest("@0")
+    assert Layout(source).get_manifest(sha256(body)) == (body, OCI_MANIFEST)
 
 
 DODO = """from pathlib import Path
