@@ -406,12 +406,12 @@ def main(argv: list[str] | None = None) -> int:
         command = sandbox.bwrap_argv(box)
         if box.ports and box.netns_fd is None:  # no mapping: pasta makes the namespaces and starts bwrap
             command = ports.pasta_argv(box.ports, sys.executable, sandbox.inherited_fds(box), command)
-        if box.groups or box.netns_fd is not None:  # root's mapping, -p's network: see userns.become
-            userns.become(box)
-        if args.debug:
+        if args.debug:  # before become: the image's user may not read the modules it would import
             import shlex
 
             print(shlex.join(command), file=sys.stderr)
+        if box.groups or box.netns_fd is not None:  # root's mapping, -p's network: see userns.become
+            userns.become(box)
         exec_bwrap(command)
     except KeyboardInterrupt:
         return 130

@@ -80,8 +80,11 @@ class Tree(Root):
             if not stat.S_ISDIR(st.st_mode):
                 self.clear(place.fd, place.name)
                 return self.make_dir(place, mode)
-            if st.st_mode & OWNER_RWX != OWNER_RWX:  # writable while its attributes are set
-                os.chmod(place.name, stat.S_IMODE(st.st_mode) | OWNER_RWX, dir_fd=place.fd, follow_symlinks=False)
+            # Writable while its attributes are set; a setgid bit this layer takes away goes now, before entries
+            # made inside take its group (the rest of the mode waits for finish()).
+            keep = stat.S_IMODE(st.st_mode) if not (st.st_mode ^ mode) & 0o7000 else mode & 0o7777
+            if keep | OWNER_RWX != stat.S_IMODE(st.st_mode):
+                os.chmod(place.name, keep | OWNER_RWX, dir_fd=place.fd, follow_symlinks=False)
             return st.st_uid, st.st_gid
         self.made = (self.ids[place.path.count("/")], place.name)
         return self.made_owner

@@ -180,6 +180,18 @@ def test_missing_parents_are_made_0755_whatever_the_umask(blobs: Path, tmp_path:
     assert stat.S_IMODE((tmp_path / "rootfs" / "a" / "b").stat().st_mode) == 0o755
 
 
+@as_root
+def test_a_setgid_bit_a_layer_takes_away_gives_no_group_to_folders_made_inside(blobs: Path, tmp_path: Path) -> None:
+    """As Docker and umoci apply it: D's new mode holds before D/x is made for D/x/f, so D/x takes no group 50."""
+    lower = write_layer(blobs, Tar().dir("D", 0o2775, gid=50).to_bytes())
+    upper = write_layer(blobs, Tar().dir("D", 0o755, gid=50).file("D/x/f", b"1").to_bytes())
+    for layer in (lower, upper):
+        apply_layer(layer.blob, layer.media_type, layer.diff_id, tmp_path / "rootfs")
+    made = (tmp_path / "rootfs" / "D" / "x").stat()
+    assert (made.st_gid, stat.S_IMODE(made.st_mode)) == (os.getegid(), 0o755)
+    assert stat.S_IMODE((tmp_path / "rootfs" / "D").stat().st_mode) == 0o755
+
+
 def xattr_layer() -> bytes:
     info = tarfile.TarInfo("labelled")
     info.size = 2

@@ -272,6 +272,9 @@ def test_an_image_user_writes_its_home_and_not_etc_under_root(images, tmp_path: 
     etc = subprocess.run([*run, "touch /etc/mine"], capture_output=True, text=True, timeout=60)
     assert etc.returncode != 0 and "Permission denied" in etc.stderr
     assert not (tmp_path / "app/rootfs/etc/mine").exists()
+    # --debug prints bwrap's command line while d-run is still root: user 1000 could not import what it needs
+    debug = subprocess.run([BIN / "d-run", "--debug", tmp_path / "app", "id", "-u"], capture_output=True, text=True)
+    assert (debug.returncode, debug.stdout, debug.stderr.startswith("bwrap ")) == (0, "1000\n", True), debug.stderr
 
 
 @pytest.mark.usefixtures("tun")
