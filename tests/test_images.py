@@ -331,30 +331,37 @@ def unmount_below(root: Path) -> None:
         subprocess.run(["umount", "--lazy", point], check=True, timeout=30)
 
 
-def build_debian_layer() -> None:
-    """debootstrap into a scratch folder, then its tree as one gzip tar layer under a partial name, renamed when
-    whole. The caller holds the lock."""
-    partial = DEBIAN_LAYER.with_name(DEBIAN_LAYER.name + ".partial")
+def build_debian_layer(layer: Path, packages: tuple[str, ...], chrooted: tuple[tuple[str, ...], ...]) -> None:
+    """debootstrap minbase (and `packages`) into a scratch folder, run the `chrooted` commands in it, then its tree
+    as one gzip tar `layer` under a partial name, renamed when whole. The caller holds the lock."""
+    partial = layer.with_name(layer.name + ".partial")
     with tempfile.TemporaryDirectory(prefix="d-utils-debootstrap-") as scratch:
         root = Path(scratch) / "rootfs"
+        include = [f"--include={','.join(packages)}"] if packages else []
         try:
-            run_bounded(["debootstrap", "--variant=minbase", "bookworm", root, DEBIAN_MIRROR], DEBOOTSTRAP_TIMEOUT)
+            run_bounded(
+                ["debootstrap", "--variant=minbase", *include, "bookworm", root, DEBIAN_MIRROR], DEBOOTSTRAP_TIMEOUT
+            )
         finally:
             unmount_below(root)
+        for command in chrooted:
+            run_bounded(["chroot", root, *command], 60)
         excludes = [f"--exclude={pattern}" for pattern in DEBIAN_EXCLUDES]
         tar = ["tar", "--create", "--gzip", "--numeric-owner", "--sort=name", "--format=posix", *excludes]
         run_bounded([*tar, "--directory", root, "--file", partial, "."], timeout=300)
-    os.replace(partial, DEBIAN_LAYER)
+    os.replace(partial, layer)
 
 
-def debian_layer() -> Path:
+def debian_layer(
+    layer: Path = DEBIAN_LAYER, packages: tuple[str, ...] = (), chrooted: tuple[tuple[str, ...], ...] = ()
+) -> Path:
     """The cached layer, made on first use; concurrent test runs wait for the one that makes it."""
-    if not DEBIAN_LAYER.exists():
+    if not layer.exists():
         skip_unless_debootstrap_can_run()
-        with locked(CACHE / "debian-minbase.lock"):
-            if not DEBIAN_LAYER.exists():  # else another run made it while we waited
-                build_debian_layer()
-    return DEBIAN_LAYER
+        with locked(layer.with_name(layer.name + ".lock")):
+            if not layer.exists():  # else another run made it while we waited
+                build_debian_layer(layer, packages, chrooted)
+    return layer
 
 
 def uncompressed_digest(blob: Path) -> str:

@@ -21,20 +21,9 @@ from pathlib import Path
 import pytest
 from cli import BIN, assert_one_line_error, d_pull
 from malicious import USER
-from test_images import (
-    CACHE,
-    DEBIAN_EXCLUDES,
-    DEBIAN_MIRROR,
-    DEBOOTSTRAP_TIMEOUT,
-    push_gzip_layer_image,
-    run_bounded,
-    skip_unless_debootstrap_can_run,
-    unmount_below,
-)
+from test_images import CACHE, debian_layer, push_gzip_layer_image, run_bounded
 from test_ports import pastas, tun  # noqa: F401 (tun: a fixture, /dev/net/tun usable by the ordinary user)
 from test_run import wait_until
-
-from dutils.store import locked
 
 pytestmark = pytest.mark.integration
 SERVICES_LAYER = CACHE / "debian-services.tar.gz"
@@ -43,32 +32,12 @@ CONFIG = {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:
 WHO = ["root", "user", "user-unmapped"]
 
 
-def build_services_layer() -> None:
+def services_layer() -> Path:
     """minbase with nginx-light and procps, a user `app` (1000) owning /home/app, and apt's partial folder
     belonging to _apt as in an image whose build ran apt."""
-    partial = SERVICES_LAYER.with_name(SERVICES_LAYER.name + ".partial")
-    with tempfile.TemporaryDirectory(prefix="d-utils-debootstrap-") as scratch:
-        root = Path(scratch) / "rootfs"
-        try:
-            debootstrap = ["debootstrap", "--variant=minbase", "--include=nginx-light,procps"]
-            run_bounded([*debootstrap, "bookworm", root, DEBIAN_MIRROR], DEBOOTSTRAP_TIMEOUT)
-        finally:
-            unmount_below(root)
-        run_bounded(["chroot", root, "useradd", "-m", "-u", "1000", "-G", "www-data", "app"], 60)
-        run_bounded(["chroot", root, "chown", "_apt:root", "/var/cache/apt/archives/partial"], 60)
-        excludes = [f"--exclude={pattern}" for pattern in DEBIAN_EXCLUDES]
-        tar = ["tar", "--create", "--gzip", "--numeric-owner", "--sort=name", "--format=posix", *excludes]
-        run_bounded([*tar, "--directory", root, "--file", partial, "."], timeout=300)
-    os.replace(partial, SERVICES_LAYER)
-
-
-def services_layer() -> Path:
-    if not SERVICES_LAYER.exists():
-        skip_unless_debootstrap_can_run()
-        with locked(CACHE / "debian-services.lock"):
-            if not SERVICES_LAYER.exists():
-                build_services_layer()
-    return SERVICES_LAYER
+    app = ("useradd", "-m", "-u", "1000", "-G", "www-data", "app")
+    apt = ("chown", "_apt:root", "/var/cache/apt/archives/partial")
+    return debian_layer(SERVICES_LAYER, ("nginx-light", "procps"), (app, apt))
 
 
 @pytest.fixture(scope="module")
