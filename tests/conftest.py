@@ -18,6 +18,8 @@ from images import push_standard_set
 from malicious import make_workspace
 from registry_server import Registry
 
+from dutils.store import locked
+
 REPO = Path(__file__).parents[1]
 USER = "dutest"
 OTHER_USER = "dutest2"  # a second local user: an attacker among the machine's users
@@ -99,8 +101,10 @@ class Unprivileged:
         self.root = root
         self.bin = root / "venv" / "bin"
         self.as_root = os.geteuid() == 0
-        self.home = Path(f"/home/{USER}") if self.as_root else Path.home()
+        self.home = root / "home"  # a stand-in: no test touches the user's real home, nor another worker's
         self.env = {"HOME": str(self.home), "PATH": f"{self.bin}:/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+        # runuser sets the user's real HOME: env sets the stand-in back
+        self.become = [RUNUSER, "-u", USER, "--", "env", f"HOME={self.home}"] if self.as_root else []
 
     def install(self) -> None:
         source = self.root / "src"
@@ -111,31 +115,55 @@ class Unprivileged:
         subprocess.run(pip, check=True, capture_output=True, timeout=600)
         shutil.rmtree(source)
         subprocess.run(["chmod", "-R", "a+rX", str(self.root)], check=True)
+        self.home.mkdir(mode=0o700)
+        if self.as_root:
+            shutil.chown(self.home, USER, USER)
 
     def run(self, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
         """subprocess.run(argv) as the ordinary user, in their home unless `cwd` says otherwise (never in the
         working tree, whose dutils would shadow the installed one); `env` entries are added to a sane environment."""
         env = self.env | kwargs.pop("env", {})
         kwargs.setdefault("cwd", self.home)
-        prefix = [RUNUSER, "-u", USER, "--"] if self.as_root else []
-        return subprocess.run([*prefix, *map(str, argv)], env=env, **kwargs)
+        return subprocess.run([*self.become, *map(str, argv)], env=env, **kwargs)
 
     def tool(self, name: str, *args: object, timeout: float = 120) -> subprocess.CompletedProcess:
         """d-pull, d-run or d-cache, as installed, run as the ordinary user; its output captured as text."""
         return self.run([self.bin / name, *args], capture_output=True, text=True, timeout=timeout)
 
 
-def ensure_user(name: str = USER) -> bool:
-    """Makes the user `name` unless it exists; True when made here."""
-    if subprocess.run(["id", "-u", name], capture_output=True).returncode == 0:
-        return False
-    subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], check=True)
-    return True
+# The users are shared by every worker of a run (pytest-xdist) and by other runs on the machine: made under a lock
+# when missing, and removed only by the run that made them, once all its workers are done (pytest_sessionfinish).
+USERS_LOCK = Path(tempfile.gettempdir()) / "d-utils-test-users.lock"
+
+
+def run_folder(factory: pytest.TempPathFactory) -> Path:
+    """The temporary folder of this whole run, shared by its xdist workers (each has a folder inside it)."""
+    base = factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def ensure_user(name: str, factory: pytest.TempPathFactory) -> None:
+    """Makes the user `name` unless it exists, noting in the run's folder that this run made it."""
+    with locked(USERS_LOCK):
+        if subprocess.run(["id", "-u", name], capture_output=True).returncode != 0:
+            subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], check=True)
+            (run_folder(factory) / f"made-user-{name}").touch()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Removes the users this run made, in the process that ran the workers (or the only one) once they are done."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if os.environ.get("PYTEST_XDIST_WORKER") or factory is None:
+        return
+    for made in run_folder(factory).glob("made-user-*"):
+        subprocess.run(["userdel", "-r", made.name.removeprefix("made-user-")], capture_output=True)
+        made.unlink()
 
 
 @pytest.fixture(scope="session")
-def unprivileged() -> Iterator[Unprivileged]:
-    made_user = os.geteuid() == 0 and ensure_user()
+def unprivileged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Unprivileged]:
+    if os.geteuid() == 0:
+        ensure_user(USER, tmp_path_factory)
     user = Unprivileged(Path(tempfile.mkdtemp(prefix="d-utils-unprivileged-")))
     try:
         user.root.chmod(0o755)
@@ -143,20 +171,16 @@ def unprivileged() -> Iterator[Unprivileged]:
         yield user
     finally:
         shutil.rmtree(user.root, ignore_errors=True)
-        if made_user:
-            subprocess.run(["userdel", "-r", USER], capture_output=True)
 
 
 @pytest.fixture(scope="session")
-def other_user() -> Iterator[str]:
-    """The second local user's name (made when missing, removed only when made here); root only: the tests
+def other_user(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The second local user's name (made when missing, removed only when made by this run); root only: the tests
     plant its files and run commands as it."""
     if os.geteuid() != 0:
         pytest.skip("acting as another user needs root")
-    made_user = ensure_user(OTHER_USER)
-    yield OTHER_USER
-    if made_user:
-        subprocess.run(["userdel", "-r", OTHER_USER], capture_output=True)
+    ensure_user(OTHER_USER, tmp_path_factory)
+    return OTHER_USER
 
 
 @pytest.fixture(scope="module")

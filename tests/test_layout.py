@@ -329,9 +329,8 @@ def test_a_pull_from_an_archive_killed_9_resumes_to_the_clean_tree(who: str, wor
     folder = fresh_folder(workspace)
     image = Image(layers=[busybox_layer(), random_files("big", 96, 1 << 20)], compression="none")
     archive = docker_archive(image, folder / "big.tar")
-    dutest = who == "user" and os.geteuid() == 0
     argv = [
-        *([shutil.which("runuser", path="/usr/sbin:/sbin"), "-u", USER, "--"] if dutest else []),
+        *(unprivileged.become if who == "user" else []),
         (unprivileged.bin if who == "user" else BIN) / "d-pull",
         "-q",
         "--cache",

@@ -68,8 +68,7 @@ class Runner:
     def argv(self, tool: str, *args: object) -> list[str]:
         if self.who == "root":
             return [str(BIN / tool), *map(str, args)]
-        prefix = ["/usr/sbin/runuser", "-u", USER, "--", "env", f"HOME={self.unprivileged.home}"]
-        prefix += [f"PATH={self.path}"] if self.path else []
+        prefix = [*self.unprivileged.become, *(["env", f"PATH={self.path}"] if self.path else [])]
         return [*prefix, str(self.unprivileged.bin / tool), *map(str, args)]
 
     def pull(self, image: str) -> Path:
