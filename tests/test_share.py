@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from cli import BIN
 from images import Image, Tar, busybox_layer, push, random_files
-from malicious import make_workspace
+from malicious import END, make_workspace, ustar_header
 from trees import snapshot, tree_without_folder_times
 
 from dutils.cache import MAX_AGE, list_entries, remove_older
@@ -407,21 +407,29 @@ def test_files_others_could_write_in_place_are_not_shared(tool, registry):
     assert (place / "a" / "rootfs" / "bin" / "sh").stat().st_ino == (tree / "rootfs" / "bin" / "sh").stat().st_ino
 
 
-def test_a_file_at_the_filesystem_s_link_limit_is_copied_not_shared(tool, registry):
+@pytest.fixture(scope="module")
+def link_limit_images(registry) -> tuple[str, str]:
+    """A base image with one file, and a hostile one over it with links to that file: pushed once for root and user.
+    Its 64,997 link headers are written as raw ustar blocks (the Tar builder took seconds for them)."""
+    base = Tar().dir("bin").file("bin/tool", b"#!/bin/sh\necho base\n", mode=0o755)
+    links = [ustar_header(b"l/%d" % n, b"1", linkname=b"bin/tool") for n in range(64997)]
+    # with the base's tree, its folder a and the hostile tree's own link: 65,000
+    hostile = b"".join([ustar_header(b"l/", b"5", mode=0o755), *links, END])
+    push(registry.host, "link-base", "latest", Image(layers=[base]))
+    push(registry.host, "link-hostile", "latest", Image(layers=[base, hostile]))
+    return f"{registry.host}/link-base:latest", f"{registry.host}/link-hostile:latest"
+
+
+def test_a_file_at_the_filesystem_s_link_limit_is_copied_not_shared(tool, link_limit_images):
     """ext4 gives a file 65,000 links at most: a hostile image of links to a file of its base takes all those left,
     and folders of the base are then made by a copy, saying so, instead of failing."""
     place, run = tool
-    base = Tar().dir("bin").file("bin/tool", b"#!/bin/sh\necho base\n", mode=0o755)
-    links = Tar().dir("l")
-    for n in range(64997):  # with the base's tree, its folder a and the hostile tree's own link: 65,000
-        links = links.hardlink(f"l/{n}", "bin/tool")
-    push(registry.host, "link-base", "latest", Image(layers=[base]))
-    push(registry.host, "link-hostile", "latest", Image(layers=[base, links]))
+    base, hostile_image = link_limit_images
     cache = place / "cache"
-    pull(run, cache, "--share", f"{registry.host}/link-base:latest", place / "a")
-    hostile = pull(run, cache, "--share", f"{registry.host}/link-hostile:latest", place / "h")
+    pull(run, cache, "--share", base, place / "a")
+    hostile = pull(run, cache, "--share", hostile_image, place / "h")
     assert "too many hard links: copying, not sharing" in hostile.stderr
-    done = pull(run, cache, "--share", f"{registry.host}/link-base:latest", place / "b")
+    done = pull(run, cache, "--share", base, place / "b")
     assert done.stderr.count("too many hard links: copying, not sharing") == 1
     assert (place / "b" / "rootfs" / "bin" / "tool").read_text() == "#!/bin/sh\necho base\n"
     assert not (place / "b" / ".d-pull" / "shared").exists()
