@@ -104,7 +104,7 @@ class Unprivileged:
         self.home = root / "home"  # a stand-in: no test touches the user's real home, nor another worker's
         self.env = {"HOME": str(self.home), "PATH": f"{self.bin}:/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
         # runuser sets the user's real HOME: env sets the stand-in back
-        self.become = [RUNUSER, "-u", USER, "--", "env", f"HOME={self.home}"] if self.as_root else []
+        self.become = [RUNUSER, "-u", USER, "--", "/usr/bin/env", f"HOME={self.home}"] if self.as_root else []
 
     def install(self) -> None:
         source = self.root / "src"
