@@ -238,8 +238,10 @@ def test_mirror_configured_each_way_makes_the_origin_serve_each_blob_once(origin
 
 
 def test_a_dead_mirror_falls_back_to_the_origin(origin, tmp_path):
-    dead = f"127.0.0.1:{free_port()}"
-    done = pull(f"{origin.host}/{BUSYBOX}", tmp_path / "bb", "--mirror", dead)
+    with socket.socket() as held:  # bound, never listening: refused, and no server of a test beside this one takes it
+        held.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{held.getsockname()[1]}"
+        done = pull(f"{origin.host}/{BUSYBOX}", tmp_path / "bb", "--mirror", dead)
     assert_pulled(done, tmp_path / "bb")
     assert f"not using mirror {dead}" in done.stderr
     assert origin.blob_gets() == len(busybox_image().blobs())
