@@ -5,6 +5,7 @@ with nothing changed outside DIR."""
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -51,7 +52,9 @@ NAMED = "localhost/busybox:v1"  # as podman and buildah name their files' images
 
 
 def readable_folder(prefix: str) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    # hex, not mkdtemp's letters: podman names an image after its path, and a reference refuses a "_" at either end
+    folder = Path(tempfile.gettempdir()) / f"{prefix}{secrets.token_hex(6)}"
+    folder.mkdir()
     folder.chmod(0o755)
     return folder
 
