@@ -135,7 +135,7 @@ class LockFile:
         return entry if entry and entry.get("reference") == reference else None
 
     def manifest(self, folder: Path, reference: str) -> str | None:
-        """What `entry` pins to; None also when the lock is damaged (the full path says so, never doit's check)."""
+        """The manifest the lock pins `folder` to; None also when the lock is damaged (the full path says so)."""
         with contextlib.suppress(Error):
             return (self.entry(folder, reference) or {}).get("manifest")
         return None
