@@ -12,7 +12,7 @@ import pytest
 from cli import BIN, assert_one_line_error, d_pull, d_run
 from images import Image, Tar, busybox_layer, push, push_index
 from malicious import make_workspace
-from registry_server import free_port
+from registry_server import Registry, free_port
 
 from dutils.store import PullDir
 
@@ -304,6 +304,9 @@ def test_a_tags_no_op_asks_the_registry_and_loads_no_doit(who, registry, request
         assert f"/v2/{name}/manifests/latest" in asked and not any("/blobs/" in uri for uri in asked)
         push_index(registry.host, name, "latest", [amd64[0], arm64[1]])
 
+    done, loaded = pull("--platform", "linux/arm64", ref, folder)  # another platform's image: the full path says so
+    assert_one_line_error(done, "is now", arm64[1].manifest_digest[:19])
+    assert "doit" in loaded
     push_index(registry.host, name, "latest", [amd64[1], arm64[1]])  # this platform's image moved: the full path
     done, loaded = pull(ref, folder)
     assert_one_line_error(done, "is now", amd64[1].manifest_digest[:19])
@@ -314,6 +317,17 @@ def test_a_tags_no_op_asks_the_registry_and_loads_no_doit(who, registry, request
     done, loaded = pull(ref, folder)
     assert done.returncode == 0 and "doit" not in loaded, done.stderr
     assert done.stderr == f"up to date: {ref} ({amd64[1].manifest_digest}) in {folder}\n"
+
+
+def test_a_tags_no_op_asks_a_mirror_first_as_the_pull_does(registry, tmp_path):
+    push(registry.host, "tag-no-op-mirror", "latest", Image(layers=[busybox_layer()]))
+    ref, folder, cache = f"{registry.host}/tag-no-op-mirror:latest", tmp_path / "app", tmp_path / "cache"
+    with Registry({"proxy": {"remoteurl": registry.url}}) as mirror:
+        assert d_pull("--mirror", mirror.host, ref, str(folder), cache=cache).returncode == 0
+        asked = mirror.manifest_gets()
+        done = d_pull("--mirror", mirror.host, ref, str(folder), cache=cache)
+        assert done.returncode == 0 and done.stderr.startswith(f"up to date: {ref} "), done.stderr
+        assert mirror.manifest_gets() == asked + 1
 
 
 def test_a_tags_no_op_hides_no_failure_the_full_path_would_show(registry, tmp_path):
