@@ -35,7 +35,7 @@ SCAN = make_scanner and make_scanner(JSONDefaults)
 
 def load_json(data: str | bytes) -> object:
     """json.loads, too deep a nesting (a RecursionError) being the ValueError any other bad JSON is, for callers.
-    JSON json.loads reads as UTF-8 goes to its scanner straight; anything else, json.loads reads or refuses."""
+    UTF-8 JSON goes to json's C scanner (json.decoder imports `re`); what it does not take whole, to json.loads."""
     with contextlib.suppress(Exception):  # (JSON in UTF-16 or -32 holds a NUL, which the scanner refuses)
         text = data if isinstance(data, str) else data.decode("utf-8", "surrogatepass")
         value, end = SCAN(text, len(text) - len(text.lstrip(JSON_SPACE)))
