@@ -20,7 +20,7 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import Error, printable
@@ -51,11 +51,12 @@ class StoreTree:
         self.name = self.folder.root.name
         self.anchor = self.folder.root / ANCHOR
         self.blobs = self.folder.state / "blobs"  # the layers' blobs that last applied into it, the one resumed too
+        self.exposed = self.folder.state / "exposed"  # its files a folder must not share (exposed_files), \0-ended
 
     def complete(self) -> bool:
         return self.anchor.exists()
 
-    def build(self, apply_onto: Callable[..., None], *args: object) -> None:
+    def build(self, note: Callable[[str], None], apply_onto: Callable[..., None], *args: object) -> None:
         """Apply an image's layers once into the cache's store of trees, for the folders that share them (by the pull's
         `apply_onto(rootfs, log, keys, *args)`); a process building the same tree is waited for."""
         for folder in (self.folder.root.parent, self.folder.root):  # whatever the umask: check_cache trusts 0700
@@ -69,7 +70,8 @@ class StoreTree:
             # a layer cut short is resumed only by its own blob: another's files (an image whose config claims this
             # tree's diff_ids, found out only at the layer's end) would stay under the layers that follow
             if not done or recorded[done : done + 1] != self.digests[done : done + 1]:
-                self.start_from_below(log)
+                self.start_from_below(log, note)
+            self.exposed.unlink(missing_ok=True)  # found again once the tree is complete
             write_atomic(self.blobs, "".join(f"{d}\n" for d in self.digests).encode())
             try:
                 apply_onto(self.folder.rootfs, log, self.diff_ids, *args)
@@ -78,14 +80,14 @@ class StoreTree:
                 raise
             write_atomic(self.anchor, f"{self.name}\n".encode())
 
-    def start_from_below(self, log: AppliedLog) -> None:
+    def start_from_below(self, log: AppliedLog, note: Callable[[str], None]) -> None:
         """A hard-linked copy of the longest complete tree below this one, if the store holds one."""
         log.start_over()  # a copy that a kill cut short, or a tree applied by other blobs: void their journal too
         journal_path(self.folder.rootfs).unlink(missing_ok=True)  # (a new rootfs may get the old one's inode number)
         for depth in range(len(self.below), 0, -1):
             base = self.below[depth - 1]
             if (base / ANCHOR).exists():
-                link_tree(base / "rootfs", self.folder.rootfs, lambda said: print(f"d-pull: {said}", file=sys.stderr))
+                link_tree(base / "rootfs", self.folder.rootfs, note)
                 touch(base / ANCHOR)
                 for n, diff_id in enumerate(self.diff_ids[:depth]):
                     log.note(n, diff_id)
@@ -105,36 +107,52 @@ class StoreTree:
         if how != ["-l"]:
             copy_tree(self.folder.rootfs, folder.rootfs, how)
         elif link_tree(self.folder.rootfs, folder.rootfs, note):
-            copy_exposed(self.folder.rootfs, folder.rootfs)
+            copy_exposed(self.folder.rootfs, folder.rootfs, self.exposed_files())
             os.link(self.anchor, folder.state / SHARED)
         touch(self.anchor)
         for n, digest in enumerate(self.digests):
             log.note(n, digest)
 
+    def exposed_files(self) -> list[str]:
+        """The paths below rootfs of the files copy_exposed copies: found once for all the tree's folders (a complete
+        tree never changes, and the cache, so its folders too, has one owner)."""
+        if not self.exposed.exists():
+            write_atomic(self.exposed, b"".join(os.fsencode(path) + b"\0" for path in find_exposed(self.folder.rootfs)))
+        return [os.fsdecode(path) for path in self.exposed.read_bytes().split(b"\0")[:-1]]
 
-def copy_exposed(tree: Path, rootfs: Path) -> None:
-    """Give `rootfs`, linked from `tree`, a copy of each file someone else could change in place: one writable by
-    group or others, or (a root pull's) another user's, as the image's uid 1000 is a host user's. Through a folder
-    opened to others (0711), its write would reach the store and every sibling. A file's hard links stay one."""
-    mine, copies = os.geteuid(), {}
-    for folder, _, names in os.walk(rootfs):
-        times, infos = os.lstat(folder), [(path, os.lstat(path)) for path in (f"{folder}/{name}" for name in names)]
-        exposed = [(p, i) for p, i in infos if not stat.S_ISLNK(i.st_mode) and (i.st_uid != mine or i.st_mode & 0o022)]
-        for path, info in exposed:
-            source = os.path.join(tree, os.path.relpath(path, rootfs))
-            os.unlink(path)  # the folder is complete only once its log says so: a kill here is no harm
-            if info.st_ino in copies:
-                os.link(copies[info.st_ino], path)
-                continue
-            if stat.S_ISREG(info.st_mode):
-                shutil.copyfile(source, path, follow_symlinks=False)
-            else:
-                os.mknod(path, info.st_mode, info.st_rdev)
-            os.lchown(path, info.st_uid, info.st_gid)  # first: it clears setuid bits and capabilities
-            shutil.copystat(source, path, follow_symlinks=False)  # mode, times, extended attributes
-            copies[info.st_ino] = path
-        if exposed:
-            os.utime(folder, ns=(times.st_atime_ns, times.st_mtime_ns), follow_symlinks=False)
+
+def find_exposed(tree: Path) -> Iterator[str]:
+    """The files of `tree` someone else could change in place: writable by group or others, or (a root pull's)
+    another user's, as the image's uid 1000 is a host user's."""
+    mine = os.geteuid()
+    for folder, _, names in os.walk(tree):
+        for path in (os.path.join(folder, name) for name in names):
+            info = os.lstat(path)
+            if not stat.S_ISLNK(info.st_mode) and (info.st_uid != mine or info.st_mode & 0o022):
+                yield os.path.relpath(path, tree)
+
+
+def copy_exposed(tree: Path, rootfs: Path, paths: list[str]) -> None:
+    """Give `rootfs`, linked from `tree`, a copy of each of its `paths` (exposed): through a folder opened to others
+    (0711), a write into it would reach the store and every sibling. A file's hard links stay one."""
+    copies, times = {}, {}
+    for name in paths:
+        path, source = os.path.join(rootfs, name), os.path.join(tree, name)
+        info, folder = os.lstat(path), os.path.dirname(path)
+        times.setdefault(folder, os.lstat(folder))
+        os.unlink(path)  # the folder is complete only once its log says so: a kill here is no harm
+        if info.st_ino in copies:
+            os.link(copies[info.st_ino], path)
+            continue
+        if stat.S_ISREG(info.st_mode):
+            shutil.copyfile(source, path, follow_symlinks=False)
+        else:
+            os.mknod(path, info.st_mode, info.st_rdev)
+        os.lchown(path, info.st_uid, info.st_gid)  # first: it clears setuid bits and capabilities
+        shutil.copystat(source, path, follow_symlinks=False)  # mode, times, extended attributes
+        copies[info.st_ino] = path
+    for folder, was in times.items():
+        os.utime(folder, ns=(was.st_atime_ns, was.st_mtime_ns), follow_symlinks=False)
 
 
 def clones(source: Path, folder: Path) -> bool:
