@@ -66,6 +66,7 @@ MARKER = "etc/bench-marker"  # written by every layer: the result must hold the 
 CHUNK = MiB
 REGISTRY_START = 15.0  # seconds
 SHARED_FOLDERS = 10  # folders of one image, made shared and not (bench_sharing)
+SHARE_RATIO = 0.3  # issue 21: the second to tenth shared folder over applying the image (d-pull's second to tenth)
 RUN_TIMEOUT = 600.0  # one pull, seconds
 NEW_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
 CA_OPTIONS = ["-days", "1", "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign"]
@@ -644,8 +645,9 @@ def bench(tools: list[Runner], images: list[BenchImage], size: Size, scratch: Pa
 
 def bench_sharing(image: BenchImage, certs: Certs, work: Path) -> list[str]:
     """Ten folders of one image from its warm cache: d-pull, d-pull --share (its first folder builds the store's
-    tree), and, from one complete folder, `cp -al` and a full `cp -a`: the time of the first and of each of the
-    others (median), and the disk of all ten (du: hard-linked files once; --share's store included)."""
+    tree), and, from one complete folder, `cp -al` and a full `cp -a`, interleaved: the time of the first and of each
+    of the others (median, and over d-pull's: applying the image), and the disk of all ten (du: hard-linked files
+    once; --share's store included)."""
     d_pull = [sys.executable, "-m", "dutils.pull", "-q", "--ca-bundle", str(certs.ca), "--cache", str(work / "cache")]
     shutil.copytree(image.warm / "cache" / "blobs", work / "cache" / "blobs")  # a store of its own: no tree yet
     ways = {
@@ -654,17 +656,28 @@ def bench_sharing(image: BenchImage, certs: Certs, work: Path) -> list[str]:
         "cp -al": lambda folder: ["cp", "-al", image.warm / "pulled", folder],
         "cp -a": lambda folder: ["cp", "-a", image.warm / "pulled", folder],
     }
-    lines = [f"\nten folders of {image.heading}: the first, each of the other nine (median), the disk of the ten"]
-    for n, (name, command) in enumerate(ways.items()):
-        folders = [work / f"way-{n}" / str(k) for k in range(SHARED_FOLDERS)]
-        folders[0].parent.mkdir()
-        seconds = [measure(list(map(str, command(folder))), dict(os.environ), work).seconds for folder in folders]
-        counted = [*folders, *([work / "cache" / "trees"] if "--share" in name else [])]
+    folders = {name: [work / f"way-{n}" / str(k) for k in range(SHARED_FOLDERS)] for n, name in enumerate(ways)}
+    seconds: dict[str, list[float]] = {name: [] for name in ways}
+    for k in range(SHARED_FOLDERS):  # interleaved: a change in the machine's load falls on every way alike
+        for name, command in ways.items():
+            folders[name][k].parent.mkdir(exist_ok=True)
+            argv = list(map(str, command(folders[name][k])))
+            seconds[name].append(measure(argv, dict(os.environ), work).seconds)
+    lines = [f"\nten folders of {image.heading}: the first, each of the other nine (median; over d-pull's), the disk"]
+    ratio = {name: statistics.median(seconds[name][1:]) / statistics.median(seconds["d-pull"][1:]) for name in ways}
+    for name in ways:
+        counted = [*folders[name], *([work / "cache" / "trees"] if "--share" in name else [])]
         du = subprocess.run(["du", "-sck", *map(str, counted)], capture_output=True, text=True, check=True)
         mib = int(du.stdout.splitlines()[-1].split()[0]) / 1024
-        lines.append(f"  {name:<16} {seconds[0]:6.2f} s  {statistics.median(seconds[1:]):6.2f} s  {mib:8.1f} MiB")
+        first, other = seconds[name][0], statistics.median(seconds[name][1:])
+        lines.append(f"  {name:<16} {first:6.2f} s  {other:6.2f} s {ratio[name]:5.2f}x  {mib:8.1f} MiB")
         print(f"  {lines[-1].strip()}", file=sys.stderr, flush=True)
-    return lines
+    share = ratio["d-pull --share"]
+    verdict = "met" if share <= SHARE_RATIO else "MISSED"
+    return [
+        *lines,
+        f"  a second to tenth --share folder / applying the image: {share:.2f}x (<= {SHARE_RATIO}x) {verdict}",
+    ]
 
 
 # -- report
