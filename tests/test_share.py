@@ -436,6 +436,9 @@ def test_files_others_could_write_in_place_are_not_shared(tool, registry):
         return (root / "rootfs" / "x" / name).lstat().st_ino
 
     as_root = place.stat().st_uid == 0
+    listed = (tree / ".d-pull" / "exposed").read_bytes().split(b"\0")  # found once, for every folder of the tree
+    assert {b"x/open", b"x/open-link", b"x/group", b"x/fifo"} <= set(listed) and b"x/mine" not in listed
+    assert (b"x/theirs" in listed) == as_root
     for name, shared in (("open", False), ("group", False), ("fifo", False), ("theirs", not as_root), ("mine", True)):
         assert (inode(place / "a", name) == inode(tree, name)) == shared, name
         assert (inode(place / "a", name) == inode(place / "b", name)) == shared, name
