@@ -20,7 +20,7 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import Error, printable
@@ -31,6 +31,7 @@ from .tree import journal_path
 SHARED = "shared"  # DIR/.d-pull/shared: a hard link to the anchor of the tree DIR/rootfs is linked from
 FICLONE = 0x40049409  # ioctl: make a file share another's blocks (XFS, Btrfs)
 RENAME_EXCHANGE = 2
+EXPOSED = ["!", "-type", "d", "!", "-type", "l", "(", "!", "-uid", "0", "-o", "-perm", "/022", ")"]  # as root sees
 
 
 def chain_ids(diff_ids: Sequence[str]) -> list[str]:
@@ -107,36 +108,33 @@ class StoreTree:
         if how != ["-l"]:
             copy_tree(self.folder.rootfs, folder.rootfs, how)
         elif link_tree(self.folder.rootfs, folder.rootfs, note):
-            copy_exposed(self.folder.rootfs, folder.rootfs, self.exposed_files())
+            paths = (self.folder.rootfs, folder.rootfs, self.exposed)
+            if self.find_exposed() and os.geteuid() == 0:
+                copy_exposed(*paths)
+            elif self.find_exposed():  # as root: an ordinary user's image may hold folders it cannot write; -P: no
+                argv = [sys.executable, "-P", "-m", "dutils.share", *map(str, paths)]  # module from the working folder
+                as_root(argv, f"copy the exposed files of {self.name}")
             os.link(self.anchor, folder.state / SHARED)
         touch(self.anchor)
         for n, digest in enumerate(self.digests):
             log.note(n, digest)
 
-    def exposed_files(self) -> list[str]:
-        """The paths below rootfs of the files copy_exposed copies: found once for all the tree's folders (a complete
-        tree never changes, and the cache, so its folders too, has one owner)."""
+    def find_exposed(self) -> bool:
+        """Whether the tree has files someone else could change in place (which copy_exposed copies): found once for
+        all its folders (a complete tree never changes, and the cache, so its folders too, has one owner), listed in
+        `exposed`. Those writable by group or others, or (a root pull's) another user's, as the image's uid 1000 is
+        a host user's; as_root reads them all, in folders an ordinary user cannot read too."""
         if not self.exposed.exists():
-            write_atomic(self.exposed, b"".join(os.fsencode(path) + b"\0" for path in find_exposed(self.folder.rootfs)))
-        return [os.fsdecode(path) for path in self.exposed.read_bytes().split(b"\0")[:-1]]
+            argv = ["find", str(self.folder.rootfs), "-mindepth", "1", *EXPOSED, "-printf", "%P\\0"]
+            write_atomic(self.exposed, as_root(argv, f"read {self.name}"))
+        return self.exposed.stat().st_size > 0
 
 
-def find_exposed(tree: Path) -> Iterator[str]:
-    """The files of `tree` someone else could change in place: writable by group or others, or (a root pull's)
-    another user's, as the image's uid 1000 is a host user's."""
-    mine = os.geteuid()
-    for folder, _, names in os.walk(tree):
-        for path in (os.path.join(folder, name) for name in names):
-            info = os.lstat(path)
-            if not stat.S_ISLNK(info.st_mode) and (info.st_uid != mine or info.st_mode & 0o022):
-                yield os.path.relpath(path, tree)
-
-
-def copy_exposed(tree: Path, rootfs: Path, paths: list[str]) -> None:
-    """Give `rootfs`, linked from `tree`, a copy of each of its `paths` (exposed): through a folder opened to others
-    (0711), a write into it would reach the store and every sibling. A file's hard links stay one."""
+def copy_exposed(tree: Path, rootfs: Path, listed: Path) -> None:
+    """Give `rootfs`, linked from `tree`, a copy of each file `listed` (find_exposed): through a folder opened to
+    others (0711), a write into it would reach the store and every sibling. A file's hard links stay one."""
     copies, times = {}, {}
-    for name in paths:
+    for name in map(os.fsdecode, listed.read_bytes().split(b"\0")[:-1]):
         path, source = os.path.join(rootfs, name), os.path.join(tree, name)
         info, folder = os.lstat(path), os.path.dirname(path)
         times.setdefault(folder, os.lstat(folder))
@@ -182,18 +180,23 @@ def link_tree(source: Path, target: Path, note: Callable[[str], None]) -> bool:
 
 
 def copy_tree(source: Path, target: Path, how: list[str]) -> None:
-    """`cp -a` (with `how`: -l hard links, --reflink=…) of `source` to the new `target`. An ordinary user copies in a
-    user namespace of its own where it is root: its mode-0000 folders and files are read there as root reads them.
-    bwrap makes it, not unshare(1): Ubuntu's AppArmor gives capabilities only in namespaces that bwrap made."""
-    argv = ["cp", "-a", *how, "--no-target-directory", "--", str(source), str(target)]
+    """`cp -a` (with `how`: -l hard links, --reflink=…) of `source` to the new `target`."""
+    as_root(["cp", "-a", *how, "--no-target-directory", "--", str(source), str(target)], f"copy {source}")
+
+
+def as_root(argv: list[str], what: str) -> bytes:
+    """Run `argv` as root; its output. An ordinary user's runs in a user namespace of its own where it is root: its
+    mode-0000 folders and files are read there as root reads them. bwrap makes it, not unshare(1): Ubuntu's AppArmor
+    gives capabilities only in namespaces that bwrap made."""
     if os.geteuid() != 0:
         argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--cap-add", "ALL", "--bind", "/", "/", *argv]
     english = os.environ | {"LC_ALL": "C"}  # whatever the user's language: "Too many links" is looked for
-    done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False, env=english)
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, check=False, env=english)
     if done.returncode:
-        said = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        kind = TooManyLinks if os.strerror(errno.EMLINK) in done.stderr else Error  # on any line
-        raise kind(f"cannot copy {printable(str(source))}: {printable(said)}")
+        said = (done.stderr.decode(errors="replace").strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        kind = TooManyLinks if os.strerror(errno.EMLINK).encode() in done.stderr else Error  # on any line
+        raise kind(f"cannot {printable(what)}: {printable(said)}")
+    return done.stdout
 
 
 def is_shared(folder: PullDir) -> bool:
@@ -232,3 +235,7 @@ def unshare(root: str) -> None:
             make_private(folder, "d-pull")
         finally:
             os.close(held)
+
+
+if __name__ == "__main__":  # make_rootfs's copy_exposed, as root (as_root)
+    copy_exposed(*map(Path, sys.argv[1:]))

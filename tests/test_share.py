@@ -424,6 +424,10 @@ def test_files_others_could_write_in_place_are_not_shared(tool, registry):
         .file("x/mine", b"m")
         .fifo("x/fifo", mode=0o622)
         .symlink("x/link", "open")
+        .dir("x/ro", 0o555)  # folders an ordinary user cannot write, or cannot list
+        .file("x/ro/open", b"r", mode=0o666)
+        .dir("x/wx", 0o333)
+        .file("x/wx/open", b"w", mode=0o666)
     )
     push(registry.host, "exposed", "latest", Image(layers=[busybox_layer(), exposed]))
     ref, cache = f"{registry.host}/exposed:latest", place / "cache"
@@ -437,9 +441,10 @@ def test_files_others_could_write_in_place_are_not_shared(tool, registry):
 
     as_root = place.stat().st_uid == 0
     listed = (tree / ".d-pull" / "exposed").read_bytes().split(b"\0")  # found once, for every folder of the tree
-    assert {b"x/open", b"x/open-link", b"x/group", b"x/fifo"} <= set(listed) and b"x/mine" not in listed
-    assert (b"x/theirs" in listed) == as_root
-    for name, shared in (("open", False), ("group", False), ("fifo", False), ("theirs", not as_root), ("mine", True)):
+    assert {b"x/open", b"x/open-link", b"x/group", b"x/fifo", b"x/ro/open", b"x/wx/open"} <= set(listed)
+    assert (b"x/theirs" in listed) == as_root and b"x/mine" not in listed
+    private = [(name, False) for name in ("open", "group", "fifo", "ro/open", "wx/open")]
+    for name, shared in [*private, ("theirs", not as_root), ("mine", True)]:
         assert (inode(place / "a", name) == inode(tree, name)) == shared, name
         assert (inode(place / "a", name) == inode(place / "b", name)) == shared, name
     assert inode(place / "a", "open-link") == inode(place / "a", "open")
