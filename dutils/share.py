@@ -52,7 +52,7 @@ class StoreTree:
         self.name = self.folder.root.name
         self.anchor = self.folder.root / ANCHOR
         self.blobs = self.folder.state / "blobs"  # the layers' blobs that last applied into it, the one resumed too
-        self.exposed = self.folder.state / "exposed"  # its files a folder must not share (exposed_files), \0-ended
+        self.exposed = self.folder.state / "exposed"  # its files a folder must not share (find_exposed), \0-ended
 
     def complete(self) -> bool:
         return self.anchor.exists()
@@ -109,10 +109,10 @@ class StoreTree:
             copy_tree(self.folder.rootfs, folder.rootfs, how)
         elif link_tree(self.folder.rootfs, folder.rootfs, note):
             paths = (self.folder.rootfs, folder.rootfs, self.exposed)
-            if self.find_exposed() and os.geteuid() == 0:
+            if not self.find_exposed() or os.geteuid() == 0:
                 copy_exposed(*paths)
-            elif self.find_exposed():  # as root: an ordinary user's image may hold folders it cannot write; -P: no
-                argv = [sys.executable, "-P", "-m", "dutils.share", *map(str, paths)]  # module from the working folder
+            else:  # as root (as_root): the image may hold folders its user cannot write; -P: no module from the cwd
+                argv = [sys.executable, "-P", "-m", "dutils.share", *map(str, paths)]
                 as_root(argv, f"copy the exposed files of {self.name}")
             os.link(self.anchor, folder.state / SHARED)
         touch(self.anchor)
