@@ -5,11 +5,11 @@ Standard library only, and little of it: d-run's start-up pays for every import.
 namedtuples: a dataclass takes ten times as long to define.
 """
 
-import json
 from collections import namedtuple
 from collections.abc import Callable
 
 from .errors import CONTROLS, Error
+from .store import load_json
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOSTNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
@@ -55,6 +55,8 @@ def config_value(data: dict, key: str, kind: str) -> object:
     value = data.get(key)
     if value is None or KINDS[kind](value):
         return value
+    import json  # only to show the bad value: json.decoder imports `re`, which d-run's start-up does without
+
     text = json.dumps(value)
     text = text if len(text) <= 80 else text[:77] + "..."
     raise Error(f"config.json: {key!r} must be a {kind} or null, not {text}", "fix it in config.json")
@@ -218,8 +220,8 @@ def parse_tmpfs(spec: str) -> Mount:
 def parse_entrypoint(text: str) -> tuple[str, ...]:
     """`--entrypoint` as podman takes it: a JSON list of strings (`["/bin/sh", "-c"]`), else one program."""
     try:
-        words = json.loads(text) if text.startswith("[") else [text] * bool(text)
-    except (ValueError, RecursionError):
+        words = load_json(text) if text.startswith("[") else [text] * bool(text)
+    except ValueError:
         words = None
     if not is_string_list(words):
         raise ValueError(f"expected a program or a JSON list of strings, not {shown(text)}")
@@ -320,7 +322,7 @@ Bind = namedtuple("Bind", "fd target read_only size", defaults=(False, 0))
 # reads, read-only file it becomes) pairs; proc, dev and tmp are paths free of links (a rootfs may make them
 # links); ports are ports.Port, published through pasta; lock_fd holds DIR's lock (store.hold_folder) for bwrap;
 # userns_fd: the user namespace mapping the image's ids (see userns; None: bwrap maps the one user), groups:
-# those d-run takes for the image's user under root; netns_fd: -p's network namespace, owned by userns_fd's.
+# those d-run takes for the image's user under root; netns_fd: -p's network namespace (see userns.namespaces).
 Plan = namedtuple(
     "Plan",
     "root_fd command identity hostname workdir env binds data_files writable network seccomp_fd new_session "
