@@ -37,11 +37,12 @@ ORDER = [
     "dodo_api",
     "pipeline",
     "steps",
-    "pull",
     "seccomp",
     "ports",
     "sandbox",
     "userns",  # the image's users and groups, read by sandbox's table helpers
+    "overlay",  # where d-run --rw writes to a shared folder; d-pull --unshare copies its merged tree
+    "pull",
     "mounts",
     "run",
 ]

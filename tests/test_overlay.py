@@ -1,0 +1,146 @@
+"""d-run --rw of a shared folder writes into an overlay inside DIR (overlay.py): the store, the folder's own lower tree
+and its siblings stay as they were, every later run sees the changes, d-pull --unshare keeps them, and where the kernel
+refuses the overlay the folder is made private once. Against the real registry and bwrap, as root, as the ordinary
+user with a subordinate range (newuidmap), and as that user without one (no newuidmap on PATH)."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from cli import BIN
+from images import push
+from malicious import make_workspace
+from test_share import BASE, RW_SCRIPT, pull, subprocess_tool, trees
+from trees import snapshot
+
+WHO = ["root", "user", "user-unmapped"]
+# Without a range the container has no capability: it writes only what its mode lets the owner write
+UNCAPABLE_SCRIPT = RW_SCRIPT.replace("echo w >> ro; ", "").replace(" : > locked/secret;", "")
+
+
+@pytest.fixture(params=WHO)
+def tool(request: pytest.FixtureRequest, tmp_path: Path):
+    """Where to pull, the tools run as root or as the ordinary user (user-unmapped: without newuidmap on PATH), and
+    the runner of any command as that user."""
+    if request.param == "root":
+        return (
+            tmp_path,
+            subprocess_tool,
+            lambda argv: subprocess.run(argv, capture_output=True, text=True, timeout=120),
+            BIN,
+        )
+    user, place = request.getfixturevalue("unprivileged"), make_workspace()
+    request.addfinalizer(lambda: shutil.rmtree(place))
+    env = {name: str(place / "pull") for name in ("XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "DOCKER_CONFIG")}
+    if request.param == "user-unmapped":
+        tools = place / "tools"
+        tools.mkdir()
+        for name in ("bwrap", "cp"):
+            (tools / name).symlink_to(shutil.which(name))
+        env["PATH"] = f"{user.bin}:{tools}"
+
+    def run_any(argv: list) -> subprocess.CompletedProcess:
+        return user.run(argv, env=env, capture_output=True, text=True, timeout=120)
+
+    return place / "pull", lambda name, *args: run_any([user.bin / name, *args]), run_any, user.bin
+
+
+def shared_pair(place: Path, run, registry, name: str) -> Path:
+    """Two shared folders a and b of BASE; the cache."""
+    push(registry.host, name, "latest", BASE)
+    cache = place / "cache"
+    for folder in ("a", "b"):
+        pull(run, cache, "--share", f"{registry.host}/{name}:latest", place / folder)
+    return cache
+
+
+def test_a_rw_run_writes_into_the_overlay_only_and_every_later_run_sees_it(tool, request, registry):
+    place, run, *_ = tool
+    cache = shared_pair(place, run, registry, "overlay-rw")
+    (tree,) = trees(cache)
+    before = {path: snapshot(path) for path in (tree / "rootfs", place / "a" / "rootfs", place / "b" / "rootfs")}
+    script = RW_SCRIPT if request.node.callspec.params["tool"] != "user-unmapped" else UNCAPABLE_SCRIPT
+    ran = run("d-run", "--rw", place / "a", "sh", "-c", script)
+    assert ran.returncode == 0 and "private" not in ran.stderr, ran.stderr
+    assert {path: snapshot(path) for path in before} == before  # the store, a's lower tree and the sibling
+    assert (place / "a" / ".d-pull" / "shared").exists() and (tree / "anchor").stat().st_nlink == 3
+
+    # a write to one name of a hard-linked file copies it apart from its other names, as under Docker's overlay2
+    seen = "cat /data/file /data/hard /data/locked/new; ls /data; stat -c %a /data/mode; wc -c < /data/trunc"
+    expected = (
+        "content\nmore\ncontent\nn\nfile\nhard\nlink\nlocked\nmade\nmode\nmoved\nrenamed\nro\nsetuid\ntrunc\n600\n0\n"
+    )
+    again = run("d-run", "--rw", place / "a", "sh", "-c", seen)
+    assert (again.returncode, again.stdout) == (0, expected), again.stderr
+    read_only = run("d-run", place / "a", "sh", "-c", f"{seen}; touch /data/x")
+    assert read_only.stdout == expected and "Read-only file system" in read_only.stderr
+
+    assert run("d-cache", "--cache", cache, "prune", "--all").returncode == 0
+    assert trees(cache) == []
+    after_prune = run("d-run", place / "a", "sh", "-c", seen)  # a's lower tree holds its own links
+    assert (after_prune.returncode, after_prune.stdout) == (0, expected), after_prune.stderr
+    assert snapshot(place / "b" / "rootfs") == before[place / "b" / "rootfs"]
+
+    done = run("d-pull", "--unshare", place / "a")
+    assert done.returncode == 0 and done.stderr.count("\n") == 1 and "with the changes" in done.stderr, done.stderr
+    assert not (place / "a" / ".d-pull" / "shared").exists() and not (place / "a" / ".d-pull" / "overlay").exists()
+    data = place / "a" / "rootfs" / "data"
+    assert (data / "file").read_text() == "content\nmore\n" and not (data / "gone").exists()
+    assert (data / "moved" / "inner").exists() and (data / "link").readlink() == Path("elsewhere")
+    private = run("d-run", place / "a", "sh", "-c", seen)
+    assert (private.returncode, private.stdout) == (0, expected), private.stderr
+
+
+def test_a_link_planted_at_the_upper_s_place_redirects_no_write(tool, registry):
+    place, run, *_ = tool
+    shared_pair(place, run, registry, "overlay-planted")
+    elsewhere = place / "elsewhere"  # a stand-in for a folder of the user's outside DIR
+    elsewhere.mkdir()
+    overlay = place / "a" / ".d-pull" / "overlay"
+    overlay.mkdir()
+    (overlay / "upper").symlink_to(elsewhere)
+    if place.owner() != "root":
+        subprocess.run(["chown", "-hR", f"{place.owner()}:", elsewhere, overlay], check=True)
+    ran = run("d-run", "--rw", place / "a", "sh", "-c", "echo x > /planted")
+    assert ran.returncode == 1 and ran.stderr.startswith("d-run: error: ") and ran.stderr.count("\n") == 1, ran.stderr
+    assert list(elsewhere.iterdir()) == []
+
+
+REFUSING = """import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+uid, gid = os.geteuid(), os.getegid()
+assert libc.unshare(0x20000 | (0x10000000 if uid else 0)) == 0
+for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1"))[: 3 * bool(uid)]:
+    open(f"/proc/self/{name}", "w").write(text)
+assert libc.mount(None, b"/", None, 0x4000 | 0x40000, None) == 0  # MS_REC | MS_PRIVATE: nothing reaches the host
+state, scratch = sys.argv[1], sys.argv[2]
+options = f"lowerdir={state},upperdir={scratch}/u,workdir={scratch}/w,userxattr,volatile".encode()  # unmounted unsynced
+assert libc.mount(b"overlay", state.encode(), b"overlay", 0, options) == 0, os.strerror(ctypes.get_errno())
+os.execv(sys.argv[3], sys.argv[3:])
+"""
+
+
+def test_where_the_kernel_refuses_the_overlay_a_rw_run_makes_the_folder_private_once(tool, request, registry):
+    """A real refusal, in a namespace made for the run: DIR/.d-pull/overlay is an overlayfs mount there, and the kernel
+    refuses an overlay whose upper folder is on overlayfs ("not supported as upperdir"). Not the user with a range:
+    newuidmap maps no namespace nested in the one that mount needs."""
+    place, run, run_any, bin = tool
+    if request.node.callspec.params["tool"] == "user":
+        pytest.skip("newuidmap maps no namespace nested in another")
+    cache = shared_pair(place, run, registry, "overlay-refused")
+    (tree,) = trees(cache)
+    before = snapshot(tree / "rootfs"), snapshot(place / "b" / "rootfs")
+    scratch = place / "scratch"
+    for folder in (place / "a" / ".d-pull" / "overlay", scratch, scratch / "u", scratch / "w"):
+        folder.mkdir()
+        shutil.chown(folder, place.owner(), place.group())
+    argv = [bin / "python", "-c", REFUSING, place / "a" / ".d-pull" / "overlay", scratch, bin / "d-run"]
+    ran = run_any([*argv, "--rw", place / "a", "sh", "-c", UNCAPABLE_SCRIPT])
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stderr.count("\n") == 1 and "the kernel refuses an overlay here" in ran.stderr, ran.stderr
+    assert (snapshot(tree / "rootfs"), snapshot(place / "b" / "rootfs")) == before
+    assert (place / "a" / "rootfs" / "data" / "hard").read_text() == "content\nmore\n"
+    assert not (place / "a" / ".d-pull" / "shared").exists()
+    again = run("d-run", "--rw", place / "a", "cat", "/data/hard")
+    assert (again.returncode, again.stdout, again.stderr) == (0, "content\nmore\n", "")
