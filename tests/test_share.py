@@ -145,14 +145,10 @@ def test_shared_folders_are_one_tree_and_a_rw_run_writes_into_neither(tool, regi
 
     store_before, sibling_before = snapshot(tree / "rootfs"), snapshot(place / "b" / "rootfs")
     ran = run("d-run", "--rw", place / "a", "sh", "-c", RW_SCRIPT)
-    assert ran.returncode == 0, ran.stderr
-    assert ran.stderr.count("to make it private") == 1
+    assert ran.returncode == 0 and "private" not in ran.stderr, ran.stderr
     assert snapshot(tree / "rootfs") == store_before
     assert snapshot(place / "b" / "rootfs") == sibling_before
-    data = place / "a" / "rootfs" / "data"
-    assert (data / "hard").read_text() == "content\nmore\n" and (data / "trunc").stat().st_size == 0
-    assert not (data / "gone").exists() and (data / "moved" / "inner").exists()
-    assert not (place / "a" / ".d-pull" / "shared").exists() and (tree / "anchor").stat().st_nlink == 2
+    assert (tree / "anchor").stat().st_nlink == 3  # a is still shared: its changes are in its overlay (test_overlay)
     attack = "echo x >> /data/file; : > /data/trunc; chmod 777 /data/mode; touch /data/hard; rm /data/old"
     tried = run("d-run", place / "b", "sh", "-c", attack)  # a read-only run of a sibling, as an attacker would
     assert tried.returncode != 0 and "Read-only file system" in tried.stderr
