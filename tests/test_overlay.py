@@ -11,7 +11,7 @@ import pytest
 from cli import BIN
 from images import push
 from malicious import make_workspace
-from test_share import BASE, RW_SCRIPT, pull, subprocess_tool, trees
+from test_share import BASE, EXTENDED, RW_SCRIPT, pull, subprocess_tool, trees
 from trees import snapshot
 
 WHO = ["root", "user", "user-unmapped"]
@@ -90,6 +90,20 @@ def test_a_rw_run_writes_into_the_overlay_only_and_every_later_run_sees_it(tool,
     assert (data / "moved" / "inner").exists() and (data / "link").readlink() == Path("elsewhere")
     private = run("d-run", place / "a", "sh", "-c", seen)
     assert (private.returncode, private.stdout) == (0, expected), private.stderr
+
+
+def test_update_moves_a_folder_with_changes_to_the_new_tree_and_drops_them_as_for_a_private_one(tool, registry):
+    place, run, *_ = tool
+    cache = shared_pair(place, run, registry, "overlay-update")
+    (base_tree,) = trees(cache)
+    before = snapshot(base_tree / "rootfs"), snapshot(place / "b" / "rootfs")
+    assert run("d-run", "--rw", place / "a", "sh", "-c", "echo changed > /data/file").returncode == 0
+    push(registry.host, "overlay-update", "latest", EXTENDED)
+    pull(run, cache, "--update", f"{registry.host}/overlay-update:latest", place / "a")
+    assert (snapshot(base_tree / "rootfs"), snapshot(place / "b" / "rootfs")) == before
+    assert not (place / "a" / ".d-pull" / "overlay").exists() and (place / "a" / ".d-pull" / "shared").exists()
+    ran = run("d-run", place / "a", "cat", "/data/file")
+    assert (ran.returncode, ran.stdout) == (0, "upper\n"), ran.stderr
 
 
 def test_a_link_planted_at_the_upper_s_place_redirects_no_write(tool, registry):
