@@ -133,9 +133,8 @@ def prepare(folder: PullDir, dir_fd: int, writable: bool) -> tuple[int, Callable
                 f"cannot mount the overlay holding the changes of {printable(str(folder.root))}: {err.strerror}",
                 "run it where the kernel allows overlay mounts (user namespaces); d-pull --unshare needs one too",
             ) from None
-        make_private(
-            folder, "d-run", f"the kernel refuses an overlay here ({err.strerror}): "
-        )  # (left: an empty upper)
+        # (its upper, empty, stays: the folder, private now, no longer uses it)
+        make_private(folder, "d-run", f"the kernel refuses an overlay here ({err.strerror}): ")
         return dir_fd, userns.plan_maps if outer is None else partial(inner_maps, outer)
     for fd in (dir_fd, lower, upper, work):
         os.close(fd)

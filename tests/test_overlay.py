@@ -66,6 +66,15 @@ def test_a_rw_run_writes_into_the_overlay_only_and_every_later_run_sees_it(tool,
     assert {path: snapshot(path) for path in before} == before  # the store, a's lower tree and the sibling
     assert (place / "a" / ".d-pull" / "shared").exists() and (tree / "anchor").stat().st_nlink == 3
 
+    # the image's ids are the host's as in any run: under root themselves, the user's own the running user's
+    assert run("d-run", "--rw", place / "a", "chmod", "1777", "/data/made").returncode == 0
+    owners = run("d-run", "--rw", "-u", "1000", place / "a", "touch", "/data/made/by-1000")
+    assert owners.returncode == 0, owners.stderr
+    upper = place / "a" / ".d-pull" / "overlay" / "upper" / "data"
+    expected_1000 = {"root": 1000}.get(request.node.callspec.params["tool"], (place / "a").stat().st_uid)
+    assert (upper / "made").stat().st_uid == (place / "a").stat().st_uid
+    assert (upper / "made" / "by-1000").stat().st_uid == expected_1000
+
     # a write to one name of a hard-linked file copies it apart from its other names, as under Docker's overlay2
     seen = "cat /data/file /data/hard /data/locked/new; ls /data; stat -c %a /data/mode; wc -c < /data/trunc"
     expected = (
