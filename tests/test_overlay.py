@@ -5,6 +5,7 @@ user with a subordinate range (newuidmap), and as that user without one (no newu
 
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -144,22 +145,26 @@ os.execv(sys.argv[3], sys.argv[3:])
 """
 
 
+def refusing(place: Path, folder: Path, d_run: Path) -> list:
+    """The argv of a d-run in a namespace where DIR/.d-pull/overlay of `folder` is an overlayfs mount."""
+    scratch = Path(tempfile.mkdtemp(dir=place))
+    for made in (folder / ".d-pull" / "overlay", scratch, scratch / "u", scratch / "w"):
+        made.mkdir(exist_ok=True)
+        shutil.chown(made, place.owner(), place.group())
+    return [d_run.parent / "python", "-c", REFUSING, folder / ".d-pull" / "overlay", scratch, d_run]
+
+
 def test_where_the_kernel_refuses_the_overlay_a_rw_run_makes_the_folder_private_once(tool, request, registry):
     """A real refusal, in a namespace made for the run: DIR/.d-pull/overlay is an overlayfs mount there, and the kernel
     refuses an overlay whose upper folder is on overlayfs ("not supported as upperdir"). Not the user with a range:
-    newuidmap maps no namespace nested in the one that mount needs."""
+    newuidmap maps no namespace nested in the one that mount needs. A folder whose upper holds changes is not run."""
     place, run, run_any, bin = tool
     if request.node.callspec.params["tool"] == "user":
         pytest.skip("newuidmap maps no namespace nested in another")
     cache = shared_pair(place, run, registry, "overlay-refused")
     (tree,) = trees(cache)
     before = snapshot(tree / "rootfs"), snapshot(place / "b" / "rootfs")
-    scratch = place / "scratch"
-    for folder in (place / "a" / ".d-pull" / "overlay", scratch, scratch / "u", scratch / "w"):
-        folder.mkdir()
-        shutil.chown(folder, place.owner(), place.group())
-    argv = [bin / "python", "-c", REFUSING, place / "a" / ".d-pull" / "overlay", scratch, bin / "d-run"]
-    ran = run_any([*argv, "--rw", place / "a", "sh", "-c", UNCAPABLE_SCRIPT])
+    ran = run_any([*refusing(place, place / "a", bin / "d-run"), "--rw", place / "a", "sh", "-c", UNCAPABLE_SCRIPT])
     assert ran.returncode == 0, ran.stderr
     assert ran.stderr.count("\n") == 1 and "the kernel refuses an overlay here" in ran.stderr, ran.stderr
     assert (snapshot(tree / "rootfs"), snapshot(place / "b" / "rootfs")) == before
@@ -167,3 +172,9 @@ def test_where_the_kernel_refuses_the_overlay_a_rw_run_makes_the_folder_private_
     assert not (place / "a" / ".d-pull" / "shared").exists()
     again = run("d-run", "--rw", place / "a", "cat", "/data/hard")
     assert (again.returncode, again.stdout, again.stderr) == (0, "content\nmore\n", "")
+
+    assert run("d-run", "--rw", place / "b", "touch", "/data/changed").returncode == 0
+    stale = run_any([*refusing(place, place / "b", bin / "d-run"), "--rw", place / "b", "ls", "/data/changed"])
+    assert stale.returncode == 1 and stale.stderr.count("\n") == 1, stale.stderr
+    assert stale.stderr.startswith("d-run: error: cannot mount the overlay holding the changes of ")
+    assert (place / "b" / ".d-pull" / "shared").exists() and snapshot(place / "b" / "rootfs") == before[1]
