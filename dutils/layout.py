@@ -115,7 +115,8 @@ def index_members(fd: int, where: str) -> dict[str, tuple[bool, int, int]]:
     reader = TarReader(stream)
     try:
         while (entry := reader.next_entry()) is not None:
-            start = stream.at - len(reader.buffer) + reader.offset
+            ahead, unread = reader.detach_data()
+            start = stream.at - ahead
             names += (length := len(os.fsencode(entry.name)))
             if length > MAX_NAME or names > MAX_NAMES:
                 raise Error(f"{where} has a name of over {MAX_NAME} bytes, or {MAX_NAMES >> 20} MiB of names", HINT)
@@ -125,8 +126,7 @@ def index_members(fd: int, where: str) -> dict[str, tuple[bool, int, int]]:
             if name in members or len(members) >= MAX_MEMBERS:
                 raise Error(f"{where} holds {name} twice, or more than {MAX_MEMBERS} members", HINT)
             members[name] = (entry.isreg() and entry.sparse is None, start, entry.stored)
-            stream.at = start + reader.unread  # past the data unread: members are located here, read when needed
-            reader.buffer, reader.offset, reader.unread = b"", 0, 0
+            stream.at = start + unread  # past the data unread: members are located here, read when needed
     except TarError as err:
         raise Error(f"{where} is not a tar archive ({err})", "an uncompressed tar is read: gunzip it first") from None
     return members

@@ -214,6 +214,13 @@ class TarReader:
             left -= len(piece)
         return b"".join(pieces)
 
+    def detach_data(self) -> tuple[int, int]:
+        """For a stream the caller positions itself: how many bytes were read ahead of the current entry's data, and
+        how many of its data (and padding) are unread; both forgotten, so that the next header is read afresh."""
+        ahead, unread = len(self.buffer) - self.offset, self.unread
+        self.buffer, self.offset, self.unread = b"", 0, 0
+        return ahead, unread
+
     def skip(self, size: int) -> None:
         while size:
             piece = self.take_some(min(size, BUFFER))
