@@ -12,6 +12,8 @@ from collections import namedtuple
 from .errors import Error
 from .store import read_setting
 
+NOBODY = 65534  # whom pasta becomes when root starts it, by default; d-run's root pasta too (userns.namespaces)
+NS_GET_USERNS = 0xB701  # ioctl: the user namespace owning a namespace
 DEFAULT_ADDRESS = "127.0.0.1"  # published on the host's loopback unless an address is given
 TUN = "/dev/net/tun"
 # pasta's own sockets (the host ports it listens on) are inherited by the command it starts; left
@@ -175,25 +177,33 @@ def pasta_options(ports: tuple[Port, ...]) -> list[str]:
     return argv + forward_options(ports, "tcp") + forward_options(ports, "udp")
 
 
-def start_pasta(ports: tuple[Port, ...], userns_fd: int, netns_fd: int) -> None:
-    """pasta, in the host's network, serving d-run's namespaces `netns_fd` and `userns_fd` as d-run's user (root
-    too: only root joins root's) until d-run's process, then bwrap's, ends; ready once it writes its pid."""
+def start_pasta(ports: tuple[Port, ...], netns_fd: int) -> None:
+    """pasta, in the host's network, serving d-run's network namespace `netns_fd` as the user of the namespace owning
+    it (d-run's, or under root nobody's) until d-run's process, then bwrap's, ends; ready once it writes its pid."""
     import ctypes
+    import fcntl
     import select
     import signal
     import subprocess
 
+    root = os.geteuid() == 0
+    if root:  # root's pasta, nobody by then, opens its pid pipe anew (/proc/self/fd): the pipe must be nobody's
+        os.seteuid(NOBODY)
     ready_read, ready_write = os.pipe()  # both closed on d-run's exec, as `monitor`
-    fds = (userns_fd, netns_fd, ready_write)
-    argv = [*pasta_options(ports), *["--runas", "0:0"] * (os.geteuid() == 0)]
+    if root:
+        os.seteuid(0)
+    fds = (fcntl.ioctl(netns_fd, NS_GET_USERNS), netns_fd, ready_write)
+    argv = [*pasta_options(ports), *["--runas", f"{NOBODY}:{NOBODY}"] * root]
     paths = [f"/proc/self/fd/{fd}" for fd in fds]
     argv += ["--userns", paths[0], "--netns", paths[1], "--pid", paths[2]]
     monitor = os.pidfd_open(os.getpid())
     if os.fork() == 0:  # pasta's parent, d-run's user still (bwrap's monitor may be another uid, whose end would
-        try:  # not signal root's pasta), ending when the monitor does, and pasta with it (PR_SET_PDEATHSIG, 1)
-            subprocess.Popen(argv, pass_fds=fds, preexec_fn=lambda: ctypes.CDLL(None).prctl(1, signal.SIGTERM))
+        try:  # not signal root's pasta), ending pasta when the monitor ends, as its own end does (PR_SET_PDEATHSIG,
+            # 1; root's pasta loses that signal when it becomes nobody)
+            pasta = subprocess.Popen(argv, pass_fds=fds, preexec_fn=lambda: ctypes.CDLL(None).prctl(1, signal.SIGTERM))
             os.close(ready_write)
             select.select([monitor], [], [])
+            pasta.terminate()
         finally:
             os._exit(0)
     os.close(ready_write)

@@ -185,7 +185,7 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
     os.close(dir_fd)
     program = seccomp.filter_program(os.uname().machine, fake_chown=not root_maps, fake_ids=maps is None)
     groups = userns.image_groups(identity.uid, identity.gid, passwd, group) if root_maps else []
-    namespaces = [None, None] if maps is None else [*userns.make(maps, network=bool(published)), None]
+    namespaces = [None, None] if maps is None else userns.namespaces(maps, bool(published))
     return sandbox.Plan(
         root_fd=root_fd,
         command=command,

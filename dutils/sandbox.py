@@ -320,7 +320,7 @@ Bind = namedtuple("Bind", "fd target read_only size", defaults=(False, 0))
 # reads, read-only file it becomes) pairs; proc, dev and tmp are paths free of links (a rootfs may make them
 # links); ports are ports.Port, published through pasta; lock_fd holds DIR's lock (store.hold_folder) for bwrap;
 # userns_fd: the user namespace mapping the image's ids (see userns; None: bwrap maps the one user), groups:
-# those d-run takes for the image's user under root; netns_fd: -p's network namespace, owned by userns_fd's.
+# those d-run takes for the image's user under root; netns_fd: -p's network namespace (see userns.namespaces).
 Plan = namedtuple(
     "Plan",
     "root_fd command identity hostname workdir env binds data_files writable network seccomp_fd new_session "

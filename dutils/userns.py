@@ -10,7 +10,8 @@ As a user with a range in /etc/subuid and /etc/subgid: the user's own ids are th
 most services) and the range everyone else's, written by newuidmap/newgidmap (podman's rootless mapping).
 Files the user pulled are the user's, so inside they are the image user's: a service dropping to its user
 reads what the image made readable to others. Otherwise (no range): no mapping; the seccomp filter fakes the
-set*id calls. With -p and a mapping, the network namespace is made with it, and bwrap's nested (see become).
+set*id calls. With -p and a mapping, d-run makes the network namespace (a user's with its user namespace, root's in
+one of nobody's: see namespaces), and bwrap's user namespace nested (see become).
 """
 
 import errno
@@ -18,7 +19,7 @@ import os
 from collections.abc import Callable
 
 from .errors import Error
-from .ports import start_pasta
+from .ports import NOBODY, start_pasta
 from .sandbox import Plan, find_row, is_number, table_rows
 
 CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
@@ -119,11 +120,28 @@ def make(maps: tuple[list[str], list[int], list[int]], owner: int | None = None,
         os.waitpid(child, 0)
 
 
+def namespaces(maps: tuple[list[str], list[int], list[int]], network: bool) -> list[int | None]:
+    """bwrap's user namespace and (`network`) -p's network namespace. Under root, the network namespace is owned by
+    one of nobody's that maps only nobody, as pasta, who serves it, runs: a flaw of pasta's never holds the namespace
+    of root's that maps every id (its capabilities there would be over every host file)."""
+    if network and os.geteuid() == 0:
+        pastas, netns = make(([], [0, NOBODY, 1], [0, NOBODY, 1]), NOBODY, network=True)
+        os.close(pastas)  # pasta finds it from the network namespace (ports.start_pasta)
+        return [make(maps)[0], netns]
+    return [*make(maps, network=network), None][:2]
+
+
 def join(fd: int, kind: int) -> None:
     import ctypes
 
     if ctypes.CDLL(None, use_errno=True).setns(fd, kind) != 0:
         raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+def join_network(fd: int) -> None:
+    join(fd, CLONE_NEWNET)  # (its descriptor, as pasta's pipe, closed by the exec)
+    with open("/proc/sys/net/ipv4/ip_unprivileged_port_start", "w") as setting:
+        setting.write("0")  # as Docker: root inside is not capable over the network namespace
 
 
 def same_ids(table: str) -> list[int]:  # every id of d-run's namespace mapped to itself (uid_map or gid_map)
@@ -138,17 +156,18 @@ def become(box: Plan) -> None:
     mapped, in its place. Host processes of the image's uid get no capability in it: its parent is not theirs."""
     (uid, gid), groups, userns_fd, netns_fd = box.identity[:2], list(box.groups), box.userns_fd, box.netns_fd
     try:
+        early = netns_fd is not None and os.geteuid() == 0  # root's is nobody's (see namespaces), joined from here
         if netns_fd is not None:  # with d-run's ids: a change of pasta's own would clear its death signal
-            start_pasta(box.ports, userns_fd, netns_fd)
+            start_pasta(box.ports, netns_fd)
+        if early:
+            join_network(netns_fd)
         if groups:
             os.setgroups(groups)
             os.setresgid(gid, gid, gid)
         if netns_fd is not None or groups and uid != 0:
             join(userns_fd, CLONE_NEWUSER)
-            if netns_fd is not None:
-                join(netns_fd, CLONE_NEWNET)  # (its descriptor, as pasta's pipe, closed by the exec)
-                with open("/proc/sys/net/ipv4/ip_unprivileged_port_start", "w") as setting:
-                    setting.write("0")  # as Docker: root inside is not capable over the network namespace
+            if netns_fd is not None and not early:  # a user's, owned by the namespace just joined
+                join_network(netns_fd)
             inner = make(([], same_ids("uid_map"), same_ids("gid_map")), uid)[0]
             os.dup2(inner, userns_fd)
             os.close(inner)

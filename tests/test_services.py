@@ -187,6 +187,41 @@ def test_an_image_user_publishes_a_port_under_root_and_pasta_ends_with_it(images
     assert wait_until(lambda: not pastas(port))
 
 
+@pytest.mark.usefixtures("tun")
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root d-run (a user's pasta is that user's)")
+def test_root_s_pasta_is_nobody_whose_namespaces_reach_no_host_file(images, workspace, tmp_path) -> None:
+    # pasta parses every packet from the container and the host. The attacker is a flaw in it: whatever runs as
+    # pasta, in pasta's namespaces, must reach no host file nobody could not (as root's pasta it would be root).
+    done = d_pull("-q", images["app"], str(tmp_path / "app"), cache=tmp_path / "cache", timeout=300)
+    assert done.returncode == 0, done.stderr
+    standin = Path(tempfile.mkdtemp(dir=workspace)) / "passwd"
+    standin.parent.chmod(0o755)
+    standin.write_bytes(b"root:x:0:0::/root:/bin/sh\n")
+    port = free_port()
+    argv = [BIN / "d-run", "-p", f"{port}:8080", tmp_path / "app", "sh", "-c", "echo READY; exec sleep 60"]
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert child.stdout.readline() == "READY\n"
+        assert len(found := pastas(port)) == 1
+        with open(f"/proc/{found[0]}/status") as status:
+            assert [line.split()[1:] for line in status if line.startswith(("Uid:", "Gid:"))] == [["65534"] * 4] * 2
+        # pasta's own code in its user namespace: nobody, given it (pasta, not dumpable, keeps nobody else out)
+        userns = os.open(f"/proc/{found[0]}/ns/user", os.O_RDONLY)
+        attack = ["sh", "-c", f"echo nobody::0:0::/:/bin/sh >> {standin}"]
+        for keep in ([], ["--preserve-credentials"]):
+            nsenter = ["nsenter", f"--user=/proc/self/fd/{userns}", *keep, *attack]
+            done = subprocess.run(
+                nsenter, pass_fds=[userns], user=65534, group=65534, extra_groups=[], capture_output=True, text=True
+            )
+            assert done.returncode != 0 and "Permission denied" in done.stderr, done
+        os.close(userns)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate(timeout=30)
+    assert standin.read_bytes() == b"root:x:0:0::/root:/bin/sh\n"
+    assert wait_until(lambda: not pastas(port))
+
+
 def make_deb(where: Path, name: str, depends: str) -> Path:
     tree = where / name
     (tree / "DEBIAN").mkdir(parents=True)
