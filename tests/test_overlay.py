@@ -4,6 +4,7 @@ refuses the overlay the folder is made private once. Against the real registry a
 user with a subordinate range (newuidmap), and as that user without one (no newuidmap on PATH)."""
 
 import shutil
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -37,7 +38,7 @@ def tool(request: pytest.FixtureRequest, tmp_path: Path):
     if request.param == "user-unmapped":
         tools = place / "tools"
         tools.mkdir()
-        for name in ("bwrap", "cp"):
+        for name in ("bwrap", "cp", "pasta"):
             (tools / name).symlink_to(shutil.which(name))
         env["PATH"] = f"{user.bin}:{tools}"
 
@@ -114,6 +115,19 @@ def test_update_moves_a_folder_with_changes_to_the_new_tree_and_drops_them_as_fo
     assert not (place / "a" / ".d-pull" / "overlay").exists() and (place / "a" / ".d-pull" / "shared").exists()
     ran = run("d-run", place / "a", "cat", "/data/file")
     assert (ran.returncode, ran.stdout) == (0, "upper\n"), ran.stderr
+
+
+def test_a_run_with_published_ports_gets_the_overlay_too(tool, registry):
+    """With -p d-run (or, without a range, pasta) makes the network namespace from inside the overlay's namespace."""
+    place, run, *_ = tool
+    shared_pair(place, run, registry, "overlay-ports")
+    for n, flags in enumerate((["--rw"], [])):
+        with socket.socket() as probe:  # a free port
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        ran = run("d-run", *flags, "-p", f"127.0.0.1:{port}:80", place / "a", "sh", "-c", f"echo {n} >> /x; cat /x")
+        assert (ran.returncode, ran.stdout) == (0, "0\n"), ran.stderr  # the first run's line, seen by the second
+        assert flags or "Read-only file system" in ran.stderr
 
 
 def test_a_link_planted_at_the_upper_s_place_redirects_no_write(tool, registry):
