@@ -3,14 +3,15 @@ and its siblings stay as they were, every later run sees the changes, d-pull --u
 refuses the overlay the folder is made private once. Against the real registry and bwrap, as root, as the ordinary
 user with a subordinate range (newuidmap), and as that user without one (no newuidmap on PATH)."""
 
+import contextlib
 import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli import BIN
 from images import push
 from malicious import make_workspace
 from test_share import BASE, EXTENDED, RW_SCRIPT, pull, subprocess_tool, trees
@@ -23,15 +24,9 @@ UNCAPABLE_SCRIPT = RW_SCRIPT.replace("echo w >> ro; ", "").replace(" : > locked/
 
 @pytest.fixture(params=WHO)
 def tool(request: pytest.FixtureRequest, tmp_path: Path):
-    """Where to pull, the tools run as root or as the ordinary user (user-unmapped: without newuidmap on PATH), and
-    the runner of any command as that user."""
+    """Where to pull, and the tools run as root or as the ordinary user (user-unmapped: without newuidmap on PATH)."""
     if request.param == "root":
-        return (
-            tmp_path,
-            subprocess_tool,
-            lambda argv: subprocess.run(argv, capture_output=True, text=True, timeout=120),
-            BIN,
-        )
+        return tmp_path, subprocess_tool
     user, place = request.getfixturevalue("unprivileged"), make_workspace()
     request.addfinalizer(lambda: shutil.rmtree(place))
     env = {name: str(place / "pull") for name in ("XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "DOCKER_CONFIG")}
@@ -42,10 +37,10 @@ def tool(request: pytest.FixtureRequest, tmp_path: Path):
             (tools / name).symlink_to(shutil.which(name))
         env["PATH"] = f"{user.bin}:{tools}"
 
-    def run_any(argv: list) -> subprocess.CompletedProcess:
-        return user.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    def run_as_user(name: str, *args: object) -> subprocess.CompletedProcess:
+        return user.run([user.bin / name, *args], env=env, capture_output=True, text=True, timeout=120)
 
-    return place / "pull", lambda name, *args: run_any([user.bin / name, *args]), run_any, user.bin
+    return place / "pull", run_as_user
 
 
 def shared_pair(place: Path, run, registry, name: str) -> Path:
@@ -58,7 +53,7 @@ def shared_pair(place: Path, run, registry, name: str) -> Path:
 
 
 def test_a_rw_run_writes_into_the_overlay_only_and_every_later_run_sees_it(tool, request, registry):
-    place, run, *_ = tool
+    place, run = tool
     cache = shared_pair(place, run, registry, "overlay-rw")
     (tree,) = trees(cache)
     before = {path: snapshot(path) for path in (tree / "rootfs", place / "a" / "rootfs", place / "b" / "rootfs")}
@@ -104,7 +99,7 @@ def test_a_rw_run_writes_into_the_overlay_only_and_every_later_run_sees_it(tool,
 
 
 def test_update_moves_a_folder_with_changes_to_the_new_tree_and_drops_them_as_for_a_private_one(tool, registry):
-    place, run, *_ = tool
+    place, run = tool
     cache = shared_pair(place, run, registry, "overlay-update")
     (base_tree,) = trees(cache)
     before = snapshot(base_tree / "rootfs"), snapshot(place / "b" / "rootfs")
@@ -119,7 +114,7 @@ def test_update_moves_a_folder_with_changes_to_the_new_tree_and_drops_them_as_fo
 
 def test_a_run_with_published_ports_gets_the_overlay_too(tool, registry):
     """With -p d-run (or, without a range, pasta) makes the network namespace from inside the overlay's namespace."""
-    place, run, *_ = tool
+    place, run = tool
     shared_pair(place, run, registry, "overlay-ports")
     for n, flags in enumerate((["--rw"], [])):
         with socket.socket() as probe:  # a free port
@@ -131,7 +126,7 @@ def test_a_run_with_published_ports_gets_the_overlay_too(tool, registry):
 
 
 def test_a_link_planted_at_the_upper_s_place_redirects_no_write(tool, registry):
-    place, run, *_ = tool
+    place, run = tool
     shared_pair(place, run, registry, "overlay-planted")
     elsewhere = place / "elsewhere"  # a stand-in for a folder of the user's outside DIR
     elsewhere.mkdir()
@@ -145,40 +140,31 @@ def test_a_link_planted_at_the_upper_s_place_redirects_no_write(tool, registry):
     assert list(elsewhere.iterdir()) == []
 
 
-REFUSING = """import ctypes, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
-uid, gid = os.geteuid(), os.getegid()
-assert libc.unshare(0x20000 | (0x10000000 if uid else 0)) == 0
-for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1"))[: 3 * bool(uid)]:
-    open(f"/proc/self/{name}", "w").write(text)
-assert libc.mount(None, b"/", None, 0x4000 | 0x40000, None) == 0  # MS_REC | MS_PRIVATE: nothing reaches the host
-state, scratch = sys.argv[1], sys.argv[2]
-options = f"lowerdir={state},upperdir={scratch}/u,workdir={scratch}/w,userxattr,volatile".encode()  # unmounted unsynced
-assert libc.mount(b"overlay", state.encode(), b"overlay", 0, options) == 0, os.strerror(ctypes.get_errno())
-os.execv(sys.argv[3], sys.argv[3:])
-"""
-
-
-def refusing(place: Path, folder: Path, d_run: Path) -> list:
-    """The argv of a d-run in a namespace where DIR/.d-pull/overlay of `folder` is an overlayfs mount."""
-    scratch = Path(tempfile.mkdtemp(dir=place))
-    for made in (folder / ".d-pull" / "overlay", scratch, scratch / "u", scratch / "w"):
+@contextlib.contextmanager
+def overlayfs_at(place: Path, folder: Path) -> Iterator[None]:
+    """DIR/.d-pull/overlay of `folder` made an overlayfs mount (of the host's, by the tests' root), on which the kernel
+    refuses the upper folder of another overlay ("not supported as upperdir"); unmounted after."""
+    overlay, scratch = folder / ".d-pull" / "overlay", Path(tempfile.mkdtemp(dir=place))
+    for made in (overlay, scratch / "u", scratch / "w"):
         made.mkdir(exist_ok=True)
         shutil.chown(made, place.owner(), place.group())
-    return [d_run.parent / "python", "-c", REFUSING, folder / ".d-pull" / "overlay", scratch, d_run]
+    options = f"lowerdir={overlay},upperdir={scratch}/u,workdir={scratch}/w,volatile"  # (volatile: unmounted unsynced)
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, overlay], check=True, timeout=30)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", overlay], check=True, timeout=30)
 
 
-def test_where_the_kernel_refuses_the_overlay_a_rw_run_makes_the_folder_private_once(tool, request, registry):
-    """A real refusal, in a namespace made for the run: DIR/.d-pull/overlay is an overlayfs mount there, and the kernel
-    refuses an overlay whose upper folder is on overlayfs ("not supported as upperdir"). Not the user with a range:
-    newuidmap maps no namespace nested in the one that mount needs. A folder whose upper holds changes is not run."""
-    place, run, run_any, bin = tool
-    if request.node.callspec.params["tool"] == "user":
-        pytest.skip("newuidmap maps no namespace nested in another")
+def test_where_the_kernel_refuses_the_overlay_a_rw_run_makes_the_folder_private_once(tool, registry):
+    """A real refusal: DIR/.d-pull/overlay is itself an overlayfs mount (overlayfs_at). A folder whose upper holds
+    changes is not run on its stale lower tree."""
+    place, run = tool
     cache = shared_pair(place, run, registry, "overlay-refused")
     (tree,) = trees(cache)
     before = snapshot(tree / "rootfs"), snapshot(place / "b" / "rootfs")
-    ran = run_any([*refusing(place, place / "a", bin / "d-run"), "--rw", place / "a", "sh", "-c", UNCAPABLE_SCRIPT])
+    with overlayfs_at(place, place / "a"):
+        ran = run("d-run", "--rw", place / "a", "sh", "-c", UNCAPABLE_SCRIPT)
     assert ran.returncode == 0, ran.stderr
     assert ran.stderr.count("\n") == 1 and "the kernel refuses an overlay here" in ran.stderr, ran.stderr
     assert (snapshot(tree / "rootfs"), snapshot(place / "b" / "rootfs")) == before
@@ -188,7 +174,8 @@ def test_where_the_kernel_refuses_the_overlay_a_rw_run_makes_the_folder_private_
     assert (again.returncode, again.stdout, again.stderr) == (0, "content\nmore\n", "")
 
     assert run("d-run", "--rw", place / "b", "touch", "/data/changed").returncode == 0
-    stale = run_any([*refusing(place, place / "b", bin / "d-run"), "--rw", place / "b", "ls", "/data/changed"])
+    with overlayfs_at(place, place / "b"):
+        stale = run("d-run", "--rw", place / "b", "ls", "/data/changed")
     assert stale.returncode == 1 and stale.stderr.count("\n") == 1, stale.stderr
     assert stale.stderr.startswith("d-run: error: cannot mount the overlay holding the changes of ")
     assert (place / "b" / ".d-pull" / "shared").exists() and snapshot(place / "b" / "rootfs") == before[1]
