@@ -17,18 +17,18 @@ refuses the overlay, a --rw run of a folder without changes first makes it priva
 """
 
 import contextlib
-import ctypes
 import fcntl
 import os
 import stat
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 from . import userns
 from .errors import Error, printable
-from .share import OVERLAY, is_shared, make_private
 from .store import PullDir, hold_folder, locked, read_setting, remove_entry, remove_tree
 
+OVERLAY = "overlay"  # DIR/.d-pull/overlay (share.py, which this module imports only when it copies, names it too)
 CLONE_NEWNS, MS_RDONLY, MS_REC, MS_SLAVE, MNT_DETACH = 0x20000, 1, 0x4000, 0x80000, 2
 FOLDER = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -43,6 +43,8 @@ def holds_changes(folder: PullDir) -> bool:
 
 def call(name: str, *args: object) -> None:
     """The C library's function `name`, an OSError when it fails."""
+    import ctypes  # here: d-run's start-up pays for every import
+
     if getattr(ctypes.CDLL(None, use_errno=True), name)(*args) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
@@ -133,7 +135,8 @@ def prepare(folder: PullDir, dir_fd: int, writable: bool) -> tuple[int, Callable
                 f"cannot mount the overlay holding the changes of {printable(str(folder.root))}: {err.strerror}",
                 "run it where the kernel allows overlay mounts (user namespaces); d-pull --unshare needs one too",
             ) from None
-        # (its upper, empty, stays: the folder, private now, no longer uses it)
+        from .share import make_private  # (its upper, empty, stays: the folder, private now, no longer uses it)
+
         make_private(folder, "d-run", f"the kernel refuses an overlay here ({err.strerror}): ")
         return dir_fd, userns.plan_maps if outer is None else partial(inner_maps, outer)
     for fd in (dir_fd, lower, upper, work):
@@ -144,6 +147,8 @@ def prepare(folder: PullDir, dir_fd: int, writable: bool) -> tuple[int, Callable
 def unshare(root: str) -> None:
     """d-pull --unshare DIR: make a shared folder private, with the changes its overlay holds (a copy of the merged
     tree, mounted on the work folder), while no pull and no container uses it."""
+    from .share import is_shared, make_private
+
     folder = PullDir(root)
     folder.require_complete()
     with locked(folder.state / "lock", f"another d-pull is writing {printable(str(folder.root))}"):
@@ -152,7 +157,9 @@ def unshare(root: str) -> None:
         held = hold_folder(folder.root, fcntl.LOCK_EX, f"{printable(str(folder.root))} is in use by a container")
         try:
             if holds_changes(folder):
-                copy_merged(folder, held)
+                merged = mount_merged(folder, held)
+                make_private(folder, "d-pull", "with the changes of its --rw runs: ", merged)
+                call("umount2", bytes(merged), MNT_DETACH)
             else:
                 make_private(folder, "d-pull")
             remove_tree(folder.state / OVERLAY)
@@ -160,14 +167,12 @@ def unshare(root: str) -> None:
             os.close(held)
 
 
-def copy_merged(folder: PullDir, dir_fd: int) -> None:
-    """make_private from the merged tree, mounted read-only on the work folder in a namespace of d-pull's own."""
-    merged = folder.state / OVERLAY / "work"
+def mount_merged(folder: PullDir, dir_fd: int) -> Path:
+    """The merged tree, mounted read-only on the work folder in a namespace of d-pull's own: its path."""
     try:
         enter_namespace()
         _, lower, upper, work = pin(folder, dir_fd)
         mount_overlay(lower, upper, work, work, False)
     except OSError as err:
         raise Error(f"cannot mount the overlay of {printable(str(folder.root))}: {err.strerror}") from None
-    make_private(folder, "d-pull", "with the changes of its --rw runs: ", merged)
-    call("umount2", bytes(merged), MNT_DETACH)
+    return folder.state / OVERLAY / "work"
