@@ -5,7 +5,7 @@ import contextlib
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import Error
@@ -41,19 +41,20 @@ def claimed(folder: PullDir, cache: Path) -> Iterator[None]:
                         root.rmdir()
 
 
-def settled(folder: PullDir, lock: "LockFile | None", reference: str, wanted: Platform) -> bool:
-    """Complete for the manifest the lock pins it to, on a platform `wanted` runs, and a folder d-pull trusts: nothing
-    to ask any registry. The one decision of the manifest task's up-to-date check and of d-pull's no-op (which makes
-    it before importing requests or doit); anything amiss is not settled, and the full path says why in one line."""
+def settled(folder: PullDir, reference: str, wanted: Platform, pinned: Callable[[], str | None]) -> bool:
+    """Complete for the manifest `pinned()` names (a lock's, or what a tag names now: asked, and its error raised, only
+    for a folder otherwise complete), on a platform `wanted` runs, and trusted: the one decision of the manifest task's
+    up-to-date check and of d-pull's no-op. Anything amiss on disk is not settled: the full path says why."""
     try:
-        entry = lock and lock.entry(folder.root, reference)
-        record = entry and folder.read_record()
+        record = folder.read_record()
         # the image's own platform, which the one asked for may accept without naming it (386 on amd64)
-        runs = record and parse_platform(record.platform) in compatible(wanted)
-        runs and folder.check_trusted()
+        runs = record and record.reference == reference and parse_platform(record.platform) in compatible(wanted)
+        if not (runs and folder.is_complete(record)):
+            return False
+        folder.check_trusted()
     except Error:
         return False
-    return bool(runs and record.digest == entry["manifest"] and folder.is_complete(record))
+    return record.digest == pinned()
 
 
 def refuse_links(folder: PullDir) -> None:
@@ -132,6 +133,12 @@ class LockFile:
         """What the lock pins `folder` to, unless it names another reference (the dodo.py changed since)."""
         entry = self.read().get(os.path.relpath(folder, self.path.parent))
         return entry if entry and entry.get("reference") == reference else None
+
+    def manifest(self, folder: Path, reference: str) -> str | None:
+        """The manifest the lock pins `folder` to; None also when the lock is damaged (the full path says so)."""
+        with contextlib.suppress(Error):
+            return (self.entry(folder, reference) or {}).get("manifest")
+        return None
 
     def pin(self, folder: Path, entry: dict) -> None:
         with self.mutex:

@@ -1,4 +1,4 @@
-"""A pull as doit tasks: the whole pipeline in one file, and the only module that imports doit.
+"""A pull as doit tasks: the whole pipeline in one file (doit loads with the tasks, which runner.py runs).
 
     dutils-manifest:DIR -> dutils-fetch:DIR/DIGEST (per blob, downloading ahead), dutils-apply:DIR (the layers in
     order) -> dutils-config:DIR [-> dutils-run:DIR];  `dutils` stands for every config task.
@@ -9,7 +9,7 @@ blob). Every up-to-date check rests on facts on disk (a verified blob under its 
 record), never on doit's database alone: after a kill -9 that database holds nothing of the run.
 """
 
-from __future__ import annotations  # the modules that import requests load with the first task that asks a registry
+from __future__ import annotations  # requests loads with the first question to a registry, doit with the tasks
 
 import atexit
 import contextlib
@@ -21,31 +21,23 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from doit import create_after, get_var
-from doit.cmd_base import ModuleTaskLoader
-from doit.dependency import JsonDB
-from doit.doit_cmd import DoitMain
-from doit.exceptions import TaskFailed, UnmetDependency
-from doit.reporter import ZeroReporter
-
-from . import config as image_config
-from .apply import Skipped, apply_layer
 from .auth import find_credentials
-from .cache import prune_if_due
 from .dodo_api import Sandbox
 from .errors import Error, printable
 from .folder import AppliedLog, LockFile, claimed, remove_folder, settled
 from .manifest import Blob, Image, Platform, host_platform, resolve_image
 from .progress import Lines, Progress
 from .reference import Reference, Source, parse_reference
-from .share import StoreTree, is_shared
 from .store import PullDir, Record, blob_path, cache_dir, hold_folder
 
 if TYPE_CHECKING:  # sandboxes all up to date need no registry: a dodo.py's doit run then never loads requests
+    from doit.exceptions import TaskFailed
+
+    from .apply import Skipped
     from .registry import Registry, RetryPolicy
 
 T = TypeVar("T")
@@ -92,12 +84,18 @@ class Pull:
         self.registries: list[Registry] = []  # mirrors first, the image's own registry last; see `connected`
         self.mutex = threading.Lock()  # guards `registries` and `fetching`
         self.image: Image | None = None  # once the manifest task ran
-        self.skipped = Skipped()
         self.changed = False  # whether the config task ran, as every pull that fetched or applied anything ends with
         self.holds = contextlib.ExitStack()  # `claimed`, from the manifest task until the config task or the run ends
         self.used_cache = False
         self.log = AppliedLog(self.folder)
         self.fetching: dict[str, Future] = {}  # done once the blob is in the cache, or failed
+        self.answer: str | None = None  # the manifest the registry said the reference names now (`named_now`)
+
+    @cached_property
+    def skipped(self) -> Skipped:  # what an ordinary user could not reproduce (the stages load as they are needed)
+        from .apply import Skipped
+
+        return Skipped()
 
     # -- registries
 
@@ -134,12 +132,22 @@ class Pull:
 
     # -- manifest
 
-    def pinned(self) -> dict | None:  # the lock file's entry for this folder, unless an update is asked for
-        return None if self.lock is None or self.options.update else self.lock.entry(self.folder.root, str(self.ref))
-
     def settled(self) -> bool:
-        """Complete for the manifest its lock entry names: nothing to ask any registry (`folder.settled` decides)."""
-        return not self.options.update and settled(self.folder, self.lock, str(self.ref), self.options.platform)
+        """Complete for the manifest its lock pins, else the one its reference names now (`folder.settled` decides)."""
+        pinned = partial(self.lock.manifest, self.folder.root, str(self.ref)) if self.lock else self.named_now
+        return not self.options.update and settled(self.folder, str(self.ref), self.options.platform, pinned)
+
+    def named_now(self) -> str:
+        """The manifest the reference names now for the platform, asked once; "" when only `resolve` can tell, as when
+        the policy asks for more than to accept anything (`resolve` checks it). A registry that fails to answer is an
+        error, as it is to `docker pull` and `podman pull` of an image they hold."""
+        from .policy import load_policy, requirements_for
+
+        if self.answer is None:
+            found, ask = load_policy(self.options.policy), partial(named_now, wanted=self.options.platform)
+            checked = {rule["type"] for rule in requirements_for(found[1], self.ref)} if found else set()
+            self.answer = "" if checked - {"insecureAcceptAnything"} else self.from_any_registry(ask)
+        return self.answer
 
     def resolve(self) -> None:
         """Hold the folder, resolve its manifest, pin it in the lock file, and record what this pull makes."""
@@ -148,7 +156,8 @@ class Pull:
         load_policy(self.options.policy)  # a missing or broken policy says so before any registry is asked
         self.holds.enter_context(claimed(self.folder, self.options.cache))
         self.used_cache = True
-        entry = self.pinned()
+        # the lock file's entry for this folder, unless an update is asked for
+        entry = None if self.lock is None or self.options.update else self.lock.entry(self.folder.root, str(self.ref))
         digest = entry["digest"] if entry else self.ref.digest
 
         def resolve_on(registry: Registry) -> Image:
@@ -237,6 +246,8 @@ class Pull:
 
     def apply_onto(self, rootfs: Path, log: AppliedLog, keys: list[str], downloads: threading.BoundedSemaphore) -> None:
         """Apply the layers not yet in `log` onto `rootfs`, noting `keys[n]` (digest or diff_id) for layer n."""
+        from .apply import apply_layer
+
         for n, layer in enumerate(self.image.layers):
             if log.is_applied(n, keys[n]):
                 continue
@@ -254,6 +265,8 @@ class Pull:
 
     def write_config(self) -> None:
         """config.json last, and the record marked complete: what says the pull is finished."""
+        from . import config as image_config
+
         self.changed = True
         self.folder.rootfs.mkdir(exist_ok=True)  # an image of no layers runs with an empty root
         if kept := image_config.write_config(self.folder, self.options.cache, self.image.config.digest):
@@ -261,11 +274,32 @@ class Pull:
         self.holds.close()  # done: the rest of the run (other folders, d-run tasks) needs neither lock
 
 
+def named_now(registry: Registry, wanted: Platform) -> str:
+    """The manifest the registry's reference names now for `wanted`, as `resolve_image` chooses it; "" when only that
+    can tell (index entries without a platform, whose configs it reads)."""
+    from .manifest import INDEXES, check_not_artifact, choose_platform, fetch_manifest
+
+    ref = registry.ref
+    manifest, kind, digest = fetch_manifest(registry, ref, ref.digest, None)
+    if kind not in INDEXES:
+        return digest
+    check_not_artifact(manifest, ref)
+    with contextlib.suppress(LookupError):
+        return choose_platform(manifest, wanted, ref, probe=not_probed)["digest"]
+    return ""
+
+
+def not_probed(entry: dict) -> Platform:
+    raise LookupError(entry["digest"])  # choosing needs this entry's config: the pipeline's to fetch and read
+
+
 def action(function: Callable, *args: object) -> Callable[[], TaskFailed | None]:
     """A doit action that fails with the Error's one line instead of a traceback; so does an OSError (a full disk
     writing image.json or config.json), as the file and the system's reason."""
 
     def run() -> TaskFailed | None:
+        from doit.exceptions import TaskFailed
+
         try:
             function(*args)
         except Error as err:
@@ -305,6 +339,8 @@ def pull_tasks(pulls: list[Pull]) -> dict[str, Callable]:
 
 
 def folder_tasks(pull: Pull, downloads: threading.BoundedSemaphore, trees: dict) -> Callable[[], Iterator[dict]]:
+    from doit import create_after
+
     key = pull.key
 
     @create_after(executed=f"dutils-manifest:{key}", creates=[f"dutils-config:{key}", f"dutils-run:{key}"])
@@ -313,6 +349,7 @@ def folder_tasks(pull: Pull, downloads: threading.BoundedSemaphore, trees: dict)
         image, deps = pull.image, [f"dutils-manifest:{key}"]  # no image: the manifest task was up to date
         if image and not pull.is_complete():
             from .fetch import cached
+            from .share import is_shared
 
             blobs = {f"dutils-fetch:{key}/{blob.digest}": blob for blob in (image.config, *image.layers)}  # once each
             for name, blob in blobs.items():
@@ -338,6 +375,8 @@ def folder_tasks(pull: Pull, downloads: threading.BoundedSemaphore, trees: dict)
 def tree_tasks(pull: Pull, downloads: threading.BoundedSemaphore, trees: dict, deps: list[str]) -> Iterator[dict]:
     """The folder's rootfs made from the store's tree of its image, built by one task however many folders use it
     (its lock keeps other processes from building it at once)."""
+    from .share import StoreTree
+
     tree = StoreTree(pull.options.cache, pull.image.diff_ids, [layer.digest for layer in pull.image.layers])
     name = f"dutils-tree:{tree.name}"
     if trees.setdefault(tree.name, pull.key) == pull.key:
@@ -359,6 +398,8 @@ def sandbox_tasks(
 ) -> dict[str, Callable]:
     """What a dodo.py puts in its namespace (`globals().update(...)`) to declare `sandboxes` pinned by `lock`; the
     README's "Sandboxes in your own repository" says which doit commands then do what."""
+    from doit import get_var
+
     options = options or Options()
     lockfile, update = LockFile(lock), get_var(UPDATE_VAR)
     pulls = [Pull(s.image, s.folder, s.options(options), lockfile, s.d_run_argv()) for s in sandboxes]
@@ -380,66 +421,10 @@ def quiet_interrupt(shown: Callable, kind: type[BaseException], *details: object
 
 
 def finish(pulls: list[Pull]) -> None:
+    from .cache import prune_if_due
+
     used = {pull.options.cache for pull in pulls if pull.used_cache}
     for pull in pulls:
         pull.holds.close()
     for cache in used:
         prune_if_due(cache)
-
-
-class Reporter(ZeroReporter):
-    """A doit reporter that prints nothing (Progress speaks to the user) and keeps each failure as one line."""
-
-    def __init__(self, debug: bool) -> None:
-        super().__init__(sys.stderr, {})
-        self.debug = debug
-
-    def add_failure(self, task, fail) -> None:
-        if isinstance(fail, UnmetDependency):
-            return  # a consequence of a failure that is reported already
-        if isinstance(fail, TaskFailed) or self.debug:
-            self.failures.append(fail.get_msg().strip() if self.debug else fail.message)
-        else:  # an exception escaped an action: a bug, shown briefly unless --debug
-            last = "".join(fail.traceback).strip().splitlines()[-1:] or [fail.message]
-            self.failures.append(f"internal error in task {task.name}: {last[0]} (run with --debug for details)")
-
-    def runtime_error(self, message: str) -> None:
-        self.failures.append(message)
-
-    def cleanup_error(self, fail) -> None:
-        self.failures.append(fail.get_msg())
-
-
-class MemoryDB(JsonDB):
-    """doit's database, kept in memory: every up-to-date check here rests on facts on disk, so there is
-    nothing worth saving, and no half-written database after a full disk or a kill."""
-
-    def __init__(self, name: str, codec: object, *, module_name: str | None = None) -> None:
-        self.name, self.codec, self._db = name, codec, {}
-
-    def dump(self) -> None:
-        pass
-
-
-def run_pulls(pulls: list[Pull], debug: bool) -> list[str]:
-    """Run the pipeline in this process; return the failures, one line each (none means every pull finished)."""
-    reporter = Reporter(debug)
-    config = {
-        "dep_file": "unused",
-        "backend": "memory",
-        "reporter": reporter,
-        "verbosity": 0,
-        "num_process": max(pull.options.jobs for pull in pulls) + 1,  # and one applying layers meanwhile
-        "par_type": "thread",  # delayed tasks hold closures, which the process runner cannot pickle
-        "default_tasks": ["dutils"],
-    }
-    namespace = {**pull_tasks(pulls), "DOIT_CONFIG": config}
-    try:
-        plugins = {"BACKEND": {"memory": f"{__name__}:MemoryDB"}}
-        # config_filenames=(): a doit.cfg or pyproject.toml in the current folder must not change a pull
-        code = DoitMain(ModuleTaskLoader(namespace), config_filenames=(), extra_config=plugins).run(["run"])
-    finally:
-        finish(pulls)
-    if code and not reporter.failures:
-        reporter.failures.append(f"the pull stopped with doit status {code} (run with --debug for details)")
-    return reporter.failures

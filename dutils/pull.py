@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -114,8 +115,9 @@ def pull(args: argparse.Namespace) -> int:
     folder = Path(args.dir or ref.name)
     password, lock = read_password(args), LockFile(args.lock) if args.lock else None
     platform = parse_platform(args.platform) if args.platform else host_platform()
-    if not args.update and settled(PullDir(folder), lock, str(ref), platform):
-        status = f"up to date: {ref}"  # decided before requests and doit load
+    pinned = lock and partial(lock.manifest, PullDir(folder).root, str(ref))
+    if not args.update and pinned and settled(PullDir(folder), str(ref), platform, pinned):
+        status = f"up to date: {ref}"  # decided before requests and doit load (and pipeline.py)
     elif not (status := run_pipeline(args, folder, platform, password, lock)):
         return 1
     if not args.quiet:
@@ -127,30 +129,28 @@ def run_pipeline(
     args: argparse.Namespace, folder: Path, platform: Platform, password: str | None, lock: LockFile | None
 ) -> str:
     """Pull by the doit pipeline; what was done, or "" when it failed (said on stderr)."""
-    from . import pipeline  # doit loads here (requests with the first task asking a registry), not for a settled folder
+    from . import pipeline  # doit loads with the tasks, not for a settled folder (requests to ask about a tag)
     from .progress import progress_for
     from .store import cache_dir
 
     progress = progress_for(sys.stderr, args.quiet)
+    same = ("insecure", "ca_bundle", "update", "share", "jobs", "timeout", "policy", "username")  # as the flags say
     options = pipeline.Options(
+        **{name: getattr(args, name) for name in same},
         cache=cache_dir(args.cache),
-        insecure=args.insecure,
-        ca_bundle=args.ca_bundle,
-        update=args.update,
-        share=args.share,
         mirrors=args.mirror,
-        jobs=args.jobs,
-        timeout=args.timeout,
         foreign_urls=args.allow_foreign_urls,
-        policy=args.policy,
         progress=progress,
-        username=args.username,
         password=password,
         platform=platform,
     )
     task = pipeline.Pull(args.image, folder, options, lock)
     try:
-        failures = pipeline.run_pulls([task], debug=args.debug)
+        if task.settled():  # a tag's no-op: decided by what the registry says it names now
+            return f"up to date: {task.ref}"
+        from .runner import run_pulls
+
+        failures = run_pulls([task], debug=args.debug)
     finally:
         progress.close()
     for message in failures:

@@ -2,6 +2,7 @@
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -98,19 +99,35 @@ SPOILS = {  # what makes a folder unsettled: the full path then redoes it, or sa
     "platform-not-text": lambda folder, lock: folder.record_path.write_text(
         json.dumps(folder.read_record()._asdict() | {"platform": 5})
     ),
+    "other-reference": lambda folder, lock: folder.write_record(  # the same image, pulled by another name
+        folder.read_record()._replace(reference="localhost:5000/app:0")
+    ),
     "damaged-lock": lambda folder, lock: lock.path.write_text('{"sandboxes": {"app": {"digest": "sha256:../x"}}}'),
 }
 
 
+def is_settled(folder: PullDir, lock: LockFile, reference: str = "localhost:5000/app:1") -> bool:
+    return settled(folder, reference, parse_platform("linux/amd64"), partial(lock.manifest, folder.root, reference))
+
+
 def test_a_complete_trusted_folder_of_the_locked_manifest_is_settled(tmp_path: Path):
     folder, lock = settled_folder(tmp_path)
-    assert settled(folder, lock, "localhost:5000/app:1", parse_platform("linux/amd64"))
-    assert not settled(folder, None, "localhost:5000/app:1", parse_platform("linux/amd64"))  # nothing pinned
-    assert not settled(folder, lock, "localhost:5000/app:2", parse_platform("linux/amd64"))  # the dodo.py moved
+    assert is_settled(folder, lock)
+    assert not settled(folder, "localhost:5000/app:1", parse_platform("linux/amd64"), lambda: None)  # nothing pinned
+    assert not is_settled(folder, lock, "localhost:5000/app:2")  # the dodo.py moved
 
 
 @pytest.mark.parametrize("spoil", SPOILS.values(), ids=SPOILS.keys())
 def test_anything_amiss_is_not_settled(tmp_path: Path, spoil):
     folder, lock = settled_folder(tmp_path)
     spoil(folder, lock)
-    assert not settled(folder, lock, "localhost:5000/app:1", parse_platform("linux/amd64"))
+    assert not is_settled(folder, lock)
+
+
+@pytest.mark.parametrize("spoil", [name for name in SPOILS if name not in ("other-image", "damaged-lock")])
+def test_what_is_amiss_on_disk_is_found_before_any_registry_is_asked(tmp_path: Path, spoil):
+    folder, lock = settled_folder(tmp_path)
+    SPOILS[spoil](folder, lock)
+    asked = []
+    assert not settled(folder, "localhost:5000/app:1", parse_platform("linux/amd64"), lambda: asked.append(1))
+    assert asked == []  # a tag's no-op asks the registry only about a folder that is otherwise complete

@@ -36,6 +36,7 @@ ORDER = [
     "share",  # the store of applied trees, and the folders linked from it
     "dodo_api",
     "pipeline",
+    "runner",  # doit running the pipeline's tasks in d-pull's process
     "steps",
     "seccomp",
     "ports",

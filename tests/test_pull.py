@@ -4,13 +4,17 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import pytest
 from cli import BIN, assert_one_line_error, d_pull, d_run
-from images import Image, Tar, busybox_layer, push
+from images import Image, Tar, busybox_layer, push, push_index
 from malicious import make_workspace
+from registry_server import Registry, free_port
+
+from dutils.store import PullDir
 
 
 @pytest.fixture(scope="module")
@@ -221,20 +225,29 @@ WITH_MODULES = "import sys; from dutils.pull import main; code = main(); print(s
 HEAVY = {"requests", "urllib3", "doit"}
 
 
+def pulling_as(who: str, request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, Path, Callable]:
+    """Where `who` pulls, its python, and how to run a command as it."""
+    if who == "root":
+        return tmp_path, BIN / "python", subprocess.run
+    user, place = request.getfixturevalue("unprivileged"), make_workspace()
+    request.addfinalizer(lambda: shutil.rmtree(place))
+    # credential folders of its own: what other tests leave in the user's (or /run/containers, which root's
+    # podman makes 0700) is not what this test is about
+    env = dict.fromkeys(["XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "DOCKER_CONFIG"], str(place / "pull"))
+    return place / "pull", user.bin / "python", partial(user.run, env=env)
+
+
+def pull_with_modules(python: Path, run: Callable, *argv: object) -> tuple[subprocess.CompletedProcess, set[str]]:
+    done = run([python, "-c", WITH_MODULES, *argv], capture_output=True, text=True, timeout=120)
+    return done, set(json.loads(done.stdout.replace("'", '"') or "[]"))
+
+
 @pytest.mark.parametrize("who", ["root", "user"])
 def test_a_locked_complete_folder_is_decided_before_requests_or_doit_load(who, registry, request, tmp_path):
     versions = [Image(layers=[busybox_layer(), Tar().file("etc/v", f"{n}\n".encode())]) for n in (1, 2)]
     name = f"settled-{who}"
     push(registry.host, name, "latest", versions[0])
-    if who == "user":
-        user, place = request.getfixturevalue("unprivileged"), make_workspace()
-        request.addfinalizer(lambda: shutil.rmtree(place))
-        # credential folders of its own: what other tests leave in the user's (or /run/containers, which root's
-        # podman makes 0700) is not what this test is about
-        place, python = place / "pull", user.bin / "python"
-        run = partial(user.run, env=dict.fromkeys(["XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "DOCKER_CONFIG"], str(place)))
-    else:
-        place, python, run = tmp_path, BIN / "python", subprocess.run
+    place, python, run = pulling_as(who, request, tmp_path)
     ref, lock, folder, cache = (
         f"{registry.host}/{name}:latest",
         place / "sandboxes.lock",
@@ -243,9 +256,7 @@ def test_a_locked_complete_folder_is_decided_before_requests_or_doit_load(who, r
     )
 
     def pull(*flags: str) -> tuple[subprocess.CompletedProcess, set[str]]:
-        argv = [python, "-c", WITH_MODULES, "--cache", cache, "--lock", lock, *flags, ref, folder]
-        done = run(argv, capture_output=True, text=True, timeout=120)
-        return done, set(json.loads(done.stdout.replace("'", '"')))
+        return pull_with_modules(python, run, "--cache", cache, "--lock", lock, *flags, ref, folder)
 
     done, loaded = pull()
     assert done.returncode == 0 and loaded >= HEAVY, done.stderr  # the first pull: the whole pipeline
@@ -269,6 +280,68 @@ def test_a_locked_complete_folder_is_decided_before_requests_or_doit_load(who, r
     folder.chmod(0o770)  # a folder others may have changed is not settled: the full path refuses it in one line
     done, loaded = pull()
     assert_one_line_error(done, "refusing", "writable by other users")
+
+
+@pytest.mark.parametrize("who", ["root", "user"])
+def test_a_tags_no_op_asks_the_registry_and_loads_no_doit(who, registry, request, tmp_path):
+    amd64, arm64 = ([Image(layers=[busybox_layer(), Tar().file("etc/v", f"{n}\n".encode())], arch=arch, variant=variant)
+                     for n in (1, 2)] for arch, variant in [("amd64", ""), ("arm64", "v8")])  # fmt: skip
+    name = f"tag-no-op-{who}"
+    push_index(registry.host, name, "latest", [amd64[0], arm64[0]])
+    place, python, run = pulling_as(who, request, tmp_path)
+    ref, folder, cache = f"{registry.host}/{name}:latest", place / "app", place / "cache"
+    pull = partial(pull_with_modules, python, run, "--cache", cache, "--platform", "linux/amd64")
+    done, loaded = pull(ref, folder)
+    assert done.returncode == 0 and loaded >= HEAVY, done.stderr  # the first pull: the whole pipeline
+
+    for _ in range(2):  # the second time, the index moved, but not the entry for this platform
+        served = len(registry.responses())
+        done, loaded = pull(ref, folder)
+        assert done.returncode == 0 and "requests" in loaded, done.stderr
+        assert not {"doit", "dutils.runner", "dutils.apply", "dutils.share"} & loaded  # no stage it need not run
+        assert done.stderr == f"up to date: {ref} ({amd64[0].manifest_digest}) in {folder}\n"
+        asked = [entry["http.request.uri"] for entry in registry.responses()[served:]]
+        assert f"/v2/{name}/manifests/latest" in asked and not any("/blobs/" in uri for uri in asked)
+        push_index(registry.host, name, "latest", [amd64[0], arm64[1]])
+
+    done, loaded = pull("--platform", "linux/arm64", ref, folder)  # another platform's image: the full path says so
+    assert_one_line_error(done, "is now", arm64[1].manifest_digest[:19])
+    assert "doit" in loaded
+    push_index(registry.host, name, "latest", [amd64[1], arm64[1]])  # this platform's image moved: the full path
+    done, loaded = pull(ref, folder)
+    assert_one_line_error(done, "is now", amd64[1].manifest_digest[:19])
+    assert "doit" in loaded
+    done, loaded = pull("--update", ref, folder)
+    assert done.returncode == 0, done.stderr
+    assert (folder / "rootfs" / "etc" / "v").read_text() == "2\n"
+    done, loaded = pull(ref, folder)
+    assert done.returncode == 0 and "doit" not in loaded, done.stderr
+    assert done.stderr == f"up to date: {ref} ({amd64[1].manifest_digest}) in {folder}\n"
+
+
+def test_a_tags_no_op_asks_a_mirror_first_as_the_pull_does(registry, tmp_path):
+    push(registry.host, "tag-no-op-mirror", "latest", Image(layers=[busybox_layer()]))
+    ref, folder, cache = f"{registry.host}/tag-no-op-mirror:latest", tmp_path / "app", tmp_path / "cache"
+    with Registry({"proxy": {"remoteurl": registry.url}}) as mirror:
+        assert d_pull("--mirror", mirror.host, ref, str(folder), cache=cache).returncode == 0
+        asked = mirror.manifest_gets()
+        done = d_pull("--mirror", mirror.host, ref, str(folder), cache=cache)
+        assert done.returncode == 0 and done.stderr.startswith(f"up to date: {ref} "), done.stderr
+        assert mirror.manifest_gets() == asked + 1
+
+
+def test_a_tags_no_op_hides_no_failure_the_full_path_would_show(registry, tmp_path):
+    """As docker and podman pull: a registry that does not answer, or a policy that rejects, is an error."""
+    push(registry.host, "tag-no-op-fails", "latest", Image(layers=[busybox_layer()]))
+    ref, folder, cache = f"{registry.host}/tag-no-op-fails:latest", tmp_path / "app", tmp_path / "cache"
+    assert d_pull(ref, str(folder), cache=cache).returncode == 0
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"default": [{"type": "reject"}]}))
+    assert_one_line_error(d_pull("--policy", str(policy), ref, str(folder), cache=cache), "rejects")
+
+    gone = f"127.0.0.1:{free_port()}/tag-no-op-fails:latest"  # nothing listens there
+    PullDir(folder).write_record(PullDir(folder).read_record()._replace(reference=gone))
+    assert_one_line_error(d_pull("--timeout", "2", gone, str(folder), cache=cache), "giving up")
 
 
 def test_a_locked_folder_with_a_damaged_record_is_one_line_from_the_full_path(tmp_path):
