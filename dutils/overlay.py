@@ -78,9 +78,10 @@ def inner_maps(outer: list, uid: int, gid: int, read: Callable[[str], str]) -> t
 
 
 def folder_in(dir_fd: int, name: str) -> int:
-    """An O_PATH descriptor of the folder `name` in `dir_fd` (made, 0700, when missing), never reached through a link."""
+    """An O_PATH descriptor of the folder `name` in `dir_fd`, never reached through a link; made when missing, 0711
+    (as DIR/rootfs, the upper is others' to read where DIR is: a folder opened to them runs with its changes)."""
     with contextlib.suppress(FileExistsError):
-        os.mkdir(name, 0o700, dir_fd=dir_fd)
+        os.mkdir(name, 0o711, dir_fd=dir_fd)
     return os.open(name, FOLDER, dir_fd=dir_fd)
 
 

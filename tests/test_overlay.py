@@ -125,6 +125,20 @@ def test_a_run_with_published_ports_gets_the_overlay_too(tool, registry):
         assert flags or "Read-only file system" in ran.stderr
 
 
+def test_another_user_runs_root_s_folder_with_its_changes(registry, unprivileged, tmp_path):
+    """A root folder opened to others: the ordinary user's read-only run mounts root's changes too."""
+    place = make_workspace()
+    try:
+        cache = shared_pair(place, subprocess_tool, registry, "overlay-opened")
+        assert subprocess_tool("d-run", "--rw", place / "a", "sh", "-c", "echo root > /data/file").returncode == 0
+        (place / "a").chmod(0o755)
+        ran = unprivileged.tool("d-run", place / "a", "cat", "/data/file")
+        assert (ran.returncode, ran.stdout) == (0, "root\n"), ran.stderr
+        assert trees(cache)
+    finally:
+        shutil.rmtree(place)
+
+
 def test_a_link_planted_at_the_upper_s_place_redirects_no_write(tool, registry):
     place, run = tool
     shared_pair(place, run, registry, "overlay-planted")
