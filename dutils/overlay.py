@@ -85,9 +85,9 @@ def folder_in(dir_fd: int, name: str) -> int:
     return os.open(name, FOLDER, dir_fd=dir_fd)
 
 
-def pin(folder: PullDir, dir_fd: int) -> tuple[int, int, int, int]:
+def pin(folder: PullDir, dir_fd: int) -> tuple[int, int, int, int, int]:
     """Descriptors of DIR (opened again in this namespace, for mounts to go on its mounts; checked to be the folder
-    `dir_fd` holds), DIR/rootfs, and the upper and work folders: mount is given /proc/self/fd/N paths, so that another
+    `dir_fd` holds), DIR/rootfs, and the overlay, upper and work folders: mount is given /proc/self/fd/N paths, so that another
     process swapping in a link redirects nothing."""
     root = os.open(folder.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     if not os.path.samestat(os.fstat(root), os.fstat(dir_fd)):
@@ -95,27 +95,42 @@ def pin(folder: PullDir, dir_fd: int) -> tuple[int, int, int, int]:
     try:
         state = folder_in(root, folder.state.name)
         overlay = folder_in(state, OVERLAY)
-        pinned = root, os.open("rootfs", FOLDER, dir_fd=root), folder_in(overlay, "upper"), folder_in(overlay, "work")
+        lower = os.open("rootfs", FOLDER, dir_fd=root)
+        pinned = root, lower, overlay, folder_in(overlay, "upper"), folder_in(overlay, "work")
     except OSError as err:
         where = printable(str(folder.state / OVERLAY))
         raise Error(f"cannot use {where}: {err.strerror} (a symbolic link?)", f"remove it: rm -r {where}") from None
     os.close(state)
-    os.close(overlay)
     return pinned
 
 
-def mount_overlay(lower: int, upper: int, work: int, target: int, writable: bool) -> None:
-    """The overlay on `target`: writable, or read-only with the upper as a lower folder too. A writable one is
-    `volatile`: unmounting it (as the run's last process ends, before DIR's lock is let go) syncs nothing, lest the
-    next run of DIR find it in use while the whole filesystem is synced; a crash may lose a run's unsynced writes, as
-    it may in a private DIR/rootfs. Its mark, work/work/incompat/volatile, would stop the next mount: the work folder is
-    the kernel's, emptied here (under the lock a --rw run holds)."""
-    fd = "/proc/self/fd/{}".format
-    if writable:
-        remove_entry(work, "work")
-    options = f"lowerdir={fd(lower)},upperdir={fd(upper)},workdir={fd(work)},volatile" if writable else ""
-    options = f"{options or f'lowerdir={fd(upper)}:{fd(lower)}'},userxattr".encode()
-    call("mount", b"overlay", fd(target).encode(), b"overlay", 0 if writable else MS_RDONLY, options)
+def fd_path(fd: int) -> str:
+    return f"/proc/self/fd/{fd}"
+
+
+def mount_overlay(target: int, layers: str, flags: int = 0) -> None:
+    call("mount", b"overlay", fd_path(target).encode(), b"overlay", flags, f"{layers},userxattr".encode())
+
+
+def writable_layers(lower: int, upper: int, work: int) -> str:
+    """A --rw run's layers. `volatile`: unmounting (as the run's last process ends, before DIR's lock is let go) syncs
+    nothing, lest the next run find DIR in use while the whole filesystem is synced; a crash may lose a run's unsynced
+    writes, as it may in a private DIR/rootfs. Its mark, work/work/incompat/volatile, would stop the next mount: the
+    work folder is the kernel's, emptied here (under the lock a --rw run holds)."""
+    remove_entry(work, "work")
+    return f"lowerdir={fd_path(lower)},upperdir={fd_path(upper)},workdir={fd_path(work)},volatile"
+
+
+def read_only_layers(lower: int, overlay: int, upper: int, work: int) -> str:
+    """A read-only run's layers: the upper a lower folder too (read-only runs share it), under an upper of the run's own
+    on a tmpfs mounted on the work folder, where d-run makes mount points the --rw runs did not (bwrap then makes the
+    root read-only)."""
+    call("mount", b"tmpfs", fd_path(work).encode(), b"tmpfs", 0, b"mode=0711")
+    scratch = os.open("work", FOLDER, dir_fd=overlay)  # the tmpfs
+    top, scratch_work = folder_in(scratch, "u"), folder_in(scratch, "w")
+    os.chmod(fd_path(top), stat.S_IMODE(os.fstat(upper).st_mode))  # the merged root is the top upper's
+    lowers = f"{fd_path(upper)}:{fd_path(lower)}"
+    return f"lowerdir={lowers},upperdir={fd_path(top)},workdir={fd_path(scratch_work)},volatile"
 
 
 def prepare(folder: PullDir, dir_fd: int, writable: bool) -> tuple[int, Callable]:
@@ -126,10 +141,11 @@ def prepare(folder: PullDir, dir_fd: int, writable: bool) -> tuple[int, Callable
     outer = None
     try:
         outer = enter_namespace()
-        root, lower, upper, work = pin(folder, dir_fd)
+        root, lower, overlay, upper, work = pin(folder, dir_fd)
         if not holds_changes(folder):  # the merged root is the upper's: the image's mode
-            os.chmod(f"/proc/self/fd/{upper}", stat.S_IMODE(os.fstat(lower).st_mode))
-        mount_overlay(lower, upper, work, lower, writable)
+            os.chmod(fd_path(upper), stat.S_IMODE(os.fstat(lower).st_mode))
+        layers = writable_layers(lower, upper, work) if writable else read_only_layers(lower, overlay, upper, work)
+        mount_overlay(lower, layers)
     except OSError as err:
         if holds_changes(folder):
             raise Error(
@@ -140,7 +156,7 @@ def prepare(folder: PullDir, dir_fd: int, writable: bool) -> tuple[int, Callable
 
         make_private(folder, "d-run", f"the kernel refuses an overlay here ({err.strerror}): ")
         return dir_fd, userns.plan_maps if outer is None else partial(inner_maps, outer)
-    for fd in (dir_fd, lower, upper, work):
+    for fd in (dir_fd, lower, overlay, upper, work):
         os.close(fd)
     return root, userns.plan_maps if outer is None else partial(inner_maps, outer)
 
@@ -172,8 +188,8 @@ def mount_merged(folder: PullDir, dir_fd: int) -> Path:
     """The merged tree, mounted read-only on the work folder in a namespace of d-pull's own: its path."""
     try:
         enter_namespace()
-        _, lower, upper, work = pin(folder, dir_fd)
-        mount_overlay(lower, upper, work, work, False)
+        _, lower, _, upper, work = pin(folder, dir_fd)
+        mount_overlay(work, f"lowerdir={fd_path(upper)}:{fd_path(lower)}", MS_RDONLY)
     except OSError as err:
         raise Error(f"cannot mount the overlay of {printable(str(folder.root))}: {err.strerror}") from None
     return folder.state / OVERLAY / "work"

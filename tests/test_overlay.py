@@ -79,7 +79,7 @@ def test_a_rw_run_writes_into_the_overlay_only_and_every_later_run_sees_it(tool,
     )
     again = run("d-run", "--rw", place / "a", "sh", "-c", seen)
     assert (again.returncode, again.stdout) == (0, expected), again.stderr
-    read_only = run("d-run", place / "a", "sh", "-c", f"{seen}; touch /data/x")
+    read_only = run("d-run", "--tmpfs", "/new-place", place / "a", "sh", "-c", f"{seen}; touch /data/x")
     assert read_only.stdout == expected and "Read-only file system" in read_only.stderr
 
     assert run("d-cache", "--cache", cache, "prune", "--all").returncode == 0
