@@ -87,8 +87,8 @@ def folder_in(dir_fd: int, name: str) -> int:
 
 def pin(folder: PullDir, dir_fd: int) -> tuple[int, int, int, int, int]:
     """Descriptors of DIR (opened again in this namespace, for mounts to go on its mounts; checked to be the folder
-    `dir_fd` holds), DIR/rootfs, and the overlay, upper and work folders: mount is given /proc/self/fd/N paths, so that another
-    process swapping in a link redirects nothing."""
+    `dir_fd` holds), DIR/rootfs, and the overlay, upper and work folders: mount is given /proc/self/fd/N paths, so
+    that another process swapping in a link redirects nothing."""
     root = os.open(folder.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     if not os.path.samestat(os.fstat(root), os.fstat(dir_fd)):
         raise Error(f"{printable(str(folder.root))} was replaced meanwhile", "try again")
