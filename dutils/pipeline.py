@@ -378,10 +378,9 @@ def tree_tasks(pull: Pull, downloads: threading.BoundedSemaphore, trees: dict, d
     from .share import StoreTree
 
     tree = StoreTree(pull.options.cache, pull.image.diff_ids, [layer.digest for layer in pull.image.layers])
-    name = f"dutils-tree:{tree.name}"
+    name, note, key = f"dutils-tree:{tree.name}", pull.options.progress.note, f"dutils-apply:{pull.key}"
     if trees.setdefault(tree.name, pull.key) == pull.key:
-        yield task(tree.build, pull.apply_onto, downloads, basename=name, task_dep=deps, uptodate=[tree.complete])
-    note, key = pull.options.progress.note, f"dutils-apply:{pull.key}"
+        yield task(tree.build, note, pull.apply_onto, downloads, basename=name, task_dep=deps, uptodate=[tree.complete])
     yield task(
         tree.make_rootfs,
         pull.folder,

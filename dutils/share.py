@@ -32,6 +32,7 @@ SHARED = "shared"  # DIR/.d-pull/shared: a hard link to the anchor of the tree D
 OVERLAY = "overlay"  # DIR/.d-pull/overlay: where d-run --rw writes to a shared folder (overlay.py)
 FICLONE = 0x40049409  # ioctl: make a file share another's blocks (XFS, Btrfs)
 RENAME_EXCHANGE = 2
+EXPOSED = ["!", "-type", "d", "!", "-type", "l", "(", "!", "-uid", "0", "-o", "-perm", "/022", ")"]  # as root sees
 
 
 def chain_ids(diff_ids: Sequence[str]) -> list[str]:
@@ -52,11 +53,12 @@ class StoreTree:
         self.name = self.folder.root.name
         self.anchor = self.folder.root / ANCHOR
         self.blobs = self.folder.state / "blobs"  # the layers' blobs that last applied into it, the one resumed too
+        self.exposed = self.folder.state / "exposed"  # its files a folder must not share (find_exposed), \0-ended
 
     def complete(self) -> bool:
         return self.anchor.exists()
 
-    def build(self, apply_onto: Callable[..., None], *args: object) -> None:
+    def build(self, note: Callable[[str], None], apply_onto: Callable[..., None], *args: object) -> None:
         """Apply an image's layers once into the cache's store of trees, for the folders that share them (by the pull's
         `apply_onto(rootfs, log, keys, *args)`); a process building the same tree is waited for."""
         for folder in (self.folder.root.parent, self.folder.root):  # whatever the umask: check_cache trusts 0700
@@ -70,7 +72,8 @@ class StoreTree:
             # a layer cut short is resumed only by its own blob: another's files (an image whose config claims this
             # tree's diff_ids, found out only at the layer's end) would stay under the layers that follow
             if not done or recorded[done : done + 1] != self.digests[done : done + 1]:
-                self.start_from_below(log)
+                self.start_from_below(log, note)
+            self.exposed.unlink(missing_ok=True)  # found again once the tree is complete
             write_atomic(self.blobs, "".join(f"{d}\n" for d in self.digests).encode())
             try:
                 apply_onto(self.folder.rootfs, log, self.diff_ids, *args)
@@ -79,14 +82,14 @@ class StoreTree:
                 raise
             write_atomic(self.anchor, f"{self.name}\n".encode())
 
-    def start_from_below(self, log: AppliedLog) -> None:
+    def start_from_below(self, log: AppliedLog, note: Callable[[str], None]) -> None:
         """A hard-linked copy of the longest complete tree below this one, if the store holds one."""
         log.start_over()  # a copy that a kill cut short, or a tree applied by other blobs: void their journal too
         journal_path(self.folder.rootfs).unlink(missing_ok=True)  # (a new rootfs may get the old one's inode number)
         for depth in range(len(self.below), 0, -1):
             base = self.below[depth - 1]
             if (base / ANCHOR).exists():
-                link_tree(base / "rootfs", self.folder.rootfs, lambda said: print(f"d-pull: {said}", file=sys.stderr))
+                link_tree(base / "rootfs", self.folder.rootfs, note)
                 touch(base / ANCHOR)
                 for n, diff_id in enumerate(self.diff_ids[:depth]):
                     log.note(n, diff_id)
@@ -107,36 +110,49 @@ class StoreTree:
         if how != ["-l"]:
             copy_tree(self.folder.rootfs, folder.rootfs, how)
         elif link_tree(self.folder.rootfs, folder.rootfs, note):
-            copy_exposed(self.folder.rootfs, folder.rootfs)
+            paths = (self.folder.rootfs, folder.rootfs, self.exposed)
+            if not self.find_exposed() or os.geteuid() == 0:
+                copy_exposed(*paths)
+            else:  # as root (as_root): the image may hold folders its user cannot write; -P: no module from the cwd
+                argv = [sys.executable, "-P", "-m", "dutils.share", *map(str, paths)]
+                as_root(argv, f"copy the exposed files of {self.name}")
             os.link(self.anchor, folder.state / SHARED)
         touch(self.anchor)
         for n, digest in enumerate(self.digests):
             log.note(n, digest)
 
+    def find_exposed(self) -> bool:
+        """Whether the tree has files someone else could change in place (which copy_exposed copies): found once for
+        all its folders (a complete tree never changes, and the cache, so its folders too, has one owner), listed in
+        `exposed`. Those writable by group or others, or (a root pull's) another user's, as the image's uid 1000 is
+        a host user's; as_root reads them all, in folders an ordinary user cannot read too."""
+        if not self.exposed.exists():
+            argv = ["find", str(self.folder.rootfs), "-mindepth", "1", *EXPOSED, "-printf", "%P\\0"]
+            write_atomic(self.exposed, as_root(argv, f"read {self.name}"))
+        return self.exposed.stat().st_size > 0
 
-def copy_exposed(tree: Path, rootfs: Path) -> None:
-    """Give `rootfs`, linked from `tree`, a copy of each file someone else could change in place: one writable by
-    group or others, or (a root pull's) another user's, as the image's uid 1000 is a host user's. Through a folder
-    opened to others (0711), its write would reach the store and every sibling. A file's hard links stay one."""
-    mine, copies = os.geteuid(), {}
-    for folder, _, names in os.walk(rootfs):
-        times, infos = os.lstat(folder), [(path, os.lstat(path)) for path in (f"{folder}/{name}" for name in names)]
-        exposed = [(p, i) for p, i in infos if not stat.S_ISLNK(i.st_mode) and (i.st_uid != mine or i.st_mode & 0o022)]
-        for path, info in exposed:
-            source = os.path.join(tree, os.path.relpath(path, rootfs))
-            os.unlink(path)  # the folder is complete only once its log says so: a kill here is no harm
-            if info.st_ino in copies:
-                os.link(copies[info.st_ino], path)
-                continue
-            if stat.S_ISREG(info.st_mode):
-                shutil.copyfile(source, path, follow_symlinks=False)
-            else:
-                os.mknod(path, info.st_mode, info.st_rdev)
-            os.lchown(path, info.st_uid, info.st_gid)  # first: it clears setuid bits and capabilities
-            shutil.copystat(source, path, follow_symlinks=False)  # mode, times, extended attributes
-            copies[info.st_ino] = path
-        if exposed:
-            os.utime(folder, ns=(times.st_atime_ns, times.st_mtime_ns), follow_symlinks=False)
+
+def copy_exposed(tree: Path, rootfs: Path, listed: Path) -> None:
+    """Give `rootfs`, linked from `tree`, a copy of each file `listed` (find_exposed): through a folder opened to
+    others (0711), a write into it would reach the store and every sibling. A file's hard links stay one."""
+    copies, times = {}, {}
+    for name in map(os.fsdecode, listed.read_bytes().split(b"\0")[:-1]):
+        path, source = os.path.join(rootfs, name), os.path.join(tree, name)
+        info, folder = os.lstat(path), os.path.dirname(path)
+        times.setdefault(folder, os.lstat(folder))
+        os.unlink(path)  # the folder is complete only once its log says so: a kill here is no harm
+        if info.st_ino in copies:
+            os.link(copies[info.st_ino], path)
+            continue
+        if stat.S_ISREG(info.st_mode):
+            shutil.copyfile(source, path, follow_symlinks=False)
+        else:
+            os.mknod(path, info.st_mode, info.st_rdev)
+        os.lchown(path, info.st_uid, info.st_gid)  # first: it clears setuid bits and capabilities
+        shutil.copystat(source, path, follow_symlinks=False)  # mode, times, extended attributes
+        copies[info.st_ino] = path
+    for folder, was in times.items():
+        os.utime(folder, ns=(was.st_atime_ns, was.st_mtime_ns), follow_symlinks=False)
 
 
 def clones(source: Path, folder: Path) -> bool:
@@ -166,18 +182,23 @@ def link_tree(source: Path, target: Path, note: Callable[[str], None]) -> bool:
 
 
 def copy_tree(source: Path, target: Path, how: list[str]) -> None:
-    """`cp -a` (with `how`: -l hard links, --reflink=…) of `source` to the new `target`. An ordinary user copies in a
-    user namespace of its own where it is root: its mode-0000 folders and files are read there as root reads them.
-    bwrap makes it, not unshare(1): Ubuntu's AppArmor gives capabilities only in namespaces that bwrap made."""
-    argv = ["cp", "-a", *how, "--no-target-directory", "--", str(source), str(target)]
+    """`cp -a` (with `how`: -l hard links, --reflink=…) of `source` to the new `target`."""
+    as_root(["cp", "-a", *how, "--no-target-directory", "--", str(source), str(target)], f"copy {source}")
+
+
+def as_root(argv: list[str], what: str) -> bytes:
+    """Run `argv` as root; its output. An ordinary user's runs in a user namespace of its own where it is root: its
+    mode-0000 folders and files are read there as root reads them. bwrap makes it, not unshare(1): Ubuntu's AppArmor
+    gives capabilities only in namespaces that bwrap made."""
     if os.geteuid() != 0:
         argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--cap-add", "ALL", "--bind", "/", "/", *argv]
     english = os.environ | {"LC_ALL": "C"}  # whatever the user's language: "Too many links" is looked for
-    done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False, env=english)
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, check=False, env=english)
     if done.returncode:
-        said = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        kind = TooManyLinks if os.strerror(errno.EMLINK) in done.stderr else Error  # on any line
-        raise kind(f"cannot copy {printable(str(source))}: {printable(said)}")
+        said = (done.stderr.decode(errors="replace").strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        kind = TooManyLinks if os.strerror(errno.EMLINK).encode() in done.stderr else Error  # on any line
+        raise kind(f"cannot {printable(what)}: {printable(said)}")
+    return done.stdout
 
 
 def is_shared(folder: PullDir) -> bool:
@@ -204,3 +225,7 @@ def make_private(folder: PullDir, program: str, why: str = "", source: Path | No
     except OSError as err:  # a folder left unremovable in the copy (made so by the image), say
         where = printable(os.fsdecode(err.filename or copy))
         raise Error(f"cannot make {shared} private: {where}: {err.strerror}") from None
+
+
+if __name__ == "__main__":  # make_rootfs's copy_exposed, as root (as_root)
+    copy_exposed(*map(Path, sys.argv[1:]))

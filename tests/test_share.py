@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -276,6 +277,41 @@ def test_unshare_gives_a_folder_files_of_its_own(tool, registry):
     assert again.returncode == 1 and again.stderr.startswith("d-pull: error: ") and "shares no files" in again.stderr
 
 
+def test_an_unshare_racing_another_or_a_run_has_one_winner_and_the_loser_says_why_in_one_line(tool, registry):
+    """Two d-pull --unshare of one folder at once, and one against a d-run (read-only, or --rw, which makes the
+    folder private itself): whichever order they run in, the store and a sibling stay as they were."""
+    place, run = tool
+    push(registry.host, "race", "latest", BASE)
+    ref, cache = f"{registry.host}/race:latest", place / "cache"
+    for name in ("twice", "ro", "rw", "sibling"):
+        pull(run, cache, "--share", ref, place / name)
+    (tree,) = trees(cache)
+    store, sibling = snapshot(tree / "rootfs"), snapshot(place / "sibling" / "rootfs")
+    unshare = ("d-pull", "--unshare")
+    races = {
+        "twice": [(*unshare, place / "twice")] * 2,
+        "ro": [(*unshare, place / "ro"), ("d-run", place / "ro", "cat", "/data/file")],
+        "rw": [(*unshare, place / "rw"), ("d-run", "--rw", place / "rw", "sh", "-c", "echo rw >> /data/file")],
+    }
+    with ThreadPoolExecutor(2) as pool:  # each run bounded by the tool's timeout
+        done = {name: list(pool.map(lambda argv: run(*argv), argvs)) for name, argvs in races.items()}
+    for name, argvs in races.items():
+        for argv, ran in zip(argvs, done[name], strict=True):  # a loser: one line, why
+            lost = ran.returncode == 1 and ran.stderr.count("\n") == 1 and f"{argv[0]}: error: " in ran.stderr
+            lost = lost and any(why in ran.stderr for why in ("is in use", "another d-pull is writing", "shares no"))
+            assert ran.returncode == 0 or lost, (argv, ran.stderr)
+    assert sorted(ran.returncode for ran in done["twice"]) == [0, 1]
+    unshared_ro = done["ro"][0].returncode == 0
+    for name, copies in (("twice", 1), ("ro", unshared_ro), ("rw", 1)):  # rw: by whichever ran first
+        assert "".join(ran.stderr for ran in done[name]).count("to make it private") == copies, name
+    assert done["ro"][1].returncode != 0 or done["ro"][1].stdout == "content\n"
+    for name, private in (("twice", True), ("ro", unshared_ro), ("rw", True)):
+        assert (place / name / ".d-pull" / "shared").exists() != private, name
+        inodes = {(root / "rootfs/data/file").stat().st_ino for root in (place / name, tree)}
+        assert (len(inodes) == 2) == private, name
+    assert snapshot(tree / "rootfs") == store and snapshot(place / "sibling" / "rootfs") == sibling
+
+
 def test_a_cache_on_another_filesystem_gives_a_copy_and_says_so(tool, registry):
     place, run = tool
     push(registry.host, "elsewhere", "latest", BASE)
@@ -384,6 +420,10 @@ def test_files_others_could_write_in_place_are_not_shared(tool, registry):
         .file("x/mine", b"m")
         .fifo("x/fifo", mode=0o622)
         .symlink("x/link", "open")
+        .dir("x/ro", 0o555)  # folders an ordinary user cannot write, or cannot list
+        .file("x/ro/open", b"r", mode=0o666)
+        .dir("x/wx", 0o333)
+        .file("x/wx/open", b"w", mode=0o666)
     )
     push(registry.host, "exposed", "latest", Image(layers=[busybox_layer(), exposed]))
     ref, cache = f"{registry.host}/exposed:latest", place / "cache"
@@ -396,7 +436,11 @@ def test_files_others_could_write_in_place_are_not_shared(tool, registry):
         return (root / "rootfs" / "x" / name).lstat().st_ino
 
     as_root = place.stat().st_uid == 0
-    for name, shared in (("open", False), ("group", False), ("fifo", False), ("theirs", not as_root), ("mine", True)):
+    listed = (tree / ".d-pull" / "exposed").read_bytes().split(b"\0")  # found once, for every folder of the tree
+    assert {b"x/open", b"x/open-link", b"x/group", b"x/fifo", b"x/ro/open", b"x/wx/open"} <= set(listed)
+    assert (b"x/theirs" in listed) == as_root and b"x/mine" not in listed
+    private = [(name, False) for name in ("open", "group", "fifo", "ro/open", "wx/open")]
+    for name, shared in [*private, ("theirs", not as_root), ("mine", True)]:
         assert (inode(place / "a", name) == inode(tree, name)) == shared, name
         assert (inode(place / "a", name) == inode(place / "b", name)) == shared, name
     assert inode(place / "a", "open-link") == inode(place / "a", "open")
