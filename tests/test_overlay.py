@@ -33,7 +33,7 @@ def tool(request: pytest.FixtureRequest, tmp_path: Path):
     if request.param == "user-unmapped":
         tools = place / "tools"
         tools.mkdir()
-        for name in ("bwrap", "cp", "pasta"):
+        for name in ("bwrap", "cp", "find", "pasta"):
             (tools / name).symlink_to(shutil.which(name))
         env["PATH"] = f"{user.bin}:{tools}"
 
