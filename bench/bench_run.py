@@ -2,11 +2,12 @@
 
     python3 bench/bench_run.py [DIR] [--d-run PATH] [--runs N]
 
-DIR defaults to a throwaway pull folder of the busybox test image. The d-run measured is, by default, the one a
-user gets from `pip install` into a venv of Debian's /usr/bin/python3 (made afresh in a scratch folder from a copy
-of this tree); `--d-run` picks another. The bare command is exactly the one d-run execs, built by d-run's own
-functions, with the same data descriptors. Runs are interleaved so that both see the same machine; each line is
-the median of N runs.
+DIR defaults to a throwaway pull folder of the busybox test image. The d-run measured is, by default, the one
+install.sh makes, for Debian's /usr/bin/python3: a venv, pip upgraded, then `pip install` (made afresh in a scratch
+folder from a copy of this tree); `--d-run` picks another. The bare command is exactly the one d-run execs, built by
+d-run's own functions, with the same data descriptors. Runs are interleaved so that both see the same machine; each
+line is the median and the best of N runs, in wall time and in CPU time (user and system, of the process and the
+children it waited for: less sensitive to the machine's load).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -56,7 +58,8 @@ def install_d_run(parent: Path, python: str = DEBIAN_PYTHON) -> list[str]:
     shutil.copytree(REPO / "dutils", source / "dutils", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
-    for command in ([python, "-m", "venv", venv], [venv / "bin" / "pip", "install", "-q", "--no-deps", source]):
+    pip = [venv / "bin" / "pip", "install", "-q"]
+    for command in ([python, "-m", "venv", venv], [*pip, "--upgrade", "pip"], [*pip, "--no-deps", source]):
         done = subprocess.run(command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT)
         if done.returncode:
             tail = " | ".join(done.stderr.strip().splitlines()[-3:])
@@ -71,13 +74,15 @@ def interpreter_of(command: list[str]) -> str:
     return first[2:].split()[0].decode() if first.startswith(b"#!") else command[0]
 
 
-def time_run(argv: list[str], pass_fds: tuple[int, ...] = ()) -> float:
-    start = time.perf_counter()
+def time_run(argv: list[str], pass_fds: tuple[int, ...] = ()) -> tuple[float, float]:
+    """Wall and CPU seconds of one run."""
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     subprocess.run(argv, stdin=subprocess.DEVNULL, pass_fds=pass_fds, check=True)
-    return time.perf_counter() - start
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
-def time_bare_bwrap(folder: Path) -> float:
+def time_bare_bwrap(folder: Path) -> tuple[float, float]:
     """One run of exactly what d-run would exec, its descriptors made afresh (bwrap reads and closes them)."""
     box = plan_sandbox(make_parser().parse_args([str(folder), "/bin/true"]))
     box = box._replace(new_session=True)  # as for d-run, whose stdin is /dev/null here
@@ -90,27 +95,39 @@ def time_bare_bwrap(folder: Path) -> float:
 
 
 def startup_ms(folder: Path, d_run: list[str], runs: int) -> dict[str, float]:
-    """Median milliseconds of the bare bwrap command, `d-run folder /bin/true` and `python -c pass`, interleaved."""
-    times: dict[str, list[float]] = {"bwrap": [], "d-run": [], "python": []}
+    """Median wall milliseconds of each command (bench_pull.py's figure)."""
+    times = startup_times(folder, d_run, runs)
+    return {name: statistics.median(wall for wall, _ in values) * 1000 for name, values in times.items()}
+
+
+def startup_times(folder: Path, d_run: list[str], runs: int) -> dict[str, list[tuple[float, float]]]:
+    """Wall and CPU times of the bare bwrap command, `d-run folder /bin/true` and `python -c pass`, interleaved."""
+    times: dict[str, list[tuple[float, float]]] = {"bwrap": [], "d-run": [], "python": []}
     python = interpreter_of(d_run)
     time_run([*d_run, str(folder), "/bin/true"])  # warm the caches once
     for _ in range(runs):
         times["bwrap"].append(time_bare_bwrap(folder))
         times["d-run"].append(time_run([*d_run, str(folder), "/bin/true"]))
         times["python"].append(time_run([python, "-c", "pass"]))
-    return {name: statistics.median(values) * 1000 for name, values in times.items()}
+    return times
 
 
-def print_startup(median: dict[str, float], d_run: list[str], runs: int) -> None:
-    overhead = median["d-run"] - median["bwrap"]
-    print(f"d-run DIR /bin/true against the bwrap command it execs, median of {runs} interleaved runs")
+def print_startup(times: dict[str, list[tuple[float, float]]], d_run: list[str], runs: int) -> None:
+    """Each command's median and best, wall then CPU, in ms; the target is on the median wall time."""
+    ms = {
+        name: [f(t[i] for t in values) * 1000 for i in (0, 1) for f in (statistics.median, min)]
+        for name, values in times.items()
+    }
+    load = ", ".join(f"{n:.2f}" for n in os.getloadavg())
+    print(f"d-run DIR /bin/true against the bwrap command it execs, {runs} interleaved runs, load average {load}")
     print(f"  d-run: {' '.join(d_run)}")
-    print(f"  bare bwrap            {median['bwrap']:7.1f} ms")
-    print(f"  d-run                 {median['d-run']:7.1f} ms")
-    print(f"  ratio                 {median['d-run'] / median['bwrap']:7.2f} x")
-    verdict = "within" if overhead <= TARGET_MS else "over"
-    print(f"  overhead              {overhead:7.1f} ms ({verdict} the {TARGET_MS} ms target)")
-    print(f"  of which interpreter  {median['python']:7.1f} ms ({interpreter_of(d_run)} -c pass, for reference)")
+    print("                       wall: median   best   CPU: median   best")
+    for name, label in (("bwrap", "bare bwrap"), ("d-run", "d-run"), ("python", "python -c pass")):
+        print(f"  {label:18} {ms[name][0]:13.1f} {ms[name][1]:6.1f} {ms[name][2]:13.1f} {ms[name][3]:6.1f} ms")
+    overhead = [d - b for d, b in zip(ms["d-run"], ms["bwrap"], strict=True)]
+    print(f"  d-run - bwrap      {overhead[0]:13.1f} {overhead[1]:6.1f} {overhead[2]:13.1f} {overhead[3]:6.1f} ms")
+    verdict = "within" if overhead[0] <= TARGET_MS else "over"
+    print(f"  overhead, median wall: {overhead[0]:.1f} ms ({verdict} the {TARGET_MS} ms target)")
 
 
 def main() -> int:
@@ -125,7 +142,7 @@ def main() -> int:
     try:
         folder = Path(args.dir) if args.dir else make_pull_folder(scratch)
         d_run = [args.d_run] if args.d_run else install_d_run(scratch)
-        print_startup(startup_ms(folder, d_run, args.runs), d_run, args.runs)
+        print_startup(startup_times(folder, d_run, args.runs), d_run, args.runs)
     except Error as err:
         print(f"bench_run: error: {err}", file=sys.stderr)
         return 1

@@ -22,7 +22,7 @@ from .manifest import check_descriptor
 from .oci import typed
 from .reference import Source, parse_reference
 from .registry import MAX_MANIFEST, OCI_MANIFEST
-from .store import DIGEST, LISTABLE, open_regular
+from .store import LISTABLE, is_digest, open_regular
 from .tarstream import BLOCK, TarError, TarReader
 
 NAMES = ("org.opencontainers.image.ref.name", "io.containerd.image.name")  # an index.json entry's names
@@ -163,7 +163,7 @@ class Layout:
 
     def get_manifest(self, wanted: str) -> tuple[bytes, str]:
         """The manifest a REF, `@N` or digest names ("": the only image); fetch_manifest verifies and parses it."""
-        if DIGEST.fullmatch(wanted):  # a lock file's pin, or an entry of an index
+        if is_digest(wanted):  # a lock file's pin, or an entry of an index
             if not self.docker:
                 return self.blob(wanted, MAX_MANIFEST), ""
             for body in map(self.docker_manifest, self.entries()):  # made one at a time: the first that matches

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .errors import Error
-from .store import DIGEST, NotRegular, load_json, read_small
+from .store import NotRegular, is_digest, load_json, read_small
 
 OCI = "application/vnd.oci.image.layer.v1.tar"
 OCI_NONDISTRIBUTABLE = "application/vnd.oci.image.layer.nondistributable.v1.tar"
@@ -80,7 +80,7 @@ def read_image_config(blob: Path) -> dict:
     typed(config.get("config") or {}, dict, f"{what}: config")
     rootfs = typed(config.get("rootfs"), dict, f"{what}: rootfs")
     for n, diff_id in enumerate(typed(rootfs.get("diff_ids"), list, f"{what}: rootfs.diff_ids")):
-        if not isinstance(diff_id, str) or not DIGEST.fullmatch(diff_id):
+        if not is_digest(diff_id):
             raise broken(f"{what}: rootfs.diff_ids[{n}]", "a sha256 digest")
     return config
 

@@ -10,7 +10,6 @@ modules only, never `requests` or `doit`.
 import errno
 import fcntl
 import os
-import signal
 import stat
 import sys
 from collections.abc import Callable
@@ -21,6 +20,11 @@ from .errors import Error
 from .mounts import MountTable, find_folder, inheritable, make_empty_file, make_folder, open_sources
 from .rootfs import Root, stop_absent
 from .store import NotRegular, PullDir, hold_folder, load_json, read_setting, read_small, read_small_followed
+
+try:  # signal's C module: the `signal` module's enums cost d-run's start-up 2 ms
+    from _signal import SIG_DFL, SIGPIPE, SIGXFSZ, signal
+except ImportError:  # not CPython
+    from signal import SIG_DFL, SIGPIPE, SIGXFSZ, signal
 
 RESOLV_CONF = "/etc/resolv.conf"
 # apt drops privileges to its _apt user for downloads, which a single mapped user cannot do.
@@ -105,7 +109,7 @@ def data_fd(data: bytes) -> int:
 
 def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
     """Resolve the flags, config.json and the image's files into a Plan, every mount point made."""
-    pull = PullDir(args.dir)
+    pull = PullDir(args.dir, str)
     pull.require_complete()
     try:
         dir_fd = os.open(pull.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -115,16 +119,16 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
     writable, kind = args.rw or config.rw, fcntl.LOCK_EX if args.rw or config.rw else fcntl.LOCK_SH
     lock_fd = hold_folder(pull.root, kind, f"{pull.root} {IN_USE[kind]}")  # before anything is made
     plan_maps = userns.plan_maps
-    if os.path.lexists(pull.state / "shared"):  # its files are other folders' too: writes go to an overlay
+    if os.path.lexists(os.path.join(pull.state, "shared")):  # its files are other folders' too: writes to an overlay
         from .overlay import prepare
 
-        dir_fd, plan_maps = prepare(pull, dir_fd, writable)
+        dir_fd, plan_maps = prepare(PullDir(pull.root), dir_fd, writable)
     command = sandbox.container_command(config, args.entrypoint, args.command)
     check_user_namespaces()
     with open_rootfs(dir_fd, str(pull.rootfs)) as rootfs:
         passwd, group = read_image_file(rootfs, "etc/passwd"), read_image_file(rootfs, "etc/group")
         identity = sandbox.resolve_user(args.user if args.user is not None else config.user, passwd, group)
-        hostname = args.hostname or config.hostname or sandbox.default_hostname(pull.root.name)
+        hostname = args.hostname or config.hostname or sandbox.default_hostname(os.path.basename(pull.root))
         base_env = {"PATH": sandbox.DEFAULT_PATH, "HOSTNAME": hostname, "HOME": identity.home}
         if "TERM" in os.environ:
             base_env["TERM"] = os.environ["TERM"]
@@ -223,8 +227,8 @@ def exec_bwrap(argv: list[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     # Python ignores SIGPIPE and SIGXFSZ for itself; an exec would hand that on to the container.
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    signal(SIGPIPE, SIG_DFL)
+    signal(SIGXFSZ, SIG_DFL)
     try:
         os.execvp(argv[0], argv)
     except FileNotFoundError:

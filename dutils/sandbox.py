@@ -5,11 +5,11 @@ Standard library only, and little of it: d-run's start-up pays for every import.
 namedtuples: a dataclass takes ten times as long to define.
 """
 
-import json
 from collections import namedtuple
 from collections.abc import Callable
 
 from .errors import CONTROLS, Error
+from .store import load_json
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOSTNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
@@ -55,6 +55,8 @@ def config_value(data: dict, key: str, kind: str) -> object:
     value = data.get(key)
     if value is None or KINDS[kind](value):
         return value
+    import json  # only to show the bad value: json.decoder imports `re`, which d-run's start-up does without
+
     text = json.dumps(value)
     text = text if len(text) <= 80 else text[:77] + "..."
     raise Error(f"config.json: {key!r} must be a {kind} or null, not {text}", "fix it in config.json")
@@ -218,8 +220,8 @@ def parse_tmpfs(spec: str) -> Mount:
 def parse_entrypoint(text: str) -> tuple[str, ...]:
     """`--entrypoint` as podman takes it: a JSON list of strings (`["/bin/sh", "-c"]`), else one program."""
     try:
-        words = json.loads(text) if text.startswith("[") else [text] * bool(text)
-    except (ValueError, RecursionError):
+        words = load_json(text) if text.startswith("[") else [text] * bool(text)
+    except ValueError:
         words = None
     if not is_string_list(words):
         raise ValueError(f"expected a program or a JSON list of strings, not {shown(text)}")

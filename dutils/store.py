@@ -1,40 +1,70 @@
 """On-disk facts shared by d-pull and d-run (cache, pull folder, atomic writes, locks); stdlib only, for d-run."""
 
+from __future__ import annotations  # Path in annotations only: no `re`, json.decoder or pathlib for d-run's start-up
+
 import contextlib
 import errno
 import fcntl
-import json
 import os
-import re
 import stat
 import sys
 from collections import namedtuple
 from collections.abc import Iterator
-from pathlib import Path
 
 from .errors import Error
 
-DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+TYPE_CHECKING = False  # typing's, without importing typing
+if TYPE_CHECKING:
+    from pathlib import Path
+try:  # the C scanner json.loads uses, without json.decoder
+    from _json import make_scanner
+except ImportError:  # not CPython: no SCAN, and json.loads reads it all
+    make_scanner = None
+
 SMALL_FILE = 4 << 20  # records, lock and auth files, config.json, /etc/passwd: far above real ones, far below harm
+JSON_SPACE = " \t\n\r"
+HEX = "0123456789abcdef"
+
+
+class JSONDefaults:  # what json's scanner reads from its decoder: JSONDecoder()'s (float reads NaN, -Infinity too)
+    strict, object_hook, object_pairs_hook, parse_float, parse_int, parse_constant = True, None, None, float, int, float
+
+
+SCAN = make_scanner and make_scanner(JSONDefaults)
 
 
 def load_json(data: str | bytes) -> object:
-    """json.loads, too deep a nesting (a RecursionError) being the ValueError any other bad JSON is, for callers."""
+    """json.loads, too deep a nesting (a RecursionError) being the ValueError any other bad JSON is, for callers.
+    UTF-8 JSON goes to json's C scanner (json.decoder imports `re`); what it does not take whole, to json.loads."""
+    with contextlib.suppress(Exception):  # (JSON in UTF-16 or -32 holds a NUL, which the scanner refuses)
+        text = data if isinstance(data, str) else data.decode("utf-8", "surrogatepass")
+        value, end = SCAN(text, len(text) - len(text.lstrip(JSON_SPACE)))
+        if not text[end:].lstrip(JSON_SPACE):
+            return value
+    import json
+
     try:
         return json.loads(data)
     except RecursionError:
         raise ValueError("nested too deeply") from None
 
 
+def is_digest(text: object) -> bool:
+    """`sha256:<64 lowercase hex>` (a regular expression would import `re`)."""
+    return isinstance(text, str) and len(text) == 71 and text[:7] == "sha256:" and not text[7:].strip(HEX)
+
+
 def check_digest(digest: str) -> str:
     """Return `digest` if it is `sha256:<64 hex>`; a digest also names files, so nothing else passes."""
-    if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+    if not is_digest(digest):
         raise Error(f"unsupported or malformed digest {digest!r}", "only sha256 digests are supported")
     return digest
 
 
 def cache_dir(override: str | None = None) -> Path:
     """The blob cache: --cache, then $D_UTILS_CACHE, then $XDG_CACHE_HOME/d-utils, then ~/.cache/d-utils."""
+    from pathlib import Path
+
     if chosen := override or os.environ.get("D_UTILS_CACHE"):
         return Path(chosen).absolute()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").absolute() / "d-utils"
@@ -98,13 +128,13 @@ def check_cache(cache: Path) -> Path:
     for parent, folders, files in os.walk(cache):
         for name in folders + files:
             with contextlib.suppress(FileNotFoundError):  # a lock another pull removed meanwhile
-                check_private(Path(parent, name), os.lstat(os.path.join(parent, name)))
+                check_private(os.path.join(parent, name), os.lstat(os.path.join(parent, name)))
         if parent == trees:
             folders.clear()
     return cache
 
 
-def check_private(path: Path, info: os.stat_result) -> None:
+def check_private(path: str | Path, info: os.stat_result) -> None:
     if stat.S_ISLNK(info.st_mode):
         problem, fix = "is a symbolic link", f"remove it: rm {path}"
     elif not (stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode)):
@@ -158,6 +188,8 @@ def current_umask() -> int:
 
 
 def write_json(path: Path, value: object) -> None:
+    import json
+
     write_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
 
 
@@ -242,7 +274,7 @@ class Record(namedtuple("Record", RECORD_FIELDS, defaults=(False, "", "", ""))):
 
     __slots__ = ()
 
-    def retarget(self, reference: str, digest: str, platform: str, root: Path, replace: bool) -> "Record":
+    def retarget(self, reference: str, digest: str, platform: str, root: Path, replace: bool) -> Record:
         """The record for holding `digest`: a finished folder changes image only when `replace` (--update, a lock)."""
         if (self.reference, self.digest) == (reference, digest):
             return self
@@ -255,13 +287,19 @@ class Record(namedtuple("Record", RECORD_FIELDS, defaults=(False, "", "", ""))):
 
 
 class PullDir:
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root).absolute()
-        self.rootfs = self.root / "rootfs"
-        self.config = self.root / "config.json"
-        self.volumes = self.root / "volumes"
-        self.record_path = self.root / "image.json"  # what was pulled; the rest of the pull's state lives in `state`
-        self.state = self.root / ".d-pull"
+    """A pull folder's paths: pathlib.Path, or for d-run (whose start-up pathlib would cost 4 ms) `kind` str."""
+
+    def __init__(self, root: str | os.PathLike[str], kind: type | None = None) -> None:
+        if kind is None:
+            from pathlib import Path as kind
+        self.root = kind(absolute(root))
+        self.rootfs = kind(os.path.join(self.root, "rootfs"))
+        self.config = kind(os.path.join(self.root, "config.json"))
+        self.volumes = kind(os.path.join(self.root, "volumes"))
+        self.record_path = kind(
+            os.path.join(self.root, "image.json")
+        )  # what was pulled; the rest of its state: in `state`
+        self.state = kind(os.path.join(self.root, ".d-pull"))
 
     def read_record(self) -> Record | None:
         """The record, or None when this folder was never the target of a pull."""
@@ -285,7 +323,7 @@ class PullDir:
         and no link in DIR/.d-pull (one planted there would make a pull write, as its owner, where it leads)."""
         parts = [self.root, self.state, self.rootfs, self.config, self.record_path, self.volumes]
         with contextlib.suppress(OSError):  # none, or not ours to list: nothing of it is used then
-            parts += [self.state / name for name in os.listdir(self.state)]
+            parts += [os.path.join(self.state, name) for name in os.listdir(self.state)]
         others = 0o022  # the write bits that matter: for what is inside DIR, those of whoever can enter DIR
         for path in parts:
             try:
@@ -308,7 +346,7 @@ class PullDir:
         write_json(self.record_path, record._asdict())
 
     def is_complete(self, record: Record | None) -> bool:
-        return bool(record and record.complete and self.config.exists() and self.rootfs.is_dir())
+        return bool(record and record.complete and os.path.exists(self.config) and os.path.isdir(self.rootfs))
 
     def require_complete(self) -> Record:
         """The record of a finished pull, or an error saying how to finish it."""
@@ -322,6 +360,13 @@ class PullDir:
                 f"run the same d-pull again: d-pull {record.reference} {self.root}",
             )
         return record
+
+
+def absolute(path: str | os.PathLike[str]) -> str:
+    """str(Path(path).absolute()): "." and empty parts dropped, ".." kept (a link's parent is not its folder's)."""
+    path = os.path.join(os.getcwd(), path)
+    head = "//" if path[:2] == "//" and path[2:3] != "/" else "/"  # as pathlib: POSIX leaves "//" to the system
+    return head + "/".join(part for part in path.split("/") if part not in ("", "."))
 
 
 def hold_folder(root: Path, kind: int, busy: str) -> int:

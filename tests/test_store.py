@@ -2,8 +2,11 @@
 planted, removing a tree without following its links, and a pull folder's record."""
 
 import errno
+import inspect
+import json
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,17 @@ from malicious import outside_state, plant_markers
 from test_pipeline import digest
 
 from dutils.errors import Error
-from dutils.store import NotRegular, Record, check_digest, load_json, read_small, remove_tree, write_atomic
+from dutils.store import (
+    NotRegular,
+    PullDir,
+    Record,
+    absolute,
+    check_digest,
+    load_json,
+    read_small,
+    remove_tree,
+    write_atomic,
+)
 
 
 @pytest.mark.parametrize("text", ["sha256:" + "0" * 64, "sha256:" + "af" * 32])
@@ -25,6 +38,61 @@ def test_a_sha256_digest_passes(text):
 def test_anything_else_is_no_digest(text):
     with pytest.raises(Error, match="malformed digest"):
         check_digest(text)
+
+
+# load_json reads UTF-8 JSON with json's C scanner itself, without json.decoder; all else goes to json.loads. These
+# must come out exactly as json.loads has them (value or error), on every Python d-run runs on.
+JSON_CASES = [
+    b'{"a": [1, -2.5e3, true, false, null, "\\u00e9\\ud800", "\xc3\xa9"], "a": {}}',
+    b" \t\r\n[]\n ",
+    b'"\xed\xa0\x80"',  # a lone surrogate, in UTF-8 (json reads bytes with surrogatepass)
+    b"[NaN, Infinity, -Infinity, 1" + b"0" * 400 + b"]",
+    b"[1" + b"0" * 5000 + b"]",  # over int's digit limit: ValueError
+    b"\xef\xbb\xbf[1]",  # UTF-8 with a BOM
+    "[1]".encode("utf-16"),
+    "[1]".encode("utf-16-le"),
+    "[1]".encode("utf-32-be"),
+    b"[1\x00]",
+    b"",
+    b" ",
+    b"[1] [2]",
+    b"[1,]",
+    b'["a\tb"]',  # a raw tab: strict JSON refuses it
+    b"\xff[1]",
+    b"[\xff]",
+    b"[1]\x0b",
+    "[1, 2]",
+    "\ufeff[1]",
+    ' {"a": 1} ',
+]
+
+
+def outcome(read, data):
+    try:
+        return "value", repr(read(data))
+    except (ValueError, RecursionError) as err:
+        return type(err).__name__, str(err)
+
+
+@pytest.mark.parametrize("data", JSON_CASES)
+def test_load_json_reads_as_json_loads(data):
+    assert outcome(load_json, data) == outcome(json.loads, data)
+
+
+@pytest.mark.parametrize("python", ["/usr/bin/python3"])
+def test_load_json_reads_as_json_loads_on_debians_python(python):
+    if not os.access(python, os.X_OK):
+        pytest.skip(f"no {python}")
+    code = "\n".join(
+        [
+            f"import ast, json, sys; sys.path.insert(0, {str(Path(__file__).parent.parent)!r})",
+            "from dutils.store import load_json",
+            inspect.getsource(outcome),
+            "for data in ast.literal_eval(sys.stdin.read()):",
+            "    assert outcome(load_json, data) == outcome(json.loads, data), data",
+        ]
+    )
+    subprocess.run([python, "-I", "-c", code], input=repr(JSON_CASES), text=True, check=True, timeout=30)
 
 
 def test_json_nested_too_deeply_is_bad_json():
@@ -86,3 +154,10 @@ def test_remove_tree_never_follows_links(tmp_path: Path) -> None:
     remove_tree(tmp_path / "tree")
     remove_tree(tmp_path / "missing")
     assert not (tmp_path / "tree").exists() and outside_state([out]) == before
+
+
+@pytest.mark.parametrize("path", [".", "", "./a/./b/", "a//b", "//x/y", "///x", "/a/../b/.", "a/..", "/"])
+def test_a_pull_folders_paths_are_the_same_as_strings_without_pathlib(path):
+    assert absolute(path) == str(Path(path).absolute())
+    paths, strings = vars(PullDir(path)), vars(PullDir(path, str))
+    assert {name: str(value) for name, value in paths.items()} == strings
