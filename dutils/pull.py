@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)  # None: sys.argv[1:]
     try:
         if args.unshare:
-            from .share import unshare
+            from .overlay import unshare
 
             unshare(args.unshare)
             return 0

@@ -118,10 +118,11 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
     config = read_config(dir_fd, str(pull.config))
     writable, kind = args.rw or config.rw, fcntl.LOCK_EX if args.rw or config.rw else fcntl.LOCK_SH
     lock_fd = hold_folder(pull.root, kind, f"{pull.root} {IN_USE[kind]}")  # before anything is made
-    if writable and os.path.lexists(os.path.join(pull.state, "shared")):  # its files are other folders' too (share.py)
-        from .share import make_private
+    plan_maps = userns.plan_maps
+    if os.path.lexists(os.path.join(pull.state, "shared")):  # its files are other folders' too: writes to an overlay
+        from .overlay import prepare
 
-        make_private(PullDir(pull.root), "d-run")
+        dir_fd, plan_maps = prepare(PullDir(pull.root), dir_fd, writable)
     command = sandbox.container_command(config, args.entrypoint, args.command)
     check_user_namespaces()
     with open_rootfs(dir_fd, str(pull.rootfs)) as rootfs:
@@ -134,8 +135,8 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         env = sandbox.container_env(base_env, config.env, read_env_files(args.env_file) + args.env, dict(os.environ))
         published = ports.published(args.publish, config.ports, args.net or config.net)
         network = args.net or config.net or bool(published)  # with ports: pasta's network, shared by bwrap
-        maps = userns.plan_maps(identity.uid, identity.gid, read_setting)
-        root_maps = maps is not None and not maps[0]  # every id mapped to itself
+        maps = plan_maps(identity.uid, identity.gid, read_setting)
+        root_maps = maps is not None and maps[1] == userns.EVERY_ID  # every id mapped to itself
         defaults = [sandbox.Mount(target) for target in config.volumes]
         if network and os.path.exists(RESOLV_CONF):
             defaults.append(sandbox.Mount(RESOLV_CONF, RESOLV_CONF, read_only=True))
@@ -311,7 +312,7 @@ OPTIONS = (
     (("-u", "--user"), "user", "NAME|UID[:GROUP|GID]", str,
      "run as this user (names from the image's /etc/passwd and /etc/group; default: User, else root)"),
     (("--rw",), "rw", None, None,
-     "make the image's root writable (changes stay in DIR/rootfs; a shared one first gets files of its own)"),
+     "make the image's root writable (changes stay in DIR/rootfs; a shared one's in an overlay, see README)"),
     (("-n", "--net"), "net", None, None, "share the host's network, with its /etc/resolv.conf"),
     (("-p", "--publish"), "publish", "[HOST_ADDR:]HOST_PORT:CONTAINER_PORT[/tcp|/udp]", str,
      "forward the host's port (on 127.0.0.1 unless HOST_ADDR is given; [::1] for IPv6) to the container's, "

@@ -7,7 +7,7 @@ an existing file (each entry is created afresh), so that tree stays as it was. H
 is complete; each folder made from the tree by hard links holds another link to it, DIR/.d-pull/shared, so its link
 count is 1 + the folders using the tree, and its mtime the tree's last use. A folder made by hard links shares its
 files' inodes with the store and its siblings: before anything writes into them (d-run --rw), the folder is made
-private by a copy (make_private).
+private by a copy (make_private), or d-run writes through an overlay (overlay.py).
 """
 
 import ctypes
@@ -25,10 +25,11 @@ from pathlib import Path
 
 from .errors import Error, printable
 from .folder import AppliedLog
-from .store import ANCHOR, PullDir, hold_folder, locked, remove_tree, touch, trees_folder, write_atomic
+from .store import ANCHOR, PullDir, locked, remove_tree, touch, trees_folder, write_atomic
 from .tree import journal_path
 
 SHARED = "shared"  # DIR/.d-pull/shared: a hard link to the anchor of the tree DIR/rootfs is linked from
+OVERLAY = "overlay"  # DIR/.d-pull/overlay: where d-run --rw writes to a shared folder (overlay.py)
 FICLONE = 0x40049409  # ioctl: make a file share another's blocks (XFS, Btrfs)
 RENAME_EXCHANGE = 2
 EXPOSED = ["!", "-type", "d", "!", "-type", "l", "(", "!", "-uid", "0", "-o", "-perm", "/022", ")"]  # as root sees
@@ -100,6 +101,7 @@ class StoreTree:
         is applied."""
         log.start_over()
         (folder.state / SHARED).unlink(missing_ok=True)
+        remove_tree(folder.state / OVERLAY)  # --rw changes go with the old image, as a private folder's do (--update)
         if os.stat(self.anchor).st_dev != os.stat(folder.root).st_dev:
             note(f"the cache is on another filesystem than {printable(str(folder.root))}: copying, not sharing")
             how = []
@@ -203,38 +205,26 @@ def is_shared(folder: PullDir) -> bool:
     return os.path.lexists(folder.state / SHARED)
 
 
-def make_private(folder: PullDir, program: str) -> None:
-    """Give DIR/rootfs files of its own (a copy, by reflinks where the filesystem clones), so that nothing written
-    into it reaches the store or another folder; swapped in at once, so that a kill leaves the one or the other."""
-    print(f"{program}: copying the files {printable(str(folder.rootfs))} shares, to make it private", file=sys.stderr)
+def make_private(folder: PullDir, program: str, why: str = "", source: Path | None = None) -> None:
+    """Give DIR/rootfs files of its own (a copy of `source`, DIR/rootfs by default, by reflinks where the filesystem
+    clones), so that nothing written into it reaches the store or another folder; swapped in at once, so that a kill
+    leaves the one or the other. Said in one line, `why` first."""
+    shared = printable(str(folder.rootfs))
+    print(f"{program}: {why}copying the files {shared} shares, to make it private", file=sys.stderr)
     copy = folder.root / ".rootfs.private"
     try:
         remove_tree(copy)  # a copy that a kill cut short
-        copy_tree(folder.rootfs, copy, ["--reflink=auto"])
+        copy_tree(source or folder.rootfs, copy, ["--reflink=auto"])
         libc = ctypes.CDLL(None, use_errno=True)
         at_cwd = -100
         if libc.renameat2(at_cwd, bytes(copy), at_cwd, bytes(folder.rootfs), RENAME_EXCHANGE):
             code = ctypes.get_errno()
-            raise Error(f"cannot replace {printable(str(folder.rootfs))}: {os.strerror(code)}")
+            raise Error(f"cannot replace {shared}: {os.strerror(code)}")
         remove_tree(copy)
         (folder.state / SHARED).unlink()
     except OSError as err:  # a folder left unremovable in the copy (made so by the image), say
         where = printable(os.fsdecode(err.filename or copy))
-        raise Error(f"cannot make {printable(str(folder.rootfs))} private: {where}: {err.strerror}") from None
-
-
-def unshare(root: str) -> None:
-    """d-pull --unshare DIR: make a shared folder private, while no pull and no container uses it."""
-    folder = PullDir(root)
-    folder.require_complete()
-    with locked(folder.state / "lock", f"another d-pull is writing {printable(str(folder.root))}"):
-        if not is_shared(folder):  # asked under the lock: another --unshare may have just made it private
-            raise Error(f"{printable(str(folder.root))} shares no files with other folders", "it is private already")
-        held = hold_folder(folder.root, fcntl.LOCK_EX, f"{printable(str(folder.root))} is in use by a container")
-        try:
-            make_private(folder, "d-pull")
-        finally:
-            os.close(held)
+        raise Error(f"cannot make {shared} private: {where}: {err.strerror}") from None
 
 
 if __name__ == "__main__":  # make_rootfs's copy_exposed, as root (as_root)

@@ -38,11 +38,12 @@ ORDER = [
     "pipeline",
     "runner",  # doit running the pipeline's tasks in d-pull's process
     "steps",
-    "pull",
     "seccomp",
     "ports",
     "sandbox",
     "userns",  # the image's users and groups, read by sandbox's table helpers
+    "overlay",  # where d-run --rw writes to a shared folder; d-pull --unshare copies its merged tree
+    "pull",
     "mounts",
     "run",
 ]
