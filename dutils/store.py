@@ -437,7 +437,7 @@ def remove_entry(dir_fd: int | None, name: str) -> None:
         os.unlink(name, dir_fd=dir_fd)
         return
     fd = open_to_empty(dir_fd, name)
-    names, todo = [name], [listing(fd)]
+    names, todo, folders = [name], [listing(fd)], [folder_id(fd)]
     try:
         while todo:
             if todo[-1]:
@@ -446,16 +446,25 @@ def remove_entry(dir_fd: int | None, name: str) -> None:
                     fd = swap_fd(fd, open_to_empty(fd, child))
                     names.append(child)
                     todo.append(listing(fd))
+                    folders.append(folder_id(fd))
                 else:
                     os.unlink(child, dir_fd=fd)
                 continue
             todo.pop()
+            folders.pop()
             if todo:
                 fd = swap_fd(fd, os.open("..", LISTABLE, dir_fd=fd))
+                if folder_id(fd) != folders[-1]:  # moved elsewhere meanwhile, by someone it is writable to: stop there
+                    raise OSError(errno.ESTALE, "a folder was moved while it was removed", os.path.join(*names))
                 os.rmdir(names.pop(), dir_fd=fd)
     finally:
         os.close(fd)
     os.rmdir(name, dir_fd=dir_fd)
+
+
+def folder_id(fd: int) -> tuple[int, int]:
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
 
 
 def open_to_empty(dir_fd: int | None, name: str) -> int:

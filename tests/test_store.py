@@ -7,6 +7,8 @@ import json
 import os
 import stat
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -141,6 +143,39 @@ def test_a_finished_folder_changes_image_only_when_asked(tmp_path: Path):
     )
     unfinished = done._replace(complete=False)  # an interrupted pull of another image: simply replaced
     assert unfinished.retarget("r:2", digest(2), "linux/amd64", tmp_path, replace=False).digest == digest(2)
+
+
+@pytest.mark.integration  # 20,000 files, a second or two
+def test_a_folder_moved_out_of_a_tree_being_removed_takes_the_removal_nowhere_else(tmp_path: Path) -> None:
+    # The attacker can write inside the tree (a 1777 folder of an image's, in an overlay's upper) and moves a folder
+    # the removal is inside of to a folder of the victim's on the same filesystem: coming back up through "..", the
+    # removal must not go on with the tree's other names there.
+    tree, victim = tmp_path / "tree/a/b", tmp_path / "victim"
+    for folder in (tree, victim):
+        for n in range(10):
+            (folder / f"d{n}").mkdir(parents=True)
+    for n in range(10):
+        (victim / f"d{n}/precious").write_text("mine")
+    (tree / "c").mkdir()
+    for n in range(20_000):
+        (tree / f"c/{n}").touch()
+    before = os.stat(tree / "c").st_mtime_ns
+
+    def move_when_entered() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and os.stat(tree / "c").st_mtime_ns == before:
+            time.sleep(0.001)
+        os.rename(tree / "c", victim / "c")
+
+    mover = threading.Thread(target=move_when_entered)
+    mover.start()
+    try:
+        with pytest.raises(OSError, match="moved while it was removed"):
+            remove_tree(tmp_path / "tree")
+    finally:
+        mover.join(timeout=70)
+    assert sorted(os.listdir(victim)) == sorted([*(f"d{n}" for n in range(10)), "c"])
+    assert all((victim / f"d{n}/precious").read_text() == "mine" for n in range(10))
 
 
 def test_remove_tree_never_follows_links(tmp_path: Path) -> None:
