@@ -12,6 +12,7 @@ from collections import namedtuple
 from .errors import Error
 from .store import read_setting
 
+HOST_ROOT = os.geteuid() == 0  # d-run's user as it starts: in a namespace of its own (overlay.py) a user is 0 too
 NOBODY = 65534  # whom pasta becomes when root starts it, by default; d-run's root pasta too (userns.namespaces)
 NS_GET_USERNS = 0xB701  # ioctl: the user namespace owning a namespace
 DEFAULT_ADDRESS = "127.0.0.1"  # published on the host's loopback unless an address is given
@@ -186,14 +187,15 @@ def start_pasta(ports: tuple[Port, ...], netns_fd: int) -> None:
     import signal
     import subprocess
 
-    root = os.geteuid() == 0
-    if root:  # root's pasta, nobody by then, opens its pid pipe anew (/proc/self/fd): the pipe must be nobody's
+    if HOST_ROOT:  # root's pasta, nobody by then, opens its pid pipe anew (/proc/self/fd): the pipe must be nobody's
         os.seteuid(NOBODY)
     ready_read, ready_write = os.pipe()  # both closed on d-run's exec, as `monitor`
-    if root:
+    if HOST_ROOT:
         os.seteuid(0)
     fds = (fcntl.ioctl(netns_fd, NS_GET_USERNS), netns_fd, ready_write)
-    argv = [*pasta_options(ports), *["--runas", f"{NOBODY}:{NOBODY}"] * root]
+    # a user who is 0 in the overlay's namespace (overlay.py) stays themselves: pasta, started as 0, would be nobody
+    runas = f"{NOBODY}:{NOBODY}" if HOST_ROOT else "0:0" if os.geteuid() == 0 else ""
+    argv = [*pasta_options(ports), *["--runas", runas] * bool(runas)]
     paths = [f"/proc/self/fd/{fd}" for fd in fds]
     argv += ["--userns", paths[0], "--netns", paths[1], "--pid", paths[2]]
     monitor = os.pidfd_open(os.getpid())

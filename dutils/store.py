@@ -391,16 +391,22 @@ def hold_while_open(lock_fd: int) -> int:
     read_end, write_end = os.pipe()
     if os.fork() == 0:  # the holder: nothing but the lock and the pipe's other end
         try:
-            low, high = sorted((lock_fd, read_end))  # the caller's output too: its reader must see it end
-            os.closerange(0, low)
-            os.closerange(low + 1, high)
-            os.closerange(high + 1, os.sysconf("SC_OPEN_MAX"))
+            close_all_but(lock_fd, read_end)  # the caller's output too: its reader must see it end
             os.read(read_end, 1)  # end of file: bwrap and everything in the sandbox are gone
         finally:
             os._exit(0)
     os.close(read_end)
     os.close(lock_fd)
     return write_end
+
+
+def close_all_but(*fds: int) -> None:
+    """Close every descriptor of this process but `fds` (standard input and output too)."""
+    start = 0
+    for fd in sorted(fds):
+        os.closerange(start, fd)
+        start = fd + 1
+    os.closerange(start, os.sysconf("SC_OPEN_MAX"))
 
 
 def read_setting(path: str) -> str:

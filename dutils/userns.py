@@ -19,8 +19,9 @@ import os
 from collections.abc import Callable
 
 from .errors import Error
-from .ports import NOBODY, start_pasta
+from .ports import HOST_ROOT, NOBODY, start_pasta
 from .sandbox import Plan, find_row, is_number, table_rows
+from .store import close_all_but
 
 CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
 EVERY_ID = [0, 0, 2**32 - 1]  # (uid_t) -1 stays unmapped
@@ -81,9 +82,15 @@ def write_maps(pid: int, tools: list[str], uid_map: list[int], gid_map: list[int
     return True
 
 
-def make(maps: tuple[list[str], list[int], list[int]], owner: int | None = None, network: bool = False) -> list[int]:
+def make(
+    maps: tuple[list[str], list[int], list[int]],
+    owner: int | None = None,
+    network: bool = False,
+    dumpable: bool = False,
+) -> list[int]:
     """A user namespace with `maps`, of d-run's user or the uid `owner`, for bwrap's --userns, then (`network`) a
-    network namespace it owns, for pasta: a child unshares, waits until the maps are written, and exits."""
+    network namespace it owns, for pasta: a child unshares, waits until the maps are written, and exits. `dumpable`:
+    made from a namespace of d-run's own, where d-run is capable over none of the owner's processes."""
     import ctypes
 
     ready_read, ready_write = os.pipe()
@@ -92,10 +99,10 @@ def make(maps: tuple[list[str], list[int], list[int]], owner: int | None = None,
     if child == 0:  # in the child: only system calls, then _exit
         status = 1
         try:
-            os.close(ready_read)
-            os.close(done_write)
-            if owner is not None:  # dumpable, so that d-run, capable in its parent namespace only, opens it
+            close_all_but(ready_write, done_read)  # d-run's own: the owner's other processes may reach this one's
+            if owner is not None:
                 os.setresuid(owner, owner, owner)
+            if dumpable:  # so that d-run, capable in the parent namespace only, opens it
                 ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 1)
             flags = CLONE_NEWUSER | CLONE_NEWNET * network
             status = 0 if ctypes.CDLL(None, use_errno=True).unshare(flags) == 0 else ctypes.get_errno()
@@ -124,7 +131,7 @@ def namespaces(maps: tuple[list[str], list[int], list[int]], network: bool) -> l
     """bwrap's user namespace and (`network`) -p's network namespace. Under root, the network namespace is owned by
     one of nobody's that maps only nobody, as pasta, who serves it, runs: a flaw of pasta's never holds the namespace
     of root's that maps every id (its capabilities there would be over every host file)."""
-    if network and os.geteuid() == 0:
+    if network and HOST_ROOT:
         pastas, netns = make(([], [0, NOBODY, 1], [0, NOBODY, 1]), NOBODY, network=True)
         os.close(pastas)  # pasta finds it from the network namespace (ports.start_pasta)
         return [make(maps)[0], netns]
@@ -156,7 +163,7 @@ def become(box: Plan) -> None:
     mapped, in its place. Host processes of the image's uid get no capability in it: its parent is not theirs."""
     (uid, gid), groups, userns_fd, netns_fd = box.identity[:2], list(box.groups), box.userns_fd, box.netns_fd
     try:
-        early = netns_fd is not None and os.geteuid() == 0  # root's is nobody's (see namespaces), joined from here
+        early = netns_fd is not None and HOST_ROOT  # root's is nobody's (see namespaces), joined from here
         if netns_fd is not None:  # with d-run's ids: a change of pasta's own would clear its death signal
             start_pasta(box.ports, netns_fd)
         if early:
@@ -168,7 +175,7 @@ def become(box: Plan) -> None:
             join(userns_fd, CLONE_NEWUSER)
             if netns_fd is not None and not early:  # a user's, owned by the namespace just joined
                 join_network(netns_fd)
-            inner = make(([], same_ids("uid_map"), same_ids("gid_map")), uid)[0]
+            inner = make(([], same_ids("uid_map"), same_ids("gid_map")), uid, dumpable=True)[0]
             os.dup2(inner, userns_fd)
             os.close(inner)
         if groups:

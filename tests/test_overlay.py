@@ -3,7 +3,9 @@ and its siblings stay as they were, every later run sees the changes, d-pull --u
 refuses the overlay the folder is made private once. Against the real registry and bwrap, as root, as the ordinary
 user with a subordinate range (newuidmap), and as that user without one (no newuidmap on PATH)."""
 
+import concurrent.futures
 import contextlib
+import pwd
 import shutil
 import socket
 import subprocess
@@ -13,7 +15,9 @@ from pathlib import Path
 
 import pytest
 from images import push
-from malicious import make_workspace
+from malicious import USER, make_workspace
+from test_ports import pastas
+from test_run import wait_until
 from test_share import BASE, EXTENDED, RW_SCRIPT, pull, subprocess_tool, trees
 from trees import snapshot
 
@@ -112,15 +116,27 @@ def test_update_moves_a_folder_with_changes_to_the_new_tree_and_drops_them_as_fo
     assert (ran.returncode, ran.stdout) == (0, "upper\n"), ran.stderr
 
 
-def test_a_run_with_published_ports_gets_the_overlay_too(tool, registry):
-    """With -p d-run (or, without a range, pasta) makes the network namespace from inside the overlay's namespace."""
+def test_a_run_with_published_ports_gets_the_overlay_too(tool, registry, request):
+    """With -p d-run (or, without a range, pasta) makes the network namespace from inside the overlay's namespace.
+    pasta is the user, whom the overlay's namespace makes 0 (not that namespace's nobody, a container id); root's is
+    nobody."""
     place, run = tool
     shared_pair(place, run, registry, "overlay-ports")
+    owner = "65534" if request.node.callspec.params["tool"] == "root" else str(pwd.getpwnam(USER).pw_uid)
     for n, flags in enumerate((["--rw"], [])):
         with socket.socket() as probe:  # a free port
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        ran = run("d-run", *flags, "-p", f"127.0.0.1:{port}:80", place / "a", "sh", "-c", f"echo {n} >> /x; cat /x")
+        script = f"echo {n} >> /x; cat /x; sleep 3"
+        with concurrent.futures.ThreadPoolExecutor(1) as running:
+            started = running.submit(
+                run, "d-run", *flags, "-p", f"127.0.0.1:{port}:80", place / "a", "sh", "-c", script
+            )
+            assert wait_until(lambda p=port, s=started: pastas(p) or s.done()) and (found := pastas(port))
+            for pid in found:  # (without a range pasta, which d-run execs, runs as two processes)
+                with open(f"/proc/{pid}/status") as status:
+                    assert [line.split()[1] for line in status if line.startswith("Uid:")] == [owner]
+            ran = started.result(timeout=120)
         assert (ran.returncode, ran.stdout) == (0, "0\n"), ran.stderr  # the first run's line, seen by the second
         assert flags or "Read-only file system" in ran.stderr
 

@@ -221,6 +221,41 @@ def test_root_s_pasta_is_nobody_whose_namespaces_reach_no_host_file(images, work
     assert wait_until(lambda: not pastas(port))
 
 
+SNOOP = """
+import os, sys, time
+deadline = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < deadline:
+    for pid in set(filter(str.isdigit, os.listdir("/proc"))) - {str(os.getpid())}:
+        try:
+            with open(f"/proc/{pid}/status") as status:
+                if "Uid:\\t65534\\t" not in status.read():
+                    continue
+            os.close(os.open(f"/proc/{pid}/ns/net", os.O_RDONLY))
+            print("opened the network namespace of", pid, flush=True)
+        except OSError:
+            pass
+"""
+
+
+@pytest.mark.usefixtures("tun")
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root d-run (a user's pasta is that user's)")
+def test_no_process_of_nobody_s_opens_what_root_s_d_run_makes_for_pasta(images, tmp_path) -> None:
+    # The attacker runs as nobody, watching for processes of nobody's: d-run's helper that makes pasta's namespaces
+    # is one, for a moment, and pasta another. Neither may let it in (nor hold d-run's descriptors).
+    done = d_pull("-q", images["app"], str(tmp_path / "app"), cache=tmp_path / "cache", timeout=300)
+    assert done.returncode == 0, done.stderr
+    snoop = subprocess.Popen(
+        ["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", SNOOP, "30"], stdout=subprocess.PIPE
+    )
+    try:
+        for _ in range(5):
+            run = [BIN / "d-run", "-p", f"{free_port()}:8080", tmp_path / "app", "true"]
+            assert subprocess.run(run, capture_output=True, timeout=60).returncode == 0
+    finally:
+        snoop.kill()
+    assert snoop.communicate(timeout=30)[0] == b""
+
+
 def make_deb(where: Path, name: str, depends: str) -> Path:
     tree = where / name
     (tree / "DEBIAN").mkdir(parents=True)
