@@ -60,9 +60,12 @@ def test_a_second_pull_into_the_same_folder_refuses_clearly(images, tmp_path: Pa
     assert d_pull(images["busybox"], str(folder), cache=tmp_path / "cache").returncode == 0
     before = snapshot(folder)
     with open(folder / ".d-pull" / "lock", "a+b") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # as a running d-pull holds it
-        done = d_pull(images["busybox"], str(folder), cache=tmp_path / "cache")
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a running d-pull holds it, before it marks the folder incomplete
+        done = d_pull("--update", images["busybox"], str(folder), cache=tmp_path / "cache")
+        # a no-op writes nothing: the folder is complete until the holder marks it otherwise (Pull.resolve)
+        no_op = d_pull(images["busybox"], str(folder), cache=tmp_path / "cache")
     assert_one_line_error(done, "another d-pull is writing", str(folder))
+    assert no_op.returncode == 0 and no_op.stderr.startswith("up to date: "), no_op.stderr
     assert snapshot(folder) == before
 
 
