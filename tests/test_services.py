@@ -248,7 +248,7 @@ def test_no_process_of_nobody_s_opens_what_root_s_d_run_makes_for_pasta(images, 
         ["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", SNOOP, "30"], stdout=subprocess.PIPE
     )
     try:
-        for _ in range(5):
+        for _ in range(3):  # bounded; three starts caught the old helper
             run = [BIN / "d-run", "-p", f"{free_port()}:8080", tmp_path / "app", "true"]
             assert subprocess.run(run, capture_output=True, timeout=60).returncode == 0
     finally:
