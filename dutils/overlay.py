@@ -26,9 +26,8 @@ from pathlib import Path
 
 from . import userns
 from .errors import Error, printable
-from .store import PullDir, hold_folder, locked, read_setting, remove_entry, remove_tree
+from .store import OVERLAY, PullDir, hold_folder, libc, locked, read_setting, remove_entry, remove_tree
 
-OVERLAY = "overlay"  # DIR/.d-pull/overlay (share.py, which this module imports only when it copies, names it too)
 CLONE_NEWNS, MS_RDONLY, MS_REC, MS_SLAVE, MNT_DETACH = 0x20000, 1, 0x4000, 0x80000, 2
 FOLDER = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -39,15 +38,6 @@ def holds_changes(folder: PullDir) -> bool:
             return next(entries, None) is not None
     except (FileNotFoundError, NotADirectoryError):
         return False
-
-
-def call(name: str, *args: object) -> None:
-    """The C library's function `name`, an OSError when it fails."""
-    import ctypes  # here: d-run's start-up pays for every import
-
-    if getattr(ctypes.CDLL(None, use_errno=True), name)(*args) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
 
 
 def enter_namespace() -> list | None:
@@ -62,12 +52,12 @@ def enter_namespace() -> list | None:
             os.close(joined)
     elif os.geteuid() != 0:
         uid, gid = os.geteuid(), os.getegid()
-        call("unshare", userns.CLONE_NEWUSER)
+        libc("unshare", userns.CLONE_NEWUSER)
         for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
             with open(f"/proc/self/{name}", "w") as setting:
                 setting.write(text)
-    call("unshare", CLONE_NEWNS)
-    call("mount", None, b"/", None, MS_REC | MS_SLAVE, None)
+    libc("unshare", CLONE_NEWNS)
+    libc("mount", None, b"/", None, MS_REC | MS_SLAVE, None)
     return outer
 
 
@@ -109,7 +99,7 @@ def fd_path(fd: int) -> str:
 
 
 def mount_overlay(target: int, layers: str, flags: int = 0) -> None:
-    call("mount", b"overlay", fd_path(target).encode(), b"overlay", flags, f"{layers},userxattr".encode())
+    libc("mount", b"overlay", fd_path(target).encode(), b"overlay", flags, f"{layers},userxattr".encode())
 
 
 def writable_layers(lower: int, upper: int, work: int) -> str:
@@ -125,7 +115,7 @@ def read_only_layers(lower: int, overlay: int, upper: int, work: int) -> str:
     """A read-only run's layers: the upper a lower folder too (read-only runs share it), under an upper of the run's own
     on a tmpfs mounted on the work folder, where d-run makes mount points the --rw runs did not (bwrap then makes the
     root read-only)."""
-    call("mount", b"tmpfs", fd_path(work).encode(), b"tmpfs", 0, b"mode=0711")
+    libc("mount", b"tmpfs", fd_path(work).encode(), b"tmpfs", 0, b"mode=0711")
     scratch = os.open("work", FOLDER, dir_fd=overlay)  # the tmpfs
     top, scratch_work = folder_in(scratch, "u"), folder_in(scratch, "w")
     os.chmod(fd_path(top), stat.S_IMODE(os.fstat(upper).st_mode))  # the merged root is the top upper's
@@ -176,7 +166,7 @@ def unshare(root: str) -> None:
             if holds_changes(folder):
                 merged = mount_merged(folder, held)
                 make_private(folder, "d-pull", "with the changes of its --rw runs: ", merged)
-                call("umount2", bytes(merged), MNT_DETACH)
+                libc("umount2", bytes(merged), MNT_DETACH)
             else:
                 make_private(folder, "d-pull")
             remove_tree(folder.state / OVERLAY)

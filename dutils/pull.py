@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="replace DIR's image when the tag now names another one (keeps config.json edits); with --lock, lock anew")  # fmt: skip
     add("--share", action="store_true",
         help="make DIR/rootfs by hard links from the cache's applied copy of the image (see README: shared folders)")  # fmt: skip
-    add("--unshare", metavar="DIR", help="give the shared folder DIR files of its own (a copy), and pull nothing")
+    add("--unshare", metavar="DIR",
+        help="give the shared folder DIR files of its own (a copy, its --rw runs' changes in), and pull nothing")  # fmt: skip
     add("--lock", metavar="FILE",
         help="pull the digest FILE pins DIR to (a complete DIR then costs no request), else pin it there")  # fmt: skip
     add("--policy", metavar="FILE", help="trust policy, containers-policy.json(5) (default: where podman finds it)")

@@ -10,7 +10,6 @@ files' inodes with the store and its siblings: before anything writes into them 
 private by a copy (make_private), or d-run writes through an overlay (overlay.py).
 """
 
-import ctypes
 import errno
 import fcntl
 import hashlib
@@ -25,11 +24,10 @@ from pathlib import Path
 
 from .errors import Error, printable
 from .folder import AppliedLog
-from .store import ANCHOR, PullDir, locked, remove_tree, touch, trees_folder, write_atomic
+from .store import ANCHOR, OVERLAY, PullDir, libc, locked, remove_tree, touch, trees_folder, write_atomic
 from .tree import journal_path
 
 SHARED = "shared"  # DIR/.d-pull/shared: a hard link to the anchor of the tree DIR/rootfs is linked from
-OVERLAY = "overlay"  # DIR/.d-pull/overlay: where d-run --rw writes to a shared folder (overlay.py)
 FICLONE = 0x40049409  # ioctl: make a file share another's blocks (XFS, Btrfs)
 RENAME_EXCHANGE = 2
 EXPOSED = ["!", "-type", "d", "!", "-type", "l", "(", "!", "-uid", "0", "-o", "-perm", "/022", ")"]  # as root sees
@@ -215,11 +213,8 @@ def make_private(folder: PullDir, program: str, why: str = "", source: Path | No
     try:
         remove_tree(copy)  # a copy that a kill cut short
         copy_tree(source or folder.rootfs, copy, ["--reflink=auto"])
-        libc = ctypes.CDLL(None, use_errno=True)
         at_cwd = -100
-        if libc.renameat2(at_cwd, bytes(copy), at_cwd, bytes(folder.rootfs), RENAME_EXCHANGE):
-            code = ctypes.get_errno()
-            raise Error(f"cannot replace {shared}: {os.strerror(code)}")
+        libc("renameat2", at_cwd, bytes(copy), at_cwd, bytes(folder.rootfs), RENAME_EXCHANGE)
         remove_tree(copy)
         (folder.state / SHARED).unlink()
     except OSError as err:  # a folder left unremovable in the copy (made so by the image), say

@@ -21,6 +21,7 @@ try:  # the C scanner json.loads uses, without json.decoder
 except ImportError:  # not CPython: no SCAN, and json.loads reads it all
     make_scanner = None
 
+OVERLAY = "overlay"  # DIR/.d-pull/overlay: where d-run --rw writes to a shared folder (overlay.py)
 SMALL_FILE = 4 << 20  # records, lock and auth files, config.json, /etc/passwd: far above real ones, far below harm
 JSON_SPACE = " \t\n\r"
 HEX = "0123456789abcdef"
@@ -296,9 +297,7 @@ class PullDir:
         self.rootfs = kind(os.path.join(self.root, "rootfs"))
         self.config = kind(os.path.join(self.root, "config.json"))
         self.volumes = kind(os.path.join(self.root, "volumes"))
-        self.record_path = kind(
-            os.path.join(self.root, "image.json")
-        )  # what was pulled; the rest of its state: in `state`
+        self.record_path = kind(os.path.join(self.root, "image.json"))  # what was pulled; the rest: in `state`
         self.state = kind(os.path.join(self.root, ".d-pull"))
 
     def read_record(self) -> Record | None:
@@ -398,6 +397,15 @@ def hold_while_open(lock_fd: int) -> int:
     os.close(read_end)
     os.close(lock_fd)
     return write_end
+
+
+def libc(name: str, *args: object) -> None:
+    """The C library's function `name` (one Python lacks), an OSError when it fails."""
+    import ctypes  # here: d-run's start-up pays for every import
+
+    if getattr(ctypes.CDLL(None, use_errno=True), name)(*args) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def close_all_but(*fds: int) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from .errors import Error
 from .ports import HOST_ROOT, NOBODY, start_pasta
 from .sandbox import Plan, find_row, is_number, table_rows
-from .store import close_all_but
+from .store import close_all_but, libc
 
 CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
 EVERY_ID = [0, 0, 2**32 - 1]  # (uid_t) -1 stays unmapped
@@ -139,10 +139,7 @@ def namespaces(maps: tuple[list[str], list[int], list[int]], network: bool) -> l
 
 
 def join(fd: int, kind: int) -> None:
-    import ctypes
-
-    if ctypes.CDLL(None, use_errno=True).setns(fd, kind) != 0:
-        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    libc("setns", fd, kind)
 
 
 def join_network(fd: int) -> None:
