@@ -133,12 +133,19 @@ def test_a_run_with_published_ports_gets_the_overlay_too(tool, registry, request
                 run, "d-run", *flags, "-p", f"127.0.0.1:{port}:80", place / "a", "sh", "-c", script
             )
             assert wait_until(lambda p=port, s=started: pastas(p) or s.done()) and (found := pastas(port))
-            for pid in found:  # (without a range pasta, which d-run execs, runs as two processes)
-                with open(f"/proc/{pid}/status") as status:
-                    assert [line.split()[1] for line in status if line.startswith("Uid:")] == [owner]
+            # (without a range pasta, which d-run execs, runs as two processes; root's starts as root, then drops)
+            assert wait_until(lambda f=found: real_uids(f) == {owner}), real_uids(found)
             ran = started.result(timeout=120)
         assert (ran.returncode, ran.stdout) == (0, "0\n"), ran.stderr  # the first run's line, seen by the second
         assert flags or "Read-only file system" in ran.stderr
+
+
+def real_uids(pids: list[int]) -> set[str]:
+    uids = set()
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as status:
+            uids |= {line.split()[1] for line in status if line.startswith("Uid:")}
+    return uids
 
 
 def test_another_user_runs_root_s_folder_with_its_changes(registry, unprivileged, tmp_path):
