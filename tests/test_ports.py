@@ -484,6 +484,18 @@ def test_host_port_in_use(run, box, kind):
     assert not (box / "volumes").exists()  # refused before the anonymous volume was made
 
 
+def test_a_port_released_soon_after_the_start_is_waited_for(run, box):
+    """The pasta of a container that has just ended is ended a moment after its d-run's status is out: the next
+    d-run of the same port waits (bounded) for it, as for this listener closed shortly after the start."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        threading.Timer(0.5, taken.close).start()
+        done = run("-p", f"{port}:80", str(box), "sh", "-c", "exit 7")
+    assert (done.returncode, done.stderr) == (7, "")
+
+
 def test_privileged_host_port(run, box):
     if Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text().strip() in ("0", "1"):
         pytest.skip("this host lets every user bind port 1")
