@@ -187,12 +187,13 @@ def apply_members(stream: VerifyingReader, tree: Tree, skipped: Skipped, layer: 
 
 
 def apply_member(reader: TarReader, entry: Member, tree: Tree, skipped: Skipped) -> None:
-    parents, _, base = clean(entry.name).rpartition("/")
-    if WHITEOUT in parents and any(part.startswith(WHITEOUT) for part in parents.split("/")):
-        return  # inside a reserved name (AUFS metadata such as .wh..wh.plnk/ in old layers): not content
-    if base.startswith(WHITEOUT):
-        apply_whiteout(entry.name, base, tree)
-        return
+    if WHITEOUT in entry.name:  # a whiteout, or a reserved name (cleaning a name joins none of its parts)
+        parents, _, base = clean(entry.name).rpartition("/")
+        if any(part.startswith(WHITEOUT) for part in parents.split("/")):
+            return  # inside a reserved name (AUFS metadata such as .wh..wh.plnk/ in old layers): not content
+        if base.startswith(WHITEOUT):
+            apply_whiteout(entry.name, base, tree)
+            return
     with tree.parent(entry.name) as place:
         if not place.path and not entry.isdir():
             raise IsADirectoryError(errno.EISDIR, "refusing to turn the root into a non-directory")
@@ -239,10 +240,9 @@ def write_file(reader: TarReader, entry: Member, tree: Tree, place: Place, skipp
         fd = os.open(place.name, FILE_FLAGS, mode, dir_fd=place.fd)
     try:
         for offset, piece in reader.extents(entry):
-            view = memoryview(piece)
-            while view:  # once, but where the disk fills up
-                written = os.pwrite(fd, view, offset)
-                view, offset = view[written:], offset + written
+            while piece:  # once, but where the disk fills up
+                written = os.pwrite(fd, piece, offset)
+                piece, offset = piece[written:], offset + written
         if entry.sparse is not None:
             os.ftruncate(fd, entry.size)  # the holes are left unwritten: sparse where the filesystem allows
         # chmod only where the umask took bits away, or for setuid, setgid and sticky bits (chown clears them)

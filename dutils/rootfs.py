@@ -82,6 +82,7 @@ class Root:
         # entry's parent is most often the same or near it. `stale` when a walk or a removal may change them.
         self.names = Trail()
         self.fds: list[int] = []
+        self.folder: str | None = None  # their path, once parent() has opened them all
         self.stale = False
         st = os.lstat(name, dir_fd=top)
         if not stat.S_ISDIR(st.st_mode):
@@ -154,6 +155,7 @@ class Root:
         for fd in self.fds[keep:]:
             os.close(fd)
         del self.names[keep:], self.fds[keep:]
+        self.folder = None
 
     def _open_dirs(self, parts: list[str]) -> int:
         """Open the already resolved directory `parts` afresh from the root."""
@@ -170,24 +172,28 @@ class Root:
         """Where entry `name` goes, its missing parent directories made. Found from the folders of the previous
         call (a lent place, valid until the next call) while no link is on the way; else walked from the root."""
         path = clean(name)
-        *dirs, base = path.split("/")
-        if self.stale or dirs != self.names:  # keep the folders this name shares with the last one
+        if not path:
+            return Place(self.top, self.root_name, "", lent=True)
+        folder, _, base = path.rpartition("/")
+        if self.stale or folder != self.folder:  # keep the folders this name shares with the last one
+            dirs = folder.split("/") if folder else []
             same = [*map(str.__eq__, dirs, self.names), False]
             self._drop(0 if self.stale else same.index(False))
             self.stale = False
-        fd = self.fds[-1] if self.fds else self.root
-        for part in dirs[len(self.names) :]:  # plain names: clean() took out ".", ".." and empty ones
-            st = lstat_or_none(part, fd)
-            if st is None:
-                make_missing_dir(fd, part)
-                st = os.lstat(part, dir_fd=fd)
-            if not stat.S_ISDIR(st.st_mode) or len(self.fds) >= KEPT:  # a link, not a folder, or deep: walk it
-                self._drop(0)
-                return self._walk(name, make_missing_dir)
-            fd = self._enter(fd, part, Trail(dirs[: len(self.names) + 1]), st)
-            self.names.append(part)
-            self.fds.append(fd)
-        return Place(fd, base, path, lent=True) if path else Place(self.top, self.root_name, "", lent=True)
+            fd = self.fds[-1] if self.fds else self.root
+            for part in dirs[len(self.names) :]:  # plain names: clean() took out ".", ".." and empty ones
+                st = lstat_or_none(part, fd)
+                if st is None:
+                    make_missing_dir(fd, part)
+                    st = os.lstat(part, dir_fd=fd)
+                if not stat.S_ISDIR(st.st_mode) or len(self.fds) >= KEPT:  # a link, not a folder, or deep: walk it
+                    self._drop(0)
+                    return self._walk(name, make_missing_dir)
+                fd = self._enter(fd, part, Trail(dirs[: len(self.names) + 1]), st)
+                self.names.append(part)
+                self.fds.append(fd)
+            self.folder = folder
+        return Place(self.fds[-1] if self.fds else self.root, base, path, lent=True)
 
     def find(self, name: str) -> Place | None:
         """Where entry `name` is, or None when one of its parents is missing; nothing is made."""

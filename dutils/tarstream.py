@@ -8,6 +8,7 @@ the old GNU format and in pax 0.0, 0.1 and 1.0, read as Go's archive/tar reads t
 """
 
 import os
+import re
 import sys
 import zlib
 from collections.abc import Iterator
@@ -20,15 +21,22 @@ MAX_DIGITS = 40  # of a number in a pax record: 2**64 has 20, a time to the nano
 
 REGULAR, HARD_LINK, SYMLINK, CHAR, BLOCK_DEVICE, DIRECTORY, FIFO = b"0", b"1", b"2", b"3", b"4", b"5", b"6"
 LINKS = (HARD_LINK, SYMLINK)
+DEVICES = (CHAR, BLOCK_DEVICE)
 HEADER_ONLY = {HARD_LINK, SYMLINK, CHAR, BLOCK_DEVICE, DIRECTORY, FIFO}  # no data follows, whatever `size` says
 PAX_LOCAL, PAX_GLOBAL, SOLARIS_PAX = b"x", b"g", b"X"
 LONG_NAME, LONG_LINK, SPARSE = b"L", b"K", b"S"
+RECORDS = {PAX_LOCAL, SOLARIS_PAX, PAX_GLOBAL, LONG_NAME, LONG_LINK}  # headers that extend the next entry's
+ZEROS = bytes(BLOCK)
 USTAR = b"ustar\x0000"  # POSIX magic and version: only this format has the name prefix field
 XATTR = "SCHILY.xattr."
 # What a pax global record may set for every later entry: a name, link target, size or attribute given to them all
 # would make them one, and Go's archive/tar (umoci, containerd) applies no global record at all.
 GLOBAL_KEYS = ("uid", "gid", "mtime")
 NAMES = (sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())  # os.fsdecode's, without its checks
+# mode, uid, gid, size, mtime and checksum as GNU tar, Go and Python write them: read in one match (else one by one)
+USUAL = re.compile(rb"([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{11})\0([0-7]{6})\0 ")
+OCTAL = (8,) * 5  # int's base, for each
+FIELDS = ((100, 108, "mode"), (108, 116, "uid"), (116, 124, "gid"), (124, 136, "size"), (136, 148, "mtime"))
 
 
 class TarError(Exception):
@@ -42,10 +50,13 @@ class RecordTooLarge(TarError):
 class Member:
     """One member. `mtime` is the header's whole seconds (int) or a pax record's decimal text (str)."""
 
-    def __init__(self) -> None:
+    sparse: list[tuple[int, int]] | None = None  # a sparse file's (offset, length) regions of data
+    devmajor = devminor = 0
+
+    def __init__(self, kind: bytes, numbers: list[int]) -> None:
+        self.kind, (self.mode, self.uid, self.gid, self.size, self.mtime) = kind, numbers
+        self.mode &= 0o7777
         self.xattrs: dict[str, bytes] = {}
-        self.sparse: list[tuple[int, int]] | None = None  # a sparse file's (offset, length) regions of data
-        self.stored = 0  # bytes of data in the archive (a sparse file's are fewer than its size)
 
     def isdir(self) -> bool:
         return self.kind == DIRECTORY
@@ -57,7 +68,7 @@ class Member:
         return self.kind == HARD_LINK
 
     def isdevice(self) -> bool:
-        return self.kind in (CHAR, BLOCK_DEVICE)
+        return self.kind in DEVICES
 
     def isfifo(self) -> bool:
         return self.kind == FIFO
@@ -79,7 +90,8 @@ class TarReader:
 
     def __iter__(self) -> Iterator[Member]:
         while True:
-            self.skip(self.unread)
+            if self.unread:
+                self.skip(self.unread)
             entry = self.next_entry()
             if entry is None:
                 return
@@ -88,6 +100,12 @@ class TarReader:
     def extents(self, entry: Member) -> Iterator[tuple[int, bytes]]:
         """The data of `entry`, the current entry, in pieces of at most BUFFER bytes, each with its offset in the
         file (a sparse file's holes are between them)."""
+        start, end = self.offset, self.offset + self.unread
+        if entry.sparse is None and end <= len(self.buffer):  # the usual small file: in the buffer, padding too
+            self.offset, self.unread = end, 0
+            if entry.stored:
+                yield 0, self.buffer[start : start + entry.stored]
+            return
         for offset, length in entry.sparse if entry.sparse is not None else [(0, entry.stored)]:
             while length:
                 piece = self.take_some(min(length, BUFFER))
@@ -107,12 +125,9 @@ class TarReader:
             block = self.take_header()
             if block is None:
                 return None
-            kind = block[156:157]
-            size = number(block[124:136], "size")
-            if size < 0:
-                raise TarError("negative size in a header")
-            if kind in (PAX_LOCAL, SOLARIS_PAX, PAX_GLOBAL, LONG_NAME, LONG_LINK):
-                data = self.take_record(size, kind)
+            kind, numbers = block[156:157], header_numbers(block)
+            if kind in RECORDS:
+                data = self.take_record(numbers[3], kind)
                 if kind == PAX_GLOBAL:
                     self.globals.update(global_records(parse_pax(data)))
                 elif kind in (PAX_LOCAL, SOLARIS_PAX):
@@ -123,12 +138,12 @@ class TarReader:
                     long_link = data.split(b"\0", 1)[0]
                 continue
             entry = make_member(
-                block, kind, size, long_name, long_link, self.globals | records if self.globals else records
+                block, kind, numbers, long_name, long_link, self.globals | records if self.globals else records
             )
-            entry.stored = entry.size
+            entry.stored = entry.size  # bytes of data in the archive (a sparse file's are fewer than its size)
             if kind == SPARSE or records and any(key.startswith("GNU.sparse.") for key in records):
                 self.read_sparse(entry, block, records)
-            self.unread = entry.stored + -entry.stored % BLOCK if entry.isreg() else 0
+            self.unread = entry.stored + -entry.stored % BLOCK if entry.kind not in HEADER_ONLY else 0
             return entry
 
     def read_sparse(self, entry: Member, block: bytes, records: dict[str, bytes]) -> None:
@@ -176,14 +191,9 @@ class TarReader:
     def take_header(self) -> bytes | None:
         """The next header block; None at the end: a zero block, or the end of the data on a block boundary."""
         block = self.take_some(BLOCK)
-        if not block:
-            return None
-        if len(block) < BLOCK:
+        if 0 < len(block) < BLOCK:
             block += self.take_exactly(BLOCK - len(block))
-        if block.count(0) == BLOCK:
-            return None
-        check_sum(block)
-        return block
+        return block if block and block != ZEROS else None
 
     def take_record(self, size: int, kind: bytes) -> bytes:
         """A pax record set or a GNU long name, refused before it is read when larger than MAX_RECORD."""
@@ -231,31 +241,23 @@ class TarReader:
 
 
 def make_member(
-    block: bytes, kind: bytes, size: int, long_name: bytes | None, long_link: bytes | None, records: dict
+    block: bytes, kind: bytes, numbers: list[int], long_name: bytes | None, long_link: bytes | None, records: dict
 ) -> Member:
-    entry = Member()
     name = long_name if long_name is not None else text(block[0:100])
-    if long_name is None and block[257:265] == USTAR and block[345] != 0:
+    if long_name is None and block[345] and block[257:265] == USTAR:
         name = text(block[345:500]) + b"/" + name
     if kind == b"\0":  # old tars: a regular file, or a directory when the name ends in a slash (as Go reads it)
         kind = DIRECTORY if name.endswith(b"/") else REGULAR
-    entry.kind, entry.size = kind, size
+    entry = Member(kind, numbers)
     link = long_link if long_link is not None else text(block[157:257]) if kind in LINKS else b""
-    entry.mode = number(block[100:108], "mode") & 0o7777
-    entry.uid, entry.gid = number(block[108:116], "uid"), number(block[116:124], "gid")
-    entry.mtime = number(block[136:148], "mtime")
-    if entry.isdevice():
+    if kind in DEVICES:
         entry.devmajor, entry.devminor = number(block[329:337], "devmajor"), number(block[337:345], "devminor")
-    else:
-        entry.devmajor = entry.devminor = 0
     if records:
         apply_records(entry, records, name, link)
     else:
         entry.name, entry.linkname = name.decode(*NAMES), link.decode(*NAMES)
     if kind == DIRECTORY:
         entry.name = entry.name.rstrip("/") or "/"  # named as tar lists it, in messages too
-    if entry.uid < 0 or entry.gid < 0 or entry.size < 0:
-        raise TarError(f"{entry.name}: negative owner or size in its header")
     return entry
 
 
@@ -277,6 +279,18 @@ def text(field: bytes) -> bytes:
     return field.split(b"\0", 1)[0]
 
 
+def header_numbers(block: bytes) -> list[int]:
+    """The header's mode, uid, gid, size and mtime, its checksum checked first."""
+    usual = USUAL.match(block, 100)
+    check_sum(block, int(usual[6], 8) if usual else number(block[148:156], "checksum"))
+    if usual:
+        return [*map(int, usual.groups()[:5], OCTAL)]
+    numbers = [number(block[start:end], what) for start, end, what in FIELDS]
+    if min(numbers[1:4]) < 0:  # base-256 can say so; pax records cannot
+        raise TarError("negative owner or size in a header")
+    return numbers
+
+
 def number(field: bytes, what: str) -> int:
     """A numeric header field: octal digits padded with spaces or NULs (as Go trims them), or GNU's base-256."""
     digits = field.strip(b" \0")
@@ -294,9 +308,8 @@ def number(field: bytes, what: str) -> int:
     return 0
 
 
-def check_sum(block: bytes) -> None:
+def check_sum(block: bytes, stored: int) -> None:
     """The header checksum, as unsigned bytes (POSIX) or as signed ones (some old tars)."""
-    stored = number(block[148:156], "checksum")
     # adler32's low half is 1 + the sum of the bytes modulo 65521: exact for 256 bytes, and 3 times faster than sum()
     unsigned = (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) - 2
     unsigned += 8 * 32 - sum(block[148:156])

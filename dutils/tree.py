@@ -34,6 +34,7 @@ class Tree(Root):
         self.rootless = os.geteuid() != 0  # decided once: an ordinary user cannot chown or mknod
         self.umask = current_umask()  # the bits that creating a file with its mode does not give it
         self.kept = Hashes()  # paths this layer wrote, and their ancestors (trail_hashes): whiteouts spare them
+        self.kept_folder = ("", 0)  # the folder keep() marked last (all up to the root are), and its hash
         self.ids: list[int] = []  # the journal ids of the folders on the last trail entered, from the root down
         # The owner of an entry this layer makes, before any chown; none once a setgid folder is met (an entry
         # made in one takes its group): chown then always.
@@ -91,10 +92,16 @@ class Tree(Root):
 
     def keep(self, path: str) -> None:
         """Mark `path` and its ancestors as written by this layer (up to the first ancestor already marked)."""
-        for value in reversed(trail_hashes(path.split("/"))[1:] if path else []):
-            if value in self.kept:
-                return
-            self.kept.add(value)
+        folder, _, name = path.rpartition("/")
+        if folder != self.kept_folder[0]:
+            hashes = trail_hashes(folder.split("/") if folder else [])
+            for value in reversed(hashes[1:]):
+                if value in self.kept:
+                    break
+                self.kept.add(value)
+            self.kept_folder = (folder, hashes[-1])
+        if name:
+            self.kept.add(hash((self.kept_folder[1], name)))  # marked twice at most where a layer repeats a path
 
     def clear(self, fd: int, name: str) -> None:
         """Remove whatever is at `name` in `fd`: a file, a link, or a directory with everything in it."""
