@@ -216,6 +216,7 @@ def apply_member(reader: TarReader, entry: Member, tree: Tree, skipped: Skipped)
             make_node(place, entry)
             mode = None if entry.issym() else entry.mode  # a symlink has no mode of its own
             set_metadata(place.name, place.fd, entry, mode, tree, skipped, tree.made_owner)
+            os.utime(place.name, ns=(mtime_ns(entry),) * 2, dir_fd=place.fd, follow_symlinks=False)
 
 
 def make_node(place: Place, entry: Member) -> None:
@@ -248,6 +249,7 @@ def write_file(reader: TarReader, entry: Member, tree: Tree, place: Place, skipp
         # chmod only where the umask took bits away, or for setuid, setgid and sticky bits (chown clears them)
         mode = entry.mode if entry.mode & (tree.umask | 0o7000) else None
         set_metadata(fd, None, entry, mode, tree, skipped, tree.made_owner)
+        os.utime(fd, ns=(mtime_ns(entry),) * 2)
     finally:
         os.close(fd)
 
@@ -257,7 +259,7 @@ def set_metadata(
 ) -> None:
     """On the open file `target`, or on the entry named `target` in `dir_fd` (not followed), owned by `owner` now
     (empty: not known). Owner first (chown clears setuid bits), then attributes and mode (None: as it is, for a
-    symlink or a file made with it), times last (a folder's are put on by finish(), after its children)."""
+    symlink or a file made with it); the caller puts times on last (a folder's: finish(), after its children)."""
     by_name = {} if dir_fd is None else {"dir_fd": dir_fd, "follow_symlinks": False}
     if tree.rootless:
         skipped.owners += bool(entry.uid or entry.gid)
@@ -268,8 +270,6 @@ def set_metadata(
         set_xattrs(target if dir_fd is None else f"/proc/self/fd/{dir_fd}/{target}", entry, skipped)
     if mode is not None:
         os.chmod(target, mode, **by_name)
-    if not entry.isdir():
-        os.utime(target, ns=(mtime_ns(entry),) * 2, **by_name)
 
 
 def set_xattrs(target: str | int, entry: Member, skipped: Skipped) -> None:

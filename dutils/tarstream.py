@@ -11,7 +11,7 @@ import os
 import re
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 BLOCK = 512
 MAX_RECORD = 1 << 20  # bytes in one pax record set or GNU long name: Go's archive/tar maxSpecialFileSize
@@ -97,15 +97,16 @@ class TarReader:
                 return
             yield entry
 
-    def extents(self, entry: Member) -> Iterator[tuple[int, bytes]]:
+    def extents(self, entry: Member) -> Iterable[tuple[int, bytes]]:
         """The data of `entry`, the current entry, in pieces of at most BUFFER bytes, each with its offset in the
         file (a sparse file's holes are between them)."""
         start, end = self.offset, self.offset + self.unread
         if entry.sparse is None and end <= len(self.buffer):  # the usual small file: in the buffer, padding too
             self.offset, self.unread = end, 0
-            if entry.stored:
-                yield 0, self.buffer[start : start + entry.stored]
-            return
+            return [(0, self.buffer[start : start + entry.stored])] if entry.stored else []
+        return self.pieces(entry)
+
+    def pieces(self, entry: Member) -> Iterator[tuple[int, bytes]]:
         for offset, length in entry.sparse if entry.sparse is not None else [(0, entry.stored)]:
             while length:
                 piece = self.take_some(min(length, BUFFER))
@@ -280,9 +281,15 @@ def text(field: bytes) -> bytes:
 
 
 def header_numbers(block: bytes) -> list[int]:
-    """The header's mode, uid, gid, size and mtime, its checksum checked first."""
+    """The header's mode, uid, gid, size and mtime, its checksum checked first (as unsigned bytes, as POSIX says,
+    or as signed ones, as some old tars wrote it)."""
     usual = USUAL.match(block, 100)
-    check_sum(block, int(usual[6], 8) if usual else number(block[148:156], "checksum"))
+    stored = int(usual[6], 8) if usual else number(block[148:156], "checksum")
+    # adler32's low half is 1 + the sum of the bytes modulo 65521: exact for 256 bytes, and 3 times faster than sum()
+    unsigned = (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) - 2
+    unsigned += 8 * 32 - sum(block[148:156])  # the checksum field counted as spaces, as POSIX says
+    if stored != unsigned and stored != unsigned - 256 * sum(byte >= 0x80 for byte in block[:148] + block[156:]):
+        raise TarError("bad header checksum: not a tar archive, or a damaged one")  # nor as signed bytes (old tars)
     if usual:
         return [*map(int, usual.groups()[:5], OCTAL)]
     numbers = [number(block[start:end], what) for start, end, what in FIELDS]
@@ -306,15 +313,6 @@ def number(field: bytes, what: str) -> int:
     if digits:
         raise TarError(f"invalid {what} field {digits!r} in a header")
     return 0
-
-
-def check_sum(block: bytes, stored: int) -> None:
-    """The header checksum, as unsigned bytes (POSIX) or as signed ones (some old tars)."""
-    # adler32's low half is 1 + the sum of the bytes modulo 65521: exact for 256 bytes, and 3 times faster than sum()
-    unsigned = (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) - 2
-    unsigned += 8 * 32 - sum(block[148:156])
-    if stored != unsigned and stored != unsigned - 256 * sum(byte >= 0x80 for byte in block[:148] + block[156:]):
-        raise TarError("bad header checksum: not a tar archive, or a damaged one")
 
 
 def parse_pax(data: bytes) -> dict[str, bytes]:

@@ -34,7 +34,7 @@ class Tree(Root):
         self.rootless = os.geteuid() != 0  # decided once: an ordinary user cannot chown or mknod
         self.umask = current_umask()  # the bits that creating a file with its mode does not give it
         self.kept = Hashes()  # paths this layer wrote, and their ancestors (trail_hashes): whiteouts spare them
-        self.kept_folder = ("", 0)  # the folder keep() marked last (all up to the root are), and its hash
+        self.kept_folder = ("", 0)  # the folder parent() marked last (all up to the root are), and its hash
         self.ids: list[int] = []  # the journal ids of the folders on the last trail entered, from the root down
         # The owner of an entry this layer makes, before any chown; none once a setgid folder is met (an entry
         # made in one takes its group): chown then always.
@@ -66,7 +66,16 @@ class Tree(Root):
     def parent(self, name: str) -> Place:
         """Where entry `name` goes, its missing parent directories made."""
         place = super().parent(name)
-        self.keep(place.path)
+        folder, _, base = place.path.rpartition("/")  # marked as this layer's, with its parents: whiteouts spare them
+        if folder != self.kept_folder[0]:
+            hashes = trail_hashes(folder.split("/") if folder else [])
+            for value in reversed(hashes[1:]):  # up to the first folder already marked
+                if value in self.kept:
+                    break
+                self.kept.add(value)
+            self.kept_folder = (folder, hashes[-1])
+        if base:
+            self.kept.add(hash((self.kept_folder[1], base)))  # marked twice at most where a layer repeats a path
         return place
 
     def make_dir(self, place: Place, mode: int) -> tuple:
@@ -89,19 +98,6 @@ class Tree(Root):
             return st.st_uid, st.st_gid
         self.made = (self.ids[place.path.count("/")], place.name)
         return self.made_owner
-
-    def keep(self, path: str) -> None:
-        """Mark `path` and its ancestors as written by this layer (up to the first ancestor already marked)."""
-        folder, _, name = path.rpartition("/")
-        if folder != self.kept_folder[0]:
-            hashes = trail_hashes(folder.split("/") if folder else [])
-            for value in reversed(hashes[1:]):
-                if value in self.kept:
-                    break
-                self.kept.add(value)
-            self.kept_folder = (folder, hashes[-1])
-        if name:
-            self.kept.add(hash((self.kept_folder[1], name)))  # marked twice at most where a layer repeats a path
 
     def clear(self, fd: int, name: str) -> None:
         """Remove whatever is at `name` in `fd`: a file, a link, or a directory with everything in it."""
