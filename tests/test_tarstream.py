@@ -105,10 +105,35 @@ def test_numbers_in_base_256_and_old_directories() -> None:
     assert (entry.name, entry.isdir(), entry.uid) == ("old-dir", True, 3_000_000_000)
 
 
+def with_numbers(header: bytes, **fields: bytes) -> bytes:
+    """`header` with numeric fields (mode, uid, size, checksum) written as given, its checksum put right unless given."""
+    block = bytearray(header)
+    for name, value in fields.items():
+        start = {"mode": 100, "uid": 108, "size": 124, "checksum": 148}[name]
+        block[start : start + len(value)] = value
+    if "checksum" not in fields:
+        block[148:156] = b" " * 8
+        block[148:156] = b"%07o\0" % sum(block[:512])  # seven digits: not the usual form either
+    return bytes(block)
+
+
+def test_numbers_in_the_forms_other_tars_write() -> None:
+    """Padded with spaces (old GNU tar), NULs or nothing: read field by field, as the usual form is read at once."""
+    usual = ustar_header(b"f", size=3, mode=0o755) + b"abc" + bytes(509) + END
+    other = with_numbers(usual, mode=b"   755 \0", uid=b"0000000 ", size=b"00000000003 ")
+    assert read_all(other) == read_all(usual)
+    assert (
+        read_all(with_numbers(ustar_header(b"f", size=9) + END, size=b"\0" * 12))[0][5] == 0
+    )  # no digits: zero, as Go reads it
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
         (b"\x01" * 1024, "checksum"),
+        (with_numbers(ustar_header(b"f"), mode=b"+000755\0") + END, "invalid mode field"),  # int() takes a sign
+        (with_numbers(ustar_header(b"f"), size=b"0000_000001\0") + END, "invalid size field"),  # and underscores
+        (with_numbers(ustar_header(b"f"), uid=b"\xff" * 8) + END, "negative owner or size"),  # base-256
         (ustar_header(b"f", size=100) + b"x" * 50, "unexpected end of data"),
         (ustar_header(b"f")[:300], "unexpected end of data"),
         (
@@ -154,7 +179,17 @@ def test_numbers_in_base_256_and_old_directories() -> None:
         (pax_record("size=12x") + file_entry(b"x") + END, "invalid pax size record"),
     ],
     ids=[
-        *("not-a-tar", "data-cut", "header-cut", "sparse-overlap", "sparse-past-the-end", "sparse-data-short"),
+        *(
+            "not-a-tar",
+            "signed-mode",
+            "underscored-size",
+            "negative-uid",
+            "data-cut",
+            "header-cut",
+            "sparse-overlap",
+            "sparse-past-the-end",
+            "sparse-data-short",
+        ),
         *(
             "sparse-numblocks",
             "sparse-huge",
