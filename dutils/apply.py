@@ -216,7 +216,7 @@ def apply_member(reader: TarReader, entry: Member, tree: Tree, skipped: Skipped)
             make_node(place, entry)
             mode = None if entry.issym() else entry.mode  # a symlink has no mode of its own
             set_metadata(place.name, place.fd, entry, mode, tree, skipped, tree.made_owner)
-            put_times(place.name, entry, dir_fd=place.fd, follow_symlinks=False)
+            os.utime(place.name, ns=(mtime_ns(entry),) * 2, dir_fd=place.fd, follow_symlinks=False)
 
 
 def make_node(place: Place, entry: Member) -> None:
@@ -249,7 +249,7 @@ def write_file(reader: TarReader, entry: Member, tree: Tree, place: Place, skipp
         # chmod only where the umask took bits away, or for setuid, setgid and sticky bits (chown clears them)
         mode = entry.mode if entry.mode & (tree.umask | 0o7000) else None
         set_metadata(fd, None, entry, mode, tree, skipped, tree.made_owner)
-        put_times(fd, entry)
+        os.utime(fd, ns=(mtime_ns(entry),) * 2)
     finally:
         os.close(fd)
 
@@ -280,14 +280,6 @@ def set_xattrs(target: str | int, entry: Member, skipped: Skipped) -> None:
             if err.errno not in (errno.EPERM, errno.EOPNOTSUPP):  # privileged (trusted.*, security.*)
                 raise
             skipped.xattrs += 1
-
-
-def put_times(target: str | int, entry: Member, **by_name: object) -> None:
-    """The entry's mtime, as its atime too. Whole seconds are passed as such: converting nanoseconds costs twice."""
-    if isinstance(entry.mtime, int) and abs(entry.mtime) < MAX_SECONDS:
-        os.utime(target, (entry.mtime,) * 2, **by_name)
-    else:
-        os.utime(target, ns=(mtime_ns(entry),) * 2, **by_name)
 
 
 def mtime_ns(entry: Member) -> int:
