@@ -75,7 +75,7 @@ class Tree(Root):
                 self.kept.add(value)
             self.kept_folder = (folder, hashes[-1])
         if base:
-            self.kept.add(hash((self.kept_folder[1], base)))  # marked twice at most where a layer repeats a path
+            self.kept.add(hash((self.kept_folder[1], base)))  # a path written again may be added again: harmless
         return place
 
     def make_dir(self, place: Place, mode: int) -> tuple:
