@@ -161,7 +161,7 @@ class Pull:
         digest = entry["digest"] if entry else self.ref.digest
 
         def resolve_on(registry: Registry) -> Image:
-            ref, fetch = replace(registry.ref, digest=digest), partial(self.download, registry)
+            ref, fetch = registry.ref._replace(digest=digest), partial(self.download, registry)
             return resolve_image(registry, ref, self.options.platform, fetch)
 
         self.image = self.from_any_registry(resolve_on)
