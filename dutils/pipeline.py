@@ -19,7 +19,6 @@ import shlex
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from functools import cached_property, partial
 from pathlib import Path
@@ -35,6 +34,8 @@ from .reference import Reference, Source, parse_reference
 from .store import PullDir, Record, blob_path, cache_dir, hold_folder
 
 if TYPE_CHECKING:  # sandboxes all up to date need no registry: a dodo.py's doit run then never loads requests
+    from concurrent.futures import Future
+
     from doit.exceptions import TaskFailed
 
     from .apply import Skipped
@@ -192,6 +193,8 @@ class Pull:
     def fetched(self, blob: Blob, downloads: threading.BoundedSemaphore) -> None:
         """`blob` in the cache, downloaded by whichever task asks first while the other waits: a download under
         way always progresses, so waiting for it cannot deadlock the task threads."""
+        from concurrent.futures import Future  # here: a no-op fetches nothing
+
         with self.mutex:
             first = blob.digest not in self.fetching
             done = self.fetching.setdefault(blob.digest, Future())

@@ -301,6 +301,7 @@ def test_a_tags_no_op_asks_the_registry_and_loads_no_doit(who, registry, request
         done, loaded = pull(ref, folder)
         assert done.returncode == 0 and "requests" in loaded, done.stderr
         assert not {"doit", "dutils.runner", "dutils.apply", "dutils.share"} & loaded  # no stage it need not run
+        assert not {"concurrent.futures", "subprocess"} & loaded  # nor what only a download or a helper needs
         assert done.stderr == f"up to date: {ref} ({amd64[0].manifest_digest}) in {folder}\n"
         asked = [entry["http.request.uri"] for entry in registry.responses()[served:]]
         assert f"/v2/{name}/manifests/latest" in asked and not any("/blobs/" in uri for uri in asked)
