@@ -149,6 +149,10 @@ def run_pipeline(
     try:
         if task.settled():  # a tag's no-op: decided by what the registry says it names now
             return f"up to date: {task.ref}"
+        from .share import share_at_once  # made from the store's complete tree without doit, when it is
+
+        if args.share and share_at_once(task):
+            return f"pulled {task.ref}"
         from .runner import run_pulls
 
         failures = run_pulls([task], debug=args.debug)
