@@ -21,14 +21,10 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .errors import Error, printable
 from .folder import AppliedLog
 from .store import ANCHOR, OVERLAY, PullDir, libc, locked, remove_tree, touch, trees_folder, write_atomic
-
-if TYPE_CHECKING:
-    from .pipeline import Pull
 
 SHARED = "shared"  # DIR/.d-pull/shared: a hard link to the anchor of the tree DIR/rootfs is linked from
 FICLONE = 0x40049409  # ioctl: make a file share another's blocks (XFS, Btrfs)
@@ -133,28 +129,6 @@ class StoreTree:
             argv = ["find", str(self.folder.rootfs), "-mindepth", "1", *EXPOSED, "-printf", "%P\\0"]
             write_atomic(self.exposed, as_root(argv, f"read {self.name}"))
         return self.exposed.stat().st_size > 0
-
-
-def share_at_once(pull: "Pull") -> bool:
-    """d-pull --share when the store holds the image's tree complete: the pipeline's own steps (resolve, make_rootfs,
-    write_config) in its order, without doit, whose start-up would cost more than the rest. False, once the manifest
-    is resolved, when its tree is incomplete (the pipeline does it: it holds the folder anew and resolves again)."""
-    try:
-        pull.resolve()  # holds the folder (and the cache) until finish
-        image = pull.image
-        tree = image.layers and StoreTree(pull.options.cache, image.diff_ids, [layer.digest for layer in image.layers])
-        if not tree or not tree.complete() or pull.is_complete():
-            return False
-        tree.make_rootfs(pull.folder, pull.log, pull.options.progress.note)
-        pull.write_config()
-        return True
-    except OSError as err:  # as the pipeline's tasks say it (pipeline.action)
-        where = f"{printable(os.fsdecode(err.filename))}: " if err.filename else ""
-        raise Error(f"{where}{err.strerror or err}") from None
-    finally:
-        from .pipeline import finish
-
-        finish([pull])
 
 
 def copy_exposed(tree: Path, rootfs: Path, listed: Path) -> None:
