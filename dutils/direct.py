@@ -9,19 +9,23 @@ from .share import StoreTree
 
 
 def share_directly(pull: Pull) -> bool:
-    """Resolve, make_rootfs, write_config, as the tasks do. False, once the manifest is resolved, when its tree is not
-    complete (or the folder is): the pipeline then holds the folder anew and resolves it again."""
+    """Resolve, make_rootfs, write_config, as the tasks do. False when the manifest's tree is not complete (or the
+    folder is): the tasks then go on from that manifest (Pull.settled), with the folder held still."""
     try:
-        pull.resolve()  # holds the folder, and the cache, until finish
+        pull.resolve()  # holds the folder, and the cache, until write_config (or finish)
         image = pull.image
         tree = image.layers and StoreTree(pull.options.cache, image.diff_ids, [layer.digest for layer in image.layers])
-        if not tree or not tree.complete() or pull.is_complete():
+        if not (tree and tree.complete()) or pull.is_complete():
             return False
         tree.make_rootfs(pull.folder, pull.log, pull.options.progress.note)
         pull.write_config()
-        return True
-    except OSError as err:  # said as a task says it (pipeline.action)
-        where = f"{printable(os.fsdecode(err.filename))}: " if err.filename else ""
+    except BaseException as err:
+        finish([pull])  # a pull that recorded nothing leaves no trace (folder.claimed)
+        if not isinstance(err, OSError):
+            raise
+        where = (
+            f"{printable(os.fsdecode(err.filename))}: " if err.filename else ""
+        )  # as a task says it (pipeline.action)
         raise Error(f"{where}{err.strerror or err}") from None
-    finally:
-        finish([pull])
+    finish([pull])
+    return True
