@@ -23,9 +23,8 @@ def share_directly(pull: Pull) -> bool:
         finish([pull])  # a pull that recorded nothing leaves no trace (folder.claimed)
         if not isinstance(err, OSError):
             raise
-        where = (
-            f"{printable(os.fsdecode(err.filename))}: " if err.filename else ""
-        )  # as a task says it (pipeline.action)
+        # said as a task says it (pipeline.action)
+        where = f"{printable(os.fsdecode(err.filename))}: " if err.filename else ""
         raise Error(f"{where}{err.strerror or err}") from None
     finish([pull])
     return True

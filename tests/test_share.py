@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from cli import BIN
+from cli import BIN, assert_one_line_error
 from images import Image, Tar, busybox_layer, push, random_files
 from malicious import END, make_workspace, ustar_header
 from trees import snapshot, tree_without_folder_times
@@ -271,6 +271,20 @@ def test_a_folder_made_from_a_complete_tree_is_the_pipeline_s_and_starts_no_doit
     again = run("d-pull", "--cache", cache, "--share", ref, place / "b", env=imports)
     assert again.returncode == 0 and not loaded_doit.search(again.stderr), again.stderr
     assert folder(place / "b") == made
+
+
+def test_a_folder_made_without_doit_says_in_one_line_what_it_cannot_write(registry, tmp_path):
+    push(registry.host, "unwritable", "latest", BASE)
+    ref, cache, folder = f"{registry.host}/unwritable:latest", tmp_path / "cache", tmp_path / "b"
+    for name in ("a", "b"):
+        pull(subprocess_tool, cache, "--share", ref, tmp_path / name)
+    record = json.loads((folder / "image.json").read_text())
+    (folder / "image.json").write_text(json.dumps(record | {"complete": False}))
+    (folder / ".d-pull/shared").unlink()
+    (folder / ".d-pull/shared").mkdir()  # what d-pull replaces with a link to the tree's anchor
+    failed = subprocess_tool("d-pull", "--cache", cache, "--share", ref, folder)
+    assert_one_line_error(failed, f"{folder}/.d-pull/shared: Is a directory")
+    assert "Traceback" not in failed.stderr
 
 
 def test_a_tree_killed_while_applied_is_resumed_to_the_clean_tree(registry, tmp_path):
