@@ -91,7 +91,7 @@ def make(
     """A user namespace with `maps`, of d-run's user or the uid `owner`, for bwrap's --userns, then (`network`) a
     network namespace it owns, for pasta: a child unshares, waits until the maps are written, and exits. `dumpable`:
     made from a namespace of d-run's own, where d-run is capable over none of the owner's processes."""
-    import ctypes
+    import _ctypes  # noqa: F401 (libc's, loaded here: the child would load it while d-run waits)
 
     ready_read, ready_write = os.pipe()
     done_read, done_write = os.pipe()
@@ -100,12 +100,15 @@ def make(
         status = 1
         try:
             close_all_but(ready_write, done_read)  # d-run's own: the owner's other processes may reach this one's
-            if owner is not None:
-                os.setresuid(owner, owner, owner)
-            if dumpable:  # so that d-run, capable in the parent namespace only, opens it
-                ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 1)
-            flags = CLONE_NEWUSER | CLONE_NEWNET * network
-            status = 0 if ctypes.CDLL(None, use_errno=True).unshare(flags) == 0 else ctypes.get_errno()
+            try:
+                if owner is not None:
+                    os.setresuid(owner, owner, owner)
+                if dumpable:  # so that d-run, capable in the parent namespace only, opens it
+                    libc("prctl", PR_SET_DUMPABLE, 1)
+                libc("unshare", CLONE_NEWUSER | CLONE_NEWNET * network)
+                status = 0
+            except OSError as err:
+                status = err.errno
             os.write(ready_write, bytes([status]))
             os.read(done_read, 1)
         finally:
