@@ -229,27 +229,16 @@ def exec_bwrap(argv: list[str]) -> None:
     # Python ignores SIGPIPE and SIGXFSZ for itself; an exec would hand that on to the container.
     signal(SIGPIPE, SIG_DFL)
     signal(SIGXFSZ, SIG_DFL)
-    try:
-        exec_on_path(argv)
-    except FileNotFoundError:
+    program = ports.find_program(argv[0])  # os.execvp's search would import `warnings` (0.5 ms of every start)
+    if program is None:
         raise Error(
             "bwrap is not installed (or not on PATH)",
             "install bubblewrap: apt-get install bubblewrap, dnf install bubblewrap, or pacman -S bubblewrap",
-        ) from None
+        )
+    try:
+        os.execv(program, argv)
     except OSError as err:
         raise Error(f"cannot run bwrap: {err.strerror}") from None
-
-
-def exec_on_path(argv: list[str]) -> None:
-    """os.execvp, without the `warnings` its PATH search imports (0.5 ms of every start): the first error other
-    than a missing file wins, as there."""
-    errors = []
-    for folder in [""] if "/" in argv[0] else os.environ.get("PATH", os.defpath).split(os.pathsep):
-        try:
-            os.execv(os.path.join(folder, argv[0]), argv)
-        except OSError as err:
-            errors.append(err)
-    raise min(errors, key=lambda err: isinstance(err, (FileNotFoundError, NotADirectoryError)))
 
 
 # ----- the command line -------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable
 
 from .errors import Error
-from .ports import HOST_ROOT, NOBODY, start_pasta
+from .ports import HOST_ROOT, NOBODY, find_program, start_pasta
 from .sandbox import Plan, find_row, is_number, table_rows
 from .store import close_all_but, libc
 
@@ -60,9 +60,7 @@ def plan_maps(uid: int, gid: int, read: Callable[[str], str]) -> tuple[list[str]
     ranges = [subordinate_range(read(f"/etc/{table}"), name, euid) for table in ("subuid", "subgid")]
     if None in ranges:
         return None
-    import shutil  # only for a user with ranges: it costs start-up
-
-    tools = [shutil.which("newuidmap"), shutil.which("newgidmap")]
+    tools = [find_program("newuidmap"), find_program("newgidmap")]
     if None in tools:
         return None
     return tools, keep_id(uid, euid, *ranges[0]), keep_id(gid, os.getegid(), *ranges[1])
