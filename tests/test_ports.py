@@ -364,7 +364,7 @@ def test_exit_statuses_are_the_same_as_without_ports(run, box, publish):
     assert run(*flags, str(box), "sh", "-c", "kill -KILL $$").returncode == 137
     done = run(*flags, str(box), "sh", "-c", "echo out; echo err >&2")
     assert (done.returncode, done.stdout, done.stderr) == (0, "out\n", "err\n")
-    assert not pastas(port)
+    assert wait_until(lambda: not pastas(port))  # its watcher ends pasta just after d-run's status is out
 
 
 def killed(run: Runner, box: Path, how: signal.Signals) -> int:
@@ -408,7 +408,7 @@ def test_ctrl_c_and_exit_status_on_a_terminal(run, box):
     assert status == 5, output
     assert time.monotonic() - started < 15  # the sleep did not run out its time
     assert "job control turned off" not in output  # the shell owns the terminal, as without -p
-    assert not pastas(port)
+    assert wait_until(lambda: not pastas(port))
 
 
 def test_help_describes_publishing(run):
