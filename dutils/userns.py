@@ -73,11 +73,12 @@ def write_maps(pid: int, tools: list[str], uid_map: list[int], gid_map: list[int
             with open(f"/proc/{pid}/{name}", "w") as handle:  # one line a triple, in one write
                 handle.write("".join(f"{a} {b} {c}\n" for a, b, c in zip(*[iter(triples)] * 3, strict=True)))
         return True
-    for tool, triples in zip(tools, (uid_map, gid_map), strict=True):
-        child = os.posix_spawn(tool, [tool, str(pid), *map(str, triples)], os.environ)
-        if os.waitpid(child, 0)[1] != 0:
-            return False
-    return True
+    # Both at once (each writes its own file): d-run waits for one exec of a set-id program, not two in a row.
+    tasks = [
+        os.posix_spawn(tool, [tool, str(pid), *map(str, triples)], os.environ)
+        for tool, triples in zip(tools, (uid_map, gid_map), strict=True)
+    ]
+    return not any([os.waitpid(child, 0)[1] for child in tasks])  # (a list: both reaped, whatever the first did)
 
 
 def make(
