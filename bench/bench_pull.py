@@ -660,13 +660,15 @@ def bench_sharing(image: BenchImage, certs: Certs, work: Path) -> list[str]:
         "cp -a": lambda folder: ["cp", "-a", image.warm / "pulled", folder],
     }
     folders = {name: [work / f"way-{n}" / str(k) for k in range(SHARED_FOLDERS)] for n, name in enumerate(ways)}
+    # d-pull's bytecode written by the first folder's run, as pip writes an installed d-pull's: not compiled every run
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
     seconds: dict[str, list[float]] = {name: [] for name in ways}
     cpu: dict[str, list[float]] = {name: [] for name in ways}  # user + system: what the machine's load changes least
     for k in range(SHARED_FOLDERS):  # interleaved: a change in the machine's load falls on every way alike
         for name, command in ways.items():
             folders[name][k].parent.mkdir(exist_ok=True)
             argv, before = list(map(str, command(folders[name][k]))), children_cpu()
-            seconds[name].append(measure(argv, dict(os.environ), work).seconds)
+            seconds[name].append(measure(argv, env, work).seconds)
             cpu[name].append(children_cpu() - before)
     lines = [
         f"\nten folders of {image.heading}: the first, each of the other nine (median, and over d-pull's), the same"

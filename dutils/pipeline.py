@@ -133,7 +133,10 @@ class Pull:
     # -- manifest
 
     def settled(self) -> bool:
-        """Complete for the manifest its lock pins, else the one its reference names now (`folder.settled` decides)."""
+        """Complete for the manifest its lock pins, else the one its reference names now (`folder.settled` decides);
+        or resolved already, by direct.py, which leaves the rest to the tasks (holding the folder still)."""
+        if self.image:
+            return True
         pinned = partial(self.lock.manifest, self.folder.root, str(self.ref)) if self.lock else self.named_now
         return not self.options.update and settled(self.folder, str(self.ref), self.options.platform, pinned)
 

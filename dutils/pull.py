@@ -149,6 +149,10 @@ def run_pipeline(
     try:
         if task.settled():  # a tag's no-op: decided by what the registry says it names now
             return f"up to date: {task.ref}"
+        from .direct import share_directly  # from the store's complete tree, without doit
+
+        if args.share and share_directly(task):
+            return f"pulled {task.ref}"
         from .runner import run_pulls
 
         failures = run_pulls([task], debug=args.debug)
