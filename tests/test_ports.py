@@ -33,7 +33,7 @@ from test_run import (
 )
 
 from dutils.errors import Error
-from dutils.ports import Port, parse_port, parse_ports, pasta_argv, published
+from dutils.ports import Port, find_program, parse_port, parse_ports, pasta_argv, published
 
 PAGE = b"hello from inside\n"
 
@@ -108,6 +108,23 @@ def test_importing_ports_costs_no_socket_module():
     code = "import sys, dutils.run; print(sorted(set(sys.modules) & {'socket', 'shutil'}))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30)
     assert done.stdout == "[]\n"
+
+
+def test_find_program_finds_what_shutil_which_finds(tmp_path):
+    import shutil
+
+    for name, mode in (("tool", 0o755), ("plain", 0o644), ("folder", None), ("later", 0o755)):
+        folder = tmp_path / ("second" if name == "later" else "first")
+        folder.mkdir(exist_ok=True)
+        if mode is None:
+            (folder / name).mkdir(mode=0o755)
+        else:
+            (folder / name).touch(mode=mode)
+    path = os.pathsep.join([str(tmp_path / "missing"), str(tmp_path / "first"), str(tmp_path / "second")])
+    for name in ("tool", "plain", "folder", "later", "absent", str(tmp_path / "first" / "tool"), "first/tool"):
+        assert find_program(name, path) == shutil.which(name, path=path)
+    assert find_program("later", path) == str(tmp_path / "second" / "later")
+    assert find_program("plain", path) is None and find_program("folder", path) is None
 
 
 # ----- real containers, as the ordinary user ---------------------------------------------------------------
