@@ -4,7 +4,6 @@ import base64
 import contextlib
 import os
 import re
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +99,8 @@ def run_credential_helper(helper: str, server: str) -> Credentials | None:
     """Ask `docker-credential-HELPER get`, the protocol docker uses; no answer means an anonymous pull."""
     if not isinstance(helper, str) or not HELPER.fullmatch(helper) or ".." in helper:
         raise Error(f"credential helper {str(helper)[:100]!r} is not a program name", "fix your docker config")
+    import subprocess  # here: most pulls (and every no-op without a helper) start no program
+
     program = f"docker-credential-{helper}"
     try:
         done = subprocess.run([program, "get"], input=server, capture_output=True, text=True, timeout=60)

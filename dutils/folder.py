@@ -1,16 +1,20 @@
 """The state of a pull folder that d-pull alone writes: holding it for a pull, the log of the layers applied to its
 rootfs, and the lock file that pins folders to digests."""
 
+from __future__ import annotations  # Path for type checkers only: d-pull --lock's no-op decides without pathlib
+
+import _thread  # threading's Lock, without the threading module
 import contextlib
-import json
 import os
-import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 from .errors import Error
 from .manifest import Platform, compatible, parse_platform
 from .store import PullDir, check_digest, locked, make_folder, open_cache, read_small_json, remove_tree, write_atomic
+
+TYPE_CHECKING = False  # typing's, without importing typing
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 @contextlib.contextmanager
@@ -115,8 +119,8 @@ class LockFile:
     """sandboxes.lock, sorted JSON to commit: per folder, its reference, tag digest and platform manifest digest."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path).absolute()
-        self.mutex = threading.Lock()  # folders resolve side by side
+        self.path = os.path.abspath(path)  # a str: see the module's imports
+        self.mutex = _thread.allocate_lock()  # folders resolve side by side
 
     def read(self) -> dict[str, dict]:
         hint = "restore it, or delete it to lock anew"
@@ -131,7 +135,7 @@ class LockFile:
 
     def entry(self, folder: Path, reference: str) -> dict | None:
         """What the lock pins `folder` to, unless it names another reference (the dodo.py changed since)."""
-        entry = self.read().get(os.path.relpath(folder, self.path.parent))
+        entry = self.read().get(os.path.relpath(folder, os.path.dirname(self.path)))
         return entry if entry and entry.get("reference") == reference else None
 
     def manifest(self, folder: Path, reference: str) -> str | None:
@@ -141,6 +145,10 @@ class LockFile:
         return None
 
     def pin(self, folder: Path, entry: dict) -> None:
+        import json  # here: a no-op writes no lock file
+        from pathlib import Path
+
         with self.mutex:
-            entries = self.read() | {os.path.relpath(folder, self.path.parent): entry}
-            write_atomic(self.path, (json.dumps({"sandboxes": entries}, indent=2, sort_keys=True) + "\n").encode())
+            entries = self.read() | {os.path.relpath(folder, os.path.dirname(self.path)): entry}
+            data = json.dumps({"sandboxes": entries}, indent=2, sort_keys=True) + "\n"
+            write_atomic(Path(self.path), data.encode())

@@ -4,14 +4,11 @@ encrypted), and that its config (small, fetched now) says a platform the user ca
 
 from __future__ import annotations  # Registry for type checkers only: platforms are d-pull's no-op's, without requests
 
-import hashlib
 import re
+from collections import namedtuple
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from functools import partial
 from os import uname  # the platform module costs d-pull's no-op milliseconds
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from . import oci
 from .errors import Error
@@ -19,7 +16,10 @@ from .oci import DOCKER_LIST, DOCKER_MANIFEST, MAX_LAYERS, OCI_INDEX, OCI_MANIFE
 from .reference import Reference
 from .store import check_digest
 
+TYPE_CHECKING = False  # typing's, without importing typing
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .registry import Registry
 
 INDEXES = (OCI_INDEX, DOCKER_LIST)
@@ -34,13 +34,10 @@ VARIANTS = {"amd64": {"v1": ""}, "arm": {"": "v7", "5": "v5", "6": "v6", "7": "v
 VARIANTS["arm64"] = {"": "v8", "8": "v8", "v8.0": "v8", "9": "v9", "9.0": "v9", "v9.0": "v9"}
 
 
-@dataclass(frozen=True)
-class Platform:
+class Platform(namedtuple("Platform", "os arch variant", defaults=("",))):
     """An OS, architecture and variant in containerd's normal form (see `normalize`)."""
 
-    os: str
-    arch: str
-    variant: str = ""
+    __slots__ = ()
 
     def __str__(self) -> str:
         return "/".join(filter(None, (self.os, self.arch, self.variant)))
@@ -60,17 +57,17 @@ def compatible(wanted: Platform) -> list[Platform]:
     relative (386 on amd64, arm on arm64)."""
     level = int(wanted.variant[1:]) if re.fullmatch(r"v\d{1,2}", wanted.variant) else 0  # v7: 7; none: 0
     if wanted.arch == "amd64":
-        lower = [replace(wanted, variant=f"v{n}") for n in range(level - 1, 1, -1)]
-        v1 = [replace(wanted, variant="")] if level > 1 else []
-        return [wanted, *lower, *v1, replace(wanted, arch="386", variant="")]
+        lower = [wanted._replace(variant=f"v{n}") for n in range(level - 1, 1, -1)]
+        v1 = [wanted._replace(variant="")] if level > 1 else []
+        return [wanted, *lower, *v1, wanted._replace(arch="386", variant="")]
     if wanted.arch == "arm":
-        return [wanted, *(replace(wanted, variant=f"v{n}") for n in range(level - 1, 4, -1))]
+        return [wanted, *(wanted._replace(variant=f"v{n}") for n in range(level - 1, 4, -1))]
     found = re.fullmatch(r"v(8|9)(?:\.(\d))?", wanted.variant)
     if wanted.arch == "arm64" and found:
         major, minor = int(found.group(1)), int(found.group(2) or 0)
-        arm64 = [replace(wanted, variant=f"v{major}.{n}" if n else f"v{major}") for n in range(minor, -1, -1)]
+        arm64 = [wanted._replace(variant=f"v{major}.{n}" if n else f"v{major}") for n in range(minor, -1, -1)]
         if major == 9:  # v9.x includes v8.(x+5)
-            arm64 += [replace(wanted, variant=f"v8.{n}" if n else "v8") for n in range(min(minor + 5, 9), -1, -1)]
+            arm64 += [wanted._replace(variant=f"v8.{n}" if n else "v8") for n in range(min(minor + 5, 9), -1, -1)]
         return arm64 + compatible(Platform(wanted.os, "arm", "v8"))
     return [wanted]
 
@@ -87,16 +84,10 @@ def host_platform() -> Platform:
     return normalize("linux", uname().machine)
 
 
-@dataclass(frozen=True)
-class Image:
-    """A resolved image manifest: its digest, the platform its config declares, its config and layers in order."""
-
-    digest: str
-    platform: str
-    config: Blob
-    layers: tuple[Blob, ...]
-    resolved: str = ""  # the digest of what the reference named: the index, or this manifest
-    diff_ids: tuple[str, ...] = ()  # from its config, one per layer: what each layer's content must hash to
+# A resolved image manifest: its digest, the platform its config declares, its config and layers in order (Blobs);
+# `resolved`: the digest of what the reference named (the index, or this manifest); `diff_ids`: from its config, one
+# per layer, what each layer's content must hash to.
+Image = namedtuple("Image", "digest platform config layers resolved diff_ids", defaults=("", ()))
 
 
 def resolve_image(registry: Registry, ref: Reference, wanted: Platform, fetch: Callable[[Blob], Path]) -> Image:
@@ -119,7 +110,7 @@ def resolve_image(registry: Registry, ref: Reference, wanted: Platform, fetch: C
                 f"{ref} is an image for {platform}, not for {wanted}",
                 f"pull it with --platform {platform} if you mean to run it on another machine or through an emulator",
             )
-    return replace(image, platform=str(platform), resolved=resolved, diff_ids=ids)
+    return image._replace(platform=str(platform), resolved=resolved, diff_ids=ids)
 
 
 def fetch_image_manifest(registry: Registry, digest: str, size: int, ref: Reference) -> dict:
@@ -141,6 +132,8 @@ def config_platform(image: Image, fetch: Callable[[Blob], Path], ref: Reference)
 
 def fetch_manifest(registry: Registry, ref: Reference, digest: str | None, size: int | None) -> tuple[dict, str, str]:
     """The manifest `digest` names (None: the reference's tag), verified and parsed, its media type and digest."""
+    import hashlib  # here: loading OpenSSL costs d-pull --lock's no-op milliseconds
+
     body, media_type = registry.get_manifest(digest or ref.wanted)
     if size is not None and len(body) != size:
         raise Error(f"manifest {digest} of {ref} has {len(body)} bytes, not the {size} its index says")

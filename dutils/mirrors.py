@@ -3,7 +3,6 @@ before the image's own registry, as containerd tries the hosts of its hosts.toml
 
 import os
 from collections.abc import Callable
-from dataclasses import replace
 
 from .auth import config_home, read_json_file
 from .errors import Error
@@ -40,7 +39,7 @@ def connect_mirrored(
     usable = []
     for host in find_mirrors(ref.registry, given):
         # the same repository on a pull-through mirror (which stores Docker Hub's under library/ too)
-        mirror = connect(replace(ref, registry=host), MIRROR_RETRY)
+        mirror = connect(ref._replace(registry=host), MIRROR_RETRY)
         try:
             mirror.ping()
         except Error as err:

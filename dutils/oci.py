@@ -1,14 +1,20 @@
 """The OCI vocabulary every stage shares and no stage owns: media types, limits, descriptors, the JSON shape checks,
 and the image config with its diff_ids. Imports no stage: every stage may import it."""
 
+from __future__ import annotations  # Path and T for type checkers only: d-pull --lock's no-op loads this module
+
 import errno
-import hashlib
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TypeVar
+from collections import namedtuple
 
 from .errors import Error
 from .store import NotRegular, is_digest, load_json, read_small
+
+TYPE_CHECKING = False  # typing's, without importing typing
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import TypeVar
+
+    T = TypeVar("T")
 
 OCI = "application/vnd.oci.image.layer.v1.tar"
 OCI_NONDISTRIBUTABLE = "application/vnd.oci.image.layer.nondistributable.v1.tar"
@@ -27,7 +33,6 @@ IMAGE_CONFIGS = ("application/vnd.oci.image.config.v1+json", "application/vnd.do
 SCHEMA1 = "application/vnd.docker.distribution.manifest.v1"
 JSON_TYPES = {str: "a string", list: "a list", dict: "a JSON object"}
 PLATFORM_FIELDS = ("os", "architecture", "variant")  # of an image config, and of an index entry's `platform`
-T = TypeVar("T")
 # Docker and overlayfs stop at about 128 layers; 500 leaves room for any real image and bounds the work.
 MAX_LAYERS = 500
 MAX_CONFIG = 4 << 20  # as containers/image (skopeo, podman) caps a config; real ones are a few kB
@@ -36,14 +41,9 @@ MAX_CONFIG = 4 << 20  # as containers/image (skopeo, podman) caps a config; real
 MAX_CONTAINERS = 100_000
 
 
-@dataclass(frozen=True)
-class Blob:
-    """A content descriptor: what to fetch, how big it is, and how to read it."""
-
-    digest: str
-    size: int
-    media_type: str
-    urls: tuple[str, ...] = ()  # where a non-distributable layer lives (the registry need not have it)
+# A content descriptor: what to fetch, how big it is, how to read it, and `urls`: where a non-distributable layer
+# lives (the registry need not have it).
+Blob = namedtuple("Blob", "digest size media_type urls", defaults=((),))
 
 
 def load_json_object(data: bytes, what: str) -> dict:
@@ -60,6 +60,8 @@ def read_image_config(blob: Path) -> dict:
     """The image config cached at `blob`, checked: verified against its name (its digest) at every read, so that a
     file planted in the cache is never trusted; read up to MAX_CONFIG bytes, from a regular file only, never through
     a link (nor blocking on a FIFO)."""
+    import hashlib  # here: loading OpenSSL costs d-pull --lock's no-op milliseconds
+
     what = f"image config sha256:{blob.name}"
     try:
         data = read_small(blob, MAX_CONFIG)

@@ -19,7 +19,6 @@ import shlex
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from functools import cached_property, partial
 from pathlib import Path
@@ -35,6 +34,8 @@ from .reference import Reference, Source, parse_reference
 from .store import PullDir, Record, blob_path, cache_dir, hold_folder
 
 if TYPE_CHECKING:  # sandboxes all up to date need no registry: a dodo.py's doit run then never loads requests
+    from concurrent.futures import Future
+
     from doit.exceptions import TaskFailed
 
     from .apply import Skipped
@@ -133,7 +134,10 @@ class Pull:
     # -- manifest
 
     def settled(self) -> bool:
-        """Complete for the manifest its lock pins, else the one its reference names now (`folder.settled` decides)."""
+        """Complete for the manifest its lock pins, else the one its reference names now (`folder.settled` decides);
+        or resolved already, by direct.py, which leaves the rest to the tasks (holding the folder still)."""
+        if self.image:
+            return True
         pinned = partial(self.lock.manifest, self.folder.root, str(self.ref)) if self.lock else self.named_now
         return not self.options.update and settled(self.folder, str(self.ref), self.options.platform, pinned)
 
@@ -161,7 +165,7 @@ class Pull:
         digest = entry["digest"] if entry else self.ref.digest
 
         def resolve_on(registry: Registry) -> Image:
-            ref, fetch = replace(registry.ref, digest=digest), partial(self.download, registry)
+            ref, fetch = registry.ref._replace(digest=digest), partial(self.download, registry)
             return resolve_image(registry, ref, self.options.platform, fetch)
 
         self.image = self.from_any_registry(resolve_on)
@@ -192,6 +196,8 @@ class Pull:
     def fetched(self, blob: Blob, downloads: threading.BoundedSemaphore) -> None:
         """`blob` in the cache, downloaded by whichever task asks first while the other waits: a download under
         way always progresses, so waiting for it cannot deadlock the task threads."""
+        from concurrent.futures import Future  # here: a no-op fetches nothing
+
         with self.mutex:
             first = blob.digest not in self.fetching
             done = self.fetching.setdefault(blob.digest, Future())

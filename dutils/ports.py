@@ -156,13 +156,20 @@ def bind_soon(probe, address: tuple[str, int]) -> None:
         time.sleep(0.02)
 
 
+def find_program(name: str, path: str | None = None) -> str | None:
+    """shutil.which(name, path=path) for d-run, whose start-up `import shutil` would cost 5 ms (fnmatch imports `re`)."""
+    path = os.environ.get("PATH", os.defpath) if path is None else path
+    for candidate in [name] if "/" in name else [os.path.join(folder, name) for folder in path.split(os.pathsep)]:
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    return None
+
+
 def check_ready(ports: tuple[Port, ...], path: str) -> None:
     """Everything pasta needs, checked before d-run execs it: after that, only pasta's own messages reach the user."""
-    import shutil  # only with ports: it costs d-run's start-up
-
-    if shutil.which("pasta", path=path) is None:
+    if find_program("pasta", path) is None:
         raise Error("-p needs pasta, which is not installed (or not on PATH)", "install passt: apt-get install passt")
-    if shutil.which("bwrap", path=path) is None:  # pasta would start it: its failure would be a traceback there
+    if find_program("bwrap", path) is None:  # pasta would start it: its failure would be a traceback there
         raise Error("bwrap is not installed (or not on PATH)", "install bubblewrap: apt-get install bubblewrap")
     try:  # pasta makes its tap device through /dev/net/tun
         os.close(os.open(TUN, os.O_RDWR | os.O_CLOEXEC))

@@ -6,11 +6,10 @@ import argparse
 import os
 import sys
 from functools import partial
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .errors import Error
 
+TYPE_CHECKING = False  # typing's, without importing typing (d-pull --lock's no-op loads nothing it need not)
 if TYPE_CHECKING:  # d-pull's modules load as needed: a settled folder needs neither requests nor doit
     from .folder import LockFile
     from .manifest import Platform
@@ -43,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=DESCRIPTION,
         epilog=EPILOG,
         allow_abbrev=False,
-        formatter_class=argparse.RawTextHelpFormatter,
+        formatter_class=help_formatter,
     )
     add = parser.add_argument
     add("image", metavar="IMAGE", nargs="?", help="NAME[:TAG] or NAME@sha256:DIGEST (NAME may start with a registry"
@@ -83,6 +82,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def help_formatter(prog: str) -> argparse.HelpFormatter:
+    """argparse's, told the terminal's width: finding it itself would import shutil (with bz2 and lzma), which costs
+    d-pull's no-op milliseconds (add_argument makes a formatter too)."""
+    try:
+        columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+    except (AttributeError, ValueError, OSError):  # no terminal: shutil's fallback
+        columns = 80
+    return argparse.RawTextHelpFormatter(prog, width=columns - 2)
+
+
 def positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
@@ -113,21 +122,21 @@ def pull(args: argparse.Namespace) -> int:
     from .store import PullDir
 
     ref = parse_reference(args.image)
-    folder = Path(args.dir or ref.name)
+    folder = args.dir or ref.name  # a str, as d-run's (PullDir's str kind): pathlib costs the no-op milliseconds
     password, lock = read_password(args), LockFile(args.lock) if args.lock else None
     platform = parse_platform(args.platform) if args.platform else host_platform()
-    pinned = lock and partial(lock.manifest, PullDir(folder).root, str(ref))
-    if not args.update and pinned and settled(PullDir(folder), str(ref), platform, pinned):
+    pinned = lock and partial(lock.manifest, PullDir(folder, str).root, str(ref))
+    if not args.update and pinned and settled(PullDir(folder, str), str(ref), platform, pinned):
         status = f"up to date: {ref}"  # decided before requests and doit load (and pipeline.py)
     elif not (status := run_pipeline(args, folder, platform, password, lock)):
         return 1
     if not args.quiet:
-        print(f"{status} ({PullDir(folder).read_record().digest}) in {folder}", file=sys.stderr)
+        print(f"{status} ({PullDir(folder, str).read_record().digest}) in {folder}", file=sys.stderr)
     return 0
 
 
 def run_pipeline(
-    args: argparse.Namespace, folder: Path, platform: Platform, password: str | None, lock: LockFile | None
+    args: argparse.Namespace, folder: str, platform: Platform, password: str | None, lock: LockFile | None
 ) -> str:
     """Pull by the doit pipeline; what was done, or "" when it failed (said on stderr)."""
     from . import pipeline  # doit loads with the tasks, not for a settled folder (requests to ask about a tag)
@@ -149,6 +158,10 @@ def run_pipeline(
     try:
         if task.settled():  # a tag's no-op: decided by what the registry says it names now
             return f"up to date: {task.ref}"
+        from .direct import share_directly  # from the store's complete tree, without doit
+
+        if args.share and share_directly(task):
+            return f"pulled {task.ref}"
         from .runner import run_pulls
 
         failures = run_pulls([task], debug=args.debug)

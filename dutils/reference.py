@@ -1,11 +1,9 @@
 """Image references, parsed without I/O: `alpine` is `docker.io/library/alpine:latest`."""
 
 import contextlib
-import ipaddress
 import os
 import re
-from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from collections import namedtuple
 
 from .errors import Error
 from .store import check_digest
@@ -18,14 +16,11 @@ TRANSPORTS = ("oci", "oci-archive", "docker-archive")  # images carried as files
 HOST = re.compile(r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?\.?)+(?::[0-9]+)?|\[[0-9a-fA-F:.]+\](?::[0-9]+)?")
 
 
-@dataclass(frozen=True)
-class Reference:
-    """A fully qualified reference: registry host, repository path, and a tag and/or a digest."""
+class Reference(namedtuple("Reference", "registry repository tag digest", defaults=(None, None))):
+    """A fully qualified reference: registry host, repository path, and a tag and/or a digest (str or None). A
+    namedtuple, as are oci.Blob and manifest's: dataclasses imports inspect, a third of d-pull --lock's no-op."""
 
-    registry: str
-    repository: str
-    tag: str | None = None
-    digest: str | None = None
+    __slots__ = ()
 
     @property
     def api_host(self) -> str:
@@ -48,6 +43,9 @@ class Reference:
     @property
     def is_local(self) -> bool:
         """Whether the registry is on loopback: localhost, 127.0.0.0/8, ::1 in any spelling (IPv4-mapped too)."""
+        import ipaddress
+        from urllib.parse import urlsplit  # these two: for a registry's URLs, never for d-pull --lock's no-op
+
         host = urlsplit(f"//{self.registry}").hostname or ""  # lowercase, without brackets or port
         with contextlib.suppress(ValueError):
             address = ipaddress.ip_address(host)
@@ -90,14 +88,12 @@ def parse_reference(text: str) -> Reference:
     return Reference(registry, path, tag or (None if digest else "latest"), digest or None)
 
 
-@dataclass(frozen=True)
-class Source(Reference):
+class Source(namedtuple("Source", [*Reference._fields, "path", "transport"], defaults=(None, None, "", "")), Reference):
     """An image carried as a file, spelled as skopeo spells it: `registry` is TRANSPORT:PATH (PATH alone: a folder or
     a tar told by its contents), `repository` the file's name (the default folder's), `tag` the REF (None: the only
     image in it)."""
 
-    path: str = ""
-    transport: str = ""
+    __slots__ = ()
 
     def __str__(self) -> str:
         return self.registry + (f":{self.tag}" if self.tag else "") + (f"@{self.digest}" if self.digest else "")
@@ -127,6 +123,8 @@ def invalid(text: str, why: str) -> Error:
 def checked_url(url: str, what: str, base: str = "") -> str:
     """`url` (a redirect's, relative to `base`; a token realm's; a foreign layer's), or Error naming `what`: http(s) to a host, no user-info
     (a password there would go out, and into messages), no control characters or spaces (urlsplit drops some)."""
+    from urllib.parse import urljoin, urlsplit
+
     try:
         parts = urlsplit(url := urljoin(base, url))  # a Location may be relative to the URL it answered
         valid = parts.scheme in ("http", "https") and parts.hostname and (parts.port or 0) >= 0

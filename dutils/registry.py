@@ -114,8 +114,14 @@ class Registry:
     # -- the API
 
     def ping(self) -> None:
-        """Find out how the registry wants us to authenticate, and do it now (the `auth` task)."""
-        self.retrying(f"the registry {self.ref.registry}", lambda: self.request("/v2/", what="the registry").close())
+        """Find out how the registry wants us to authenticate, and do it now (the `auth` task). Its answer is read out
+        (as any, bounded) so that its connection serves the next request: a TLS handshake fewer for a no-op."""
+
+        def attempt() -> None:
+            with self.request("/v2/", what="the registry") as response, contextlib.suppress(Error, Retryable):
+                self.read_body(response, MAX_BODY, "the registry's answer")  # what it says does not matter
+
+        self.retrying(f"the registry {self.ref.registry}", attempt)
 
     def get_manifest(self, wanted: str) -> tuple[bytes, str]:
         what = f"manifest {self.ref.repository}:{wanted}" if not wanted.startswith("sha256:") else f"manifest {wanted}"

@@ -229,13 +229,14 @@ def exec_bwrap(argv: list[str]) -> None:
     # Python ignores SIGPIPE and SIGXFSZ for itself; an exec would hand that on to the container.
     signal(SIGPIPE, SIG_DFL)
     signal(SIGXFSZ, SIG_DFL)
-    try:
-        os.execvp(argv[0], argv)
-    except FileNotFoundError:
+    program = ports.find_program(argv[0])  # os.execvp's search would import `warnings` (0.5 ms of every start)
+    if program is None:
         raise Error(
             "bwrap is not installed (or not on PATH)",
             "install bubblewrap: apt-get install bubblewrap, dnf install bubblewrap, or pacman -S bubblewrap",
-        ) from None
+        )
+    try:
+        os.execv(program, argv)
     except OSError as err:
         raise Error(f"cannot run bwrap: {err.strerror}") from None
 

@@ -1,4 +1,4 @@
-"""The seccomp filter d-run hands to `bwrap --seccomp FD`, as a classic-BPF program built with `struct`.
+"""The seccomp filter d-run hands to `bwrap --seccomp FD`, as a classic-BPF program.
 
 It does two things, for the native and the compat (32-bit) system-call tables of the host:
 - `ioctl(fd, TIOCSTI | TIOCLINUX, ...)` fails with EPERM, so a sandboxed program cannot push keystrokes
@@ -11,7 +11,7 @@ It does two things, for the native and the compat (32-bit) system-call tables of
 """
 
 import errno
-import struct
+import sys
 from collections import namedtuple
 
 # Classic BPF opcodes (linux/bpf_common.h) and seccomp return values (linux/seccomp.h).
@@ -50,8 +50,8 @@ TABLES = {"x86_64": (X86_64, I386), "aarch64": (AARCH64, ARM)}
 
 
 def insn(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
-    """One `struct sock_filter` in the kernel's (native) byte order."""
-    return struct.pack("=HBBI", code, jt, jf, k)
+    """One `struct sock_filter` in the kernel's (native) byte order (not by `struct`: 0.5 ms of d-run's start-up)."""
+    return code.to_bytes(2, sys.byteorder) + bytes((jt, jf)) + k.to_bytes(4, sys.byteorder)
 
 
 def table_section(table: Table, fake_chown: bool, fake_ids: bool) -> list[bytes]:

@@ -25,7 +25,6 @@ from pathlib import Path
 from .errors import Error, printable
 from .folder import AppliedLog
 from .store import ANCHOR, OVERLAY, PullDir, libc, locked, remove_tree, touch, trees_folder, write_atomic
-from .tree import journal_path
 
 SHARED = "shared"  # DIR/.d-pull/shared: a hard link to the anchor of the tree DIR/rootfs is linked from
 FICLONE = 0x40049409  # ioctl: make a file share another's blocks (XFS, Btrfs)
@@ -82,6 +81,8 @@ class StoreTree:
 
     def start_from_below(self, log: AppliedLog, note: Callable[[str], None]) -> None:
         """A hard-linked copy of the longest complete tree below this one, if the store holds one."""
+        from .tree import journal_path  # here: sqlite3 costs a folder made from a complete tree 10 ms
+
         log.start_over()  # a copy that a kill cut short, or a tree applied by other blobs: void their journal too
         journal_path(self.folder.rootfs).unlink(missing_ok=True)  # (a new rootfs may get the old one's inode number)
         for depth in range(len(self.below), 0, -1):

@@ -400,11 +400,18 @@ def hold_while_open(lock_fd: int) -> int:
 
 
 def libc(name: str, *args: object) -> None:
-    """The C library's function `name` (one Python lacks), an OSError when it fails."""
-    import ctypes  # here: d-run's start-up pays for every import
+    """The C library's function `name` (one Python lacks), an OSError when it fails. Through ctypes' C module, as
+    ctypes.CDLL(None, use_errno=True) calls it (ints and bytes in, an int out): `import ctypes` costs 1.5 ms."""
+    import _ctypes
 
-    if getattr(ctypes.CDLL(None, use_errno=True), name)(*args) != 0:
-        code = ctypes.get_errno()
+    class Program:  # what CDLL(None) opens: the program's own symbols, the C library's among them
+        _handle = _ctypes.dlopen(None)
+
+    class Function(_ctypes.CFuncPtr):
+        _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+
+    if Function((name, Program))(*args) != 0:
+        code = _ctypes.get_errno()
         raise OSError(code, os.strerror(code))
 
 

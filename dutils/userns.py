@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable
 
 from .errors import Error
-from .ports import HOST_ROOT, NOBODY, start_pasta
+from .ports import HOST_ROOT, NOBODY, find_program, start_pasta
 from .sandbox import Plan, find_row, is_number, table_rows
 from .store import close_all_but, libc
 
@@ -60,9 +60,7 @@ def plan_maps(uid: int, gid: int, read: Callable[[str], str]) -> tuple[list[str]
     ranges = [subordinate_range(read(f"/etc/{table}"), name, euid) for table in ("subuid", "subgid")]
     if None in ranges:
         return None
-    import shutil  # only for a user with ranges: it costs start-up
-
-    tools = [shutil.which("newuidmap"), shutil.which("newgidmap")]
+    tools = [find_program("newuidmap"), find_program("newgidmap")]
     if None in tools:
         return None
     return tools, keep_id(uid, euid, *ranges[0]), keep_id(gid, os.getegid(), *ranges[1])
@@ -75,11 +73,12 @@ def write_maps(pid: int, tools: list[str], uid_map: list[int], gid_map: list[int
             with open(f"/proc/{pid}/{name}", "w") as handle:  # one line a triple, in one write
                 handle.write("".join(f"{a} {b} {c}\n" for a, b, c in zip(*[iter(triples)] * 3, strict=True)))
         return True
-    for tool, triples in zip(tools, (uid_map, gid_map), strict=True):
-        child = os.posix_spawn(tool, [tool, str(pid), *map(str, triples)], os.environ)
-        if os.waitpid(child, 0)[1] != 0:
-            return False
-    return True
+    # Both at once (each writes its own file): d-run waits for one exec of a set-id program, not two in a row.
+    tasks = [
+        os.posix_spawn(tool, [tool, str(pid), *map(str, triples)], os.environ)
+        for tool, triples in zip(tools, (uid_map, gid_map), strict=True)
+    ]
+    return not any([os.waitpid(child, 0)[1] for child in tasks])  # (a list: both reaped, whatever the first did)
 
 
 def make(
@@ -91,7 +90,7 @@ def make(
     """A user namespace with `maps`, of d-run's user or the uid `owner`, for bwrap's --userns, then (`network`) a
     network namespace it owns, for pasta: a child unshares, waits until the maps are written, and exits. `dumpable`:
     made from a namespace of d-run's own, where d-run is capable over none of the owner's processes."""
-    import ctypes
+    import _ctypes  # noqa: F401 (libc's, loaded here: the child would load it while d-run waits)
 
     ready_read, ready_write = os.pipe()
     done_read, done_write = os.pipe()
@@ -100,12 +99,15 @@ def make(
         status = 1
         try:
             close_all_but(ready_write, done_read)  # d-run's own: the owner's other processes may reach this one's
-            if owner is not None:
-                os.setresuid(owner, owner, owner)
-            if dumpable:  # so that d-run, capable in the parent namespace only, opens it
-                ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 1)
-            flags = CLONE_NEWUSER | CLONE_NEWNET * network
-            status = 0 if ctypes.CDLL(None, use_errno=True).unshare(flags) == 0 else ctypes.get_errno()
+            try:
+                if owner is not None:
+                    os.setresuid(owner, owner, owner)
+                if dumpable:  # so that d-run, capable in the parent namespace only, opens it
+                    libc("prctl", PR_SET_DUMPABLE, 1)
+                libc("unshare", CLONE_NEWUSER | CLONE_NEWNET * network)
+                status = 0
+            except OSError as err:
+                status = err.errno
             os.write(ready_write, bytes([status]))
             os.read(done_read, 1)
         finally:

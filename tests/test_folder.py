@@ -102,7 +102,9 @@ SPOILS = {  # what makes a folder unsettled: the full path then redoes it, or sa
     "other-reference": lambda folder, lock: folder.write_record(  # the same image, pulled by another name
         folder.read_record()._replace(reference="localhost:5000/app:0")
     ),
-    "damaged-lock": lambda folder, lock: lock.path.write_text('{"sandboxes": {"app": {"digest": "sha256:../x"}}}'),
+    "damaged-lock": lambda folder, lock: Path(lock.path).write_text(
+        '{"sandboxes": {"app": {"digest": "sha256:../x"}}}'
+    ),
 }
 
 

@@ -36,6 +36,7 @@ ORDER = [
     "share",  # the store of applied trees, and the folders linked from it
     "dodo_api",
     "pipeline",
+    "direct",  # a shared folder made from the store's complete tree by the pipeline's steps, without doit
     "runner",  # doit running the pipeline's tasks in d-pull's process
     "steps",
     "seccomp",

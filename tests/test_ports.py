@@ -33,7 +33,7 @@ from test_run import (
 )
 
 from dutils.errors import Error
-from dutils.ports import Port, parse_port, parse_ports, pasta_argv, published
+from dutils.ports import Port, find_program, parse_port, parse_ports, pasta_argv, published
 
 PAGE = b"hello from inside\n"
 
@@ -108,6 +108,23 @@ def test_importing_ports_costs_no_socket_module():
     code = "import sys, dutils.run; print(sorted(set(sys.modules) & {'socket', 'shutil'}))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30)
     assert done.stdout == "[]\n"
+
+
+def test_find_program_finds_what_shutil_which_finds(tmp_path):
+    import shutil
+
+    for name, mode in (("tool", 0o755), ("plain", 0o644), ("folder", None), ("later", 0o755)):
+        folder = tmp_path / ("second" if name == "later" else "first")
+        folder.mkdir(exist_ok=True)
+        if mode is None:
+            (folder / name).mkdir(mode=0o755)
+        else:
+            (folder / name).touch(mode=mode)
+    path = os.pathsep.join([str(tmp_path / "missing"), str(tmp_path / "first"), str(tmp_path / "second")])
+    for name in ("tool", "plain", "folder", "later", "absent", str(tmp_path / "first" / "tool"), "first/tool"):
+        assert find_program(name, path) == shutil.which(name, path=path)
+    assert find_program("later", path) == str(tmp_path / "second" / "later")
+    assert find_program("plain", path) is None and find_program("folder", path) is None
 
 
 # ----- real containers, as the ordinary user ---------------------------------------------------------------
@@ -347,7 +364,7 @@ def test_exit_statuses_are_the_same_as_without_ports(run, box, publish):
     assert run(*flags, str(box), "sh", "-c", "kill -KILL $$").returncode == 137
     done = run(*flags, str(box), "sh", "-c", "echo out; echo err >&2")
     assert (done.returncode, done.stdout, done.stderr) == (0, "out\n", "err\n")
-    assert not pastas(port)
+    assert wait_until(lambda: not pastas(port))  # its watcher ends pasta just after d-run's status is out
 
 
 def killed(run: Runner, box: Path, how: signal.Signals) -> int:
@@ -391,7 +408,7 @@ def test_ctrl_c_and_exit_status_on_a_terminal(run, box):
     assert status == 5, output
     assert time.monotonic() - started < 15  # the sleep did not run out its time
     assert "job control turned off" not in output  # the shell owns the terminal, as without -p
-    assert not pastas(port)
+    assert wait_until(lambda: not pastas(port))
 
 
 def test_help_describes_publishing(run):

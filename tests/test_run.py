@@ -130,10 +130,10 @@ def test_no_filter_for_unknown_machines():
 
 # All that `import dutils.run` and reading a run's JSON may load beyond what site loads (os): every
 # module costs each start. Not `re` (nor json's decoder, which imports it), enum (`signal`'s), pathlib, ctypes,
-# argparse, typing, dataclasses, shutil, subprocess...
-START_UP_MODULES = {"__future__", "_collections", "_functools", "_json", "_operator", "_struct", "collections"}
+# argparse, typing, dataclasses, shutil, subprocess, struct, warnings...
+START_UP_MODULES = {"__future__", "_collections", "_functools", "_json", "_operator", "collections"}
 START_UP_MODULES |= {"collections.abc", "contextlib", "errno", "fcntl", "functools", "itertools", "keyword", "operator"}
-START_UP_MODULES |= {"reprlib", "struct", "types"}
+START_UP_MODULES |= {"reprlib", "types"}
 
 
 @pytest.mark.parametrize("python", [sys.executable, "/usr/bin/python3"])
@@ -354,6 +354,23 @@ def test_nothing_of_the_python_process_reaches_the_container(run, box, workspace
         finally:
             os.close(42)
     assert "42" not in listing.split()
+
+
+def test_a_run_loads_nothing_more_up_to_its_exec(run, box):
+    """A plain run, up to bwrap's exec, loads only what importing d-run does, ctypes' C module for root's namespace
+    and pwd (a user's name, for its ranges): not ctypes, shutil (with `re`), warnings (os.execvp's), struct..."""
+    python = run.script.read_text().splitlines()[0].removeprefix("#!")
+    code = (
+        "import os, sys; before = set(sys.modules); from dutils import run\n"
+        "def execv(*argv): print(*sorted(set(sys.modules) - before)); sys.stdout.flush(); os._exit(0)\n"
+        f"os.execv = execv; run.main([{str(box)!r}, 'true'])"
+    )
+    done = subprocess.run(
+        [python, "-I", "-c", code], capture_output=True, text=True, env=run.env, timeout=30, cwd="/", **run.popen_args()
+    )
+    assert done.returncode == 0, done.stderr
+    loaded = {name for name in done.stdout.split() if not name.startswith("dutils")}
+    assert loaded - START_UP_MODULES <= {"_ctypes", "pwd"}
 
 
 def test_cmd_runs_when_no_command_is_given(run, box):

@@ -3,17 +3,20 @@ from it, and nothing written through one folder reaching the store or another fo
 as root and as the ordinary user."""
 
 import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from cli import BIN
+from cli import BIN, assert_one_line_error
 from images import Image, Tar, busybox_layer, push, random_files
 from malicious import END, make_workspace, ustar_header
 from trees import snapshot, tree_without_folder_times
@@ -65,8 +68,9 @@ chmod 755 locked; echo n > locked/new; : > locked/secret; mkdir made; mkfifo mad
 """
 
 
-def subprocess_tool(name: str, *args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([BIN / name, *map(str, args)], capture_output=True, text=True, timeout=120)
+def subprocess_tool(name: str, *args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environment = os.environ | (env or {})
+    return subprocess.run([BIN / name, *map(str, args)], capture_output=True, text=True, timeout=120, env=environment)
 
 
 @pytest.fixture(params=["root", "user"])
@@ -77,10 +81,10 @@ def tool(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, Tool]:
     user, place = request.getfixturevalue("unprivileged"), make_workspace()
     request.addfinalizer(lambda: shutil.rmtree(place))
     # the user's home and /run/containers are shared with other tests running meanwhile: credentials from here only
-    env = {name: str(place / "pull") for name in ("XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "DOCKER_CONFIG")}
+    own = {name: str(place / "pull") for name in ("XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "DOCKER_CONFIG")}
 
-    def run_as_user(name: str, *args: object) -> subprocess.CompletedProcess:
-        return user.run([user.bin / name, *args], env=env, capture_output=True, text=True, timeout=120)
+    def run_as_user(name: str, *args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        return user.run([user.bin / name, *args], env=own | (env or {}), capture_output=True, text=True, timeout=120)
 
     return place / "pull", run_as_user
 
@@ -236,6 +240,51 @@ def test_two_pulls_at_once_apply_the_tree_once(registry, tmp_path):
     stored = (tree / "rootfs" / "data" / "setuid").stat()
     assert {(tmp_path / name / "rootfs/data/setuid").stat().st_ino for name in ("a", "b")} == {stored.st_ino}
     assert not (tree / ".rootfs.d-utils-journal").exists() and (tree / ANCHOR).stat().st_nlink == 3
+
+
+def test_a_folder_made_from_a_complete_tree_is_the_pipeline_s_and_starts_no_doit(tool, registry):
+    """The first --share folder of an image is made by doit's pipeline, which builds the tree; the next straight from
+    the tree by the pipeline's own steps: the same folder, entry by entry, without loading doit. A run cut short
+    before the record said complete is made again the same way."""
+    place, run = tool
+    exposed = Tar().dir("x").file("x/open", b"o", mode=0o666).hardlink("x/open-link", "x/open")
+    push(registry.host, "straight", "latest", Image(layers=[busybox_layer(), data_layer(), exposed]))
+    ref, cache, imports = f"{registry.host}/straight:latest", place / "cache", {"PYTHONPROFILEIMPORTTIME": "1"}
+    loaded_doit = re.compile(r"\| +doit$", re.MULTILINE)
+    said = [run("d-pull", "--cache", cache, "--share", ref, place / name, env=imports) for name in ("pipeline", "b")]
+    assert [done.returncode for done in said] == [0, 0], said
+    assert loaded_doit.search(said[0].stderr) and not loaded_doit.search(said[1].stderr)
+
+    def folder(root: Path) -> tuple[dict, set]:  # what the pull writes beside rootfs has times of its own
+        entries, links = snapshot(root)
+        return {path: entry if path.startswith("rootfs") else replace(entry, mtime_ns=None)
+                for path, entry in entries.items()}, links  # fmt: skip
+
+    made = folder(place / "pipeline")
+    assert folder(place / "b") == made and {"rootfs/x/open", "rootfs/x/open-link"} in made[1]
+    (tree,) = trees(cache)
+    assert (place / "b/rootfs/bin/sh").stat().st_ino == (tree / "rootfs/bin/sh").stat().st_ino
+    assert (place / "b/rootfs/x/open").stat().st_ino != (tree / "rootfs/x/open").stat().st_ino
+    record = json.loads((place / "b/image.json").read_text())
+    (place / "b/image.json").write_text(json.dumps(record | {"complete": False}))  # as a kill before the end leaves
+    shutil.rmtree(place / "b/rootfs/data")
+    again = run("d-pull", "--cache", cache, "--share", ref, place / "b", env=imports)
+    assert again.returncode == 0 and not loaded_doit.search(again.stderr), again.stderr
+    assert folder(place / "b") == made
+
+
+def test_a_folder_made_without_doit_says_in_one_line_what_it_cannot_write(registry, tmp_path):
+    push(registry.host, "unwritable", "latest", BASE)
+    ref, cache, folder = f"{registry.host}/unwritable:latest", tmp_path / "cache", tmp_path / "b"
+    for name in ("a", "b"):
+        pull(subprocess_tool, cache, "--share", ref, tmp_path / name)
+    record = json.loads((folder / "image.json").read_text())
+    (folder / "image.json").write_text(json.dumps(record | {"complete": False}))
+    (folder / ".d-pull/shared").unlink()
+    (folder / ".d-pull/shared").mkdir()  # what d-pull replaces with a link to the tree's anchor
+    failed = subprocess_tool("d-pull", "--cache", cache, "--share", ref, folder)
+    assert_one_line_error(failed, f"{folder}/.d-pull/shared: Is a directory")
+    assert "Traceback" not in failed.stderr
 
 
 def test_a_tree_killed_while_applied_is_resumed_to_the_clean_tree(registry, tmp_path):

@@ -1,0 +1,30 @@
+"""d-pull --share of an image whose tree the store holds complete: the folder made by the pipeline's own steps, in its
+order, without doit, whose start-up would cost the folder more than anything but its links."""
+
+import os
+
+from .errors import Error, printable
+from .pipeline import Pull, finish
+from .share import StoreTree
+
+
+def share_directly(pull: Pull) -> bool:
+    """Resolve, make_rootfs, write_config, as the tasks do. False when the manifest's tree is not complete (or the
+    folder is): the tasks then go on from that manifest (Pull.settled), with the folder held still."""
+    try:
+        pull.resolve()  # holds the folder, and the cache, until write_config (or finish)
+        image = pull.image
+        tree = image.layers and StoreTree(pull.options.cache, image.diff_ids, [layer.digest for layer in image.layers])
+        if not (tree and tree.complete()) or pull.is_complete():
+            return False
+        tree.make_rootfs(pull.folder, pull.log, pull.options.progress.note)
+        pull.write_config()
+    except BaseException as err:
+        finish([pull])  # a pull that recorded nothing leaves no trace (folder.claimed)
+        if not isinstance(err, OSError):
+            raise
+        # said as a task says it (pipeline.action)
+        where = f"{printable(os.fsdecode(err.filename))}: " if err.filename else ""
+        raise Error(f"{where}{err.strerror or err}") from None
+    finish([pull])
+    return True
