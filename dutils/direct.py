@@ -17,7 +17,8 @@ def share_directly(pull: Pull) -> bool:
         tree = image.layers and StoreTree(pull.options.cache, image.diff_ids, [layer.digest for layer in image.layers])
         if not (tree and tree.complete()) or pull.is_complete():
             return False
-        tree.make_rootfs(pull.folder, pull.log, pull.options.progress.note)
+        if not pull.all_applied():  # as the pipeline's task: a folder holding its layers keeps its rootfs and overlay
+            tree.make_rootfs(pull.folder, pull.log, pull.options.progress.note)
         pull.write_config()
     except BaseException as err:
         finish([pull])  # a pull that recorded nothing leaves no trace (folder.claimed)

@@ -267,10 +267,32 @@ def test_a_folder_made_from_a_complete_tree_is_the_pipeline_s_and_starts_no_doit
     assert (place / "b/rootfs/x/open").stat().st_ino != (tree / "rootfs/x/open").stat().st_ino
     record = json.loads((place / "b/image.json").read_text())
     (place / "b/image.json").write_text(json.dumps(record | {"complete": False}))  # as a kill before the end leaves
+    (place / "b/.d-pull/applied").unlink()  # a kill while the links were made: the log was started over
     shutil.rmtree(place / "b/rootfs/data")
     again = run("d-pull", "--cache", cache, "--share", ref, place / "b", env=imports)
     assert again.returncode == 0 and not loaded_doit.search(again.stderr), again.stderr
     assert folder(place / "b") == made
+
+
+def test_a_folder_holding_its_layers_keeps_its_rootfs_and_rw_changes_when_pulled_again_with_share(tool, registry):
+    """config.json removed (to get the image's settings back) makes a folder incomplete, not unapplied: the same
+    d-pull --share writes config.json again and leaves DIR/rootfs and a --rw run's changes as they were, for a shared
+    folder (its overlay) and for a private one (its own files), as the pipeline's apply task does."""
+    place, run = tool
+    push(registry.host, "keep-work", "latest", BASE)
+    ref, cache = f"{registry.host}/keep-work:latest", place / "cache"
+    pull(run, cache, "--share", ref, place / "first")
+    pull(run, cache, "--share", ref, place / "shared")
+    pull(run, cache, ref, place / "private")
+    for name in ("shared", "private"):
+        folder = place / name
+        assert run("d-run", "--rw", folder, "sh", "-c", "echo mine > /data/mywork").returncode == 0
+        rootfs_before = snapshot(folder / "rootfs")
+        (folder / "config.json").unlink()
+        pull(run, cache, "--share", ref, folder)
+        assert (folder / "config.json").exists() and snapshot(folder / "rootfs") == rootfs_before
+        kept = run("d-run", folder, "cat", "/data/mywork")
+        assert (kept.returncode, kept.stdout) == (0, "mine\n"), kept.stderr
 
 
 def test_a_folder_made_without_doit_says_in_one_line_what_it_cannot_write(registry, tmp_path):
@@ -280,6 +302,7 @@ def test_a_folder_made_without_doit_says_in_one_line_what_it_cannot_write(regist
         pull(subprocess_tool, cache, "--share", ref, tmp_path / name)
     record = json.loads((folder / "image.json").read_text())
     (folder / "image.json").write_text(json.dumps(record | {"complete": False}))
+    (folder / ".d-pull/applied").unlink()  # as a kill while the links were made leaves it
     (folder / ".d-pull/shared").unlink()
     (folder / ".d-pull/shared").mkdir()  # what d-pull replaces with a link to the tree's anchor
     failed = subprocess_tool("d-pull", "--cache", cache, "--share", ref, folder)
