@@ -7,7 +7,7 @@ import os
 import sys
 from functools import partial
 
-from .errors import Error
+from .errors import Error, printable
 
 TYPE_CHECKING = False  # typing's, without importing typing (d-pull --lock's no-op loads nothing it need not)
 if TYPE_CHECKING:  # d-pull's modules load as needed: a settled folder needs neither requests nor doit
@@ -113,6 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nd-pull: interrupted; run the same command again to resume", file=sys.stderr, flush=True)
         os._exit(130)  # download threads may be blocked in a read: leave without waiting for them
+    # a bug outside doit's tasks (a tag's check, direct.py): one line unless --debug, as runner.py says a task's
+    except Exception as err:
+        if args.debug:
+            raise
+        what = printable(f"{type(err).__name__}: {err}")
+        print(f"d-pull: error: internal error: {what} (run with --debug for details)", file=sys.stderr)
+        return 1
 
 
 def pull(args: argparse.Namespace) -> int:

@@ -357,3 +357,19 @@ def test_a_locked_folder_with_a_damaged_record_is_one_line_from_the_full_path(tm
     lock.write_text(json.dumps({"sandboxes": {"app": record | {"manifest": manifest}}}))
     done = d_pull("--lock", str(lock), "localhost:5000/app:1", str(folder), cache=tmp_path / "cache")
     assert_one_line_error(done, "damaged pull record", "must be strings")
+
+
+def test_a_bug_outside_the_tasks_is_one_line_unless_debug(monkeypatch, capsys):
+    """No input is known to reach a bug in a tag's check or direct.py; one is put in its place, as a bug would be:
+    d-pull says it in one line, as runner.py says one in a task, and --debug shows the traceback."""
+    import dutils.pull
+
+    def buggy(args):
+        raise RuntimeError("a\nb")
+
+    monkeypatch.setattr(dutils.pull, "pull", buggy)
+    assert dutils.pull.main(["example.org/image:tag", "folder"]) == 1
+    said = capsys.readouterr().err
+    assert said == "d-pull: error: internal error: RuntimeError: a\\x0ab (run with --debug for details)\n"
+    with pytest.raises(RuntimeError):
+        dutils.pull.main(["--debug", "example.org/image:tag", "folder"])
