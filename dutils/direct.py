@@ -1,9 +1,6 @@
 """d-pull --share of an image whose tree the store holds complete: the folder made by the pipeline's own steps, in its
 order, without doit, whose start-up would cost the folder more than anything but its links."""
 
-import os
-
-from .errors import Error, printable
 from .pipeline import Pull, finish
 from .share import StoreTree
 
@@ -20,12 +17,8 @@ def share_directly(pull: Pull) -> bool:
         if not pull.all_applied():  # as the pipeline's task: a folder holding its layers keeps its rootfs and overlay
             tree.make_rootfs(pull.folder, pull.log, pull.options.progress.note)
         pull.write_config()
-    except BaseException as err:
-        finish([pull])  # a pull that recorded nothing leaves no trace (folder.claimed)
-        if not isinstance(err, OSError):
-            raise
-        # said as a task says it (pipeline.action)
-        where = f"{printable(os.fsdecode(err.filename))}: " if err.filename else ""
-        raise Error(f"{where}{err.strerror or err}") from None
+    except BaseException:
+        finish([pull])  # a pull that recorded nothing leaves no trace (folder.claimed); d-pull says what failed
+        raise
     finish([pull])
     return True

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from .auth import find_credentials
 from .dodo_api import Sandbox
-from .errors import Error, printable
+from .errors import Error, os_error_line, printable
 from .folder import AppliedLog, LockFile, claimed, remove_folder, settled
 from .manifest import Blob, Image, Platform, host_platform, resolve_image
 from .progress import Lines, Progress
@@ -311,8 +311,7 @@ def action(function: Callable, *args: object) -> Callable[[], TaskFailed | None]
         except Error as err:
             return TaskFailed(str(err))
         except OSError as err:
-            where = f"{printable(os.fsdecode(err.filename))}: " if err.filename else ""
-            return TaskFailed(f"{where}{err.strerror or err}")
+            return TaskFailed(os_error_line(err))
         return None
 
     run.__name__ = function.__name__

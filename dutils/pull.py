@@ -7,7 +7,7 @@ import os
 import sys
 from functools import partial
 
-from .errors import Error, printable
+from .errors import Error, os_error_line, printable
 
 TYPE_CHECKING = False  # typing's, without importing typing (d-pull --lock's no-op loads nothing it need not)
 if TYPE_CHECKING:  # d-pull's modules load as needed: a settled folder needs neither requests nor doit
@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         return pull(args)
     except Error as err:
         print(f"d-pull: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # outside doit's tasks (the folder made without doit, --unshare): as pipeline.action says it
+        print(f"d-pull: error: {os_error_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nd-pull: interrupted; run the same command again to resume", file=sys.stderr, flush=True)
