@@ -10,14 +10,13 @@ import os
 from collections import namedtuple
 
 from .errors import Error
-from .store import read_setting
+from .store import read_setting, soon
 
 HOST_ROOT = os.geteuid() == 0  # d-run's user as it starts: in a namespace of its own (overlay.py) a user is 0 too
 NOBODY = 65534  # whom pasta becomes when root starts it, by default; d-run's root pasta too (userns.namespaces)
 NS_GET_USERNS = 0xB701  # ioctl: the user namespace owning a namespace
 DEFAULT_ADDRESS = "127.0.0.1"  # published on the host's loopback unless an address is given
 TUN = "/dev/net/tun"
-PORT_RELEASED = 2.0  # seconds a host port in use may take to be released (bind_soon)
 # pasta's own sockets (the host ports it listens on) are inherited by the command it starts; left
 # open, a UDP one would let the container send to the host's loopback. So pasta starts this small
 # program, which keeps only d-run's descriptors, lets any user inside bind ports below 1024 in the
@@ -122,7 +121,7 @@ def check_free(port: Port) -> None:
         if kind == socket.SOCK_STREAM:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as pasta: TIME_WAIT is no obstacle
         try:
-            bind_soon(probe, (port.address, port.host_port))
+            soon(lambda: probe.bind((port.address, port.host_port)), errno.EADDRINUSE)  # a pasta ending
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
                 raise Error(f"host port {port} is already in use", "publish another host port with -p") from None
@@ -138,22 +137,6 @@ def check_free(port: Port) -> None:
                     "give one of its addresses, or none for 127.0.0.1",
                 ) from None
             raise Error(f"host port {port}: {err.strerror}") from None
-
-
-def bind_soon(probe, address: tuple[str, int]) -> None:
-    """Bind `probe`, waiting up to PORT_RELEASED while the port is in use: the pasta of a container that has just
-    ended is ended by its watcher after d-run's status is out, so `d-run -p P ...; d-run -p P ...` would race it."""
-    import errno
-    import time
-
-    deadline = time.monotonic() + PORT_RELEASED
-    while True:
-        try:
-            return probe.bind(address)
-        except OSError as err:
-            if err.errno != errno.EADDRINUSE or time.monotonic() > deadline:
-                raise
-        time.sleep(0.02)
 
 
 def find_program(name: str, path: str | None = None) -> str | None:

@@ -15,7 +15,11 @@ from .errors import Error
 
 TYPE_CHECKING = False  # typing's, without importing typing
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
+    from typing import TypeVar
+
+    T = TypeVar("T")
 try:  # the C scanner json.loads uses, without json.decoder
     from _json import make_scanner
 except ImportError:  # not CPython: no SCAN, and json.loads reads it all
@@ -376,11 +380,35 @@ def hold_folder(root: Path, kind: int, busy: str) -> int:
     except OSError as err:  # a folder root opened to others for running only (0711)
         raise Error(f"cannot use {root}: {err.strerror}", "ask its owner to make it readable") from None
     try:
-        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+        soon(lambda: fcntl.flock(fd, kind | fcntl.LOCK_NB), errno.EWOULDBLOCK)
     except BlockingIOError:
         os.close(fd)
         raise Error(busy, "wait until it ends: a --rw run (or a volume's nested mount) runs alone") from None
     return fd
+
+
+RELEASED_WITHIN = 2.0  # seconds: see soon()
+
+
+def soon(attempt: Callable[[], T], busy: int) -> T:
+    """attempt(), tried again for up to RELEASED_WITHIN seconds while it fails with errno `busy`: what a container
+    whose d-run has just ended held (DIR's lock in its holder, its host ports in pasta) is let go by processes that
+    end a moment after its exit status is out, so `d-run …; d-run …` would race them."""
+    try:
+        return attempt()
+    except OSError as err:
+        if err.errno != busy:
+            raise
+    import time  # only when busy: d-run's start-up is measured
+
+    deadline = time.monotonic() + RELEASED_WITHIN
+    while True:
+        time.sleep(0.02)
+        try:
+            return attempt()
+        except OSError as err:
+            if err.errno != busy or time.monotonic() > deadline:
+                raise
 
 
 def hold_while_open(lock_fd: int) -> int:

@@ -622,6 +622,25 @@ def test_two_read_only_runs_of_one_folder_run_together_and_a_writable_one_starts
     assert run.out("--rw", str(box), "echo", "alone") == "alone\n"
 
 
+def test_a_lock_let_go_soon_after_the_start_is_waited_for(run, box):
+    """The lock holder of a run that has just ended lets DIR's lock go a moment after its d-run's status is out: the
+    next run waits (bounded) for it, as for this lock let go shortly after the start; one held on is still refused."""
+    import fcntl
+    import threading
+
+    held = os.open(box, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        threading.Timer(0.5, fcntl.flock, (held, fcntl.LOCK_UN)).start()
+        assert run.out("--rw", str(box), "echo", "next") == "next\n"
+        fcntl.flock(held, fcntl.LOCK_EX)
+        started = time.monotonic()
+        assert_error(run("--rw", str(box), "true"), 1, "is in use: this run must start alone")
+        assert time.monotonic() - started < 30  # bounded
+    finally:
+        os.close(held)
+
+
 def test_a_volume_holding_another_mount_point_keeps_its_folder_to_itself(run, box, host):
     # The running container can write /data, where bwrap would mount /data/sub for the next run by path.
     configure(box, Volumes={"/data": {}, "/data/sub": {}})
