@@ -380,11 +380,30 @@ def hold_folder(root: Path, kind: int, busy: str) -> int:
     except OSError as err:  # a folder root opened to others for running only (0711)
         raise Error(f"cannot use {root}: {err.strerror}", "ask its owner to make it readable") from None
     try:
-        soon(lambda: fcntl.flock(fd, kind | fcntl.LOCK_NB), errno.EWOULDBLOCK)
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
     except BlockingIOError:
-        os.close(fd)
-        raise Error(busy, "wait until it ends: a --rw run (or a volume's nested mount) runs alone") from None
+        try:
+            if not taken_by_an_ended_process(fd):  # a container runs: say so at once
+                raise
+            soon(lambda: fcntl.flock(fd, kind | fcntl.LOCK_NB), errno.EWOULDBLOCK)
+        except BlockingIOError:
+            os.close(fd)
+            raise Error(busy, "wait until it ends: a --rw run (or a volume's nested mount) runs alone") from None
     return fd
+
+
+def taken_by_an_ended_process(fd: int) -> bool:
+    """Whether a flock on `fd`'s file was taken by a process that has ended (/proc/locks names the taker): the lock
+    of a d-run whose status is out, which its holder (hold_while_open) lets go a moment later."""
+    st = os.fstat(fd)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", "rb") as locks:
+            lines = locks.read(SMALL_FILE).decode("ascii", "replace").splitlines()
+    except OSError:
+        return False
+    takers = [fields[4] for fields in map(str.split, lines) if fields[1:2] == ["FLOCK"] and fields[5:6] == [key]]
+    return any(not taker.isdigit() or not os.path.exists(f"/proc/{taker}") for taker in takers)
 
 
 RELEASED_WITHIN = 2.0  # seconds: see soon()

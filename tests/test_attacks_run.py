@@ -9,6 +9,7 @@ import pwd
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -622,21 +623,32 @@ def test_two_read_only_runs_of_one_folder_run_together_and_a_writable_one_starts
     assert run.out("--rw", str(box), "echo", "alone") == "alone\n"
 
 
+# As d-run: take DIR's lock, hand it to a child that keeps it for argv[2] seconds, and end at once.
+ENDED_TAKER = """import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+if os.fork() == 0:
+    time.sleep(float(sys.argv[2]))
+os._exit(0)
+"""
+
+
 def test_a_lock_let_go_soon_after_the_start_is_waited_for(run, box):
     """The lock holder of a run that has just ended lets DIR's lock go a moment after its d-run's status is out: the
-    next run waits (bounded) for it, as for this lock let go shortly after the start; one held on is still refused."""
+    next run waits (bounded) for it; a lock whose taker still runs (a container) is refused at once."""
     import fcntl
-    import threading
 
+    subprocess.run([sys.executable, "-c", ENDED_TAKER, str(box), "0.5"], check=True, timeout=30)
+    assert run.out("--rw", str(box), "echo", "next") == "next\n"
+    subprocess.run([sys.executable, "-c", ENDED_TAKER, str(box), "6"], check=True, timeout=30)
+    started = time.monotonic()
+    assert_error(run("--rw", str(box), "true"), 1, "is in use: this run must start alone")  # kept past the wait
+    assert time.monotonic() - started < 15
+    assert test_run.wait_until(lambda: run("--rw", str(box), "true").returncode == 0, timeout=40)
     held = os.open(box, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        threading.Timer(0.5, fcntl.flock, (held, fcntl.LOCK_UN)).start()
-        assert run.out("--rw", str(box), "echo", "next") == "next\n"
-        fcntl.flock(held, fcntl.LOCK_EX)
-        started = time.monotonic()
+        fcntl.flock(held, fcntl.LOCK_EX)  # taken by this process, which runs on
         assert_error(run("--rw", str(box), "true"), 1, "is in use: this run must start alone")
-        assert time.monotonic() - started < 30  # bounded
     finally:
         os.close(held)
 
