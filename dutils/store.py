@@ -379,16 +379,11 @@ def hold_folder(root: Path, kind: int, busy: str) -> int:
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as err:  # a folder root opened to others for running only (0711)
         raise Error(f"cannot use {root}: {err.strerror}", "ask its owner to make it readable") from None
-    try:
-        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+    try:  # a lock whose taker still runs (a container) is refused at once
+        soon(lambda: fcntl.flock(fd, kind | fcntl.LOCK_NB), errno.EWOULDBLOCK, lambda: taken_by_an_ended_process(fd))
     except BlockingIOError:
-        try:
-            if not taken_by_an_ended_process(fd):  # a container runs: say so at once
-                raise
-            soon(lambda: fcntl.flock(fd, kind | fcntl.LOCK_NB), errno.EWOULDBLOCK)
-        except BlockingIOError:
-            os.close(fd)
-            raise Error(busy, "wait until it ends: a --rw run (or a volume's nested mount) runs alone") from None
+        os.close(fd)
+        raise Error(busy, "wait until it ends: a --rw run (or a volume's nested mount) runs alone") from None
     return fd
 
 
@@ -409,14 +404,15 @@ def taken_by_an_ended_process(fd: int) -> bool:
 RELEASED_WITHIN = 2.0  # seconds: see soon()
 
 
-def soon(attempt: Callable[[], T], busy: int) -> T:
-    """attempt(), tried again for up to RELEASED_WITHIN seconds while it fails with errno `busy`: what a container
-    whose d-run has just ended held (DIR's lock in its holder, its host ports in pasta) is let go by processes that
-    end a moment after its exit status is out, so `d-run …; d-run …` would race them."""
+def soon(attempt: Callable[[], T], busy: int, worth_waiting: Callable[[], bool] = lambda: True) -> T:
+    """attempt(), tried again for up to RELEASED_WITHIN seconds while it fails with errno `busy` (if `worth_waiting`
+    when it first does): what a container whose d-run has just ended held (DIR's lock in its holder, its host ports in
+    pasta) is let go by processes that end a moment after its exit status is out, so `d-run …; d-run …` would race
+    them."""
     try:
         return attempt()
     except OSError as err:
-        if err.errno != busy:
+        if err.errno != busy or not worth_waiting():
             raise
     import time  # only when busy: d-run's start-up is measured
 
