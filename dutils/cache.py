@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .errors import Error
+from .locks import locked
 from .progress import human
 from .store import (
     ANCHOR,
@@ -20,7 +21,6 @@ from .store import (
     cache_dir,
     cache_lock,
     check_cache,
-    locked,
     open_cache,
     pruned_marker,
     remove_tree,

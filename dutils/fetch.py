@@ -7,10 +7,11 @@ import os
 from pathlib import Path
 
 from .errors import Error
+from .locks import blob_locked
 from .oci import Blob
 from .progress import Progress
 from .registry import Registry
-from .store import NotRegular, blob_locked, blob_path, open_regular, partial_path, touch
+from .store import NotRegular, blob_path, open_regular, partial_path, touch
 
 
 def cached(cache: Path, digest: str) -> bool:

@@ -9,8 +9,9 @@ import os
 from collections.abc import Callable, Iterator
 
 from .errors import Error
+from .locks import locked
 from .manifest import Platform, compatible, parse_platform
-from .store import PullDir, check_digest, locked, make_folder, open_cache, read_small_json, remove_tree, write_atomic
+from .store import PullDir, check_digest, make_folder, open_cache, read_small_json, remove_tree, write_atomic
 
 TYPE_CHECKING = False  # typing's, without importing typing
 if TYPE_CHECKING:

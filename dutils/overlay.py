@@ -26,7 +26,8 @@ from pathlib import Path
 
 from . import userns
 from .errors import Error, printable
-from .store import OVERLAY, PullDir, hold_folder, libc, locked, read_setting, remove_entry, remove_tree
+from .locks import hold_folder, locked
+from .store import OVERLAY, PullDir, libc, read_setting, remove_entry, remove_tree
 
 CLONE_NEWNS, MS_RDONLY, MS_REC, MS_SLAVE, MNT_DETACH = 0x20000, 1, 0x4000, 0x80000, 2
 FOLDER = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

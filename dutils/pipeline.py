@@ -28,10 +28,11 @@ from .auth import find_credentials
 from .dodo_api import Sandbox
 from .errors import Error, os_error_line, printable
 from .folder import AppliedLog, LockFile, claimed, remove_folder, settled
+from .locks import hold_folder
 from .manifest import Blob, Image, Platform, host_platform, resolve_image
 from .progress import Lines, Progress
 from .reference import Reference, Source, parse_reference
-from .store import PullDir, Record, blob_path, cache_dir, hold_folder
+from .store import PullDir, Record, blob_path, cache_dir
 
 if TYPE_CHECKING:  # sandboxes all up to date need no registry: a dodo.py's doit run then never loads requests
     from concurrent.futures import Future

@@ -10,7 +10,8 @@ import os
 from collections import namedtuple
 
 from .errors import Error
-from .store import read_setting, soon
+from .locks import soon
+from .store import read_setting
 
 HOST_ROOT = os.geteuid() == 0  # d-run's user as it starts: in a namespace of its own (overlay.py) a user is 0 too
 NOBODY = 65534  # whom pasta becomes when root starts it, by default; d-run's root pasta too (userns.namespaces)

@@ -15,11 +15,12 @@ import sys
 from collections.abc import Callable
 from types import SimpleNamespace
 
-from . import ports, sandbox, seccomp, store, userns
+from . import ports, sandbox, seccomp, userns
 from .errors import Error
+from .locks import hold_folder, hold_while_open
 from .mounts import MountTable, find_folder, inheritable, make_empty_file, make_folder, open_sources
 from .rootfs import Root, stop_absent
-from .store import NotRegular, PullDir, hold_folder, load_json, read_setting, read_small, read_small_followed
+from .store import NotRegular, PullDir, load_json, read_setting, read_small, read_small_followed
 
 try:  # signal's C module: the `signal` module's enums cost d-run's start-up 2 ms
     from _signal import SIG_DFL, SIGPIPE, SIGXFSZ, signal
@@ -30,7 +31,7 @@ RESOLV_CONF = "/etc/resolv.conf"
 # apt drops privileges to its _apt user for downloads, which a single mapped user cannot do.
 APT_CONF = "/etc/apt/apt.conf.d/99d-run"
 APT_SETTINGS = b'// d-run: bwrap maps a single user, so apt cannot switch to _apt\nAPT::Sandbox::User "root";\n'
-# DIR's lock (store.hold_folder) is shared by read-only runs, exclusive for one that a running container could
+# DIR's lock (locks.hold_folder) is shared by read-only runs, exclusive for one that a running container could
 # race: a --rw root, or a mount inside a bind or volume (bwrap resolves its path). What a start is told:
 IN_USE = {fcntl.LOCK_SH: "is in use by a writable container", fcntl.LOCK_EX: "is in use: this run must start alone"}
 
@@ -209,7 +210,7 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         dev=made["/dev"],
         tmp=made["/tmp"],
         ports=published,
-        lock_fd=inheritable(store.hold_while_open(lock_fd)),
+        lock_fd=inheritable(hold_while_open(lock_fd)),
         userns_fd=namespaces[0],
         groups=tuple(groups),
         netns_fd=namespaces[1],

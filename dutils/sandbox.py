@@ -320,7 +320,7 @@ ROOT_CAPABILITIES = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID"
 Bind = namedtuple("Bind", "fd target read_only size", defaults=(False, 0))
 # Everything the bwrap command line is made of, resolved. binds are in mount order; data_files are (fd bwrap
 # reads, read-only file it becomes) pairs; proc, dev and tmp are paths free of links (a rootfs may make them
-# links); ports are ports.Port, published through pasta; lock_fd holds DIR's lock (store.hold_folder) for bwrap;
+# links); ports are ports.Port, published through pasta; lock_fd holds DIR's lock (locks.hold_folder) for bwrap;
 # userns_fd: the user namespace mapping the image's ids (see userns; None: bwrap maps the one user), groups:
 # those d-run takes for the image's user under root; netns_fd: -p's network namespace (see userns.namespaces).
 Plan = namedtuple(

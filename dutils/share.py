@@ -24,7 +24,8 @@ from pathlib import Path
 
 from .errors import Error, printable
 from .folder import AppliedLog
-from .store import ANCHOR, OVERLAY, PullDir, libc, locked, remove_tree, touch, trees_folder, write_atomic
+from .locks import locked
+from .store import ANCHOR, OVERLAY, PullDir, libc, remove_tree, touch, trees_folder, write_atomic
 
 SHARED = "shared"  # DIR/.d-pull/shared: a hard link to the anchor of the tree DIR/rootfs is linked from
 FICLONE = 0x40049409  # ioctl: make a file share another's blocks (XFS, Btrfs)

@@ -18,7 +18,7 @@ from images import push_standard_set
 from malicious import make_workspace
 from registry_server import Registry
 
-from dutils.store import locked
+from dutils.locks import locked
 
 REPO = Path(__file__).parents[1]
 USER = "dutest"

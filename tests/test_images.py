@@ -36,7 +36,7 @@ from malicious import ROWS, USER, Row, as_root, check_outcome, outside_state, pl
 from registry_server import Registry, session
 from trees import snapshot
 
-from dutils.store import locked
+from dutils.locks import locked
 
 pytestmark = pytest.mark.integration  # registries of its own
 

@@ -14,6 +14,7 @@ ORDER = [
     "__init__",
     "errors",
     "store",
+    "locks",  # the flocks on folders, the cache and blobs, and the wait for what a container just ended lets go
     "reference",
     "oci",  # the OCI vocabulary: media types, limits, descriptors, JSON shape checks, the image config
     "progress",
