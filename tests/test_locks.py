@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_run import wait_until
 
 from dutils import locks
 from dutils.errors import Error
@@ -36,15 +37,6 @@ def flock_free(path: Path) -> bool:
         return False
     finally:
         os.close(fd)
-
-
-def wait_until(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 @pytest.mark.parametrize("kind", ["link", "fifo", "folder"])
