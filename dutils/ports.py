@@ -140,6 +140,12 @@ def check_free(port: Port) -> None:
             raise Error(f"host port {port}: {err.strerror}") from None
 
 
+NO_BWRAP = (  # d-run's error, and pasta's before it would start bwrap
+    "bwrap is not installed (no executable bwrap on PATH)",
+    "install bubblewrap: apt-get install bubblewrap, dnf install bubblewrap, or pacman -S bubblewrap",
+)
+
+
 def find_program(name: str, path: str | None = None) -> str | None:
     """shutil.which(name, path=path) for d-run, whose start-up `import shutil` would cost 5 ms (fnmatch imports `re`)."""
     path = os.environ.get("PATH", os.defpath) if path is None else path
@@ -152,9 +158,12 @@ def find_program(name: str, path: str | None = None) -> str | None:
 def check_ready(ports: tuple[Port, ...], path: str) -> None:
     """Everything pasta needs, checked before d-run execs it: after that, only pasta's own messages reach the user."""
     if find_program("pasta", path) is None:
-        raise Error("-p needs pasta, which is not installed (or not on PATH)", "install passt: apt-get install passt")
+        raise Error(
+            "-p needs pasta, which is not installed (no executable pasta on PATH)",
+            "install passt: apt-get install passt",
+        )
     if find_program("bwrap", path) is None:  # pasta would start it: its failure would be a traceback there
-        raise Error("bwrap is not installed (or not on PATH)", "install bubblewrap: apt-get install bubblewrap")
+        raise Error(*NO_BWRAP)
     try:  # pasta makes its tap device through /dev/net/tun
         os.close(os.open(TUN, os.O_RDWR | os.O_CLOEXEC))
     except OSError as err:

@@ -232,10 +232,7 @@ def exec_bwrap(argv: list[str]) -> None:
     signal(SIGXFSZ, SIG_DFL)
     program = ports.find_program(argv[0])  # os.execvp's search would import `warnings` (0.5 ms of every start)
     if program is None:
-        raise Error(
-            "bwrap is not installed (or not on PATH)",
-            "install bubblewrap: apt-get install bubblewrap, dnf install bubblewrap, or pacman -S bubblewrap",
-        )
+        raise Error(*ports.NO_BWRAP)
     try:
         os.execv(program, argv)
     except OSError as err:

@@ -596,9 +596,13 @@ def test_usage_errors(run, box):
     assert_error(run("--no-such-flag", str(box)), 2, "--no-such-flag")
 
 
-def test_bwrap_missing(run, box):
+def test_bwrap_missing(run, box, tmp_path):
     done = run(str(box), "true", env={"PATH": "/nonexistent"})
     assert_error(done, 1, "bwrap is not installed", "apt-get install bubblewrap")
+    (tmp_path / "bwrap").write_text("#!/bin/sh\nexit 0\n")  # there, but without the execute bit
+    tmp_path.chmod(0o755)
+    done = run(str(box), "true", env={"PATH": str(tmp_path)})
+    assert_error(done, 1, "no executable bwrap on PATH", "apt-get install bubblewrap")
 
 
 def test_user_namespaces_disabled(run, box):
