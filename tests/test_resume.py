@@ -2,6 +2,7 @@
 with no byte downloaded twice and no corrupt byte kept. A fault-injecting proxy sits between d-pull and a real
 registry on loopback."""
 
+import contextlib
 import os
 import pty
 import select
@@ -141,13 +142,15 @@ def read_line_with(process: subprocess.Popen, text: str, timeout: float) -> str:
 
 
 def kill_when(process: subprocess.Popen, ready, timeout: float = 30) -> bool:
-    """SIGKILL the pull as soon as `ready()` holds (checked every few ms, for at most `timeout` seconds);
-    whether it was caught at that moment, still running."""
+    """SIGKILL the pull as soon as `ready()` holds (checked every few ms, for at most `timeout` seconds), and its
+    process group when it leads one (runuser's child, d-pull as the ordinary user); whether it was caught at that
+    moment, still running."""
     deadline = time.monotonic() + timeout
     while not ready() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(POLL)
     caught = process.poll() is None and ready()
-    process.send_signal(signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL) if os.getpgid(process.pid) == process.pid else process.kill()
     process.communicate(timeout=10)
     return caught
 
