@@ -30,7 +30,11 @@ from .store import ANCHOR, OVERLAY, PullDir, libc, remove_tree, touch, trees_fol
 SHARED = "shared"  # DIR/.d-pull/shared: a hard link to the anchor of the tree DIR/rootfs is linked from
 FICLONE = 0x40049409  # ioctl: make a file share another's blocks (XFS, Btrfs)
 RENAME_EXCHANGE = 2
-EXPOSED = ["!", "-type", "d", "!", "-type", "l", "(", "!", "-uid", "0", "-o", "-perm", "/022", ")"]  # as root sees
+MAKING = "making"  # DIR/.d-pull/making: private (0700), where make_rootfs makes DIR/rootfs before moving it in
+# find's test for what find_exposed lists (as root sees): FIFOs, other users' symlinks, and files and devices that are
+# other users' or writable by group or others (a symlink's own mode is always 0777)
+EXPOSED = ["(", "-type", "p", "-o", "-type", "l", "!", "-uid", "0", "-o", "!", "-type", "d", "!", "-type", "l"]
+EXPOSED += ["(", "!", "-uid", "0", "-o", "-perm", "/022", ")", ")"]
 
 
 def chain_ids(diff_ids: Sequence[str]) -> list[str]:
@@ -51,7 +55,8 @@ class StoreTree:
         self.name = self.folder.root.name
         self.anchor = self.folder.root / ANCHOR
         self.blobs = self.folder.state / "blobs"  # the layers' blobs that last applied into it, the one resumed too
-        self.exposed = self.folder.state / "exposed"  # its files a folder must not share (find_exposed), \0-ended
+        # its files a folder must not share (find_exposed), \0-ended; named anew when what it lists grew (FIFOs, links)
+        self.exposed = self.folder.state / "unshared"
 
     def complete(self) -> bool:
         return self.anchor.exists()
@@ -98,24 +103,33 @@ class StoreTree:
     def make_rootfs(self, folder: PullDir, log: AppliedLog, note: Callable[[str], None]) -> None:
         """Make DIR/rootfs from the store's tree: by hard links, by a reflink copy where the filesystem clones (then
         the folder is private), else by a plain copy (the cache on another filesystem). Then the log says every layer
-        is applied."""
+        is applied. Made in DIR/.d-pull/making, which no one else can enter, and moved into place whole: copy_exposed
+        works by path, which another user owning a folder of the image (a root pull's uid 1000) could otherwise lead
+        elsewhere with a link, in a DIR opened to others."""
         log.start_over()
         (folder.state / SHARED).unlink(missing_ok=True)
         remove_tree(folder.state / OVERLAY)  # --rw changes go with the old image, as a private folder's do (--update)
+        making = folder.state / MAKING
+        remove_tree(making)  # what a kill left
+        making.mkdir(0o700)
+        rootfs = making / "rootfs"
         if os.stat(self.anchor).st_dev != os.stat(folder.root).st_dev:
             note(f"the cache is on another filesystem than {printable(str(folder.root))}: copying, not sharing")
             how = []
         else:
-            how = ["--reflink=always"] if clones(self.anchor, folder.state) else ["-l"]
+            how = ["--reflink=always"] if clones(self.anchor, making) else ["-l"]
         if how != ["-l"]:
-            copy_tree(self.folder.rootfs, folder.rootfs, how)
-        elif link_tree(self.folder.rootfs, folder.rootfs, note):
-            paths = (self.folder.rootfs, folder.rootfs, self.exposed)
+            copy_tree(self.folder.rootfs, rootfs, how)
+        if linked := how == ["-l"] and link_tree(self.folder.rootfs, rootfs, note):
+            paths = (self.folder.rootfs, rootfs, self.exposed)
             if not self.find_exposed() or os.geteuid() == 0:
                 copy_exposed(*paths)
             else:  # as root (as_root): the image may hold folders its user cannot write; -P: no module from the cwd
                 argv = [sys.executable, "-P", "-m", "dutils.share", *map(str, paths)]
                 as_root(argv, f"copy the exposed files of {self.name}")
+        os.rename(rootfs, folder.rootfs)
+        making.rmdir()
+        if linked:
             os.link(self.anchor, folder.state / SHARED)
         touch(self.anchor)
         for n, digest in enumerate(self.digests):
@@ -125,7 +139,8 @@ class StoreTree:
         """Whether the tree has files someone else could change in place (which copy_exposed copies): found once for
         all its folders (a complete tree never changes, and the cache, so its folders too, has one owner), listed in
         `exposed`. Those writable by group or others, or (a root pull's) another user's, as the image's uid 1000 is
-        a host user's; as_root reads them all, in folders an ordinary user cannot read too."""
+        a host user's, their symlinks too (times, group); and every FIFO, one pipe between the containers of every
+        folder otherwise. as_root reads them all, in folders an ordinary user cannot read too."""
         if not self.exposed.exists():
             argv = ["find", str(self.folder.rootfs), "-mindepth", "1", *EXPOSED, "-printf", "%P\\0"]
             write_atomic(self.exposed, as_root(argv, f"read {self.name}"))
@@ -146,6 +161,8 @@ def copy_exposed(tree: Path, rootfs: Path, listed: Path) -> None:
             continue
         if stat.S_ISREG(info.st_mode):
             shutil.copyfile(source, path, follow_symlinks=False)
+        elif stat.S_ISLNK(info.st_mode):
+            os.symlink(os.readlink(source), path)
         else:
             os.mknod(path, info.st_mode, info.st_rdev)
         os.lchown(path, info.st_uid, info.st_gid)  # first: it clears setuid bits and capabilities

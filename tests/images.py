@@ -89,8 +89,8 @@ class Tar:
     def dir(self, name: str, mode: int = 0o755, uid: int = 0, gid: int = 0) -> Tar:
         return self._add(name, tarfile.DIRTYPE, mode, uid, gid)
 
-    def symlink(self, name: str, target: str) -> Tar:
-        return self._add(name, tarfile.SYMTYPE, 0o777, linkname=target)
+    def symlink(self, name: str, target: str, uid: int = 0) -> Tar:
+        return self._add(name, tarfile.SYMTYPE, 0o777, uid, uid, linkname=target)
 
     def hardlink(self, name: str, target: str) -> Tar:
         return self._add(name, tarfile.LNKTYPE, 0o644, linkname=target)

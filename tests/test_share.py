@@ -491,7 +491,9 @@ def test_files_others_could_write_in_place_are_not_shared(tool, registry):
         .file("x/theirs", b"t", uid=1000, gid=1000)
         .file("x/mine", b"m")
         .fifo("x/fifo", mode=0o622)
+        .fifo("x/pipe")  # root's, and written by no one else: one pipe between every folder's containers all the same
         .symlink("x/link", "open")
+        .symlink("x/their-link", "open", uid=1000)  # they could change its times and group
         .dir("x/ro", 0o555)  # folders an ordinary user cannot write, or cannot list
         .file("x/ro/open", b"r", mode=0o666)
         .dir("x/wx", 0o333)
@@ -508,11 +510,18 @@ def test_files_others_could_write_in_place_are_not_shared(tool, registry):
         return (root / "rootfs" / "x" / name).lstat().st_ino
 
     as_root = place.stat().st_uid == 0
-    listed = (tree / ".d-pull" / "exposed").read_bytes().split(b"\0")  # found once, for every folder of the tree
-    assert {b"x/open", b"x/open-link", b"x/group", b"x/fifo", b"x/ro/open", b"x/wx/open"} <= set(listed)
-    assert (b"x/theirs" in listed) == as_root and b"x/mine" not in listed
-    private = [(name, False) for name in ("open", "group", "fifo", "ro/open", "wx/open")]
-    for name, shared in [*private, ("theirs", not as_root), ("mine", True)]:
+    listed = (tree / ".d-pull" / "unshared").read_bytes().split(b"\0")  # found once, for every folder of the tree
+    assert {b"x/open", b"x/open-link", b"x/group", b"x/fifo", b"x/pipe", b"x/ro/open", b"x/wx/open"} <= set(listed)
+    assert (b"x/theirs" in listed) == (b"x/their-link" in listed) == as_root
+    assert b"x/mine" not in listed and b"x/link" not in listed
+    private = [(name, False) for name in ("open", "group", "fifo", "pipe", "ro/open", "wx/open")]
+    for name, shared in [
+        *private,
+        ("theirs", not as_root),
+        ("their-link", not as_root),
+        ("mine", True),
+        ("link", True),
+    ]:
         assert (inode(place / "a", name) == inode(tree, name)) == shared, name
         assert (inode(place / "a", name) == inode(place / "b", name)) == shared, name
     assert inode(place / "a", "open-link") == inode(place / "a", "open")
@@ -563,3 +572,60 @@ def test_unshare_says_in_one_line_what_it_cannot_remove(registry, tmp_path):
     assert done.returncode == 1 and done.stderr.count("\n") == 2, done.stderr  # the note, then the error
     assert "d-pull: error: cannot make" in done.stderr and "Operation not permitted" in done.stderr
     assert (tmp_path / "a" / ".d-pull" / "shared").exists()
+
+
+# Run as the image's uid, a host user: once DIR/rootfs holds the new image's marker, swap a folder of theirs in it for
+# a link to root's folder argv[3], then say so; bounded in time.
+SWAPPER = """import os, sys, time
+marker, folder, target = sys.argv[1:4]
+deadline = time.monotonic() + 90
+while not os.path.exists(marker):
+    if time.monotonic() > deadline:
+        sys.exit("no marker")
+    time.sleep(0.0005)
+os.rename(folder, folder + ".old")
+os.symlink(target, folder)
+print("swapped", flush=True)
+"""
+
+
+def test_another_user_owning_a_folder_of_the_image_cannot_lead_the_making_of_a_shared_folder_elsewhere(
+    registry, other_user
+):
+    """A root pull of an image with a folder of the image's uid, a host user's, in a DIR opened to others (0755): while
+    d-pull --share makes DIR/rootfs anew (--update) and copies that user's files out of the store, the user swaps
+    their folder for a link to a folder of root's. Nothing of root's may change: DIR/rootfs is made where no one
+    else can enter. (Root only: an ordinary user's pull holds no other user's files.)"""
+    import pwd
+
+    uid = pwd.getpwnam(other_user).pw_uid
+    names = [f"f{n:04}" for n in range(2000)]  # copied one by one: a window as long as an attacker could wish
+    layer = Tar().dir("home").dir("home/them", uid=uid, gid=uid).dir("home/them/sub", uid=uid, gid=uid)
+    for name in names:
+        layer.file(f"home/them/sub/{name}", b"theirs\n", uid=uid, gid=uid)
+    push(registry.host, "theirs", "v1", Image(layers=[busybox_layer(), layer]))
+    push(registry.host, "theirs", "v2", Image(layers=[busybox_layer(), layer, Tar().file("home/them/v2", uid=uid)]))
+    place = make_workspace()
+    try:
+        victim = place / "root-only"
+        victim.mkdir(0o700)
+        for name in names:
+            (victim / name).write_bytes(b"root's\n")
+        before = snapshot(victim)
+        folder, ref = place / "app", f"{registry.host}/theirs"
+        pull(subprocess_tool, place / "cache", "--share", f"{ref}:v1", folder)
+        folder.chmod(0o755)  # opened to others, to run it
+        them = folder / "rootfs" / "home" / "them"
+        swap = [str(them / "v2"), str(them / "sub"), str(victim)]
+        with subprocess.Popen(
+            ["runuser", "-u", other_user, "--", "/usr/bin/python3", "-c", SWAPPER, *swap],
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as attacker:
+            done = subprocess_tool("d-pull", "--cache", place / "cache", "--share", "--update", f"{ref}:v2", folder)
+            said = attacker.communicate(timeout=120)[0]
+        assert done.returncode == 0, done.stderr
+        assert said == "swapped\n"  # the attack was made: on a complete DIR/rootfs, the user's folder to change
+        assert snapshot(victim) == before
+    finally:
+        shutil.rmtree(place)
