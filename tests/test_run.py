@@ -596,12 +596,11 @@ def test_usage_errors(run, box):
     assert_error(run("--no-such-flag", str(box)), 2, "--no-such-flag")
 
 
-def test_bwrap_missing(run, box, tmp_path):
+def test_bwrap_missing(run, box):
     done = run(str(box), "true", env={"PATH": "/nonexistent"})
     assert_error(done, 1, "bwrap is not installed", "apt-get install bubblewrap")
-    (tmp_path / "bwrap").write_text("#!/bin/sh\nexit 0\n")  # there, but without the execute bit
-    tmp_path.chmod(0o755)
-    done = run(str(box), "true", env={"PATH": str(tmp_path)})
+    (box.parent / "bwrap").write_text("#!/bin/sh\nexit 0\n")  # there, where d-run's user looks, but not executable
+    done = run(str(box), "true", env={"PATH": str(box.parent)})
     assert_error(done, 1, "no executable bwrap on PATH", "apt-get install bubblewrap")
 
 
