@@ -19,9 +19,10 @@ import pytest
 from cli import BIN, assert_one_line_error
 from images import Image, Tar, busybox_layer, push, random_files
 from malicious import END, make_workspace, ustar_header
+from test_resume import kill_when
 from trees import snapshot, tree_without_folder_times
 
-from dutils.cache import MAX_AGE, list_entries, remove_older
+from dutils.cache import MAX_AGE, PRUNE_EVERY, list_entries, remove_older
 from dutils.pipeline import Options, Sandbox
 from dutils.share import chain_ids
 from dutils.store import ANCHOR, check_cache, open_cache, trees_folder
@@ -80,13 +81,31 @@ def tool(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, Tool]:
         return tmp_path, subprocess_tool
     user, place = request.getfixturevalue("unprivileged"), make_workspace()
     request.addfinalizer(lambda: shutil.rmtree(place))
-    # the user's home and /run/containers are shared with other tests running meanwhile: credentials from here only
-    own = {name: str(place / "pull") for name in ("XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "DOCKER_CONFIG")}
 
     def run_as_user(name: str, *args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        return user.run([user.bin / name, *args], env=own | (env or {}), capture_output=True, text=True, timeout=120)
+        own = own_environment(place / "pull") | (env or {})
+        return user.run([user.bin / name, *args], env=own, capture_output=True, text=True, timeout=120)
 
     return place / "pull", run_as_user
+
+
+def own_environment(place: Path) -> dict[str, str]:
+    """The user's home and /run/containers are shared with other tests running meanwhile: credentials from here only."""
+    return {name: str(place) for name in ("XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "DOCKER_CONFIG")}
+
+
+@pytest.fixture
+def start(request: pytest.FixtureRequest, tool: tuple[Path, Tool]) -> Callable[..., subprocess.Popen]:
+    """d-pull started in the background as `tool` runs it, leading a process group: kill_when kills runuser's child."""
+    if request.node.callspec.params["tool"] == "root":
+        return lambda *args, **kwargs: subprocess.Popen([BIN / "d-pull", *args], start_new_session=True, **kwargs)
+    user, env = request.getfixturevalue("unprivileged"), own_environment(tool[0])
+
+    def start_as_user(*args: object, **kwargs: object) -> subprocess.Popen:
+        argv = [*user.become, user.bin / "d-pull", *args]
+        return subprocess.Popen(argv, env=user.env | env, cwd=user.home, start_new_session=True, **kwargs)
+
+    return start_as_user
 
 
 def pull(tool: Tool, cache: Path, *args: object) -> subprocess.CompletedProcess:
@@ -228,17 +247,91 @@ def test_an_extending_image_starts_from_its_base_tree_and_update_prune_leave_sib
         assert snapshot(place / name / "rootfs") == before[name]
 
 
-def test_two_pulls_at_once_apply_the_tree_once(registry, tmp_path):
+LISTED_TREE = re.compile(r"^ *([0-9.]+) (B|KiB|MiB|GiB)  \S+ \S+  tree, folders: (\d+)  (\w+)$", re.MULTILINE)
+UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def listed_trees(run: Tool, cache: Path) -> dict[str, tuple[float, float, int]]:
+    """d-cache list's trees: name -> (the size shown, in bytes; how far that may be off, shown to a tenth of its unit;
+    the folders using it)."""
+    listed = run("d-cache", "--cache", cache, "list")
+    assert listed.returncode == 0, listed.stderr
+    found = LISTED_TREE.findall(listed.stdout)
+    return {name: (float(size) * UNITS[unit], 0.05 * UNITS[unit], int(n)) for size, unit, n, name in found}
+
+
+def files_disk_use(tree: Path) -> int:
+    """What du counts below `tree` (each inode once), less its folders' blocks: d-cache counts its files."""
+    du = subprocess.run(["du", "-s", "-B1", tree], capture_output=True, text=True, check=True).stdout.split()[0]
+    find = ["find", tree, "-type", "d", "-printf", "%b\\n"]  # in blocks of 512 bytes
+    folders = subprocess.run(find, capture_output=True, text=True, check=True).stdout.split()
+    return int(du) - 512 * sum(map(int, folders))
+
+
+def test_cache_list_gives_a_tree_s_disk_use_as_du_counts_its_files_and_the_folders_using_it(tool, registry):
+    place, run = tool
+    big = Tar().dir("big").file("big/one", os.urandom(3 << 20)).hardlink("big/two", "big/one")  # counted once
+    push(registry.host, "listed", "latest", Image(layers=[busybox_layer(), big]))
+    ref, cache = f"{registry.host}/listed:latest", place / "cache"
+    for name in ("a", "b"):
+        pull(run, cache, "--share", ref, place / name)
+    pull(run, cache, ref, place / "private")  # no folder of the tree's
+    (tree,) = trees(cache)
+    ((name, (size, precision, folders)),) = listed_trees(run, cache).items()
+    assert (name, folders) == (tree.name, 2)
+    assert abs(size - files_disk_use(tree)) <= precision, (size, files_disk_use(tree))
+
+
+def test_cache_list_counts_the_files_of_a_tree_s_folders_its_user_cannot_read(tool, registry, request):
+    if request.node.callspec.params["tool"] == "user":
+        why = "d-cache list's os.walk skips the folders an ordinary user cannot read (reported, not fixed)"
+        request.applymarker(pytest.mark.xfail(strict=True, reason=why))
+    place, run = tool
+    hidden = Tar().dir("hidden", 0o000).file("hidden/big", os.urandom(2 << 20))
+    push(registry.host, "hidden", "latest", Image(layers=[busybox_layer(), hidden]))
+    cache = place / "cache"
+    pull(run, cache, "--share", f"{registry.host}/hidden:latest", place / "a")
+    (tree,) = trees(cache)
+    ((size, precision, _),) = listed_trees(run, cache).values()
+    assert abs(size - files_disk_use(tree)) <= precision, (size, files_disk_use(tree))
+
+
+def test_a_tree_unused_for_thirty_days_is_expired_by_a_pull_once_a_day_and_its_folders_keep_working(tool, registry):
+    place, run = tool
+    push(registry.host, "expiring", "latest", BASE)
+    push(registry.host, "fresh", "latest", Image(layers=[busybox_layer(), Tar().file("fresh")]))
+    expiring, fresh, cache = f"{registry.host}/expiring:latest", f"{registry.host}/fresh:latest", place / "cache"
+    pull(run, cache, "--share", expiring, place / "a")
+    assert run("d-run", place / "a", "true").returncode == 0  # a first run makes its mount points (/etc/hosts)
+    (old,) = trees(cache)
+    before = snapshot(place / "a" / "rootfs")
+    month_ago = time.time() - MAX_AGE - 3600
+    os.utime(old / ANCHOR, (month_ago, month_ago))
+    pull(run, cache, "--share", fresh, place / "f")
+    assert old in trees(cache)  # the first pull pruned today already
+    yesterday = time.time() - PRUNE_EVERY - 60
+    os.utime(cache / "pruned", (yesterday, yesterday))
+    pull(run, cache, "--share", fresh, place / "g")  # by the folder's steps, without doit
+    (kept,) = trees(cache)
+    assert kept != old  # fresh's, used today
+    ran = run("d-run", place / "a", "cat", "/data/file")
+    assert (ran.returncode, ran.stdout) == (0, "content\n"), ran.stderr
+    assert snapshot(place / "a" / "rootfs") == before
+
+
+def test_two_pulls_at_once_apply_the_tree_once(tool, start, registry):
+    place, _ = tool
     push(registry.host, "at-once", "latest", BASE)
-    ref, cache = f"{registry.host}/at-once:latest", tmp_path / "cache"
-    argv = [BIN / "d-pull", "--cache", cache, "--share", ref]
-    started = [subprocess.Popen([*argv, tmp_path / name], stderr=subprocess.PIPE, text=True) for name in "ab"]
+    ref, cache = f"{registry.host}/at-once:latest", place / "cache"
+    started = [
+        start("--cache", cache, "--share", ref, place / name, stderr=subprocess.PIPE, text=True) for name in "ab"
+    ]
     said = [process.communicate(timeout=120)[1] for process in started]
     assert [process.returncode for process in started] == [0, 0], said
     assert "".join(said).count("applied layer 2/2") == 1  # by one of them; the other waited for its lock
     (tree,) = trees(cache)
     stored = (tree / "rootfs" / "data" / "setuid").stat()
-    assert {(tmp_path / name / "rootfs/data/setuid").stat().st_ino for name in ("a", "b")} == {stored.st_ino}
+    assert {(place / name / "rootfs/data/setuid").stat().st_ino for name in ("a", "b")} == {stored.st_ino}
     assert not (tree / ".rootfs.d-utils-journal").exists() and (tree / ANCHOR).stat().st_nlink == 3
 
 
@@ -310,27 +403,21 @@ def test_a_folder_made_without_doit_says_in_one_line_what_it_cannot_write(regist
     assert "Traceback" not in failed.stderr
 
 
-def test_a_tree_killed_while_applied_is_resumed_to_the_clean_tree(registry, tmp_path):
+def test_a_tree_killed_while_applied_is_resumed_to_the_clean_tree(tool, start, registry):
+    place, run = tool
     push(registry.host, "killed", "latest", Image(layers=[busybox_layer(), random_files("a", 3000, 1 << 10)]))
-    ref, cache = f"{registry.host}/killed:latest", tmp_path / "cache"
-    pull(subprocess_tool, cache, ref, tmp_path / "clean")
+    ref, cache = f"{registry.host}/killed:latest", place / "cache"
+    pull(run, cache, ref, place / "clean")
 
     def applying(at_least: int) -> Callable[[], bool]:
         return lambda: any(len(os.listdir(a)) > at_least for a in cache.glob("trees/*/rootfs/a"))
 
     for moment in (applying(300), applying(1500)):
-        started = time.monotonic()
-        process = subprocess.Popen([BIN / "d-pull", "-q", "--cache", cache, "--share", ref, tmp_path / "app"])
-        while not moment() and process.poll() is None and time.monotonic() - started < 60:
-            time.sleep(0.01)
-        caught = process.poll() is None and moment()
-        process.kill()
-        process.wait(timeout=10)
-        assert caught
-    pull(subprocess_tool, cache, "--share", ref, tmp_path / "app")
+        assert kill_when(start("-q", "--cache", cache, "--share", ref, place / "app"), moment, timeout=60)
+    pull(run, cache, "--share", ref, place / "app")
     (tree,) = trees(cache)
-    clean = tree_without_folder_times(tmp_path / "clean" / "rootfs")
-    assert tree_without_folder_times(tree / "rootfs") == clean == tree_without_folder_times(tmp_path / "app" / "rootfs")
+    clean = tree_without_folder_times(place / "clean" / "rootfs")
+    assert tree_without_folder_times(tree / "rootfs") == clean == tree_without_folder_times(place / "app" / "rootfs")
 
 
 def test_unshare_gives_a_folder_files_of_its_own(tool, registry):
@@ -409,17 +496,17 @@ globals().update(sandbox_tasks(SANDBOXES, Options(cache=Path("cache").absolute()
 """
 
 
-def test_sandboxes_sharing_an_image_are_made_from_one_application_of_its_layers(registry, tmp_path):
+def test_sandboxes_sharing_an_image_are_made_from_one_application_of_its_layers(tool, registry):
+    place, run = tool
     push(registry.host, "sandboxed", "latest", BASE)
-    (tmp_path / "dodo.py").write_text(DODO % {"image": f"{registry.host}/sandboxed:latest"})
-    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path)}
-    done = subprocess.run([BIN / "doit", "-n", "3"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    (place / "dodo.py").write_text(DODO % {"image": f"{registry.host}/sandboxed:latest"})
+    done = run("doit", "-f", place / "dodo.py", "-n", "3", env={"HOME": str(place)})  # in dodo.py's folder
     assert done.returncode == 0, done.stderr
-    (tree,) = trees(tmp_path / "cache")
+    (tree,) = trees(place / "cache")
     assert done.stdout.count("dutils-tree:") == 1, done.stdout
     assert sum("applied layer 1/" in line for line in done.stderr.splitlines()) == 1, done.stderr
     assert (tree / "anchor").stat().st_nlink == 4
-    inodes = {(tmp_path / "sandboxes" / str(n) / "rootfs/data/file").stat().st_ino for n in range(3)}
+    inodes = {(place / "sandboxes" / str(n) / "rootfs/data/file").stat().st_ino for n in range(3)}
     assert inodes == {(tree / "rootfs/data/file").stat().st_ino}
 
 
