@@ -198,9 +198,23 @@ def link_tree(source: Path, target: Path, note: Callable[[str], None]) -> bool:
     return False
 
 
-def copy_tree(source: Path, target: Path, how: list[str]) -> None:
-    """`cp -a` (with `how`: -l hard links, --reflink=…) of `source` to the new `target`."""
-    as_root(["cp", "-a", *how, "--no-target-directory", "--", str(source), str(target)], f"copy {source}")
+# Run "$@" with the folder $1 on a mount of its own that follows no symlink (nosymfollow: Linux 5.10)
+NO_LINK_FOLLOWED = 'mount --bind -- "$1" "$1"; mount -o remount,bind,nosymfollow -- "$1"; shift; exec "$@"'
+
+
+def copy_tree(source: Path, target: Path, how: list[str], reachable: bool = False) -> None:
+    """`cp -a` (with `how`: -l hard links, --reflink=…) of `source` to the new `target`. `reachable`: others can
+    change `source` while cp walks it (DIR/rootfs, where another user may own a folder, or write into the image's
+    /tmp); as root, cp then walks it on a mount that follows no symlink: a folder swapped for a link between cp's
+    lstat and its opendir would lead root's cp out of DIR, to copy what it finds there into the folder. (An
+    ordinary user's cp reads only what that user may read, and its namespace may not be allowed to mount.)"""
+    argv = ["cp", "-a", *how, "--no-target-directory", "--", str(source), str(target)]
+    as_root(following_no_link(source, argv) if reachable and os.geteuid() == 0 else argv, f"copy {source}")
+
+
+def following_no_link(folder: Path, argv: list[str]) -> list[str]:
+    """`argv` run as root in a mount namespace of its own, where `folder` follows no symlink."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-euc", NO_LINK_FOLLOWED, "sh", str(folder), *argv]
 
 
 def as_root(argv: list[str], what: str) -> bytes:
@@ -228,13 +242,15 @@ def make_private(folder: PullDir, program: str, why: str = "", source: Path | No
     leaves the one or the other. Said in one line, `why` first."""
     shared = printable(str(folder.rootfs))
     print(f"{program}: {why}copying the files {shared} shares, to make it private", file=sys.stderr)
-    copy = folder.root / ".rootfs.private"
+    making = folder.state / MAKING  # where no one else can enter, as make_rootfs makes a folder
+    copy = making / "rootfs"
     try:
-        remove_tree(copy)  # a copy that a kill cut short
-        copy_tree(source or folder.rootfs, copy, ["--reflink=auto"])
+        remove_tree(making)  # a copy that a kill cut short
+        making.mkdir(0o700)
+        copy_tree(source or folder.rootfs, copy, ["--reflink=auto"], reachable=True)
         at_cwd = -100
         libc("renameat2", at_cwd, bytes(copy), at_cwd, bytes(folder.rootfs), RENAME_EXCHANGE)
-        remove_tree(copy)
+        remove_tree(making)
         (folder.state / SHARED).unlink()
     except OSError as err:  # a folder left unremovable in the copy (made so by the image), say
         where = printable(os.fsdecode(err.filename or copy))

@@ -24,7 +24,7 @@ from trees import snapshot, tree_without_folder_times
 
 from dutils.cache import MAX_AGE, PRUNE_EVERY, list_entries, remove_older
 from dutils.pipeline import Options, Sandbox
-from dutils.share import chain_ids
+from dutils.share import chain_ids, following_no_link
 from dutils.store import ANCHOR, check_cache, open_cache, trees_folder
 
 Tool = Callable[..., subprocess.CompletedProcess]
@@ -648,7 +648,7 @@ def test_unshare_says_in_one_line_what_it_cannot_remove(registry, tmp_path):
     """A copy cut short that cannot be removed (here made immutable) is one error line, not a traceback."""
     push(registry.host, "unremovable", "latest", BASE)
     pull(subprocess_tool, tmp_path / "cache", "--share", f"{registry.host}/unremovable:latest", tmp_path / "a")
-    stuck = tmp_path / "a" / ".rootfs.private" / "stuck"
+    stuck = tmp_path / "a" / ".d-pull" / "making" / "stuck"
     stuck.parent.mkdir()
     stuck.write_bytes(b"")
     subprocess.run(["chattr", "+i", stuck], check=True)
@@ -716,3 +716,71 @@ def test_another_user_owning_a_folder_of_the_image_cannot_lead_the_making_of_a_s
         assert snapshot(victim) == before
     finally:
         shutil.rmtree(place)
+
+
+# Run as another user: in DIR/rootfs/tmp (the image's, mode 1777), make argv[2] folders and swap each, over and over,
+# between itself and a link to root's folder argv[1], until argv[3] exists; bounded in time.
+FLIPPER = """import os, sys, time
+target, count, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+names = [f"d{n}" for n in range(count)]
+for name in names:
+    os.mkdir(name)
+    open(os.path.join(name, "mine"), "w").close()
+    os.symlink(target, name + ".link")
+print("ready", flush=True)
+deadline = time.monotonic() + 60
+while not os.path.exists(stop) and time.monotonic() < deadline:
+    for name in names:
+        os.rename(name, name + ".dir")
+        os.rename(name + ".link", name)
+        os.rename(name, name + ".link")
+        os.rename(name + ".dir", name)
+"""
+
+
+def test_another_user_swapping_folders_in_the_image_s_tmp_cannot_lead_unshare_out_of_dir(registry, other_user):
+    """A root pull's folder opened to others (0755): in the image's /tmp (1777), another user swaps folders of theirs
+    for links to a folder of root's while d-pull --unshare copies DIR/rootfs. The copy never follows them: no file of
+    root's reaches DIR. (Root only: an ordinary user's copy reads only what that user may read.)"""
+    push(registry.host, "flipped", "latest", BASE)
+    place = make_workspace()
+    try:
+        secret = place / "root-only"
+        secret.mkdir(0o700)
+        (secret / "secret").write_bytes(b"root's secret\n")
+        (secret / "secret").chmod(0o644)  # kept from others by its folder alone
+        folder, stop = place / "app", place / "stop"
+        pull(subprocess_tool, place / "cache", "--share", f"{registry.host}/flipped:latest", folder)
+        folder.chmod(0o755)
+        tmp = folder / "rootfs" / "tmp"
+        with subprocess.Popen(
+            ["runuser", "-u", other_user, "--", "/usr/bin/python3", "-c", FLIPPER, str(secret), "200", str(stop)],
+            cwd=tmp,
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as attacker:
+            assert attacker.stdout.readline() == "ready\n"
+            done = subprocess_tool("d-pull", "--unshare", folder)
+            stop.touch()
+            attacker.wait(timeout=60)
+        found = subprocess.run(["grep", "-rl", "root's secret", folder], capture_output=True, text=True, timeout=60)
+        assert found.stdout == "", found.stdout  # nothing of root's was copied into DIR
+        # made private, or refused in one line (after the note) where cp met a link: never a traceback
+        assert done.returncode == 0 or (done.stderr.count("\n") == 2 and "d-pull: error: " in done.stderr), done.stderr
+    finally:
+        shutil.rmtree(place)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the mount is root's")
+def test_a_folder_others_can_change_is_walked_on_a_mount_that_follows_no_link(tmp_path):
+    """What keeps root's cp in DIR whatever the race above does: through the folder's own mount, no link leads out."""
+    (tmp_path / "root-only").mkdir(0o700)
+    (tmp_path / "root-only" / "secret").write_text("s")
+    folder = tmp_path / "rootfs"
+    folder.mkdir()
+    (folder / "tmp").symlink_to(tmp_path / "root-only")
+    read = ["cat", str(folder / "tmp" / "secret")]
+    assert subprocess.run(read, capture_output=True, timeout=30).returncode == 0
+    done = subprocess.run(following_no_link(folder, read), capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0 and "Too many levels of symbolic links" in done.stderr, done.stderr
+    assert subprocess.run(following_no_link(folder, ["readlink", str(folder / "tmp")]), timeout=30).returncode == 0
