@@ -17,12 +17,14 @@ from .locks import locked
 from .progress import human
 from .store import (
     ANCHOR,
+    TREE_SIZE,
     blob_folder,
     cache_dir,
     cache_lock,
     check_cache,
     open_cache,
     pruned_marker,
+    read_small,
     remove_tree,
     trees_folder,
     write_atomic,
@@ -54,7 +56,10 @@ def list_entries(cache: Path) -> list[Entry]:
 
 
 def tree_size(path: Path) -> int:
-    """The bytes of the files below `path`, each file once however many names it has."""
+    """The bytes of the files below `path`, each file once however many names it has: as share.py counted them once
+    the tree was complete, else (a tree being built) walked here."""
+    with contextlib.suppress(OSError, ValueError):
+        return int(read_small(path / TREE_SIZE, 64))
     sizes = {}
     for folder, _, files in os.walk(path):
         for name in files:

@@ -25,7 +25,7 @@ from pathlib import Path
 from .errors import Error, printable
 from .folder import AppliedLog
 from .locks import locked
-from .store import ANCHOR, OVERLAY, PullDir, libc, remove_tree, touch, trees_folder, write_atomic
+from .store import ANCHOR, OVERLAY, TREE_SIZE, PullDir, libc, remove_tree, touch, trees_folder, write_atomic
 
 SHARED = "shared"  # DIR/.d-pull/shared: a hard link to the anchor of the tree DIR/rootfs is linked from
 FICLONE = 0x40049409  # ioctl: make a file share another's blocks (XFS, Btrfs)
@@ -83,7 +83,15 @@ class StoreTree:
             except Exception:  # a layer that failed its check, or anything else: no half-applied tree is kept
                 log.start_over()
                 raise
+            write_atomic(self.folder.root / TREE_SIZE, b"%d\n" % self.disk_use())
             write_atomic(self.anchor, f"{self.name}\n".encode())
+
+    def disk_use(self) -> int:
+        """The disk the tree's files use, each once however many names it has, as root sees them (as_root): an
+        ordinary user's walk would miss what the image's folders of mode 0000 hold."""
+        argv = ["find", str(self.folder.rootfs), "!", "-type", "d", "-printf", "%i %b\\n"]
+        blocks = dict(line.split() for line in as_root(argv, f"measure {self.name}").decode().splitlines())
+        return 512 * sum(map(int, blocks.values()))
 
     def start_from_below(self, log: AppliedLog, note: Callable[[str], None]) -> None:
         """A hard-linked copy of the longest complete tree below this one, if the store holds one."""

@@ -81,6 +81,7 @@ def blob_folder(cache: Path) -> Path:
 
 
 ANCHOR = "anchor"
+TREE_SIZE = ".d-pull/size"  # a complete tree's disk use, counted by share.py as root sees it, shown by d-cache list
 
 
 def trees_folder(cache: Path) -> Path:
