@@ -244,15 +244,17 @@ def test_no_process_of_nobody_s_opens_what_root_s_d_run_makes_for_pasta(images, 
     # is one, for a moment, and pasta another. Neither may let it in (nor hold d-run's descriptors).
     done = d_pull("-q", images["app"], str(tmp_path / "app"), cache=tmp_path / "cache", timeout=300)
     assert done.returncode == 0, done.stderr
-    snoop = subprocess.Popen(
-        ["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", SNOOP, "30"], stdout=subprocess.PIPE
+    snoop = subprocess.Popen(  # its own group: killing runuser alone left the snoop to run out its 30 s
+        ["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", SNOOP, "30"],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
     )
     try:
         for _ in range(3):  # bounded; three starts caught the old helper
             run = [BIN / "d-run", "-p", f"{free_port()}:8080", tmp_path / "app", "true"]
             assert subprocess.run(run, capture_output=True, timeout=60).returncode == 0
     finally:
-        snoop.kill()
+        os.killpg(snoop.pid, signal.SIGKILL)
     assert snoop.communicate(timeout=30)[0] == b""
 
 
