@@ -87,12 +87,38 @@ def make_mount_point(root: Root, path: str, make: Callable[[int, str], None]) ->
         return place.path
 
 
+def check_unswappable(root_fd: int, path: str) -> None:
+    """Refuse the mount point `path` (below the rootfs `root_fd`, free of links) when another user could rename an
+    entry on its way: bwrap looks it up again as it mounts, following links, as root in a root run. Asked only of a
+    DIR others can enter, where a root pull's folders may be a host user's (the image's uid 1000), and /tmp anyone's:
+    a folder on the way must be the user's or root's, and writable by no one else (or sticky, the entry in it theirs)."""
+    names, mine = [name for name in path.split("/") if name], (os.geteuid(), 0)
+    fd = os.dup(root_fd)
+    try:
+        for n, name in enumerate(names):
+            folder, entry = os.fstat(fd), os.lstat(name, dir_fd=fd)
+            problem = f"belongs to uid {folder.st_uid}" if folder.st_uid not in mine else ""
+            if folder.st_mode & 0o022 and not (folder.st_mode & stat.S_ISVTX and entry.st_uid in mine):
+                problem = problem or "is writable by other users"
+            if problem:
+                raise Error(
+                    f"refusing the mount point {path}: /{'/'.join(names[:n])} {problem}, who could swap what is on"
+                    " its way for a link while bwrap mounts it",
+                    "make DIR private to you (chmod go-x DIR), or mount elsewhere",
+                )
+            if n < len(names) - 1:
+                parent, fd = fd, os.open(name, DIR_FLAGS, dir_fd=fd)
+                os.close(parent)
+    finally:
+        os.close(fd)
+
+
 class MountTable:
     """What bwrap will have mounted when it comes to each destination, in its own order: the rootfs at /,
     then (target free of links, source descriptor or None for a tmpfs it makes, label for messages)."""
 
-    def __init__(self, rootfs: Root) -> None:
-        self.rootfs = rootfs
+    def __init__(self, rootfs: Root, open_to_others: bool = False) -> None:
+        self.rootfs, self.open_to_others = rootfs, open_to_others  # DIR: see check_unswappable
         self.mounts: list[tuple[str, int | None, str]] = []
 
     def covering(self, path: str) -> tuple[tuple[str, int | None, str] | None, str]:
@@ -104,9 +130,10 @@ class MountTable:
                 found, rest = mount, path[len(target) :]
         return found, rest.lstrip("/")
 
-    def place(self, target: str, make: Callable[[int, str], None]) -> str:
+    def place(self, target: str, make: Callable[[int, str], None], mounted: bool = True) -> str:
         """Make `target` exist (see make_mount_point), resolved as the container will see it, and return it free of
-        links: a link in the rootfs that leads into a mount hands the rest over to what is mounted there."""
+        links: a link in the rootfs that leads into a mount hands the rest over to what is mounted there. `mounted`:
+        bwrap mounts there (not only changes into it, as into the working folder, once inside)."""
         path = target
         for _ in range(MAX_LINKS):
             mount, rest = self.covering(path)
@@ -114,6 +141,8 @@ class MountTable:
                 if mount is None:
                     resolved = "/" + make_mount_point(self.rootfs, rest, make)
                     if resolved == path or self.covering(resolved)[0] is None:
+                        if mounted and self.open_to_others:
+                            check_unswappable(self.rootfs.root, resolved)
                         return resolved
                     path = resolved
                     continue

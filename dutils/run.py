@@ -117,6 +117,10 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
     except OSError as err:
         raise Error(f"cannot use {pull.root}: {err.strerror}") from None
     config = read_config(dir_fd, str(pull.config))
+    # DIR is the user's and others may enter it (mounts.check_unswappable); in another's, opened to the user, their
+    # uids show as the overflow uid inside the run's namespace, whoever they are
+    info = os.fstat(dir_fd)
+    open_to_others = info.st_uid == os.geteuid() and bool(info.st_mode & 0o011)
     writable, kind = args.rw or config.rw, fcntl.LOCK_EX if args.rw or config.rw else fcntl.LOCK_SH
     lock_fd = hold_folder(pull.root, kind, f"{pull.root} {IN_USE[kind]}")  # before anything is made
     plan_maps = userns.plan_maps
@@ -145,7 +149,7 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
         if published:
             ports.check_ready(published, os.environ.get("PATH", os.defpath))
         sources = open_sources(pull, dir_fd, rootfs, mounts)
-        table = MountTable(rootfs)
+        table = MountTable(rootfs, open_to_others)
         made = {}  # bwrap makes these afresh (nothing of ours below them); each placed once those before are known,
         for name in ("/proc", "/dev", "/tmp"):  # so that a /tmp linked into /proc is refused here
             made[name] = table.place(name, make_folder)
@@ -185,7 +189,7 @@ def plan_sandbox(args: SimpleNamespace) -> sandbox.Plan:
                     raise
         data_files = [(data_fd(data), target) for target, data in data_files]
         workdir = args.workdir or config.workdir or "/"
-        table.place(workdir, make_folder)  # made when the image lacks it, as runc does
+        table.place(workdir, make_folder, mounted=False)  # made when the image lacks it, as runc does
         root_fd = inheritable(os.dup(rootfs.root))
     os.close(dir_fd)
     program = seccomp.filter_program(os.uname().machine, fake_chown=not root_maps, fake_ids=maps is None)

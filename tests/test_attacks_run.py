@@ -456,6 +456,35 @@ def as_other(other_user: str, *paths: Path) -> None:
     subprocess.run(["chown", "-R", "-h", f"{other_user}:{other_user}", *map(str, paths)], check=True)
 
 
+def test_a_mount_point_another_user_could_swap_is_refused_while_dir_is_open_to_others(run, box, other_user):
+    """bwrap looks a mount point up again as it mounts, following links: in a DIR others can enter, a folder on the
+    way that another user owns (a root pull's folder of the image's uid 1000, a host user's) or may write in (not
+    sticky) would let them swap it for a link to anywhere on the host meanwhile, where root would make the mount
+    point (create or truncate a file). Such a mount point is refused while DIR is open to others."""
+    rootfs = box / "rootfs"
+    (rootfs / "home" / "u").mkdir(parents=True)
+    (rootfs / "home" / "u" / "app.conf").write_text("")  # the image's, as its uid's folder holds it
+    as_other(other_user, rootfs / "home" / "u")
+    for name, mode in (("open", 0o777), ("sticky", 0o1777)):
+        (rootfs / name).mkdir()
+        (rootfs / name).chmod(mode)
+    conf = box.parent / "app.conf"
+    conf.write_text("settings\n")
+    conf.chmod(0o644)
+    box.chmod(0o755)
+    other = pwd.getpwnam(other_user).pw_uid
+    for target, problem in (
+        ("/home/u/app.conf", f"/home/u belongs to uid {other}"),
+        ("/open/app.conf", "/open is writable"),
+    ):
+        assert_error(
+            run("-v", f"{conf}:{target}", str(box), "true"), 1, f"refusing the mount point {target}: {problem}"
+        )
+    assert run.out("-v", f"{conf}:/sticky/app.conf", str(box), "cat", "/sticky/app.conf") == "settings\n"  # d-run's own
+    box.chmod(0o700)  # no one else enters: nothing to swap
+    assert run.out("-v", f"{conf}:/home/u/app.conf", str(box), "cat", "/home/u/app.conf") == "settings\n"
+
+
 def d_pull(run: Runner, *args: str) -> subprocess.CompletedProcess:
     """d-pull beside `run`'s d-run, as the same user, with a cache of the folder's own."""
     argv = [str(run.script.parent / "d-pull"), *args]
